@@ -1,0 +1,265 @@
+"""The controller interface: every delta method is a controller of the residual stream.
+
+A controller declares
+
+* its control variables (:class:`Control`): per layer (``u_l``, living in block l),
+  shared by several layers (one tensor used by many blocks), initial (``u_init``,
+  acting on x_0) and terminal (``u_term``, in the readout);
+* how they enter the dynamics (``form``: the one-line formula of its G);
+* its running cost ``R_where(u)`` (weight decay ``(λ/2)‖u‖²`` by default);
+* where it sits (``sites``).
+
+Deltas sit *around* the frozen modules: :func:`wrap` swaps a module for a
+:class:`Wrapped` that keeps the original as ``base_layer`` and calls
+``delta(base_layer, *args)``, so a delta can be removed (:func:`unwrap`) and the
+original module's ``forward`` is never rewritten.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+KINDS = ("layer", "shared", "init", "term")
+GROUPS = ("addition", "specification", "reparameterisation", "combination", "reference")
+
+
+class UnsupportedMethodError(ValueError):
+    """A delta method that does not fit a model (names the method, model and reason)."""
+
+
+@dataclass
+class Control:
+    """One control variable.
+
+    Attributes:
+        name: unique, readable name (``lora.3.q.A``).
+        param: the ``nn.Parameter`` holding it.
+        kind: ``layer`` | ``shared`` | ``init`` | ``term``.
+        layers: blocks it acts in: ``(l,)`` for a layer control, several for a
+            shared one, ``()`` for initial and terminal controls.
+    """
+
+    name: str
+    param: nn.Parameter
+    kind: str
+    layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"control kind {self.kind!r} is not one of {KINDS}")
+
+
+@dataclass
+class Site:
+    """A module inside block ``layer`` a delta acts on (``path`` relative to the base model)."""
+
+    layer: int
+    role: str
+    path: str
+    module: nn.Module
+
+
+class Wrapped(nn.Module):
+    """``forward(*a) = delta(base_layer, *a)``: a frozen module with a delta around it."""
+
+    def __init__(self, base_layer: nn.Module, delta: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.delta = delta
+
+    def forward(self, *args, **kwargs):
+        return self.delta(self.base_layer, *args, **kwargs)
+
+
+def wrap(root: nn.Module, path: str, delta: nn.Module) -> Wrapped:
+    """Replace ``root.<path>`` by ``Wrapped(original, delta)``; returns the wrapper."""
+    parent_path, _, child = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    wrapped = Wrapped(getattr(parent, child), delta)
+    setattr(parent, child, wrapped)
+    return wrapped
+
+
+def unwrap(root: nn.Module, path: str) -> nn.Module:
+    """Undo :func:`wrap` at ``path``; returns the original module."""
+    parent_path, _, child = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    wrapped = getattr(parent, child)
+    if not isinstance(wrapped, Wrapped):
+        raise ValueError(f"{path} is not wrapped")
+    setattr(parent, child, wrapped.base_layer)
+    return wrapped.base_layer
+
+
+class ParamDelta(nn.Module):
+    """A weight-space delta: run the base module with effective parameters
+    ``θ_eff = g(θ₀, u)`` (``functional_call``), leaving ``θ₀`` untouched.
+
+    Subclasses implement :meth:`effective` returning ``{name: θ_eff}`` for the
+    parameters they change.
+    """
+
+    def effective(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, base: nn.Module, *args, **kwargs):
+        return functional_call(base, self.effective(base), args, kwargs, strict=False)
+
+
+def resolve_targets(system, targets: Sequence[str], layers: Sequence[int] | None = None) -> list[Site]:
+    """Sites for ``targets`` in ``layers`` (all blocks by default).
+
+    A target is a role of the family vocabulary (``q``, ``v``, ``ffn_out``, ...),
+    ``re:<regex>`` matched against module paths inside a block, or a dotted
+    suffix of such a path.  An unknown role or an empty match is an error that
+    lists the family's roles.
+    """
+    fam = system.family
+    n = system.n_layers
+    layer_list = list(range(n)) if layers is None else [int(x) % n if int(x) < 0 else int(x) for x in layers]
+    bad = [x for x in layer_list if not 0 <= x < n]
+    if bad:
+        raise UnsupportedMethodError(f"layers {bad} out of range: the model has {n} blocks (0..{n - 1})")
+    sites: list[Site] = []
+    for layer in layer_list:
+        block = system.blocks[layer]
+        names = [name for name, _ in block.named_modules() if name and ".base_layer" not in name
+                 and not name.endswith(".delta") and ".delta." not in name]
+        for target in targets:
+            if target in fam.roles:
+                matches = [fam.roles[target]]
+            elif target.startswith("re:"):
+                rx = re.compile(target[3:])
+                matches = [m for m in names if rx.search(m)]
+            else:
+                matches = [m for m in names if m == target or m.endswith("." + target)]
+            if not matches:
+                raise UnsupportedMethodError(
+                    f"target {target!r} matches no module of family {fam.name!r}; roles: "
+                    f"{', '.join(sorted(fam.roles))}; or use 're:<regex>' / a module-path suffix "
+                    f"such as {names[1]!r}"
+                )
+            for path in matches:
+                sites.append(Site(layer, target, f"{system.block_path(layer)}.{path}", block.get_submodule(path)))
+    return sites
+
+
+def block_of(system, path: str) -> int | None:
+    """Block index of a parameter/module path relative to the base model, or None."""
+    prefix = system.family.blocks + "."
+    if not path.startswith(prefix):
+        return None
+    return int(path[len(prefix):].split(".", 1)[0])
+
+
+class Controller(nn.Module):
+    """Base class of every delta method.
+
+    Subclasses set ``method`` (registry name), ``group`` (one of ``GROUPS``) and
+    ``form`` (the one-line formula of G), and implement :meth:`attach` and
+    :meth:`controls`.  ``weight_decay`` λ sets the default running cost
+    ``R(u) = (λ/2)‖u‖²``.
+    """
+
+    method: ClassVar[str] = ""
+    group: ClassVar[str] = ""
+    form: ClassVar[str] = ""
+
+    def __init__(self, weight_decay: float = 0.0) -> None:
+        super().__init__()
+        self.weight_decay = float(weight_decay)
+        self.sites: list[Site] = []
+
+    # to implement ------------------------------------------------------------------
+    def attach(self, system) -> None:
+        """Insert the deltas into ``system`` (raise UnsupportedMethodError if it cannot)."""
+        raise NotImplementedError
+
+    def controls(self) -> list[Control]:
+        """The control variables (only trainable ones)."""
+        raise NotImplementedError
+
+    # defaults ------------------------------------------------------------------------
+    def initial_state(self, x0: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Initial controls acting on x_0 (S×T×d) and its mask (S×T); identity by default."""
+        return x0, attention_mask
+
+    def running_cost(self, where: int | str) -> torch.Tensor:
+        """``R_where(u) = (λ/2) Σ ‖u‖²`` over the controls acting at ``where``.
+
+        A shared control's cost is split evenly over its layers, so that
+        ``Σ_l R_l`` is its whole cost and ``-∂J/∂u = Σ_l ∇_u H_l`` holds.
+        """
+        total = torch.zeros(())
+        if self.weight_decay == 0.0:
+            return total
+        for c in self.controls():
+            share = _share(c, where)
+            if share:
+                total = total.to(c.param) + share * 0.5 * self.weight_decay * c.param.pow(2).sum()
+        return total
+
+    def n_trainable(self) -> int:
+        """Number of trainable scalars (the method's parameter budget)."""
+        return sum(c.param.numel() for c in self.controls())
+
+    def describe(self) -> dict:
+        """Where it acts and in which form (for ``controltune methods``)."""
+        return {
+            "method": self.method, "group": self.group, "form": self.form,
+            "layers": sorted({s.layer for s in self.sites} | {x for c in self.controls() for x in c.layers}),
+            "modules": sorted({s.role for s in self.sites}),
+            "kinds": sorted({c.kind for c in self.controls()}),
+            "n_trainable": self.n_trainable(),
+        }
+
+
+def _share(control: Control, where: int | str) -> float:
+    """Fraction of ``control``'s running cost charged at ``where``."""
+    if control.kind in ("init", "term"):
+        return 1.0 if where == control.kind else 0.0
+    if isinstance(where, int) and where in control.layers:
+        return 1.0 / len(control.layers)
+    return 0.0
+
+
+def readout_controls(system) -> list[Control]:
+    """The classification head as a terminal control (when it is trainable)."""
+    head = getattr(system.readout, "head", None)
+    if head is None:
+        return []
+    return [Control(f"head.{n}", p, "term") for n, p in head.named_parameters() if p.requires_grad]
+
+
+# --- registry ------------------------------------------------------------------------
+REGISTRY: dict[str, type[Controller]] = {}
+
+
+def register(cls: type[Controller]) -> type[Controller]:
+    """Class decorator adding a controller to the registry under ``cls.method``."""
+    if not cls.method or cls.group not in GROUPS:
+        raise ValueError(f"{cls.__name__} needs a method name and a group in {GROUPS}")
+    REGISTRY[cls.method] = cls
+    return cls
+
+
+def build(method: str, system, **options) -> Controller:
+    """Create the controller ``method`` with ``options`` and attach it to ``system``."""
+    if method not in REGISTRY:
+        raise KeyError(f"unknown method {method!r}; registered: {', '.join(sorted(REGISTRY))}")
+    return system.add(REGISTRY[method](**options))
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """A CPU generator (initialisations are drawn on CPU, then moved: device-agnostic)."""
+    return torch.Generator().manual_seed(int(seed))
+
+
+Initializer = Callable[[torch.Generator], torch.Tensor]

@@ -1,0 +1,517 @@
+"""Labelled text-classification tasks read from JSONL files.
+
+A task is a folder holding ``train.jsonl`` and ``dev.jsonl`` (optionally a
+``labels.json`` mapping label ids to names), or a single ``.jsonl`` file.
+Each non-blank line is one example, either single-sentence
+``{"text": ..., "label": ...}`` or sentence-pair
+``{"text_a": ..., "text_b": ..., "label": ...}``. Labels are ints
+``0..C-1``; when a ``labels.json`` sits beside the file, a label may also be
+given as its name (``"positive"``) or as its id written as a string (``"1"``).
+
+The built-in names ``sst2``, ``mrpc``, ``rte`` and ``cola`` (case-insensitive,
+``-``/``_`` ignored, so ``SST-2`` works) resolve to the GLUE copies under a
+``shared/data`` folder; see :func:`resolve_task` for the search order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+__all__ = [
+    "ACCEPTED_TASKS",
+    "BUILTIN_TASKS",
+    "Collator",
+    "DataError",
+    "Example",
+    "TaskSpec",
+    "load_split",
+    "make_loader",
+    "resolve_task",
+    "split_path",
+]
+
+ENV_VAR = "CONTROLTUNE_DATA"
+SPLITS = ("train", "dev")
+ACCEPTED_TASKS = (
+    "sst2, mrpc, rte, cola, or a path to a folder with train.jsonl/dev.jsonl or a .jsonl file"
+)
+
+
+class DataError(ValueError):
+    """A task name, task file or example line that cannot be used."""
+
+
+@dataclass(frozen=True)
+class _Builtin:
+    folder: str
+    metric: str
+    metrics: tuple[str, ...]
+
+
+# Keys are names after _normalise_name; folder names match /work/shared/data.
+BUILTIN_TASKS: dict[str, _Builtin] = {
+    "sst2": _Builtin("SST-2", "accuracy", ("accuracy",)),
+    "mrpc": _Builtin("MRPC", "f1", ("accuracy", "f1")),
+    "rte": _Builtin("RTE", "accuracy", ("accuracy",)),
+    "cola": _Builtin("CoLA", "mcc", ("mcc",)),
+}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled example; ``text_b`` is None for single-sentence tasks."""
+
+    text_a: str
+    text_b: str | None
+    label: int
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything needed to load a task and score predictions on it.
+
+    Attributes:
+        name: short task name (``"sst2"`` for built-ins, else the folder
+            name or file stem).
+        folder: folder holding ``{split}.jsonl``; None for a single-file task.
+        num_labels: number of classes C; labels are ``0..C-1``.
+        label_names: C names, index i naming label i.
+        is_pair: True when examples carry ``text_a``/``text_b``.
+        metric: name of the main metric (one of ``metrics``).
+        metrics: names of all metrics reported for the task.
+        file: the one ``.jsonl`` file of a single-file task, used for every
+            split; None for folder tasks.
+    """
+
+    name: str
+    folder: Path | None
+    num_labels: int
+    label_names: list[str]
+    is_pair: bool
+    metric: str = "accuracy"
+    metrics: tuple[str, ...] = ("accuracy",)
+    file: Path | None = None
+
+
+# ---------------------------------------------------------------- resolving
+
+
+def resolve_task(name_or_path: str | os.PathLike[str]) -> TaskSpec:
+    """Turn a built-in task name or a path into a :class:`TaskSpec`.
+
+    Built-in names (``sst2``, ``mrpc``, ``rte``, ``cola``; case, ``-`` and
+    ``_`` ignored) are looked up as ``<root>/{SST-2,MRPC,RTE,CoLA}`` where
+    ``<root>`` is tried in order: ``$CONTROLTUNE_DATA``; ``../shared/data``
+    relative to the working directory and to each of its parents;
+    ``../shared/data`` relative to each parent of this source file.
+
+    Anything else is a path: a folder with ``train.jsonl``/``dev.jsonl`` or
+    a single ``.jsonl`` file (which then serves every split). Without a
+    ``labels.json`` the number of classes is inferred from the largest
+    label found in the files, so every line is validated here.
+
+    Raises:
+        DataError: unknown name, missing folder/file, or malformed content.
+    """
+    if isinstance(name_or_path, str):
+        key = _normalise_name(name_or_path)
+        if key in BUILTIN_TASKS:
+            return _resolve_builtin(key)
+    return _resolve_path(Path(name_or_path).expanduser())
+
+
+def _normalise_name(name: str) -> str:
+    return name.strip().lower().replace("-", "").replace("_", "")
+
+
+def _candidate_roots() -> list[Path]:
+    """Folders that may contain the built-in task folders, in search order."""
+    roots: list[Path] = []
+    env = os.environ.get(ENV_VAR)
+    if env:
+        roots.append(Path(env).expanduser())
+    cwd = Path.cwd()
+    roots.extend(base.parent / "shared" / "data" for base in (cwd, *cwd.parents))
+    source = Path(__file__).resolve()
+    roots.extend(base.parent / "shared" / "data" for base in source.parents)
+    # Parents of cwd and of the source tree often coincide.
+    return list(dict.fromkeys(roots))
+
+
+def _resolve_builtin(key: str) -> TaskSpec:
+    info = BUILTIN_TASKS[key]
+    tried = []
+    for root in _candidate_roots():
+        folder = root / info.folder
+        if folder.is_dir():
+            return _spec_from_folder(key, folder, info.metric, info.metrics)
+        tried.append(str(folder))
+    raise DataError(
+        f"task {key!r}: could not find its data folder {info.folder!r}; tried "
+        f"{', '.join(tried)}. Set {ENV_VAR} to a folder containing "
+        f"{info.folder}/, or pass a path. Accepted tasks: {ACCEPTED_TASKS}"
+    )
+
+
+def _resolve_path(path: Path) -> TaskSpec:
+    if path.is_dir():
+        if not any((path / f"{s}.jsonl").is_file() for s in SPLITS):
+            raise DataError(
+                f"folder {path.resolve()} has neither train.jsonl nor dev.jsonl. "
+                f"Accepted tasks: {ACCEPTED_TASKS}"
+            )
+        return _spec_from_folder(path.resolve().name, path, "accuracy", ("accuracy",))
+    if path.is_file() and path.suffix == ".jsonl":
+        return _spec_from_file(path)
+    problem = "is not a .jsonl file" if path.is_file() else "does not exist"
+    raise DataError(
+        f"{str(path)!r} is not a built-in task and {path.resolve()} {problem}. "
+        f"Accepted tasks: {ACCEPTED_TASKS}"
+    )
+
+
+def _spec_from_folder(name: str, folder: Path, metric: str, metrics: tuple[str, ...]) -> TaskSpec:
+    files = [folder / f"{s}.jsonl" for s in SPLITS if (folder / f"{s}.jsonl").is_file()]
+    if not files:
+        raise DataError(f"task {name!r}: {folder} has neither train.jsonl nor dev.jsonl")
+    label_names = _label_names_for(folder, files)
+    return TaskSpec(
+        name=name,
+        folder=folder,
+        num_labels=len(label_names),
+        label_names=label_names,
+        is_pair=_common_schema(files),
+        metric=metric,
+        metrics=metrics,
+    )
+
+
+def _spec_from_file(path: Path) -> TaskSpec:
+    label_names = _label_names_for(path.parent, [path])
+    return TaskSpec(
+        name=path.stem,
+        folder=None,
+        num_labels=len(label_names),
+        label_names=label_names,
+        is_pair=_common_schema([path]),
+        file=path,
+    )
+
+
+def _label_names_for(folder: Path, files: Sequence[Path]) -> list[str]:
+    """Names from labels.json, else ``["0", ..., "C-1"]`` inferred from files."""
+    names = _read_label_names(folder)
+    if names is not None:
+        return names
+    largest = max(
+        (ex.label for f in files for ex in _read_examples(f, None, None)),
+        default=0,
+    )
+    # A split may lack the top class (or be all zeros); a classifier still
+    # needs at least two outputs.
+    return [str(i) for i in range(max(largest + 1, 2))]
+
+
+def _read_label_names(folder: Path) -> list[str] | None:
+    """Parse ``folder/labels.json`` (``{"0": "negative", ...}``) if present."""
+    path = folder / "labels.json"
+    if not path.is_file():
+        return None
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: invalid JSON ({exc})") from exc
+    if not isinstance(mapping, dict) or not mapping:
+        raise DataError(f'{path}: expected a non-empty object like {{"0": "negative"}}')
+    expected = {str(i) for i in range(len(mapping))}
+    if set(mapping) != expected:
+        raise DataError(
+            f"{path}: keys must be the ids 0..{len(mapping) - 1} as strings, got {sorted(mapping)}"
+        )
+    names = [mapping[str(i)] for i in range(len(mapping))]
+    if not all(isinstance(n, str) and n for n in names):
+        raise DataError(f"{path}: every label name must be a non-empty string")
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}: label names must be unique, got {names}")
+    return names
+
+
+def _common_schema(files: Sequence[Path]) -> bool:
+    """is_pair shared by all files, judged from each file's first example."""
+    seen: dict[Path, bool] = {}
+    for path in files:
+        is_pair = _sniff_is_pair(path)
+        if is_pair is not None:
+            seen[path] = is_pair
+    if not seen:
+        raise DataError(f"no examples in {', '.join(map(str, files))}")
+    if len(set(seen.values())) > 1:
+        detail = ", ".join(f"{p} is {_schema_name(v)}" for p, v in seen.items())
+        raise DataError(f"mixed single/pair schema across splits: {detail}")
+    return next(iter(seen.values()))
+
+
+def _sniff_is_pair(path: Path) -> bool | None:
+    # closing() so the file is released right after the first line.
+    with closing(_nonblank_lines(path)) as lines:
+        first = next(lines, None)
+    if first is None:
+        return None
+    lineno, text = first
+    return _parse_line(text, path, lineno)[1] is not None
+
+
+def _schema_name(is_pair: bool) -> str:
+    return "pair (text_a/text_b)" if is_pair else "single (text)"
+
+
+# ------------------------------------------------------------------ loading
+
+
+def split_path(spec: TaskSpec, split: str) -> Path:
+    """File holding ``split`` of ``spec`` (the one file of a single-file task)."""
+    if spec.file is not None:
+        return spec.file
+    if spec.folder is None:
+        raise DataError(f"task {spec.name!r} has neither a folder nor a file")
+    path = spec.folder / f"{split}.jsonl"
+    if not path.is_file():
+        present = sorted(p.stem for p in spec.folder.glob("*.jsonl"))
+        raise DataError(
+            f"task {spec.name!r}: split {split!r} not found at {path}; "
+            f"available splits: {', '.join(present) or 'none'}"
+        )
+    return path
+
+
+def load_split(
+    spec_or_name: TaskSpec | str | os.PathLike[str],
+    split: str = "train",
+    n: int | None = None,
+    seed: int = 0,
+) -> list[Example]:
+    """Read one split, optionally a seeded subsample of ``n`` rows.
+
+    The subsample draws ``n`` distinct row indices with
+    ``random.Random(seed).sample`` and returns those rows in file order, so
+    the same ``(n, seed)`` always gives the same rows. ``n`` of None, or at
+    least the number of rows, returns every row.
+
+    Returns:
+        list of :class:`Example`, length ``min(n, rows)``.
+
+    Raises:
+        DataError: missing split, malformed line (message names the file and
+            1-based line number), schema not matching ``spec.is_pair``, or an
+            empty file.
+    """
+    spec = spec_or_name if isinstance(spec_or_name, TaskSpec) else resolve_task(spec_or_name)
+    if n is not None and n < 0:
+        raise DataError(f"n must be >= 0 or None, got {n}")
+    path = split_path(spec, split)
+    examples = _read_examples(path, _read_label_names(path.parent), spec.num_labels)
+    if not examples:
+        raise DataError(f"{path}: contains no examples")
+    is_pair = examples[0].text_b is not None
+    if is_pair != spec.is_pair:
+        raise DataError(
+            f"{path}: examples are {_schema_name(is_pair)} but task "
+            f"{spec.name!r} is {_schema_name(spec.is_pair)}"
+        )
+    if n is None or n >= len(examples):
+        return examples
+    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in keep]
+
+
+def _nonblank_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Yield ``(1-based line number, decoded line)`` for non-blank lines."""
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise DataError(f"cannot open {path}: {exc.strerror}") from exc
+    with handle:
+        for lineno, raw in enumerate(handle, start=1):
+            # utf-8-sig on line 1 tolerates files saved with a BOM.
+            codec = "utf-8-sig" if lineno == 1 else "utf-8"
+            try:
+                text = raw.decode(codec)
+            except UnicodeDecodeError as exc:
+                raise _line_error(path, lineno, f"not valid UTF-8 ({exc.reason})") from exc
+            if text.strip():
+                yield lineno, text
+
+
+def _read_examples(
+    path: Path, label_names: list[str] | None, num_labels: int | None
+) -> list[Example]:
+    """Parse every line; ``num_labels`` None means no upper bound on ids."""
+    examples: list[Example] = []
+    first: tuple[bool, int] | None = None  # (is_pair, line) of first example
+    for lineno, text in _nonblank_lines(path):
+        text_a, text_b, raw_label = _parse_line(text, path, lineno)
+        is_pair = text_b is not None
+        if first is None:
+            first = (is_pair, lineno)
+        elif is_pair != first[0]:
+            raise _line_error(
+                path,
+                lineno,
+                f"mixed single/pair schema: this line is {_schema_name(is_pair)} "
+                f"but line {first[1]} is {_schema_name(first[0])}",
+            )
+        label = _label_id(raw_label, label_names, num_labels, path, lineno)
+        examples.append(Example(text_a, text_b, label))
+    return examples
+
+
+def _line_error(path: Path, lineno: int, problem: str) -> DataError:
+    return DataError(f"{path}, line {lineno}: {problem}")
+
+
+def _parse_line(text: str, path: Path, lineno: int) -> tuple[str, str | None, Any]:
+    """Return ``(text_a, text_b or None, raw label)`` of one JSONL line."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _line_error(path, lineno, f"invalid JSON ({exc.msg} at column {exc.colno})") from exc
+    if not isinstance(obj, dict):
+        raise _line_error(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+    has_single = "text" in obj
+    has_pair = "text_a" in obj or "text_b" in obj
+    if has_single and has_pair:
+        raise _line_error(path, lineno, "has both 'text' and 'text_a'/'text_b'; use one schema")
+    keys = ("text_a", "text_b") if has_pair else ("text",)
+    for key in (*keys, "label"):
+        if key not in obj:
+            hint = " (or 'text_a' and 'text_b')" if key == "text" else ""
+            raise _line_error(path, lineno, f"missing key {key!r}{hint}")
+    for key in keys:
+        if not isinstance(obj[key], str):
+            raise _line_error(
+                path, lineno, f"{key!r} must be a string, got {type(obj[key]).__name__}"
+            )
+    if has_pair:
+        return obj["text_a"], obj["text_b"], obj["label"]
+    return obj["text"], None, obj["label"]
+
+
+def _label_id(
+    raw: Any,
+    label_names: list[str] | None,
+    num_labels: int | None,
+    path: Path,
+    lineno: int,
+) -> int:
+    """Map a raw JSON label to its int id, validating range and names."""
+    if isinstance(raw, str):
+        if label_names is None:
+            raise _line_error(
+                path,
+                lineno,
+                f"label {raw!r} is a string but there is no labels.json in {path.parent}",
+            )
+        if raw in label_names:
+            return label_names.index(raw)
+        if raw.isascii() and raw.isdigit() and int(raw) < len(label_names):
+            label = int(raw)
+        else:
+            raise _line_error(
+                path,
+                lineno,
+                f"label {raw!r} not in {path.parent / 'labels.json'} "
+                f"(names: {', '.join(label_names)})",
+            )
+    # bool is an int subclass, but true/false labels are almost surely a mistake.
+    elif isinstance(raw, int) and not isinstance(raw, bool):
+        label = raw
+    else:
+        raise _line_error(path, lineno, f"label must be an int, got {json.dumps(raw)}")
+    upper = len(label_names) if label_names is not None else num_labels
+    if label < 0 or (upper is not None and label >= upper):
+        bound = f"0..{upper - 1}" if upper is not None else ">= 0"
+        where = f" (from {path.parent / 'labels.json'})" if label_names is not None else ""
+        raise _line_error(path, lineno, f"label {label} out of range {bound}{where}")
+    return label
+
+
+# ---------------------------------------------------------------- batching
+
+
+class Collator:
+    """Tokenise a list of examples into a padded batch.
+
+    Padding is to the longest sequence in the batch (not ``max_length``), so
+    short batches stay cheap; sequences longer than ``max_length`` tokens are
+    truncated (pairs: longest-first).
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int = 128) -> None:
+        if max_length <= 0:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        """Batch S examples.
+
+        Returns:
+            ``input_ids`` (SxT long), ``attention_mask`` (SxT long),
+            ``token_type_ids`` (SxT long, only if the tokenizer produces
+            them) and ``labels`` (S long), where T is the longest tokenised
+            length in the batch, at most ``max_length``.
+        """
+        if not examples:
+            raise ValueError("cannot collate an empty batch")
+        pairs = {ex.text_b is not None for ex in examples}
+        if len(pairs) > 1:
+            raise ValueError("batch mixes single-sentence and pair examples")
+        text_b = [ex.text_b for ex in examples] if pairs.pop() else None
+        encoded = self.tokenizer(
+            [ex.text_a for ex in examples],
+            text_b,
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        batch = {
+            key: encoded[key].long()
+            for key in ("input_ids", "attention_mask", "token_type_ids")
+            if key in encoded
+        }
+        batch["labels"] = torch.tensor([ex.label for ex in examples], dtype=torch.long)
+        return batch
+
+
+def make_loader(
+    examples: Sequence[Example],
+    tokenizer: Any,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    max_length: int = 128,
+) -> DataLoader:
+    """DataLoader yielding :class:`Collator` batches of ``batch_size`` examples.
+
+    With ``shuffle`` the order comes from a ``torch.Generator`` seeded with
+    ``seed``, so runs are reproducible regardless of the global torch seed.
+    """
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        list(examples),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=Collator(tokenizer, max_length=max_length),
+    )
