@@ -1,0 +1,1 @@
+"""Sub-commands of the ``controltune`` console script (one module each)."""
