@@ -63,7 +63,8 @@ class ResidualSystem(nn.Module):
         elif readout == "causal_lm":
             head = model.get_output_embeddings()
             if head is None:
-                raise ValueError(f"the causal_lm readout needs a model with an LM head; {type(model).__name__} has none")
+                raise ValueError(f"the causal_lm readout needs a model with an LM head; "
+                                 f"{type(model).__name__} has none")
             self.readout = CausalLMReadout(norm, head)
         else:
             raise ValueError(f"readout {readout!r} is not one of {READOUTS}")
@@ -146,7 +147,7 @@ class ResidualSystem(nn.Module):
         """``R_where(u)`` summed over controllers; ``where`` is a layer, ``"init"`` or ``"term"``."""
         total = torch.zeros((), dtype=next(self.model.parameters()).dtype, device=next(self.model.parameters()).device)
         for c in self.controllers:
-            total = total + c.running_cost(where)
+            total = total + c.running_cost(where).to(total)
         return total
 
     def total_running_cost(self) -> torch.Tensor:

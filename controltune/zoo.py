@@ -74,6 +74,9 @@ def offline_tokenizer():
 
 def _from_pretrained(path: Path, name: str, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a per-tensor bar for a 90 MB local file is noise
 
     config = AutoConfig.from_pretrained(str(path))
     family = family_of(config)

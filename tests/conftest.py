@@ -1,0 +1,28 @@
+"""Shared fixtures: offline switches, tiny batches, cached models."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+FAMILY_MODELS = ["random:bert", "random:roberta", "random:gpt2", "random:llama"]
+SENTENCES = ["a gripping , funny and moving film .", "dull", "the plot is thin but the acting is superb ."]
+
+
+def make_batch(tokenizer, n: int = 3, labels: bool = True, family: str | None = None) -> dict:
+    """A padded batch of ``n`` real sentences (S×T) with labels."""
+    texts = (SENTENCES * n)[:n]
+    batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    if labels:
+        batch["labels"] = torch.arange(n) % 2
+    return batch
+
+
+@pytest.fixture
+def batch_of():
+    return make_batch
