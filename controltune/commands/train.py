@@ -1,0 +1,150 @@
+"""``controltune train``: train a delta method on a task and write ``metrics.json``.
+
+Examples::
+
+    controltune train --model minilm --method lora --task sst2 --opt rank=8 --opt targets=q,v --out runs/lora
+    controltune train --model minilm --method lora+bitfit --opt lora.rank=4 --task rte --steps 200
+    controltune train --model minilm --method full --task sst2 --train-size 5000 --lr 5e-5 --epochs 2 --resume \
+        --out runs/full
+
+``--method a+b`` combines controllers simultaneously (:class:`~controltune.controllers.composition.Simultaneous`);
+an option ``--opt a.key=value`` then goes to part ``a`` only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+from typing import Any
+
+from ..data import load_split, resolve_task
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="minilm", help="minilm, random:<family> or a checkpoint folder")
+    parser.add_argument("--method", required=True,
+                        help="a registered controller (see `controltune methods`), or several joined by '+'")
+    parser.add_argument("--task", required=True, help="sst2, mrpc, rte, cola or a path to JSONL data")
+    parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="controller option (repeatable); lists comma-separated: targets=q,v; "
+                             "for a '+' combination prefix the part: lora.rank=4")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per method, see "
+                                                                "controltune.commands.train.DEFAULT_LR)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, default=None)
+    length.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--eval-batch-size", type=int, default=128)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--train-size", type=int, default=None, help="seeded subsample of N training rows")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the --train-size subsample")
+    parser.add_argument("--dev-size", type=int, default=None, help="seeded subsample of N dev rows (default: all)")
+    parser.add_argument("--eval-every", type=int, default=None, help="dev evaluation every N steps")
+    parser.add_argument("--warmup", type=float, default=0.0, help="fraction (<1) or number of warm-up steps")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay")
+    parser.add_argument("--grad-clip", type=float, default=None)
+    parser.add_argument("--pooling", default="mean", choices=["mean", "cls", "last"])
+    parser.add_argument("--dropout", action="store_true", help="train with the model's dropout on")
+    parser.add_argument("--out", default=None, metavar="DIR", help="write metrics.json, deltas and checkpoints here")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+DEFAULT_LR = {"full": 5e-5, "prefix": 5e-3, "prompt": 5e-3}
+"""Peak learning rates by method when ``--lr`` is not given (others: 5e-4)."""
+
+
+def parse_value(text: str) -> Any:
+    """``8`` -> 8, ``0.5`` -> 0.5, ``true`` -> True, ``none`` -> None, ``q,v`` -> ["q", "v"], JSON as JSON."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    if text[:1] in "[{":
+        return json.loads(text)
+    if "," in text:
+        return [parse_value(t) for t in text.split(",") if t]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """``["rank=8", "targets=q,v"]`` -> ``{"rank": 8, "targets": ["q", "v"]}``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--opt {item!r} is not KEY=VALUE (e.g. --opt rank=8 --opt targets=q,v)")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def controller_spec(method: str, options: dict[str, Any], seed: int) -> tuple[str, dict[str, Any]]:
+    """Registry name and options for ``--method`` (``a+b`` becomes a ``combination``).
+
+    A controller that takes a ``seed`` option gets the run's seed unless one is given.
+    """
+    from ..controllers import REGISTRY
+
+    names = [m.strip() for m in method.split("+")]
+    unknown = [m for m in names if m not in REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; registered: {', '.join(sorted(REGISTRY))}")
+
+    def seeded(name: str, opts: dict[str, Any]) -> dict[str, Any]:
+        if "seed" in inspect.signature(REGISTRY[name]).parameters and "seed" not in opts:
+            opts = {**opts, "seed": seed}
+        return opts
+
+    if len(names) == 1:
+        return names[0], seeded(names[0], options)
+    parts: dict[str, dict[str, Any]] = {n: {} for n in names}
+    for key, value in options.items():
+        part, dot, sub = key.partition(".")
+        if not dot or part not in parts:
+            raise ValueError(f"option {key!r}: with a combination, prefix each option with its part "
+                             f"({', '.join(f'{n}.KEY' for n in names)})")
+        parts[part][sub] = value
+    return "combination", {"parts": [[n, seeded(n, o)] for n, o in parts.items()]}
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import load_model
+    from ..controllers import build
+    from ..system import ResidualSystem
+    from ..train import TrainConfig, train
+
+    spec = resolve_task(args.task)
+    train_ex = load_split(spec, "train", n=args.train_size, seed=args.data_seed)
+    dev_ex = load_split(spec, "dev", n=args.dev_size, seed=args.data_seed)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
+    system = ResidualSystem(loaded, num_labels=spec.num_labels, pooling=args.pooling, seed=args.seed)
+    name, options = controller_spec(args.method, parse_options(args.opt), args.seed)
+    build(name, system, **options)
+    lr = args.lr if args.lr is not None else DEFAULT_LR.get(args.method, 5e-4)
+    config = TrainConfig(
+        lr=lr, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size, max_length=args.max_length, warmup=args.warmup,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every, seed=args.seed,
+        out=args.out, resume=args.resume, dropout=args.dropout, progress=not args.no_progress,
+        extra={"model": args.model, "method": name, "options": options, "task": args.task, "pooling": args.pooling,
+               "train_size": args.train_size, "data_seed": args.data_seed, "dev_size": args.dev_size,
+               "dtype": args.dtype, "device": args.device},
+    )
+    result = train(system, train_ex, dev_ex, spec, config, tokenizer=loaded.tokenizer)
+    final = result.get("final") or {}
+    scores = ", ".join(f"{k}={v:.4f}" for k, v in final.items() if k != "step")
+    print(f"{args.method} on {spec.name} ({args.model}): {scores}; {result['n_trainable']:,} trainable "
+          f"({100 * result['trainable_fraction']:.3f}% of base), {result['wall_time_s']:.1f} s, "
+          f"peak {result['peak_memory_mb']:.0f} MB")
+    if args.json:
+        from ..results import write_json
+
+        write_json(args.json, result)
+    return 0
