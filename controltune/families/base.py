@@ -87,7 +87,11 @@ def linear_io(module: nn.Module) -> tuple[int, int]:
     """``(d_in, d_out)`` of a linear map, whichever way the family stores it.
 
     ``nn.Linear`` keeps ``W`` as d_out×d_in; GPT-2's ``Conv1D`` keeps it d_in×d_out.
+    A linear map already wrapped by a delta (``base_layer``) keeps its shape, so
+    several deltas can sit on one map (simultaneous combinations).
     """
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if type(module).__name__ == "Conv1D":
@@ -98,6 +102,8 @@ def linear_io(module: nn.Module) -> tuple[int, int]:
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The weight of a linear map as d_out×d_in (``y = x Wᵀ + b``), a view for Linear."""
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
     if type(module).__name__ == "Conv1D":
         return module.weight.T
     return module.weight
