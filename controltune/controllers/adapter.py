@@ -25,7 +25,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..families.base import linear_io
-from .base import Control, Controller, Site, UnsupportedMethodError, register, resolve_targets, seeded_generator, wrap
+from .base import (
+    Control,
+    Controller,
+    Site,
+    UnsupportedMethodError,
+    Wrapped,
+    register,
+    resolve_targets,
+    seeded_generator,
+    wrap,
+)
 
 NONLINEARITIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
@@ -141,15 +151,22 @@ class ParallelAdapterDelta(nn.Module):
         return base(*args, **kwargs) + self.bottleneck(self.tap.read("parallel adapter"))
 
 
-def output_dim(site: Site, method: str) -> int:
-    """Width of the output of ``site`` (a linear map); a clear error for anything else."""
+def linear_dims(module: nn.Module, who: str, role: str) -> tuple[int, int]:
+    """``(d_in, d_out)`` of a linear map, looking through other controllers' wrappers."""
+    while isinstance(module, Wrapped):
+        module = module.base_layer
     try:
-        return linear_io(site.module)[1]
+        return linear_io(module)
     except TypeError as err:
         raise UnsupportedMethodError(
-            f"{method}: target {site.role!r} ({site.path}) is a {type(site.module).__name__}, not a linear map; "
-            "an adapter follows a linear map such as the roles 'o' or 'ffn_out'"
+            f"{who}: target {role!r} is a {type(module).__name__}, not a linear map (nn.Linear or Conv1D); "
+            "this method acts on linear maps such as the roles 'o', 'ffn_in', 'ffn_out'"
         ) from err
+
+
+def output_dim(site: Site, method: str) -> int:
+    """Width of the output of ``site`` (a linear map); a clear error for anything else."""
+    return linear_dims(site.module, method, site.role)[1]
 
 
 def site_key(site: Site) -> str:
