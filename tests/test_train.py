@@ -1,0 +1,149 @@
+"""Training loop, resume, delta checkpoints and the train CLI (tiny random models, a tmp JSONL task)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from controltune import ResidualSystem, load_model
+from controltune import checkpoint as ckpt
+from controltune.cli import main
+from controltune.controllers import build
+from controltune.data import load_split, resolve_task
+from controltune.train import TrainConfig, evaluate, linear_schedule, train
+from controltune.zoo import offline_tokenizer
+
+REQUIRED_KEYS = {"config", "versions", "curves", "final", "best", "wall_time_s", "peak_memory_mb", "n_trainable",
+                 "trainable_fraction", "n_base_params", "total_steps"}
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    """A separable toy sentiment task: positive and negative words."""
+    folder = tmp_path_factory.mktemp("toy")
+    rng = random.Random(0)
+    words = (["bad", "awful", "sad", "poor", "ugly"], ["good", "great", "fine", "nice", "happy"])
+    for split, n in (("train", 48), ("dev", 16)):
+        with (folder / f"{split}.jsonl").open("w") as fh:
+            for _ in range(n):
+                y = rng.randint(0, 1)
+                fh.write(json.dumps({"text": " ".join(rng.choice(words[y]) for _ in range(4)), "label": y}) + "\n")
+    spec = resolve_task(str(folder))
+    return spec, load_split(spec, "train"), load_split(spec, "dev")
+
+
+def _lora_system(name: str = "random:bert", seed: int = 0, dtype: str = "float32") -> ResidualSystem:
+    system = ResidualSystem(load_model(name, dtype=dtype, seed=seed), seed=0)
+    build("lora", system, rank=2, targets=["q", "v"])
+    return system
+
+
+def _config(out, **kw) -> TrainConfig:
+    base = {"lr": 1e-2, "steps": 12, "batch_size": 8, "max_length": 16, "eval_every": 4, "seed": 0,
+            "out": str(out), "progress": False}
+    return TrainConfig(**{**base, **kw})
+
+
+def test_training_reduces_the_loss_and_writes_metrics(task, tmp_path):
+    spec, tr, dev = task
+    system = _lora_system()
+    before = evaluate(system, dev, spec, offline_tokenizer())
+    result = train(system, tr, dev, spec, _config(tmp_path, warmup=0.25, lr=3e-2))
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert REQUIRED_KEYS <= set(saved) and saved["status"] == "done"
+    losses = saved["curves"]["train_loss"]
+    assert len(losses) == 12 and sum(losses[-4:]) < sum(losses[:4])
+    assert saved["final"]["loss"] < 0.5 * before["loss"]
+    assert [r["step"] for r in saved["curves"]["dev"]] == [4, 8, 12]
+    assert saved["final"]["accuracy"] >= 0.9 and saved["config"]["lr"] == 3e-2
+    assert saved["n_trainable"] == sum(c.param.numel() for c in system.controls())
+    assert 0 < saved["trainable_fraction"] < 0.05 and saved["peak_memory_mb"] > 0
+    assert result["final"] == saved["final"]
+    assert saved["curves"]["lr"][0] == pytest.approx(3e-2 / 3)  # warm-up over 3 steps
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    f = linear_schedule(2, 10)
+    assert [f(t) for t in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+
+
+def test_resume_continues_from_the_saved_step(task, tmp_path):
+    spec, tr, dev = task
+    full = _lora_system()
+    train(full, tr, dev, spec, _config(tmp_path / "a"))
+
+    stopped = _lora_system()
+    calls = {"n": 0}
+    cost = stopped.cost
+
+    def dies_after_9_steps(batch):
+        calls["n"] += 1
+        if calls["n"] > 9:
+            raise KeyboardInterrupt
+        return cost(batch)
+
+    stopped.cost = dies_after_9_steps
+    with pytest.raises(KeyboardInterrupt):
+        train(stopped, tr, dev, spec, _config(tmp_path / "b"))
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["step"] == 8  # last checkpoint
+
+    resumed = _lora_system()
+    calls_after = {"n": 0}
+    cost2 = resumed.cost
+    resumed.cost = lambda b: (calls_after.__setitem__("n", calls_after["n"] + 1), cost2(b))[1]
+    result = train(resumed, tr, dev, spec, _config(tmp_path / "b", resume=True))
+    assert calls_after["n"] == 4  # steps 9..12 only
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert result["curves"]["train_loss"] == pytest.approx(a["curves"]["train_loss"], rel=0, abs=1e-6)
+    for c_full, c_res in zip(full.controls(), resumed.controls()):
+        torch.testing.assert_close(c_res.param, c_full.param, rtol=0, atol=1e-6)
+
+
+def test_checkpoint_roundtrip_restores_outputs_exactly(task, tmp_path):
+    spec, tr, _ = task
+    system = _lora_system(dtype="float64")
+    with torch.no_grad():
+        for i, c in enumerate(system.controls()):
+            c.param.add_(torch.randn(c.param.shape, generator=torch.Generator().manual_seed(i), dtype=c.param.dtype))
+    path = ckpt.save(system, tmp_path / "d.safetensors", {"method": "lora", "options": {"rank": 2}})
+    other = _lora_system(dtype="float64")
+    batch = dict(offline_tokenizer()(["good fine", "bad"], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        assert not torch.equal(other(batch), system(batch))
+        header = ckpt.load(other, path)
+        assert torch.equal(other(batch), system(batch))
+    assert header["spec"]["options"] == {"rank": 2} and header["methods"] == ["lora"]
+    bare = ResidualSystem(load_model("random:bert", dtype="float64"), seed=0)
+    assert ckpt.fingerprint(other) == ckpt.fingerprint(bare)  # attaching deltas does not change the base
+
+
+def test_checkpoint_refuses_another_base_model_or_method(tmp_path):
+    path = ckpt.save(_lora_system(seed=0), tmp_path / "d.safetensors")
+    with pytest.raises(ckpt.CheckpointMismatchError, match="different base model") as err:
+        ckpt.load(_lora_system(seed=1), path)
+    assert "random:bert" in str(err.value) and "fingerprint" in str(err.value)
+    wider = ResidualSystem(load_model("random:bert"), seed=0)
+    build("lora", wider, rank=4, targets=["q", "v"])
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"lora\.0\.q\.A.*shape \(2, 64\).*\(4, 64\)"):
+        ckpt.load(wider, path)
+    adapter = ResidualSystem(load_model("random:bert"), seed=0)
+    build("adapter", adapter, bottleneck=4)
+    with pytest.raises(ckpt.CheckpointMismatchError, match="missing tensors"):
+        ckpt.load(adapter, path)
+
+
+def test_train_cli_writes_metrics(task, tmp_path, capsys):
+    spec, _, _ = task
+    code = main(["train", "--model", "random:bert", "--method", "lora+adapter", "--task", str(spec.folder),
+                 "--opt", "lora.rank=2", "--opt", "adapter.bottleneck=4", "--steps", "3", "--batch-size", "8",
+                 "--max-length", "16", "--out", str(tmp_path), "--no-progress"])
+    assert code == 0
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["config"]["extra"]["method"] == "combination"
+    assert saved["config"]["methods"] == ["combination"] and len(saved["curves"]["train_loss"]) == 3
+    assert "accuracy=" in capsys.readouterr().out
+    assert main(["train", "--model", "random:bert", "--method", "lora", "--task", str(spec.folder),
+                 "--opt", "rank"]) == 2
