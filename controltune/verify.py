@@ -1,0 +1,259 @@
+"""Check the Pontryagin co-states and Hamiltonian gradients two independent ways.
+
+For a system with controllers attached, :func:`verify` compares the output of
+:func:`~controltune.pmp.solve_costate` with
+
+1. **autograd**: one global reverse pass through a plain rollout
+   (``x_{l+1} = f_l(x_l)`` chained in one graph), giving ``−∂J/∂x_l`` for every
+   state and ``−∂J/∂u`` for every control: DESIGN.md §1 says ``p_l = −∂J/∂x_l``
+   and ``∇_u H = −∂J/∂u`` exactly;
+2. **central finite differences** of J in float64, with no autograd at all:
+   ``⟨∂J/∂u, v⟩ ≈ (J(u + hv) − J(u − hv)) / 2h`` along one random unit direction
+   v per control, and ``⟨∂J/∂x_l, v⟩`` along a few random unit directions per layer
+   (x_l perturbed, blocks l..L-1 re-run).  The step is relative,
+   ``h = step · max(‖u‖, 1)`` (resp. ``‖x_l‖``).  A float32 system is checked
+   against finite differences of a float64 copy of itself.
+
+Relative error (all reported numbers): ``rel(a, b) = ‖a − b‖ / max(‖b‖, tiny)``
+with Frobenius norms, ``a`` the PMP quantity, ``b`` the reference (autograd
+gradient, or finite-difference directional derivative for scalar ``a, b``), and
+``tiny`` the smallest positive normal number of the dtype (two exact zeros
+agree).  Default tolerances: float64 ``1e-10`` vs autograd and ``1e-6`` vs finite
+differences; float32 ``1e-4`` for both.
+
+Use a running cost with nonzero weight decay so the ``R`` terms are exercised.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .pmp import ControlSystem, CoStateSolution, solve_costate
+
+TOLERANCES: dict[torch.dtype, dict[str, float]] = {
+    torch.float64: {"autograd": 1e-10, "fd": 1e-6},
+    torch.float32: {"autograd": 1e-4, "fd": 1e-4},
+}
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``‖a − b‖ / max(‖b‖, tiny)`` (Frobenius norms, computed in float64)."""
+    a64, b64 = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    tiny = torch.finfo(torch.as_tensor(b).dtype if torch.as_tensor(b).is_floating_point() else torch.float64).tiny
+    return float((a64 - b64).norm() / max(float(b64.norm()), tiny))
+
+
+@dataclass
+class Verification:
+    """Per-layer and per-control relative errors of the PMP solution.
+
+    Attributes:
+        dtype: the system's dtype (``float32``/``float64``).
+        n_layers, n_controls: sizes of the system checked.
+        costate_autograd: ``rel(p_l, −∂J/∂x_l)`` for l = 0..L.
+        control_autograd: ``name -> rel(∇_u H, −∂J/∂u)``.
+        costate_fd: per layer l, the largest ``rel(−⟨p_l, v⟩, FD)`` over the state directions.
+        control_fd: ``name -> rel(−⟨∇_u H, v⟩, FD)`` for one random direction v.
+        tol_autograd, tol_fd: the tolerances the check used.
+    """
+
+    dtype: str
+    n_layers: int
+    n_controls: int
+    costate_autograd: list[float]
+    control_autograd: dict[str, float]
+    costate_fd: list[float] = field(default_factory=list)
+    control_fd: dict[str, float] = field(default_factory=dict)
+    tol_autograd: float = 1e-10
+    tol_fd: float = 1e-6
+
+    @property
+    def max_rel_err_costate(self) -> float:
+        return max(self.costate_autograd, default=0.0)
+
+    @property
+    def max_rel_err_control_grad(self) -> float:
+        return max(self.control_autograd.values(), default=0.0)
+
+    @property
+    def max_rel_err_fd(self) -> float:
+        return max([*self.costate_fd, *self.control_fd.values()], default=0.0)
+
+    def failures(self) -> list[str]:
+        """Readable list of every check above its tolerance (empty when all pass)."""
+        out = [f"p_{k} vs autograd: {e:.2e} > {self.tol_autograd:g}"
+               for k, e in enumerate(self.costate_autograd) if not e <= self.tol_autograd]
+        out += [f"grad_u H[{n}] vs autograd: {e:.2e} > {self.tol_autograd:g}"
+                for n, e in self.control_autograd.items() if not e <= self.tol_autograd]
+        out += [f"p_{k} vs finite differences: {e:.2e} > {self.tol_fd:g}"
+                for k, e in enumerate(self.costate_fd) if not e <= self.tol_fd]
+        out += [f"grad_u H[{n}] vs finite differences: {e:.2e} > {self.tol_fd:g}"
+                for n, e in self.control_fd.items() if not e <= self.tol_fd]
+        return out
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures()
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(max_rel_err_costate=self.max_rel_err_costate,
+                   max_rel_err_control_grad=self.max_rel_err_control_grad,
+                   max_rel_err_fd=self.max_rel_err_fd, passed=self.passed, failures=self.failures())
+        return out
+
+
+# --- references ----------------------------------------------------------------------------
+
+
+def total_cost(system: ControlSystem, batch: dict) -> torch.Tensor:
+    """``J = Φ̄(x_L) + R_init + Σ_l R_l + R_term`` by a plain rollout (scalar)."""
+    x, ctx = system.embed(batch)
+    for layer in range(system.n_layers):
+        x = system.step(layer, x, ctx)
+    return system.terminal_cost(x, ctx, batch) + _running_total(system)
+
+
+def _running_total(system: ControlSystem) -> torch.Tensor:
+    return sum((system.running_cost(w) for w in (*range(system.n_layers), "init", "term")), torch.zeros(()))
+
+
+def autograd_reference(system: ControlSystem, batch: dict) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """``(−∂J/∂x_l for l = 0..L, {name: −∂J/∂u})`` from one global reverse pass.
+
+    The states of a plain chained rollout are differentiated as intermediate
+    tensors of one graph (``autograd.grad`` with them as inputs, the functional
+    form of ``retain_grad``), so nothing is layer-local as in the solver.
+    """
+    controls = system.controls()
+    with torch.enable_grad():
+        x, ctx = system.embed(batch)
+        if not x.requires_grad:  # no initial control: make x_0 differentiable without changing the graph above
+            x = x.detach().requires_grad_(True)
+        states = [x]
+        for layer in range(system.n_layers):
+            x = system.step(layer, x, ctx)
+            states.append(x)
+        cost = system.terminal_cost(x, ctx, batch) + _running_total(system)
+        grads = torch.autograd.grad(cost, [*states, *[c.param for c in controls]], allow_unused=True)
+    n = len(states)
+    neg = [torch.zeros_like(t) if g is None else -g for g, t in zip(grads, [*states, *[c.param for c in controls]])]
+    return neg[:n], {c.name: g for c, g in zip(controls, neg[n:])}
+
+
+def float64_twin(system: ControlSystem) -> ControlSystem:
+    """The system itself if it is float64, else a float64 deep copy (for finite differences)."""
+    param = next(iter(system.controls()), None)
+    dtype = param.param.dtype if param is not None else next(system.parameters()).dtype  # type: ignore[attr-defined]
+    if dtype == torch.float64:
+        return system
+    if not isinstance(system, torch.nn.Module):
+        raise TypeError(f"cannot make a float64 copy of a {type(system).__name__}; pass a float64 system")
+    return copy.deepcopy(system).to(torch.float64)
+
+
+def _batch_to(batch: dict, dtype: torch.dtype) -> dict:
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+
+
+def _unit(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    v = torch.randn(like.shape, generator=gen, dtype=torch.float64)
+    return (v / v.norm()).to(like.device)
+
+
+@torch.no_grad()
+def finite_differences(system: ControlSystem, batch: dict, solution: CoStateSolution, n_state_directions: int = 2,
+                       step: float = 1e-6, seed: int = 0) -> tuple[list[float], dict[str, float]]:
+    """Central-difference check of ``p_l`` and ``∇_u H`` along random unit directions (float64, no autograd).
+
+    Returns ``(per-layer max rel. error of −⟨p_l, v⟩, {name: rel. error of −⟨∇_u H, v⟩})``.
+    """
+    twin = float64_twin(system)
+    batch64 = _batch_to(batch, torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    control_err: dict[str, float] = {}
+    for c in twin.controls():
+        if c.name not in solution.control_grads:
+            raise KeyError(f"control {c.name!r} of the float64 copy is missing from the solution")
+        v = _unit(c.param, gen)
+        h = step * max(float(c.param.norm()), 1.0)
+        saved = c.param.detach().clone()
+        c.param.add_(v, alpha=h)
+        j_plus = float(total_cost(twin, batch64))
+        c.param.copy_(saved).add_(v, alpha=-h)
+        j_minus = float(total_cost(twin, batch64))
+        c.param.copy_(saved)
+        fd = (j_plus - j_minus) / (2 * h)
+        pmp = -float((solution.control_grads[c.name].double() * v).sum())  # ⟨∂J/∂u, v⟩ = −⟨∇_u H, v⟩
+        control_err[c.name] = _rel_scalar(pmp, fd)
+
+    x, ctx = twin.embed(batch64)
+    states = [x]
+    for layer in range(twin.n_layers):
+        states.append(twin.step(layer, states[-1], ctx))
+    costate_err = []
+    for layer, x_l in enumerate(states):
+        worst = 0.0
+        for _ in range(n_state_directions):
+            v = _unit(x_l, gen)
+            h = step * max(float(x_l.norm()), 1.0)
+            fd = (_phi_from(twin, layer, x_l + h * v, ctx, batch64) - _phi_from(twin, layer, x_l - h * v, ctx, batch64))
+            fd /= 2 * h
+            pmp = -float((solution.costates[layer].double() * v).sum())
+            worst = max(worst, _rel_scalar(pmp, fd))
+        costate_err.append(worst)
+    return costate_err, control_err
+
+
+def _rel_scalar(a: float, b: float) -> float:
+    """``|a − b| / max(|b|, tiny)`` of two Python floats (kept in float64)."""
+    return abs(a - b) / max(abs(b), torch.finfo(torch.float64).tiny)
+
+
+def _phi_from(system: ControlSystem, layer: int, x: torch.Tensor, ctx: Any, batch: dict) -> float:
+    """``Φ̄`` after running blocks ``layer..L-1`` from state ``x`` (running costs do not depend on x)."""
+    for k in range(layer, system.n_layers):
+        x = system.step(k, x, ctx)
+    return float(system.terminal_cost(x, ctx, batch))
+
+
+# --- the check --------------------------------------------------------------------------
+
+
+def verify(system: ControlSystem, batch: dict, solution: CoStateSolution | None = None, mode: str = "graph",
+           fd: bool = True, n_state_directions: int = 2, fd_step: float = 1e-6, seed: int = 0,
+           tolerances: dict[str, float] | None = None) -> Verification:
+    """Compare the PMP solution with autograd and (optionally) finite differences.
+
+    Args:
+        system: a system with controllers attached (put it in eval mode: dropout off).
+        batch: the batch to check on (keep it small: FD re-runs the model 2× per control).
+        solution: a precomputed :func:`solve_costate` result, else one is solved in ``mode``.
+        fd: also run the finite-difference check.
+        n_state_directions: random directions per state x_l.
+        fd_step: relative finite-difference step.
+        tolerances: ``{"autograd": .., "fd": ..}``; defaults by dtype from :data:`TOLERANCES`.
+    """
+    if solution is None:
+        solution = solve_costate(system, batch, mode=mode)
+    dtype = solution.states[0].dtype
+    tol = dict(TOLERANCES.get(dtype, TOLERANCES[torch.float32]))
+    tol.update(tolerances or {})
+    neg_dx, neg_du = autograd_reference(system, batch)
+    costate_ag = [relative_error(p, r) for p, r in zip(solution.costates, neg_dx)]
+    control_ag = {name: relative_error(solution.control_grads[name], ref) for name, ref in neg_du.items()}
+    costate_fd: list[float] = []
+    control_fd: dict[str, float] = {}
+    if fd:
+        costate_fd, control_fd = finite_differences(system, batch, solution, n_state_directions, fd_step, seed)
+    return Verification(dtype=str(dtype).removeprefix("torch."), n_layers=solution.n_layers,
+                        n_controls=len(solution.controls), costate_autograd=costate_ag, control_autograd=control_ag,
+                        costate_fd=costate_fd, control_fd=control_fd, tol_autograd=tol["autograd"], tol_fd=tol["fd"])
+
+
+__all__ = ["TOLERANCES", "Verification", "autograd_reference", "finite_differences", "float64_twin",
+           "relative_error", "total_cost", "verify"]
