@@ -252,6 +252,18 @@ def test_reparam_prefix_running_cost_is_split_over_layers():
     assert torch.allclose(sum(per_layer), full)
 
 
+def test_ia3_running_cost_penalises_the_delta_from_identity():
+    system, controller = system_with("random:bert", "ia3")
+    controller.weight_decay = 0.5
+    assert all(controller.running_cost(layer).item() == 0.0 for layer in range(system.n_layers))
+    perturb(controller)
+    expected = [0.25 * sum((c.param - 1).pow(2).sum() for c in controller.controls() if c.layers == (layer,))
+                for layer in range(system.n_layers)]
+    for layer in range(system.n_layers):
+        assert torch.allclose(controller.running_cost(layer), expected[layer], atol=0, rtol=1e-14)
+    assert controller.running_cost("init").item() == 0.0
+
+
 # --- pieces and placement ----------------------------------------------------------------------
 @pytest.mark.parametrize("nonlinearity", ["relu", "gelu", "tanh"])
 def test_sequential_adapter_formula(nonlinearity):

@@ -67,7 +67,8 @@ class IA3(Controller):
             others have their output rescaled.  Default ``("ffn_out",)``.
         layers: blocks (all by default).
         seed: unused by the deterministic all-ones start; kept for a uniform interface.
-        weight_decay: λ of ``R_l = (λ/2)‖l‖²`` (note: it pulls towards 0, not towards the identity 1).
+        weight_decay: λ of ``R_l = (λ/2)‖l − 1‖²``: the penalty is on the delta from the identity
+            (all-ones), not on the vectors themselves, so it pulls (IA)³ back to the pretrained model.
     """
 
     method = "ia3"
@@ -115,6 +116,16 @@ class IA3(Controller):
         wrap(system.base, site.path, delta)
         self.sites.append(site)
         self._vectors += [(site, role, p) for role, p in vectors]
+
+    def running_cost(self, where: int | str) -> torch.Tensor:
+        """``R_where = (λ/2) Σ ‖l − 1‖²`` over the vectors acting at ``where`` (layer controls only)."""
+        total = torch.zeros(())
+        if self.weight_decay == 0.0 or not isinstance(where, int):
+            return total
+        for c in self.controls():
+            if where in c.layers:
+                total = total.to(c.param) + 0.5 * self.weight_decay * (c.param - 1).pow(2).sum()
+        return total
 
     def controls(self) -> list[Control]:
         ordered = sorted(self._vectors, key=lambda v: v[0].layer)  # stable: target order within a layer
