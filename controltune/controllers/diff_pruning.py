@@ -60,12 +60,12 @@ class DiffPruningDelta(ParamDelta):
             kw = {"dtype": s.param.dtype, "device": s.param.device}
             self.w[s.name] = nn.Parameter(torch.zeros(s.param.shape, **kw))
             self.log_alpha[s.name] = nn.Parameter(torch.full(s.param.shape, float(init_log_alpha), **kw))
-        self.frozen = False
 
     def gate(self, name: str) -> torch.Tensor:
         """``z`` for parameter ``name`` (shape of the parameter)."""
-        if self.frozen:
-            return getattr(self, f"mask_{name}")
+        mask = getattr(self, f"mask_{name}", None)
+        if mask is not None:
+            return mask
         log_alpha = self.log_alpha[name]
         if not self.training:
             return hard_concrete_mode(log_alpha)
