@@ -290,15 +290,19 @@ def test_parallel_adapter_reads_the_ffn_input(name):
     seen = {}
     module = system.blocks[1].get_submodule(system.family.ffn_input)
     arg = 1 if system.family.post_ln else 0
-    handle = module.register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[arg]))
+    taps = [m for m in system.blocks[1].modules() if isinstance(m, InputTap)]
+    assert len(taps) == 1
+    handles = [module.register_forward_pre_hook(lambda mod, args: seen.__setitem__("ffn", args[arg])),
+               # the tap is called as tap(base_layer, x)
+               taps[0].register_forward_pre_hook(lambda mod, args: seen.__setitem__("tap", args[1]))]
     try:
         with torch.no_grad():
             system(make_batch([5, 3]))
     finally:
-        handle.remove()
-    taps = [m for m in system.blocks[1].modules() if isinstance(m, InputTap)]
-    assert len(taps) == 1
-    assert torch.equal(taps[0].value, seen["x"])
+        for h in handles:
+            h.remove()
+    assert torch.equal(seen["tap"], seen["ffn"])
+    assert taps[0].value is None  # released by its one reader, the delta at ffn_out
 
 
 def test_ia3_on_fused_qkv_leaves_queries_alone():
@@ -324,6 +328,17 @@ def test_prompt_extends_state_and_mask():
     assert ctx.attention_mask[:, :N_PROMPT].eq(1).all()
     assert torch.equal(ctx.attention_mask[:, N_PROMPT:], batch["attention_mask"])
     assert torch.equal(x0[0, :N_PROMPT], controller.prompt)
+
+
+@pytest.mark.parametrize("case", ["parallel_adapter", "unipelt"])
+def test_system_can_be_deep_copied_after_a_forward(case):
+    system, controller = system_with("random:bert", case)
+    perturb(controller)
+    batch = make_batch([5, 3])
+    system.cost(batch)  # graph built, not freed
+    twin = copy.deepcopy(system)
+    with torch.no_grad():
+        assert torch.equal(twin(batch), system(batch))
 
 
 def test_layers_and_seed_options():

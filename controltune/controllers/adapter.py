@@ -121,8 +121,9 @@ class InputTap(nn.Module):
     """Passes a module's call through unchanged and keeps its first input in ``value``.
 
     Used where a delta elsewhere in the same block needs an input it does not receive (the parallel
-    adapter's FFN input, UniPELT's attention input).  ``value`` is overwritten at every call, so it
-    always belongs to the current forward pass.
+    adapter's FFN input, UniPELT's attention input).  ``value`` is set at every call and released by
+    :meth:`read` (its one reader), so it always belongs to the current forward pass and no graph is
+    kept alive between passes (a system can then be deep-copied after a forward).
     """
 
     def __init__(self) -> None:
@@ -134,9 +135,10 @@ class InputTap(nn.Module):
         return base(x, *args, **kwargs)
 
     def read(self, who: str) -> torch.Tensor:
-        if self.value is None:
+        value, self.value = self.value, None
+        if value is None:
             raise RuntimeError(f"{who}: the tapped module has not run yet in this forward pass")
-        return self.value
+        return value
 
 
 class ParallelAdapterDelta(nn.Module):
