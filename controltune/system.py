@@ -54,6 +54,8 @@ class ResidualSystem(nn.Module):
         self.model = model
         self.family: Family = family_of(model.config)
         self.name = loaded.name if isinstance(loaded, LoadedModel) else "<in-memory>"
+        if self.family.prepare is not None:
+            self.family.prepare(model)
         attention.install(model, kernel)
         self.kernel = kernel
         base = model.base_model

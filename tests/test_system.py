@@ -108,3 +108,21 @@ def test_cli_models_and_rollout(tmp_path, capsys):
 
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["passed"] and len(result["states"]) == 4 and result["versions"]["torch"]
+
+
+def test_llama_norm_swap_is_bitwise_in_float32_and_exact_in_float64():
+    stock = ct.load_model("random:llama", dtype="float32")
+    batch = make_batch(stock.tokenizer)
+    kwargs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    before = stock.model(**kwargs, output_hidden_states=True).hidden_states
+    system = ct.ResidualSystem(stock)
+    assert not any(type(m).__name__ == "LlamaRMSNorm" for m in system.model.modules())
+    traj = system.rollout(batch)
+    m = batch["attention_mask"].bool()
+    for layer in range(system.n_layers):
+        assert torch.equal(traj.states[layer][m], before[layer][m])
+    # float64: the swapped norm keeps float64 resolution (HF's would round to float32).
+    x = torch.randn(2, 5, 64, dtype=torch.float64)
+    norm = ct.ResidualSystem(ct.load_model("random:llama", dtype="float64")).readout.norm
+    exact = norm.weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    assert torch.allclose(norm(x), exact, atol=1e-15, rtol=0)

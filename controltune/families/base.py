@@ -64,6 +64,8 @@ class Family:
         call_block: ``(block, x, ctx) -> x_next`` running the real HF block.
         context_inputs: names of the cross-layer inputs the blocks take (docs).
         needs_rotary: whether ``ctx.rotary`` must be filled from ``base.rotary_emb``.
+        prepare: optional in-place fix-up of a model before it becomes a system
+            (e.g. float64-faithful norms); must not change float32 results.
     """
 
     name: str
@@ -79,6 +81,7 @@ class Family:
     context_inputs: tuple[str, ...]
     random_config: Callable[[int], object]
     needs_rotary: bool = False
+    prepare: Callable[[nn.Module], None] | None = None
     notes: str = ""
     linear_roles: tuple[str, ...] = field(default=())
 

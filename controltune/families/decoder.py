@@ -36,6 +36,36 @@ def _gpt2_config(vocab_size: int) -> object:
                       pad_token_id=0, bos_token_id=101, eos_token_id=102)
 
 
+class PreciseRMSNorm(nn.Module):
+    """``y = γ ⊙ x / sqrt(mean(x²) + ε)`` computed in ``max(float32, x.dtype)``.
+
+    HF's LLaMA RMSNorm always computes in float32, which *downcasts* a float64
+    model and caps every float64 cross-check at float32 resolution (finite
+    differences then see a staircase).  This norm is bitwise identical to HF's
+    in float32 and exact in float64.  It shares HF's ``weight`` parameter.
+    """
+
+    def __init__(self, weight: nn.Parameter, eps: float) -> None:
+        super().__init__()
+        self.weight = weight
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        work = torch.promote_types(x.dtype, torch.float32)
+        h = x.to(work)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(x.dtype)
+
+
+def _llama_prepare(model: nn.Module) -> None:
+    """Swap every HF RMSNorm of the model for :class:`PreciseRMSNorm`."""
+    for name, module in list(model.named_modules()):
+        if type(module).__name__.endswith("RMSNorm") and not isinstance(module, PreciseRMSNorm):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, PreciseRMSNorm(module.weight, module.variance_epsilon))
+
+
 def _llama_embed(base: nn.Module, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
                  position_ids: torch.Tensor) -> torch.Tensor:
     return base.embed_tokens(input_ids)
@@ -73,7 +103,8 @@ LLAMA = Family(
     ffn_input="mlp", embed=_llama_embed, call_block=_llama_block,
     context_inputs=("mask: causal+padding mask S×1×T×T", "position_ids: 1×T",
                     "rotary: (cos, sin) S×T×d_head from base.rotary_emb"),
-    random_config=_llama_config, needs_rotary=True,
+    random_config=_llama_config, needs_rotary=True, prepare=_llama_prepare,
     linear_roles=("q", "k", "v", "o", "ffn_gate", "ffn_in", "ffn_out"),
-    notes="pre-LN with RMSNorm, rotary positions, grouped-query attention; final norm in the readout.",
+    notes="pre-LN with RMSNorm, rotary positions, grouped-query attention; final norm in the readout. "
+          "HF's RMSNorm is swapped for PreciseRMSNorm (identical in float32, float64-exact).",
 )
