@@ -8,8 +8,8 @@ Fastfood (Le, Sarlós & Smola, 2013) replaces the dense ``N×D`` Gaussian by
 ``N/n`` stacked ``n×n`` blocks ``V_i = H G_i Π_i H B_i`` (``n = 2^k ≥ D``, ``z``
 zero-padded to ``n``): ``B_i`` a random ±1 diagonal, ``Π_i`` a random
 permutation, ``G_i`` a Gaussian diagonal and ``H`` the (unnormalised, Sylvester)
-Walsh–Hadamard matrix.  Each block costs ``O(n log n)`` and stores ``O(n)``
-numbers instead of ``n·D``.
+Walsh–Hadamard matrix.  Each block costs ``O(n log n)`` (:func:`fwht`) and
+stores ``O(n)`` numbers instead of ``n·D``.
 """
 
 from __future__ import annotations
@@ -19,25 +19,70 @@ import math
 import torch
 from torch import nn
 
+RADIX = 16
 
-def fwht(x: torch.Tensor) -> torch.Tensor:
-    """Fast Walsh–Hadamard transform ``x ↦ x Hᵀ = x H`` along the last axis, ``O(n log n)``.
 
-    ``H`` is the unnormalised Sylvester Hadamard matrix of size ``n = x.shape[-1]``
-    (a power of two), ``H = [[H', H'], [H', −H']]``, so ``H H = n I``.  Differentiable.
+def hadamard(n: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> torch.Tensor:
+    """The unnormalised Sylvester Hadamard matrix ``H_n`` (n×n, n a power of two).
+
+    ``H_1 = [1]``, ``H_{2m} = [[H_m, H_m], [H_m, −H_m]]``.
     """
-    n = x.shape[-1]
+    _check_power_of_two(n)
+    h = torch.ones(1, 1, dtype=dtype, device=device)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def _check_power_of_two(n: int) -> None:
     if n < 1 or n & (n - 1):
         raise ValueError(f"the Walsh–Hadamard transform needs a power-of-two length, got {n}")
+
+
+def _fwht(x: torch.Tensor, radix: int = RADIX) -> torch.Tensor:
+    """Radix-``r`` fast transform: ``H_n = H_{n/r} ⊗ H_r``, so with x viewed as X (n/r × r),
+    ``x H_n = vec(H_{n/r} X H_r)``: one small GEMM with ``H_r``, then recurse on ``Xᵀ``.
+    ``log_r n`` levels of ``n·r`` work: ``O(n log n)`` for a fixed radix; BLAS-friendly where the
+    radix-2 butterfly is memory-bound.
+    """
+    n = x.shape[-1]
+    if n <= radix:
+        return x @ hadamard(n, x.dtype, x.device)
     lead = x.shape[:-1]
-    h = 1
-    while h < n:
-        # Butterflies between entries i and i+h inside each block of 2h entries.
-        y = x.reshape(*lead, n // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        x = torch.stack((a + b, a - b), dim=-2).reshape(*lead, n)
-        h *= 2
-    return x
+    y = x.reshape(*lead, n // radix, radix) @ hadamard(radix, x.dtype, x.device)
+    return _fwht(y.transpose(-1, -2), radix).transpose(-1, -2).reshape(*lead, n)
+
+
+class _WalshHadamard(torch.autograd.Function):
+    """``x ↦ x H``.  H is symmetric, so the vector–Jacobian and Jacobian–vector products are the
+    transform itself (no graph of the GEMMs and transposes is kept)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return _fwht(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _WalshHadamard.apply(grad)
+
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor) -> torch.Tensor:
+        return _WalshHadamard.apply(tangent)
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """Fast Walsh–Hadamard transform ``x ↦ x H`` along the last axis, ``O(n log n)``.
+
+    ``H`` is the unnormalised Sylvester Hadamard matrix of size ``n = x.shape[-1]``
+    (a power of two, :func:`hadamard`), so ``H H = n I``.  Differentiable in reverse
+    and forward mode, to any order.
+    """
+    _check_power_of_two(x.shape[-1])
+    return _WalshHadamard.apply(x)
 
 
 def next_power_of_two(d: int) -> int:

@@ -14,7 +14,7 @@ from controltune.controllers import REGISTRY, UnsupportedMethodError, build
 from controltune.controllers.diff_pruning import hard_concrete, hard_concrete_mode, prob_nonzero
 from controltune.controllers.masking import straight_through_mask
 from controltune.controllers.specification import block_parameters
-from controltune.fastfood import FastfoodProjection, fwht
+from controltune.fastfood import FastfoodProjection, fwht, hadamard
 from controltune.system import ResidualSystem
 from controltune.zoo import LoadedModel
 
@@ -318,15 +318,24 @@ def test_masking_gradient_is_effective_weight_gradient_times_weight(family):
 # --- subspace ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n", (1, 2, 8, 64))
+@pytest.mark.parametrize("n", (1, 2, 8, 16, 64, 512))
 def test_walsh_hadamard_is_sylvester_and_orthogonal_up_to_scale(n):
     x = torch.randn(3, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     h = torch.from_numpy(scipy.linalg.hadamard(n)).to(torch.float64)
+    assert torch.equal(hadamard(n), h)
     assert torch.allclose(fwht(x), x @ h.T, rtol=0, atol=1e-12)
-    assert torch.allclose(fwht(fwht(x)), n * x, rtol=0, atol=1e-12)
-    assert torch.allclose(fwht(torch.eye(n, dtype=torch.float64)) @ h.T, n * torch.eye(n, dtype=torch.float64))
+    assert torch.allclose(fwht(fwht(x)), n * x, rtol=0, atol=1e-11)
+    eye = torch.eye(n, dtype=torch.float64)
+    assert torch.allclose(fwht(eye) @ fwht(eye).T, n * eye, rtol=0, atol=1e-11)
     with pytest.raises(ValueError, match="power-of-two"):
         fwht(torch.zeros(6))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_walsh_hadamard_derivatives():
+    x = torch.randn(2, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fwht, (x,), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(fwht, (x,))
 
 
 def test_fastfood_equals_explicit_hgphb():

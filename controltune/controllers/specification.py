@@ -406,19 +406,21 @@ class ArbitraryTuning(AdditiveController):
         count = budget_count(self.budget, int(numel.sum()))
         g = self.group_size
         n_groups = (numel + g - 1) // g
-        owner = torch.repeat_interleave(torch.arange(len(sites)), n_groups)
-        first = torch.cat([torch.arange(int(k)) for k in n_groups]) * g
-        size = torch.minimum(numel[owner] - first, torch.tensor(g))
-        order = torch.randperm(len(owner), generator=seeded_generator(self.seed))
-        filled = torch.cumsum(size[order], 0)
+        group_end = torch.cumsum(n_groups, 0)
+        # At most `count` groups are needed (each holds >= 1 entry): locate only those.
+        order = torch.randperm(int(group_end[-1]), generator=seeded_generator(self.seed))[:count]
+        owner = torch.searchsorted(group_end, order, right=True)
+        start = (order - (group_end - n_groups)[owner]) * g
+        size = torch.minimum(numel[owner] - start, torch.tensor(g))
+        filled = torch.cumsum(size, 0)
         n_full = int((filled <= count).sum())
-        take = order[: n_full + 1] if n_full < len(order) else order
+        take = slice(0, min(n_full + 1, len(order)))
         keep = size[take].clone()
         keep[n_full:] = count - (int(filled[n_full - 1]) if n_full else 0)  # cut the last group
         # Expand the (start, length) of each chosen group into flat positions, per tensor.
         owners = torch.repeat_interleave(owner[take], keep)
         offset = torch.arange(count) - torch.repeat_interleave(torch.cumsum(keep, 0) - keep, keep)
-        flat = torch.repeat_interleave(first[take], keep) + offset
+        flat = torch.repeat_interleave(start[take], keep) + offset
         chosen = [sites[i] for i in owners.unique().tolist()]
         positions = {id(sites[i]): flat[owners == i].sort().values for i in owners.unique().tolist()}
         return chosen, positions
