@@ -355,6 +355,16 @@ def reference_constants(system, batch: dict, iters: int = 20, tol: float = 1e-4,
     return ReferenceConstants(la, lb, sa, sb, local_phi, dense, costate_norms, time.time() - t0, conv)
 
 
+def _by_control(dw: DeltaWeights, values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Dense ``{"<layer>.<role>": ΔW}`` -> ``{control name: tensor in the parameter's layout}``."""
+    out = {}
+    for s in dw.sites:
+        delta = dw.deltas[_key(s.layer, s.role)]
+        v = values[f"{s.layer}.{s.role}"]
+        out[f"delta.{s.layer}.{s.role}"] = v.T if delta.transposed else v
+    return out
+
+
 def _probe_all(system, states: Sequence[torch.Tensor], ctx) -> list[lp.LayerDomain]:
     return [lp.probe_block(system, layer, states[layer], ctx) for layer in range(system.n_layers)]
 
@@ -425,6 +435,15 @@ def compare(system, batch: dict, reference: Mapping[str, torch.Tensor], projecte
     bounds["adjoint"] = {"cost": sum(adj) + running, "contributions": adj, "running": running}
     cs = [g * d for g, d in zip(constants.grad_norm_per_layer(), dist)]
     bounds["costate_cs"] = {"cost": sum(cs) + running, "contributions": cs, "running": running}
+    # ‖∂Φ̄/∂x_L‖·‖δx_L‖ with δx_L the exact linearisation of the rollout (product of Jacobians, not of norms).
+    kernel = system.kernel
+    system.set_kernel("eager")
+    try:
+        dx = gw.linearized_state_change(system, batch, _by_control(dw, {k: projected[k] - reference[k]
+                                                                        for k in reference}))
+    finally:
+        system.set_kernel(kernel)
+    bounds["tangent"] = {"cost": constants.local_phi * dx + running, "state": dx, "running": running}
     for v in bounds.values():
         v["tightness"] = v["cost"] / gap if gap > 0 else math.inf
     est = gw.costate_estimate(constants.grads, dict(reference), dict(projected))
@@ -442,6 +461,148 @@ def compare(system, batch: dict, reference: Mapping[str, torch.Tensor], projecte
     return row
 
 
-__all__ = ["PROJECTIONS", "REFERENCES", "STRUCTURES", "DeltaWeights", "ReferenceConstants", "WeightDelta",
-           "compare", "full_to_deltas", "key_layer", "key_role", "lora_to_deltas", "per_layer_distance", "project",
-           "project_layers", "project_rank", "project_sparse", "project_subspace", "reference_constants"]
+# --- the study: reference, constants, sweep ------------------------------------------------------
+
+
+@dataclass
+class Reference:
+    """A trained reference u* as weight deltas in a system ready for the comparison.
+
+    Attributes:
+        system: the ResidualSystem with one :class:`DeltaWeights` at u* (and the trained head).
+        values: ``{"<layer>.<role>": ΔW}``, u*.
+        spec: the task's :class:`~controltune.data.TaskSpec`.
+        tokenizer: the model's tokenizer.
+        info: how it was trained (method, steps, train metrics).
+    """
+
+    system: Any
+    values: dict[str, torch.Tensor]
+    spec: Any
+    tokenizer: Any
+    info: dict[str, Any]
+
+
+def parse_reference(text: str) -> tuple[str, int | None]:
+    """``"lora:16"`` -> ``("lora", 16)``, ``"full"`` -> ``("full", None)``."""
+    if text == "full":
+        return "full", None
+    if text.startswith("lora:") and text[5:].isdigit() and int(text[5:]) >= 1:
+        return "lora", int(text[5:])
+    raise ValueError(f"reference {text!r} is not one of {REFERENCES} (e.g. lora:16)")
+
+
+def train_reference(model: str, task: str, reference: str = "lora:16", targets: Sequence[str] = ("q", "v"),
+                    train_size: int | None = 2000, steps: int = 400, batch_size: int = 16, max_length: int = 64,
+                    lr: float | None = None, seed: int = 0, device: str = "cpu", dtype: str = "float64",
+                    cache: str | None = None, progress: bool = True) -> Reference:
+    """Train u* on ``task`` (float32) and return it as weight deltas on ``targets`` in ``dtype``.
+
+    ``lora:R`` trains a rank-R LoRA on ``targets`` (α = 2R) and the head; ``full``
+    trains every parameter, then the ``targets`` maps' deltas become the control
+    (other fine-tuned parameters stay, shared by u* and Πu*).  Training is
+    :func:`controltune.train.train`.  With ``cache`` (a file path) a LoRA reference
+    is saved there and re-used by a later call with the same arguments.
+    """
+    from pathlib import Path
+
+    from .controllers import build
+    from .data import load_split, resolve_task
+    from .system import ResidualSystem
+    from .train import TrainConfig, train
+    from .zoo import DTYPES, load_model
+
+    kind, rank = parse_reference(reference)
+    spec = resolve_task(task)
+    config = {"model": model, "task": spec.name, "reference": reference, "targets": list(targets),
+              "train_size": train_size, "steps": steps, "batch_size": batch_size, "max_length": max_length,
+              "lr": lr, "seed": seed}
+    loaded = load_model(model, dtype="float32", device=device, seed=seed)
+    system = ResidualSystem(loaded, num_labels=spec.num_labels, seed=seed)
+    cached = None
+    if cache is not None and kind == "lora" and Path(cache).is_file():
+        cached = torch.load(cache, weights_only=False)
+        if cached.get("config") != config:
+            cached = None
+    if cached is None:
+        if kind == "lora":
+            build("lora", system, rank=rank, alpha=2.0 * rank, targets=tuple(targets), seed=seed)
+        else:
+            build("full", system)
+        examples = load_split(spec, "train", n=train_size, seed=seed)
+        rate = lr if lr is not None else (5e-5 if kind == "full" else 5e-4)
+        metrics = train(system, examples, None, spec, TrainConfig(
+            lr=rate, steps=steps, batch_size=batch_size, max_length=max_length, warmup=0.1, seed=seed,
+            progress=progress), tokenizer=loaded.tokenizer)
+        info = {**config, "lr": rate, "final_train_loss": metrics["curves"]["train_loss"][-1],
+                "wall_time_s": metrics["wall_time_s"]}
+        if kind == "lora":
+            roles, values = lora_to_deltas(system)
+        else:
+            values = full_to_deltas(system, targets)
+            roles = list(dict.fromkeys(key_role(k) for k in values))
+        if cache is not None and kind == "lora":
+            Path(cache).parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"config": config, "values": values, "roles": roles, "info": info,
+                        "head": {k: v.detach().clone() for k, v in system.readout.head.state_dict().items()}}, cache)
+    else:
+        values, roles, info = cached["values"], cached["roles"], cached["info"]
+        system.readout.head.load_state_dict(cached["head"])
+    layers = sorted({key_layer(k) for k in values})
+    dw = system.add(DeltaWeights(roles, layers))
+    system.to(DTYPES[dtype])
+    for p in system.parameters():
+        p.requires_grad_(False)
+    for c in system.controls():
+        c.param.requires_grad_(True)
+    values = {k: v.to(DTYPES[dtype]) for k, v in values.items()}
+    dw.assign(values)
+    system.eval()
+    return Reference(system, values, spec, loaded.tokenizer, info)
+
+
+def evaluation_batch(ref: Reference, size: int = 32, max_length: int = 64, seed: int = 0) -> dict:
+    """A fixed batch of ``size`` dev examples on which J, the gap and the bounds are computed."""
+    from .data import Collator, load_split
+
+    return Collator(ref.tokenizer, max_length)(load_split(ref.spec, "dev", n=size, seed=seed))
+
+
+def dev_scorer(ref: Reference, size: int | None = None, max_length: int = 64, seed: int = 0
+               ) -> Callable[[], dict[str, float]]:
+    """``() -> dev metrics`` of the system as it currently is (``size`` dev rows; None: all)."""
+    from .data import load_split
+    from .train import evaluate
+
+    examples = load_split(ref.spec, "dev", n=size, seed=seed)
+    return lambda: evaluate(ref.system, examples, ref.spec, ref.tokenizer, batch_size=64, max_length=max_length)
+
+
+def sweep(ref: Reference, batch: dict, constants: ReferenceConstants, structure: str, sizes: Sequence[int],
+          dev: Callable[[], dict[str, float]] | None = None, seed: int = 0, done: set | None = None,
+          on_row: Callable[[dict], None] | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """:func:`compare` u* with its projection onto ``structure`` for each size (skipping ``done`` sizes)."""
+    from tqdm.auto import tqdm
+
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure {structure!r} is not one of {STRUCTURES}")
+    rows = []
+    for size in tqdm(list(sizes), desc=structure, disable=not progress):
+        if done and (structure, int(size)) in done:
+            continue
+        t0 = time.time()
+        projected = project(ref.values, structure, int(size), seed)
+        row = {"structure": structure, "size": int(size),
+               **compare(ref.system, batch, ref.values, projected, constants, dev), "seconds": time.time() - t0}
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows
+
+
+__all__ = [
+    "PROJECTIONS", "REFERENCES", "STRUCTURES", "DeltaWeights", "Reference", "ReferenceConstants", "WeightDelta",
+    "compare", "dev_scorer", "evaluation_batch", "full_to_deltas", "key_layer", "key_role", "lora_to_deltas",
+    "parse_reference", "per_layer_distance", "project", "project_layers", "project_rank", "project_sparse",
+    "project_subspace", "reference_constants", "sweep", "train_reference",
+]

@@ -119,6 +119,47 @@ def hamiltonian_gradients(system, batch: dict, use_pmp: bool = True
     return gu, norms
 
 
+class _Rollout(torch.nn.Module):
+    """``forward() = x_L`` of ``system`` on a fixed batch (for ``functional_call`` over its controls)."""
+
+    def __init__(self, system, batch: dict) -> None:
+        super().__init__()
+        self.system = system
+        self.batch = batch
+
+    def forward(self) -> torch.Tensor:
+        return self.system.rollout(self.batch).final
+
+
+def linearized_state_change(system, batch: dict, directions: Mapping[str, torch.Tensor]) -> float:
+    """``‖δx_L‖`` with ``δx_L = (∂x_L/∂u)·δu`` (one forward-mode JVP through every block), real positions.
+
+    ``directions`` maps control names to ``δu`` (the control's shape); other controls
+    do not move.  Needs the eager attention kernel (forward mode).
+    """
+    if system.kernel != "eager":
+        raise RuntimeError("the JVP through the rollout needs system.set_kernel('eager')")
+    controls = {c.name: c for c in system.controls()}
+    unknown = sorted(set(directions) - set(controls))
+    if unknown:
+        raise KeyError(f"directions for unknown controls {unknown}")
+    module = _Rollout(system, batch)
+    ids = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+    names = [ids[id(controls[k].param)] for k in directions]
+    primals = tuple(controls[k].param.detach() for k in directions)
+    tangents = tuple(directions[k].to(p) for k, p in zip(directions, primals))
+
+    def f(*us: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(module, dict(zip(names, us)), (), strict=False)
+
+    with torch.no_grad():
+        _, dx = torch.func.jvp(f, primals, tangents)
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        dx = dx * mask.unsqueeze(-1).to(dx)
+    return float(dx.norm())
+
+
 def costate_estimate(grads: Mapping[str, torch.Tensor], u: Mapping[str, torch.Tensor],
                      v: Mapping[str, torch.Tensor]) -> float:
     """First-order prediction of ``J(v) − J(u)``: ``−Σ ⟨∇_u H, v − u⟩`` over the names of ``u``.
@@ -133,4 +174,4 @@ def costate_estimate(grads: Mapping[str, torch.Tensor], u: Mapping[str, torch.Te
 
 
 __all__ = ["GronwallBound", "control_distance", "costate_estimate", "gronwall", "hamiltonian_gradients",
-           "state_gains"]
+           "linearized_state_change", "state_gains"]

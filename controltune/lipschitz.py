@@ -375,6 +375,19 @@ class BlockWeights:
     scaling: float
     act: Callable[[torch.Tensor], torch.Tensor]
     attn_input_role: str
+    cache: dict = field(default_factory=dict)
+
+    def head_norms(self) -> dict[str, list[float]]:
+        """Per head: ``‖W̃_q‖``, ``‖W̃_k‖`` (bias appended), ``‖W_v‖`` and ``‖W̃_qᵀ W̃_k‖`` (computed once)."""
+        if "heads" not in self.cache:
+            (q, qb), (k, kb), (v, _) = _qkv(self)
+            qh, kh, vh = _per_head(q, qb, self.n_heads), _per_head(k, kb, self.n_heads), _per_head(v, None,
+                                                                                                 self.n_heads)
+            self.cache["heads"] = {"q": [_spec(t) for t in qh], "k": [_spec(t) for t in kh],
+                                   "v": [_spec(t[:, :-1]) for t in vh],
+                                   "qk": [_spec_product(a, b) for a, b in zip(qh, kh)],
+                                   "v_aug": [_spec(t) for t in _per_head(v, _qkv(self)[2][1], self.n_heads)]}
+        return self.cache["heads"]
 
 
 def _linear_roles(family: str) -> tuple[str, ...]:
@@ -463,7 +476,17 @@ def _qkv(weights: BlockWeights) -> tuple[tuple, tuple, tuple]:
 
 
 def _spec(m: torch.Tensor) -> float:
-    return float(torch.linalg.matrix_norm(m, ord=2))
+    """``‖m‖₂`` from the eigenvalues of the Gram matrix of its smaller side (cheap for thin matrices)."""
+    m = m.to(torch.float64)
+    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    return math.sqrt(max(float(torch.linalg.eigvalsh(gram)[-1]), 0.0))
+
+
+def _spec_product(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``‖aᵀ b‖₂`` for thin ``a, b`` (k×n, k ≪ n) via ``aᵀ = Q_a R_a``: ``‖aᵀb‖ = ‖R_a R_bᵀ‖``."""
+    ra = torch.linalg.qr(a.T.to(torch.float64), mode="r").R
+    rb = torch.linalg.qr(b.T.to(torch.float64), mode="r").R
+    return _spec(ra @ rb.T)
 
 
 def _column_sum_bound(n: int, s: float, causal: bool) -> float:
@@ -516,27 +539,20 @@ class ComposedBound:
 def _attention_bound(wu: BlockWeights, wv: BlockWeights, dom: LayerDomain) -> tuple[float, dict[str, float], dict]:
     """State constant (weights u) and control constants (weights on the segment u–v) of
     multi-head softmax attention (without the output map) on the ball ``‖x_t‖ ≤ R``."""
-    heads, scale = wu.n_heads, wu.scaling
+    scale = wu.scaling
     r = dom.radius
     ra = math.sqrt(r * r + 1.0)
     n, nt = dom.max_len, dom.n_tokens
     x2 = dom.input_norm[wu.attn_input_role]
-    (qu, qbu), (ku, kbu), (vu, vbu) = _qkv(wu)
-    (qv, qbv), (kv, kbv), (vv, vbv) = _qkv(wv)
-    q_h, k_h, v_h = _per_head(qu, qbu, heads), _per_head(ku, kbu, heads), _per_head(vu, None, heads)
-    q_hv, k_hv, v_hv = _per_head(qv, qbv, heads), _per_head(kv, kbv, heads), _per_head(vv, None, heads)
-    l_sq, cq, ck, cv, m_max = 0.0, 0.0, 0.0, 0.0, 0.0
-    for h in range(heads):
-        m = _spec(q_h[h].T @ k_h[h])
-        m_max = max(m_max, m)
-        wv_h = _spec(v_h[h])
+    hu, hv = wu.head_norms(), wv.head_norms()
+    l_sq, cq, ck, cv = 0.0, 0.0, 0.0, 0.0
+    for h in range(wu.n_heads):
+        m, wv_h = hu["qk"][h], hu["v"][h]
         p2 = math.sqrt(_column_sum_bound(n, scale * m * ra * ra, dom.causal))
         l_h = wv_h * p2 + 2.0 * wv_h * r * scale * m * ra * (1.0 + math.sqrt(n))
         l_sq += l_h * l_h
         # Along the weight segment every norm is at most the larger endpoint's (convexity).
-        qn = max(_spec(q_h[h]), _spec(q_hv[h]))
-        kn = max(_spec(k_h[h]), _spec(k_hv[h]))
-        vn = max(wv_h, _spec(v_hv[h]))
+        qn, kn, vn = (max(hu[t][h], hv[t][h]) for t in ("q", "k", "v"))
         p2s = math.sqrt(_column_sum_bound(n, scale * qn * kn * ra * ra, dom.causal))
         spread = 2.0 * vn * r
         cv = max(cv, p2s * x2)
@@ -545,7 +561,7 @@ def _attention_bound(wu: BlockWeights, wv: BlockWeights, dom: LayerDomain) -> tu
     controls = {"q": cq, "k": ck, "v": cv}
     if wu.family == "gpt2":
         controls = {"qkv": math.sqrt(cq * cq + ck * ck + cv * cv)}
-    return math.sqrt(l_sq), controls, {"attn_max_qk_norm": m_max}
+    return math.sqrt(l_sq), controls, {"attn_max_qk_norm": max(hu["qk"])}
 
 
 def composed_block_bound(system, layer: int, domain: LayerDomain, weights: BlockWeights | None = None,
@@ -558,8 +574,10 @@ def composed_block_bound(system, layer: int, domain: LayerDomain, weights: Block
     """
     wu = weights if weights is not None else block_weights(system, layer)
     wv = other if other is not None else wu
-    lact = activation_lipschitz(wu.act)
-    lin = {r: _spec(w) for r, (w, _) in wu.linear.items()}
+    if "act" not in wu.cache:
+        wu.cache["act"] = activation_lipschitz(wu.act)
+        wu.cache["linear"] = {r: _spec(w) for r, (w, _) in wu.linear.items()}
+    lact, lin = wu.cache["act"], wu.cache["linear"]
     ln = {r: float(g.abs().max()) / domain.sigma_min[r] for r, (g, _, _) in wu.norms.items()}
     l_att, c_att, extra = _attention_bound(wu, wv, domain)
 
@@ -667,11 +685,7 @@ def global_domain(system, layer: int, ctx: Context, weights: BlockWeights | None
     lengths = ctx.attention_mask.sum(1)
     nt = int(lengths.sum())
     sq = math.sqrt(nt)
-    heads = wu.n_heads
-    (_, _), (_, _), (vu, vbu) = _qkv(wu)
-    (_, _), (_, _), (vv, vbv) = _qkv(wv)
-    v_rows = math.sqrt(sum(max(_spec(a), _spec(c)) ** 2
-                           for a, c in zip(_per_head(vu, vbu, heads), _per_head(vv, vbv, heads))))
+    v_rows = math.sqrt(sum(max(a, c) ** 2 for a, c in zip(wu.head_norms()["v_aug"], wv.head_norms()["v_aug"])))
     ffn_ln = wu.norms["ln_ffn" if fam == "gpt2" else "ln_attn"]
     r_ffn = _ln_output_radius(ffn_ln[0], ffn_ln[1])
     w1 = max(_spec(torch.cat([wu.linear["ffn_in"][0], wu.linear["ffn_in"][1][:, None]], 1)),
