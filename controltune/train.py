@@ -313,3 +313,20 @@ def train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exam
         checkpoint.save(system, out / "deltas.safetensors", spec)
         write_json(out / "metrics.json", result)
     return result
+
+
+def train_stages(system, sequential, train_examples: Sequence[Example], dev_examples: Sequence[Example] | None,
+                 task_spec, configs: Sequence[TrainConfig], tokenizer=None) -> list[dict[str, Any]]:
+    """Stage-wise training of a :class:`~controltune.controllers.composition.Sequential` controller.
+
+    Stage i is trained with ``configs[i]`` (give each its own ``out``), then frozen
+    and the next stage attached (:meth:`Sequential.advance`).  Returns each stage's metrics.
+    """
+    if len(configs) != len(sequential.stages):
+        raise ValueError(f"{len(sequential.stages)} stages need as many configurations, got {len(configs)}")
+    results = []
+    for i, config in enumerate(configs):
+        if i:
+            sequential.advance()
+        results.append(train(system, train_examples, dev_examples, task_spec, config, tokenizer))
+    return results

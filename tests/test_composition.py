@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from controltune import ResidualSystem, load_model
 from controltune.controllers import REGISTRY, build
@@ -116,3 +117,25 @@ def test_bad_combinations_are_refused_with_a_reason():
         Simultaneous([("lora", {}), ("nope", {})])
     with pytest.raises(TypeError, match="combination part"):
         Sequential([("lora", {}), 3])
+
+
+def test_stage_wise_training_keeps_stage_one_fixed(tmp_path):
+    from controltune.data import Example, TaskSpec
+    from controltune.train import TrainConfig, train_stages
+
+    examples = [Example("good fine nice", None, 1), Example("bad awful sad", None, 0)] * 4
+    spec = TaskSpec("toy", None, 2, ["0", "1"], False)
+    system = _system()
+    seq = build("sequential", system, stages=[("bitfit", {}), ("lora", {"rank": 2})])
+    configs = [TrainConfig(lr=1e-2, steps=2, batch_size=4, progress=False, out=str(tmp_path / f"s{i}"))
+               for i in range(2)]
+    bitfit = {c.name: c.param for c in seq.controls()}
+    results = train_stages(system, seq, examples, examples, spec, configs)
+    assert seq.stage == 1 and len(results) == 2
+    assert results[1]["n_trainable"] == sum(c.param.numel() for c in system.controls())
+    end_of_stage_one = load_file(tmp_path / "s0" / "deltas.safetensors")
+    assert any(not torch.equal(end_of_stage_one[n], torch.zeros_like(p)) for n, p in bitfit.items())
+    for name, param in bitfit.items():  # stage 2 trained, stage 1 did not move
+        assert torch.equal(param, end_of_stage_one[name])
+    final = load_file(tmp_path / "s1" / "deltas.safetensors")  # holds both stages' deltas
+    assert set(bitfit) <= set(final) and any(n.startswith("stage1.lora") for n in final)

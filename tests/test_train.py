@@ -147,3 +147,15 @@ def test_train_cli_writes_metrics(task, tmp_path, capsys):
     assert "accuracy=" in capsys.readouterr().out
     assert main(["train", "--model", "random:bert", "--method", "lora", "--task", str(spec.folder),
                  "--opt", "rank"]) == 2
+
+
+def test_methods_cli_lists_placement_and_budget(tmp_path):
+    out = tmp_path / "methods.json"
+    assert main(["methods", "--model", "random:bert", "--method", "lora", "--method", "combination",
+                 "--json", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["methods"]}
+    lora = rows["lora"]
+    assert lora["supported"] and lora["modules"] == ["q", "v"] and lora["layers"] == [0, 1, 2]
+    assert lora["n_trainable"] == 3 * 2 * (8 * 64 + 64 * 8) and lora["kinds"] == ["layer"]
+    assert lora["fraction"] == pytest.approx(lora["n_trainable"] / lora["n_base_params"])
+    assert rows["combination"]["n_trainable"] > lora["n_trainable"] and "[bitfit]" in rows["combination"]["form"]
