@@ -15,6 +15,7 @@ from controltune.msa import ToyResidualNet, toy_batch
 from controltune.pmp import CoStateError, solve_costate
 from controltune.verify import autograd_reference, relative_error, verify
 
+torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared machine
 WD = 0.1  # nonzero weight decay everywhere, so the running-cost terms are exercised
 
 
@@ -63,7 +64,7 @@ def test_hamiltonian_values_follow_the_index_convention():
     sol = solve_costate(system, batch)
     for layer in range(system.n_layers):
         f = system.step(layer, sol.states[layer], sol.ctx).detach()
-        expected = float((sol.costates[layer + 1] * f).sum() - system.running_cost(layer))
+        expected = float((sol.costates[layer + 1] * f).sum() - system.running_cost(layer).detach())
         assert sol.hamiltonian[layer].item() == pytest.approx(expected, rel=1e-12, abs=1e-14)
 
 
