@@ -114,10 +114,11 @@ class FastfoodProjection(nn.Module):
         perm = torch.argsort(torch.rand(m, n, generator=gen, dtype=torch.float64), dim=-1)
         gauss = torch.randn(m, n, generator=gen, dtype=torch.float64)
         scale = 1.0 / (gauss.norm(dim=-1) * math.sqrt(n))
-        self.register_buffer("sign", sign.to(like))
-        self.register_buffer("perm", perm.to(like.device))
-        self.register_buffer("gauss", gauss.to(like))
-        self.register_buffer("scale", scale.to(like))
+        # Not saved in state dicts: the seed rebuilds them, and they are as large as θ.
+        self.register_buffer("sign", sign.to(like), persistent=False)
+        self.register_buffer("perm", perm.to(like.device), persistent=False)
+        self.register_buffer("gauss", gauss.to(like), persistent=False)
+        self.register_buffer("scale", scale.to(like), persistent=False)
 
     @property
     def n_blocks(self) -> int:
@@ -147,7 +148,8 @@ class DenseProjection(nn.Module):
     def __init__(self, n_out: int, dim: int, gen: torch.Generator, like: torch.Tensor) -> None:
         super().__init__()
         self.n_out, self.dim = int(n_out), int(dim)
-        self.register_buffer("matrix", torch.randn(n_out, dim, generator=gen, dtype=torch.float64).to(like))
+        matrix = torch.randn(n_out, dim, generator=gen, dtype=torch.float64).to(like)
+        self.register_buffer("matrix", matrix, persistent=False)  # rebuilt from the seed, not saved
 
     def column_sq_norms(self) -> torch.Tensor:
         """``‖P e_j‖²`` for each column j (D,)."""

@@ -371,6 +371,7 @@ def test_subspace_projection_has_unit_columns_and_seeded(which):
     same = build("subspace", make_system("bert"), dim=6, which=which, seed=4).projection_matrix()
     other = build("subspace", make_system("bert"), dim=6, which=which, seed=5).projection_matrix()
     assert torch.equal(p, same) and not torch.allclose(p, other)
+    assert list(sub.state_dict()) == ["z"]  # the projection is rebuilt from the seed, never saved
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -71,7 +71,7 @@ class Subspace(Controller):
         self.z: nn.Parameter | None = None
         self.deltas = nn.ModuleDict()
         self._sites: list[ParamSite] = []
-        self.kind = ""
+        self.projection_kind = ""
 
     def attach(self, system) -> None:
         if self.z is not None:
@@ -79,13 +79,13 @@ class Subspace(Controller):
         self._sites = block_parameters(system, self.layers)
         n_total = sum(s.numel() for s in self._sites)
         if self.which == "auto":
-            self.kind = "dense" if n_total * self.dim <= self.dense_limit else "fastfood"
+            self.projection_kind = "dense" if n_total * self.dim <= self.dense_limit else "fastfood"
         else:
-            self.kind = self.which
+            self.projection_kind = self.which
         like = self._sites[0].param
         self.z = nn.Parameter(torch.zeros(self.dim, dtype=like.dtype, device=like.device))
         gen = seeded_generator(self.seed)
-        cls = DenseProjection if self.kind == "dense" else FastfoodProjection
+        cls = DenseProjection if self.projection_kind == "dense" else FastfoodProjection
 
         def make(owner: nn.Module, group: list[ParamSite]) -> SubspaceDelta:
             proj = cls(sum(s.numel() for s in group), self.dim, gen, like)
@@ -99,7 +99,7 @@ class Subspace(Controller):
     def _normalise_columns(self) -> None:
         """Scale the split projection so the whole ``P`` (N×D) has unit-norm columns."""
         projections = [d.projection for d in self.deltas.values()]
-        if self.kind == "dense":
+        if self.projection_kind == "dense":
             norms = torch.stack([p.column_sq_norms() for p in projections]).sum(0).sqrt()
             for p in projections:
                 p.rescale(1.0 / norms)
