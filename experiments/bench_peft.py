@@ -40,7 +40,9 @@ METHODS = {
     "lora": ({"rank": 8, "alpha": 16, "targets": ["q", "v"]},
              "LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=['query', 'value'])"),
     "ia3": ({"targets": ["k", "v", "ffn_out"], "rescale_input": ["ffn_out"]},
-            "IA3Config(target_modules=['key', 'value', 'output.dense'], feedforward_modules=['output.dense'])"),
+            # Regexes (full match): a plain 'output.dense' would also catch attention.output.dense.
+            r"IA3Config(target_modules=r'.*\.(key|value|\d+\.output\.dense)', "
+            r"feedforward_modules=r'.*\.\d+\.output\.dense')"),
     "prefix": ({"length": 10}, "PrefixTuningConfig(task_type='FEATURE_EXTRACTION', num_virtual_tokens=10)"),
     "prompt": ({"n_tokens": 20}, "PromptTuningConfig(task_type='FEATURE_EXTRACTION', num_virtual_tokens=20)"),
 }
@@ -145,7 +147,9 @@ def main() -> None:
               "step": "forward + backward + AdamW(lr=1e-4) step; mean pooling + linear head + cross-entropy",
               "methods": {m: {"controltune": METHODS[m][0], "peft": METHODS[m][1]} for m in args.methods}}
     old = json.loads(args.out.read_text()) if args.out.exists() and not args.fresh else {}
-    results: dict = old.get("results", {})
+    # Stored repetitions count only if they were measured with the same method configuration.
+    results: dict = {k: e for k, e in old.get("results", {}).items()
+                     if e["method"] not in args.methods or e.get("config") == config["methods"][e["method"]]}
     impls = {}
     for m in args.methods:
         impls[(m, "controltune")] = controltune_step(m)
@@ -153,7 +157,8 @@ def main() -> None:
     batches = {t: make_batch(t) for t in args.seq_lens}
     keys = [(m, t) for t in args.seq_lens for m in args.methods]
     for m, t in keys:  # warm-up and activation memory, once per configuration
-        entry = results.setdefault(f"{m}@{t}", {"method": m, "seq_len": t, "controltune": {}, "peft": {}})
+        entry = results.setdefault(f"{m}@{t}", {"method": m, "seq_len": t, "config": config["methods"][m],
+                                                 "controltune": {}, "peft": {}})
         for impl in ("controltune", "peft"):
             step, n_trainable, module = impls[(m, impl)]
             step(batches[t])
