@@ -59,6 +59,8 @@ class TrainConfig:
         dropout: train with the model's dropout on (``model.train()``); off by default so
             the trained system is the deterministic system of the PMP analysis.
         progress: show a tqdm progress bar.
+        budget: after training, controllers without ``finalize()`` but with ``project(budget)``
+            (diff pruning) are projected onto this budget (a count, or a fraction if < 1).
         extra: free-form description recorded with the configuration (model, method, options).
     """
 
@@ -77,6 +79,7 @@ class TrainConfig:
     resume: bool = False
     dropout: bool = False
     progress: bool = True
+    budget: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -174,14 +177,22 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 
 
-def finalize(system) -> list[str]:
-    """Call ``finalize()`` on every controller that has one; returns their method names."""
+def finalize(system, budget: float | None = None) -> list[str]:
+    """The post-training step of each controller; returns the methods that had one.
+
+    ``finalize()`` when a controller has it; otherwise ``project(budget)`` (diff
+    pruning's magnitude projection) when it has that and a budget is given.
+    """
     done = []
     for c in system.controllers:
-        fn = getattr(c, "finalize", None)
+        fn, project = getattr(c, "finalize", None), getattr(c, "project", None)
         if callable(fn):
             fn()
-            done.append(c.method)
+        elif callable(project) and budget is not None:
+            project(int(budget) if budget >= 1 else budget)
+        else:
+            continue
+        done.append(c.method)
     return done
 
 
@@ -301,7 +312,7 @@ def train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exam
     if out is not None:
         log["wall_time_s"] = time.perf_counter() - t0
         _save_state(out / "checkpoint", system, optimizer, scheduler, step, log, spec)
-    log["finalized"] = finalize(system)
+    log["finalized"] = finalize(system, config.budget)
     system.eval()
     final = dev_eval()
     if final is not None:

@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, metavar="DIR", help="write metrics.json, deltas and checkpoints here")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="after training, project methods with project(budget) (diff pruning) onto this "
+                             "many entries (or this fraction if < 1)")
 
 
 DEFAULT_LR = {"full": 5e-5, "prefix": 5e-3, "prompt": 5e-3}
@@ -132,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         lr=lr, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size, max_length=args.max_length, warmup=args.warmup,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every, seed=args.seed,
-        out=args.out, resume=args.resume, dropout=args.dropout, progress=not args.no_progress,
+        out=args.out, resume=args.resume, dropout=args.dropout, progress=not args.no_progress, budget=args.budget,
         extra={"model": args.model, "method": name, "options": options, "task": args.task, "pooling": args.pooling,
                "train_size": args.train_size, "data_seed": args.data_seed, "dev_size": args.dev_size,
                "dtype": args.dtype, "device": args.device},
