@@ -1,0 +1,158 @@
+"""``controltune verify``: check co-states and Hamiltonian gradients of every method on a real model.
+
+For each registered method (or those given with ``--methods a,b``): build it on a
+fresh copy of the model, with weight decay so the running cost is exercised;
+move its controls a little away from their initialisation (so gradients are
+generic: LoRA's ``B = 0`` would make ``∂J/∂A`` vanish); solve the co-states; and
+compare them with autograd and finite differences (:func:`controltune.verify.verify`)
+on a small batch of real text (SST-2 dev sentences when the data is present).
+
+A method that does not fit the model (``UnsupportedMethodError``) is reported as
+*skipped* with its reason; a method that fails to build or to run is *failed*.
+Exit status 1 if any check fails.
+
+Example::
+
+    controltune verify --model minilm --methods lora,prompt --dtype float64 --json results/verify.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import traceback
+from typing import Any
+
+import torch
+
+from ..results import stamp, write_json
+
+FALLBACK_SENTENCES = ["a gripping , funny and moving film .", "dull and lifeless .",
+                      "the plot is thin but the acting is superb .", "not worth the ticket ."]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="minilm", help="minilm, random:<family> or a checkpoint folder")
+    parser.add_argument("--methods", default="all", help="'all' or a comma-separated list of registered methods")
+    parser.add_argument("--batch-size", type=int, default=2, help="sequences in the check batch")
+    parser.add_argument("--seq-len", type=int, default=16, help="max tokens per sequence")
+    parser.add_argument("--weight-decay", type=float, default=0.01, help="λ of every controller's running cost")
+    parser.add_argument("--perturb", type=float, default=0.02, help="std of the random offset added to each control")
+    parser.add_argument("--mode", default="graph", choices=["graph", "recompute"], help="co-state solver mode")
+    parser.add_argument("--state-directions", type=int, default=2, help="finite-difference directions per state")
+    parser.add_argument("--no-fd", action="store_true", help="skip the finite-difference check")
+
+
+def check_batch(tokenizer, batch_size: int, seq_len: int, seed: int) -> tuple[dict, str]:
+    """A batch of real sentences and where they came from."""
+    from ..data import Collator, DataError, Example, load_split
+
+    try:
+        examples = load_split("sst2", "dev", n=batch_size, seed=seed)
+        source = "sst2/dev"
+    except DataError:
+        texts = (FALLBACK_SENTENCES * batch_size)[:batch_size]
+        examples = [Example(t, None, i % 2) for i, t in enumerate(texts)]
+        source = "fixed sentences"
+    return Collator(tokenizer, max_length=seq_len)(examples), source
+
+
+def perturb(controls, scale: float, seed: int) -> None:
+    """``u ← u + scale·ξ``, ξ standard normal (seeded, drawn on CPU in float64)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for c in controls:
+            c.param.add_(scale * torch.randn(c.param.shape, generator=gen, dtype=torch.float64).to(c.param))
+
+
+def method_options(cls, weight_decay: float) -> dict[str, Any]:
+    """Example options of ``cls`` plus ``weight_decay`` when its constructor takes it."""
+    from .methods import EXAMPLE_OPTIONS
+
+    options = copy.deepcopy(EXAMPLE_OPTIONS.get(cls.method, {}))
+    if "weight_decay" in inspect.signature(cls.__init__).parameters:
+        options["weight_decay"] = weight_decay
+    return options
+
+
+def verify_method(loaded, method: str, batch: dict, args: argparse.Namespace) -> dict[str, Any]:
+    """One result row (see the module docstring) for ``method``."""
+    from ..controllers import REGISTRY, UnsupportedMethodError
+    from ..system import ResidualSystem
+    from ..verify import verify
+
+    cls = REGISTRY[method]
+    row: dict[str, Any] = {"method": method, "family": loaded.family.name, "dtype": args.dtype, "group": cls.group}
+    system = ResidualSystem(copy.deepcopy(loaded), seed=args.seed)
+    try:
+        system.add(cls(**method_options(cls, args.weight_decay)))
+    except UnsupportedMethodError as err:
+        return {**row, "status": "skipped", "reason": str(err), "passed": None}
+    except Exception as err:  # noqa: BLE001  (a method being written must not stop the others)
+        return {**row, "status": "failed", "reason": f"build: {type(err).__name__}: {err}", "passed": False}
+    system.eval()
+    try:
+        perturb(system.controls(), args.perturb, args.seed)
+        report = verify(system, batch, mode=args.mode, fd=not args.no_fd, n_state_directions=args.state_directions,
+                        seed=args.seed)
+    except Exception as err:  # noqa: BLE001
+        return {**row, "status": "failed", "reason": f"run: {type(err).__name__}: {err}",
+                "traceback": traceback.format_exc(limit=4), "passed": False}
+    info = report.to_dict()
+    return {**row, "status": "passed" if report.passed else "failed", "n_layers": report.n_layers,
+            "n_controls": report.n_controls, "kinds": sorted({c.kind for c in system.controls()}),
+            "max_rel_err_costate": report.max_rel_err_costate,
+            "max_rel_err_control_grad": report.max_rel_err_control_grad,
+            "max_rel_err_fd": report.max_rel_err_fd if not args.no_fd else None,
+            "max_rel_err_fd_raw": report.fd_raw_max if not args.no_fd else None,
+            "tol_autograd": report.tol_autograd, "tol_fd": report.tol_fd, "passed": report.passed,
+            "failures": info["failures"][:10], "costate_autograd": report.costate_autograd,
+            "costate_fd": report.costate_fd, "control_autograd": report.control_autograd,
+            "control_fd": report.control_fd}
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1e}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..controllers import REGISTRY
+    from ..zoo import load_model
+
+    torch.manual_seed(args.seed)
+    if args.methods == "all":
+        methods = sorted(REGISTRY, key=lambda m: (REGISTRY[m].group, m))  # snapshot: the registry may grow
+    else:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in methods if m not in REGISTRY]
+        if unknown:
+            raise KeyError(f"unknown method(s) {unknown}; registered: {', '.join(sorted(REGISTRY))}")
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
+    batch, source = check_batch(loaded.tokenizer, args.batch_size, args.seq_len, args.seed)
+    batch = {k: v.to(args.device) for k, v in batch.items()}
+    print(f"verify {args.model} ({loaded.family.name}, {args.dtype}) on {batch['input_ids'].shape[0]}×"
+          f"{batch['input_ids'].shape[1]} tokens of {source}")
+    header = (f"{'method':<22} {'family':<8} {'ctrls':>5} {'costate':>8} {'grad_u H':>8} {'FD':>8} "
+              f"{'FD raw':>8}  result")
+    print(header + "\n" + "-" * len(header))
+    results = []
+    for method in methods:
+        row = verify_method(loaded, method, batch, args)
+        results.append(row)
+        extra = row.get("reason", "") if row["status"] != "passed" else ""
+        if row["status"] == "failed" and not extra:
+            extra = "; ".join(row["failures"][:2])
+        print(f"{method:<22} {row['family']:<8} {row.get('n_controls', '-'):>5} "
+              f"{_fmt(row.get('max_rel_err_costate')):>8} {_fmt(row.get('max_rel_err_control_grad')):>8} "
+              f"{_fmt(row.get('max_rel_err_fd')):>8} {_fmt(row.get('max_rel_err_fd_raw')):>8}  "
+              f"{row['status']}{'  ' + extra[:100] if extra else ''}",
+              flush=True)
+    n_failed = sum(r["status"] == "failed" for r in results)
+    n_skipped = sum(r["status"] == "skipped" for r in results)
+    print(f"{len(results) - n_failed - n_skipped} passed, {n_failed} failed, {n_skipped} skipped")
+    if args.json:
+        config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+        write_json(args.json, {**stamp(config), "model": args.model, "dtype": args.dtype, "batch_source": source,
+                               "results": results})
+    return 1 if n_failed else 0
