@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-RADIX = 16
+MAX_RADIX = 128  # dense H_r blocks up to this size: one BLAS GEMM beats log2(r) memory-bound butterflies
 
 
 def hadamard(n: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> torch.Tensor:
@@ -39,18 +39,23 @@ def _check_power_of_two(n: int) -> None:
         raise ValueError(f"the Walsh–Hadamard transform needs a power-of-two length, got {n}")
 
 
-def _fwht(x: torch.Tensor, radix: int = RADIX) -> torch.Tensor:
-    """Radix-``r`` fast transform: ``H_n = H_{n/r} ⊗ H_r``, so with x viewed as X (n/r × r),
-    ``x H_n = vec(H_{n/r} X H_r)``: one small GEMM with ``H_r``, then recurse on ``Xᵀ``.
-    ``log_r n`` levels of ``n·r`` work: ``O(n log n)`` for a fixed radix; BLAS-friendly where the
-    radix-2 butterfly is memory-bound.
+def _fwht(x: torch.Tensor, max_radix: int = MAX_RADIX) -> torch.Tensor:
+    """Mixed-radix fast transform.  ``H_n = H_{n/r} ⊗ H_r``, so with x viewed as X (n/r × r),
+    ``x H_n = vec(H_{n/r} X H_r)``: one GEMM with the dense ``H_r``, then recurse on ``Xᵀ``.
+
+    The ``⌈log n / log max_radix⌉`` levels use balanced radices ``r ≤ max_radix``; each level
+    costs ``n·r``, so the transform is ``O(n log n)`` for a fixed ``max_radix`` while running on
+    BLAS instead of ``log2 n`` memory-bound radix-2 butterflies.
     """
     n = x.shape[-1]
-    if n <= radix:
+    if n <= max_radix:
         return x @ hadamard(n, x.dtype, x.device)
+    k = n.bit_length() - 1
+    levels = -(-k // (max_radix.bit_length() - 1))
+    radix = 1 << -(-k // levels)
     lead = x.shape[:-1]
     y = x.reshape(*lead, n // radix, radix) @ hadamard(radix, x.dtype, x.device)
-    return _fwht(y.transpose(-1, -2), radix).transpose(-1, -2).reshape(*lead, n)
+    return _fwht(y.transpose(-1, -2), max_radix).transpose(-1, -2).reshape(*lead, n)
 
 
 class _WalshHadamard(torch.autograd.Function):
@@ -58,31 +63,34 @@ class _WalshHadamard(torch.autograd.Function):
     transform itself (no graph of the GEMMs and transposes is kept)."""
 
     @staticmethod
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return _fwht(x)
+    def forward(x: torch.Tensor, max_radix: int) -> torch.Tensor:
+        return _fwht(x, max_radix)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        pass
+        ctx.max_radix = inputs[1]
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return _WalshHadamard.apply(grad)
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _WalshHadamard.apply(grad, ctx.max_radix), None
 
     @staticmethod
-    def jvp(ctx, tangent: torch.Tensor) -> torch.Tensor:
-        return _WalshHadamard.apply(tangent)
+    def jvp(ctx, tangent: torch.Tensor, _: None) -> torch.Tensor:
+        return _WalshHadamard.apply(tangent, ctx.max_radix)
 
 
-def fwht(x: torch.Tensor) -> torch.Tensor:
+def fwht(x: torch.Tensor, max_radix: int = MAX_RADIX) -> torch.Tensor:
     """Fast Walsh–Hadamard transform ``x ↦ x H`` along the last axis, ``O(n log n)``.
 
     ``H`` is the unnormalised Sylvester Hadamard matrix of size ``n = x.shape[-1]``
-    (a power of two, :func:`hadamard`), so ``H H = n I``.  Differentiable in reverse
-    and forward mode, to any order.
+    (a power of two, :func:`hadamard`), so ``H H = n I``.  ``max_radix`` (a power of
+    two ≥ 2) bounds the dense Hadamard blocks of the mixed-radix recursion; 2 gives
+    the textbook butterfly.  Differentiable in reverse and forward mode, to any order.
     """
     _check_power_of_two(x.shape[-1])
-    return _WalshHadamard.apply(x)
+    if max_radix < 2 or max_radix & (max_radix - 1):
+        raise ValueError(f"max_radix must be a power of two >= 2, got {max_radix}")
+    return _WalshHadamard.apply(x, int(max_radix))
 
 
 def next_power_of_two(d: int) -> int:

@@ -318,15 +318,16 @@ def test_masking_gradient_is_effective_weight_gradient_times_weight(family):
 # --- subspace ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("max_radix", (2, 8, 128))
 @pytest.mark.parametrize("n", (1, 2, 8, 16, 64, 512))
-def test_walsh_hadamard_is_sylvester_and_orthogonal_up_to_scale(n):
+def test_walsh_hadamard_is_sylvester_and_orthogonal_up_to_scale(n, max_radix):
     x = torch.randn(3, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     h = torch.from_numpy(scipy.linalg.hadamard(n)).to(torch.float64)
     assert torch.equal(hadamard(n), h)
-    assert torch.allclose(fwht(x), x @ h.T, rtol=0, atol=1e-12)
-    assert torch.allclose(fwht(fwht(x)), n * x, rtol=0, atol=1e-11)
+    assert torch.allclose(fwht(x, max_radix), x @ h.T, rtol=0, atol=1e-12)
+    assert torch.allclose(fwht(fwht(x, max_radix), max_radix), n * x, rtol=0, atol=1e-11)
     eye = torch.eye(n, dtype=torch.float64)
-    assert torch.allclose(fwht(eye) @ fwht(eye).T, n * eye, rtol=0, atol=1e-11)
+    assert torch.allclose(fwht(eye, max_radix) @ fwht(eye, max_radix).T, n * eye, rtol=0, atol=1e-11)
     with pytest.raises(ValueError, match="power-of-two"):
         fwht(torch.zeros(6))
 
@@ -334,8 +335,11 @@ def test_walsh_hadamard_is_sylvester_and_orthogonal_up_to_scale(n):
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_walsh_hadamard_derivatives():
     x = torch.randn(2, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(fwht, (x,), check_forward_ad=True)
-    assert torch.autograd.gradgradcheck(fwht, (x,))
+    for max_radix in (2, 8):  # recursion of two and five levels
+        def transform(v, r=max_radix):
+            return fwht(v, r)
+        assert torch.autograd.gradcheck(transform, (x,), check_forward_ad=True)
+        assert torch.autograd.gradgradcheck(transform, (x,))
 
 
 def test_fastfood_equals_explicit_hgphb():
