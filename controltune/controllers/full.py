@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .base import Control, Controller, block_of, register
-from .specification import block_parameters
+from .specification import block_parameters, block_sites
 
 
 def _embedding_parameters(system, candidates: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
@@ -61,7 +61,9 @@ class FullFineTuning(Controller):
     def attach(self, system) -> None:
         if self._controls:
             raise RuntimeError("this full controller is already attached; create a new one")
-        controls = [Control(f"full.{s.label}", s.param, "layer", (s.layer,)) for s in block_parameters(system)]
+        blocks = block_parameters(system)
+        self.sites = block_sites(blocks)
+        controls = [Control(f"full.{s.label}", s.param, "layer", (s.layer,)) for s in blocks]
         seen = {id(c.param) for c in controls}
         rest = {n: p for n, p in system.base.named_parameters() if block_of(system, n) is None}
         # Embeddings before the readout: a tied word table (GPT-2) is charged to u_init.
