@@ -17,7 +17,9 @@ Protocol (sized for a 2-core machine shared by several jobs; every number is in 
   validation accuracy after ``--select-steps`` steps (dev is never used for a choice);
 * stage ``main``: every method with its chosen rate, ``--seeds`` seeds, one epoch over the training
   rows, validation accuracy every ``--eval-every`` steps (convergence curves), then the dev score;
-* further tasks (``--tasks``, e.g. RTE) reuse the SST-2-selected rates.
+* further tasks (``--tasks``, e.g. RTE) reuse the SST-2-selected rates;
+* stage ``ablation`` (``--ablation METHOD:LR``): a method at a fixed rate, e.g. LoRA at the rate
+  selected for co-state LoRA, so the two initialisations compare at one learning rate.
 
 Rows are appended to ``experiments/results/design_eval.jsonl`` as they finish; a rerun skips
 rows already there (resume).  ``--budget-min`` stops starting new runs after that wall time.
@@ -130,6 +132,9 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=8)
     ap.add_argument("--select-steps", type=int, default=12)
     ap.add_argument("--budget-min", type=float, default=30.0)
+    ap.add_argument("--ablation", nargs="*", default=[], metavar="METHOD:LR",
+                    help="extra runs of METHOD at a fixed LR on the first task (stage 'ablation'), e.g. to "
+                         "compare two initialisations at the same learning rate")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -169,6 +174,12 @@ def main() -> None:
             for method in args.methods:
                 if method in chosen:
                     go("main", task, method, seed, chosen[method])
+    for item in args.ablation:
+        method, _, lr = item.partition(":")
+        if method not in METHODS or not lr:
+            raise SystemExit(f"--ablation {item!r}: expected METHOD:LR with METHOD in {', '.join(METHODS)}")
+        for seed in range(args.seeds):
+            go("ablation", first, method, seed, float(lr))
 
 
 if __name__ == "__main__":

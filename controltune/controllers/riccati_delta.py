@@ -88,7 +88,7 @@ class RiccatiLoRA(Controller):
     form = "x_{l+1} = f_l(x_l) + U_l (c_l + F_l x_l)   [U, F, c from a per-sequence LQR + ridge feedback fit]"
 
     def __init__(self, rank: int = 8, state_dim: int = 16, reg: float = 1e-2, ridge: float = 1e-1,
-                 gain: float = 1.0, layers: Sequence[int] | None = None, task: str = "sst2", n_design: int = 32,
+                 gain: float = 1.0, layers: Sequence[int] | None = None, task: str = "sst2", n_design: int = 16,
                  design_seed: int = 0, max_length: int = 64, design_batch: dict | None = None,
                  weight_decay: float = 0.0) -> None:
         super().__init__(weight_decay)

@@ -108,14 +108,15 @@ def hamiltonian_gradients(system, batch: dict, weights: Mapping[str, torch.Tenso
     ``Σ_{s,t} (∂f_l/∂(W a))ᵀ p_{l+1}  ⊗  a_{s,t}`` (a the map's input); one backward pass
     gives every weight.  Returned in the weight's stored shape.
     """
+    if getattr(system.readout, "kind", "") != "classification":
+        raise ValueError("hamiltonian_gradients needs a classification readout (J = mean CE of S×C logits)")
     keys = list(weights)
     names = parameter_names(system, [weights[k] for k in keys])
     leaves = {n: weights[k].detach().requires_grad_(True) for k, n in zip(keys, names)}
     with torch.enable_grad():
-        traj_cost = functional_call(system, leaves, (batch,), strict=False)  # logits
-        J = torch.nn.functional.cross_entropy(traj_cost, batch["labels"]) if traj_cost.dim() == 2 else None
-        if J is None:
-            raise ValueError("hamiltonian_gradients needs a classification readout (S×C logits)")
+        logits = functional_call(system, leaves, (batch,), strict=False)
+        # The controllers' running costs do not depend on base weights, so J's W-gradient is the CE's.
+        J = torch.nn.functional.cross_entropy(logits, batch["labels"])
         grads = torch.autograd.grad(J, list(leaves.values()), allow_unused=True)
     return {k: (torch.zeros_like(weights[k]) if g is None else -g) for k, g in zip(keys, grads)}
 
