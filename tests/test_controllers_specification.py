@@ -246,6 +246,19 @@ def test_diff_pruning_running_cost_is_the_expected_l0():
         assert torch.allclose(system.running_cost(layer), expect, rtol=1e-12, atol=0)
 
 
+def test_diff_pruning_gates_are_sampled_in_training_and_deterministic_in_eval():
+    dp = build("diff_pruning", make_system("llama"), init_log_alpha=0.0)
+    perturb(dp)
+    site = dp._sites[0]
+    delta = dp._delta(site)
+    delta.train()
+    torch.manual_seed(0)
+    first, second = delta.gate(site.name), delta.gate(site.name)
+    assert not torch.equal(first, second) and first.min() >= 0 and first.max() <= 1
+    delta.eval()
+    assert torch.equal(delta.gate(site.name), hard_concrete_mode(delta.log_alpha[site.name]))
+
+
 @pytest.mark.parametrize("family", ("bert", "llama"))
 def test_diff_pruning_projection_keeps_exactly_the_top_k(family):
     system, batch = make_system(family), make_batch()

@@ -96,7 +96,9 @@ class DiffPruning(Controller):
     1.25e-7 on BERT-large), ``init_log_alpha`` (5: gates open at init),
     ``weight_decay`` λ on ``w``, ``layers``.
     Controls per parameter: ``w`` and ``log_alpha`` (layer controls); after
-    :meth:`project`, ``w`` only.
+    :meth:`project`, ``w`` only.  In training mode the gates are sampled with
+    torch's global RNG (seed it with ``torch.manual_seed``); cross-checks run in
+    eval mode, where the gates are deterministic.
     """
 
     method = "diff_pruning"
@@ -148,14 +150,12 @@ class DiffPruning(Controller):
         total = torch.zeros(())
         if not isinstance(where, int):
             return total
-        for s in self._sites:
-            if s.layer != where:
-                continue
-            d = self._delta(s)
-            if self.l0_penalty and not self.projected:
-                total = total + self.l0_penalty * prob_nonzero(d.log_alpha[s.name]).sum()
-            if self.weight_decay:
-                total = total + 0.5 * self.weight_decay * d.w[s.name].pow(2).sum()
+        if self.l0_penalty and not self.projected:
+            total = self.l0_penalty * self.expected_l0(where)
+        if self.weight_decay:
+            for s in self._sites:
+                if s.layer == where:
+                    total = total + 0.5 * self.weight_decay * self._delta(s).w[s.name].pow(2).sum()
         return total
 
     @torch.no_grad()
