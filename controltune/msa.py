@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -164,6 +164,28 @@ class MSA:
         return h
 
 
+def train_msa(system: ControlSystem, batches: Iterable[dict], n_iterations: int, config: MSAConfig | None = None,
+              on_iteration: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+    """Run ``n_iterations`` MSA iterations, cycling over ``batches``; returns the per-iteration stats.
+
+    ``on_iteration(i, stats)`` is called after each iteration (i from 1), e.g. to score a dev set.
+    """
+    trainer = MSA(system, config)
+    history: list[dict[str, float]] = []
+    iterator = iter(batches)
+    for i in range(1, n_iterations + 1):
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            iterator = iter(batches)
+            batch = next(iterator)
+        stats = trainer.step(batch)
+        history.append(stats)
+        if on_iteration is not None:
+            on_iteration(i, stats)
+    return history
+
+
 # --- the toy problem of Li et al. -----------------------------------------------------------
 
 
@@ -247,4 +269,4 @@ def toy_batch(n: int, seed: int | None = None, dtype: torch.dtype = torch.float6
     return {"x": t, "y": torch.sin(t)}
 
 
-__all__ = ["OPTIMIZERS", "MSA", "MSAConfig", "ToyResidualNet", "attention_kernel", "toy_batch"]
+__all__ = ["OPTIMIZERS", "MSA", "MSAConfig", "ToyResidualNet", "attention_kernel", "toy_batch", "train_msa"]
