@@ -37,6 +37,8 @@ from .data import Collator, Example
 from .metrics import compute_metrics
 from .results import stamp, write_json
 
+SCHEDULES = ("linear", "constant")
+
 
 @dataclass
 class TrainConfig:
@@ -50,6 +52,7 @@ class TrainConfig:
         eval_batch_size: sequences per dev batch.
         max_length: tokens per sequence after truncation.
         warmup: warm-up length: a fraction of the total steps if < 1, else a number of steps.
+        schedule: after warm-up, ``linear`` decay to 0 at the last step, or ``constant``.
         weight_decay: AdamW's decoupled weight decay λ on every control (not part of J).
         grad_clip: clip the global gradient norm to this value (None: no clipping).
         eval_every: score the dev set every this many steps (None: only at the end).
@@ -71,6 +74,7 @@ class TrainConfig:
     eval_batch_size: int = 128
     max_length: int = 128
     warmup: float = 0.0
+    schedule: str = "linear"
     weight_decay: float = 0.0
     grad_clip: float | None = None
     eval_every: int | None = None
@@ -95,6 +99,8 @@ class TrainConfig:
         if bad:
             raise ValueError(f"invalid training configuration: {', '.join(bad)} (rates, sizes and counts must be "
                              "positive; warmup and weight_decay non-negative)")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r} is not one of {SCHEDULES}")
         if self.resume and self.out is None:
             raise ValueError("resume needs an output folder (out) holding the checkpoint")
 
@@ -120,12 +126,13 @@ def warmup_steps(config: TrainConfig, total: int) -> int:
     return int(round(config.warmup * total)) if config.warmup < 1 else int(config.warmup)
 
 
-def linear_schedule(warmup: int, total: int):
-    """Multiplier of the peak rate at step t: ``t/warmup`` rising, then ``(total−t)/(total−warmup)``."""
+def linear_schedule(warmup: int, total: int, decay: bool = True):
+    """Multiplier of the peak rate at step t: ``(t+1)/warmup`` rising, then ``(total−t)/(total−warmup)``
+    (``decay``) or 1."""
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
+        return max(0.0, (total - step) / max(1, total - warmup)) if decay else 1.0
     return factor
 
 
@@ -249,7 +256,8 @@ def train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exam
     total, per_epoch = total_steps(config, len(train_examples))
     warm = warmup_steps(config, total)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warm, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warm, total,
+                                                                              config.schedule == "linear"))
     out = Path(config.out) if config.out else None
     spec = dict(config.extra)
     log: dict[str, Any] = {"train_loss": [], "lr": [], "dev": [], "wall_time_s": 0.0}

@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dev-size", type=int, default=None, help="seeded subsample of N dev rows (default: all)")
     parser.add_argument("--eval-every", type=int, default=None, help="dev evaluation every N steps")
     parser.add_argument("--warmup", type=float, default=0.0, help="fraction (<1) or number of warm-up steps")
+    parser.add_argument("--schedule", default="linear", choices=["linear", "constant"],
+                        help="after warm-up: linear decay to 0, or constant")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay")
     parser.add_argument("--grad-clip", type=float, default=None)
     parser.add_argument("--pooling", default="mean", choices=["mean", "cls", "last"])
@@ -133,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     lr = args.lr if args.lr is not None else DEFAULT_LR.get(args.method, 5e-4)
     config = TrainConfig(
         lr=lr, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size, max_length=args.max_length, warmup=args.warmup,
+        eval_batch_size=args.eval_batch_size, max_length=args.max_length, warmup=args.warmup, schedule=args.schedule,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every, seed=args.seed,
         out=args.out, resume=args.resume, dropout=args.dropout, progress=not args.no_progress, budget=args.budget,
         extra={"model": args.model, "method": name, "options": options, "task": args.task, "pooling": args.pooling,
