@@ -22,7 +22,8 @@ Protocol (sized for a 2-core machine shared by several jobs; every number is in 
   selected for co-state LoRA, so the two initialisations compare at one learning rate.
 
 Rows are appended to ``experiments/results/design_eval.jsonl`` as they finish; a rerun skips
-rows already there (resume).  ``--budget-min`` stops starting new runs after that wall time.
+rows already there (resume); each invocation's configuration is appended to
+``design_eval.invocations.jsonl``.  ``--budget-min`` stops starting new runs after that wall time.
 
     nice -n 10 env PYTHONPATH=. .venv/bin/python experiments/design_eval.py --budget-min 30
 """
@@ -38,7 +39,7 @@ import torch
 from controltune import ResidualSystem, load_model
 from controltune.controllers import build
 from controltune.data import Collator, load_split, resolve_task
-from controltune.results import append_jsonl, read_jsonl, stamp, write_json
+from controltune.results import append_jsonl, read_jsonl, stamp
 from controltune.train import TrainConfig, evaluate, train
 
 OUT = Path(__file__).parent / "results" / "design_eval.jsonl"
@@ -139,8 +140,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
-    write_json(out.with_suffix(".config.json"), stamp({**vars(args), "methods_config": METHODS,
-                                                     "lr_grid": {m: LR_GRID.get(m, DEFAULT_GRID) for m in METHODS}}))
+    # One line per invocation (a resumed or extended sweep keeps the configuration of every part).
+    append_jsonl(out.with_suffix(".invocations.jsonl"),
+                 stamp({**vars(args), "methods_config": METHODS,
+                        "lr_grid": {m: LR_GRID.get(m, DEFAULT_GRID) for m in METHODS}}))
     done = {(r["stage"], r["task"], r["method"], r["seed"], r["lr"]) for r in read_jsonl(out)}
     t_start = time.perf_counter()
 

@@ -64,6 +64,12 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
 
 
+def colours(groups: dict) -> dict[str, tuple]:
+    """One distinct colour per label (more labels than the default 10-colour cycle)."""
+    cmap = plt.get_cmap("tab20")
+    return {m: cmap(i % 20) for i, m in enumerate(ordered(groups))}
+
+
 def table(groups: dict) -> str:
     tasks = sorted({t for t, _ in groups})
     lines = ["| method | trainable | " + " | ".join(f"{t} dev {_metric(t)} (n seeds)" for t in tasks) + " |",
@@ -85,6 +91,7 @@ def table(groups: dict) -> str:
 
 def pareto(groups: dict) -> None:
     tasks = sorted({t for t, _ in groups})
+    colour = colours(groups)
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
     for ax, t in zip(axes[0], tasks):
         for m in ordered(groups):
@@ -93,7 +100,7 @@ def pareto(groups: dict) -> None:
                 continue
             mu, sd = _mean_std([r["dev"][_metric(t)] for r in rs])
             ax.errorbar(rs[0]["n_trainable"], mu, yerr=0 if sd != sd else sd, fmt="o" if m in DESIGNED else "s",
-                        capsize=3, label=m, mfc="none" if m not in DESIGNED else None)
+                        capsize=3, label=m, color=colour[m], mfc="none" if m not in DESIGNED else None)
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel(f"dev {_metric(t)}")
@@ -107,6 +114,7 @@ def pareto(groups: dict) -> None:
 
 def curves(groups: dict) -> None:
     tasks = sorted({t for t, _ in groups})
+    colour = colours(groups)
     fig, axes = plt.subplots(2, len(tasks), figsize=(4.4 * len(tasks), 6.0), squeeze=False)
     for col, t in enumerate(tasks):
         for m in ordered(groups):
@@ -119,11 +127,12 @@ def curves(groups: dict) -> None:
                 for point in r["val_curve"]:
                     by_step[point["step"]].append(point[_metric(t)])
             steps = sorted(by_step)
-            axes[0][col].plot(steps, [statistics.fmean(by_step[s]) for s in steps], style, marker=".", label=m)
+            means = [statistics.fmean(by_step[s]) for s in steps]
+            axes[0][col].plot(steps, means, style, marker=".", label=m, color=colour[m])
             n = min(len(r["train_loss"]) for r in rs)
             loss = [statistics.fmean(r["train_loss"][i] for r in rs) for i in range(n)]
             smooth = [statistics.fmean(loss[max(0, i - 3):i + 1]) for i in range(n)]
-            axes[1][col].plot(range(1, n + 1), smooth, style, label=m)
+            axes[1][col].plot(range(1, n + 1), smooth, style, label=m, color=colour[m])
         axes[0][col].set_title(f"{t}: held-out validation")
         axes[0][col].set_ylabel(_metric(t))
         axes[1][col].set_ylabel("training loss (4-step mean)")
