@@ -14,7 +14,11 @@ For a system with controllers attached, :func:`verify` compares the output of
    ``h = step · max(‖u‖, 1)`` (resp. ``‖x_l‖``), ``step = 1e-5`` by default: on
    MiniLM in float64 the quotients at ``step = 1e-6`` were rounding-limited (errors
    fell ~10× at ``1e-5``, while truncation, O(h²), stayed far below the tolerance).  A float32 system is checked
-   against finite differences of a float64 copy of itself.
+   by finite differences of a float64 copy of itself: the copy's own co-state solve
+   is checked against its difference quotients (tolerance of float64), while the
+   float32 solution is checked against float32 autograd (a float32 number
+   compared with a float64 quotient would only measure float32 rounding, which
+   dominates gradients that vanish in exact arithmetic).
 
 Relative error vs autograd: ``rel(a, b) = ‖a − b‖ / max(‖b‖, tiny)`` with
 Frobenius norms, ``a`` the PMP quantity, ``b`` the autograd gradient and ``tiny``
@@ -25,7 +29,8 @@ where ``δ = ε·max|J(·± hv)| / h`` is the resolution of the difference
 quotient in float64 (ε the machine epsilon): a directional derivative that is
 zero in exact arithmetic (e.g. a key bias under softmax) is not a failure because
 its quotient is rounding noise.  Default tolerances: float64 ``1e-10`` vs autograd and ``1e-6`` vs finite
-differences; float32 ``1e-4`` for both.
+differences; float32 ``1e-4`` vs autograd (its finite-difference check runs on the
+float64 copy, at float64's ``1e-6``).
 
 Use a running cost with nonzero weight decay so the ``R`` terms are exercised.
 """
@@ -43,7 +48,7 @@ from .pmp import ControlSystem, CoStateSolution, solve_costate
 
 TOLERANCES: dict[torch.dtype, dict[str, float]] = {
     torch.float64: {"autograd": 1e-10, "fd": 1e-6},
-    torch.float32: {"autograd": 1e-4, "fd": 1e-4},
+    torch.float32: {"autograd": 1e-4, "fd": 1e-6},  # FD always runs on the float64 copy
 }
 
 
@@ -163,7 +168,12 @@ def float64_twin(system: ControlSystem) -> ControlSystem:
         return system
     if not isinstance(system, torch.nn.Module):
         raise TypeError(f"cannot make a float64 copy of a {type(system).__name__}; pass a float64 system")
-    return copy.deepcopy(system).to(torch.float64)
+    try:
+        return copy.deepcopy(system).to(torch.float64)
+    except RuntimeError as err:
+        raise RuntimeError(f"cannot deep-copy the system to float64 for finite differences ({err}); a controller "
+                           "probably keeps a tensor of an earlier forward pass; build the copy before running it, "
+                           "or verify a float64 system") from err
 
 
 def _batch_to(batch: dict, dtype: torch.dtype) -> dict:
@@ -178,12 +188,15 @@ def _unit(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 @torch.no_grad()
 def finite_differences(system: ControlSystem, batch: dict, solution: CoStateSolution, n_state_directions: int = 2,
                        step: float = 1e-5, seed: int = 0) -> tuple[list[float], dict[str, float], float]:
-    """Central-difference check of ``p_l`` and ``∇_u H`` along random unit directions (float64, no autograd).
+    """Central-difference check of ``p_l`` and ``∇_u H`` along random unit directions (float64 system, no autograd).
 
     Returns ``(per-layer max rel. error of −⟨p_l, v⟩, {name: rel. error of −⟨∇_u H, v⟩}, raw max)``,
     errors as in the module docstring; ``raw max`` leaves out the resolution allowance δ.
     """
-    twin = float64_twin(system)
+    twin = system
+    if solution.states[0].dtype != torch.float64:
+        raise TypeError("finite_differences needs a float64 system and its float64 solution "
+                        "(use float64_twin(system) and solve_costate on it)")
     batch64 = _batch_to(batch, torch.float64)
     gen = torch.Generator().manual_seed(seed)
     control_err: dict[str, float] = {}
@@ -266,6 +279,8 @@ def verify(system: ControlSystem, batch: dict, solution: CoStateSolution | None 
         fd_step: relative finite-difference step.
         tolerances: ``{"autograd": .., "fd": ..}``; defaults by dtype from :data:`TOLERANCES`.
     """
+    # The float64 copy is made before any forward pass: controllers may cache graph tensors, which deepcopy refuses.
+    twin = float64_twin(system) if fd else None
     if solution is None:
         solution = solve_costate(system, batch, mode=mode)
     dtype = solution.states[0].dtype
@@ -277,8 +292,12 @@ def verify(system: ControlSystem, batch: dict, solution: CoStateSolution | None 
     costate_fd: list[float] = []
     control_fd: dict[str, float] = {}
     raw = 0.0
-    if fd:
-        costate_fd, control_fd, raw = finite_differences(system, batch, solution, n_state_directions, fd_step, seed)
+    if twin is not None:
+        batch64 = _batch_to(batch, torch.float64)
+        twin_solution = solution if twin is system else solve_costate(twin, batch64, mode=mode)
+        costate_fd, control_fd, raw = finite_differences(twin, batch64, twin_solution, n_state_directions, fd_step,
+                                                         seed)
+        tol["fd"] = (tolerances or {}).get("fd", TOLERANCES[torch.float64]["fd"])
     return Verification(dtype=str(dtype).removeprefix("torch."), n_layers=solution.n_layers,
                         n_controls=len(solution.controls), costate_autograd=costate_ag, control_autograd=control_ag,
                         costate_fd=costate_fd, control_fd=control_fd, tol_autograd=tol["autograd"], tol_fd=tol["fd"],

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import FAMILY_MODELS, make_batch
 
 import controltune as ct
 from controltune.controllers import build
-from controltune.controllers.base import Control
+from controltune.controllers.base import Control, UnsupportedMethodError
 from controltune.controllers.subspace import Subspace
 from controltune.diagnostics import maximum_condition_probe, stationarity
 from controltune.msa import ToyResidualNet, toy_batch
@@ -92,8 +94,9 @@ def test_verification_passes_with_finite_differences():
 def test_float32_verification_uses_the_float32_tolerance():
     system, batch = _system("random:roberta", dtype="float32")
     report = verify(system, batch, n_state_directions=1)
-    assert report.dtype == "float32" and report.tol_autograd == 1e-4
+    assert report.dtype == "float32" and report.tol_autograd == 1e-4 and report.tol_fd == 1e-6
     assert report.passed, report.failures()
+    assert report.max_rel_err_costate <= 1e-4 and report.max_rel_err_fd <= 1e-6
 
 
 class _ForgetfulSubspace(Subspace):
@@ -167,3 +170,29 @@ def test_maximum_condition_probe_on_the_toy():
     moved = maximum_condition_probe(net, batch, n_directions=4, radii=(1e-4,), relative=True)
     assert moved["fraction_local_max"] == 0.0
     assert all(len(line["dH"]) == 9 for layer in moved["layers"] for line in layer["lines"])
+
+
+class _Refuses(Subspace):
+    method = "refuses_everything"
+
+    def attach(self, system) -> None:
+        raise UnsupportedMethodError(f"{self.method} does not fit {system.family.name}")
+
+
+def test_verify_command_reports_passes_and_skips(tmp_path, monkeypatch, capsys):
+    from controltune import controllers
+    from controltune.cli import main
+
+    monkeypatch.setitem(controllers.REGISTRY, _Refuses.method, _Refuses)
+    out = tmp_path / "verify.json"
+    code = main(["verify", "--model", "random:gpt2", "--methods", "lora,prompt,refuses_everything",
+                 "--dtype", "float64", "--state-directions", "1", "--json", str(out)])
+    assert code == 0, capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["model"] == "random:gpt2" and report["dtype"] == "float64" and "versions" in report
+    rows = {r["method"]: r for r in report["results"]}
+    assert rows["refuses_everything"]["status"] == "skipped" and "does not fit" in rows["refuses_everything"]["reason"]
+    for method in ("lora", "prompt"):
+        row = rows[method]
+        assert row["passed"] and row["family"] == "gpt2" and row["n_layers"] == 3 and row["n_controls"] > 0
+        assert row["max_rel_err_costate"] <= 1e-10 and row["max_rel_err_fd"] <= 1e-6
