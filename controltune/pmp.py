@@ -239,7 +239,8 @@ def solve_costate(system: ControlSystem, batch: dict, mode: str = "graph",
             for c, gc in zip(ctrl, g[1:]):
                 layer_grads[layer][c.name] = gc
                 grads[c.name] = gc if c.name not in grads else grads[c.name] + gc
-            ham[layer] = float((p_next * states[layer + 1].detach()).sum() - r_l.detach())
+            # Σ_s p_{l+1}·x_{l+1} as one dot product (no S×T×d temporary).
+            ham[layer] = float(torch.dot(p_next.reshape(-1), states[layer + 1].detach().reshape(-1)) - r_l.detach())
             r_total += float(r_l.detach())
             del out, g
             if check_finite:
