@@ -12,7 +12,8 @@ Under the rank constraint ``rank ΔW ≤ r`` the best step is the truncated SVD 
 pretrained one.  The step ``η = 1/λ`` is either given (``step=<float>``) or chosen by a line
 search (``step="auto"``): ``G_W`` comes from the first half of the design batch and ``η`` minimises
 J on the second half over ``η_0·2^{-j}``, j = 0..8, ``η_0`` the step changing the target weights by
-10 % in Frobenius norm.  Standard LoRA instead starts at ``B = 0`` (the pretrained model) with a
+10 % in Frobenius norm; when no grid step lowers the held-out J, the smallest one is kept (the
+search is recorded in ``report``).  Standard LoRA instead starts at ``B = 0`` (the pretrained model) with a
 random ``A``.
 
 ``gramian_lora`` — standard LoRA modules (rank r, B = 0) on the candidate linear maps chosen
