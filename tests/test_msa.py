@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import make_batch
@@ -88,3 +90,16 @@ def test_bad_configuration_is_rejected():
 class _NoControls(ToyResidualNet):
     def controls(self):
         return []
+
+
+def test_msa_command_writes_a_dev_curve(tmp_path):
+    from controltune.cli import main
+
+    out = tmp_path / "msa.json"
+    code = main(["msa", "--model", "random:bert", "--method", "lora", "--opt", "rank=2", "--iterations", "2",
+                 "--eval-every", "1", "--batch-size", "4", "--max-length", "16", "--train-size", "16",
+                 "--dev-size", "8", "--rho", "0.1", "--json", str(out)])
+    assert code == 0
+    curve = json.loads(out.read_text())["curve"]
+    assert [row["iteration"] for row in curve] == [1, 2]
+    assert all(0.0 <= row["dev_accuracy"] <= 1.0 and row["train_cost"] > 0 for row in curve)
