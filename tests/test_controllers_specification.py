@@ -202,19 +202,44 @@ def test_budget_and_layer_errors():
         REGISTRY["subspace"](which="gaussian")
 
 
-def test_composes_with_a_controller_already_wrapping_the_module():
-    system, batch = make_system("bert"), make_batch()
+@pytest.mark.parametrize("family", ("bert", "gpt2"))
+def test_composes_with_controllers_already_wrapping_the_modules(family):
+    system, batch = make_system(family), make_batch()
     with torch.no_grad():
         bare = system(batch)
-    lora = build("lora", system, targets=("q", "v"))
-    bitfit = build("bitfit", system)
-    assert any(s.path.endswith("query.base_layer") for s in bitfit.sites)
+    stack = [build("lora", system, targets=("v", "o")), build("bitfit", system), build("masking", system),
+             build("diff_pruning", system, layers=[0]), build("subspace", system, dim=4, which="fastfood"),
+             build("layernorm", system), build("arbitrary", system, budget=100)]
+    assert max(s.inner.count("base_layer") for s in block_parameters(system)) >= 5  # wrappers five deep
     with torch.no_grad():
         assert (system(batch) - bare).abs().max().item() <= 1e-12
-    perturb(bitfit)
-    params = [c.param for c in bitfit.controls() + lora.controls()]
+    # bitfit's bias delta sits on the same module as LoRA, masking, diff pruning and the subspace.
+    for c in stack:
+        perturb(c, 1e-3)
+    params = [c.param for ctrl in stack for c in ctrl.controls()]
     grads = torch.autograd.grad(system.cost(batch), params, allow_unused=True)
-    assert all(g is not None for g in grads)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("masking_first", (True, False))
+def test_stacked_weight_deltas_compose_exactly(masking_first):
+    """Masking and BitFit on the same map, in either order, are ``W ⊙ m`` and ``b + Δb`` together."""
+    system, batch = make_system("bert"), make_batch()
+    order = ("masking", "bitfit") if masking_first else ("bitfit", "masking")
+    ctrl = {m: build(m, system, **({"targets": ("ffn_in",), "layers": [1]} if m == "masking" else {}))
+            for m in order}
+    scores = ctrl["masking"].controls()[0].param
+    with torch.no_grad():
+        scores.copy_(0.01 * torch.randn(scores.shape, generator=torch.Generator().manual_seed(0), dtype=scores.dtype))
+    perturb(ctrl["bitfit"])
+    reference = make_system("bert")
+    params = dict(reference.base.named_parameters())
+    with torch.no_grad():
+        params["encoder.layer.1.intermediate.dense.weight"].mul_((scores > ctrl["masking"].threshold).to(scores))
+        for c in ctrl["bitfit"].controls():
+            site = next(s for s in block_parameters(reference) if f"bitfit.{s.label}" == c.name)
+            params[f"{site.path}.{site.name}"].add_(c.param)
+        assert torch.allclose(system(batch), reference(batch), rtol=0, atol=1e-12)
 
 
 # --- diff pruning -----------------------------------------------------------------------------

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .base import Control, Controller, ParamDelta, register
-from .specification import ParamSite, block_parameters, block_sites, budget_count, control_of, wrap_owners
+from .base import Control, Controller, register
+from .specification import ParamSite, SiteDelta, block_parameters, block_sites, budget_count, control_of, wrap_owners
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
 
@@ -46,14 +46,14 @@ def prob_nonzero(log_alpha: torch.Tensor, beta: float = BETA, gamma: float = GAM
     return torch.sigmoid(log_alpha - beta * math.log(-gamma / zeta))
 
 
-class DiffPruningDelta(ParamDelta):
+class DiffPruningDelta(SiteDelta):
     """``θ_eff = θ₀ + z ⊙ w`` for the parameters of one module (training: sampled gates; eval: deterministic).
 
     After :meth:`freeze` the gate is a fixed binary ``mask`` buffer.
     """
 
     def __init__(self, sites: Sequence[ParamSite], init_log_alpha: float) -> None:
-        super().__init__()
+        super().__init__(sites)
         self.w = nn.ParameterDict()
         self.log_alpha = nn.ParameterDict()
         for s in sites:
@@ -84,8 +84,8 @@ class DiffPruningDelta(ParamDelta):
         self.register_buffer(f"mask_{name}", mask.to(self.w[name].dtype))
         self.log_alpha[name].requires_grad_(False)
 
-    def effective(self, base: nn.Module) -> dict[str, torch.Tensor]:
-        return {name: getattr(base, name) + self.diff(name) for name in self.w}
+    def apply(self, theta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: t + self.diff(name) for name, t in theta.items()}
 
 
 @register

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .base import Control, Controller, ParamDelta, register
-from .specification import ParamSite, block_sites, control_of, target_parameters, wrap_owners
+from .base import Control, Controller, register
+from .specification import ParamSite, SiteDelta, block_sites, control_of, target_parameters, wrap_owners
 
 
 def straight_through_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -27,11 +27,11 @@ def straight_through_mask(scores: torch.Tensor, threshold: float) -> torch.Tenso
     return hard + (scores - scores.detach())
 
 
-class MaskDelta(ParamDelta):
+class MaskDelta(SiteDelta):
     """``W_eff = W ⊙ 1[s > τ]`` for the weight of one linear map (``s`` has the weight's storage shape)."""
 
     def __init__(self, site: ParamSite, threshold: float, init_score: float) -> None:
-        super().__init__()
+        super().__init__([site])
         self.name, self.threshold = site.name, float(threshold)
         self.scores = nn.Parameter(torch.full(site.param.shape, float(init_score), dtype=site.param.dtype,
                                               device=site.param.device))
@@ -39,8 +39,8 @@ class MaskDelta(ParamDelta):
     def mask(self) -> torch.Tensor:
         return straight_through_mask(self.scores, self.threshold)
 
-    def effective(self, base: nn.Module) -> dict[str, torch.Tensor]:
-        return {self.name: getattr(base, self.name) * self.mask()}
+    def apply(self, theta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {self.name: theta[self.name] * self.mask()}
 
 
 @register

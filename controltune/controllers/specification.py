@@ -49,8 +49,10 @@ class ParamSite:
         kind: ``layer`` (inside block ``layer``), ``init`` or ``term``.
         layer: the block index, ``None`` for initial/terminal parameters.
         root: the module ``path`` is relative to (``system.base`` or ``system.readout``).
-        path: dotted path of the module *owning* the parameter (after any wrappers:
-            it may end in ``.base_layer``); the delta is wrapped around it.
+        path: dotted path of the module the delta is wrapped around: the original
+            module, or the outermost wrapper other controllers put around it.
+        inner: path from there to the module *owning* the parameter (``""``, or
+            ``base_layer[.base_layer...]`` under other controllers' wrappers).
         role: the family role of the owner (``q``, ``ln_ffn``, ...) or its path in the block.
         name: the attribute name on the owner (``weight``, ``bias``).
         param: the parameter itself.
@@ -60,6 +62,7 @@ class ParamSite:
     layer: int | None
     root: nn.Module
     path: str
+    inner: str
     role: str
     name: str
     param: nn.Parameter
@@ -93,11 +96,20 @@ def layer_indices(system, layers: Sequence[int] | None) -> list[int]:
     return sorted(dict.fromkeys(out))
 
 
-def _unwrapped(path: str, module: nn.Module) -> tuple[str, nn.Module]:
-    """Follow ``Wrapped.base_layer`` to the module that owns the frozen parameters."""
+def _unwrapped(module: nn.Module) -> tuple[str, nn.Module]:
+    """Follow ``Wrapped.base_layer`` to the module owning the frozen parameters: ``(inner path, owner)``."""
+    inner: list[str] = []
     while isinstance(module, Wrapped):
-        path, module = f"{path}.base_layer", module.base_layer
-    return path, module
+        inner.append("base_layer")
+        module = module.base_layer
+    return ".".join(inner), module
+
+
+def _split_wrappers(owner_path: str) -> tuple[str, str]:
+    """``a.b.base_layer.base_layer`` -> (``a.b``, ``base_layer.base_layer``): outermost module and inner path."""
+    parts = owner_path.split(".")
+    cut = parts.index("base_layer") if "base_layer" in parts else len(parts)
+    return ".".join(parts[:cut]), ".".join(parts[cut:])
 
 
 def owned_parameters(module: nn.Module) -> list[tuple[str, str, nn.Parameter]]:
@@ -126,8 +138,9 @@ def block_parameters(system, layers: Sequence[int] | None = None) -> list[ParamS
     for layer in layer_indices(system, layers):
         prefix = system.block_path(layer)
         for owner, name, p in owned_parameters(system.blocks[layer]):
-            clean = ".".join(x for x in owner.split(".") if x != "base_layer")
-            out.append(ParamSite("layer", layer, system.base, f"{prefix}.{owner}", roles.get(clean, clean), name, p))
+            outer, inner = _split_wrappers(owner)
+            out.append(ParamSite("layer", layer, system.base, f"{prefix}.{outer}", inner, roles.get(outer, outer),
+                                 name, p))
     return out
 
 
@@ -139,11 +152,11 @@ def target_parameters(system, targets: Sequence[str], layers: Sequence[int] | No
     """
     out = []
     for site in resolve_targets(system, targets, layer_indices(system, layers)):
-        path, owner = _unwrapped(site.path, site.module)
+        inner, owner = _unwrapped(site.module)
         for name in names:
             p = owner._parameters.get(name)
             if p is not None:
-                out.append(ParamSite("layer", site.layer, system.base, path, site.role, name, p))
+                out.append(ParamSite("layer", site.layer, system.base, site.path, inner, site.role, name, p))
     return out
 
 
@@ -151,8 +164,8 @@ def final_norm_parameters(system) -> list[ParamSite]:
     """The readout's norm (pre-LN decoders' final norm) as terminal parameters; ``[]`` if there is none."""
     if not system.family.final_norm:
         return []
-    path, norm = _unwrapped("norm", system.readout.norm)
-    return [ParamSite("term", None, system.readout, path, "final_norm", name, p)
+    inner, norm = _unwrapped(system.readout.norm)
+    return [ParamSite("term", None, system.readout, "norm", inner, "final_norm", name, p)
             for name, p in norm.named_parameters(recurse=False)]
 
 
@@ -204,7 +217,31 @@ def control_of(method: str, site: ParamSite, param: nn.Parameter, suffix: str = 
     return Control(f"{method}.{site.label}{suffix}", param, site.kind, layers)
 
 
-class AdditiveDelta(ParamDelta):
+class SiteDelta(ParamDelta):
+    """A weight-space delta on some parameters of one module, possibly under other controllers' wrappers.
+
+    It is wrapped around the outermost wrapper; subclasses implement
+    :meth:`apply` (``{name: θ} -> {name: θ_eff}`` on the owner's parameters) and
+    the delta addresses them through the ``inner`` path, so the wrappers inside
+    run on the modified parameters (deltas compose).
+    """
+
+    def __init__(self, sites: Sequence[ParamSite]) -> None:
+        super().__init__()
+        self.inner = sites[0].inner
+        self.param_names = [s.name for s in sites]
+
+    def apply(self, theta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def effective(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        owner = base.get_submodule(self.inner)
+        prefix = f"{self.inner}." if self.inner else ""
+        new = self.apply({n: getattr(owner, n) for n in self.param_names})
+        return {prefix + n: t for n, t in new.items()}
+
+
+class AdditiveDelta(SiteDelta):
     """``θ_eff = θ₀ + Δ`` for some parameters of one module.
 
     For a parameter with ``positions`` (a 1-D index into its flattened storage),
@@ -213,7 +250,7 @@ class AdditiveDelta(ParamDelta):
     """
 
     def __init__(self, sites: Sequence[ParamSite], positions: dict[str, torch.Tensor] | None = None) -> None:
-        super().__init__()
+        super().__init__(sites)
         positions = positions or {}
         self.u = nn.ParameterDict()
         for s in sites:
@@ -226,12 +263,11 @@ class AdditiveDelta(ParamDelta):
     def positions(self, name: str) -> torch.Tensor | None:
         return getattr(self, f"positions_{name}", None)
 
-    def effective(self, base: nn.Module) -> dict[str, torch.Tensor]:
+    def apply(self, theta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
         for name, du in self.u.items():
-            theta = getattr(base, name)
-            pos = self.positions(name)
-            out[name] = theta + du if pos is None else theta.reshape(-1).index_add(0, pos, du).view_as(theta)
+            t, pos = theta[name], self.positions(name)
+            out[name] = t + du if pos is None else t.reshape(-1).index_add(0, pos, du).view_as(t)
         return out
 
 

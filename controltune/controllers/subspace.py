@@ -22,27 +22,26 @@ import torch
 from torch import nn
 
 from ..fastfood import DenseProjection, FastfoodProjection
-from .base import Control, Controller, ParamDelta, register, seeded_generator
-from .specification import ParamSite, block_parameters, block_sites, wrap_owners
+from .base import Control, Controller, register, seeded_generator
+from .specification import ParamSite, SiteDelta, block_parameters, block_sites, wrap_owners
 
 PROJECTIONS = ("auto", "dense", "fastfood")
 
 
-class SubspaceDelta(ParamDelta):
+class SubspaceDelta(SiteDelta):
     """``θ_m = θ₀_m + P_m z`` for the parameters of one module; ``z`` is the controller's shared vector."""
 
     def __init__(self, sites: Sequence[ParamSite], z: nn.Parameter, projection: nn.Module) -> None:
-        super().__init__()
-        self.names = [s.name for s in sites]
+        super().__init__(sites)
         self.shapes = [s.param.shape for s in sites]
         self.sizes = [s.numel() for s in sites]
         self.projection = projection
         # A plain list, so z is not registered again under every module (it belongs to the controller).
         self._z = [z]
 
-    def effective(self, base: nn.Module) -> dict[str, torch.Tensor]:
+    def apply(self, theta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         parts = self.projection(self._z[0]).split(self.sizes)
-        return {n: getattr(base, n) + d.view(shape) for n, d, shape in zip(self.names, parts, self.shapes)}
+        return {n: theta[n] + d.view(shape) for n, d, shape in zip(self.param_names, parts, self.shapes)}
 
 
 @register
