@@ -23,6 +23,10 @@ controls) that embeds the tokens at the same shifted positions.  Combinations
 peft supports but controltune has no equivalent for (DoRA, LoRA on embeddings,
 per-module rank patterns in one controller, prefix/prompt on GPT-2's learned
 positions, prefix on rotary models) are refused with the reason.
+
+Two peft behaviours to know when comparing outputs: for prefix and prompt tuning
+peft drops ``token_type_ids`` (so sentence pairs differ unless the system is fed
+type 0 too), and it keeps the prompt encoder in float32 whatever the model's dtype.
 """
 
 from __future__ import annotations
