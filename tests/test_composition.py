@@ -49,6 +49,23 @@ def test_two_deltas_on_one_linear_map_add_up():
     assert combo.n_trainable() == first.n_trainable() + second.n_trainable()
 
 
+def test_lora_and_bitfit_on_one_map_add_their_deltas():
+    system = _system()
+    combo = build("combination", system, parts=[("lora", {"rank": 2, "targets": "q"}), ("bitfit", {})])
+    _perturb(combo.controls())
+    lora = combo.parts[0]
+    controls = {c.name: c.param for c in combo.controls()}
+    q = system.blocks[1].attention.self.query
+    linear = q.base_layer.base_layer
+    x = torch.randn(2, 5, system.d_model, dtype=torch.float64)
+    d = lora.deltas["1_q"]
+    # W x + b  +  Δb (BitFit)  +  s B A x (LoRA)
+    expected = x @ linear.weight.T + linear.bias + controls["bitfit.1.q.bias"] + lora.alpha / lora.rank * x @ (
+        d.B @ d.A).T
+    torch.testing.assert_close(q(x), expected, rtol=0, atol=1e-12)
+    assert combo.n_trainable() == lora.n_trainable() + combo.parts[1].n_trainable()
+
+
 def test_combination_equals_parts_attached_one_by_one():
     combo_sys, sep_sys = _system(), _system()
     combo = build("combination", combo_sys, parts=[("lora", {"rank": 4, "targets": ["q", "v"]}),
