@@ -120,15 +120,20 @@ def hamiltonian_gradients(system, batch: dict, use_pmp: bool = True
 
 
 class _Rollout(torch.nn.Module):
-    """``forward() = x_L`` of ``system`` on a fixed batch (for ``functional_call`` over its controls)."""
+    """``forward() = x_L`` of ``system`` on a fixed batch (for ``functional_call`` over its controls).
+
+    Only the model is a submodule: controllers hold their deltas too, and ``functional_call``
+    does not restore a parameter reachable by two paths correctly.
+    """
 
     def __init__(self, system, batch: dict) -> None:
         super().__init__()
-        self.system = system
+        self.model = system.model
+        object.__setattr__(self, "_system", system)
         self.batch = batch
 
     def forward(self) -> torch.Tensor:
-        return self.system.rollout(self.batch).final
+        return self._system.rollout(self.batch).final
 
 
 def linearized_state_change(system, batch: dict, directions: Mapping[str, torch.Tensor]) -> float:
@@ -145,6 +150,9 @@ def linearized_state_change(system, batch: dict, directions: Mapping[str, torch.
         raise KeyError(f"directions for unknown controls {unknown}")
     module = _Rollout(system, batch)
     ids = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+    outside = [k for k in directions if id(controls[k].param) not in ids]
+    if outside:
+        raise ValueError(f"controls {outside} do not live inside the model's blocks (e.g. the readout head)")
     names = [ids[id(controls[k].param)] for k in directions]
     primals = tuple(controls[k].param.detach() for k in directions)
     tangents = tuple(directions[k].to(p) for k, p in zip(directions, primals))

@@ -41,6 +41,7 @@ Composed bounds, per operation (``e`` the perturbation of an input, ``Δ`` of a 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -108,16 +109,21 @@ def power_iteration(apply: Callable[[torch.Tensor], torch.Tensor],
 
 class _Stepper(nn.Module):
     """``forward(x) = f_layer(x)`` of ``system`` with fixed ``ctx``: lets ``functional_call``
-    substitute the block's control parameters by traced tensors."""
+    substitute the block's control parameters by traced tensors.
+
+    Only the block is a submodule: a controller also holds its deltas, and
+    ``functional_call`` does not restore a parameter reachable by two paths correctly.
+    """
 
     def __init__(self, system: nn.Module, layer: int, ctx: Context) -> None:
         super().__init__()
-        self.system = system
+        self.block = system.blocks[layer]
+        object.__setattr__(self, "_system", system)
         self.layer = layer
         self.ctx = ctx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.system.step(self.layer, x, self.ctx)
+        return self._system.step(self.layer, x, self.ctx)
 
 
 def layer_controls(system, layer: int) -> list[Control]:
@@ -137,7 +143,8 @@ def _param_names(module: nn.Module, params: Sequence[torch.Tensor]) -> list[str]
     ids = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
     missing = [i for i, p in enumerate(params) if id(p) not in ids]
     if missing:
-        raise ValueError("a control parameter is not a parameter of the system")
+        raise ValueError("a control parameter is not a parameter of the block (only weight-space controls inside "
+                         "the block can be substituted)")
     return [ids[id(p)] for p in params]
 
 
@@ -194,7 +201,7 @@ def local_control_lipschitz(system, layer: int, x: torch.Tensor, ctx: Context, i
         raise ValueError(f"block {layer} has no layer controls")
     stepper = _Stepper(system, layer, ctx)
     names = _param_names(stepper, [c.param for c in controls])
-    primals = tuple(c.param.detach() for c in controls)
+    primals = tuple(c.param.detach().clone() for c in controls)
     m = _mask(x, ctx)
     x = x.detach()
 
@@ -289,20 +296,24 @@ def sampled_control_lipschitz(system, layer: int, x: torch.Tensor, ctx: Context,
         raise ValueError(f"block {layer} has no layer controls")
     stepper = _Stepper(system, layer, ctx)
     names = _param_names(stepper, [c.param for c in controls])
-    u = tuple(c.param.detach() for c in controls)
+    u = tuple(c.param.detach().clone() for c in controls)
     m = _mask(x, ctx)
     x = x.detach()
 
     def f(us: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.func.functional_call(stepper, dict(zip(names, us)), (x,), strict=False) * m
 
-    with torch.no_grad():
-        fu = f(u)
     r = radius * max(float(_Flat(u).norm()), 1.0)
     gen = torch.Generator().manual_seed(seed)
     starts = [tuple(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p) for p in u)
               for _ in range(samples)]
     starts += [tuple(o.detach() - p for o, p in zip(other, u)) for other in others]
+    with torch.no_grad():
+        fu = f(u)
+    return _ascend_control(f, fu, u, r, starts, steps)
+
+
+def _ascend_control(f, fu: torch.Tensor, u: tuple[torch.Tensor, ...], r: float, starts: list, steps: int) -> float:
     best = 0.0
     for d in starts:
         for _ in range(steps + 1):
@@ -445,6 +456,9 @@ def block_weights(system, layer: int) -> BlockWeights:
                         "qkv" if fam == "gpt2" else "q")
 
 
+_ACT_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def activation_lipschitz(act: Callable[[torch.Tensor], torch.Tensor], lo: float = -30.0, hi: float = 30.0,
                          step: float = 1e-4) -> float:
     """``max |act'(z)|`` on a fine float64 grid, plus ``1e-6`` for the grid's O(step²) error at a smooth maximum.
@@ -452,12 +466,25 @@ def activation_lipschitz(act: Callable[[torch.Tensor], torch.Tensor], lo: float 
     Also checks ``|act(z)| ≤ |z|`` on the grid (used to bound the FFN's second input);
     raises if the activation violates it.
     """
+    key = (lo, hi, step)
+    try:
+        cached = _ACT_CACHE.get(act, {})
+    except TypeError:  # not weak-referenceable: no caching
+        cached = {}
+    if key in cached:
+        return cached[key]
     z = torch.arange(lo, hi, step, dtype=torch.float64, requires_grad=True)
-    y = act(z)
-    (g,) = torch.autograd.grad(y.sum(), z)
+    with torch.enable_grad():
+        y = act(z)
+        (g,) = torch.autograd.grad(y.sum(), z)
     if bool((y.detach().abs() > z.detach().abs() + 1e-12).any()):
         raise UnsupportedMethodError("the FFN activation does not satisfy |act(z)| <= |z|; composed bound unavailable")
-    return float(g.abs().max()) + 1e-6
+    value = float(g.abs().max()) + 1e-6
+    try:
+        _ACT_CACHE.setdefault(act, {})[key] = value
+    except TypeError:
+        pass
+    return value
 
 
 def _per_head(w: torch.Tensor, b: torch.Tensor | None, heads: int) -> list[torch.Tensor]:

@@ -36,8 +36,8 @@ from controltune.results import append_jsonl, read_jsonl, stamp, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(__file__).resolve().parents[1] / "runs" / "bound_study"
-SIZES = {"rank": [1, 2, 4, 8], "subspace": [8, 32, 128], "sparse": [1000, 10000, 100000, 1000000],
-         "layers": [1, 2, 4]}
+SIZES = {"rank": [1, 4, 8], "subspace": [8, 64], "sparse": [1000, 30000, 1000000],
+         "layers": [1, 3]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,14 +47,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference", default="lora:16")
     parser.add_argument("--targets", default="q,v")
     parser.add_argument("--train-size", type=int, default=2000)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--eval-size", type=int, default=16)
-    parser.add_argument("--dev-size", type=int, default=200)
-    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--eval-size", type=int, default=8)
+    parser.add_argument("--dev-size", type=int, default=100)
+    parser.add_argument("--iters", type=int, default=8)
     parser.add_argument("--structures", default=",".join(SIZES))
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
