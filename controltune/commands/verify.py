@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--perturb", type=float, default=0.02, help="std of the random offset added to each control")
     parser.add_argument("--mode", default="graph", choices=["graph", "recompute"], help="co-state solver mode")
     parser.add_argument("--state-directions", type=int, default=2, help="finite-difference directions per state")
-    parser.add_argument("--fd-step", type=float, default=1e-5, help="relative finite-difference step")
+    parser.add_argument("--fd-steps", type=float, nargs="+", default=[1e-6, 1e-5],
+                        help="relative finite-difference steps (the smallest error counts)")
     parser.add_argument("--no-fd", action="store_true", help="skip the finite-difference check")
 
 
@@ -96,7 +97,7 @@ def verify_method(loaded, method: str, batch: dict, args: argparse.Namespace) ->
     try:
         perturb(system.controls(), args.perturb, args.seed)
         report = verify(system, batch, mode=args.mode, fd=not args.no_fd, n_state_directions=args.state_directions,
-                        fd_step=args.fd_step, seed=args.seed)
+                        fd_steps=tuple(args.fd_steps), seed=args.seed)
     except Exception as err:  # noqa: BLE001
         return {**row, "status": "failed", "reason": f"run: {type(err).__name__}: {err}",
                 "traceback": traceback.format_exc(limit=4), "passed": False}
