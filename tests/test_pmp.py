@@ -196,3 +196,20 @@ def test_verify_command_reports_passes_and_skips(tmp_path, monkeypatch, capsys):
         row = rows[method]
         assert row["passed"] and row["family"] == "gpt2" and row["n_layers"] == 3 and row["n_controls"] > 0
         assert row["max_rel_err_costate"] <= 1e-10 and row["max_rel_err_fd"] <= 1e-6
+
+
+def test_skipping_the_initial_costate_changes_nothing_else():
+    loaded = ct.load_model("random:bert", dtype="float64")
+    system = ct.ResidualSystem(loaded)
+    build("lora", system, rank=2, weight_decay=WD)
+    _perturb(system)
+    batch = make_batch(loaded.tokenizer, 2)
+    full, lean = solve_costate(system, batch), solve_costate(system, batch, initial_costate=False)
+    assert lean.costates[0] is None and full.costates[0] is not None
+    for a, b in zip(full.costates[1:], lean.costates[1:]):
+        assert torch.equal(a, b)
+    for n, g in full.control_grads.items():
+        assert torch.equal(lean.control_grads[n], g)
+    # An initial control needs p_0, so it is computed anyway.
+    build("prompt", system, n_tokens=2)
+    assert solve_costate(system, batch, initial_costate=False).costates[0] is not None
