@@ -415,7 +415,7 @@ def compare(system, batch: dict, reference: Mapping[str, torch.Tensor], projecte
                 dom = lp.global_domain(system, layer, traj.ctx, weights[layer], weights_p[layer])
             cb = lp.composed_block_bound(system, layer, dom, weights[layer], weights_p[layer])
             gains.append(cb.a)
-            drive.append(sum(cb.b.get(key_role(k), math.inf) * site_dist[k] for k in reference
+            drive.append(sum(cb.b[key_role(k)] * site_dist[k] for k in reference
                              if key_layer(k) == layer))
             domains.append({"a": cb.a, "b": cb.b, **dom.to_dict()})
         if label == "certified":
@@ -445,14 +445,14 @@ def compare(system, batch: dict, reference: Mapping[str, torch.Tensor], projecte
         system.set_kernel(kernel)
     bounds["tangent"] = {"cost": constants.local_phi * dx + running, "state": dx, "running": running}
     for v in bounds.values():
-        v["tightness"] = v["cost"] / gap if gap > 0 else math.inf
+        v["tightness"] = v["cost"] / gap if gap > 0 else None  # undefined when Πu* = u* on the batch
     est = gw.costate_estimate(constants.grads, dict(reference), dict(projected))
     row = {
         "distance": math.sqrt(sum(d * d for d in dist)), "distance_per_layer": dist,
         "relative_distance": math.sqrt(sum(d * d for d in dist)) / max(
             math.sqrt(sum(float(v.pow(2).sum()) for v in reference.values())), 1e-300),
         "J_reference": j_ref, "J_projected": j_p, "gap": gap, "signed_gap": j_p - j_ref,
-        "costate_estimate": est, "costate_tightness": abs(est) / gap if gap > 0 else math.inf,
+        "costate_estimate": est, "costate_tightness": abs(est) / gap if gap > 0 else None,
         "bounds": bounds, "certified_holds": bounds["certified"]["cost"] >= gap,
         "global_holds": bounds["global"]["cost"] >= gap,
     }

@@ -90,9 +90,9 @@ def run(args: argparse.Namespace) -> int:
         tight = " ".join(f"{r['bounds'][b]['cost']:12.3g}" for b in BOUNDS)
         dm = r["dev_projected"][metric] - dev_reference[metric]
         print(f"{r['size']:>8} {r['distance']:9.3g} {r['gap']:10.3g} {r['costate_estimate']:10.3g} {tight} {dm:8.4f}")
-    print("tightness (bound / gap): " + "; ".join(
-        f"{b} {min(r['bounds'][b]['tightness'] for r in rows):.3g}-{max(r['bounds'][b]['tightness'] for r in rows):.3g}"
-        for b in BOUNDS) if rows else "")
+    tight = {b: [r["bounds"][b]["tightness"] for r in rows if r["bounds"][b]["tightness"] is not None] for b in BOUNDS}
+    if all(tight.values()):
+        print("tightness (bound / gap): " + "; ".join(f"{b} {min(t):.3g}-{max(t):.3g}" for b, t in tight.items()))
     if args.json:
         write_json(args.json, {**stamp({k: v for k, v in vars(args).items() if not k.startswith("_")}),
                                "task": ref.spec.name, "reference": ref.info, "dev_reference": dev_reference,
