@@ -104,7 +104,8 @@ def hamiltonian_gradients(system, batch: dict, use_pmp: bool = True
         if solve_costate is not None:
             sol = solve_costate(system, batch)
             mask = sol.ctx.attention_mask.unsqueeze(-1)
-            return dict(sol.control_grads), [float((p * mask.to(p)).norm()) for p in sol.costates]
+            return dict(sol.control_grads), [float("nan") if p is None else float((p * mask.to(p)).norm())
+                                             for p in sol.costates]
     controls = system.controls()
     with torch.enable_grad():
         x, ctx = system.embed(batch)
