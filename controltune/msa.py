@@ -27,7 +27,8 @@ The co-state penalty needs ``∇_u ∇_x H_l`` (double backward): on a
 :class:`~controltune.system.ResidualSystem` the inner steps switch attention to
 the ``eager`` kernel (PyTorch's CPU ``sdpa`` is first-order only) and switch it
 back afterwards.  ``costate_penalty=False`` drops that term (the cheaper
-"feasibility-only" E-MSA: about a third of the inner-step cost).
+"feasibility-only" E-MSA; measured on MiniLM + LoRA, batch 16 × ≤64 tokens, two
+inner steps, one thread: 3.4 s vs 8.6 s per iteration, experiments/msa_minilm.py).
 
 :class:`ToyResidualNet` is the paper's toy: a 20-layer residual tanh network of
 width 5 fitting ``sin`` on ``[−π, π]``; it follows the same
