@@ -310,7 +310,12 @@ def verify(system: ControlSystem, batch: dict, solution: CoStateSolution | None 
     raw = 0.0
     if twin is not None:
         batch64 = _batch_to(batch, torch.float64)
-        twin_solution = solution if twin is system else solve_costate(twin, batch64, mode=mode)
+        try:
+            twin_solution = solution if twin is system else solve_costate(twin, batch64, mode=mode)
+        except RuntimeError as err:
+            raise RuntimeError(f"the float64 copy for finite differences does not run ({err}); a controller "
+                               "probably keeps tensors that Module.to(float64) does not convert (plain attributes "
+                               "instead of parameters or buffers)") from err
         costate_fd, control_fd, raw = finite_differences(twin, batch64, twin_solution, n_state_directions, fd_steps,
                                                          seed)
         tol["fd"] = (tolerances or {}).get("fd", TOLERANCES[torch.float64]["fd"])
