@@ -34,11 +34,19 @@ its quotient is rounding noise.  Default tolerances: float64 ``1e-10`` vs autogr
 differences; float32 ``1e-4`` vs autograd (its finite-difference check runs on the
 float64 copy, at float64's ``1e-6``).
 
+Straight-through controls (masking: ``m = 1[s > τ]`` forward, ``∂m/∂s := 1``
+backward) make J piecewise constant in s, so its finite differences are 0 while
+the estimator's gradient is not: such controls are checked against finite
+differences of the estimator's linearisation at the current control
+(``Controller.straight_through_linearisation``), whose value equals J there and
+whose true derivative is, by construction, the straight-through gradient.
+
 Use a running cost with nonzero weight decay so the ``R`` terms are exercised.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -47,6 +55,7 @@ from typing import Any
 
 import torch
 
+from .controllers.base import Controller
 from .pmp import ControlSystem, CoStateSolution, solve_costate
 
 FD_STEPS = (1e-6, 1e-5)
@@ -316,8 +325,12 @@ def verify(system: ControlSystem, batch: dict, solution: CoStateSolution | None 
             raise RuntimeError(f"the float64 copy for finite differences does not run ({err}); a controller "
                                "probably keeps tensors that Module.to(float64) does not convert (plain attributes "
                                "instead of parameters or buffers)") from err
-        costate_fd, control_fd, raw = finite_differences(twin, batch64, twin_solution, n_state_directions, fd_steps,
-                                                         seed)
+        with contextlib.ExitStack() as stack:
+            for module in twin.modules():
+                if isinstance(module, Controller):
+                    stack.enter_context(module.straight_through_linearisation())
+            costate_fd, control_fd, raw = finite_differences(twin, batch64, twin_solution, n_state_directions,
+                                                             fd_steps, seed)
         tol["fd"] = (tolerances or {}).get("fd", TOLERANCES[torch.float64]["fd"])
     return Verification(dtype=str(dtype).removeprefix("torch."), n_layers=solution.n_layers,
                         n_controls=len(solution.controls), costate_autograd=costate_ag, control_autograd=control_ag,

@@ -223,13 +223,13 @@ def test_closed_loop_prefix_feeds_back_the_state_and_trains(name):
 
     with torch.no_grad():
         system.rollout(batch)
-        key, value = ctrl._prefix_fn(1)(2)
+        key, value = ctrl._prefix_for(1, 2)
         assert key.shape == (2, *ctrl.prefixes["1"].P0_key.shape)
         assert float((key[0] - key[1]).abs().max()) > 1e-6  # each sequence gets its own prefix
         changed = {k: v.clone() for k, v in batch.items()}
         changed["input_ids"][0, 1] += 1
         system.rollout(changed)
-        key2, _ = ctrl._prefix_fn(1)(2)
+        key2, _ = ctrl._prefix_for(1, 2)
         assert float((key2[0] - key[0]).abs().max()) > 1e-6  # ... a function of its state
         assert torch.equal(key2[1], key[1])
 
@@ -239,7 +239,7 @@ def test_open_loop_prefix_is_input_independent():
     ctrl = build("closed_loop_prefix", system, n_prefix=2, rank=0)
     with torch.no_grad():
         system.rollout(_batch(2, 4))
-        key, value = ctrl._prefix_fn(0)(2)
+        key, value = ctrl._prefix_for(0, 2)
     assert torch.equal(key[0], key[1]) and torch.equal(value[0], value[1])
 
 
@@ -291,3 +291,21 @@ def test_gramian_lora_stays_within_lora_budget():
     assert ctrl.n_trainable() == ctrl.report["used"] <= ctrl.report["budget"] == lora.n_trainable()
     assert ctrl.report["budget"] - ctrl.report["used"] < 2 * 2 * system.d_model  # not even a q-sized unit left
     assert len(ctrl.report["chosen"]) >= 1
+
+
+def test_closed_loop_prefix_survives_a_deep_copy():
+    """A float64 twin of a float32 system must use its own copy of the feedback, not the original's."""
+    import copy
+
+    import controltune as ct
+    from controltune.controllers import build
+
+    loaded = ct.load_model("random:bert", dtype="float32")
+    system = ct.ResidualSystem(loaded)
+    build("closed_loop_prefix", system)
+    batch = dict(loaded.tokenizer(["a fine film .", "dull"], padding=True, return_tensors="pt"))
+    twin = copy.deepcopy(system).to(torch.float64)
+    with torch.no_grad():
+        out32, out64 = system(batch), twin(batch)
+    assert out64.dtype == torch.float64
+    assert torch.allclose(out32.double(), out64, atol=1e-5)

@@ -213,3 +213,26 @@ def test_skipping_the_initial_costate_changes_nothing_else():
     # An initial control needs p_0, so it is computed anyway.
     build("prompt", system, n_tokens=2)
     assert solve_costate(system, batch, initial_costate=False).costates[0] is not None
+
+
+def test_straight_through_masking_is_checked_on_its_linearisation():
+    """Hard masks make J flat in the scores; the straight-through linearisation makes FD meaningful."""
+    import controltune as ct
+    from controltune.controllers import build
+    from controltune.verify import finite_differences, float64_twin
+
+    loaded = ct.load_model("random:bert", dtype="float64")
+    system = ct.ResidualSystem(loaded)
+    masking = build("masking", system, targets=["q"], layers=[1])
+    batch = dict(loaded.tokenizer(["a fine film .", "dull"], padding=True, return_tensors="pt"))
+    batch["labels"] = torch.tensor([0, 1])
+    twin = float64_twin(system)
+    solution = solve_costate(twin, batch)
+    _, flat, _ = finite_differences(twin, batch, solution, n_state_directions=1)
+    name = masking.controls()[0].name
+    assert flat[name] > 0.5, "without the linearisation the quotient of the hard mask is ~0"
+    twin_masking = next(m for m in twin.modules() if type(m).__name__ == "Masking")
+    with twin_masking.straight_through_linearisation():
+        _, lin, _ = finite_differences(twin, batch, solution, n_state_directions=1)
+    assert lin[name] <= 1e-6
+    assert twin_masking.deltas[next(iter(twin_masking.deltas))].anchor is None

@@ -17,6 +17,7 @@ original module's ``forward`` is never rewritten.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -205,6 +206,14 @@ class Controller(nn.Module):
             if share:
                 total = total.to(c.param) + share * 0.5 * self.weight_decay * c.param.pow(2).sum()
         return total
+
+    def straight_through_linearisation(self) -> contextlib.AbstractContextManager:
+        """A context in which a straight-through control's forward is the estimator's
+        linearisation at the current control, so that its true derivative *is* the
+        straight-through gradient (used by finite-difference checks).  Identity
+        (a no-op context) for ordinary, differentiable controllers.
+        """
+        return contextlib.nullcontext()
 
     def n_trainable(self) -> int:
         """Number of trainable scalars (the method's parameter budget)."""

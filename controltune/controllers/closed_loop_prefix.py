@@ -21,6 +21,7 @@ the shared attention kernel is unchanged.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import nn
@@ -93,8 +94,10 @@ class ClosedLoopPrefix(Controller):
             attn = block.get_submodule(role)
             prefix = FeedbackPrefix(kv_heads, self.n_prefix, head_dim, system.d_model, self.rank, gen, like)
             self.prefixes[str(layer)] = prefix
-            attn.ct_prefix = self._prefix_fn(layer)
-            self._hooks.append(block.register_forward_pre_hook(self._capture(layer), with_kwargs=True))
+            # Bound methods in partials (not closures), so that deep copies of the
+            # system (e.g. its float64 twin) call their own copy of this controller.
+            attn.ct_prefix = partial(self._prefix_for, layer)
+            self._hooks.append(block.register_forward_pre_hook(partial(self._capture, layer), with_kwargs=True))
             self.sites.append(Site(layer, "attn", f"{system.block_path(layer)}.{role}", attn))
 
     def initial_state(self, x0: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,10 +106,9 @@ class ClosedLoopPrefix(Controller):
         self._states = {}
         return x0, attention_mask
 
-    def _capture(self, layer: int):
-        def hook(module, args, kwargs):
-            self._states[layer] = args[0] if args else kwargs["hidden_states"]
-        return hook
+    def _capture(self, layer: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of block ``layer``: keep its input state x_l."""
+        self._states[layer] = args[0] if args else kwargs["hidden_states"]
 
     def _pooled(self, layer: int, batch_size: int) -> torch.Tensor | None:
         if not self.rank:
@@ -122,10 +124,9 @@ class ClosedLoopPrefix(Controller):
         m = self._mask.to(x.dtype).unsqueeze(-1)
         return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
 
-    def _prefix_fn(self, layer: int):
-        def prefix(batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return self.prefixes[str(layer)](self._pooled(layer, batch_size), batch_size)
-        return prefix
+    def _prefix_for(self, layer: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ct_prefix`` of block ``layer``: keys and values fed back from its pooled input state."""
+        return self.prefixes[str(layer)](self._pooled(layer, batch_size), batch_size)
 
     def controls(self) -> list[Control]:
         out = []

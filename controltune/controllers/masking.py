@@ -11,7 +11,8 @@ kept weights (½ at the threshold), so ``λ_s`` (``sparsity``) pushes scores bel
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -20,8 +21,16 @@ from .base import Control, Controller, register
 from .specification import ParamSite, SiteDelta, block_sites, control_of, target_parameters, wrap_owners
 
 
-def straight_through_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``1[s > τ]`` in the forward pass, with gradient ``∂m/∂s = 1`` (straight through)."""
+def straight_through_mask(scores: torch.Tensor, threshold: float, anchor: torch.Tensor | None = None) -> torch.Tensor:
+    """``1[s > τ]`` in the forward pass, with gradient ``∂m/∂s = 1`` (straight through).
+
+    With an ``anchor`` s₀ the mask is the estimator's linearisation
+    ``m(s) = 1[s₀ > τ] + (s − s₀)``: equal to the binary mask at ``s = s₀`` and
+    truly differentiable with ``∂m/∂s = 1`` everywhere, so finite differences of J
+    along s measure exactly what the straight-through gradient claims.
+    """
+    if anchor is not None:
+        return (anchor > threshold).to(scores.dtype) + (scores - anchor)
     hard = (scores > threshold).to(scores.dtype)
     # s − s.detach() is exactly 0, so the value is exactly the binary mask.
     return hard + (scores - scores.detach())
@@ -35,9 +44,10 @@ class MaskDelta(SiteDelta):
         self.name, self.threshold = site.name, float(threshold)
         self.scores = nn.Parameter(torch.full(site.param.shape, float(init_score), dtype=site.param.dtype,
                                               device=site.param.device))
+        self.anchor: torch.Tensor | None = None
 
     def mask(self) -> torch.Tensor:
-        return straight_through_mask(self.scores, self.threshold)
+        return straight_through_mask(self.scores, self.threshold, self.anchor)
 
     def apply(self, theta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {self.name: theta[self.name] * self.mask()}
@@ -92,6 +102,18 @@ class Masking(Controller):
                     scores = self.deltas[s.owner_key].scores
                     total = total + self.sparsity * torch.sigmoid(scores - self.threshold).sum()
         return total
+
+    @contextlib.contextmanager
+    def straight_through_linearisation(self) -> Iterator[None]:
+        """Masks become ``1[s₀ > τ] + (s − s₀)`` at the current scores s₀ (see :func:`straight_through_mask`)."""
+        deltas = [self.deltas[s.owner_key] for s in self._sites]
+        for d in deltas:
+            d.anchor = d.scores.detach().clone()
+        try:
+            yield
+        finally:
+            for d in deltas:
+                d.anchor = None
 
     @torch.no_grad()
     def density(self) -> float:
