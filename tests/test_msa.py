@@ -95,8 +95,16 @@ class _NoControls(ToyResidualNet):
 def test_msa_command_writes_a_dev_curve(tmp_path):
     from controltune.cli import main
 
+    # A task folder of its own, so the test does not depend on ../shared/data being present.
+    task = tmp_path / "task"
+    task.mkdir()
+    rows = [{"text": f"{word} film number {i}", "label": int(word == "good")}
+            for i in range(12) for word in ("good", "bad")]
+    for split in ("train", "dev"):
+        (task / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "msa.json"
-    code = main(["msa", "--model", "random:bert", "--method", "lora", "--opt", "rank=2", "--iterations", "2",
+    code = main(["msa", "--model", "random:bert", "--task", str(task), "--method", "lora", "--opt", "rank=2",
+                 "--iterations", "2",
                  "--eval-every", "1", "--batch-size", "4", "--max-length", "16", "--train-size", "16",
                  "--dev-size", "8", "--rho", "0.1", "--json", str(out)])
     assert code == 0
