@@ -30,7 +30,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="controltune", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="controltune",
+        description="Optimal-control theory of delta tuning of pretrained Transformers: residual-stream "
+                    "systems, delta controllers, Pontryagin co-states, Lipschitz bounds.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS.items():
         try:
