@@ -148,6 +148,24 @@ def _param_names(module: nn.Module, params: Sequence[torch.Tensor]) -> list[str]
     return [ids[id(p)] for p in params]
 
 
+def _control_map(system, layer: int, x: torch.Tensor, ctx: Context):
+    """``(u_l, u ↦ m ⊙ f_l(x, u))``: block ``layer``'s layer controls (detached copies)
+    and the block as a function of them at the fixed state ``x`` (padding masked)."""
+    controls = layer_controls(system, layer)
+    if not controls:
+        raise ValueError(f"block {layer} has no layer controls")
+    stepper = _Stepper(system, layer, ctx)
+    names = _param_names(stepper, [c.param for c in controls])
+    u = tuple(c.param.detach().clone() for c in controls)
+    m = _mask(x, ctx)
+    x = x.detach()
+
+    def f(us: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.func.functional_call(stepper, dict(zip(names, us)), (x,), strict=False) * m
+
+    return u, f
+
+
 def _mask(x: torch.Tensor, ctx: Context) -> torch.Tensor:
     """``S×T×1`` real-position mask of a state ``x`` (dtype of x)."""
     return ctx.attention_mask.to(x.dtype).unsqueeze(-1)
@@ -196,17 +214,10 @@ def local_control_lipschitz(system, layer: int, x: torch.Tensor, ctx: Context, i
                             seed: int = 0) -> PowerResult:
     """``‖∂f_l/∂u_l‖₂`` at ``(x, u_l)``: u_l all layer controls of block l; the vector is a tuple of tensors."""
     _need_eager(system)
-    controls = layer_controls(system, layer)
-    if not controls:
-        raise ValueError(f"block {layer} has no layer controls")
-    stepper = _Stepper(system, layer, ctx)
-    names = _param_names(stepper, [c.param for c in controls])
-    primals = tuple(c.param.detach().clone() for c in controls)
-    m = _mask(x, ctx)
-    x = x.detach()
+    primals, f_of = _control_map(system, layer, x, ctx)
 
     def f(*us: torch.Tensor) -> torch.Tensor:
-        return torch.func.functional_call(stepper, dict(zip(names, us)), (x,), strict=False) * m
+        return f_of(us)
 
     def apply(v: _Flat) -> torch.Tensor:
         return torch.func.jvp(f, primals, v.parts)[1].detach()
@@ -291,17 +302,7 @@ def sampled_control_lipschitz(system, layer: int, x: torch.Tensor, ctx: Context,
     ``r = radius·max(‖u‖, 1)``; ``others`` are other values of the layer's controls
     (e.g. a projected control), tried as data pairs.
     """
-    controls = layer_controls(system, layer)
-    if not controls:
-        raise ValueError(f"block {layer} has no layer controls")
-    stepper = _Stepper(system, layer, ctx)
-    names = _param_names(stepper, [c.param for c in controls])
-    u = tuple(c.param.detach().clone() for c in controls)
-    m = _mask(x, ctx)
-    x = x.detach()
-
-    def f(us: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.func.functional_call(stepper, dict(zip(names, us)), (x,), strict=False) * m
+    u, f = _control_map(system, layer, x, ctx)
 
     r = radius * max(float(_Flat(u).norm()), 1.0)
     gen = torch.Generator().manual_seed(seed)

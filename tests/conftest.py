@@ -23,6 +23,15 @@ def make_batch(tokenizer, n: int = 3, labels: bool = True, family: str | None = 
     return batch
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: thread start-up dominates, and the machine's cores are shared."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def batch_of():
     return make_batch

@@ -44,13 +44,7 @@ NOT_IDENTITY = ["prefix", "prefix_reparam", "prompt", "unipelt", "unipelt_repara
 PREFIXED = ["prefix", "prefix_reparam", "unipelt", "unipelt_reparam"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: thread start-up dominates, and the machine's cores are shared.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache

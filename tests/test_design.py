@@ -15,14 +15,7 @@ from controltune.design import dlqr_finite, greedy_allocate, lqr_rollout, module
 from controltune.design.gramian import gn_sqrt, parameter_names
 from controltune.design.placement import allocation_cost
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one thread is fastest, and idle worker threads spin on a shared machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _system(name: str = "random:bert", kernel: str = "sdpa", num_labels: int = 2) -> ct.ResidualSystem:

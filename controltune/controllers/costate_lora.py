@@ -40,7 +40,7 @@ from ..design.linearize import design_batch as load_design_batch
 from ..design.placement import allocation_cost, greedy_allocate
 from ..families.base import dense_weight, linear_io
 from .base import Control, Controller, Site, UnsupportedMethodError, register, resolve_targets, seeded_generator, wrap
-from .lora import LoRADelta, _key
+from .lora import LoRADelta, _key, lora_controls
 
 SCORES = ("gramian", "costate")
 
@@ -101,12 +101,7 @@ class _DesignedLoRA(Controller):
             wrap(system.base, site.path, delta)
 
     def controls(self) -> list[Control]:
-        out = []
-        for site in self.sites:
-            d = self.deltas[_key(site)]
-            out += [Control(f"{self.method}.{site.layer}.{site.role}.A", d.A, "layer", (site.layer,)),
-                    Control(f"{self.method}.{site.layer}.{site.role}.B", d.B, "layer", (site.layer,))]
-        return out
+        return lora_controls(self.method, self.sites, self.deltas)
 
 
 @register

@@ -71,12 +71,17 @@ class LoRA(Controller):
             wrap(system.base, site.path, delta)
 
     def controls(self) -> list[Control]:
-        out = []
-        for site in self.sites:
-            d = self.deltas[_key(site)]
-            out += [Control(f"lora.{site.layer}.{site.role}.A", d.A, "layer", (site.layer,)),
-                    Control(f"lora.{site.layer}.{site.role}.B", d.B, "layer", (site.layer,))]
-        return out
+        return lora_controls(self.method, self.sites, self.deltas)
+
+
+def lora_controls(method: str, sites: list, deltas: nn.ModuleDict) -> list[Control]:
+    """The layer controls ``(A, B)`` of each LoRA site, named ``<method>.<layer>.<role>.A|B``."""
+    out = []
+    for site in sites:
+        d = deltas[_key(site)]
+        out += [Control(f"{method}.{site.layer}.{site.role}.A", d.A, "layer", (site.layer,)),
+                Control(f"{method}.{site.layer}.{site.role}.B", d.B, "layer", (site.layer,))]
+    return out
 
 
 def _key(site) -> str:
