@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: appends are not locked
+    fcntl = None  # type: ignore[assignment]
 
 
 def versions() -> dict[str, str]:
@@ -39,9 +45,15 @@ def append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
     """Append one row to a JSONL file (sweeps append as they go, so a stop loses nothing)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fh.write(json.dumps(row, default=_default) + "\n")
-        fh.flush()
+    data = (json.dumps(row, default=_default) + "\n").encode()
+    # One O_APPEND write under an exclusive lock: parallel workers of one sweep share the file.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

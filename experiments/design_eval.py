@@ -3,61 +3,87 @@
 Designs: ``costate_lora`` (co-state / one-MSA-step LoRA initialisation), ``gramian_lora``
 (controllability-guided module placement), ``riccati_lora`` (Riccati-designed residual state
 feedback), ``closed_loop_prefix`` (state-feedback prefixes).  Baselines: ``lora``, ``adapter``,
-``prefix``, ``bitfit``, ``full``.  LoRA-like methods, adapters and prefixes are sized to about the
-trainable-parameter count of LoRA r=8 on q,v (73,728 + the 770-scalar head); BitFit and full
-fine-tuning have their natural counts.
+``prefix``, ``bitfit``, ``full``.
 
-Protocol (sized for a 2-core machine shared by several jobs; every number is in the rows):
+Parameter budgets (``--budgets``): ``b74k`` sizes every LoRA-like method, adapter and prefix to
+about the trainable count of LoRA r=8 on q,v (73,728 + the 770-scalar head); ``b18k`` to about
+LoRA r=2 on q,v (18,432 + 770).  BitFit and full fine-tuning have their natural counts and run
+at ``b74k`` only.
 
-* data: a seeded subsample of the train split (``--n-train`` rows for training plus ``--n-val``
-  *held-out* rows for validation; the subsample seed is the run seed); a fixed seeded
-  subsample of ``--n-dev`` dev rows scores the final model.  Design batches (co-states,
-  Gramians, Riccati) are the first rows of the training part;
-* stage ``select`` (SST-2, seed 0): each method's learning rate from a two-point grid, chosen by
-  validation accuracy after ``--select-steps`` steps (dev is never used for a choice);
-* stage ``main``: every method with its chosen rate, ``--seeds`` seeds, one epoch over the training
-  rows, validation accuracy every ``--eval-every`` steps (convergence curves), then the dev score;
-* further tasks (``--tasks``, e.g. RTE) reuse the SST-2-selected rates;
-* stage ``ablation`` (``--ablation METHOD:LR``): a method at a fixed rate, e.g. LoRA at the rate
-  selected for co-state LoRA, so the two initialisations compare at one learning rate.
+Protocol (every number is in the rows):
+
+* data: per task a seeded subsample of the train split, ``--n-train`` rows for training plus
+  ``--n-val`` *held-out* rows for validation (the subsample seed is the run seed); the full dev
+  set scores the final model (``--n-dev`` subsamples it).  Design batches (co-states, Gramians,
+  Riccati) are the first ``n_design`` training rows;
+* learning rate: on the selection task (the first of ``--tasks``) at the first budget, seed 0 runs
+  at every rate of the method's two-point grid; the rate with the best final *validation*
+  accuracy (ties: lower validation loss) is chosen and used for every other seed, task and budget.
+  Dev is never used for a choice; the table reports only runs at the chosen rate;
+* training: AdamW, one epoch, batch ``--batch-size``, warm-up 10 % then linear decay, dropout off
+  (the deterministic system of the PMP analysis), validation scored ``--curve-points`` times
+  during training (the convergence curves);
+* order: selection first, then seed-major (every (budget, task, method) cell gets seed 0 before
+  any gets seed 1), so a sweep cut short still covers every cell.
 
 Rows are appended to ``experiments/results/design_eval.jsonl`` as they finish; a rerun skips
-rows already there (resume); each invocation's configuration is appended to
-``design_eval.invocations.jsonl``.  ``--budget-min`` stops starting new runs after that wall time.
+rows already there (resume).  ``--shard K/N`` runs every N-th job starting at K, so N processes
+(one per core) share one sweep; after the selection jobs each worker waits for all of them.
+Each invocation's configuration is appended to ``design_eval.invocations.jsonl``.
 
-    nice -n 10 env PYTHONPATH=. .venv/bin/python experiments/design_eval.py --budget-min 30
+    for k in 0 1; do nice -n 10 env PYTHONPATH=. .venv/bin/python experiments/design_eval.py \\
+        --shard $k/2 --budget-min 120 & done
+
+The pilot of the previous session (384 training rows, 8-step selection) is kept in
+``design_eval_pilot.jsonl``.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import math
 import time
 from pathlib import Path
 
 import torch
 
 from controltune import ResidualSystem, load_model
-from controltune.controllers import build
+from controltune.controllers import REGISTRY, build
 from controltune.data import Collator, load_split, resolve_task
 from controltune.results import append_jsonl, read_jsonl, stamp
 from controltune.train import TrainConfig, evaluate, train
+from controltune.zoo import offline_tokenizer
 
 OUT = Path(__file__).parent / "results" / "design_eval.jsonl"
 
-METHODS: dict[str, tuple[str, dict]] = {
-    "lora": ("lora", {"rank": 8, "targets": ["q", "v"]}),
-    "costate_lora": ("costate_lora", {"rank": 8, "targets": ["q", "v"], "n_design": 32}),
-    "gramian_lora": ("gramian_lora", {"rank": 8, "n_design": 16, "n_probes": 4}),
-    "riccati_lora": ("riccati_lora", {"rank": 16, "state_dim": 16, "n_design": 16}),
-    "adapter": ("adapter", {"bottleneck": 8}),
-    "prefix": ("prefix", {"length": 16}),
-    "closed_loop_prefix": ("closed_loop_prefix", {"n_prefix": 8, "rank": 1}),
-    "bitfit": ("bitfit", {}),
-    "full": ("full", {}),
+BUDGETS: dict[str, dict[str, tuple[str, dict]]] = {
+    "b74k": {
+        "lora": ("lora", {"rank": 8, "targets": ["q", "v"]}),
+        "costate_lora": ("costate_lora", {"rank": 8, "targets": ["q", "v"], "n_design": 32}),
+        "gramian_lora": ("gramian_lora", {"rank": 8, "n_design": 16, "n_probes": 4}),
+        "riccati_lora": ("riccati_lora", {"rank": 16, "state_dim": 16, "n_design": 16}),
+        "adapter": ("adapter", {"bottleneck": 8}),
+        "prefix": ("prefix", {"length": 16}),
+        "closed_loop_prefix": ("closed_loop_prefix", {"n_prefix": 8, "rank": 1}),
+        "bitfit": ("bitfit", {}),
+        "full": ("full", {}),
+    },
+    "b18k": {
+        "lora": ("lora", {"rank": 2, "targets": ["q", "v"]}),
+        "costate_lora": ("costate_lora", {"rank": 2, "targets": ["q", "v"], "n_design": 32}),
+        "gramian_lora": ("gramian_lora", {"rank": 2, "n_design": 16, "n_probes": 4}),
+        "riccati_lora": ("riccati_lora", {"rank": 4, "state_dim": 4, "n_design": 16}),
+        "adapter": ("adapter", {"bottleneck": 2}),
+        "prefix": ("prefix", {"length": 4}),
+        "closed_loop_prefix": ("closed_loop_prefix", {"n_prefix": 2, "rank": 1}),
+    },
 }
 DESIGNED = ("costate_lora", "gramian_lora", "riccati_lora")  # take a design batch
-LR_GRID = {"prefix": (3e-3, 1e-2), "closed_loop_prefix": (3e-3, 1e-2), "full": (3e-5, 1e-4)}
+LR_GRID = {"prefix": (3e-3, 1e-2), "closed_loop_prefix": (3e-3, 1e-2), "bitfit": (3e-3, 1e-2),
+           "full": (3e-5, 1e-4)}
 DEFAULT_GRID = (1e-3, 3e-3)
+N_TRAIN = {"sst2": 5000, "cola": 4000, "mrpc": 2000, "rte": 2000}
 
 
 def split_train(task: str, n_train: int, n_val: int, seed: int):
@@ -65,124 +91,149 @@ def split_train(task: str, n_train: int, n_val: int, seed: int):
     rows = load_split(task, "train", n=n_train + n_val, seed=seed)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
     rows = [rows[i] for i in order]
-    return rows[:n_train], rows[n_train:]
+    return rows[:-n_val], rows[-n_val:]
 
 
-def build_system(method: str, task_spec, seed: int, train_rows, tokenizer, max_length: int):
+def build_system(budget: str, method: str, task_spec, seed: int, train_rows, tokenizer, max_length: int):
+    """MiniLM with the method attached -> (system, options, design seconds, design report)."""
     loaded = load_model("minilm", seed=seed)
     system = ResidualSystem(loaded, num_labels=task_spec.num_labels, seed=seed)
-    name, opts = METHODS[method]
+    name, opts = BUDGETS[budget][method]
     opts = dict(opts)
     if method in DESIGNED:
-        n = opts["n_design"]
-        opts["design_batch"] = Collator(tokenizer, max_length)(train_rows[:n])
-    if "seed" in _params(name):
+        opts["design_batch"] = Collator(tokenizer, max_length)(train_rows[:opts["n_design"]])
+    if "seed" in inspect.signature(REGISTRY[name]).parameters:
         opts["seed"] = seed
     t0 = time.perf_counter()
     ctrl = build(name, system, **opts)
     design_s = time.perf_counter() - t0
     report = {k: v for k, v in getattr(ctrl, "report", {}).items() if k not in ("grid", "sigma_r", "scores")}
     opts.pop("design_batch", None)
-    return system, loaded.tokenizer, opts, design_s, report
+    return system, opts, design_s, report
 
 
-def _params(name: str) -> set[str]:
-    import inspect
-
-    from controltune.controllers import REGISTRY
-
-    return set(inspect.signature(REGISTRY[name]).parameters)
-
-
-def run_one(stage: str, task: str, method: str, seed: int, lr: float, args, steps: int | None) -> dict:
+def run_one(job: tuple, args) -> dict:
+    """Train one (budget, task, method, seed, lr) job; the row holds validation curve and dev score."""
+    budget, task, method, seed, lr = job
     spec = resolve_task(task)
-    train_rows, val_rows = split_train(task, args.n_train, args.n_val, seed)
-    from controltune.zoo import offline_tokenizer
-
+    train_rows, val_rows = split_train(task, args.n_train[spec.name], args.n_val, seed)
     tok = offline_tokenizer()
-    system, tok, opts, design_s, report = build_system(method, spec, seed, train_rows, tok, args.max_length)
-    cfg = TrainConfig(lr=lr, steps=steps, epochs=None if steps else 1.0, batch_size=args.batch_size,
-                      eval_batch_size=64, max_length=args.max_length,
-                      eval_every=args.eval_every if stage != "select" else None, seed=seed, progress=False,
-                      warmup=0.1)
+    system, opts, design_s, report = build_system(budget, method, spec, seed, train_rows, tok, args.max_length)
+    steps = math.ceil(len(train_rows) / args.batch_size)
+    cfg = TrainConfig(lr=lr, epochs=1.0, batch_size=args.batch_size, eval_batch_size=64,
+                      max_length=args.max_length, eval_every=max(1, steps // args.curve_points), seed=seed,
+                      progress=False, warmup=0.1)
     t0 = time.perf_counter()
     result = train(system, train_rows, val_rows, spec, cfg, tokenizer=tok)
-    row = {"stage": stage, "task": spec.name, "method": method, "seed": seed, "lr": lr, "options": opts,
-           "n_trainable": result["n_trainable"], "steps": result["step"], "design_s": design_s,
-           "design_report": report, "val": result["final"], "val_curve": result["curves"]["dev"],
-           "train_loss": result["curves"]["train_loss"]}
-    if stage != "select":
-        dev_rows = load_split(spec, "dev", n=args.n_dev, seed=args.dev_seed)
-        row["dev"] = evaluate(system, dev_rows, spec, tok, 64, args.max_length)
+    dev_rows = load_split(spec, "dev", n=args.n_dev, seed=0)
+    row = {"budget": budget, "task": spec.name, "method": method, "seed": seed, "lr": lr, "options": opts,
+           "n_trainable": result["n_trainable"], "n_train": len(train_rows), "n_val": len(val_rows),
+           "n_dev": len(dev_rows), "steps": result["step"], "design_s": design_s, "design_report": report,
+           "val": result["final"], "val_curve": result["curves"]["dev"],
+           "train_loss": result["curves"]["train_loss"],
+           "dev": evaluate(system, dev_rows, spec, tok, 64, args.max_length)}
     row["wall_s"] = time.perf_counter() - t0 + design_s
     return row
 
 
-def main() -> None:
+def choose_lr(rows: list[dict], budget: str, task: str, method: str) -> float | None:
+    """The grid rate with the best seed-0 validation accuracy (ties: lower loss); None if incomplete."""
+    grid = LR_GRID.get(method, DEFAULT_GRID)
+    cands = [r for r in rows if (r["budget"], r["task"], r["method"], r["seed"]) == (budget, task, method, 0)
+             and r["lr"] in grid]
+    if {r["lr"] for r in cands} != set(grid):
+        return None
+    return max(cands, key=lambda r: (r["val"]["accuracy"], -r["val"]["loss"]))["lr"]
+
+
+def selection_jobs(args) -> list[tuple]:
+    budget, task = args.budgets[0], resolve_task(args.tasks[0]).name
+    return [(budget, task, m, 0, lr) for m in args.methods if m in BUDGETS[budget]
+            for lr in LR_GRID.get(m, DEFAULT_GRID)]
+
+
+def main_jobs(args, chosen: dict[str, float]) -> list[tuple]:
+    """Seed-major list of the jobs after selection (the selection task's seed 0 is already done)."""
+    sel_budget, sel_task = args.budgets[0], resolve_task(args.tasks[0]).name
+    jobs = []
+    for seed in range(args.seeds):
+        for budget in args.budgets:
+            tasks = args.tasks if budget == sel_budget else args.second_budget_tasks
+            for task in tasks:
+                task = resolve_task(task).name
+                if (budget, task, seed) == (sel_budget, sel_task, 0):
+                    continue
+                jobs += [(budget, task, m, seed, chosen[m]) for m in args.methods
+                         if m in BUDGETS[budget] and m in chosen]
+    return jobs
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
-    ap.add_argument("--tasks", nargs="+", default=["sst2", "rte"], help="the first task is used for selection")
+    ap.add_argument("--methods", nargs="+", default=list(BUDGETS["b74k"]), choices=list(BUDGETS["b74k"]))
+    ap.add_argument("--tasks", nargs="+", default=["sst2", "rte", "mrpc", "cola"],
+                    help="the first task selects the learning rates")
+    ap.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS),
+                    help="the first budget is used for selection")
+    ap.add_argument("--second-budget-tasks", nargs="+", default=["sst2", "rte"])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--extra-task-seeds", type=int, default=1, help="seeds for tasks after the first")
-    ap.add_argument("--n-train", type=int, default=384)
-    ap.add_argument("--n-val", type=int, default=64)
-    ap.add_argument("--n-dev", type=int, default=256)
-    ap.add_argument("--dev-seed", type=int, default=0)
-    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--n-train", nargs="+", default=[f"{k}={v}" for k, v in N_TRAIN.items()], metavar="TASK=N")
+    ap.add_argument("--n-val", type=int, default=256)
+    ap.add_argument("--n-dev", type=int, default=None, help="dev rows (default: the full dev set)")
+    ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--eval-every", type=int, default=8)
-    ap.add_argument("--select-steps", type=int, default=12)
-    ap.add_argument("--budget-min", type=float, default=30.0)
-    ap.add_argument("--ablation", nargs="*", default=[], metavar="METHOD:LR",
-                    help="extra runs of METHOD at a fixed LR on the first task (stage 'ablation'), e.g. to "
-                         "compare two initialisations at the same learning rate")
+    ap.add_argument("--curve-points", type=int, default=6)
+    ap.add_argument("--budget-min", type=float, default=60.0, help="start no new job after this wall time")
+    ap.add_argument("--shard", default="0/1", metavar="K/N")
     ap.add_argument("--out", default=str(OUT))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    try:
+        args.n_train = {resolve_task(k).name: int(v) for k, v in (item.split("=") for item in args.n_train)}
+    except ValueError as err:
+        raise SystemExit(f"--n-train expects TASK=N items, got {args.n_train}: {err}") from err
+    missing = {resolve_task(t).name for t in args.tasks} - set(args.n_train)
+    if missing:
+        raise SystemExit(f"--n-train has no size for {sorted(missing)}")
+    k, _, n = args.shard.partition("/")
+    args.shard_k, args.shard_n = int(k), int(n)
+    if not 0 <= args.shard_k < args.shard_n:
+        raise SystemExit(f"--shard K/N needs 0 <= K < N, got {args.shard}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
-    # One line per invocation (a resumed or extended sweep keeps the configuration of every part).
     append_jsonl(out.with_suffix(".invocations.jsonl"),
-                 stamp({**vars(args), "methods_config": METHODS,
-                        "lr_grid": {m: LR_GRID.get(m, DEFAULT_GRID) for m in METHODS}}))
-    done = {(r["stage"], r["task"], r["method"], r["seed"], r["lr"]) for r in read_jsonl(out)}
+                 stamp({**vars(args), "budgets_config": BUDGETS,
+                        "lr_grid": {m: LR_GRID.get(m, DEFAULT_GRID) for m in BUDGETS["b74k"]}}))
     t_start = time.perf_counter()
 
-    def go(stage, task, method, seed, lr, steps=None):
-        key = (stage, resolve_task(task).name, method, seed, lr)
-        if key in done:
-            return
-        if time.perf_counter() - t_start > 60 * args.budget_min:
-            print(f"budget reached, skipping {key}")
-            return
-        row = run_one(stage, task, method, seed, lr, args, steps)
-        append_jsonl(out, row)
-        done.add(key)
-        metric = row.get("dev", row["val"])
-        print(f"{stage} {task} {method} seed={seed} lr={lr:g}: val={row['val']['accuracy']:.3f} "
-              f"score={metric.get('accuracy', float('nan')):.3f} ({row['wall_s']:.0f}s)", flush=True)
+    def done() -> set[tuple]:
+        return {(r["budget"], r["task"], r["method"], r["seed"], r["lr"]) for r in read_jsonl(out)}
 
-    first = args.tasks[0]
-    for method in args.methods:
-        for lr in LR_GRID.get(method, DEFAULT_GRID):
-            go("select", first, method, 0, lr, args.select_steps)
+    def work(jobs: list[tuple]) -> None:
+        for i, job in enumerate(jobs):
+            if i % args.shard_n != args.shard_k or job in done():
+                continue
+            if time.perf_counter() - t_start > 60 * args.budget_min:
+                print(f"time budget reached, not starting {job}", flush=True)
+                return
+            row = run_one(job, args)
+            append_jsonl(out, row)
+            print(f"{job}: val={row['val']['accuracy']:.3f} dev={row['dev']} ({row['wall_s']:.0f}s)", flush=True)
+
+    selection = selection_jobs(args)
+    work(selection)
+    while not set(selection) <= done():  # another shard is still selecting
+        if time.perf_counter() - t_start > 60 * args.budget_min:
+            return
+        time.sleep(15)
     rows = read_jsonl(out)
-    chosen = {}
-    for method in args.methods:
-        cands = [r for r in rows if r["stage"] == "select" and r["method"] == method]
-        if cands:
-            chosen[method] = max(cands, key=lambda r: (r["val"]["accuracy"], -r["val"]["loss"]))["lr"]
-    for task in args.tasks:
-        n_seeds = args.seeds if task == first else args.extra_task_seeds
-        for seed in range(n_seeds):
-            for method in args.methods:
-                if method in chosen:
-                    go("main", task, method, seed, chosen[method])
-    for item in args.ablation:
-        method, _, lr = item.partition(":")
-        if method not in METHODS or not lr:
-            raise SystemExit(f"--ablation {item!r}: expected METHOD:LR with METHOD in {', '.join(METHODS)}")
-        for seed in range(args.seeds):
-            go("ablation", first, method, seed, float(lr))
+    chosen = {m: choose_lr(rows, args.budgets[0], resolve_task(args.tasks[0]).name, m) for m in args.methods}
+    print("chosen learning rates:", chosen, flush=True)
+    work(main_jobs(args, {m: lr for m, lr in chosen.items() if lr is not None}))
 
 
 if __name__ == "__main__":
