@@ -1,6 +1,7 @@
-# Two commands do all set-up on a fresh machine:
+# Three commands do all set-up on a fresh machine:
 #   make demo   creates .venv, installs controltune, runs the main job on the real MiniLM
 #   make test   creates .venv, installs controltune with its test extras, runs the test suite
+#   make figures  rebuilds paper_figs/ (pdf, png, caption) from experiments/results/ in seconds
 # The CPU build of torch is installed first with plain pip (torch==2.13.0 is a local
 # wheel here); on a GPU machine install your own torch into .venv before `make`.
 PYTHON ?= python3
@@ -23,4 +24,7 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
-.PHONY: install demo test
+figures: install
+	$(VENV)/bin/controltune figures
+
+.PHONY: install demo test figures

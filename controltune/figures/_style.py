@@ -1,0 +1,74 @@
+"""Shared helpers of the figure modules: the house style, reading results, writing commands."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+STYLE: dict[str, Any] = {
+    "font.size": 8,
+    "axes.titlesize": 9,
+    "axes.labelsize": 8,
+    "legend.fontsize": 7,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "axes.grid": False,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "pdf.fonttype": 42,  # embed TrueType: the PDF text stays editable and searchable
+}
+"""rcParams every figure is drawn and saved under (see :func:`controltune.figures.render`)."""
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A bare Agg figure (no pyplot state) of ``width × height`` inches, constrained layout."""
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def load_json(results_dir: Path, name: str) -> dict[str, Any]:
+    """The JSON result ``results_dir / name`` (a clear error if it is missing)."""
+    path = Path(results_dir) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"result file {path} does not exist")
+    return json.loads(path.read_text())
+
+
+def argv_from_config(prefix: Iterable[str], config: Mapping[str, Any], keys: Iterable[str]) -> list[str]:
+    """``prefix --key value ...`` for ``keys`` of a result's ``config`` (the flags its script takes).
+
+    ``snake_case`` keys become ``--kebab-case`` flags; ``True`` is a bare flag, ``False`` and
+    ``None`` are left out, a list gives one value per item.
+    """
+    argv = list(prefix)
+    for key in keys:
+        value = config.get(key)
+        if value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *(str(v) for v in value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def sci(x: float | None, digits: int = 1) -> str:
+    """``x`` in short scientific notation (``3.3e-10``); ``0`` and ``-`` for zero and missing."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if x == 0:
+        return "0"
+    return f"{x:.{digits}e}".replace("e-0", "e-").replace("e+0", "e+")
+
+
+def versions_line(payload: Mapping[str, Any]) -> str:
+    """``torch 2.13.0+cpu, transformers 5.23.0`` from a result's ``versions`` stamp."""
+    v = payload.get("versions", {})
+    return ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "controltune") if k in v)
