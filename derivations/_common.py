@@ -36,16 +36,18 @@ def vanishes(expr: sp.Expr | sp.MatrixBase) -> bool:
     """``True`` iff ``expr`` (scalar or matrix) is identically zero.
 
     ``doit`` evaluates the ``Subs``/``Derivative`` objects the chain rule leaves on undefined
-    functions; ``expand`` then puts sums of products in a canonical form, which decides
-    polynomial identities in those objects.  Rational functions (inverses, softmax
-    denominators) are brought to one fraction by ``cancel``; ``simplify`` is the last resort.
+    functions, and every ``exp`` gets its argument expanded (a canonical form for the softmax
+    weights).  ``expand`` (without splitting ``exp(a + b)``) then decides polynomial identities in
+    those objects; rational functions (inverses, softmax denominators) are brought to one
+    fraction by ``cancel``, treating each distinct ``exp`` as an independent variable (so an
+    identity found this way holds for any positive weights, a stronger statement).
+    ``simplify`` is the last resort.
     """
     entries = list(expr) if isinstance(expr, sp.MatrixBase) else [expr]
     for entry in entries:
-        e = sp.expand(sp.sympify(entry).doit())
-        if e == 0:
-            continue
-        if sp.cancel(sp.together(e)) == 0 or sp.simplify(e) == 0:
+        e = sp.sympify(entry).doit()
+        e = e.replace(lambda a: isinstance(a, sp.exp), lambda a: sp.exp(sp.expand(a.args[0])))
+        if sp.expand(e, power_exp=False) == 0 or sp.cancel(sp.together(e)) == 0 or sp.simplify(e) == 0:
             continue
         return False
     return True
