@@ -3,9 +3,12 @@
 Every figure registered in :mod:`controltune.figures` is drawn from its result files
 (``--results``, default ``experiments/results``) and written as ``<name>.pdf``,
 ``<name>.png`` and ``<name>.caption.md`` into ``--out`` (default ``paper_figs``); this
-takes seconds.  ``--recompute`` first reruns the experiments that write the selected
-figures' sources (minutes to hours: each caption states the cost), from the current
-directory, which must be the repository root.  Examples::
+takes seconds.  A figure whose sources are missing is reported (with the command that
+writes them) and the others are still built; the exit status is then 1.
+
+``--recompute`` first reruns the experiments that write the selected figures' sources
+(minutes to hours: see each experiment script's docstring), from the current directory,
+which must be the repository root.  Examples::
 
     controltune figures --list
     controltune figures --only pmp_agreement msa_toy
@@ -89,12 +92,21 @@ def run(args: argparse.Namespace) -> int:
     specs = [figures[n] for n in names]
     if args.recompute and (status := recompute(specs)) != 0:
         return status
-    written = []
+    written, missing = [], []
     for spec in specs:
-        paths = render(spec, Path(args.results), Path(args.out))
+        try:
+            paths = render(spec, Path(args.results), Path(args.out))
+        except FileNotFoundError as err:  # build the others, then report every missing source at once
+            missing.append(spec.name)
+            print(f"controltune figures: {spec.name}: not built: {err}", file=sys.stderr, flush=True)
+            continue
         written.append({"name": spec.name, "files": [str(p) for p in paths], "sources": list(spec.sources)})
         print(f"{spec.name:<24} -> {', '.join(str(p) for p in paths)}", flush=True)
     if args.json:
         config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-        write_json(args.json, {**stamp(config), "figures": written})
+        write_json(args.json, {**stamp(config), "figures": written, "missing_sources": missing})
+    if missing:
+        print(f"controltune figures: {len(written)} built, {len(missing)} not built for missing sources: "
+              f"{', '.join(missing)}", file=sys.stderr)
+        return 1
     return 0

@@ -14,8 +14,10 @@ The command line is ``controltune figures`` (``--list``, ``--only``, ``--recompu
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import logging
 import pkgutil
 import shlex
 from pathlib import Path
@@ -121,7 +123,7 @@ def render(spec: FigureSpec, results_dir: str | Path, out_dir: str | Path) -> li
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / spec.name
     paths = [stem.with_name(f"{spec.name}.pdf"), stem.with_name(f"{spec.name}.png")]
-    with matplotlib.rc_context(STYLE):
+    with matplotlib.rc_context(STYLE), _quiet_font_subsetting():
         fig = spec.draw(results_dir)
         # Fixed metadata so that rebuilding unchanged results gives byte-identical files (clean git diffs).
         fig.savefig(paths[0], metadata={"CreationDate": None, "ModDate": None})
@@ -130,6 +132,18 @@ def render(spec: FigureSpec, results_dir: str | Path, out_dir: str | Path) -> li
     caption = stem.with_name(f"{spec.name}.caption.md")
     caption.write_text(caption_markdown(spec, results_dir))
     return [*paths, caption]
+
+
+@contextlib.contextmanager
+def _quiet_font_subsetting():
+    """Silence fontTools' warning about the zeroed font timestamps of reproducible PDFs (harmless, every save)."""
+    logger = logging.getLogger("fontTools")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _close(fig) -> None:
