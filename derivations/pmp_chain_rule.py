@@ -21,7 +21,10 @@ the script proves (each difference ``expand``s to exactly zero):
 3. ``∇_θ H_0 + ∇_θ H_2 = −∂J/∂θ`` for the shared control, and that one layer's part alone is
    NOT the gradient (``∇_θ H_0 + ∂J/∂θ ≠ 0``), so the sum over the control's layers is needed;
 4. the same with running costs that also depend on the state, ``R_l(x_l, u_l)``: then
-   ``p_l = ∇_x H_l = (∂f_l/∂x)ᵀ p_{l+1} − ∂R_l/∂x`` (the form lq_riccati.py uses).
+   ``p_l = ∇_x H_l = (∂f_l/∂x)ᵀ p_{l+1} − ∂R_l/∂x`` (the form lq_riccati.py uses);
+5. DESIGN.md's batch form (S = 2 samples sharing the controls, ``J = (1/S) Σ_s Φ(x_{s,L}, y_s) + Σ_l R_l``):
+   ``p_{s,L} = −(1/S) ∂Φ/∂x_{s,L}`` gives ``p_{s,l} = −∂J/∂x_{s,l}`` and ``∇_u H_l = −∂J/∂u_l`` with
+   ``H_l = Σ_s p_{s,l+1}·f_l(x_{s,l}, u) − R_l(u)`` (a control shared by the samples, like one shared by layers).
 
 Run: ``python derivations/pmp_chain_rule.py`` (prints each identity, asserts it, writes
 ``derivations/out/pmp_chain_rule.tex``).
@@ -124,6 +127,53 @@ def check_system(n: int, state_cost: bool) -> dict[str, bool]:
     return checks
 
 
+def check_batch(n_samples: int = 2, n_layers: int = 2) -> dict[str, bool]:
+    """DESIGN.md's batch form: J = (1/S) Σ_s Φ(x_{s,L}, y_s) + Σ_l R_l(u_l), controls shared by the S samples.
+
+    ``p_{s,L} = −(1/S) ∂Φ/∂x_{s,L}``, ``p_{s,l} = (∂f_l/∂x)(x_{s,l}) p_{s,l+1}`` and
+    ``H_l = Σ_s p_{s,l+1} f_l(x_{s,l}, u) − R_l(u)`` (scalar states, generic g_l, Φ, R_l).
+    """
+    g = [sp.Function(f"g_{layer}") for layer in range(n_layers)]
+    R = [sp.Function(f"R_{layer}") for layer in range(n_layers)]
+    Phi = sp.Function("Phi")
+    u = sp.symbols(f"u_0:{n_layers}")
+    x0, y = sp.symbols(f"x_0:{n_samples}"), sp.symbols(f"y_0:{n_samples}")
+    z, v = sp.symbols("z v")
+    S = sp.Integer(n_samples)
+
+    def f(layer: int, x: sp.Expr, control: sp.Expr) -> sp.Expr:
+        return x + g[layer](x, control)
+
+    states = []  # states[s][l]
+    for s_ in range(n_samples):
+        xs = [x0[s_]]
+        for layer in range(n_layers):
+            xs.append(f(layer, xs[-1], u[layer]))
+        states.append(xs)
+    J = sum(Phi(states[s_][-1], y[s_]) for s_ in range(n_samples)) / S + sum(R[k](u[k]) for k in range(n_layers))
+    p = [[None] * (n_layers + 1) for _ in range(n_samples)]
+    checks: dict[str, bool] = {}
+    for s_ in range(n_samples):
+        p[s_][n_layers] = -sp.diff(Phi(z, y[s_]), z).subs(z, states[s_][-1]) / S
+        for layer in reversed(range(n_layers)):
+            p[s_][layer] = sp.diff(f(layer, z, u[layer]), z).subs(z, states[s_][layer]) * p[s_][layer + 1]
+        for layer in range(n_layers):
+            later = z
+            for k in range(layer, n_layers):
+                later = f(k, later, u[k])
+            dJ = sp.diff(Phi(later, y[s_]) / S, z).subs(z, states[s_][layer])
+            checks[f"[batch S={n_samples}] p_(s={s_},{layer}) = -dJ/dx_(s,{layer})"] = vanishes(p[s_][layer] + dJ)
+    p_free, x_free = sp.symbols(f"q_0:{n_samples}"), sp.symbols(f"w_0:{n_samples}")
+    for layer in range(n_layers):
+        H = sum(p_free[s_] * f(layer, x_free[s_], v) for s_ in range(n_samples)) - R[layer](v)
+        sub = {v: u[layer], **{p_free[s_]: p[s_][layer + 1] for s_ in range(n_samples)},
+               **{x_free[s_]: states[s_][layer] for s_ in range(n_samples)}}
+        dH = sp.diff(H, v).subs(sub, simultaneous=True)
+        checks[f"[batch S={n_samples}] grad_u H_{layer} (sum over samples) = -dJ/du_{layer}"] = vanishes(
+            dH + sp.diff(J, u[layer]))
+    return checks
+
+
 def latex_fragment() -> TexFragment:
     """The recursion and its unrolled scalar form, with the states ``x_l`` as plain symbols."""
     tex = TexFragment(NAME, "PMP co-states are the reverse-mode chain rule (generic residual system)")
@@ -157,6 +207,11 @@ def latex_fragment() -> TexFragment:
     tex.add("Own control of layer 1.", eq("\\nabla_{u_1} H_1", sp.Symbol("p_2") * sp.diff(g[1](x[1], u1), u1)
                                           - sp.diff(R[1](u1), u1)) + " = -\\frac{\\partial J}{\\partial u_1}",
             "own")
+    S, s_ = sp.symbols("S s")
+    p_sL, x_sl, p_sl1 = sp.Symbol("p_{s,L}"), sp.Symbol("x_{s,l}"), sp.Symbol("p_{s,l+1}")
+    tex.add("Batch form (controls shared by the $S$ samples of the batch, $J = \\frac1S\\sum_s\\Phi + \\sum_l R_l$).",
+            eq(p_sL, -sp.Derivative(Phi(sp.Symbol("x_{s,L}")), sp.Symbol("x_{s,L}")) / S) + ",\\qquad "
+            + eq("H_l", sp.Sum(p_sl1 * (x_sl + gl(x_sl, ul)), (s_, 1, S)) - Rl(ul)), "batch")
     Hx = p_next * (xl + gl(xl, ul)) - Rl(xl, ul)
     tex.add("With state-dependent running costs $R_l(x_l,u_l)$ the same identities hold with",
             eq("p_l", sp.diff(Hx, xl)), "costate_state_cost")
@@ -168,6 +223,7 @@ def main(out_dir: str | Path = OUT_DIR) -> dict[str, bool]:
     for state_cost in (False, True):
         for n in (1, 2):
             checks.update(check_system(n, state_cost))
+    checks.update(check_batch())
     require(checks, NAME)
     latex_fragment().write(out_dir)
     return checks

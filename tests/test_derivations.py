@@ -34,11 +34,11 @@ def test_costate_identities_hold_symbolically():
 
 def test_pmp_is_the_chain_rule_for_generic_dynamics(tmp_path):
     checks = load("pmp_chain_rule").main(tmp_path)
-    # 6 identities for each of n = 1, 2 and R_l(u), R_l(x, u).
-    assert len(checks) == 24 and all(checks.values()), checks
+    # 6 identities for each of n = 1, 2 and R_l(u), R_l(x, u); 6 for the batch form.
+    assert len(checks) == 30 and all(checks.values()), checks
     assert sum("shared control" in name for name in checks) == 4
     written(tmp_path, "pmp_chain_rule", ["dynamics", "hamiltonian", "costate", "unrolled", "shared", "own",
-                                         "costate_state_cost"],
+                                         "batch", "costate_state_cost"],
             ["= -\\frac{\\partial J}{\\partial \\theta}", "= -\\frac{\\partial J}{\\partial x_0}"])
 
 
