@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OUT_DIR, TexFragment, eq, mat, nonzero_witness, report, require, vanishes  # noqa: E402
 
 NAME = "control_forms"
-D, T, D_FF, RANK, N_PREFIX = 2, 2, 3, 1, 2
+D, T, D_FF, RANK, N_PREFIX = 2, 2, 3, 2, 2
 sigma, phi = sp.Function("sigma"), sp.Function("phi")
 s, c = sp.symbols("s c", positive=True)
 
