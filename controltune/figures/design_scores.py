@@ -92,6 +92,22 @@ def _chosen(payload: dict[str, Any], score: str) -> str:
     return ", ".join(f"{r['layer']}.{r['role']}" for r in payload["sites"] if r[f"rank_{score}"])
 
 
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation of two equally long lists (no ties expected among float scores)."""
+    def ranks(v: list[float]) -> list[int]:
+        order = sorted(range(len(v)), key=v.__getitem__)
+        out = [0] * len(v)
+        for rank, i in enumerate(order):
+            out[i] = rank
+        return out
+
+    n = len(a)
+    if n < 2 or n != len(b):
+        raise ValueError(f"spearman needs two lists of the same length >= 2, got {len(a)} and {len(b)}")
+    d2 = sum((x - y) ** 2 for x, y in zip(ranks(a), ranks(b)))
+    return 1.0 - 6.0 * d2 / (n * (n * n - 1))
+
+
 def caption(results_dir: Path) -> str:
     payload = load_json(results_dir, SOURCE)
     cfg = payload["config"]
@@ -99,6 +115,7 @@ def caption(results_dir: Path) -> str:
                                ("model", "n_batch", "max_length", "rank", "n_probes", "seed"))
     rel_se = max(r["gramian_se"] / r["gramian"] for r in payload["sites"] if r["gramian"] > 0)
     energy = ", ".join(sci(e, 2) for e in payload["layer_energy"])
+    rho = spearman([r["gramian"] for r in payload["sites"]], [r["costate"] for r in payload["sites"]])
     return (
         f"all-MiniLM-L6-v2 ({cfg['dtype']}) at its pretrained weights with a seeded (seed {cfg['seed']}) "
         f"classification head; a batch of {cfg['n_batch']} seeded SST-2 training sentences (≤{cfg['max_length']} "
@@ -113,7 +130,8 @@ def caption(results_dir: Path) -> str:
         f"places under the budget of rank-{cfg['rank']} LoRA on q and v of every block ({payload['budget']} "
         f"parameters; used {payload['used_gramian']} by the Gramian and {payload['used_costate']} by the "
         f"co-state energy). Right: ‖p_(l+1)‖² (layer_costate_energy), the co-state energy of an additive "
-        f"per-token control on the output of block l, ÷ max (raw: {energy}). Largest Gramian scores: "
+        f"per-token control on the output of block l, ÷ max (raw: {energy}). Spearman rank correlation of the "
+        f"two scores over the {len(payload['sites'])} maps: {rho:.3f}. Largest Gramian scores: "
         f"{_top(payload, 'gramian')}; largest co-state energies: {_top(payload, 'costate')}. Placed by the "
         f"Gramian: {_chosen(payload, 'gramian')}; by the co-state energy: {_chosen(payload, 'costate')}. "
         f"One batch, one head seed. Command: `{' '.join(command)}` ({versions_line(payload)})."
@@ -132,4 +150,4 @@ FIGURES = [
     ),
 ]
 
-__all__ = ["FIGURES", "caption", "draw", "score_grid"]
+__all__ = ["FIGURES", "caption", "draw", "score_grid", "spearman"]
