@@ -44,8 +44,10 @@ RESULTS = Path(__file__).parent / "results"
 METHODS: dict[str, dict[str, Any]] = {"lora": {"rank": 8, "alpha": 16, "targets": ("q", "v")},
                                       "adapter": {"bottleneck": 64}}
 LR = {"lora": 5e-4, "adapter": 5e-4}
-RADII = (1e-3, 1e-2, 1e-1)
+RADII = (1e-3, 1e-2, 1e-1, 1.0)
 """Probe radii ε, relative to ‖u*_l‖ (the norm of every control acting in block l)."""
+N_LINES, LINE_POINTS = 2, 11
+"""Directions per block along which ``H_l(u* + t v) − H_l(u*)`` is recorded for t ∈ [−max ε, max ε]·‖u*_l‖."""
 
 
 def point(system, batch: dict, step: int, dev: list[Example] | None, spec, tokenizer,
@@ -63,10 +65,11 @@ def point(system, batch: dict, step: int, dev: list[Example] | None, spec, token
 
 def probe(system, batch: dict, phase: str, n_directions: int, seed: int,
           radii: tuple[float, ...] = RADII) -> dict[str, Any]:
-    """The maximum-condition probe row (per layer fractions and ``max_increase``; lines dropped)."""
-    res = maximum_condition_probe(system, batch, n_directions=n_directions, radii=radii, seed=seed)
-    layers = [{k: v for k, v in r.items() if k != "lines"} for r in res["layers"]]
-    return {"kind": "probe", "phase": phase, "layers": layers, "fraction_local_max": res["fraction_local_max"],
+    """The maximum-condition probe row: per layer the fractions, ``max_increase`` and ``N_LINES`` lines
+    ``{"t", "dH"}`` of ``H_l(u* + t‖u*_l‖v) − H_l(u*)``."""
+    res = maximum_condition_probe(system, batch, n_directions=n_directions, radii=radii, seed=seed,
+                                  n_lines=N_LINES, line_points=LINE_POINTS)
+    return {"kind": "probe", "phase": phase, "layers": res["layers"], "fraction_local_max": res["fraction_local_max"],
             "n_directions": res["n_directions"], "radii": res["radii"], "relative": res["relative"]}
 
 
@@ -121,7 +124,8 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
     """The recorded configuration (JSON-normalised: tuples become lists, so resumed rows compare equal)."""
     cfg = {"model": args.model, "task": "sst2", "dtype": "float32", "steps": args.steps, "every": args.every,
            "n_train": args.n_train, "n_fixed": args.n_fixed, "n_dev": args.n_dev, "n_directions": args.n_directions,
-           "radii": RADII, "batch_size": args.batch_size, "max_length": args.max_length, "seed": args.seed,
+           "radii": RADII, "n_lines": N_LINES, "line_points": LINE_POINTS, "batch_size": args.batch_size,
+           "max_length": args.max_length, "seed": args.seed,
            "lr": LR, "options": METHODS, "optimizer": "AdamW, linear decay to 0, weight_decay 0, dropout off",
            "fixed_batch": "the first n_fixed of the n_train training rows"}
     return json.loads(json.dumps(cfg))

@@ -112,6 +112,10 @@ def _ratio_table(payload: dict[str, Any]) -> str:
     return ". ".join(parts)
 
 
+def _text(value: Any) -> str:
+    return "/".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def caption(results_dir: Path) -> str:
     payload = load_json(results_dir, SOURCE)
     cfg = payload["config"]
@@ -119,10 +123,16 @@ def caption(results_dir: Path) -> str:
                                ("model", "steps", "n_train", "n_measure", "batch_size", "max_length", "seed"))
     methods = list(dict.fromkeys(r["method"] for r in payload["rows"]))
     command += ["--methods", ",".join(methods)]
-    options = "; ".join(f"{m}: " + (", ".join(f"{k} {v}" for k, v in cfg["options"][m].items()) or "defaults")
+    options = "; ".join(f"{m}: " + (", ".join(f"{k} {_text(v)}" for k, v in cfg["options"][m].items()) or "defaults")
                         + f", lr {cfg['lr'][m]}" for m in methods)
-    groups = [g for g in init_groups(payload) if len(g) > 1]
-    shared = " and ".join(", ".join(g) for g in groups)
+    groups = init_groups(payload)
+    shared = " and ".join(", ".join(g) for g in groups if len(g) > 1)
+    own = [g[0] for g in groups if len(g) == 1]
+    init_note = (f"At initialisation {shared} share one profile (identity at init: the pretrained trajectory)"
+                 if shared else "")
+    if own:
+        verb = "changes" if len(own) == 1 else "change"
+        init_note += ("; " if init_note else "") + f"{', '.join(own)} {verb} the trajectory from the start"
     return (
         f"all-MiniLM-L6-v2 ({cfg['dtype']}, {payload['rows'][0]['n_layers']} post-LN blocks) with one delta method "
         f"plus the classification head (seed {cfg['seed']}), on SST-2. The co-state p_l = −∂J/∂x_l "
@@ -132,10 +142,8 @@ def caption(results_dir: Path) -> str:
         f"(solid; batch {cfg['batch_size']}, constant learning rate, no weight decay, dropout off). "
         "Plotted norm: ‖p_l‖ = Σ_s ‖p_(l,s)‖_F, i.e. the mean over sequences of the Frobenius norm over tokens "
         "and features of the per-sequence co-state −∂Φ_s/∂x_l (independent of the batch size). "
-        + (f"At initialisation {shared} share one profile (identity at init: the pretrained trajectory); "
-           if shared else "")
-        + "prefix and prompt tuning change the trajectory from the start. "
-        f"Methods and rates: {options}. Measured: {_ratio_table(payload)}. One seed, one short training: "
+        + (f"{init_note}. " if init_note else "")
+        + f"Methods and rates: {options}. Measured: {_ratio_table(payload)}. One seed, one short training: "
         f"a profile, not a converged optimum. Command: `{' '.join(command)}` ({versions_line(payload)})."
     )
 

@@ -70,44 +70,80 @@ def draw_stationarity(results_dir: Path):
 
 
 def draw_max_condition(results_dir: Path):
-    """One panel per method: per layer and radius, the fraction of probes that are local maxima of H_l,
-    at init (hatched) and after training (filled)."""
+    """Per method (columns): top, per block and radius, the fraction of probes that are local maxima of H_l
+    at init (hatched) and after training (filled); bottom (when recorded), ``H_l(u* + t‖u*_l‖v) − H_l(u*)``
+    along one random direction per block, at init (dashed) and trained (solid)."""
     payload = load_json(results_dir, SOURCE)
     methods = payload["methods"]
     cfg = payload["config"]
-    fig = new_figure(4.6 * len(methods), 3.4)
-    axes = fig.subplots(1, len(methods), sharey=True, squeeze=False)[0]
-    for ax, (method, entry) in zip(axes, methods.items()):
-        radii = entry["probe"]["after"]["radii"]
-        n_bars = 2 * len(radii)
-        width = 0.8 / n_bars
-        for p_index, phase in enumerate(("before", "after")):
-            layers = entry["probe"][phase]["layers"]
-            for r_index, eps in enumerate(radii):
-                offset = (2 * r_index + p_index - (n_bars - 1) / 2) * width
-                xs = [row["layer"] + offset for row in layers]
-                ys = [row["per_radius"][_radius_key(row["per_radius"], eps)] for row in layers]
-                colour = RADIUS_COLOURS[r_index % len(RADIUS_COLOURS)]
-                style = ({"color": colour} if phase == "after"
-                         else {"facecolor": "white", "edgecolor": colour, "hatch": "////"})
-                when = "init" if phase == "before" else "trained"
-                ax.bar(xs, [max(y, 0.004) for y in ys], width=width * 0.95, linewidth=0.6,
-                       label=rf"$\varepsilon$ = {eps:g}$\,\Vert u^*_l\Vert$, {when}", **style)
-        n_layers = len(entry["probe"]["after"]["layers"])
-        ax.set_xticks(range(n_layers))
-        ax.set(xlabel="block l", ylim=(0, 1.05), title=_label(method, cfg))
-        ax.grid(True, axis="y", alpha=0.3)
-    axes[0].set_ylabel(f"fraction of {cfg['n_directions']} directions $v$ with\n"
-                       r"$H_l(u^*\pm\varepsilon v) \leq H_l(u^*)$ (local maximum)")
-    handles, labels = axes[0].get_legend_handles_labels()
+    with_lines = all(layer.get("lines") for e in methods.values() for ph in ("before", "after")
+                     for layer in e["probe"][ph]["layers"])
+    fig = new_figure(4.6 * len(methods), 6.4 if with_lines else 3.4)
+    grid = fig.subplots(2 if with_lines else 1, len(methods), squeeze=False)
+    for ax, (method, entry) in zip(grid[0], methods.items()):
+        _fraction_bars(ax, entry)
+        ax.set_title(_label(method, cfg))
+    grid[0][0].set_ylabel(f"fraction of {cfg['n_directions']} directions $v$ with\n"
+                          r"$H_l(u^*\pm\varepsilon v) \leq H_l(u^*)$ (local maximum)")
+    for ax in grid[0][1:]:
+        ax.sharey(grid[0][0])
+    handles, labels = grid[0][0].get_legend_handles_labels()
     # Column-major legend: put each radius's init bar above its trained bar.
     n = len(labels) // 2
     order = [i + k * n for i in range(n) for k in (0, 1)]
     fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="outside lower center", ncol=n,
                frameon=False, fontsize=7)
+    if with_lines:
+        for ax, entry in zip(grid[1], methods.values()):
+            _line_profiles(ax, entry)
+        grid[1][0].set_ylabel(r"$\Delta H_l(t) = H_l(u^* + t\,\Vert u^*_l\Vert\, v) - H_l(u^*)$" "\n"
+                              r"$\div \max_t |\Delta H_l(t)|$ (per line)")
     fig.suptitle("Maximum condition of the PMP, probed per block (x*, p* fixed) at init and after training",
                  fontsize=9)
     return fig
+
+
+def _fraction_bars(ax, entry: dict[str, Any]) -> None:
+    radii = entry["probe"]["after"]["radii"]
+    n_bars = 2 * len(radii)
+    width = 0.8 / n_bars
+    for p_index, phase in enumerate(("before", "after")):
+        layers = entry["probe"][phase]["layers"]
+        for r_index, eps in enumerate(radii):
+            offset = (2 * r_index + p_index - (n_bars - 1) / 2) * width
+            xs = [row["layer"] + offset for row in layers]
+            ys = [row["per_radius"][_radius_key(row["per_radius"], eps)] for row in layers]
+            colour = RADIUS_COLOURS[r_index % len(RADIUS_COLOURS)]
+            style = ({"color": colour} if phase == "after"
+                     else {"facecolor": "white", "edgecolor": colour, "hatch": "////"})
+            when = "init" if phase == "before" else "trained"
+            # A zero fraction is drawn as a sliver so that it reads as measured, not missing.
+            ax.bar(xs, [max(y, 0.006) for y in ys], width=width * 0.95, linewidth=0.6,
+                   label=rf"$\varepsilon$ = {eps:g}$\,\Vert u^*_l\Vert$, {when}", **style)
+    ax.set_xticks(range(len(entry["probe"]["after"]["layers"])))
+    ax.set(xlabel="block l", ylim=(0, 1.05))
+    ax.grid(True, axis="y", alpha=0.3)
+
+
+def _line_profiles(ax, entry: dict[str, Any]) -> None:
+    """Each line divided by its own largest |ΔH|: blocks differ by decades, the shape is what matters
+    (a straight line through 0 = first-order term dominates; ∩ = local maximum along v)."""
+    n_layers = len(entry["probe"]["after"]["layers"])
+    cmap = colormaps["viridis"]
+    for phase, style in (("before", "--"), ("after", "-")):
+        for row in entry["probe"][phase]["layers"]:
+            line = row["lines"][0]
+            peak = max(abs(v) for v in line["dH"]) or 1.0
+            colour = cmap(row["layer"] / max(1, n_layers - 1))
+            label = f"block {row['layer']}" if phase == "after" else None
+            ax.plot(line["t"], [v / peak for v in line["dH"]], linestyle=style, color=colour,
+                    linewidth=1.1 if phase == "after" else 0.8, marker="." if phase == "after" else None,
+                    markersize=3, label=label)
+    ax.axhline(0.0, color="0.5", linewidth=0.6)
+    ax.axvline(0.0, color="0.5", linewidth=0.6)
+    ax.set_xlabel(r"$t$ (step along a random unit direction $v$, in units of $\Vert u^*_l\Vert$)")
+    ax.legend(frameon=False, fontsize=6, ncol=2, title="solid: trained, dashed: init", title_fontsize=6)
+    ax.grid(True, alpha=0.3)
 
 
 def _radius_key(per_radius: dict[str, float], eps: float) -> str:
@@ -175,6 +211,9 @@ def caption_max_condition(results_dir: Path) -> str:
         f"ε ∈ {{{radii}}} relative to ‖u*_l‖ (the probe moves u*_l by ε‖u*_l‖ v), with x*_l and p*_(l+1) fixed; "
         "a probe counts as a local maximum when H_l(u* + εv) ≤ H_l(u*) and H_l(u* − εv) ≤ H_l(u*). "
         "The bar height is the fraction of directions that pass (bars of height 0 are drawn as thin slivers). "
+        "Bottom row: ΔH_l(t) = H_l(u* + t‖u*_l‖v) − H_l(u*) along the first probe direction of each block, "
+        f"t ∈ [−{max(cfg['radii']):g}, {max(cfg['radii']):g}], each line divided by its largest |ΔH_l| (blocks "
+        "differ by decades); u* is a local maximiser along v only where the line is ∩-shaped around t = 0. "
         f"Measured fractions: {'. '.join(parts)}. The maximum condition needs concavity of H_l in u, which "
         "Transformer blocks do not have, and is violated along any direction with a non-zero first-order term "
         "v·∇_u H_l at small ε; it is a diagnostic here, not an assumption. "
