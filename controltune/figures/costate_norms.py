@@ -8,6 +8,7 @@ per-sequence co-state ``−∂Φ_s/∂x_l``; DESIGN.md §1 sign convention).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from ._style import argv_from_config, load_json, new_figure, versions_line
 SOURCE = "costate_profile.json"
 COLOURS = {"lora": "tab:blue", "adapter": "tab:orange", "prefix": "tab:green", "prompt": "tab:red",
            "bitfit": "tab:purple", "ia3": "tab:brown", "full": "black"}
-LOG_SPAN = 30.0
+LOG_SPAN = 10.0
 """Use a log y axis when the plotted norms span more than this factor."""
 
 
@@ -77,6 +78,7 @@ def draw(results_dir: Path):
     positive = [v for v in values if v > 0]
     if positive and max(positive) / min(positive) > LOG_SPAN:
         ax.set_yscale("log")
+        _plain_log_ticks(ax, min(positive), max(positive))
     else:
         ax.set_ylim(bottom=0)
     n_layers = len(payload["rows"][0]["mean_seq"]) - 1
@@ -87,14 +89,29 @@ def draw(results_dir: Path):
     cfg = payload["config"]
     ax.set_ylabel(r"$\Vert p_l\Vert$ = mean over sequences of $\Vert\partial\Phi_s/\partial x_l\Vert_F$")
     ax.set_title(f"co-state norm at init (dashed) and after {cfg['steps']} AdamW steps (solid)")
-    ax.legend(frameon=False, fontsize=6, ncol=2)
+    # One legend for both panels (same colours), below them: the curves fill the axes.
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=5, frameon=False, fontsize=7)
     ax_ratio.axhline(1.0, color="0.6", linewidth=0.8)
     ax_ratio.set_ylabel(r"$\Vert p_l\Vert$ trained / $\Vert p_l\Vert$ at init")
     ax_ratio.set_title("change of the co-state norm by training")
-    ax_ratio.legend(frameon=False, fontsize=6, ncol=2)
+    ax_ratio.set_yscale("log")  # ratios are multiplicative: ×4 and ÷4 equally far from 1
+    ratios = [y for line in ax_ratio.get_lines() for y in line.get_ydata() if y > 0]
+    if ratios:
+        _plain_log_ticks(ax_ratio, min(ratios), max(ratios))
     fig.suptitle(f"Co-state norms across the depth of all-MiniLM-L6-v2 on SST-2 ({cfg['n_measure']} held-out "
                  "training sentences)", fontsize=9)
     return fig
+
+
+def _plain_log_ticks(ax, low: float, high: float) -> None:
+    """Label a log axis at 1-2-5 steps in plain numbers (a short log axis would show only one power of 10)."""
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    ticks = [m * 10.0 ** e for e in range(math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 1)
+             for m in (1, 2, 5)]
+    ax.set_yticks([t for t in ticks if low / 1.3 <= t <= high * 1.3])
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _ratio_table(payload: dict[str, Any]) -> str:
