@@ -96,6 +96,8 @@ def draw_max_condition(results_dir: Path):
     if with_lines:
         for ax, entry in zip(grid[1], methods.values()):
             _line_profiles(ax, entry)
+        fig.legend(*grid[1][0].get_legend_handles_labels(), loc="outside right lower", frameon=False, fontsize=7,
+                   title="lines: block l\nsolid trained\ndashed init", title_fontsize=7)
         grid[1][0].set_ylabel(r"$\Delta H_l(t) = H_l(u^* + t\,\Vert u^*_l\Vert\, v) - H_l(u^*)$" "\n"
                               r"$\div \max_t |\Delta H_l(t)|$ (per line)")
     fig.suptitle("Maximum condition of the PMP, probed per block (x*, p* fixed) at init and after training",
@@ -142,7 +144,6 @@ def _line_profiles(ax, entry: dict[str, Any]) -> None:
     ax.axhline(0.0, color="0.5", linewidth=0.6)
     ax.axvline(0.0, color="0.5", linewidth=0.6)
     ax.set_xlabel(r"$t$ (step along a random unit direction $v$, in units of $\Vert u^*_l\Vert$)")
-    ax.legend(frameon=False, fontsize=6, ncol=2, title="solid: trained, dashed: init", title_fontsize=6)
     ax.grid(True, alpha=0.3)
 
 
@@ -187,10 +188,35 @@ def caption_stationarity(results_dir: Path) -> str:
         "‖∇_{u_l} H_l‖ (controltune.diagnostics.stationarity; by the PMP identity equal to ‖∂J/∂u_l‖ over "
         "every control acting in block l) is drawn per block, with that of the head (dashed), log scale. "
         f"The dev loss is on {cfg['n_dev']} seeded SST-2 dev sentences. Measured (step 0 → "
-        f"{cfg['steps']}): {'. '.join(parts)}. First-order stationarity ∇_u H_l = 0 is approached only as far "
-        "as the learning-rate decay lets AdamW settle; one seed. "
+        f"{cfg['steps']}): {'. '.join(parts)}. {_trend(payload)} One seed. "
         f"Command: `{_command(payload)}` ({versions_line(payload)})."
     )
+
+
+def _trend(payload: dict[str, Any]) -> str:
+    """One sentence on whether training moved towards first-order stationarity (read from the data)."""
+    grew = [m for m, e in payload["methods"].items() if e["curve"][-1]["total"] > e["curve"][0]["total"]]
+    if not grew:
+        return "‖∇_u H‖ over all controls fell for every method: training moved towards ∇_u H_l = 0."
+    names = ", ".join(LABELS.get(m, m) for m in grew)
+    return (f"For {names} ‖∇_u H‖ over all controls grew while J fell: the run leaves the identity-at-init "
+            f"point towards larger gradients, and {payload['config']['steps']} steps do not reach a stationary "
+            "point ∇_u H_l = 0.")
+
+
+def _by_radius(payload: dict[str, Any]) -> str:
+    """How many probes passed at each radius, over all methods, blocks and both phases."""
+    cfg = payload["config"]
+    parts = []
+    for eps in cfg["radii"]:
+        passed = total = 0
+        for entry in payload["methods"].values():
+            for phase in ("before", "after"):
+                for row in entry["probe"][phase]["layers"]:
+                    passed += round(row["per_radius"][_radius_key(row["per_radius"], eps)] * cfg["n_directions"])
+                    total += cfg["n_directions"]
+        parts.append(f"ε = {eps:g}: {passed} of {total}")
+    return "Probes that were local maxima, by radius (all methods, blocks, init and trained): " + "; ".join(parts) + "."
 
 
 def caption_max_condition(results_dir: Path) -> str:
@@ -214,7 +240,8 @@ def caption_max_condition(results_dir: Path) -> str:
         "Bottom row: ΔH_l(t) = H_l(u* + t‖u*_l‖v) − H_l(u*) along the first probe direction of each block, "
         f"t ∈ [−{max(cfg['radii']):g}, {max(cfg['radii']):g}], each line divided by its largest |ΔH_l| (blocks "
         "differ by decades); u* is a local maximiser along v only where the line is ∩-shaped around t = 0. "
-        f"Measured fractions: {'. '.join(parts)}. The maximum condition needs concavity of H_l in u, which "
+        f"Measured fractions: {'. '.join(parts)}. {_by_radius(payload)} "
+        "The maximum condition needs concavity of H_l in u, which "
         "Transformer blocks do not have, and is violated along any direction with a non-zero first-order term "
         "v·∇_u H_l at small ε; it is a diagnostic here, not an assumption. "
         f"Command: `{_command(payload)}` ({versions_line(payload)})."
