@@ -17,7 +17,10 @@ Methods that are the identity at initialisation (LoRA B = 0, adapters' up-projec
 (IA)³ = 1, BitFit, full) share the pretrained trajectory at init; prefix and prompt
 tuning do not.  The classification head (the terminal control) is trained with every method.
 
-    nice -n 10 python experiments/costate_profile.py     # -> experiments/results/costate_profile.json (~10 min)
+    nice -n 10 python experiments/costate_profile.py   # -> experiments/results/costate_profile.json
+
+Measured cost (one thread on a shared 2-core machine): ~22 min of training in all, from ~2 min (BitFit,
+(IA)³, LoRA) to ~6.5 min (prompt tuning) per method; use ``--methods`` / ``--steps`` for a quicker run.
 
 Resume-safe: one JSONL row per (method, phase) is appended as it finishes; a method whose
 ``after`` row exists is skipped, an interrupted one is redone.

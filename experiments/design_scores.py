@@ -16,7 +16,7 @@ Each score then places rank-``rank`` LoRA modules greedily by score per paramete
 budget of LoRA rank ``rank`` on q and v of every layer
 (:func:`controltune.design.placement.greedy_allocate`, as ``gramian_lora`` does).
 
-    nice -n 10 python experiments/design_scores.py     # -> experiments/results/design_scores.json (~2 min)
+    nice -n 10 python experiments/design_scores.py     # -> experiments/results/design_scores.json (~2.5 min, 1 thread)
 """
 
 from __future__ import annotations

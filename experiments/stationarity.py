@@ -15,7 +15,7 @@ perturbs the controls of one block at a time, ``u_l = u*_l ± ε‖u*_l‖ v`` (
 p* fixed), and reports per layer the fraction of probes where ``H_l`` did not increase
 (u* a local maximiser of H_l along ±v at radius ε).
 
-    nice -n 10 python experiments/stationarity.py     # -> experiments/results/stationarity.json (~8 min)
+    nice -n 10 python experiments/stationarity.py     # -> experiments/results/stationarity.json (~9 min, 1 thread)
 
 Resume-safe: rows are appended to ``stationarity.jsonl``; a method whose final probe row
 exists is skipped, an interrupted method is redone from scratch (same seed, same batches).
