@@ -14,12 +14,21 @@ Hamiltonian ``H_l = p_{l+1}·f_l(x_l, u_l) − R_l(u_l)``; co-state ``p_2 = −�
    ``∇_B H_l = s (g ⊙ p_{l+1}) (A x_l)ᵀ − λB`` with ``g = σ'(z_l) = 1 − z_l²``, used by
    ``controltune.pmp`` for LoRA and by the co-state LoRA initialisation.
 
-Run: ``python derivations/costate.py`` (prints each identity and asserts it).
+Run: ``python derivations/costate.py`` (prints each identity, asserts it, and writes
+``derivations/out/costate.tex``).
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import sympy as sp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import OUT_DIR, TexFragment, report, require  # noqa: E402
+
+NAME = "costate"
 
 D, R = 2, 1
 
@@ -116,8 +125,33 @@ def derive() -> dict[str, bool]:
     return checks
 
 
+def latex_fragment() -> TexFragment:
+    """The identities checked by :func:`derive`, as LaTeX."""
+    tex = TexFragment(NAME, "PMP identities and the LoRA Hamiltonian gradient (two-layer residual system)")
+    tex.add("Dynamics with a LoRA control $u_l = (A_l, B_l)$, polynomial activation "
+            "$\\sigma(z) = z - z^3/3$, and cost (exact rational arithmetic, $d = 2$, $r = 1$):",
+            "x_{l+1} = x_l + \\sigma\\big((W_l + s B_l A_l) x_l\\big),\\qquad "
+            "J = \\tfrac12\\|x_2 - y\\|^2 + \\sum_l \\tfrac{\\lambda}{2}(\\|A_l\\|^2 + \\|B_l\\|^2)",
+            "system")
+    tex.add("The co-state of the Hamiltonian $H_l = p_{l+1}\\cdot f_l(x_l, u_l) - R_l(u_l)$ is the negative "
+            "adjoint of backpropagation, and $\\nabla_u H$ the negative gradient:",
+            "p_l = \\Big(\\frac{\\partial f_l}{\\partial x}\\Big)^{\\!\\top} p_{l+1} = "
+            "-\\frac{\\partial J}{\\partial x_l},\\qquad \\nabla_{u_l} H_l = -\\frac{\\partial J}{\\partial u_l}",
+            "pmp")
+    tex.add("Closed forms used by \\texttt{controltune.pmp} and the co-state LoRA initialisation, with "
+            "$g = \\sigma'(z_l)$, $z_l = (W_l + sB_lA_l)x_l$:",
+            "\\nabla_A H_l = s B_l^{\\top} (g \\odot p_{l+1}) x_l^{\\top} - \\lambda A_l,\\qquad "
+            "\\nabla_B H_l = s (g \\odot p_{l+1}) (A_l x_l)^{\\top} - \\lambda B_l",
+            "lora_grad")
+    return tex
+
+
+def main(out_dir: str | Path = OUT_DIR) -> dict[str, bool]:
+    checks = derive()
+    require(checks, NAME)
+    latex_fragment().write(out_dir)
+    return checks
+
+
 if __name__ == "__main__":
-    results = derive()
-    for name, ok in results.items():
-        print(f"{'ok ' if ok else 'FAIL'} {name}")
-    assert all(results.values()), results
+    report(main())

@@ -27,9 +27,10 @@ def written(tmp_path: Path, name: str, labels: list[str], snippets: list[str]) -
     return tex
 
 
-def test_costate_identities_hold_symbolically():
-    results = load("costate").derive()
+def test_costate_identities_hold_symbolically(tmp_path):
+    results = load("costate").main(tmp_path)
     assert len(results) == 8 and all(results.values()), results
+    written(tmp_path, "costate", ["system", "pmp", "lora_grad"], ["\\nabla_A H_l = s B_l^{\\top}"])
 
 
 def test_pmp_is_the_chain_rule_for_generic_dynamics(tmp_path):
