@@ -5,6 +5,8 @@ initialisation on the same sequence of mini-batches; the dev accuracy (a seeded
 subsample of the SST-2 dev set) is scored every ``--eval-every`` iterations.
 
 * ``adamw``:   one AdamW step on ``J`` per iteration;
+* ``sgd_lr0.03``, ``sgd_lr0.3``: one plain SGD step (no momentum) per iteration, at two rates
+  a decade apart (SGD's rate is not transferable from Adam's);
 * ``emsa``:    E-MSA, ρ > 0 with the co-state penalty (double backward, eager attention);
 * ``emsa_state``: E-MSA with the feasibility penalty only (no double backward);
 * ``msa``:     basic MSA (ρ = 0).
@@ -40,7 +42,18 @@ RUNS = {
     "emsa": {"lr": 1e-3, "rho": 0.1, "costate_penalty": True},
     "emsa_state": {"lr": 1e-3, "rho": 0.1, "costate_penalty": False},
     "msa": {"lr": 1e-3, "rho": 0.0, "costate_penalty": False},
+    "sgd_lr0.03": {"lr": 0.03},
+    "sgd_lr0.3": {"lr": 0.3},
 }
+
+
+def same_run(row: dict, cfg: dict, method: str) -> bool:
+    """``row`` was written by ``method`` under ``cfg``: the shared settings and that method's own
+    hyper-parameters match (adding a method to RUNS does not invalidate the others' rows)."""
+    old = row.get("config") or {}
+    shared = {k: v for k, v in cfg.items() if k != "runs"}
+    return ({k: old.get(k) for k in shared} == shared and row.get("method") == method
+            and method in RUNS and (old.get("runs") or {}).get(method) == RUNS[method])
 
 
 def make_system(cfg: dict):
@@ -57,9 +70,11 @@ def run(method: str, cfg: dict, spec, train, dev, jsonl: Path) -> None:
     loader = make_loader(train, loaded.tokenizer, cfg["batch_size"], shuffle=True, seed=cfg["seed"],
                          max_length=cfg["max_length"])
     hp = RUNS[method]
+    params = [c.param for c in system.controls()]
     if method == "adamw":
-        opt = torch.optim.AdamW([c.param for c in system.controls()], lr=hp["lr"], weight_decay=0.0)
-        trainer = None
+        opt, trainer = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=0.0), None
+    elif method.startswith("sgd"):
+        opt, trainer = torch.optim.SGD(params, lr=hp["lr"]), None
     else:
         trainer = MSA(system, MSAConfig(rho=hp["rho"], inner_steps=cfg["inner_steps"], lr=hp["lr"],
                                         costate_penalty=hp["costate_penalty"]))
@@ -96,7 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument("--eval-every", type=int, default=10)
-    parser.add_argument("--methods", default="adamw,emsa,emsa_state,msa")
+    parser.add_argument("--methods", default=",".join(RUNS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS / "msa_minilm.json"))
     args = parser.parse_args()
@@ -109,11 +124,11 @@ def main() -> None:
     dev = load_split(spec, "dev", n=cfg["dev_size"], seed=args.seed)
     jsonl = Path(args.out).with_suffix(".jsonl")
     for method in args.methods.split(","):
-        rows = [r for r in read_jsonl(jsonl) if r.get("config") == cfg and r["method"] == method]
+        rows = [r for r in read_jsonl(jsonl) if same_run(r, cfg, method)]
         if any(r["final"] for r in rows):
             continue
         run(method, cfg, spec, train, dev, jsonl)
-    rows = [r for r in read_jsonl(jsonl) if r.get("config") == cfg]
+    rows = [r for r in read_jsonl(jsonl) if same_run(r, cfg, r["method"])]
     # An interrupted run was restarted: keep the last row written for each (method, iteration).
     curves: dict[str, dict[int, dict]] = {}
     for r in rows:

@@ -31,6 +31,8 @@ MINILM_STYLE: dict[str, tuple[str, str, str, str]] = {  # (label, colour, line s
     "emsa_state": ("E-MSA (ρ=0.1, state penalty only)", "tab:orange", ":", "s"),
     "msa": ("MSA (ρ=0)", "tab:blue", "-", "^"),
     "adamw": ("AdamW", "tab:purple", "--", "D"),
+    "sgd_lr0.03": ("SGD (lr 0.03)", "tab:gray", "--", "v"),
+    "sgd_lr0.3": ("SGD (lr 0.3)", "black", "-.", "x"),
 }
 
 
@@ -122,7 +124,7 @@ def draw_minilm(results_dir: Path):
     for ax in axes:
         ax.grid(True, alpha=0.3)
     fig.legend(*axes[1].get_legend_handles_labels(), loc="outside lower center", ncol=4, frameon=False)
-    fig.suptitle(f"E-MSA vs AdamW training LoRA (rank {cfg['rank']} on q, v) + head of all-MiniLM-L6-v2 on SST-2",
+    fig.suptitle(f"E-MSA and MSA vs AdamW and SGD training LoRA (rank {cfg['rank']} on q, v) + head of all-MiniLM-L6-v2 on SST-2",
                  fontsize=9)
     return fig
 
@@ -160,7 +162,7 @@ FIGURES = [
     ),
     FigureSpec(
         name="msa_minilm",
-        title="E-MSA and MSA against AdamW on real MiniLM with LoRA, SST-2 (training cost and dev accuracy)",
+        title="E-MSA and MSA against AdamW and SGD on real MiniLM with LoRA, SST-2 (training cost and dev accuracy)",
         sources=(MINILM_SOURCE,),
         draw=draw_minilm,
         caption=caption_minilm,
