@@ -222,7 +222,7 @@ def main(argv=None) -> None:
                 return
             row = run_one(job, args)
             append_jsonl(out, row)
-            print(f"{job}: val={row['val']['accuracy']:.3f} dev={row['dev']} ({row['wall_s']:.0f}s)", flush=True)
+            print(f"{job}: val={row['val']} dev={row['dev']} ({row['wall_s']:.0f}s)", flush=True)
 
     selection = selection_jobs(args)
     work(selection)
