@@ -23,8 +23,9 @@ Protocol (every number is in the rows):
 * training: AdamW, one epoch, batch ``--batch-size``, warm-up 10 % then linear decay, dropout off
   (the deterministic system of the PMP analysis), validation scored ``--curve-points`` times
   during training (the convergence curves);
-* order: selection first, then seed-major (every (budget, task, method) cell gets seed 0 before
-  any gets seed 1), so a sweep cut short still covers every cell.
+* order: selection first, then the cells named by ``--first`` (in that order), then seed-major
+  (every (budget, task, method) cell gets seed 0 before any gets seed 1), so a sweep cut short
+  still covers every cell.
 
 Rows are appended to ``experiments/results/design_eval.jsonl`` as they finish; a rerun skips
 rows already there (resume).  ``--shard K/N`` runs every N-th job starting at K, so N processes
@@ -165,7 +166,9 @@ def main_jobs(args, chosen: dict[str, float]) -> list[tuple]:
                     continue
                 jobs += [(budget, task, m, seed, chosen[m]) for m in args.methods
                          if m in BUDGETS[budget] and m in chosen]
-    return jobs
+    first = [tuple(cell.split(":")) for cell in args.first]
+    rank = {(b, resolve_task(t).name, int(s)): i for i, (b, t, s) in enumerate(first)}
+    return sorted(jobs, key=lambda job: rank.get((job[0], job[1], job[3]), len(rank)))  # stable: seed-major
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -185,6 +188,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--curve-points", type=int, default=6)
     ap.add_argument("--budget-min", type=float, default=60.0, help="start no new job after this wall time")
     ap.add_argument("--shard", default="0/1", metavar="K/N")
+    ap.add_argument("--first", nargs="*", default=[], metavar="BUDGET:TASK:SEED",
+                    help="run these cells before the seed-major rest (e.g. to complete the seeds of one task)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
     try:
@@ -194,6 +199,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     missing = {resolve_task(t).name for t in args.tasks} - set(args.n_train)
     if missing:
         raise SystemExit(f"--n-train has no size for {sorted(missing)}")
+    for cell in args.first:
+        parts = cell.split(":")
+        if len(parts) != 3 or parts[0] not in BUDGETS or not parts[2].isdigit():
+            raise SystemExit(f"--first {cell!r}: expected BUDGET:TASK:SEED with BUDGET in {', '.join(BUDGETS)}")
     k, _, n = args.shard.partition("/")
     args.shard_k, args.shard_n = int(k), int(n)
     if not 0 <= args.shard_k < args.shard_n:
