@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
 from ._spec import FigureSpec
 from ._style import new_figure
@@ -32,6 +32,7 @@ MATCHED = {"costate_lora": ("lora",), "gramian_lora": ("lora",), "riccati_lora":
            "closed_loop_prefix": ("prefix",)}
 """Each design's baselines: the standard method of the same structure at the same budget."""
 TASK_ORDER = ("sst2", "mrpc", "rte", "cola")
+TASK_NAME = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "cola": "CoLA"}
 METRIC = {"sst2": "accuracy", "rte": "accuracy", "mrpc": "f1", "cola": "mcc"}
 COMMAND = ("sh", "-c", "for k in 0 1; do nice -n 10 env PYTHONPATH=. python experiments/design_eval.py "
                        "--shard $k/2 --budget-min 600 & done; wait")
@@ -153,11 +154,15 @@ def _colours(methods) -> dict[str, tuple]:
     return {m: cmap(i % 10) for i, m in enumerate(methods)}
 
 
+TICKS = tuple(m * 10.0**e for e in range(2, 9) for m in (1, 2, 5))
+"""Labelled parameter counts on the log axis: 1-2-5 per decade."""
+
+
 def _count(x: float, _pos=None) -> str:
     """Tick label of a parameter count: 10k, 100k, 1M, ..."""
     for unit, scale in (("M", 1e6), ("k", 1e3)):
         if x >= scale:
-            return f"{x / scale:g}{unit}"
+            return f"{x / scale:.3g}{unit}"
     return f"{x:g}"
 
 
@@ -169,6 +174,8 @@ def draw_pareto(results_dir: Path) -> Figure:
     colour = _colours(ORDER)
     fig = new_figure(2.6 * len(tasks), 2.9)
     axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    counts = [r["n_trainable"] for (_, _, m), rs in groups.items() if m != "full" for r in rs]
+    x_range = (min(counts) / 1.25, max(counts) * 1.25)  # one x range for every panel
     for ax, t in zip(axes, tasks):
         for m in ORDER:
             pts = []
@@ -180,15 +187,20 @@ def draw_pareto(results_dir: Path) -> Figure:
             if not pts:
                 continue
             xs, ys, es = zip(*sorted(pts))
+            if m == "full":  # 300x the delta budgets: a reference level, not a point on the same axis
+                ax.axhline(ys[0], color=colour[m], ls=":", lw=1.0, label=f"full fine-tuning ({_count(xs[0])} params)")
+                ax.axhspan(ys[0] - es[0], ys[0] + es[0], color=colour[m], alpha=0.12, lw=0)
+                continue
             ax.errorbar(xs, ys, yerr=es, fmt="-o" if m in DESIGNED else "--s", capsize=2, ms=4, lw=0.8,
                         color=colour[m], mfc=colour[m] if m in DESIGNED else "none", label=m)
         ax.set_xscale("log")
-        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.set_xlim(*x_range)
+        ax.xaxis.set_major_locator(FixedLocator([t for t in TICKS if x_range[0] <= t <= x_range[1]]))
         ax.xaxis.set_major_formatter(FuncFormatter(_count))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel(f"dev {METRIC[t]}")
-        ax.set_title(t.upper() if t != "sst2" else "SST-2")
+        ax.set_title(TASK_NAME.get(t, t))
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", fontsize=7)
     return fig
@@ -221,7 +233,7 @@ def draw_curves(results_dir: Path) -> Figure:
             loss = [statistics.fmean(r["train_loss"][i] for r in rs) for i in range(n)]
             smooth = [statistics.fmean(loss[max(0, i - 3):i + 1]) for i in range(n)]
             axes[1][col].plot(range(1, n + 1), smooth, style, lw=0.8, color=colour[m])
-        axes[0][col].set_title(f"{'SST-2' if t == 'sst2' else t.upper()} ({b})")
+        axes[0][col].set_title(f"{TASK_NAME.get(t, t)} ({b})")
         axes[0][col].set_ylabel(f"validation {METRIC[t]}")
         axes[1][col].set_ylabel("training loss")
         axes[1][col].set_xlabel("optimiser step")
