@@ -208,7 +208,7 @@ def draw_pareto(results_dir: Path) -> Figure:
 
 def draw_curves(results_dir: Path) -> Figure:
     """Per task at the largest budget: validation score (mean over seeds) and training loss
-    (4-step running mean, mean over seeds) against optimiser step."""
+    (running mean over a twentieth of the run, mean over seeds) against optimiser step."""
     groups = cells(load_rows(results_dir))
     budgets, tasks = _sorted_keys(groups)
     b = budgets[0]
@@ -216,6 +216,7 @@ def draw_curves(results_dir: Path) -> Figure:
     fig = new_figure(2.6 * len(tasks), 4.6)
     axes = fig.subplots(2, len(tasks), squeeze=False)
     for col, t in enumerate(tasks):
+        w = 4
         for m in ORDER:
             rs = groups.get((b, t, m), [])
             if not rs:
@@ -231,11 +232,12 @@ def draw_curves(results_dir: Path) -> Figure:
                               lw=0.9, color=colour[m], label=m)
             n = min(len(r["train_loss"]) for r in rs)
             loss = [statistics.fmean(r["train_loss"][i] for r in rs) for i in range(n)]
-            smooth = [statistics.fmean(loss[max(0, i - 3):i + 1]) for i in range(n)]
+            w = max(4, n // 20)
+            smooth = [statistics.fmean(loss[max(0, i - w + 1):i + 1]) for i in range(n)]
             axes[1][col].plot(range(1, n + 1), smooth, style, lw=0.8, color=colour[m])
         axes[0][col].set_title(f"{TASK_NAME.get(t, t)} ({b})")
         axes[0][col].set_ylabel(f"validation {METRIC[t]}")
-        axes[1][col].set_ylabel("training loss")
+        axes[1][col].set_ylabel(f"training loss ({w}-step mean)")
         axes[1][col].set_xlabel("optimiser step")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", fontsize=7)
@@ -265,7 +267,8 @@ def caption_pareto(results_dir: Path) -> str:
 
 def caption_curves(results_dir: Path) -> str:
     return ("Convergence at the largest budget: held-out validation score (top; mean over seeds) and training "
-            f"loss (bottom; 4-step running mean, mean over seeds) against optimiser step. {_protocol(results_dir)}")
+            "loss (bottom; running mean over a twentieth of the steps, at least 4, mean over seeds) against "
+            f"optimiser step. {_protocol(results_dir)}")
 
 
 FIGURES = [
