@@ -124,7 +124,8 @@ def draw_minilm(results_dir: Path):
     for ax in axes:
         ax.grid(True, alpha=0.3)
     fig.legend(*axes[1].get_legend_handles_labels(), loc="outside lower center", ncol=4, frameon=False)
-    fig.suptitle(f"E-MSA and MSA vs AdamW and SGD training LoRA (rank {cfg['rank']} on q, v) + head of all-MiniLM-L6-v2 on SST-2",
+    fig.suptitle(f"E-MSA and MSA vs AdamW and SGD training LoRA (rank {cfg['rank']} on q, v) + head of "
+                 "all-MiniLM-L6-v2 on SST-2",
                  fontsize=9)
     return fig
 
