@@ -244,13 +244,23 @@ def draw_curves(results_dir: Path) -> Figure:
     return fig
 
 
+def _batching(results_dir: Path) -> str:
+    """Batch size and max length of the sweep's invocations (read, not assumed)."""
+    path = Path(results_dir) / SOURCE.replace(".jsonl", ".invocations.jsonl")
+    if not path.is_file():
+        return "batch size and max length not recorded"
+    configs = [json.loads(line)["config"] for line in path.read_text().splitlines() if line.strip()]
+    pairs = sorted({(c["batch_size"], c["max_length"]) for c in configs})
+    return "; ".join(f"batch {b}, max length {m}" for b, m in pairs)
+
+
 def _protocol(results_dir: Path) -> str:
     rows = load_rows(results_dir)
     budget, task = selection_cell(rows)
     sizes = sorted({(r["task"], r["n_train"], r["n_val"], r["n_dev"]) for r in rows})
     seeds = sorted({r["seed"] for r in rows})
     size_text = "; ".join(f"{t}: {a} train / {v} held-out validation / {d} dev rows" for t, a, v, d in sizes)
-    return (f"MiniLM (all-MiniLM-L6-v2, float32), one epoch of AdamW, batch 16, max length 128, dropout off; "
+    return (f"MiniLM (all-MiniLM-L6-v2, float32), one epoch of AdamW, {_batching(results_dir)}, dropout off; "
             f"{size_text}; seeds {seeds}. Learning rates chosen per method on {task} at {budget} by seed-0 "
             f"validation accuracy over a two-point grid (never on dev), then reused everywhere. Designs "
             f"(filled markers, solid lines) against baselines (open markers, dashed). {len(rows)} runs in "
