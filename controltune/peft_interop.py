@@ -40,6 +40,7 @@ from torch import nn
 
 from .controllers import UnsupportedMethodError, build
 from .controllers.base import Controller, wrap
+from .hf_compat import embedding_offset_keyword
 from .system import ResidualSystem
 from .zoo import load_model
 
@@ -76,7 +77,7 @@ class _ShiftedEmbedding(nn.Module):
         self.offset = offset
 
     def forward(self, base: nn.Module, *args, **kwargs) -> torch.Tensor:
-        return base(*args, past_key_values_length=self.offset, **kwargs)
+        return base(*args, **{embedding_offset_keyword(base): self.offset}, **kwargs)
 
 
 # --- helpers ---------------------------------------------------------------------------

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.masking_utils import create_bidirectional_mask
 
 from . import attention
 from .families import Context, Family, family_of
+from .hf_compat import causal_mask
 from .readout import CausalLMReadout, ClassificationReadout
 from .zoo import LoadedModel
 
@@ -119,8 +120,7 @@ class ResidualSystem(nn.Module):
         pos = torch.arange(x0.shape[1], device=x0.device)[None]
         cfg = self.model.config
         if self.family.causal:
-            mask = create_causal_mask(config=cfg, inputs_embeds=x0, attention_mask=attention_mask,
-                                      past_key_values=None, position_ids=pos, allow_is_causal_skip=False)
+            mask = causal_mask(cfg, x0, attention_mask, pos)
         else:
             mask = create_bidirectional_mask(config=cfg, inputs_embeds=x0, attention_mask=attention_mask,
                                              allow_is_bidirectional_skip=False)
