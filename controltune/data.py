@@ -2,6 +2,12 @@
 
 A task is a folder holding ``train.jsonl`` and ``dev.jsonl`` (optionally a
 ``labels.json`` mapping label ids to names), or a single ``.jsonl`` file.
+A single file has no dev split of its own, so one is held out: a seeded 10%
+of its rows (at least one; the file needs two) is the dev split and the rest
+the train split.  The two are disjoint, and which rows are held out depends
+only on the file and the hold-out seed (``resolve_task(path, holdout_seed=...)``,
+the data seed of a run), never on the seed of a ``load_split`` subsample; a
+notice on stderr says so whenever such a task is resolved.
 Each non-blank line is one example, either single-sentence
 ``{"text": ..., "label": ...}`` or sentence-pair
 ``{"text_a": ..., "text_b": ..., "label": ...}``. Labels are ints
@@ -18,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
@@ -42,8 +49,11 @@ __all__ = [
 
 ENV_VAR = "CONTROLTUNE_DATA"
 SPLITS = ("train", "dev")
+HOLDOUT_FRACTION = 0.1
+"""Fraction of a single-file task's rows held out as its dev split (at least one row)."""
 ACCEPTED_TASKS = (
-    "sst2, mrpc, rte, cola, or a path to a folder with train.jsonl/dev.jsonl or a .jsonl file"
+    "sst2, mrpc, rte, cola, or a path to a folder with train.jsonl/dev.jsonl or a .jsonl file "
+    "(of which a seeded 10% is held out as dev)"
 )
 
 
@@ -89,8 +99,12 @@ class TaskSpec:
         is_pair: True when examples carry ``text_a``/``text_b``.
         metric: name of the main metric (one of ``metrics``).
         metrics: names of all metrics reported for the task.
-        file: the one ``.jsonl`` file of a single-file task, used for every
-            split; None for folder tasks.
+        file: the one ``.jsonl`` file of a single-file task; None for folder
+            tasks.  Its dev split is a seeded ``HOLDOUT_FRACTION`` (10%, at
+            least one row) of the file's rows and its train split the other
+            rows: disjoint, and fixed by the file and ``holdout_seed``.
+        holdout_seed: seed of the rows held out as dev from ``file`` (the
+            data seed); unused by folder tasks.
     """
 
     name: str
@@ -101,12 +115,13 @@ class TaskSpec:
     metric: str = "accuracy"
     metrics: tuple[str, ...] = ("accuracy",)
     file: Path | None = None
+    holdout_seed: int = 0
 
 
 # ---------------------------------------------------------------- resolving
 
 
-def resolve_task(name_or_path: str | os.PathLike[str]) -> TaskSpec:
+def resolve_task(name_or_path: str | os.PathLike[str], holdout_seed: int = 0) -> TaskSpec:
     """Turn a built-in task name or a path into a :class:`TaskSpec`.
 
     Built-in names (``sst2``, ``mrpc``, ``rte``, ``cola``; case, ``-`` and
@@ -116,18 +131,21 @@ def resolve_task(name_or_path: str | os.PathLike[str]) -> TaskSpec:
     ``../shared/data`` relative to each parent of this source file.
 
     Anything else is a path: a folder with ``train.jsonl``/``dev.jsonl`` or
-    a single ``.jsonl`` file (which then serves every split). Without a
-    ``labels.json`` the number of classes is inferred from the largest
-    label found in the files, so every line is validated here.
+    a single ``.jsonl`` file, of which a 10% hold-out drawn with
+    ``holdout_seed`` becomes the dev split (disjoint from train; a notice is
+    printed on stderr). Without a ``labels.json`` the number of classes is
+    inferred from the largest label found in the files, so every line is
+    validated here.
 
     Raises:
-        DataError: unknown name, missing folder/file, or malformed content.
+        DataError: unknown name, missing folder/file, malformed content, or a
+            single file with fewer than two examples.
     """
     if isinstance(name_or_path, str):
         key = _normalise_name(name_or_path)
         if key in BUILTIN_TASKS:
             return _resolve_builtin(key)
-    return _resolve_path(Path(name_or_path).expanduser())
+    return _resolve_path(Path(name_or_path).expanduser(), int(holdout_seed))
 
 
 def _normalise_name(name: str) -> str:
@@ -163,7 +181,7 @@ def _resolve_builtin(key: str) -> TaskSpec:
     )
 
 
-def _resolve_path(path: Path) -> TaskSpec:
+def _resolve_path(path: Path, holdout_seed: int) -> TaskSpec:
     if path.is_dir():
         if not any((path / f"{s}.jsonl").is_file() for s in SPLITS):
             raise DataError(
@@ -172,7 +190,7 @@ def _resolve_path(path: Path) -> TaskSpec:
             )
         return _spec_from_folder(path.resolve().name, path, "accuracy", ("accuracy",))
     if path.is_file() and path.suffix == ".jsonl":
-        return _spec_from_file(path)
+        return _spec_from_file(path, holdout_seed)
     problem = "is not a .jsonl file" if path.is_file() else "does not exist"
     raise DataError(
         f"{str(path)!r} is not a built-in task and {path.resolve()} {problem}. "
@@ -196,16 +214,43 @@ def _spec_from_folder(name: str, folder: Path, metric: str, metrics: tuple[str, 
     )
 
 
-def _spec_from_file(path: Path) -> TaskSpec:
+def _spec_from_file(path: Path, holdout_seed: int) -> TaskSpec:
     label_names = _label_names_for(path.parent, [path])
+    is_pair = _common_schema([path])
+    n_rows = sum(1 for _ in _nonblank_lines(path))
+    if n_rows < 2:
+        raise DataError(
+            f"{path} has only {n_rows} example; a single-file task needs at least 2, since "
+            f"{HOLDOUT_FRACTION:.0%} of its rows are held out as the dev split. Pass a folder "
+            "with train.jsonl and dev.jsonl to give the dev split yourself"
+        )
+    n_dev = len(_holdout_rows(n_rows, holdout_seed))
+    print(
+        f"controltune: note: {path} is a single file: holding out {n_dev} of its {n_rows} rows "
+        f"({HOLDOUT_FRACTION:.0%}, seed {holdout_seed}) as the dev split and training on the other "
+        f"{n_rows - n_dev}; pass a folder with train.jsonl and dev.jsonl to choose the dev split",
+        file=sys.stderr,
+    )
     return TaskSpec(
         name=path.stem,
         folder=None,
         num_labels=len(label_names),
         label_names=label_names,
-        is_pair=_common_schema([path]),
+        is_pair=is_pair,
         file=path,
+        holdout_seed=holdout_seed,
     )
+
+
+def _holdout_rows(n_rows: int, seed: int) -> list[int]:
+    """Sorted indices of the rows of a single-file task held out as dev.
+
+    ``round(HOLDOUT_FRACTION * n_rows)`` of them, at least 1 and at most
+    ``n_rows - 1`` (so train keeps a row), drawn with ``random.Random(seed)``:
+    a function of ``n_rows`` and ``seed`` only.
+    """
+    n_dev = min(max(1, round(HOLDOUT_FRACTION * n_rows)), n_rows - 1)
+    return sorted(random.Random(seed).sample(range(n_rows), n_dev))
 
 
 def _label_names_for(folder: Path, files: Sequence[Path]) -> list[str]:
@@ -279,8 +324,14 @@ def _schema_name(is_pair: bool) -> str:
 
 
 def split_path(spec: TaskSpec, split: str) -> Path:
-    """File holding ``split`` of ``spec`` (the one file of a single-file task)."""
+    """File holding ``split`` of ``spec`` (for a single-file task, the file
+    holding both its train and its held-out dev rows)."""
     if spec.file is not None:
+        if split not in SPLITS:
+            raise DataError(
+                f"task {spec.name!r}: split {split!r} not available; a single-file task has "
+                f"{' and '.join(SPLITS)} (dev held out from {spec.file})"
+            )
         return spec.file
     if spec.folder is None:
         raise DataError(f"task {spec.name!r} has neither a folder nor a file")
@@ -302,6 +353,11 @@ def load_split(
 ) -> list[Example]:
     """Read one split, optionally a seeded subsample of ``n`` rows.
 
+    For a single-file task the split is first cut from the file: ``dev`` is
+    the rows held out with ``spec.holdout_seed`` (10%, at least one), ``train``
+    every other row, in file order; ``seed`` plays no part in that cut, so
+    the two splits stay disjoint whatever seeds the subsamples use.
+
     The subsample draws ``n`` distinct row indices with
     ``random.Random(seed).sample`` and returns those rows in file order, so
     the same ``(n, seed)`` always gives the same rows. ``n`` of None, or at
@@ -322,6 +378,8 @@ def load_split(
     examples = _read_examples(path, _read_label_names(path.parent), spec.num_labels)
     if not examples:
         raise DataError(f"{path}: contains no examples")
+    if spec.file is not None:
+        examples = _cut_single_file(examples, split, spec.holdout_seed)
     is_pair = examples[0].text_b is not None
     if is_pair != spec.is_pair:
         raise DataError(
@@ -332,6 +390,15 @@ def load_split(
         return examples
     keep = sorted(random.Random(seed).sample(range(len(examples)), n))
     return [examples[i] for i in keep]
+
+
+def _cut_single_file(examples: list[Example], split: str, holdout_seed: int) -> list[Example]:
+    """The ``split`` rows of a single-file task (dev: the seeded hold-out, train: the rest)."""
+    if len(examples) < 2:
+        raise DataError("a single-file task needs at least 2 examples to hold one out as dev")
+    held_out = set(_holdout_rows(len(examples), holdout_seed))
+    want_dev = split == "dev"
+    return [ex for i, ex in enumerate(examples) if (i in held_out) == want_dev]
 
 
 def _nonblank_lines(path: Path) -> Iterator[tuple[int, str]]:

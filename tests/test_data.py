@@ -86,9 +86,38 @@ def test_pair_single_file(tmp_path: Path) -> None:
     spec = resolve_task(str(path))
     assert spec.is_pair and spec.folder is None and spec.file == path
     assert spec.name == "pairs"
-    examples = load_split(spec, "train")
-    assert examples[0] == Example("a cat", "a feline", 1)
-    assert load_split(spec, "dev") == examples  # one file serves every split
+    both = load_split(spec, "train") + load_split(spec, "dev")
+    # Two rows: one is held out as dev, the other is train.
+    assert sorted(both, key=lambda ex: ex.label) == [
+        Example("a cat", "a car", 0), Example("a cat", "a feline", 1)]
+
+
+def test_single_file_holds_out_a_seeded_tenth_as_dev(tmp_path: Path, capsys) -> None:
+    rows = [{"text": f"row {i}", "label": i % 2} for i in range(50)]
+    path = write_jsonl(tmp_path / "all.jsonl", rows)
+    spec = resolve_task(str(path))
+    assert "holding out 5 of its 50 rows (10%, seed 0) as the dev split" in capsys.readouterr().err
+    train, dev = load_split(spec, "train"), load_split(spec, "dev")
+    assert len(dev) == 5 and len(train) == 45
+    assert {ex.text_a for ex in train}.isdisjoint(ex.text_a for ex in dev)
+    assert {ex.text_a for ex in train} | {ex.text_a for ex in dev} == {r["text"] for r in rows}
+    # Deterministic under the hold-out seed; the subsample seed does not move rows across splits.
+    assert load_split(resolve_task(str(path)), "dev") == dev
+    assert load_split(spec, "dev", n=5, seed=7) == dev
+    assert {ex.text_a for ex in load_split(spec, "train", n=20, seed=3)}.isdisjoint(ex.text_a for ex in dev)
+    other = load_split(resolve_task(str(path), holdout_seed=1), "dev")
+    assert len(other) == 5 and other != dev
+
+
+def test_single_file_hold_out_sizes(tmp_path: Path) -> None:
+    for n_rows, n_dev in ((2, 1), (3, 1), (14, 1), (15, 2), (100, 10)):
+        rows = [{"text": f"r{i}", "label": 0} for i in range(n_rows)]
+        spec = resolve_task(str(write_jsonl(tmp_path / f"n{n_rows}.jsonl", rows)))
+        assert (len(load_split(spec, "train")), len(load_split(spec, "dev"))) == (n_rows - n_dev, n_dev)
+    with pytest.raises(DataError, match=r"has only 1 example; a single-file task needs at least 2"):
+        resolve_task(str(write_jsonl(tmp_path / "one.jsonl", rows[:1])))
+    with pytest.raises(DataError, match=r"split 'test' not available; a single-file task has train and dev"):
+        load_split(spec, "test")
 
 
 def test_three_class_labels_json(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from ..results import stamp, write_json
 from ..system import ResidualSystem
-from ..zoo import load_model
+from ..zoo import check_length, load_model
 from .models import vars_of
 
 SENTENCES = [
@@ -41,6 +41,7 @@ def _batch(args: argparse.Namespace, tokenizer) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
+    check_length(loaded, args.max_length, "--max-length")
     system = ResidualSystem(loaded, kernel=args.kernel)
     batch = {k: v.to(args.device) for k, v in _batch(args, loaded.tokenizer).items()}
     with torch.no_grad():

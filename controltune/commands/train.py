@@ -67,7 +67,7 @@ def parse_value(text: str) -> Any:
         return low == "true"
     if low in ("none", "null"):
         return None
-    if text[:1] in "[{":
+    if text.startswith(("[", "{")):  # not text[:1] in "[{": that is True for ""
         return json.loads(text)
     if "," in text:
         return [parse_value(t) for t in text.split(",") if t]
@@ -80,13 +80,22 @@ def parse_value(text: str) -> Any:
 
 
 def parse_options(items: list[str]) -> dict[str, Any]:
-    """``["rank=8", "targets=q,v"]`` -> ``{"rank": 8, "targets": ["q", "v"]}``."""
+    """``["rank=8", "targets=q,v"]`` -> ``{"rank": 8, "targets": ["q", "v"]}``.
+
+    Raises:
+        ValueError: an item that is not ``KEY=VALUE``, or a value starting with ``[``/``{``
+            that is not valid JSON (the message names the item).
+    """
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ValueError(f"--opt {item!r} is not KEY=VALUE (e.g. --opt rank=8 --opt targets=q,v)")
-        out[key.strip()] = parse_value(value.strip())
+        try:
+            out[key.strip()] = parse_value(value.strip())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--opt {item!r}: the value is not valid JSON ({err.msg} at column {err.colno}); "
+                             "lists can also be written without brackets: targets=q,v") from err
     return out
 
 
@@ -96,6 +105,7 @@ def controller_spec(method: str, options: dict[str, Any], seed: int) -> tuple[st
     A controller that takes a ``seed`` option gets the run's seed unless one is given.
     """
     from ..controllers import REGISTRY
+    from ..controllers.base import check_options
 
     names = [m.strip() for m in method.split("+")]
     unknown = [m for m in names if m not in REGISTRY]
@@ -108,6 +118,7 @@ def controller_spec(method: str, options: dict[str, Any], seed: int) -> tuple[st
         return opts
 
     if len(names) == 1:
+        check_options(names[0], options)
         return names[0], seeded(names[0], options)
     parts: dict[str, dict[str, Any]] = {n: {} for n in names}
     for key, value in options.items():
@@ -116,7 +127,16 @@ def controller_spec(method: str, options: dict[str, Any], seed: int) -> tuple[st
             raise ValueError(f"option {key!r}: with a combination, prefix each option with its part "
                              f"({', '.join(f'{n}.KEY' for n in names)})")
         parts[part][sub] = value
+    for name, opts in parts.items():
+        check_options(name, opts, where=f"{name}.")
     return "combination", {"parts": [[n, seeded(n, o)] for n, o in parts.items()]}
+
+
+def check_max_length(loaded, max_length: int) -> None:
+    """Refuse ``--max-length`` beyond the model's position table (before any training step)."""
+    from ..zoo import check_length
+
+    check_length(loaded, max_length, "--max-length")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,10 +145,11 @@ def run(args: argparse.Namespace) -> int:
     from ..system import ResidualSystem
     from ..train import TrainConfig, train
 
-    spec = resolve_task(args.task)
+    spec = resolve_task(args.task, holdout_seed=args.data_seed)
     train_ex = load_split(spec, "train", n=args.train_size, seed=args.data_seed)
     dev_ex = load_split(spec, "dev", n=args.dev_size, seed=args.data_seed)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
+    check_max_length(loaded, args.max_length)
     system = ResidualSystem(loaded, num_labels=spec.num_labels, pooling=args.pooling, seed=args.seed)
     name, options = controller_spec(args.method, parse_options(args.opt), args.seed)
     build(name, system, **options)

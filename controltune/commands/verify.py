@@ -118,9 +118,17 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.1e}"
 
 
+def _reason(text: str, width: int = 240) -> str:
+    """A failure reason on one table line, long enough to keep where it happened
+    (a CoStateError names the layer of the first non-finite co-state and whether the
+    forward pass had already diverged)."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def run(args: argparse.Namespace) -> int:
     from ..controllers import REGISTRY
-    from ..zoo import load_model
+    from ..zoo import check_length, load_model
 
     torch.manual_seed(args.seed)
     if args.methods == "all":
@@ -131,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             raise KeyError(f"unknown method(s) {unknown}; registered: {', '.join(sorted(REGISTRY))}")
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
+    check_length(loaded, args.seq_len, "--seq-len")
     batch, source = check_batch(loaded.tokenizer, args.batch_size, args.seq_len, args.seed)
     batch = {k: v.to(args.device) for k, v in batch.items()}
     print(f"verify {args.model} ({loaded.family.name}, {args.dtype}) on {batch['input_ids'].shape[0]}×"
@@ -148,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{method:<22} {row['family']:<8} {row.get('n_controls', '-'):>5} "
               f"{_fmt(row.get('max_rel_err_costate')):>8} {_fmt(row.get('max_rel_err_control_grad')):>8} "
               f"{_fmt(row.get('max_rel_err_fd')):>8} {_fmt(row.get('max_rel_err_fd_raw')):>8}  "
-              f"{row['status']}{'  ' + extra[:100] if extra else ''}",
+              f"{row['status']}{'  ' + _reason(extra) if extra else ''}",
               flush=True)
     n_failed = sum(r["status"] == "failed" for r in results)
     n_skipped = sum(r["status"] == "skipped" for r in results)

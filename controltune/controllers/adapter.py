@@ -31,9 +31,11 @@ from .base import (
     Site,
     UnsupportedMethodError,
     Wrapped,
+    positive_int,
     register,
     resolve_targets,
     seeded_generator,
+    target_names,
     wrap,
 )
 
@@ -53,9 +55,7 @@ def activation(name: str, who: str = "adapter") -> Callable[[torch.Tensor], torc
 
 def check_bottleneck(size: int, who: str = "adapter") -> int:
     """``size`` as an int, or a clear error when it is not a positive width."""
-    if int(size) < 1:
-        raise ValueError(f"{who}: bottleneck size must be >= 1, got {size}")
-    return int(size)
+    return positive_int(size, "bottleneck size", who)
 
 
 def uniform_init(shape: tuple[int, ...], fan_in: int, gen: torch.Generator, like: torch.Tensor) -> nn.Parameter:
@@ -176,10 +176,6 @@ def site_key(site: Site) -> str:
     return f"{site.layer}_{site.role}".replace(".", "_").replace(":", "_")
 
 
-def _as_tuple(targets: Sequence[str] | str) -> tuple[str, ...]:
-    return (targets,) if isinstance(targets, str) else tuple(targets)
-
-
 @register
 class Adapter(Controller):
     """Sequential (Houlsby) adapters after the ``targets`` linear maps of ``layers``.
@@ -206,7 +202,7 @@ class Adapter(Controller):
         activation(nonlinearity, self.method)
         self.bottleneck = check_bottleneck(bottleneck, self.method)
         self.nonlinearity, self.scale = nonlinearity, float(scale)
-        self.targets = self.default_targets if targets is None else _as_tuple(targets)
+        self.targets = self.default_targets if targets is None else target_names(targets, self.method)
         self.layers = layers
         self.seed = int(seed)
         self.deltas = nn.ModuleDict()

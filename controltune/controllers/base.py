@@ -18,6 +18,10 @@ original module's ``forward`` is never rewritten.
 from __future__ import annotations
 
 import contextlib
+import difflib
+import inspect
+import math
+import numbers
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -124,10 +128,12 @@ def resolve_targets(system, targets: Sequence[str], layers: Sequence[int] | None
     """
     fam = system.family
     n = system.n_layers
-    layer_list = list(range(n)) if layers is None else [int(x) % n if int(x) < 0 else int(x) for x in layers]
-    bad = [x for x in layer_list if not 0 <= x < n]
+    asked = list(range(n)) if layers is None else block_list(layers)
+    bad = [x for x in asked if not -n <= x < n]
     if bad:
-        raise UnsupportedMethodError(f"layers {bad} out of range: the model has {n} blocks (0..{n - 1})")
+        raise UnsupportedMethodError(f"layers {bad} out of range: the model has {n} blocks (0..{n - 1}, "
+                                     f"or -{n}..-1 from the end)")
+    layer_list = [x + n if x < 0 else x for x in asked]
     sites: list[Site] = []
     for layer in layer_list:
         block = system.blocks[layer]
@@ -150,6 +156,21 @@ def resolve_targets(system, targets: Sequence[str], layers: Sequence[int] | None
             for path in matches:
                 sites.append(Site(layer, target, f"{system.block_path(layer)}.{path}", block.get_submodule(path)))
     return sites
+
+
+def block_list(layers: Sequence[int] | int) -> list[int]:
+    """``layers`` as a list of ints (one int is one layer); a clear error for ``1.5``, ``"a"`` or ``[]``."""
+    items = [layers] if isinstance(layers, (numbers.Number, str)) else list(layers)
+    out = []
+    for x in items:
+        if isinstance(x, str) and x.strip().lstrip("-").isdigit():
+            x = int(x)
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+            raise ValueError(f"layers must be block indices (ints, negative counts from the end), got {layers!r}")
+        out.append(int(x))
+    if not out:
+        raise ValueError("layers is empty: give at least one block index, or leave it unset for every block")
+    return out
 
 
 def block_of(system, path: str) -> int | None:
@@ -259,11 +280,99 @@ def register(cls: type[Controller]) -> type[Controller]:
     return cls
 
 
-def build(method: str, system, **options) -> Controller:
-    """Create the controller ``method`` with ``options`` and attach it to ``system``."""
+def accepted_options(method: str) -> list[str] | None:
+    """Option names the constructor of ``method`` takes (None when it takes ``**kwargs``)."""
+    params = inspect.signature(REGISTRY[method]).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def check_options(method: str, options: dict, where: str = "") -> None:
+    """Raise a ValueError listing the accepted options when ``options`` has a key ``method`` does not take.
+
+    ``where`` prefixes the offending key in the message (``"lora."`` for a part of a combination).
+    """
+    accepted = accepted_options(method)
+    unknown = [k for k in options if accepted is not None and k not in accepted]
+    if not unknown:
+        return
+    key = unknown[0]
+    close = difflib.get_close_matches(key, accepted, n=1)
+    hint = f" (did you mean {where}{close[0]}?)" if close else ""
+    context = f"option {where + key!r}: " if where else ""
+    raise ValueError(f"{context}{method} has no option {key!r}{hint}; accepted options of {method}: "
+                     f"{', '.join(accepted) or 'none'}")
+
+
+def construct(method: str, options: dict | None = None) -> Controller:
+    """The controller ``method`` created with ``options``, not attached yet.
+
+    Every problem with the options (unknown method or key, a value of the wrong type)
+    is a ValueError (KeyError for the method) naming the method and what it accepts.
+    """
+    options = dict(options or {})
     if method not in REGISTRY:
         raise KeyError(f"unknown method {method!r}; registered: {', '.join(sorted(REGISTRY))}")
-    return system.add(REGISTRY[method](**options))
+    check_options(method, options)
+    try:
+        return REGISTRY[method](**options)
+    except TypeError as err:
+        # A wrong value type (targets=5, a missing required option) is a user input error.
+        raise ValueError(f"{method}: bad options {options}: {err}") from err
+
+
+def build(method: str, system, **options) -> Controller:
+    """Create the controller ``method`` with ``options`` and attach it to ``system``."""
+    return system.add(construct(method, options))
+
+
+# --- validation of constructor options (one message style for every controller) ---------
+
+
+def positive_int(value, name: str, who: str, minimum: int = 1) -> int:
+    """``value`` as an int ``>= minimum``, else a ValueError naming ``who`` and ``name``.
+
+    Accepts ints, integral floats (``4.0``) and digit strings; refuses ``2.5``, ``True``,
+    ``"four"`` and values below ``minimum`` (a fractional rank must not be floored silently).
+    """
+    number = value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        number = int(value)
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    if isinstance(number, bool) or not isinstance(number, numbers.Integral) or number < minimum:
+        raise ValueError(f"{who}: {name} must be an integer >= {minimum}, got {value!r}")
+    return int(number)
+
+
+def positive_float(value, name: str, who: str) -> float:
+    """``value`` as a finite float ``> 0``, else a ValueError naming ``who`` and ``name``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{who}: {name} must be a positive number, got {value!r}")
+    return number
+
+
+def target_names(targets: Sequence[str] | str, who: str, name: str = "targets") -> tuple[str, ...]:
+    """``targets`` as a non-empty tuple of non-empty strings (one string is one target).
+
+    An empty list would attach nothing and silently train only the head, so it is refused.
+    """
+    if isinstance(targets, str):
+        # `--opt targets=` arrives as "": the same mistake as an empty list.
+        items: object = (targets,) if targets.strip() else ()
+    else:
+        items = targets
+    if not isinstance(items, Sequence) or not all(isinstance(t, str) and t.strip() for t in items):
+        raise ValueError(f"{who}: {name} must be module roles such as q,v (strings), got {targets!r}")
+    if not items:
+        raise ValueError(f"{who}: {name} is empty, so nothing would be tuned but the head; give at least one "
+                         "role (e.g. q,v), a module-path suffix or re:<regex>")
+    return tuple(t.strip() for t in items)
 
 
 def seeded_generator(seed: int) -> torch.Generator:

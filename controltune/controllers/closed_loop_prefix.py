@@ -26,7 +26,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from .base import Control, Controller, Site, UnsupportedMethodError, register, seeded_generator
+from .base import Control, Controller, Site, UnsupportedMethodError, positive_int, register, seeded_generator
 
 
 class FeedbackPrefix(nn.Module):
@@ -69,9 +69,9 @@ class ClosedLoopPrefix(Controller):
     def __init__(self, n_prefix: int = 8, rank: int = 1, layers: Sequence[int] | None = None, seed: int = 0,
                  weight_decay: float = 0.0) -> None:
         super().__init__(weight_decay)
-        if int(n_prefix) < 1 or int(rank) < 0:
-            raise ValueError(f"closed_loop_prefix needs n_prefix >= 1 and rank >= 0, got {n_prefix}, {rank}")
-        self.n_prefix, self.rank, self.layers, self.seed = int(n_prefix), int(rank), layers, int(seed)
+        self.n_prefix = positive_int(n_prefix, "n_prefix", self.method)
+        self.rank = positive_int(rank, "rank", self.method, minimum=0)  # rank 0: an open-loop prefix
+        self.layers, self.seed = layers, int(seed)
         self.prefixes = nn.ModuleDict()
         self._mask: torch.Tensor | None = None
         self._states: dict[int, torch.Tensor] = {}

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import REGISTRY, Control, Controller, UnsupportedMethodError, register
+from .base import REGISTRY, Control, Controller, UnsupportedMethodError, construct, register
 
 PartSpec = Controller | str | Sequence[Any] | dict[str, Any]
 
@@ -41,7 +41,7 @@ def make_controller(spec: PartSpec) -> Controller:
                         f"{{'method': ..., 'options': ...}}; got {spec!r}")
     if method not in REGISTRY:
         raise KeyError(f"unknown method {method!r} in a combination; registered: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[method](**options)
+    return construct(method, options)
 
 
 def _renamed(controls: list[Control], prefix: str) -> list[Control]:

@@ -39,7 +39,19 @@ from ..design.gramian import costate_energy, hamiltonian_gradients, module_grami
 from ..design.linearize import design_batch as load_design_batch
 from ..design.placement import allocation_cost, greedy_allocate
 from ..families.base import dense_weight, linear_io
-from .base import Control, Controller, Site, UnsupportedMethodError, register, resolve_targets, seeded_generator, wrap
+from .base import (
+    Control,
+    Controller,
+    Site,
+    UnsupportedMethodError,
+    positive_float,
+    positive_int,
+    register,
+    resolve_targets,
+    seeded_generator,
+    target_names,
+    wrap,
+)
 from .lora import LoRADelta, _key, lora_controls
 
 SCORES = ("gramian", "costate")
@@ -77,11 +89,13 @@ class _DesignedLoRA(Controller):
 
     def _init_common(self, rank: int, alpha: float, layers, task: str, n_design: int, design_seed: int,
                      max_length: int, design_batch: dict | None, seed: int) -> None:
-        if int(rank) < 1:
-            raise ValueError(f"{self.method}: rank must be >= 1, got {rank}")
-        self.rank, self.alpha, self.layers, self.seed = int(rank), float(alpha), layers, int(seed)
-        self.task, self.n_design, self.design_seed = task, int(n_design), int(design_seed)
-        self.max_length, self.design_batch = int(max_length), design_batch
+        self.rank = positive_int(rank, "rank", self.method)
+        self.alpha = positive_float(alpha, "alpha", self.method)
+        self.layers, self.seed = layers, int(seed)
+        self.task, self.design_seed = task, int(design_seed)
+        self.n_design = positive_int(n_design, "n_design", self.method)
+        self.max_length = positive_int(max_length, "max_length", self.method)
+        self.design_batch = design_batch
         self.deltas = nn.ModuleDict()
         self.ranks: dict[str, int] = {}
         self.report: dict = {}
@@ -117,7 +131,7 @@ class CostateLoRA(_DesignedLoRA):
                  seed: int = 0, weight_decay: float = 0.0) -> None:
         super().__init__(weight_decay)
         self._init_common(rank, alpha, layers, task, n_design, design_seed, max_length, design_batch, seed)
-        self.targets = (targets,) if isinstance(targets, str) else tuple(targets)
+        self.targets = target_names(targets, self.method)
         if not (step == "auto" or (isinstance(step, (int, float)) and step > 0)):
             raise ValueError(f"costate_lora: step must be 'auto' or a positive number, got {step!r}")
         self.step = step
@@ -199,7 +213,7 @@ class GramianLoRA(_DesignedLoRA):
         self._init_common(rank, alpha, layers, task, n_design, design_seed, max_length, design_batch, seed)
         if score not in SCORES:
             raise ValueError(f"gramian_lora: score {score!r} is not one of {SCORES}")
-        self.targets = (targets,) if isinstance(targets, str) else (None if targets is None else tuple(targets))
+        self.targets = None if targets is None else target_names(targets, self.method)
         self.budget, self.score, self.n_probes, self.probe = budget, score, int(n_probes), probe
 
     def default_budget(self, system) -> int:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .adapter import linear_dims, site_key
-from .base import Control, Controller, Site, UnsupportedMethodError, register, resolve_targets, wrap
+from .base import Control, Controller, Site, UnsupportedMethodError, register, resolve_targets, target_names, wrap
 
 FUSED_QKV = ("q", "k", "v")
 
@@ -79,7 +79,7 @@ class IA3(Controller):
                  rescale_input: Sequence[str] | str = ("ffn_out",), layers: Sequence[int] | None = None,
                  seed: int = 0, weight_decay: float = 0.0) -> None:
         super().__init__(weight_decay)
-        self.targets = tuple(dict.fromkeys((targets,) if isinstance(targets, str) else targets))
+        self.targets = tuple(dict.fromkeys(target_names(targets, self.method)))
         self.rescale_input = (rescale_input,) if isinstance(rescale_input, str) else tuple(rescale_input)
         self.layers = layers
         self.seed = int(seed)

@@ -14,7 +14,17 @@ import torch
 from torch import nn
 
 from ..families.base import linear_io
-from .base import Control, Controller, register, resolve_targets, seeded_generator, wrap
+from .base import (
+    Control,
+    Controller,
+    positive_float,
+    positive_int,
+    register,
+    resolve_targets,
+    seeded_generator,
+    target_names,
+    wrap,
+)
 
 
 class LoRADelta(nn.Module):
@@ -48,10 +58,11 @@ class LoRA(Controller):
     def __init__(self, rank: int = 8, alpha: float = 16.0, targets: Sequence[str] | str = ("q", "v"),
                  layers: Sequence[int] | None = None, seed: int = 0, weight_decay: float = 0.0) -> None:
         super().__init__(weight_decay)
-        if int(rank) < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        self.rank, self.alpha, self.seed = int(rank), float(alpha), int(seed)
-        self.targets = (targets,) if isinstance(targets, str) else tuple(targets)
+        self.rank = positive_int(rank, "rank", self.method)
+        # alpha = 0 makes (alpha/r) B A vanish for ever: the delta would never act.
+        self.alpha = positive_float(alpha, "alpha", self.method)
+        self.seed = int(seed)
+        self.targets = target_names(targets, self.method)
         self.layers = layers
         self.deltas = nn.ModuleDict()
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from .base import Control, Controller, register
+from .base import Control, Controller, register, target_names
 from .specification import ParamSite, SiteDelta, block_sites, control_of, target_parameters, wrap_owners
 
 
@@ -75,7 +75,7 @@ class Masking(Controller):
                              "start as all ones (the identity)")
         if sparsity < 0:
             raise ValueError(f"sparsity must be >= 0, got {sparsity}")
-        self.targets = (targets,) if isinstance(targets, str) else (None if targets is None else tuple(targets))
+        self.targets = None if targets is None else target_names(targets, self.method)
         self.layers, self.threshold, self.init_score = layers, float(threshold), float(init_score)
         self.sparsity = float(sparsity)
         self.deltas = nn.ModuleDict()

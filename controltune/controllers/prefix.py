@@ -34,6 +34,7 @@ from .base import (
     Site,
     UnsupportedMethodError,
     Wrapped,
+    positive_int,
     register,
     resolve_targets,
     seeded_generator,
@@ -152,11 +153,9 @@ class Prefix(Controller):
     def __init__(self, length: int = 10, reparam: bool = False, hidden: int = 512, init_std: float = 0.02,
                  layers: Sequence[int] | None = None, seed: int = 0, weight_decay: float = 0.0) -> None:
         super().__init__(weight_decay)
-        if int(length) < 1:
-            raise ValueError(f"prefix length must be >= 1, got {length}")
-        if reparam and int(hidden) < 1:
-            raise ValueError(f"prefix reparameterisation hidden width must be >= 1, got {hidden}")
-        self.length, self.reparam, self.hidden = int(length), bool(reparam), int(hidden)
+        self.length = positive_int(length, "length", self.method)
+        self.reparam = bool(reparam)
+        self.hidden = positive_int(hidden, "hidden (width of the reparameterisation MLP)", self.method)
         self.init_std = float(init_std)
         self.layers = layers
         self.seed = int(seed)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Control, Controller, register, seeded_generator
+from .base import Control, Controller, positive_int, register, seeded_generator
 
 
 @register
@@ -34,9 +34,7 @@ class PromptTuning(Controller):
 
     def __init__(self, n_tokens: int = 20, seed: int = 0, weight_decay: float = 0.0) -> None:
         super().__init__(weight_decay)
-        if int(n_tokens) < 1:
-            raise ValueError(f"prompt n_tokens must be >= 1, got {n_tokens}")
-        self.n_tokens = int(n_tokens)
+        self.n_tokens = positive_int(n_tokens, "n_tokens", self.method)
         self.seed = int(seed)
         self.prompt: nn.Parameter | None = None
         self.init_token_ids: torch.Tensor | None = None

@@ -36,7 +36,7 @@ from torch import nn
 from ..design.linearize import design_batch as load_design_batch
 from ..design.linearize import orthonormal_basis, pooled_costates, pooled_states, reduce
 from ..design.riccati import dlqr_finite, lqr_rollout
-from .base import Control, Controller, Site, UnsupportedMethodError, register, wrap
+from .base import Control, Controller, Site, UnsupportedMethodError, positive_int, register, wrap
 
 
 class ResidualFeedback(nn.Module):
@@ -92,15 +92,17 @@ class RiccatiLoRA(Controller):
                  design_seed: int = 0, max_length: int = 64, design_batch: dict | None = None,
                  weight_decay: float = 0.0) -> None:
         super().__init__(weight_decay)
-        if int(rank) < 1 or int(state_dim) < int(rank):
-            raise ValueError(f"riccati_lora needs 1 <= rank <= state_dim, got rank={rank}, state_dim={state_dim}")
+        rank = positive_int(rank, "rank", self.method)
+        state_dim = positive_int(state_dim, "state_dim", self.method)
+        if state_dim < rank:
+            raise ValueError(f"{self.method} needs rank <= state_dim, got rank={rank}, state_dim={state_dim}")
         if reg <= 0 or ridge < 0:
             raise ValueError(f"riccati_lora: reg must be > 0 and ridge >= 0, got reg={reg}, ridge={ridge}")
         self.rank, self.state_dim = int(rank), int(state_dim)
         self.reg, self.ridge, self.gain = float(reg), float(ridge), float(gain)
         self.layers = layers
-        self.task, self.n_design = task, int(n_design)
-        self.design_seed, self.max_length = int(design_seed), int(max_length)
+        self.task, self.n_design = task, positive_int(n_design, "n_design", self.method)
+        self.design_seed, self.max_length = int(design_seed), positive_int(max_length, "max_length", self.method)
         self.design_batch = design_batch
         self.deltas = nn.ModuleDict()
         self.report: dict = {}

@@ -32,6 +32,7 @@ from .base import (
     Site,
     UnsupportedMethodError,
     Wrapped,
+    positive_int,
     register,
     resolve_targets,
     seeded_generator,
@@ -367,7 +368,7 @@ class LastLayerTuning(AdditiveController):
 
     def __init__(self, n_layers: int = 1, weight_decay: float = 0.0) -> None:
         super().__init__(weight_decay)
-        self.n_layers = int(n_layers)
+        self.n_layers = positive_int(n_layers, "n_layers", self.method)
 
     def select(self, system):
         n = system.n_layers
@@ -432,9 +433,8 @@ class ArbitraryTuning(AdditiveController):
     def __init__(self, budget: int | float = 0.01, group_size: int = 1, layers: Sequence[int] | None = None,
                  seed: int = 0, weight_decay: float = 0.0) -> None:
         super().__init__(weight_decay)
-        if int(group_size) < 1:
-            raise ValueError(f"group_size must be >= 1, got {group_size}")
-        self.budget, self.group_size, self.layers, self.seed = budget, int(group_size), layers, int(seed)
+        group_size = positive_int(group_size, "group_size", self.method)
+        self.budget, self.group_size, self.layers, self.seed = budget, group_size, layers, int(seed)
 
     def select(self, system):
         sites = block_parameters(system, self.layers)

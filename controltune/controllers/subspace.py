@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..fastfood import DenseProjection, FastfoodProjection
-from .base import Control, Controller, register, seeded_generator
+from .base import Control, Controller, positive_int, register, seeded_generator
 from .specification import ParamSite, SiteDelta, block_parameters, block_sites, wrap_owners
 
 PROJECTIONS = ("auto", "dense", "fastfood")
@@ -61,11 +61,10 @@ class Subspace(Controller):
     def __init__(self, dim: int = 100, which: str = "auto", dense_limit: int = 2 ** 24,
                  layers: Sequence[int] | None = None, seed: int = 0, weight_decay: float = 0.0) -> None:
         super().__init__(weight_decay)
-        if int(dim) < 1:
-            raise ValueError(f"subspace dim must be >= 1, got {dim}")
         if which not in PROJECTIONS:
-            raise ValueError(f"projection {which!r} is not one of {PROJECTIONS}")
-        self.dim, self.which, self.dense_limit = int(dim), which, int(dense_limit)
+            raise ValueError(f"{self.method}: which={which!r} is not a projection; accepted: {', '.join(PROJECTIONS)}")
+        self.dim, self.which = positive_int(dim, "dim", self.method), which
+        self.dense_limit = positive_int(dense_limit, "dense_limit", self.method)
         self.layers, self.seed = layers, int(seed)
         self.z: nn.Parameter | None = None
         self.deltas = nn.ModuleDict()

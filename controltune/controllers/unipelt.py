@@ -42,7 +42,19 @@ from .adapter import (
     uniform_init,
     zeros_like_param,
 )
-from .base import Control, Controller, Site, UnsupportedMethodError, register, resolve_targets, seeded_generator, wrap
+from .base import (
+    Control,
+    Controller,
+    Site,
+    UnsupportedMethodError,
+    positive_float,
+    positive_int,
+    register,
+    resolve_targets,
+    seeded_generator,
+    target_names,
+    wrap,
+)
 from .lora import LoRADelta
 from .prefix import PrefixKV, PrefixMLP, attention_modules, install_prefix, kv_geometry
 
@@ -129,18 +141,17 @@ class UniPELT(Controller):
         bad = [p for p in self.parts if p not in PARTS]
         if bad or not self.parts:
             raise ValueError(f"unipelt: parts {list(self.parts)} must be a non-empty subset of {PARTS}")
-        if int(lora_rank) < 1:
-            raise ValueError(f"unipelt: lora_rank must be >= 1, got {lora_rank}")
-        if int(prefix_length) < 1:
-            raise ValueError(f"unipelt: prefix_length must be >= 1, got {prefix_length}")
         activation(nonlinearity, self.method)
-        self.lora_rank, self.lora_alpha = int(lora_rank), float(lora_alpha)
-        self.lora_targets = (lora_targets,) if isinstance(lora_targets, str) else tuple(lora_targets)
-        self.prefix_length, self.prefix_reparam = int(prefix_length), bool(prefix_reparam)
-        self.prefix_hidden, self.prefix_init_std = int(prefix_hidden), float(prefix_init_std)
+        self.lora_rank = positive_int(lora_rank, "lora_rank", self.method)
+        self.lora_alpha = positive_float(lora_alpha, "lora_alpha", self.method)
+        self.lora_targets = target_names(lora_targets, self.method, "lora_targets")
+        self.prefix_length = positive_int(prefix_length, "prefix_length", self.method)
+        self.prefix_reparam = bool(prefix_reparam)
+        self.prefix_hidden = positive_int(prefix_hidden, "prefix_hidden", self.method)
+        self.prefix_init_std = float(prefix_init_std)
         self.bottleneck = check_bottleneck(bottleneck, self.method)
         self.nonlinearity, self.adapter_scale = nonlinearity, float(adapter_scale)
-        self.adapter_targets = (adapter_targets,) if isinstance(adapter_targets, str) else tuple(adapter_targets)
+        self.adapter_targets = target_names(adapter_targets, self.method, "adapter_targets")
         self.layers = layers
         self.seed = int(seed)
         self.lora = nn.ModuleDict()
