@@ -13,18 +13,38 @@ it would have seen without the stop.  After the last step each controller's
 ``finalize()`` is called when it has one (e.g. diff pruning's projection onto
 its sparsity budget), and the dev set is scored again.
 
+A failed run is a failure: a non-finite loss, gradient or updated control stops
+training at once; ``metrics.json`` then has ``status: "diverged"``, the step and
+what was non-finite, no score (``final`` and ``best`` are null), and
+:class:`TrainingDiverged` is raised after it is written.
+
+Nothing is lost: the resume state (deltas, optimiser, scheduler, step, RNG, log
+and the run's configuration) is one file, ``checkpoint.pt``, replaced atomically
+every ``checkpoint_every`` steps, every ``checkpoint_minutes`` of wall time and at
+each dev evaluation, so a kill at any moment leaves the previous checkpoint whole.
+Resuming checks the configuration against the checkpoint's and refuses a change
+not allowed by name (``allow_config_change``).  An output folder holding results
+is not reused without ``resume`` or ``overwrite``, and a lock file keeps a second
+process out of a folder in use.
+
 Output (``out``): ``metrics.json`` (configuration, versions, curves, final and
 best dev scores, wall time, peak memory, trainable-parameter count),
-``deltas.safetensors`` (final deltas) and ``checkpoint/`` (resume state).
+``deltas.safetensors`` (final deltas), ``checkpoint.pt`` (resume state) and the
+lock file ``.controltune-train.lock``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import math
+import os
 import resource
+import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +55,47 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .data import Collator, Example
 from .metrics import compute_metrics
-from .results import stamp, write_json
+from .results import atomic_file, stamp, to_strict_json, write_json
+
+try:
+    import fcntl
+except ImportError:  # Windows: the output folder is not locked
+    fcntl = None  # type: ignore[assignment]
 
 SCHEDULES = ("linear", "constant")
+CHECKPOINT = "checkpoint.pt"
+"""Resume state inside ``out``: one file, so it is replaced as one unit."""
+LOCK = ".controltune-train.lock"
+RESULTS = ("metrics.json", "deltas.safetensors", CHECKPOINT, "checkpoint")
+"""What makes ``out`` hold a run (``checkpoint`` is the folder of the resume state before ``checkpoint.pt``)."""
+STATE_FORMAT = "controltune-train-state/1"
+NOT_COMPARED = ("out", "resume", "overwrite", "progress", "checkpoint_every", "checkpoint_minutes",
+                "allow_config_change")
+"""Configuration fields that may differ on resume: where and how a run is saved and shown, not what it computes."""
+
+
+class OutputFolderError(ValueError):
+    """An output folder that cannot be used as asked (a file, holds results, nothing to resume)."""
+
+
+class OutputLockedError(OutputFolderError):
+    """Another process is writing the output folder."""
+
+
+class ConfigMismatchError(ValueError):
+    """Resuming with a configuration that differs from the checkpoint's (``differences``: key, old, new)."""
+
+    def __init__(self, message: str, differences: list[tuple[str, Any, Any]]) -> None:
+        super().__init__(message)
+        self.differences = differences
+
+
+class TrainingDiverged(FloatingPointError):
+    """Training met a non-finite loss, gradient or control; ``result`` is the dict written to ``metrics.json``."""
+
+    def __init__(self, message: str, result: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass
@@ -65,6 +123,12 @@ class TrainConfig:
         budget: after training, controllers without ``finalize()`` but with ``project(budget)``
             (diff pruning) are projected onto this budget (a count, or a fraction if < 1).
         extra: free-form description recorded with the configuration (model, method, options).
+        checkpoint_every: also write the resume state every this many steps (None: no step cadence).
+        checkpoint_minutes: also write the resume state when this much wall time passed since the
+            last one (None: no time cadence).  Both are independent of ``eval_every``.
+        overwrite: replace the results an existing ``out`` holds (else they are never overwritten).
+        allow_config_change: configuration keys (or key prefixes: ``options``) that may differ from
+            the checkpoint's on resume; each change made is recorded in ``metrics.json``.
     """
 
     lr: float = 5e-4
@@ -85,6 +149,10 @@ class TrainConfig:
     progress: bool = True
     budget: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    checkpoint_every: int | None = None
+    checkpoint_minutes: float | None = 5.0
+    overwrite: bool = False
+    allow_config_change: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         checks = [("lr", self.lr, self.lr > 0), ("batch_size", self.batch_size, self.batch_size >= 1),
@@ -94,7 +162,11 @@ class TrainConfig:
         checks += [("epochs", self.epochs, self.epochs is None or self.epochs > 0),
                    ("steps", self.steps, self.steps is None or self.steps >= 1),
                    ("eval_every", self.eval_every, self.eval_every is None or self.eval_every >= 1),
-                   ("grad_clip", self.grad_clip, self.grad_clip is None or self.grad_clip > 0)]
+                   ("grad_clip", self.grad_clip, self.grad_clip is None or self.grad_clip > 0),
+                   ("checkpoint_every", self.checkpoint_every, self.checkpoint_every is None
+                    or self.checkpoint_every >= 1),
+                   ("checkpoint_minutes", self.checkpoint_minutes, self.checkpoint_minutes is None
+                    or self.checkpoint_minutes > 0)]
         bad = [f"{name}={value!r}" for name, value, ok in checks if not ok]
         if bad:
             raise ValueError(f"invalid training configuration: {', '.join(bad)} (rates, sizes and counts must be "
@@ -103,6 +175,8 @@ class TrainConfig:
             raise ValueError(f"schedule {self.schedule!r} is not one of {SCHEDULES}")
         if self.resume and self.out is None:
             raise ValueError("resume needs an output folder (out) holding the checkpoint")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue the run in out, or replace it")
 
 
 # --- pieces ----------------------------------------------------------------------------
@@ -203,28 +277,223 @@ def finalize(system, budget: float | None = None) -> list[str]:
     return done
 
 
+# --- the output folder ------------------------------------------------------------------
+def check_output_folder(out: str | Path, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse an output folder that cannot be used as asked; cheap, so a CLI runs it before loading a model.
+
+    Raises:
+        OutputFolderError: ``out`` is an existing file; ``resume`` without a checkpoint
+            in it; or, without ``resume``/``overwrite``, it already holds a run's results.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"output folder {out} is an existing file, not a folder: choose another --out")
+    if resume and overwrite:
+        raise OutputFolderError("--resume and --overwrite exclude each other: continue the run in "
+                                f"{out}, or replace it")
+    if resume:
+        if (out / CHECKPOINT).is_file():
+            return
+        if (out / "checkpoint" / "trainer.pt").is_file():
+            raise OutputFolderError(f"cannot resume: {out} holds a checkpoint in the older checkpoint/ format, "
+                                    f"which this version cannot resume (it records no configuration)")
+        raise OutputFolderError(f"nothing to resume: {out} holds no checkpoint ({CHECKPOINT}); "
+                                "run without --resume to start a new run")
+    held = [name for name in RESULTS if (out / name).exists()]
+    if held and not overwrite:
+        raise OutputFolderError(f"{out} already holds results of a run ({', '.join(held)}): pass --resume to "
+                                "continue it, --overwrite to replace it, or choose another --out")
+
+
+@contextlib.contextmanager
+def locked_output_folder(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` (created if needed) for the block; a second process is refused at once."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                raise OutputLockedError(f"output folder {out} is in use by another training process"
+                                        f"{f' (pid {holder})' if holder else ''}: wait for it to finish or "
+                                        "choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # names the holder in the message above
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race with a waiting process)
+
+
+def _clear_output_folder(out: Path, overwrite: bool) -> None:
+    """Under the lock: remove temporary files of killed writers and, with ``overwrite``, the old results."""
+    for tmp in out.glob("*.tmp-*"):
+        if tmp.is_file() and tmp.name.split(".tmp-")[0] in RESULTS:
+            tmp.unlink()
+    if not overwrite:
+        return
+    for name in RESULTS:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+# --- the configuration a checkpoint records -------------------------------------------------
+def _data_digest(examples: Sequence[Example]) -> str:
+    """A short sha256 of the training examples (text and label), so changed data is seen on resume."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(f"{ex.text_a}\x1f{ex.text_b}\x1f{ex.label}\x1e".encode())
+    return h.hexdigest()[:16]
+
+
+def run_config(config: TrainConfig, system, task_spec, train_examples: Sequence[Example]) -> dict[str, Any]:
+    """What a run computes: the configuration (``extra`` merged in) and the task, model and data it ran on.
+
+    Saved in every checkpoint and compared on resume; fields of :data:`NOT_COMPARED` are left out.
+    """
+    fields = {k: v for k, v in asdict(config).items() if k not in NOT_COMPARED and k != "extra"}
+    for key, value in config.extra.items():
+        fields[f"extra.{key}" if key in fields else key] = value
+    fields.update({"task_name": task_spec.name, "base_model": system.name,
+                   "methods": [c.method for c in system.controllers], "n_train": len(train_examples),
+                   "train_data": _data_digest(train_examples)})
+    return json.loads(to_strict_json(fields))  # tuples -> lists, as stored: comparisons see equal values equal
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+_ABSENT = "<absent>"
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(key, old value, new value)`` for every flattened key (``options.rank``) whose value differs."""
+    a, b = _flatten(old), _flatten(new)
+    return [(k, a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in sorted(set(a) | set(b))
+            if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+
+
+def _is_allowed(key: str, allowed: Sequence[str]) -> bool:
+    return any(key == a or key.startswith(a + ".") for a in allowed)
+
+
 # --- resume state ------------------------------------------------------------------------
-def _save_state(folder: Path, system, optimizer, scheduler, step: int, log: dict[str, Any], spec: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    checkpoint.save(system, folder / "deltas.safetensors", spec)
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step, "log": log,
-             "torch_rng": torch.get_rng_state()}
+def _save_state(path: Path, system, optimizer, scheduler, step: int, log: dict[str, Any], spec: dict,
+                config: dict[str, Any]) -> None:
+    """Write the whole resume state as one file, atomically (temporary name, fsync, rename)."""
+    state = {"format": STATE_FORMAT, "config": config, "step": step, "log": log,
+             "deltas": checkpoint.to_bytes(system, spec), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    tmp = folder / "trainer.pt.tmp"
-    torch.save(state, tmp)
-    tmp.replace(folder / "trainer.pt")  # atomic: a kill mid-write leaves the previous state
+    with atomic_file(path) as fh:
+        torch.save(state, fh)
 
 
-def _load_state(folder: Path, system, optimizer, scheduler) -> tuple[int, dict[str, Any]]:
-    checkpoint.load(system, folder / "deltas.safetensors")
-    state = torch.load(folder / "trainer.pt", weights_only=False)
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as err:  # any unpickling failure means the same thing to the user: unusable file
+        raise checkpoint.CorruptCheckpointError(f"{path} cannot be read as a training checkpoint: {err}") from err
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise checkpoint.CorruptCheckpointError(f"{path} is not a training checkpoint of format {STATE_FORMAT}")
+    return state
+
+
+def _config_changes(path: Path, saved: dict[str, Any], current: dict[str, Any], allowed: Sequence[str],
+                    step: int) -> list[dict[str, Any]]:
+    """The allowed differences from the checkpoint's configuration; refuses any other.
+
+    Raises:
+        ConfigMismatchError: naming every key not allowed, as ``key: old -> new``.
+    """
+    diffs = config_differences(saved, current)
+    refused = [d for d in diffs if not _is_allowed(d[0], allowed)]
+    if refused:
+        listed = "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in refused)
+        raise ConfigMismatchError(f"cannot resume {path}: the configuration differs from the checkpoint's ({listed}); "
+                                  "resume with the same settings, or allow a change with --allow-config-change KEY",
+                                  refused)
+    return [{"step": step, "key": k, "old": o, "new": n} for k, o, n in diffs]
+
+
+def _load_state(path: Path, system, optimizer, scheduler, config: TrainConfig, current: dict[str, Any],
+                schedule) -> tuple[int, dict[str, Any]]:
+    """Restore deltas, optimiser, scheduler and RNG from ``path``; returns ``(step, log)``.
+
+    Learning rate and weight decay are set from ``config`` afterwards (the optimiser's
+    saved groups carry the old ones), so an allowed change of either takes effect.
+    """
+    state = _read_state(path)
+    step, log = int(state["step"]), state["log"]
+    changes = _config_changes(path, state["config"], current, config.allow_config_change, step)
+    log["config_changes"] = log.get("config_changes", []) + changes
+    checkpoint.load_bytes(system, state["deltas"], f"{path} (deltas)")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    scheduler.base_lrs = [config.lr for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group.update(initial_lr=config.lr, lr=config.lr * schedule(step), weight_decay=config.weight_decay)
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return int(state["step"]), state["log"]
+    return step, log
+
+
+def checkpoint_due(config: TrainConfig, step: int, last_saved: float) -> bool:
+    """True when the step cadence hits ``step`` or ``checkpoint_minutes`` passed since ``last_saved`` (monotonic)."""
+    if config.checkpoint_every and step % config.checkpoint_every == 0:
+        return True
+    return config.checkpoint_minutes is not None and time.monotonic() - last_saved >= 60 * config.checkpoint_minutes
+
+
+# --- divergence --------------------------------------------------------------------------------
+def _control_names(system) -> dict[int, str]:
+    """id(parameter) -> the name of the (first) control holding it, to name a non-finite gradient."""
+    names: dict[int, str] = {}
+    for c in system.controls():
+        names.setdefault(id(c.param), c.name)
+    return names
+
+
+def _first_nonfinite(tensors: Sequence[torch.Tensor | None]) -> int | None:
+    """Index of the first tensor with a NaN or ±inf entry (one device sync for all), or None."""
+    present = [(i, t) for i, t in enumerate(tensors) if t is not None]
+    if not present:
+        return None
+    bad = torch.stack([~torch.isfinite(t).all() for _, t in present]).cpu()
+    hits = bad.nonzero().flatten().tolist()
+    return present[hits[0]][0] if hits else None
+
+
+def _describe(value: float | torch.Tensor) -> str:
+    """``nan``, ``inf`` or ``-inf`` (the first non-finite entry of a tensor)."""
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().reshape(-1)
+        value = flat[~torch.isfinite(flat)][0].item()
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def _nonfinite(what: str, tensors: Sequence[torch.Tensor | None], params: Sequence[torch.nn.Parameter],
+               names: dict[int, str]) -> dict[str, Any] | None:
+    """``{what, control, value}`` for the first non-finite tensor (a gradient or a control's value), or None."""
+    i = _first_nonfinite(tensors)
+    if i is None:
+        return None
+    return {"what": what, "control": names.get(id(params[i]), f"parameter {i}"), "value": _describe(tensors[i])}
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -242,9 +511,28 @@ def train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exam
 
     Returns:
         the dict written to ``metrics.json`` (see module docstring).
+
+    Raises:
+        OutputFolderError: ``config.out`` is a file, holds results without ``resume``/``overwrite``,
+            has no checkpoint to resume, or (:class:`OutputLockedError`) is in use by another process.
+        ConfigMismatchError: resuming with a configuration the checkpoint does not allow.
+        TrainingDiverged: a non-finite loss, gradient or control (after ``metrics.json`` is written).
     """
     if not train_examples:
         raise ValueError("no training examples")
+    out = Path(config.out) if config.out else None
+    if out is None:
+        return _train(system, train_examples, dev_examples, task_spec, config, tokenizer, None)
+    check_output_folder(out, config.resume, config.overwrite)
+    with locked_output_folder(out):
+        check_output_folder(out, config.resume, config.overwrite)  # again under the lock: another run may have ended
+        _clear_output_folder(out, config.overwrite)
+        return _train(system, train_examples, dev_examples, task_spec, config, tokenizer, out)
+
+
+def _train(system, train_examples: Sequence[Example], dev_examples: Sequence[Example] | None, task_spec,
+           config: TrainConfig, tokenizer, out: Path | None) -> dict[str, Any]:
+    """The loop of :func:`train`, with ``out`` checked and locked by the caller."""
     if tokenizer is None:
         from .zoo import offline_tokenizer
 
@@ -253,18 +541,19 @@ def train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exam
     if not params:
         raise ValueError("the system has no trainable controls: attach a controller (or keep the readout head)")
     device = params[0].device
+    names = _control_names(system)
     total, per_epoch = total_steps(config, len(train_examples))
     warm = warmup_steps(config, total)
+    schedule = linear_schedule(warm, total, config.schedule == "linear")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warm, total,
-                                                                              config.schedule == "linear"))
-    out = Path(config.out) if config.out else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     spec = dict(config.extra)
+    current = run_config(config, system, task_spec, train_examples)
     log: dict[str, Any] = {"train_loss": [], "lr": [], "dev": [], "wall_time_s": 0.0}
     step = 0
     torch.manual_seed(config.seed)
-    if config.resume and out is not None and (out / "checkpoint" / "trainer.pt").is_file():
-        step, log = _load_state(out / "checkpoint", system, optimizer, scheduler)
+    if config.resume and out is not None:
+        step, log = _load_state(out / CHECKPOINT, system, optimizer, scheduler, config, current, schedule)
     n_trainable = sum(p.numel() for p in params)
     n_base = checkpoint.n_base_parameters(system)
     header = stamp({**asdict(config), "total_steps": total, "warmup_steps": warm, "steps_per_epoch": per_epoch,
@@ -274,11 +563,13 @@ def train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exam
 
     def report(status: str) -> dict[str, Any]:
         dev = log["dev"]
-        best = max(dev, key=lambda r: r[task_spec.metric]) if dev else None
+        scored = status != "diverged"  # a diverged run reports no score, not even its best before diverging
+        best = max(dev, key=lambda r: r[task_spec.metric]) if dev and scored else None
         return {**header, "status": status, "step": step, "total_steps": total,
                 "n_trainable": n_trainable, "n_base_params": n_base, "trainable_fraction": n_trainable / n_base,
                 "curves": {"train_loss": log["train_loss"], "lr": log["lr"], "dev": dev},
-                "final": log.get("final"), "best": best, "finalized": log.get("finalized", []),
+                "final": log.get("final") if scored else None, "best": best, "diverged": log.get("diverged"),
+                "config_changes": log.get("config_changes", []), "finalized": log.get("finalized", []),
                 "wall_time_s": log["wall_time_s"], "peak_memory_mb": peak_memory_mb(device)}
 
     def dev_eval() -> dict[str, float] | None:
@@ -287,39 +578,64 @@ def train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exam
         return {"step": step, **evaluate(system, dev_examples, task_spec, tokenizer, config.eval_batch_size,
                                          config.max_length)}
 
+    def save_checkpoint() -> None:
+        log["wall_time_s"] = time.perf_counter() - t0
+        _save_state(out / CHECKPOINT, system, optimizer, scheduler, step, log, spec, current)
+
+    def diverge(info: dict[str, Any]) -> None:
+        """Record the failure, write metrics.json, raise: nothing after this step is trained or scored."""
+        log["diverged"] = {"step": step + 1, **info}
+        log["wall_time_s"] = time.perf_counter() - t0
+        result = report("diverged")
+        if out is not None:
+            write_json(out / "metrics.json", result)
+        where = f" of {info['control']}" if "control" in info else ""
+        raise TrainingDiverged(f"training diverged at step {step + 1} of {total}: non-finite {info['what']}{where} "
+                               f"({info['value']}); no score is reported", result)
+
     collate = Collator(tokenizer, config.max_length)
     system.train(config.dropout)
-    bar = tqdm(total=total, initial=step, disable=not config.progress, desc="train", dynamic_ncols=True)
     t0 = time.perf_counter() - log["wall_time_s"]
-    while step < total:
-        epoch, offset = divmod(step, per_epoch)
-        order = batch_order(len(train_examples), config.seed, epoch)
-        idx = order[offset * config.batch_size:(offset + 1) * config.batch_size]
-        batch = _to(collate([train_examples[i] for i in idx]), device)
-        loss = system.cost(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        log["lr"].append(scheduler.get_last_lr()[0])
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        log["train_loss"].append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if config.eval_every and step % config.eval_every == 0 and step < total:
-            log["dev"].append(dev_eval())
-            system.train(config.dropout)
-            bar.set_postfix(loss=f"{loss.item():.4f}", **{task_spec.metric: f"{log['dev'][-1][task_spec.metric]:.4f}"})
-            if out is not None:
-                log["wall_time_s"] = time.perf_counter() - t0
-                _save_state(out / "checkpoint", system, optimizer, scheduler, step, log, spec)
+    last_saved = time.monotonic()
+    with tqdm(total=total, initial=step, disable=not config.progress, desc="train", dynamic_ncols=True) as bar:
+        while step < total:
+            epoch, offset = divmod(step, per_epoch)
+            order = batch_order(len(train_examples), config.seed, epoch)
+            idx = order[offset * config.batch_size:(offset + 1) * config.batch_size]
+            batch = _to(collate([train_examples[i] for i in idx]), device)
+            loss = system.cost(batch)
+            value = loss.item()
+            if not math.isfinite(value):
+                diverge({"what": "loss", "value": _describe(value)})
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            bad = _nonfinite("gradient", [p.grad for p in params], params, names)
+            if bad:
+                diverge(bad)
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            log["lr"].append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            bad = _nonfinite("parameter", list(params), params, names)  # a finite step can still overflow
+            if bad:
+                log["lr"].pop()
+                diverge(bad)
+            scheduler.step()
+            step += 1
+            log["train_loss"].append(value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}")
+            evaluated = bool(config.eval_every and step % config.eval_every == 0 and step < total)
+            if evaluated:
+                log["dev"].append(dev_eval())
+                system.train(config.dropout)
+                bar.set_postfix(loss=f"{value:.4f}", **{task_spec.metric: f"{log['dev'][-1][task_spec.metric]:.4f}"})
+            if out is not None and step < total and (evaluated or checkpoint_due(config, step, last_saved)):
+                save_checkpoint()
                 write_json(out / "metrics.json", report("running"))
-    bar.close()
+                last_saved = time.monotonic()
     if out is not None:
-        log["wall_time_s"] = time.perf_counter() - t0
-        _save_state(out / "checkpoint", system, optimizer, scheduler, step, log, spec)
+        save_checkpoint()
     log["finalized"] = finalize(system, config.budget)
     system.eval()
     final = dev_eval()

@@ -28,8 +28,11 @@ Protocol (every number is in the rows):
   still covers every cell.
 
 Rows are appended to ``experiments/results/design_eval.jsonl`` as they finish; a rerun skips
-rows already there (resume).  ``--shard K/N`` runs every N-th job starting at K, so N processes
-(one per core) share one sweep; after the selection jobs each worker waits for all of them.
+rows already there (resume).  A row has ``status: "done"`` with its scores, or ``"diverged"``
+(non-finite loss or gradient) with the step and no score: a diverged job is not retried and
+never chosen or tabled (rows without ``status`` predate the key and are done).
+``--shard K/N`` runs every N-th job starting at K, so N processes (one per core) share one
+sweep; after the selection jobs each worker waits for all of them.
 Each invocation's configuration is appended to ``design_eval.invocations.jsonl``.
 
     for k in 0 1; do nice -n 10 env PYTHONPATH=. .venv/bin/python experiments/design_eval.py \\
@@ -52,8 +55,8 @@ import torch
 from controltune import ResidualSystem, load_model
 from controltune.controllers import REGISTRY, build
 from controltune.data import Collator, load_split, resolve_task
-from controltune.results import append_jsonl, read_jsonl, stamp
-from controltune.train import TrainConfig, evaluate, train
+from controltune.results import append_jsonl, read_jsonl, row_done, stamp
+from controltune.train import TrainConfig, TrainingDiverged, evaluate, train
 from controltune.zoo import offline_tokenizer
 
 OUT = Path(__file__).parent / "results" / "design_eval.jsonl"
@@ -125,9 +128,17 @@ def run_one(job: tuple, args) -> dict:
                       max_length=args.max_length, eval_every=max(1, steps // args.curve_points), seed=seed,
                       progress=False, warmup=0.1)
     t0 = time.perf_counter()
-    result = train(system, train_rows, val_rows, spec, cfg, tokenizer=tok)
+    base = {"budget": budget, "task": spec.name, "method": method, "seed": seed, "lr": lr, "options": opts}
+    try:
+        result = train(system, train_rows, val_rows, spec, cfg, tokenizer=tok)
+    except TrainingDiverged as err:  # a finished job without a score: recorded, never retried, never tabled
+        result = err.result
+        return {**base, "status": "diverged", "diverged": result["diverged"], "n_trainable": result["n_trainable"],
+                "n_train": len(train_rows), "n_val": len(val_rows), "steps": result["step"], "design_s": design_s,
+                "design_report": report, "val": None, "dev": None, "val_curve": result["curves"]["dev"],
+                "train_loss": result["curves"]["train_loss"], "wall_s": time.perf_counter() - t0 + design_s}
     dev_rows = load_split(spec, "dev", n=args.n_dev, seed=0)
-    row = {"budget": budget, "task": spec.name, "method": method, "seed": seed, "lr": lr, "options": opts,
+    row = {**base, "status": "done",
            "n_trainable": result["n_trainable"], "n_train": len(train_rows), "n_val": len(val_rows),
            "n_dev": len(dev_rows), "steps": result["step"], "design_s": design_s, "design_report": report,
            "val": result["final"], "val_curve": result["curves"]["dev"],
@@ -138,13 +149,20 @@ def run_one(job: tuple, args) -> dict:
 
 
 def choose_lr(rows: list[dict], budget: str, task: str, method: str) -> float | None:
-    """The grid rate with the best seed-0 validation accuracy (ties: lower loss); None if incomplete."""
+    """The grid rate with the best seed-0 validation accuracy (ties: lower loss).
+
+    None while a grid rate has not run yet, or when every rate diverged; a diverged
+    rate counts as run (it is not retried) but can never be chosen.
+    """
     grid = LR_GRID.get(method, DEFAULT_GRID)
     cands = [r for r in rows if (r["budget"], r["task"], r["method"], r["seed"]) == (budget, task, method, 0)
              and r["lr"] in grid]
     if {r["lr"] for r in cands} != set(grid):
         return None
-    return max(cands, key=lambda r: (r["val"]["accuracy"], -r["val"]["loss"]))["lr"]
+    scored = [r for r in cands if row_done(r)]
+    if not scored:
+        return None
+    return max(scored, key=lambda r: (r["val"]["accuracy"], -r["val"]["loss"]))["lr"]
 
 
 def selection_jobs(args) -> list[tuple]:
@@ -231,7 +249,11 @@ def main(argv=None) -> None:
                 return
             row = run_one(job, args)
             append_jsonl(out, row)
-            print(f"{job}: val={row['val']} dev={row['dev']} ({row['wall_s']:.0f}s)", flush=True)
+            if row_done(row):
+                print(f"{job}: val={row['val']} dev={row['dev']} ({row['wall_s']:.0f}s)", flush=True)
+            else:
+                print(f"{job}: {row['status']} at step {row['diverged']['step']} ({row['diverged']['what']}), "
+                      "no score", flush=True)
 
     selection = selection_jobs(args)
     work(selection)

@@ -3,8 +3,11 @@
 Tasks SST-2 (a seeded 5k-row training subsample), MRPC, RTE and CoLA; 3 seeds
 per (method, task); each finished run appends one row to
 ``experiments/results/sweep_glue.jsonl`` and a re-run skips the rows already
-there (resumable).  ``sweep_glue_table.json`` holds mean and std over seeds of
-each task's metrics (accuracy; accuracy and F1 for MRPC; MCC for CoLA).
+there (resumable).  A row's ``status`` is ``done`` (with its score) or
+``diverged`` (non-finite loss or gradient: the step, no score); a diverged run is
+not retried and does not enter the table (rows without ``status`` are done).
+``sweep_glue_table.json`` holds mean and std over seeds of each task's metrics
+(accuracy; accuracy and F1 for MRPC; MCC for CoLA).
 
 Every run uses ``controltune.train.train`` with AdamW, linear warm-up (6 %) and
 decay, batch 32, 2 epochs, mean pooling + linear head, dropout off, and the
@@ -34,8 +37,8 @@ from tqdm import tqdm
 from controltune import ResidualSystem, load_model
 from controltune.controllers import REGISTRY, build
 from controltune.data import load_split, resolve_task
-from controltune.results import append_jsonl, read_jsonl, stamp, write_json
-from controltune.train import TrainConfig, train
+from controltune.results import append_jsonl, read_jsonl, row_done, stamp, write_json
+from controltune.train import TrainConfig, TrainingDiverged, train
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = {
@@ -82,21 +85,36 @@ def run_one(loaded, method: str, task: str, seed: int, budget: float, progress: 
     config = TrainConfig(lr=LR[method], epochs=EPOCHS, batch_size=BATCH, max_length=settings["max_length"],
                          warmup=WARMUP, seed=seed, progress=progress,
                          extra={"model": "minilm", "method": method, "options": options, "task": task})
-    result = train(system, train_ex, dev_ex, spec, config, tokenizer=loaded.tokenizer)
-    return {"method": method, "task": task, "seed": seed, "budget": budget, "lr": LR[method], "options": options,
-            "n_train": len(train_ex), "n_dev": len(dev_ex), "epochs": EPOCHS, "batch_size": BATCH,
-            "max_length": settings["max_length"], "steps": result["total_steps"], "final": result["final"],
-            "metric": spec.metric, "score": result["final"][spec.metric], "dev_curve": result["curves"]["dev"],
-            "n_trainable": result["n_trainable"], "trainable_fraction": result["trainable_fraction"],
-            "wall_time_s": result["wall_time_s"], "peak_memory_mb": result["peak_memory_mb"],
-            "versions": result["versions"]}
+    try:
+        result, status = train(system, train_ex, dev_ex, spec, config, tokenizer=loaded.tokenizer), "done"
+    except TrainingDiverged as err:  # recorded as a finished run without a score: not retried, not tabled
+        result, status = err.result, "diverged"
+    row = {"method": method, "task": task, "seed": seed, "budget": budget, "lr": LR[method], "options": options,
+           "status": status, "n_train": len(train_ex), "n_dev": len(dev_ex), "epochs": EPOCHS, "batch_size": BATCH,
+           "max_length": settings["max_length"], "steps": result["total_steps"], "final": result["final"],
+           "metric": spec.metric, "score": result["final"][spec.metric] if result["final"] else None,
+           "dev_curve": result["curves"]["dev"],
+           "n_trainable": result["n_trainable"], "trainable_fraction": result["trainable_fraction"],
+           "wall_time_s": result["wall_time_s"], "peak_memory_mb": result["peak_memory_mb"],
+           "versions": result["versions"]}
+    if status == "diverged":
+        row["diverged"] = result["diverged"]  # step and what was non-finite
+    return row
 
 
 def table(rows: list[dict]) -> dict:
-    """Mean and std over seeds of every metric, per (method, task, budget)."""
+    """Mean and std over seeds of every metric, per (method, task, budget); diverged runs have no score to enter.
+
+    Each entry counts its diverged seeds (``diverged_seeds``) so a mean over fewer seeds is visible.
+    """
     groups: dict[tuple, list[dict]] = defaultdict(list)
+    failed: dict[tuple, list[int]] = defaultdict(list)
     for r in rows:
-        groups[(r["method"], r["task"], r["budget"])].append(r)
+        key = (r["method"], r["task"], r["budget"])
+        if row_done(r):
+            groups[key].append(r)
+        else:
+            failed[key].append(r["seed"])
     out = []
     for (method, task, budget), rs in sorted(groups.items()):
         metrics = {}
@@ -108,8 +126,11 @@ def table(rows: list[dict]) -> dict:
         out.append({"method": method, "task": task, "budget": budget, "seeds": sorted(r["seed"] for r in rs),
                     "n_train": rs[0]["n_train"], "lr": rs[0]["lr"], "metrics": metrics,
                     "n_trainable": rs[0]["n_trainable"], "trainable_fraction": rs[0]["trainable_fraction"],
-                    "mean_wall_time_s": statistics.fmean(r["wall_time_s"] for r in rs)})
-    return {"rows": out}
+                    "mean_wall_time_s": statistics.fmean(r["wall_time_s"] for r in rs),
+                    "diverged_seeds": sorted(failed.get((method, task, budget), []))})
+    lost = [{"method": m, "task": t, "budget": b, "diverged_seeds": sorted(seeds)}
+            for (m, t, b), seeds in sorted(failed.items()) if (m, t, b) not in groups]
+    return {"rows": out, "all_diverged": lost}
 
 
 def main() -> None:
@@ -143,8 +164,9 @@ def main() -> None:
             break
         row = run_one(loaded, method, task, seed, args.budget, not args.no_progress)
         append_jsonl(args.out, row)
-        tqdm.write(f"{method:>8} {task:>5} seed {seed}: {row['metric']}={row['score']:.4f} "
-                   f"({row['wall_time_s']:.0f} s)")
+        outcome = (f"{row['metric']}={row['score']:.4f}" if row_done(row) else
+                   f"DIVERGED at step {row['diverged']['step']} (non-finite {row['diverged']['what']}), no score")
+        tqdm.write(f"{method:>8} {task:>5} seed {seed}: {outcome} ({row['wall_time_s']:.0f} s)")
         write_json(table_path, {**stamp(config), **table(read_jsonl(args.out))})
     write_json(table_path, {**stamp(config), **table(read_jsonl(args.out))})
 

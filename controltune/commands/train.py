@@ -16,6 +16,9 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 from ..data import load_split, resolve_task
@@ -49,7 +52,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pooling", default="mean", choices=["mean", "cls", "last"])
     parser.add_argument("--dropout", action="store_true", help="train with the model's dropout on")
     parser.add_argument("--out", default=None, metavar="DIR", help="write metrics.json, deltas and checkpoints here")
-    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the checkpoint in --out (refused if the configuration differs)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results an existing --out holds (otherwise they are never overwritten)")
+    parser.add_argument("--allow-config-change", action="append", default=[], metavar="KEY",
+                        help="with --resume, let KEY (e.g. lr, steps, options.rank, or options for all of them) "
+                             "differ from the checkpoint's configuration; repeatable; recorded in metrics.json")
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                        help="write the resume state every N steps (besides each dev evaluation)")
+    parser.add_argument("--checkpoint-minutes", type=float, default=5.0, metavar="M",
+                        help="write the resume state after M minutes of wall time since the last (default 5)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--budget", type=float, default=None,
                         help="after training, project methods with project(budget) (diff pruning) onto this "
@@ -132,6 +145,36 @@ def controller_spec(method: str, options: dict[str, Any], seed: int) -> tuple[st
     return "combination", {"parts": [[n, seeded(n, o)] for n, o in parts.items()]}
 
 
+def input_files(spec, model: str) -> list[Path]:
+    """Files the run reads: the task's data files and, when ``model`` is a path, the model's files."""
+    files = [spec.file] if spec.file is not None else [f for f in spec.folder.iterdir() if f.is_file()]
+    model_path = Path(model)
+    if model_path.is_dir():
+        files += [f for f in model_path.rglob("*") if f.is_file()]
+    elif model_path.is_file():
+        files.append(model_path)
+    return files
+
+
+def check_json_path(json_path: str, spec, model: str, out: str | None) -> None:
+    """Refuse a ``--json`` path that would replace one of the run's inputs or its resume state, before training.
+
+    The ``metrics.json`` of ``--out`` is allowed (it is rewritten with the same result anyway).
+    """
+    target = Path(json_path)
+    if target.is_dir():
+        raise ValueError(f"--json {json_path} is a folder; give a file path")
+    if not target.exists():
+        return
+    protected = input_files(spec, model)
+    if out is not None:
+        protected += [Path(out) / name for name in ("deltas.safetensors", "checkpoint.pt", ".controltune-train.lock")]
+    for path in protected:
+        if path.exists() and os.path.samefile(target, path):
+            raise ValueError(f"--json {json_path} is {path}, an input of this run: it would be overwritten; "
+                             "choose another path")
+
+
 def check_max_length(loaded, max_length: int) -> None:
     """Refuse ``--max-length`` beyond the model's position table (before any training step)."""
     from ..zoo import check_length
@@ -143,9 +186,15 @@ def run(args: argparse.Namespace) -> int:
     from .. import load_model
     from ..controllers import build
     from ..system import ResidualSystem
-    from ..train import TrainConfig, train
+    from ..train import TrainConfig, TrainingDiverged, check_output_folder, train
 
+    if args.resume and args.out is None:
+        raise ValueError("--resume needs --out, the folder holding the run's checkpoint")
+    if args.out is not None:  # before the model loads: a wrong --out should cost nothing
+        check_output_folder(args.out, resume=args.resume, overwrite=args.overwrite)
     spec = resolve_task(args.task, holdout_seed=args.data_seed)
+    if args.json:
+        check_json_path(args.json, spec, args.model, args.out)
     train_ex = load_split(spec, "train", n=args.train_size, seed=args.data_seed)
     dev_ex = load_split(spec, "dev", n=args.dev_size, seed=args.data_seed)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
@@ -159,18 +208,27 @@ def run(args: argparse.Namespace) -> int:
         eval_batch_size=args.eval_batch_size, max_length=args.max_length, warmup=args.warmup, schedule=args.schedule,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every, seed=args.seed,
         out=args.out, resume=args.resume, dropout=args.dropout, progress=not args.no_progress, budget=args.budget,
+        checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
+        overwrite=args.overwrite, allow_config_change=list(args.allow_config_change),
         extra={"model": args.model, "method": name, "options": options, "task": args.task, "pooling": args.pooling,
                "train_size": args.train_size, "data_seed": args.data_seed, "dev_size": args.dev_size,
                "dtype": args.dtype, "device": args.device},
     )
-    result = train(system, train_ex, dev_ex, spec, config, tokenizer=loaded.tokenizer)
+    from ..results import write_json
+
+    try:
+        result = train(system, train_ex, dev_ex, spec, config, tokenizer=loaded.tokenizer)
+    except TrainingDiverged as err:  # a failure, not a result: one line, no score, exit 3
+        if args.json:
+            write_json(args.json, err.result)
+        where = f"; metrics in {Path(args.out) / 'metrics.json'}" if args.out else ""
+        print(f"controltune train: {err}{where}", file=sys.stderr)
+        return 3
     final = result.get("final") or {}
     scores = ", ".join(f"{k}={v:.4f}" for k, v in final.items() if k != "step")
     print(f"{args.method} on {spec.name} ({args.model}): {scores}; {result['n_trainable']:,} trainable "
           f"({100 * result['trainable_fraction']:.3f}% of base), {result['wall_time_s']:.1f} s, "
           f"peak {result['peak_memory_mb']:.0f} MB")
     if args.json:
-        from ..results import write_json
-
         write_json(args.json, result)
     return 0
