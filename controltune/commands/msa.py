@@ -43,14 +43,15 @@ def run(args: argparse.Namespace) -> int:
     from ..msa import MSAConfig, train_msa
     from ..system import ResidualSystem
     from ..train import evaluate
-    from ..zoo import load_model
+    from ..zoo import check_length, load_model
     from .train import parse_options
 
     torch.manual_seed(args.seed)
     config = MSAConfig(rho=args.rho, inner_steps=args.inner_steps, lr=args.lr, optimizer=args.inner_optimizer,
                        costate_penalty=not args.no_costate_penalty)
-    spec = resolve_task(args.task)
+    spec = resolve_task(args.task, holdout_seed=args.seed)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
+    check_length(loaded, args.max_length)
     system = ResidualSystem(loaded, num_labels=spec.num_labels, seed=args.seed)
     build(args.method, system, **parse_options(args.opt))
     system.eval()

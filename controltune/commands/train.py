@@ -4,8 +4,8 @@ Examples::
 
     controltune train --model minilm --method lora --task sst2 --opt rank=8 --opt targets=q,v --out runs/lora
     controltune train --model minilm --method lora+bitfit --opt lora.rank=4 --task rte --steps 200
-    controltune train --model minilm --method full --task sst2 --train-size 5000 --lr 5e-5 --epochs 2 --resume \
-        --out runs/full
+    controltune train --model minilm --method full --task sst2 --train-size 5000 --lr 5e-5 --epochs 2 --out runs/full
+    controltune train ... --out runs/full --resume      # after a stop: same command plus --resume
 
 ``--method a+b`` combines controllers simultaneously (:class:`~controltune.controllers.composition.Simultaneous`);
 an option ``--opt a.key=value`` then goes to part ``a`` only.

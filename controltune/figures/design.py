@@ -21,6 +21,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
+from ..results import read_jsonl, row_done
 from ._spec import FigureSpec
 from ._style import new_figure
 
@@ -39,13 +40,8 @@ COMMAND = ("sh", "-c", "for k in 0 1; do nice -n 10 env PYTHONPATH=. python expe
 
 
 def load_rows(results_dir: Path) -> list[dict]:
-    """Rows of ``design_eval.jsonl`` (a torn last line from a stopped worker is skipped)."""
-    rows = []
-    for line in (Path(results_dir) / SOURCE).read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+    """Finished rows of ``design_eval.jsonl`` (diverged runs have no score and are left out)."""
+    rows = [r for r in read_jsonl(Path(results_dir) / SOURCE) if row_done(r)]
     if not rows:
         raise ValueError(f"{Path(results_dir) / SOURCE} has no rows; run experiments/design_eval.py")
     return rows
