@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_bytes
 
-from .controllers.base import Control
+from .control import Control
 from .results import atomic_write_bytes
 
 FORMAT = "controltune-delta/1"

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .controllers.base import Control
+from .control import Control
 from .pmp import ControlSystem, controls_by_layer, solve_costate
 
 OPTIMIZERS = ("adam", "sgd")

@@ -33,37 +33,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 
-from .controllers.base import Control
+from .control import Control, ControlSystem
 
 MODES = ("graph", "recompute")
-
-
-@runtime_checkable
-class ControlSystem(Protocol):
-    """What the co-state solver needs from a discrete-time control system.
-
-    ``embed(batch) -> (x_0, ctx)`` (x_0 carries the graph of the initial controls),
-    ``step(l, x, ctx) -> x_{l+1}``, ``terminal_cost(x_L, ctx, batch) -> Φ̄`` (scalar,
-    batch mean), ``running_cost(where)`` with ``where`` a layer, ``"init"`` or ``"term"``,
-    and ``controls()`` (every trainable :class:`~controltune.controllers.base.Control`).
-    """
-
-    @property
-    def n_layers(self) -> int: ...
-
-    def embed(self, batch: dict) -> tuple[torch.Tensor, Any]: ...
-
-    def step(self, layer: int, x: torch.Tensor, ctx: Any) -> torch.Tensor: ...
-
-    def terminal_cost(self, x_last: torch.Tensor, ctx: Any, batch: dict) -> torch.Tensor: ...
-
-    def running_cost(self, where: int | str) -> torch.Tensor: ...
-
-    def controls(self) -> list[Control]: ...
 
 
 class CoStateError(FloatingPointError):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .control import Control
 from .families import Context
 
 POOLINGS = ("mean", "cls", "last")
@@ -59,6 +60,10 @@ class ClassificationReadout(nn.Module):
         """``norm(x_L)``: what HF reports as the last hidden state."""
         return self.norm(x_last)
 
+    def controls(self) -> list[Control]:
+        """The classification head as terminal controls ``u_term`` (when it is trainable)."""
+        return [Control(f"head.{n}", p, "term") for n, p in self.head.named_parameters() if p.requires_grad]
+
     def logits(self, x_last: torch.Tensor, ctx: Context) -> torch.Tensor:
         """S×C class scores."""
         return self.head(pool(self.norm(x_last), ctx, self.pooling))
@@ -84,6 +89,10 @@ class CausalLMReadout(nn.Module):
 
     def normalized(self, x_last: torch.Tensor) -> torch.Tensor:
         return self.norm(x_last)
+
+    def controls(self) -> list[Control]:
+        """None: the LM head is the frozen pretrained one (tune the final norm with a controller)."""
+        return []
 
     def logits(self, x_last: torch.Tensor, ctx: Context) -> torch.Tensor:
         """S×T×V next-token scores over the token positions (prompt dropped)."""

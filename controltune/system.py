@@ -16,6 +16,7 @@ from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
 from . import attention
+from .control import total_running_cost
 from .families import Context, Family, family_of
 from .hf_compat import causal_mask
 from .readout import CausalLMReadout, ClassificationReadout
@@ -154,8 +155,7 @@ class ResidualSystem(nn.Module):
 
     def total_running_cost(self) -> torch.Tensor:
         """``Σ_l R_l + R_init + R_term``."""
-        parts = [self.running_cost(w) for w in (*range(self.n_layers), "init", "term")]
-        return torch.stack(parts).sum()
+        return total_running_cost(self)
 
     def cost(self, batch: dict) -> torch.Tensor:
         """The objective ``J(u) = (1/S) Σ_s Φ + Σ_l R_l`` on a batch (scalar)."""
@@ -176,9 +176,7 @@ class ResidualSystem(nn.Module):
 
     def controls(self) -> list:
         """Every control variable of the attached controllers and the readout head."""
-        from .controllers.base import readout_controls
-
-        out = list(readout_controls(self))
+        out = list(self.readout.controls())
         for c in self.controllers:
             out.extend(c.controls())
         return out

@@ -33,7 +33,7 @@ and its systems have control-only running costs, while for LQ ``argmax_u H`` is 
 basic MSA, ``u ← R⁻¹Bᵀp``, which is the fixed-point iteration ``u ← u − R⁻¹∇J(u)`` and diverges
 when ``R⁻¹∇²J`` has an eigenvalue above 2).  The error to the Riccati control is reported per
 iteration and must fall below 1e-10; the Riccati gains are compared with
-``controltune.design.riccati.dlqr_finite``.
+``controltune.design.riccati.dlqr``.
 
 Run: ``python derivations/lq_riccati.py``.
 """
@@ -242,11 +242,11 @@ def predicted_rate(prob: dict, rho: float) -> float:
 
 
 def numerical_check(iterations: int = 400, rho: float = RHO) -> tuple[dict[str, bool], dict]:
-    from controltune.design.riccati import dlqr_finite
+    from controltune.design.riccati import dlqr
 
     prob = random_lq()
     K, P = riccati_torch(prob)
-    lib = dlqr_finite(prob["A"], prob["B"], prob["Qf"], prob["R"], Q=prob["Q"])
+    lib = dlqr(prob["A"], prob["B"], prob["Q"], prob["R"], Q_L=prob["Qf"])
     gain_gap = max(float((a - b).abs().max()) for a, b in zip(K, lib.K))
     value_gap = max(float((a - b).abs().max()) for a, b in zip(P, lib.P))
     xs = [prob["x0"]]
@@ -270,12 +270,12 @@ def numerical_check(iterations: int = 400, rho: float = RHO) -> tuple[dict[str, 
     # Measured linear rate over a window before round-off (~1e-14) takes over.
     window = [k for k, e in enumerate(emsa) if 1e-12 < e < 1e-3]
     measured = (emsa[window[-1]] / emsa[window[0]]) ** (1 / (window[-1] - window[0]))
-    numbers = {"gain_gap_vs_dlqr_finite": gain_gap, "value_gap_vs_dlqr_finite": value_gap,
+    numbers = {"gain_gap_vs_dlqr": gain_gap, "value_gap_vs_dlqr": value_gap,
                "costate_gap": costate_gap, "sweep_gap": sweep_gap, "msa_errors": plain, "emsa_errors": emsa,
                "emsa_first_iteration_below_tol": first_below, "rho": rho,
                "predicted_rate_msa": predicted_rate(prob, 0.0), "predicted_rate_emsa": predicted_rate(prob, rho),
                "measured_rate_emsa": measured}
-    checks = {"[float64] derived recursion = controltune dlqr_finite (K, P to 1e-12)":
+    checks = {"[float64] derived recursion = controltune dlqr (K, P to 1e-12)":
               gain_gap < 1e-12 and value_gap < 1e-12,
               "[float64] p_l = -P_l x_l along the Riccati trajectory (1e-12)": costate_gap < 1e-12,
               f"[float64] E-MSA (rho={rho:g}) error to the Riccati control < {TOLERANCE:g}": emsa[-1] < TOLERANCE,
@@ -351,7 +351,7 @@ def main(out_dir: str | Path = OUT_DIR) -> dict[str, bool]:
 if __name__ == "__main__":
     results, nums = run()
     report(results)
-    print(f"K, P gap to dlqr_finite: {nums['gain_gap_vs_dlqr_finite']:.1e}, {nums['value_gap_vs_dlqr_finite']:.1e}; "
+    print(f"K, P gap to dlqr: {nums['gain_gap_vs_dlqr']:.1e}, {nums['value_gap_vs_dlqr']:.1e}; "
           f"co-state gap {nums['costate_gap']:.1e}")
     print(f"predicted rates: MSA {nums['predicted_rate_msa']:.3f}, E-MSA {nums['predicted_rate_emsa']:.4f}; "
           f"measured E-MSA {nums['measured_rate_emsa']:.4f}")

@@ -11,7 +11,7 @@ from torch.func import functional_call
 
 import controltune as ct
 from controltune.controllers import build
-from controltune.design import dlqr_finite, greedy_allocate, lqr_rollout, module_gramian_scores, reduce
+from controltune.design import dlqr, greedy_allocate, lqr_rollout, module_gramian_scores, reduce
 from controltune.design.gramian import gn_sqrt, parameter_names
 from controltune.design.placement import allocation_cost
 
@@ -88,7 +88,7 @@ def _dense_lqr(A, B, Q, Q_L, q_L, R, start: int):
 
 def test_riccati_gains_equal_dense_least_squares_lqr():
     A, B, Q, Q_L, q_L, R = _random_lqr()
-    sol = dlqr_finite(A, B, Q_L, R, q_L, Q)
+    sol = dlqr(A, B, Q, R, Q_L, q_L)
     for start in range(len(A)):
         K, k = _dense_lqr(A, B, Q, Q_L, q_L, R, start)
         assert torch.allclose(sol.K[start], K, rtol=0, atol=1e-10), start
@@ -102,9 +102,9 @@ def test_riccati_gains_equal_dense_least_squares_lqr():
 
 def test_riccati_batched_equals_per_element():
     A, B, Q, Q_L, q_L, R = _random_lqr(batch=(3,), seed=1)
-    sol = dlqr_finite(A, B, Q_L, R, q_L, Q)
+    sol = dlqr(A, B, Q, R, Q_L, q_L)
     for i in range(3):
-        one = dlqr_finite([a[i] for a in A], [b[i] for b in B], Q_L[i], R[i], q_L[i], [x[i] for x in Q])
+        one = dlqr([a[i] for a in A], [b[i] for b in B], [x[i] for x in Q], R[i], Q_L[i], q_L[i])
         for layer in range(len(A)):
             assert torch.allclose(sol.K[layer][i], one.K[layer], rtol=0, atol=1e-12)
             assert torch.allclose(sol.k[layer][i], one.k[layer], rtol=0, atol=1e-12)
@@ -113,9 +113,9 @@ def test_riccati_batched_equals_per_element():
 def test_riccati_rejects_bad_shapes_and_cost():
     A, B, Q, Q_L, q_L, R = _random_lqr()
     with pytest.raises(ValueError, match="one .A_l, B_l. pair"):
-        dlqr_finite(A, B[:-1], Q_L, R)
+        dlqr(A, B[:-1], None, R, Q_L)
     with pytest.raises(ValueError, match="positive definite"):
-        dlqr_finite(A, B, Q_L, 0.0)
+        dlqr(A, B, None, 0.0, Q_L)
 
 
 def test_zero_terminal_curvature_feedforward_is_one_hamiltonian_step():
@@ -130,7 +130,7 @@ def test_zero_terminal_curvature_feedforward_is_one_hamiltonian_step():
     Us = [torch.linalg.qr(torch.randn(d, m, generator=gen, dtype=torch.float64)).Q for _ in range(n)]
     eye = torch.eye(d, dtype=torch.float64)
     model = reduce(system, batch, [eye] * (n + 1), Us)
-    sol = dlqr_finite(model.A, [b.expand(3, -1, -1) for b in model.B], torch.zeros_like(model.Q), lam, model.q)
+    sol = dlqr(model.A, [b.expand(3, -1, -1) for b in model.B], None, lam, torch.zeros_like(model.Q), model.q)
     assert all(float(K.abs().max()) == 0.0 for K in sol.K)
 
     u = torch.zeros(n, 3, m, dtype=torch.float64, requires_grad=True)
@@ -237,12 +237,12 @@ def test_open_loop_prefix_is_input_independent():
 
 
 # --- Riccati controller ------------------------------------------------------------------------------
-def test_riccati_lora_designs_a_trainable_low_rank_feedback():
+def test_riccati_feedback_designs_a_trainable_low_rank_feedback():
     system = _system()
     batch = _batch(6, 5, seed=8)
     with torch.no_grad():
         j0 = float(system.cost(batch))
-    ctrl = build("riccati_lora", system, rank=2, state_dim=6, design_batch=batch)
+    ctrl = build("riccati_feedback", system, rank=2, state_dim=6, design_batch=batch)
     assert ctrl.report["predicted_dJ"] < 0
     J = system.cost(batch)
     assert float(J.detach()) != j0
@@ -252,7 +252,7 @@ def test_riccati_lora_designs_a_trainable_low_rank_feedback():
     for d in ctrl.deltas.values():
         assert torch.allclose(d.U.T @ d.U, torch.eye(2, dtype=torch.float64), atol=1e-10)
     with pytest.raises(ValueError, match="rank <= state_dim"):
-        build("riccati_lora", _system(), rank=4, state_dim=2, design_batch=batch)
+        build("riccati_feedback", _system(), rank=4, state_dim=2, design_batch=batch)
 
 
 # --- placement -----------------------------------------------------------------------------------------

@@ -117,10 +117,10 @@ def controller_spec(method: str, options: dict[str, Any], seed: int) -> tuple[st
 
     A controller that takes a ``seed`` option gets the run's seed unless one is given.
     """
-    from ..controllers import REGISTRY
+    from ..controllers import REGISTRY, canonical
     from ..controllers.base import check_options
 
-    names = [m.strip() for m in method.split("+")]
+    names = [canonical(m.strip()) for m in method.split("+")]
     unknown = [m for m in names if m not in REGISTRY]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; registered: {', '.join(sorted(REGISTRY))}")

@@ -23,6 +23,7 @@ import inspect
 import math
 import numbers
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -31,34 +32,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-KINDS = ("layer", "shared", "init", "term")
+from ..control import Control, cost_share
+
 GROUPS = ("addition", "specification", "reparameterisation", "combination", "reference")
 
 
 class UnsupportedMethodError(ValueError):
     """A delta method that does not fit a model (names the method, model and reason)."""
-
-
-@dataclass
-class Control:
-    """One control variable.
-
-    Attributes:
-        name: unique, readable name (``lora.3.q.A``).
-        param: the ``nn.Parameter`` holding it.
-        kind: ``layer`` | ``shared`` | ``init`` | ``term``.
-        layers: blocks it acts in: ``(l,)`` for a layer control, several for a
-            shared one, ``()`` for initial and terminal controls.
-    """
-
-    name: str
-    param: nn.Parameter
-    kind: str
-    layers: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"control kind {self.kind!r} is not one of {KINDS}")
 
 
 @dataclass
@@ -223,7 +203,7 @@ class Controller(nn.Module):
         if self.weight_decay == 0.0:
             return total
         for c in self.controls():
-            share = _share(c, where)
+            share = cost_share(c, where)
             if share:
                 total = total.to(c.param) + share * 0.5 * self.weight_decay * c.param.pow(2).sum()
         return total
@@ -251,25 +231,21 @@ class Controller(nn.Module):
         }
 
 
-def _share(control: Control, where: int | str) -> float:
-    """Fraction of ``control``'s running cost charged at ``where``."""
-    if control.kind in ("init", "term"):
-        return 1.0 if where == control.kind else 0.0
-    if isinstance(where, int) and where in control.layers:
-        return 1.0 / len(control.layers)
-    return 0.0
-
-
-def readout_controls(system) -> list[Control]:
-    """The classification head as a terminal control (when it is trainable)."""
-    head = getattr(system.readout, "head", None)
-    if head is None:
-        return []
-    return [Control(f"head.{n}", p, "term") for n, p in head.named_parameters() if p.requires_grad]
-
-
 # --- registry ------------------------------------------------------------------------
 REGISTRY: dict[str, type[Controller]] = {}
+
+ALIASES: dict[str, str] = {"riccati_lora": "riccati_feedback"}
+"""Deprecated method names still accepted (committed results refer to them) -> registered name."""
+
+
+def canonical(method: str) -> str:
+    """The registered name of ``method``; a deprecated alias warns and maps to its new name."""
+    if method in ALIASES:
+        new = ALIASES[method]
+        warnings.warn(f"method {method!r} is deprecated; it is registered as {new!r}", DeprecationWarning,
+                      stacklevel=3)
+        return new
+    return method
 
 
 def register(cls: type[Controller]) -> type[Controller]:
@@ -282,7 +258,7 @@ def register(cls: type[Controller]) -> type[Controller]:
 
 def accepted_options(method: str) -> list[str] | None:
     """Option names the constructor of ``method`` takes (None when it takes ``**kwargs``)."""
-    params = inspect.signature(REGISTRY[method]).parameters.values()
+    params = inspect.signature(REGISTRY[canonical(method)]).parameters.values()
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
     return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
@@ -312,6 +288,7 @@ def construct(method: str, options: dict | None = None) -> Controller:
     is a ValueError (KeyError for the method) naming the method and what it accepts.
     """
     options = dict(options or {})
+    method = canonical(method)
     if method not in REGISTRY:
         raise KeyError(f"unknown method {method!r}; registered: {', '.join(sorted(REGISTRY))}")
     check_options(method, options)

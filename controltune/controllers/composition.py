@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import REGISTRY, Control, Controller, UnsupportedMethodError, construct, register
+from .base import REGISTRY, Control, Controller, UnsupportedMethodError, canonical, construct, register
 
 PartSpec = Controller | str | Sequence[Any] | dict[str, Any]
 
@@ -39,7 +39,7 @@ def make_controller(spec: PartSpec) -> Controller:
     else:
         raise TypeError(f"a combination part must be a Controller, a method name, (method, options) or "
                         f"{{'method': ..., 'options': ...}}; got {spec!r}")
-    if method not in REGISTRY:
+    if canonical(method) not in REGISTRY:
         raise KeyError(f"unknown method {method!r} in a combination; registered: {', '.join(sorted(REGISTRY))}")
     return construct(method, options)
 

@@ -2,7 +2,7 @@
 
 * :mod:`.linearize` — matrix-free ``A_l = ∂f_l/∂x`` products along the pretrained trajectory and the
   pooled per-sequence reduced linear-quadratic model;
-* :mod:`.riccati` — finite-horizon time-varying LQR (``dlqr_finite``, backward Riccati recursion);
+* :mod:`.riccati` — finite-horizon time-varying LQR (``dlqr``, backward Riccati recursion);
 * :mod:`.gramian` — readout-weighted controllability-Gramian scores (Hutchinson, JVP/VJP) and co-state energy;
 * :mod:`.placement` — greedy allocation of a parameter budget over candidate sites.
 
@@ -14,11 +14,11 @@ seeded rows of the *train* split of ``task``, drawn in ``attach``.
 
 from __future__ import annotations
 
-from .gramian import costate_energy, hamiltonian_gradients, layer_costate_energy, module_gramian_scores
+from .gramian import costate_energy, layer_costate_energy, module_gramian_scores, weight_costate_products
 from .linearize import ReducedModel, block_jvp, block_vjp, design_batch, eager_kernel, reduce
 from .placement import allocation_cost, greedy_allocate
-from .riccati import LQRSolution, dlqr_finite, lqr_rollout
+from .riccati import LQRSolution, dlqr, lqr_rollout
 
 __all__ = ["LQRSolution", "ReducedModel", "allocation_cost", "block_jvp", "block_vjp", "costate_energy",
-           "design_batch", "dlqr_finite", "eager_kernel", "greedy_allocate", "hamiltonian_gradients",
+           "design_batch", "dlqr", "eager_kernel", "greedy_allocate", "weight_costate_products",
            "layer_costate_energy", "lqr_rollout", "module_gramian_scores", "reduce"]

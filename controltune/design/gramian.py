@@ -30,7 +30,7 @@ from torch.func import functional_call
 
 from .linearize import eager_kernel
 
-__all__ = ["costate_energy", "gn_sqrt", "hamiltonian_gradients", "layer_costate_energy", "module_gramian_scores",
+__all__ = ["costate_energy", "gn_sqrt", "weight_costate_products", "layer_costate_energy", "module_gramian_scores",
            "parameter_names"]
 
 
@@ -101,7 +101,7 @@ def module_gramian_scores(system, batch: dict, weights: Mapping[str, torch.Tenso
     return {k: totals[k] / (int(n_probes) * s) for k in keys}
 
 
-def hamiltonian_gradients(system, batch: dict, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def weight_costate_products(system, batch: dict, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``∇_W H = −∂J/∂W`` for base weights ``W`` taken as (full-rank) controls, by reverse-mode autograd.
 
     By the PMP identity (DESIGN.md §1) this is the map-level co-state product
@@ -109,7 +109,7 @@ def hamiltonian_gradients(system, batch: dict, weights: Mapping[str, torch.Tenso
     gives every weight.  Returned in the weight's stored shape.
     """
     if getattr(system.readout, "kind", "") != "classification":
-        raise ValueError("hamiltonian_gradients needs a classification readout (J = mean CE of S×C logits)")
+        raise ValueError("weight_costate_products needs a classification readout (J = mean CE of S×C logits)")
     keys = list(weights)
     names = parameter_names(system, [weights[k] for k in keys])
     leaves = {n: weights[k].detach().requires_grad_(True) for k, n in zip(keys, names)}
@@ -123,7 +123,7 @@ def hamiltonian_gradients(system, batch: dict, weights: Mapping[str, torch.Tenso
 
 def costate_energy(system, batch: dict, weights: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """``‖∇_W H‖_F² = ‖∂J/∂W‖_F²`` per weight (the first-order gain of a unit-norm step)."""
-    return {k: float(g.pow(2).sum()) for k, g in hamiltonian_gradients(system, batch, weights).items()}
+    return {k: float(g.pow(2).sum()) for k, g in weight_costate_products(system, batch, weights).items()}
 
 
 def layer_costate_energy(system, batch: dict) -> list[float]:

@@ -29,12 +29,12 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LQRSolution", "dlqr_finite", "lqr_rollout"]
+__all__ = ["LQRSolution", "dlqr", "lqr_rollout"]
 
 
 @dataclass
 class LQRSolution:
-    """Gains and value function of :func:`dlqr_finite` (leading batch dims allowed).
+    """Gains and value function of :func:`dlqr` (leading batch dims allowed).
 
     Attributes:
         K: L feedback gains ``…×m×k_l``;  k: L feed-forward terms ``…×m``.
@@ -66,21 +66,26 @@ def _as_matrix(R: torch.Tensor | float, m: int, like: torch.Tensor) -> torch.Ten
     return R.to(like)
 
 
-def dlqr_finite(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], Q_L: torch.Tensor,
-                R: torch.Tensor | float, q_L: torch.Tensor | None = None,
-                Q: Sequence[torch.Tensor | None] | None = None) -> LQRSolution:
+def dlqr(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], Q: Sequence[torch.Tensor | None] | None,
+         R: torch.Tensor | float, Q_L: torch.Tensor | None = None, q_L: torch.Tensor | None = None) -> LQRSolution:
     """Backward Riccati recursion of the finite-horizon time-varying LQR (module docstring).
+
+    The argument order is python-control's ``dlqr(A, B, Q, R)``: running state cost, then
+    control cost; the finite horizon adds the terminal cost ``½ z_Lᵀ Q_L z_L + q_Lᵀ z_L``.
 
     Args:
         A: L state matrices ``…×k_{l+1}×k_l``; B: L input matrices ``…×k_{l+1}×m``.
-        Q_L: terminal curvature ``…×k_L×k_L`` (symmetric PSD).
+        Q: running state costs ``Q_0..Q_{L-1}`` (``…×k_l×k_l``; entries may be None), or None.
         R: control cost, a positive scalar (``R = λI``) or an m×m SPD matrix.
+        Q_L: terminal curvature ``…×k_L×k_L`` (symmetric PSD; default zero).
         q_L: terminal gradient ``…×k_L`` (default zero: a pure regulator).
-        Q: optional running state costs ``Q_0..Q_{L-1}`` (entries may be None).
 
     Returns:
         :class:`LQRSolution`.
     """
+    if Q_L is None:
+        last = A[-1]
+        Q_L = torch.zeros((*last.shape[:-1], last.shape[-2]), dtype=last.dtype, device=last.device)
     n = len(A)
     if len(B) != n:
         raise ValueError(f"A has {n} matrices but B has {len(B)}; give one (A_l, B_l) pair per step")

@@ -26,7 +26,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from .base import Control, Controller, Site, UnsupportedMethodError, positive_int, register, seeded_generator
+from ..base import Control, Controller, Site, UnsupportedMethodError, positive_int, register, seeded_generator
 
 
 class FeedbackPrefix(nn.Module):

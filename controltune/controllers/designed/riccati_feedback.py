@@ -1,10 +1,13 @@
-"""Riccati-designed low-rank state feedback on the residual stream (``riccati_lora``).
+"""Riccati-designed low-rank state feedback on the residual stream (``riccati_feedback``).
+
+Formerly registered as ``riccati_lora`` (still accepted, deprecated): it is additive state
+feedback around a block, not a low-rank weight delta.
 
 Structure (a rank-m linear parallel branch around block l, a LoRA of the block's identity path):
 
     x_{l+1,t} = f_l(x_l)_t + U_l (c_l + F_l x_{l,t}),      U_l ∈ R^{d×m}, F_l ∈ R^{m×d}, c_l ∈ R^m.
 
-Design (:meth:`RiccatiLoRA.calibrate`, on a batch of *training* examples):
+Design (:meth:`RiccatiFeedback.calibrate`, on a batch of *training* examples):
 
 1. nominal rollout and co-states ``p_l = −∂J/∂x_l`` (:func:`controltune.pmp.solve_costate`);
 2. control directions ``U_l``: the top-m left singular vectors of the pooled co-states
@@ -12,7 +15,7 @@ Design (:meth:`RiccatiLoRA.calibrate`, on a batch of *training* examples):
    state bases ``V_{l+1} = [U_l, top principal directions of the pooled states]`` (k columns);
 3. the reduced per-sequence model ``z_{l+1,s} = A_{l,s} z_{l,s} + B_l u_{l,s}`` with the
    Gauss–Newton terminal cost (:func:`controltune.design.linearize.reduce`);
-4. per sequence, the finite-horizon time-varying LQR (:func:`controltune.design.riccati.dlqr_finite`,
+4. per sequence, the finite-horizon time-varying LQR (:func:`controltune.design.riccati.dlqr`,
    ``R = reg·I``) and its optimal plan ``u*_{l,s} = −K_{l,s} z*_{l,s} + k_{l,s}`` from ``z*_0 = 0``;
 5. the plan depends on the label, the deployed controller cannot: a linear state-feedback law
    ``u_{l,s} ≈ b_l + W_l V_lᵀ(x̄_{l,s} − μ_l)`` is fitted to the plans by ridge regression on the
@@ -33,10 +36,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..design.linearize import design_batch as load_design_batch
-from ..design.linearize import orthonormal_basis, pooled_costates, pooled_states, reduce
-from ..design.riccati import dlqr_finite, lqr_rollout
-from .base import Control, Controller, Site, UnsupportedMethodError, positive_int, register, wrap
+from ...design.linearize import design_batch as load_design_batch
+from ...design.linearize import orthonormal_basis, pooled_costates, pooled_states, reduce
+from ...design.riccati import dlqr, lqr_rollout
+from ..base import Control, Controller, Site, UnsupportedMethodError, positive_int, register, wrap
 
 
 class ResidualFeedback(nn.Module):
@@ -80,10 +83,10 @@ def ridge_fit(features: torch.Tensor, targets: torch.Tensor, ridge: float) -> tu
 
 
 @register
-class RiccatiLoRA(Controller):
+class RiccatiFeedback(Controller):
     """Rank-m residual-stream state feedback designed by the finite-horizon Riccati recursion."""
 
-    method = "riccati_lora"
+    method = "riccati_feedback"
     group = "addition"
     form = "x_{l+1} = f_l(x_l) + U_l (c_l + F_l x_l)   [U, F, c from a per-sequence LQR + ridge feedback fit]"
 
@@ -97,7 +100,7 @@ class RiccatiLoRA(Controller):
         if state_dim < rank:
             raise ValueError(f"{self.method} needs rank <= state_dim, got rank={rank}, state_dim={state_dim}")
         if reg <= 0 or ridge < 0:
-            raise ValueError(f"riccati_lora: reg must be > 0 and ridge >= 0, got reg={reg}, ridge={ridge}")
+            raise ValueError(f"riccati_feedback: reg must be > 0 and ridge >= 0, got reg={reg}, ridge={ridge}")
         self.rank, self.state_dim = int(rank), int(state_dim)
         self.reg, self.ridge, self.gain = float(reg), float(ridge), float(gain)
         self.layers = layers
@@ -109,7 +112,7 @@ class RiccatiLoRA(Controller):
 
     def attach(self, system) -> None:
         if getattr(system.readout, "kind", "") != "classification":
-            raise UnsupportedMethodError("riccati_lora designs against a classification readout (Gauss–Newton of "
+            raise UnsupportedMethodError("riccati_feedback designs against a classification readout (Gauss–Newton of "
                                          "the CE on pooled logits); this system's readout is "
                                          f"{getattr(system.readout, 'kind', '?')!r}")
         n = system.n_layers
@@ -144,7 +147,7 @@ class RiccatiLoRA(Controller):
         bases = [orthonormal_basis(centred[0], k)]
         bases += [complete_basis(controls[layer], centred[layer + 1], k) for layer in range(n)]
         model = reduce(system, batch, bases, controls)
-        sol = dlqr_finite(model.A, [b.expand(model.Q.shape[0], -1, -1) for b in model.B], model.Q, self.reg, model.q)
+        sol = dlqr(model.A, [b.expand(model.Q.shape[0], -1, -1) for b in model.B], None, self.reg, model.Q, model.q)
         z0 = torch.zeros_like(model.features[0])
         zs, plan = lqr_rollout(sol, model.A, [b.expand(model.Q.shape[0], -1, -1) for b in model.B], z0)
         # Predicted change of the quadratic model J along the plan (negative = improvement).
