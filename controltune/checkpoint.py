@@ -13,7 +13,7 @@ than loaded as wrong numbers; files from before the checksum still load.
 
 Frozen stages of a sequential combination are saved too (they are part of the
 trained deltas although they are no longer controls); a controller exposes them
-through an optional ``frozen_controls()`` method.
+through :meth:`Controller.frozen_controls`.
 """
 
 from __future__ import annotations
@@ -47,9 +47,7 @@ def saved_controls(system) -> list[Control]:
     """Every delta tensor of ``system``: its controls plus frozen stages' controls."""
     out = list(system.controls())
     for c in system.controllers:
-        frozen = getattr(c, "frozen_controls", None)
-        if frozen is not None:
-            out.extend(frozen())
+        out.extend(c.frozen_controls())
     names = [c.name for c in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

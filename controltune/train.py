@@ -10,8 +10,8 @@ Schedule: linear warm-up to ``lr`` then linear decay to 0 at the last step.
 Batches are drawn in an order fixed by ``(seed, epoch)``, so a run resumed from
 its checkpoint (deltas, optimiser, scheduler, step, RNG) sees the same batches
 it would have seen without the stop.  After the last step each controller's
-``finalize()`` is called when it has one (e.g. diff pruning's projection onto
-its sparsity budget), and the dev set is scored again.
+:meth:`~controltune.controllers.base.Controller.finalize` runs (e.g. diff pruning's
+projection onto its sparsity budget), and the dev set is scored again.
 
 A failed run is a failure: a non-finite loss, gradient or updated control stops
 training at once; ``metrics.json`` then has ``status: "diverged"``, the step and
@@ -120,8 +120,8 @@ class TrainConfig:
         dropout: train with the model's dropout on (``model.train()``); off by default so
             the trained system is the deterministic system of the PMP analysis.
         progress: show a tqdm progress bar.
-        budget: after training, controllers without ``finalize()`` but with ``project(budget)``
-            (diff pruning) are projected onto this budget (a count, or a fraction if < 1).
+        budget: passed to every controller's ``finalize(budget)`` after training: diff pruning
+            projects onto this many entries (or this fraction if < 1); others ignore it.
         extra: free-form description recorded with the configuration (model, method, options).
         checkpoint_every: also write the resume state every this many steps (None: no step cadence).
         checkpoint_minutes: also write the resume state when this much wall time passed since the
@@ -259,22 +259,11 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def finalize(system, budget: float | None = None) -> list[str]:
-    """The post-training step of each controller; returns the methods that had one.
-
-    ``finalize()`` when a controller has it; otherwise ``project(budget)`` (diff
-    pruning's magnitude projection) when it has that and a budget is given.
-    """
-    done = []
-    for c in system.controllers:
-        fn, project = getattr(c, "finalize", None), getattr(c, "project", None)
-        if callable(fn):
-            fn()
-        elif callable(project) and budget is not None:
-            project(int(budget) if budget >= 1 else budget)
-        else:
-            continue
-        done.append(c.method)
-    return done
+    """:meth:`Controller.finalize` of each controller (e.g. diff pruning's projection onto
+    ``budget`` entries, a fraction if < 1); returns the methods that changed their deltas."""
+    if budget is not None and budget >= 1:
+        budget = int(budget)
+    return [c.method for c in system.controllers if c.finalize(budget)]
 
 
 # --- the output folder ------------------------------------------------------------------

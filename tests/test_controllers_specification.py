@@ -13,7 +13,7 @@ import controltune as ct
 from controltune.controllers import REGISTRY, UnsupportedMethodError, build
 from controltune.controllers.diff_pruning import hard_concrete, hard_concrete_mode, prob_nonzero
 from controltune.controllers.masking import straight_through_mask
-from controltune.controllers.specification import block_parameters
+from controltune.controllers.param_delta import block_parameters
 from controltune.fastfood import FastfoodProjection, fwht, hadamard
 from controltune.system import ResidualSystem
 from controltune.zoo import LoadedModel

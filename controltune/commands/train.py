@@ -65,8 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the resume state after M minutes of wall time since the last (default 5)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--budget", type=float, default=None,
-                        help="after training, project methods with project(budget) (diff pruning) onto this "
-                             "many entries (or this fraction if < 1)")
+                        help="after training, methods with a sparsity budget (diff pruning) are projected onto "
+                             "this many entries (or this fraction if < 1)")
 
 
 DEFAULT_LR = {"full": 5e-5, "prefix": 5e-3, "prompt": 5e-3}

@@ -216,6 +216,20 @@ class Controller(nn.Module):
         """
         return contextlib.nullcontext()
 
+    def finalize(self, budget: int | float | None = None) -> bool:
+        """The post-training step, called once by training after the last step.
+
+        A controller whose trained deltas need a projection (diff pruning onto a
+        sparsity budget: ``budget`` entries, or that fraction when < 1) does it here
+        and returns True; the default does nothing and returns False.
+        """
+        return False
+
+    def frozen_controls(self) -> list[Control]:
+        """Delta tensors that act in the model but are no longer trained (earlier stages of a
+        sequential combination); saved in checkpoints with the controls.  None by default."""
+        return []
+
     def n_trainable(self) -> int:
         """Number of trainable scalars (the method's parameter budget)."""
         return sum(c.param.numel() for c in self.controls())

@@ -106,12 +106,10 @@ class Simultaneous(Controller):
         costs = [p.running_cost(where) for p in self.parts]
         return sum(costs[1:], costs[0])
 
-    def finalize(self) -> None:
-        """Each part's post-training step (e.g. diff pruning's projection), when it has one."""
-        for part in self.parts:
-            fn = getattr(part, "finalize", None)
-            if callable(fn):
-                fn()
+    def finalize(self, budget: int | float | None = None) -> bool:
+        """Each part's post-training step (e.g. diff pruning's projection); True if any part had one."""
+        done = [part.finalize(budget) for part in self.parts]
+        return any(done)
 
     def describe(self) -> dict:
         info = super().describe()
@@ -194,10 +192,9 @@ class Sequential(Controller):
         """The current stage's R (frozen stages are part of the plant and cost nothing)."""
         return self.current.running_cost(where)
 
-    def finalize(self) -> None:
-        fn = getattr(self.current, "finalize", None)
-        if callable(fn):
-            fn()
+    def finalize(self, budget: int | float | None = None) -> bool:
+        """The current stage's post-training step (frozen stages were finalised when frozen)."""
+        return self.current.finalize(budget)
 
     def describe(self) -> dict:
         info = super().describe()

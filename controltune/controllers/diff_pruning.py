@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .base import Control, Controller, register
-from .specification import ParamSite, SiteDelta, block_parameters, block_sites, budget_count, control_of, wrap_owners
+from .param_delta import ParamSite, SiteDelta, block_parameters, block_sites, budget_count, control_of, wrap_owners
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
 
@@ -169,6 +169,13 @@ class DiffPruning(Controller):
             parts.append(d.diff(s.name).reshape(-1))
             d.train(was)
         return torch.cat(parts)
+
+    def finalize(self, budget: int | float | None = None) -> bool:
+        """After training: :meth:`project` onto ``budget`` entries when a budget is given."""
+        if budget is None or self.projected:
+            return False
+        self.project(budget)
+        return True
 
     @torch.no_grad()
     def project(self, budget: int | float) -> int:

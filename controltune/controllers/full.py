@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .base import Control, Controller, block_of, register
-from .specification import block_parameters, block_sites
+from .param_delta import block_parameters, block_sites
 
 
 def _embedding_parameters(system, candidates: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .base import Control, Controller, register, target_names
-from .specification import ParamSite, SiteDelta, block_sites, control_of, target_parameters, wrap_owners
+from .param_delta import ParamSite, SiteDelta, block_sites, control_of, target_parameters, wrap_owners
 
 
 def straight_through_mask(scores: torch.Tensor, threshold: float, anchor: torch.Tensor | None = None) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..fastfood import DenseProjection, FastfoodProjection
 from .base import Control, Controller, positive_int, register, seeded_generator
-from .specification import ParamSite, SiteDelta, block_parameters, block_sites, wrap_owners
+from .param_delta import ParamSite, SiteDelta, block_parameters, block_sites, wrap_owners
 
 PROJECTIONS = ("auto", "dense", "fastfood")
 
