@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from controltune.figures import design, render
+from controltune.figures import load_scripts, render
+
+# The figure script paper_figs/figures/design.py, imported the way `controltune figures` imports it.
+design = load_scripts(Path(__file__).resolve().parents[1] / "paper_figs" / "figures")["design"]
 
 
 def _row(budget, task, method, seed, lr, val, dev, n=74498):

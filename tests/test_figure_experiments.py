@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,11 +18,15 @@ from matplotlib.figure import Figure
 import controltune as ct
 from controltune.controllers import build
 from controltune.data import Example
-from controltune.figures import costate_norms
-from controltune.figures import design_scores as design_fig
-from controltune.figures import stationarity as stationarity_fig
+from controltune.figures import load_scripts
 from controltune.results import stamp, write_json
 from experiments import costate_profile, design_scores, stationarity
+
+# The figure scripts of paper_figs/figures/, imported the way `controltune figures` imports them.
+_SCRIPTS = load_scripts(Path(__file__).resolve().parents[1] / "paper_figs" / "figures")
+costate_norms = _SCRIPTS["costate_norms"]
+design_fig = _SCRIPTS["design_scores"]
+stationarity_fig = _SCRIPTS["stationarity"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

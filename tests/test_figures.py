@@ -1,9 +1,12 @@
-"""The figure registry, ``render``, ``controltune figures`` and the figures built from committed results."""
+"""The figure machinery (``controltune.figures``), ``controltune figures`` and the paper's figure scripts."""
 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 import sys
+import textwrap
 import types
 from pathlib import Path
 
@@ -12,11 +15,14 @@ import pytest
 from controltune import figures
 from controltune.cli import main
 from controltune.commands import figures as figures_cmd
-from controltune.figures import FigureSpec, registry, render
-from controltune.figures.pmp_agreement import control_column, error_matrices
+from controltune.figures import FigureSpec, load_scripts, registry, render
 
-RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results"
-# Only the figures of pmp_agreement.py, msa.py and lipschitz.py are rendered here: the other modules'
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+SCRIPTS = ROOT / "paper_figs" / "figures"
+pmp_agreement = load_scripts(SCRIPTS)["pmp_agreement"]
+control_column, error_matrices = pmp_agreement.control_column, pmp_agreement.error_matrices
+# Only the figures of pmp_agreement.py, msa.py and lipschitz.py are rendered here: the other scripts'
 # sources may not be committed yet.
 OWN = ("pmp_agreement", "msa_toy", "msa_minilm", "lipschitz_constants", "bound_vs_gap")
 
@@ -30,7 +36,7 @@ def _spec(name: str, sources: tuple[str, ...] = (), draw=None) -> FigureSpec:
 
 
 def test_registry_is_consistent_whatever_modules_exist():
-    found = registry()
+    found = registry(SCRIPTS)
     assert set(OWN) <= set(found)
     for name, spec in found.items():
         assert isinstance(spec, FigureSpec) and spec.name == name
@@ -42,13 +48,13 @@ def test_registry_is_consistent_whatever_modules_exist():
 def rendered(tmp_path_factory) -> dict[str, list[Path]]:
     """Each figure of :data:`OWN` rendered once from the committed results (rendering is the slow part)."""
     out = tmp_path_factory.mktemp("figs")
-    found = registry()
+    found = registry(SCRIPTS)
     return {name: render(found[name], RESULTS, out) for name in OWN}
 
 
 @pytest.mark.parametrize("name", OWN)
 def test_render_writes_pdf_png_and_caption(name, rendered):
-    spec = registry()[name]
+    spec = registry(SCRIPTS)[name]
     paths = rendered[name]
     assert [p.name for p in paths] == [f"{name}.pdf", f"{name}.png", f"{name}.caption.md"]
     assert paths[0].read_bytes()[:5] == b"%PDF-"
@@ -69,24 +75,45 @@ def test_missing_source_names_file_and_command(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _fake_modules(monkeypatch, modules: dict[str, list]) -> None:
-    for name, figs in modules.items():
-        module = types.ModuleType(f"controltune.figures.{name}")
-        module.FIGURES = figs
-        monkeypatch.setitem(sys.modules, module.__name__, module)
-    monkeypatch.setattr(figures, "_figure_modules", lambda: sorted(modules))
+def _write_scripts(folder: Path, scripts: dict[str, str]) -> Path:
+    """``folder`` holding the figure scripts ``name -> source``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, source in scripts.items():
+        (folder / f"{name}.py").write_text(textwrap.dedent(source))
+    return folder
 
 
-def test_duplicate_name_is_refused(monkeypatch):
-    _fake_modules(monkeypatch, {"fake_a": [_spec("twice")], "fake_b": [_spec("once"), _spec("twice")]})
-    with pytest.raises(ValueError, match=r"'twice' is registered twice.*fake_a.*fake_b"):
-        registry()
+def _specs_script(*names: str) -> str:
+    specs = ", ".join(f"FigureSpec({n!r}, 't', ('x.json',), draw=None, caption=None)" for n in names)
+    return f"from controltune.figures import FigureSpec\nFIGURES = [{specs}]\n"
 
 
-def test_figures_must_be_figure_specs(monkeypatch):
-    _fake_modules(monkeypatch, {"fake_c": ["not a spec"]})
-    with pytest.raises(TypeError, match="fake_c.FIGURES must be a list of FigureSpec"):
-        registry()
+def test_duplicate_name_is_refused(tmp_path):
+    folder = _write_scripts(tmp_path, {"fake_a": _specs_script("twice"), "fake_b": _specs_script("once", "twice")})
+    with pytest.raises(ValueError, match=r"'twice' is registered twice.*fake_a\.py.*fake_b\.py"):
+        registry(folder)
+
+
+def test_figures_must_be_figure_specs(tmp_path):
+    folder = _write_scripts(tmp_path, {"fake_c": "FIGURES = ['not a spec']\n"})
+    with pytest.raises(TypeError, match=r"fake_c\.py: FIGURES must be a list of FigureSpec"):
+        registry(folder)
+
+
+def test_scripts_share_helpers_and_helpers_register_nothing(tmp_path):
+    folder = _write_scripts(tmp_path, {
+        "_shared": "from controltune.figures import FigureSpec\nTITLE = 'shared title'\n",
+        "no_figures": "VALUE = 1\n",
+        "uses_helper": """\
+            from controltune.figures import FigureSpec
+            from ._shared import TITLE
+            FIGURES = [FigureSpec("one", TITLE, ("x.json",), draw=None, caption=None)]
+            """,
+    })
+    assert figures.script_names(folder) == ["no_figures", "uses_helper"]
+    assert {n: s.title for n, s in registry(folder).items()} == {"one": "shared title"}
+    with pytest.raises(NotADirectoryError, match="absent"):
+        registry(tmp_path / "absent")
 
 
 def test_cli_unknown_figure_is_an_error(capsys):
@@ -155,3 +182,71 @@ def test_error_matrices_take_the_largest_error_per_column():
     # columns: init, u_0, u_1, shared, term
     assert math.isnan(control[0, 0]) and control[0, 1] == 3e-9 and control[0, 2] == 0.0
     assert math.isnan(control[0, 3]) and control[0, 4] == 0.0
+
+
+# --- figure scripts outside the library ---------------------------------------------------------------
+LINE_SCRIPT = """\
+    import json
+
+    from controltune.figures import FigureSpec, new_figure
+
+
+    def draw(results_dir):
+        fig = new_figure(2.0, 2.0)
+        fig.add_subplot().plot(json.loads((results_dir / "line.json").read_text())["y"])
+        return fig
+
+
+    WRITE = "import json; json.dump({'y': [1, 3, 2]}, open('results/line.json', 'w'))"
+    FIGURES = [FigureSpec("line", "a line", ("line.json",), draw=draw, caption=lambda _: "a caption",
+                          recompute=(("python", "-c", WRITE),))]
+    """
+
+
+def test_library_imports_without_matplotlib():
+    code = ("import sys, controltune, controltune.figures, controltune.commands.figures; "
+            "assert 'matplotlib' not in sys.modules, 'matplotlib imported'")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def test_cli_without_matplotlib_names_the_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    assert main(["figures", "--list"]) == 2
+    assert "install controltune[figures]" in capsys.readouterr().err
+
+
+def test_scripts_are_found_from_a_subfolder_and_built_from_the_root(monkeypatch, tmp_path, capsys):
+    here = ROOT / "experiments"
+    assert figures_cmd.find_scripts(None, start=here) == (SCRIPTS, ROOT)
+    monkeypatch.chdir(here)
+    assert main(["figures", "--only", "msa_toy", "--out", str(tmp_path)]) == 0
+    assert Path.cwd() == here  # back where we started
+    # Sources are named from the project root, as in the committed caption.
+    assert (tmp_path / "msa_toy.caption.md").read_text() == (ROOT / "paper_figs" / "msa_toy.caption.md").read_text()
+    assert "working in the project root" in capsys.readouterr().err
+
+
+def test_no_scripts_folder_is_one_clear_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["figures", "--list"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "looked for paper_figs/figures/ in" in err and "--source DIR" in err and "\n" not in err
+    assert main(["figures", "--source", "nowhere"]) == 2
+    assert "--source nowhere: no such folder" in capsys.readouterr().err
+
+
+def test_source_folder_recomputes_with_the_scripts_own_command(monkeypatch, tmp_path, capsys):
+    folder = _write_scripts(tmp_path / "my_figs", {"line": LINE_SCRIPT})
+    (tmp_path / "results").mkdir()
+    monkeypatch.chdir(tmp_path)
+    args = ["figures", "--source", "my_figs", "--results", "results", "--out", "out"]
+    assert main(args) == 1  # no results yet: reported with the script's command
+    assert "python -c" in capsys.readouterr().err
+    assert main([*args, "--recompute", "--only", "line"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["line.caption.md", "line.pdf", "line.png"]
+    caption = (tmp_path / "out" / "line.caption.md").read_text()
+    assert "a caption" in caption and "`results/line.json`" in caption
+    assert main([*args, "--list"]) == 0 and "line" in capsys.readouterr().out
+    assert folder.is_dir()

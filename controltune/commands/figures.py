@@ -1,38 +1,74 @@
-"""``controltune figures``: rebuild the paper's theory figures from the committed results.
+"""``controltune figures``: rebuild the project's figures from the committed results.
 
-Every figure registered in :mod:`controltune.figures` is drawn from its result files
-(``--results``, default ``experiments/results``) and written as ``<name>.pdf``,
-``<name>.png`` and ``<name>.caption.md`` into ``--out`` (default ``paper_figs``); this
-takes seconds.  A figure whose sources are missing is reported (with the command that
-writes them) and the others are still built; the exit status is then 1.
+The figures are plain Python scripts (see :mod:`controltune.figures`) in the project's
+``paper_figs/figures/`` folder, found from the current directory or one of its parents, or
+in the folder given with ``--source``.  Every figure they register is drawn from its result
+files (``--results``, default ``experiments/results``) and written as ``<name>.pdf``,
+``<name>.png`` and ``<name>.caption.md`` into ``--out`` (default ``paper_figs``); this takes
+seconds.  When the scripts are found in a parent folder, the command runs from that project
+root (relative ``--results``, ``--out`` and ``--json`` still mean the current directory).  A
+figure whose sources are missing is reported (with the command that writes them) and the
+others are still built; the exit status is then 1.
 
-``--recompute`` first reruns the experiments that write the selected figures' sources
-(minutes to hours: see each experiment script's docstring), from the current directory,
-which must be the repository root.  Examples::
+``--recompute`` first reruns the commands each selected figure script registers as writing
+its sources (minutes to hours: see each experiment script's docstring), from the project root
+(the current directory with ``--source``).  Drawing needs matplotlib: install
+``controltune[figures]``.  Examples::
 
     controltune figures --list
     controltune figures --only pmp_agreement msa_toy
     controltune figures --recompute --only msa_toy
+    controltune figures --source my_figs --results my_results --out my_out
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..results import stamp, write_json
 
+SCRIPTS = Path("paper_figs") / "figures"
+"""Where a project keeps its figure scripts, relative to its root."""
+RESULTS = "experiments/results"
+OUT = "paper_figs"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--results", default="experiments/results", help="folder of the result files the figures read")
-    parser.add_argument("--out", default="paper_figs", help="folder the figures are written to")
+    parser.add_argument("--source", default=None, metavar="DIR",
+                        help=f"folder of the figure scripts (default: {SCRIPTS}/ in the current directory or a parent)")
+    parser.add_argument("--results", default=None, help=f"folder of the result files the figures read "
+                                                        f"(default: {RESULTS})")
+    parser.add_argument("--out", default=None, help=f"folder the figures are written to (default: {OUT})")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="build only these figures (see --list)")
     parser.add_argument("--list", action="store_true", help="list the figures, their titles and sources, and exit")
     parser.add_argument("--recompute", action="store_true",
                         help="first rerun the commands that write the selected figures' sources (slow)")
+
+
+def find_scripts(source: str | None, start: Path | None = None) -> tuple[Path, Path | None]:
+    """The figure-scripts folder and the project root it belongs to (``None`` for ``--source``).
+
+    Raises:
+        ValueError: ``source`` is not a folder, or no ``paper_figs/figures/`` is in ``start``
+            (default: the current directory) or any of its parents.
+    """
+    if source is not None:
+        if not Path(source).is_dir():
+            raise ValueError(f"--source {source}: no such folder of figure scripts")
+        return Path(source), None
+    start = (start or Path.cwd()).resolve()
+    for root in (start, *start.parents):
+        if (root / SCRIPTS).is_dir():
+            return root / SCRIPTS, root
+    raise ValueError(f"no figure scripts: looked for {SCRIPTS}/ in {start} and its parents; run inside the "
+                     "project or pass --source DIR")
 
 
 def select(names: list[str] | None, available: dict) -> list[str]:
@@ -61,7 +97,11 @@ def resolve_command(argv: tuple[str, ...]) -> list[str]:
 
 
 def recompute(specs: list, runner=subprocess.run) -> int:
-    """Run every (distinct) recompute command of ``specs`` in order; the exit status of the first failure, else 0."""
+    """Run every (distinct) recompute command of ``specs`` in order; the exit status of the first failure, else 0.
+
+    The commands are those the figure scripts register (``FigureSpec.recompute``); they run
+    from the current directory.
+    """
     from ..figures import command_line
 
     done: set[tuple[str, ...]] = set()
@@ -79,17 +119,63 @@ def recompute(specs: list, runner=subprocess.run) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..figures import registry, render
+def _paths_from_here(args: argparse.Namespace, root: Path | None) -> None:
+    """Fill the defaults of ``--results``/``--out`` and, when running from another ``root``, make given paths absolute.
 
-    figures = registry()
+    The defaults are relative to the project root; paths the user typed are relative to the
+    current directory, so they are anchored here before the command moves to the root.
+    """
+    moving = root is not None and root != Path.cwd().resolve()
+    for key, default in (("results", RESULTS), ("out", OUT), ("json", None)):
+        value = getattr(args, key, None)
+        if value is None:
+            setattr(args, key, default)
+        elif moving:
+            setattr(args, key, str(Path(value).resolve()))
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path | None) -> Iterator[None]:
+    """Run the body in ``path`` (the project root), then come back; ``None`` stays where we are."""
+    here = Path.cwd()
+    if path is not None and path != here.resolve():
+        print(f"controltune figures: working in the project root {path}", file=sys.stderr, flush=True)
+        os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(here)
+
+
+def _registry(folder: Path) -> dict:
+    """The figures of ``folder``; a missing matplotlib becomes one clear input error."""
+    from ..figures import registry, require_matplotlib
+
+    try:
+        require_matplotlib()
+    except ImportError as err:
+        raise ValueError(str(err)) from None
+    return registry(folder)
+
+
+def run(args: argparse.Namespace) -> int:
+    folder, root = find_scripts(args.source)
+    _paths_from_here(args, root)
+    figures = _registry(folder.resolve())
     names = select(args.only, figures)
     if args.list:
         for name in names:
             spec = figures[name]
             print(f"{name:<24} {spec.title}\n{'':<24} sources: {', '.join(spec.sources)}")
         return 0
-    specs = [figures[n] for n in names]
+    with _working_directory(root):
+        return _build([figures[n] for n in names], args)
+
+
+def _build(specs: list, args: argparse.Namespace) -> int:
+    """Recompute (when asked), render every spec, write ``--json``; the exit status."""
+    from ..figures import render
+
     if args.recompute and (status := recompute(specs)) != 0:
         return status
     written, missing = [], []

@@ -1,4 +1,8 @@
-"""Shared helpers of the figure modules: the house style, reading results, writing commands."""
+"""Helpers the figure scripts of this folder share: reading results, rebuilding commands, formatting numbers.
+
+The house style, :class:`~controltune.figures.FigureSpec` and ``new_figure`` come from the library
+(:mod:`controltune.figures`); what a result file holds is known only here.
+"""
 
 from __future__ import annotations
 
@@ -7,27 +11,6 @@ import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
-
-from matplotlib.figure import Figure
-
-STYLE: dict[str, Any] = {
-    "font.size": 8,
-    "axes.titlesize": 9,
-    "axes.labelsize": 8,
-    "legend.fontsize": 7,
-    "xtick.labelsize": 7,
-    "ytick.labelsize": 7,
-    "axes.grid": False,
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "pdf.fonttype": 42,  # embed TrueType: the PDF text stays editable and searchable
-}
-"""rcParams every figure is drawn and saved under (see :func:`controltune.figures.render`)."""
-
-
-def new_figure(width: float, height: float) -> Figure:
-    """A bare Agg figure (no pyplot state) of ``width × height`` inches, constrained layout."""
-    return Figure(figsize=(width, height), layout="constrained")
 
 
 def load_json(results_dir: Path, name: str) -> dict[str, Any]:

@@ -12,8 +12,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ._spec import FigureSpec
-from ._style import argv_from_config, load_json, new_figure, sci, versions_line
+from controltune.figures import FigureSpec, new_figure
+
+from ._common import argv_from_config, load_json, sci, versions_line
 
 TOY_SOURCE = "msa_toy.json"
 MINILM_SOURCE = "msa_minilm.json"

@@ -18,8 +18,9 @@ from typing import Any
 
 from matplotlib.lines import Line2D
 
-from ._spec import FigureSpec
-from ._style import argv_from_config, load_json, new_figure, sci, versions_line
+from controltune.figures import FigureSpec, new_figure
+
+from ._common import argv_from_config, load_json, sci, versions_line
 
 TASKS = ("sst2", "rte")
 SOURCES = tuple(f"bound_study_{t}.json" for t in TASKS)

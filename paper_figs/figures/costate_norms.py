@@ -12,8 +12,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ._spec import FigureSpec
-from ._style import argv_from_config, load_json, new_figure, versions_line
+from controltune.figures import FigureSpec, new_figure
+
+from ._common import argv_from_config, load_json, versions_line
 
 SOURCE = "costate_profile.json"
 COLOURS = {"lora": "tab:blue", "adapter": "tab:orange", "prefix": "tab:green", "prompt": "tab:red",

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 from matplotlib.colors import LogNorm
 
-from ._spec import FigureSpec
-from ._style import argv_from_config, load_json, new_figure, sci, versions_line
+from controltune.figures import FigureSpec, new_figure
+
+from ._common import argv_from_config, load_json, sci, versions_line
 
 DTYPES = ("float64", "float32")
 SOURCES = tuple(f"verify_minilm_{d}.json" for d in DTYPES)

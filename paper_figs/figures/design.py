@@ -21,9 +21,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
-from ..results import read_jsonl, row_done
-from ._spec import FigureSpec
-from ._style import new_figure
+from controltune.figures import FigureSpec, new_figure
+from controltune.results import read_jsonl, row_done
 
 SOURCE = "design_eval.jsonl"
 DESIGNED = ("costate_lora", "gramian_lora", "riccati_lora", "closed_loop_prefix")

@@ -13,8 +13,9 @@ from typing import Any
 
 from matplotlib.colors import LogNorm
 
-from ._spec import FigureSpec
-from ._style import argv_from_config, load_json, new_figure, sci, versions_line
+from controltune.figures import FigureSpec, new_figure
+
+from ._common import argv_from_config, load_json, sci, versions_line
 
 SOURCE = "design_scores.json"
 SCORES = (("gramian", r"controllability-Gramian trace $\mathrm{tr}(C^\top H C)/S$"),

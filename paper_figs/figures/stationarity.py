@@ -14,8 +14,9 @@ from typing import Any
 
 from matplotlib import colormaps
 
-from ._spec import FigureSpec
-from ._style import argv_from_config, load_json, new_figure, sci, versions_line
+from controltune.figures import FigureSpec, new_figure
+
+from ._common import argv_from_config, load_json, sci, versions_line
 
 SOURCE = "stationarity.json"
 LABELS = {"lora": "LoRA", "adapter": "adapter"}
