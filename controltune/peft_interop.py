@@ -62,10 +62,11 @@ class PositionShift(Controller):
         self.offset = int(offset)
 
     def attach(self, system) -> None:
-        if system.family.causal or system.family.name not in ("bert", "roberta"):
+        path = system.family.shiftable_embedding
+        if system.family.causal or path is None:
             raise UnsupportedMethodError(f"position_shift: only for encoders with absolute positions, not "
                                          f"{system.family.name!r}")
-        wrap(system.base, "embeddings", _ShiftedEmbedding(self.offset))
+        wrap(system.base, path, _ShiftedEmbedding(self.offset))
 
     def controls(self) -> list:
         return []

@@ -9,6 +9,8 @@ all L+1 states.  Controllers are attached with :meth:`ResidualSystem.add`.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +103,22 @@ class ResidualSystem(nn.Module):
         """Switch every attention module to ``sdpa`` or ``eager``."""
         attention.install(self.model, kernel)
         self.kernel = kernel
+
+    @contextlib.contextmanager
+    def using_kernel(self, kernel: str) -> Iterator[ResidualSystem]:
+        """``with system.using_kernel("eager"):`` run the body with ``kernel``, then restore the previous one.
+
+        Forward-mode JVPs and second-order products need ``eager`` (sdpa on CPU is
+        first-order reverse mode only); the switch is skipped when already on ``kernel``.
+        """
+        previous = self.kernel
+        if previous != kernel:
+            self.set_kernel(kernel)
+        try:
+            yield self
+        finally:
+            if previous != kernel:
+                self.set_kernel(previous)
 
     # --- dynamics ------------------------------------------------------------------
     def embed(self, batch: dict) -> tuple[torch.Tensor, Context]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .families import FAMILIES, Family, family_of
+from .families import FAMILIES, Family, family_of, find_family
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -261,9 +261,8 @@ def max_positions(model: LoadedModel | nn.Module) -> int | None:
     limit = getattr(config, "max_position_embeddings", None)
     if not isinstance(limit, int):
         return None
-    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta"):
-        limit -= int(getattr(config, "pad_token_id", None) or 0) + 1
-    return limit
+    family = find_family(config)
+    return limit - (family.first_position(config) if family is not None else 0)
 
 
 def check_length(model: LoadedModel | nn.Module, length: int, option: str = "--max-length") -> None:

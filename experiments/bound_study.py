@@ -20,24 +20,89 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from controltune.approximation import (
+from controltune.bounds import (
+    Reference,
     ReferenceConstants,
+    as_reference,
     dev_scorer,
     evaluation_batch,
     reference_constants,
     sweep,
-    train_reference,
+    trained_deltas,
 )
+from controltune.controllers import build
+from controltune.data import load_split, resolve_task
 from controltune.results import append_jsonl, read_jsonl, stamp, write_json
+from controltune.system import ResidualSystem
+from controltune.train import TrainConfig, train
+from controltune.zoo import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(__file__).resolve().parents[1] / "runs" / "bound_study"
 SIZES = {"rank": [1, 4, 8], "subspace": [8, 64], "sparse": [1000, 30000, 1000000],
          "layers": [1, 3]}
+REFERENCES = ("lora:<rank>", "full")
+
+
+def parse_reference(text: str) -> tuple[str, int | None]:
+    """``"lora:16"`` -> ``("lora", 16)``, ``"full"`` -> ``("full", None)``."""
+    if text == "full":
+        return "full", None
+    if text.startswith("lora:") and text[5:].isdigit() and int(text[5:]) >= 1:
+        return "lora", int(text[5:])
+    raise ValueError(f"reference {text!r} is not one of {REFERENCES} (e.g. lora:16)")
+
+
+def train_reference(model: str, task: str, reference: str = "lora:16", targets: Sequence[str] = ("q", "v"),
+                    train_size: int | None = 2000, steps: int = 400, batch_size: int = 16, max_length: int = 64,
+                    lr: float | None = None, seed: int = 0, device: str = "cpu", dtype: str = "float64",
+                    cache: str | None = None, progress: bool = True) -> Reference:
+    """Train u* on ``task`` (float32) and return it as weight deltas on ``targets`` in ``dtype``.
+
+    ``lora:R`` trains a rank-R LoRA on ``targets`` (α = 2R) and the head; ``full``
+    trains every parameter, then the ``targets`` maps' deltas become the control
+    (other fine-tuned parameters stay, shared by u* and Πu*).  Training is
+    :func:`controltune.train.train`.  With ``cache`` (a file path) a LoRA reference
+    is saved there and re-used by a later call with the same arguments.
+    """
+    kind, rank = parse_reference(reference)
+    spec = resolve_task(task)
+    config = {"model": model, "task": spec.name, "reference": reference, "targets": list(targets),
+              "train_size": train_size, "steps": steps, "batch_size": batch_size, "max_length": max_length,
+              "lr": lr, "seed": seed}
+    loaded = load_model(model, dtype="float32", device=device, seed=seed)
+    system = ResidualSystem(loaded, num_labels=spec.num_labels, seed=seed)
+    cached = None
+    if cache is not None and kind == "lora" and Path(cache).is_file():
+        cached = torch.load(cache, weights_only=False)
+        if cached.get("config") != config:
+            cached = None
+    if cached is None:
+        if kind == "lora":
+            build("lora", system, rank=rank, alpha=2.0 * rank, targets=tuple(targets), seed=seed)
+        else:
+            build("full", system)
+        examples = load_split(spec, "train", n=train_size, seed=seed)
+        rate = lr if lr is not None else (5e-5 if kind == "full" else 5e-4)
+        metrics = train(system, examples, None, spec, TrainConfig(
+            lr=rate, steps=steps, batch_size=batch_size, max_length=max_length, warmup=0.1, seed=seed,
+            progress=progress), tokenizer=loaded.tokenizer)
+        info = {**config, "lr": rate, "final_train_loss": metrics["curves"]["train_loss"][-1],
+                "wall_time_s": metrics["wall_time_s"]}
+        roles, values = trained_deltas(system, None if kind == "lora" else targets)
+        if cache is not None and kind == "lora":
+            Path(cache).parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"config": config, "values": values, "roles": roles, "info": info,
+                        "head": {k: v.detach().clone() for k, v in system.readout.head.state_dict().items()}}, cache)
+    else:
+        values, roles, info = cached["values"], cached["roles"], cached["info"]
+        system.readout.head.load_state_dict(cached["head"])
+    return as_reference(system, roles, values, spec, loaded.tokenizer, info, dtype)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,28 +1,27 @@
 """``controltune bound``: Lipschitz bounds on the error of a low-dimensional delta approximation.
 
-Trains a reference u* (``--reference lora:R`` or ``full``) on a task, projects it
-onto a structure (``--structure rank|subspace|sparse|layers``) of each size in
+Takes a trained reference u* — ``--reference DIR``, the output folder of a finished
+``controltune train`` run of ``lora`` or ``full`` (``metrics.json`` and
+``deltas.safetensors``; model, task and options are read from the run) — projects
+it onto a structure (``--structure rank|subspace|sparse|layers``) of each size in
 ``--sizes``, and prints, per size, the distance ‖u* − Πu*‖, the measured gap
 |J(u*) − J(Πu*)| on a fixed dev batch, the co-state estimate and every bound with
 its tightness (bound / gap).  Example::
 
-    controltune bound --model minilm --task sst2 --reference lora:16 --structure rank --sizes 1,2,4,8 \\
-        --train-size 2000 --steps 400 --dtype float64 --json runs/bound_rank.json
+    controltune train --model minilm --method lora --opt rank=16 --opt alpha=32 --opt targets=q,v \\
+        --task sst2 --train-size 2000 --steps 400 --batch-size 16 --max-length 64 --out runs/lora16
+    controltune bound --reference runs/lora16 --structure rank --sizes 1,2,4,8 --dtype float64 \\
+        --json runs/bound_rank.json
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
-from ..approximation import (
-    STRUCTURES,
-    dev_scorer,
-    evaluation_batch,
-    parse_reference,
-    reference_constants,
-    sweep,
-    train_reference,
-)
+from ..bounds import STRUCTURES, dev_scorer, evaluation_batch, load_reference, reference_constants, sweep
+from ..bounds.reference import RUN_FILES
 from ..results import stamp, write_json
 
 BOUNDS = ("certified", "global", "local", "sampled", "adjoint", "tangent", "costate_cs")
@@ -39,31 +38,31 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
-def _reference(text: str) -> str:
-    try:
-        parse_reference(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
-    return text
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="minilm", help="minilm, random:<family> or a checkpoint folder")
-    parser.add_argument("--task", required=True, help="sst2, mrpc, rte, cola or a path to JSONL data")
-    parser.add_argument("--reference", type=_reference, default="lora:16", help="lora:<rank> or full")
+    parser.add_argument("--reference", required=True, metavar="DIR",
+                        help="output folder of a finished `controltune train` run of lora or full "
+                             "(metrics.json + deltas.safetensors)")
     parser.add_argument("--structure", required=True, choices=STRUCTURES)
     parser.add_argument("--sizes", type=_sizes, required=True, help="comma-separated sizes (rank r, dim d, k)")
-    parser.add_argument("--targets", default="q,v", help="linear maps carrying the delta (roles), comma-separated")
-    parser.add_argument("--train-size", type=int, default=2000)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--targets", default=None,
+                        help="for a full fine-tuning reference: the linear maps (roles, comma-separated) whose "
+                             "θ − θ₀ is the control (default q,v); a LoRA reference carries its own")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--eval-size", type=int, default=32, help="dev sequences in the batch J is measured on")
     parser.add_argument("--dev-size", type=int, default=None, help="dev rows scored per projection (default all)")
     parser.add_argument("--iters", type=int, default=20, help="power iterations per Jacobian norm")
-    parser.add_argument("--cache", default=None, metavar="FILE", help="re-use/save the trained LoRA reference here")
     parser.add_argument("--no-progress", action="store_true")
+
+
+def _check_json_path(json_path: str | None, reference: str) -> None:
+    """Refuse a ``--json`` path that would replace a file of the reference run (before any work)."""
+    if json_path is None or not Path(json_path).exists():
+        return
+    for name in RUN_FILES:
+        path = Path(reference) / name
+        if path.exists() and os.path.samefile(json_path, path):
+            raise ValueError(f"--json {json_path} is {path}, a file of the reference run: it would be overwritten; "
+                             "choose another path")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,10 +70,9 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     progress = not args.no_progress
-    targets = [t for t in args.targets.split(",") if t]
-    ref = train_reference(args.model, args.task, args.reference, targets, args.train_size, args.steps,
-                          args.batch_size, args.max_length, args.lr, args.seed, args.device, args.dtype,
-                          cache=args.cache, progress=progress)
+    targets = [t for t in args.targets.split(",") if t] if args.targets is not None else None
+    _check_json_path(args.json, args.reference)
+    ref = load_reference(args.reference, targets, dtype=args.dtype, device=args.device)
     batch = {k: v.to(args.device) for k, v in evaluation_batch(ref, args.eval_size, args.max_length,
                                                                 args.seed).items()}
     constants = reference_constants(ref.system, batch, iters=args.iters, progress=progress)
@@ -82,8 +80,9 @@ def run(args: argparse.Namespace) -> int:
     dev_reference = dev()
     rows = sweep(ref, batch, constants, args.structure, args.sizes, dev, args.seed, progress=progress)
     metric = ref.spec.metric
-    print(f"reference {args.reference} on {ref.spec.name}: dev {metric} {dev_reference[metric]:.4f}; "
-          f"J = {rows[0]['J_reference'] if rows else float('nan'):.6g} on {args.eval_size} dev sequences")
+    print(f"reference {ref.info['method']} run {args.reference} on {ref.spec.name}: dev {metric} "
+          f"{dev_reference[metric]:.4f}; J = {rows[0]['J_reference'] if rows else float('nan'):.6g} on "
+          f"{args.eval_size} dev sequences")
     print(f"{'size':>8} {'dist':>9} {'gap':>10} {'co-state':>10} " + " ".join(f"{b:>12}" for b in BOUNDS)
           + f" {'d' + metric:>8}")
     for r in rows:

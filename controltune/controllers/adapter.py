@@ -161,8 +161,8 @@ def linear_dims(module: nn.Module, who: str, role: str) -> tuple[int, int]:
         return linear_io(module)
     except TypeError as err:
         raise UnsupportedMethodError(
-            f"{who}: target {role!r} is a {type(module).__name__}, not a linear map (nn.Linear or Conv1D); "
-            "this method acts on linear maps such as the roles 'o', 'ffn_in', 'ffn_out'"
+            f"{who}: target {role!r}: {err}; this method acts on linear maps such as the roles 'o', 'ffn_in', "
+            "'ffn_out'"
         ) from err
 
 

@@ -18,10 +18,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..families.base import QKV
 from .adapter import linear_dims, site_key
 from .base import Control, Controller, Site, UnsupportedMethodError, register, resolve_targets, target_names, wrap
-
-FUSED_QKV = ("q", "k", "v")
 
 
 def ones_param(width: int, like: torch.Tensor) -> nn.Parameter:
@@ -87,9 +86,7 @@ class IA3(Controller):
         self._vectors: list[tuple[Site, str, nn.Parameter]] = []
 
     def attach(self, system) -> None:
-        roles = system.family.roles
-        fused = [t for t in self.targets if t in FUSED_QKV and t not in roles and "qkv" in roles]
-        plain = [t for t in self.targets if t not in fused]
+        plain, fused = system.family.split_fused(self.targets)
         like = next(system.model.parameters())
         sites = resolve_targets(system, plain, self.layers) if plain else []
         for site in sites:
@@ -107,9 +104,9 @@ class IA3(Controller):
                 if d_out % 3:
                     raise UnsupportedMethodError(f"{self.method}: fused qkv output width {d_out} is not 3 equal parts")
                 # The fused map's output is [q; k; v] in equal thirds (GPT-2's split order).
-                segments = [(r if r in fused else None, d_out // 3) for r in FUSED_QKV]
+                segments = [(r if r in fused else None, d_out // 3) for r in QKV]
                 delta = ScaleOutput(segments, like)
-                self._add(system, site, delta, [(r, delta.scales[r]) for r in FUSED_QKV if r in fused])
+                self._add(system, site, delta, [(r, delta.scales[r]) for r in QKV if r in fused])
 
     def _add(self, system, site: Site, delta: nn.Module, vectors: list[tuple[str, nn.Parameter]]) -> None:
         self.deltas[site_key(site)] = delta

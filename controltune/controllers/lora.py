@@ -67,12 +67,8 @@ class LoRA(Controller):
         self.deltas = nn.ModuleDict()
 
     def attach(self, system) -> None:
-        targets = self.targets
-        if system.family.name == "gpt2":
-            # GPT-2 fuses q, k, v into one map; LoRA on it is the standard choice.
-            targets = tuple("qkv" if t in ("q", "k", "v") else t for t in dict.fromkeys(targets))
-            targets = tuple(dict.fromkeys(targets))
-        self.sites = resolve_targets(system, targets, self.layers)
+        # A fused q/k/v map (GPT-2) carries LoRA for any of q, k, v: the standard choice.
+        self.sites = resolve_targets(system, system.family.expand_targets(self.targets), self.layers)
         gen = seeded_generator(self.seed)
         like = next(system.model.parameters())
         for site in self.sites:

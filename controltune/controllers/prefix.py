@@ -45,11 +45,8 @@ ATTENTION_ROLE = "attn"
 
 def kv_geometry(system) -> tuple[int, int]:
     """``(H_kv, D_head)``: key/value heads and head width of the system's attention."""
-    cfg = system.model.config
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or system.d_model // heads
-    return int(kv_heads), int(head_dim)
+    geometry = system.family.head_geometry(system.model.config)
+    return geometry.n_kv_heads, geometry.d_head
 
 
 def attention_modules(system, layers: Sequence[int] | None, who: str) -> list[tuple[Site, nn.Module]]:

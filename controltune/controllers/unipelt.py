@@ -177,11 +177,8 @@ class UniPELT(Controller):
         self.sites = [s for p in PARTS for s in self._sites[p]]
 
     def _attach_lora(self, system, gen: torch.Generator, like: torch.Tensor) -> None:
-        targets = self.lora_targets
-        if "qkv" in system.family.roles and not any(r in system.family.roles for r in ("q", "k", "v")):
-            # A fused q/k/v map (GPT-2): LoRA acts on it, as the LoRA controller does.
-            targets = tuple(dict.fromkeys("qkv" if t in ("q", "k", "v") else t for t in targets))
-        for site in resolve_targets(system, targets, self.layers):
+        # A fused q/k/v map (GPT-2): LoRA acts on it, as the LoRA controller does.
+        for site in resolve_targets(system, system.family.expand_targets(self.lora_targets), self.layers):
             d_in, d_out = linear_dims(site.module, self.method, site.role)
             delta = GatedLoRADelta(LoRADelta(d_in, d_out, self.lora_rank, self.lora_alpha / self.lora_rank, gen, like),
                                    Gate(d_in, gen=gen, like=like))

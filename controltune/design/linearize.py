@@ -31,7 +31,6 @@ switches to it for the duration of a design step.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -42,17 +41,10 @@ __all__ = ["ReducedModel", "block_jvp", "block_vjp", "design_batch", "eager_kern
            "pooled_costates", "pooled_states", "reduce", "seq_mean"]
 
 
-@contextlib.contextmanager
-def eager_kernel(system) -> Iterator[None]:
-    """Run the body with the eager attention kernel (JVPs), restoring the previous kernel."""
-    previous = system.kernel
-    if previous != "eager":
-        system.set_kernel("eager")
-    try:
-        yield
-    finally:
-        if previous != "eager":
-            system.set_kernel(previous)
+def eager_kernel(system) -> contextlib.AbstractContextManager:
+    """Run the body with the eager attention kernel (JVPs), restoring the previous kernel:
+    ``system.using_kernel("eager")`` (:meth:`controltune.system.ResidualSystem.using_kernel`)."""
+    return system.using_kernel("eager")
 
 
 def design_batch(system, task: str = "sst2", n: int = 32, seed: int = 0, max_length: int = 64) -> dict:

@@ -2,13 +2,16 @@
 
 A *family* is the one place that knows where a model keeps its blocks, how it
 embeds tokens, which cross-layer inputs (masks, rotary tables) its blocks take,
-and the common names of the modules inside a block.  Everything else in
-controltune talks to :class:`controltune.system.ResidualSystem` only.
+the common names of the modules inside a block, and the architecture facts the
+rest of the library asks about (a fused q/k/v map, the head geometry, how a
+linear map stores its weight, what a composed Lipschitz bound needs per block,
+whether absolute positions can be shifted).  Everything else in controltune
+talks to :class:`controltune.system.ResidualSystem` and to these hooks only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +19,9 @@ from torch import nn
 
 EmbedFn = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None", torch.Tensor], torch.Tensor]
 BlockFn = Callable[[nn.Module, torch.Tensor, "Context"], torch.Tensor]
+
+QKV = ("q", "k", "v")
+"""The roles a fused ``qkv`` map stands for, in the order of its output thirds ``[q; k; v]``."""
 
 
 @dataclass
@@ -43,6 +49,79 @@ class Context:
 
 
 @dataclass(frozen=True)
+class HeadGeometry:
+    """Attention heads of a model: ``n_heads`` query heads sharing ``n_kv_heads`` key/value heads
+    (``n_heads / n_kv_heads`` queries per group), each of width ``d_head``."""
+
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+
+
+def config_head_geometry(config: object) -> HeadGeometry:
+    """:class:`HeadGeometry` from a HF config: ``num_attention_heads``, ``num_key_value_heads``
+    (default: one per query head) and ``head_dim`` (default ``hidden_size / n_heads``)."""
+    heads = int(config.num_attention_heads)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    d_head = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return HeadGeometry(heads, int(kv_heads), int(d_head))
+
+
+@dataclass(frozen=True)
+class BlockAnatomy:
+    """What a composed (per-operation) Lipschitz bound needs to know about one block.
+
+    In the common role vocabulary a block is one of two layouts, ``N_*`` its norms,
+    ``A`` softmax attention with queries/keys/values from the ``qkv`` maps:
+
+    * pre-LN (``Family.post_ln`` False, ``out_norm`` None): ``f(x) = x + G(x)``,
+      ``G = o(A(N_a x)) + ffn_out(σ(ffn_in(N_f(x + o(A(N_a x))))))``;
+    * post-LN (``Family.post_ln`` True): ``h = N_f(x + o(A(x)))``, ``f(x) = N_out(h + ffn_out(σ(ffn_in h)))``.
+
+    Attributes:
+        activation: the FFN activation σ (elementwise, ``R -> R`` applied to tensors).
+        heads: the attention's head geometry.
+        scaling: the logit scale of ``q·k`` (``1/sqrt(d_head)`` unless the model says otherwise).
+        qkv: roles of the maps giving q, k and v: ``("q", "k", "v")``, or ``("qkv",)`` for one
+            fused map whose output is ``[q; k; v]`` in equal thirds.
+        linear_roles: every linear map the bound composes (the qkv roles, ``o``, ``ffn_in``, ``ffn_out``).
+        norms: the block's own norm roles.
+        attn_norm: the norm whose output is the attention input, or None when the attention
+            reads the block input itself (post-LN: the previous block's ``out_norm`` output,
+            or the embedding norm at layer 0).
+        ffn_norm: the norm whose output is the FFN input.
+        out_norm: the norm whose output is the block output (post-LN), or None (pre-LN).
+    """
+
+    activation: Callable[[torch.Tensor], torch.Tensor]
+    heads: HeadGeometry
+    scaling: float
+    qkv: tuple[str, ...]
+    linear_roles: tuple[str, ...]
+    norms: tuple[str, ...]
+    attn_norm: str | None
+    ffn_norm: str
+    out_norm: str | None
+
+    @property
+    def attn_input_role(self) -> str:
+        """The linear role whose input is the attention input (``q`` or ``qkv``)."""
+        return self.qkv[0]
+
+    @property
+    def fused_qkv(self) -> bool:
+        return self.qkv != QKV
+
+
+AnatomyFn = Callable[[nn.Module, object], BlockAnatomy]
+
+
+def first_row(config: object) -> int:
+    """Row of the position table of a sequence's first token: 0 (positions numbered from 0)."""
+    return 0
+
+
+@dataclass(frozen=True)
 class Family:
     """Static description of one architecture family.
 
@@ -66,6 +145,17 @@ class Family:
         needs_rotary: whether ``ctx.rotary`` must be filled from ``base.rotary_emb``.
         prepare: optional in-place fix-up of a model before it becomes a system
             (e.g. float64-faithful norms); must not change float32 results.
+        linear_roles: the roles that are linear maps.
+        head_geometry: ``config -> HeadGeometry``.
+        embedding_norm: dotted path in the base model of the norm ending the embedding
+            (the last operation producing ``x_0``), or None.
+        first_position: ``config -> row`` of the position table the first token uses (RoBERTa
+            numbers positions from ``pad_token_id + 1``; rows before it are never used).
+        shiftable_embedding: dotted path in the base model of the embedding module that
+            adds *absolute* positions and takes a position offset (so the tokens can be
+            placed at ``n..n+T-1``), or None when positions cannot be shifted this way.
+        anatomy: ``(block, config) -> BlockAnatomy`` for the composed Lipschitz bound,
+            or None when that bound is not derived for the family.
     """
 
     name: str
@@ -84,6 +174,52 @@ class Family:
     prepare: Callable[[nn.Module], None] | None = None
     notes: str = ""
     linear_roles: tuple[str, ...] = field(default=())
+    head_geometry: Callable[[object], HeadGeometry] = config_head_geometry
+    embedding_norm: str | None = None
+    first_position: Callable[[object], int] = first_row
+    shiftable_embedding: str | None = None
+    anatomy: AnatomyFn | None = None
+
+    @property
+    def fused_qkv(self) -> bool:
+        """True if q, k and v come from one fused ``qkv`` map (output ``[q; k; v]`` in thirds)."""
+        return "qkv" in self.roles and not any(r in self.roles for r in QKV)
+
+    def split_fused(self, targets: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """``(plain, fused)``: the targets that are roles of their own, and the q/k/v targets
+        that live inside the fused ``qkv`` map (empty unless :attr:`fused_qkv`); order kept."""
+        targets = tuple(dict.fromkeys(targets))
+        if not self.fused_qkv:
+            return targets, ()
+        return tuple(t for t in targets if t not in QKV), tuple(t for t in targets if t in QKV)
+
+    def expand_targets(self, targets: Sequence[str]) -> tuple[str, ...]:
+        """``targets`` with q, k, v replaced by the fused ``qkv`` map on fused families (deduplicated,
+        order kept): a weight delta on any of q, k, v acts on the whole fused map."""
+        if not self.fused_qkv:
+            return tuple(targets)
+        return tuple(dict.fromkeys("qkv" if t in QKV else t for t in targets))
+
+
+# --- linear maps, whichever way the family stores them ---------------------------------------
+
+
+def base_linear(module: nn.Module) -> nn.Module:
+    """The linear map under any delta wrappers (``base_layer`` chains)."""
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module
+
+
+def stores_transposed(module: nn.Module) -> bool:
+    """True if the map keeps ``W`` as d_in×d_out (transformers' ``Conv1D``, GPT-2), False for
+    ``nn.Linear`` (d_out×d_in); a :class:`TypeError` for anything that is not a linear map."""
+    module = base_linear(module)
+    if isinstance(module, nn.Linear):
+        return False
+    if type(module).__name__ == "Conv1D":
+        return True
+    raise TypeError(f"{type(module).__name__} is not a linear map (nn.Linear or Conv1D)")
 
 
 def linear_io(module: nn.Module) -> tuple[int, int]:
@@ -93,20 +229,21 @@ def linear_io(module: nn.Module) -> tuple[int, int]:
     A linear map already wrapped by a delta (``base_layer``) keeps its shape, so
     several deltas can sit on one map (simultaneous combinations).
     """
-    while hasattr(module, "base_layer"):
-        module = module.base_layer
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D":
-        d_in, d_out = module.weight.shape
-        return d_in, d_out
-    raise TypeError(f"{type(module).__name__} is not a linear map (nn.Linear or Conv1D)")
+    d_out, d_in = dense_weight(module).shape
+    return d_in, d_out
+
+
+def to_dense(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A tensor in the layout of ``module.weight`` as d_out×d_in (``y = x Wᵀ + b``); a view."""
+    return t.T if stores_transposed(module) else t
+
+
+def from_dense(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A d_out×d_in tensor in the layout of ``module.weight`` (inverse of :func:`to_dense`); a view."""
+    return t.T if stores_transposed(module) else t
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The weight of a linear map as d_out×d_in (``y = x Wᵀ + b``), a view for Linear."""
-    while hasattr(module, "base_layer"):
-        module = module.base_layer
-    if type(module).__name__ == "Conv1D":
-        return module.weight.T
-    return module.weight
+    """The weight of a linear map as d_out×d_in (``y = x Wᵀ + b``), a view of the stored weight."""
+    module = base_linear(module)
+    return module.weight.T if stores_transposed(module) else module.weight

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Context, Family
+from .base import BlockAnatomy, Context, Family, config_head_geometry
 
 
 def _gpt2_embed(base: nn.Module, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
@@ -27,6 +27,17 @@ def _gpt2_embed(base: nn.Module, input_ids: torch.Tensor, token_type_ids: torch.
 
 def _gpt2_block(block: nn.Module, x: torch.Tensor, ctx: Context) -> torch.Tensor:
     return block(x, attention_mask=ctx.mask, position_ids=ctx.position_ids)
+
+
+_GPT2_LINEAR_ROLES = ("qkv", "o", "ffn_in", "ffn_out")
+
+
+def _gpt2_anatomy(block: nn.Module, config: object) -> BlockAnatomy:
+    """Pre-LN: ``ln_1`` feeds the attention (fused ``c_attn``), ``ln_2`` the FFN; no output norm."""
+    return BlockAnatomy(
+        activation=block.mlp.act, heads=config_head_geometry(config), scaling=float(block.attn.scaling),
+        qkv=("qkv",), linear_roles=_GPT2_LINEAR_ROLES, norms=("ln_attn", "ln_ffn"), attn_norm="ln_attn",
+        ffn_norm="ln_ffn", out_norm=None)
 
 
 def _gpt2_config(vocab_size: int) -> object:
@@ -90,7 +101,7 @@ GPT2 = Family(
            "ln_attn": "ln_1", "ln_ffn": "ln_2", "attn": "attn", "ffn": "mlp"},
     ffn_input="mlp", embed=_gpt2_embed, call_block=_gpt2_block,
     context_inputs=("mask: causal+padding mask S×1×T×T", "position_ids: 1×T"),
-    random_config=_gpt2_config, linear_roles=("qkv", "o", "ffn_in", "ffn_out"),
+    random_config=_gpt2_config, linear_roles=_GPT2_LINEAR_ROLES, anatomy=_gpt2_anatomy,
     notes="pre-LN; linear maps are transformers Conv1D (weight stored in×out); final norm ln_f in the readout.",
 )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Context, Family
+from .base import QKV, BlockAnatomy, Context, Family, config_head_geometry, first_row
 
 _ROLES = {
     "q": "attention.self.query",
@@ -38,6 +38,23 @@ def _call_block(block: nn.Module, x: torch.Tensor, ctx: Context) -> torch.Tensor
     return block(x, ctx.mask)
 
 
+_LINEAR_ROLES = ("q", "k", "v", "o", "ffn_in", "ffn_out")
+
+
+def _anatomy(block: nn.Module, config: object) -> BlockAnatomy:
+    """Post-LN: attention reads the block input; ``ln_attn`` normalises the attention residual
+    and feeds the FFN; ``ln_ffn`` normalises the FFN residual, the block output."""
+    return BlockAnatomy(
+        activation=block.intermediate.intermediate_act_fn, heads=config_head_geometry(config),
+        scaling=float(block.get_submodule(_ROLES["attn"]).scaling), qkv=QKV, linear_roles=_LINEAR_ROLES,
+        norms=("ln_attn", "ln_ffn"), attn_norm=None, ffn_norm="ln_attn", out_norm="ln_ffn")
+
+
+def _roberta_first_position(config: object) -> int:
+    """RoBERTa numbers positions from ``pad_token_id + 1`` (position ids are built from the padding)."""
+    return int(getattr(config, "pad_token_id", None) or 0) + 1
+
+
 def _bert_config(vocab_size: int) -> object:
     from transformers import BertConfig
 
@@ -53,15 +70,16 @@ def _roberta_config(vocab_size: int) -> object:
                          intermediate_size=128, max_position_embeddings=514, pad_token_id=0, type_vocab_size=1)
 
 
-def _encoder(name: str, model_types: tuple[str, ...], random_config) -> Family:
+def _encoder(name: str, model_types: tuple[str, ...], random_config, first_position=first_row) -> Family:
     return Family(
         name=name, model_types=model_types, post_ln=True, causal=False, blocks="encoder.layer",
         final_norm=None, roles=dict(_ROLES), ffn_input="output", embed=_embed, call_block=_call_block,
         context_inputs=("mask: bidirectional padding mask S×1×T×T",), random_config=random_config,
-        linear_roles=("q", "k", "v", "o", "ffn_in", "ffn_out"),
+        linear_roles=_LINEAR_ROLES, embedding_norm="embeddings.LayerNorm", shiftable_embedding="embeddings",
+        anatomy=_anatomy, first_position=first_position,
         notes="post-LN: x_L is already normalised; HF hidden_states[l] == x_l for every l.",
     )
 
 
 BERT = _encoder("bert", ("bert",), _bert_config)
-ROBERTA = _encoder("roberta", ("roberta", "xlm-roberta"), _roberta_config)
+ROBERTA = _encoder("roberta", ("roberta", "xlm-roberta"), _roberta_config, _roberta_first_position)

@@ -98,7 +98,7 @@ def hamiltonian_gradients(system, batch: dict, use_pmp: bool = True
     mask = None
     if use_pmp:
         try:
-            from .pmp import solve_costate
+            from ..pmp import solve_costate
         except ImportError:
             solve_costate = None
         if solve_costate is not None:
@@ -144,7 +144,8 @@ def linearized_state_change(system, batch: dict, directions: Mapping[str, torch.
     do not move.  Needs the eager attention kernel (forward mode).
     """
     if system.kernel != "eager":
-        raise RuntimeError("the JVP through the rollout needs system.set_kernel('eager')")
+        raise RuntimeError("the JVP through the rollout needs the eager attention kernel: run inside "
+                           "`with system.using_kernel('eager'):`")
     controls = {c.name: c for c in system.controls()}
     unknown = sorted(set(directions) - set(controls))
     if unknown:
