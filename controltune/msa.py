@@ -80,16 +80,14 @@ class MSAConfig:
 
 @contextlib.contextmanager
 def attention_kernel(system: ControlSystem, kernel: str) -> Iterator[None]:
-    """Run with ``system.set_kernel(kernel)`` if the system has attention kernels; restore after."""
-    previous = getattr(system, "kernel", None)
-    if previous is None or previous == kernel or not hasattr(system, "set_kernel"):
+    """``system.using_kernel(kernel)`` when the system has attention kernels (a Transformer);
+    nothing for systems without (the toy network)."""
+    using = getattr(system, "using_kernel", None)
+    if using is None or not kernel:
         yield
         return
-    system.set_kernel(kernel)
-    try:
+    with using(kernel):
         yield
-    finally:
-        system.set_kernel(previous)
 
 
 class MSA:

@@ -234,7 +234,7 @@ def _prefix(peft_model, tokenizer, readout, **kw) -> tuple[ResidualSystem, list[
         mlp.b2.copy_(encoder.transform[2].bias)
     else:
         ctrl = build("prefix", system, length=n)
-        heads = cfg.num_attention_heads
+        heads = cfg.num_attention_heads  # peft's prefix config: heads of its key/value rows
         rows = encoder.embedding.weight.view(n, n_layers, 2, heads, -1)  # P × L × (key, value) × H × D
         for layer in range(n_layers):
             kv = ctrl.prefixes[str(layer)]

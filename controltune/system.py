@@ -143,7 +143,7 @@ class ResidualSystem(nn.Module):
         else:
             mask = create_bidirectional_mask(config=cfg, inputs_embeds=x0, attention_mask=attention_mask,
                                              allow_is_bidirectional_skip=False)
-        rotary = self.base.rotary_emb(x0, pos) if self.family.needs_rotary else None
+        rotary = self.base.get_submodule(self.family.rotary_module)(x0, pos) if self.family.needs_rotary else None
         return Context(attention_mask=attention_mask, mask=mask, position_ids=pos, rotary=rotary, n_prompt=n_prompt)
 
     def step(self, layer: int, x: torch.Tensor, ctx: Context) -> torch.Tensor:

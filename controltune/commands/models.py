@@ -19,10 +19,11 @@ def describe(name: str, dtype: str, device: str, seed: int) -> dict:
     loaded = load_model(name, dtype=dtype, device=device, seed=seed)
     cfg = loaded.model.config
     fam = loaded.family
+    heads = fam.head_geometry(cfg)
     return {
         "model": name, "family": fam.name, "post_ln": fam.post_ln, "causal": fam.causal,
-        "n_layers": cfg.num_hidden_layers, "d_model": cfg.hidden_size, "n_heads": cfg.num_attention_heads,
-        "n_kv_heads": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        "n_layers": cfg.num_hidden_layers, "d_model": cfg.hidden_size, "n_heads": heads.n_heads,
+        "n_kv_heads": heads.n_kv_heads,
         "n_params": loaded.n_params, "context": list(fam.context_inputs), "note": model_note(name),
     }
 

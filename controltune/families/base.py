@@ -142,7 +142,8 @@ class Family:
         embed: ``(base, input_ids, token_type_ids, position_ids) -> x_0`` (S×T×d).
         call_block: ``(block, x, ctx) -> x_next`` running the real HF block.
         context_inputs: names of the cross-layer inputs the blocks take (docs).
-        needs_rotary: whether ``ctx.rotary`` must be filled from ``base.rotary_emb``.
+        needs_rotary: whether ``ctx.rotary`` must be filled from the base model's rotary module.
+        rotary_module: path of that module in the base model (``rotary_emb``).
         prepare: optional in-place fix-up of a model before it becomes a system
             (e.g. float64-faithful norms); must not change float32 results.
         linear_roles: the roles that are linear maps.
@@ -171,6 +172,7 @@ class Family:
     context_inputs: tuple[str, ...]
     random_config: Callable[[int], object]
     needs_rotary: bool = False
+    rotary_module: str = "rotary_emb"
     prepare: Callable[[nn.Module], None] | None = None
     notes: str = ""
     linear_roles: tuple[str, ...] = field(default=())

@@ -82,9 +82,8 @@ class ClosedLoopPrefix(Controller):
         role = system.family.roles.get("attn")
         if role is None:
             raise UnsupportedMethodError(f"closed_loop_prefix: family {system.family.name!r} names no 'attn' module")
-        heads = getattr(cfg, "num_attention_heads", None)
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        head_dim = getattr(cfg, "head_dim", None) or system.d_model // heads
+        geometry = system.family.head_geometry(cfg)
+        kv_heads, head_dim = geometry.n_kv_heads, geometry.d_head
         n = system.n_layers
         layers = list(range(n)) if self.layers is None else sorted({int(x) % n for x in self.layers})
         gen = seeded_generator(self.seed)

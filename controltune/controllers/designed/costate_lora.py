@@ -28,10 +28,10 @@ from collections.abc import Sequence
 import torch
 
 from ...design.gramian import weight_costate_products
-from ...families.base import dense_weight
+from ...families.base import dense_weight, to_dense
 from ..base import register, resolve_targets, target_names
 from ..lora import _key
-from .designed_lora import _bypassed, _design_batch, _DesignedLoRA, _gpt2_targets, _half, truncated_svd
+from .designed_lora import _bypassed, _design_batch, _DesignedLoRA, _half, truncated_svd
 
 
 @register
@@ -53,7 +53,7 @@ class CostateLoRA(_DesignedLoRA):
         self.step = step
 
     def attach(self, system) -> None:
-        sites = resolve_targets(system, _gpt2_targets(system, self.targets), self.layers)
+        sites = resolve_targets(system, system.family.expand_targets(self.targets), self.layers)
         batch = _design_batch(self, system)
         self._attach_lora(system, sites, {_key(s): self.rank for s in sites})
         self.calibrate(system, batch)
@@ -66,7 +66,7 @@ class CostateLoRA(_DesignedLoRA):
         out = {}
         for site in self.sites:
             g = grads[_key(site)]
-            g = g.T if type(site.module).__name__ == "Conv1D" else g
+            g = to_dense(site.module, g)
             out[_key(site)] = truncated_svd(g, self.ranks[_key(site)])
         return out
 

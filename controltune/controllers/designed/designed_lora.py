@@ -24,12 +24,6 @@ from ..base import (
 from ..lora import LoRADelta, _key, lora_controls
 
 
-def _gpt2_targets(system, targets: tuple[str, ...]) -> tuple[str, ...]:
-    if system.family.name != "gpt2":
-        return targets
-    return tuple(dict.fromkeys("qkv" if t in ("q", "k", "v") else t for t in targets))
-
-
 def _design_batch(ctrl, system) -> dict:
     if ctrl.design_batch is not None:
         return ctrl.design_batch

@@ -18,7 +18,7 @@ from ...design.placement import allocation_cost, greedy_allocate
 from ...families.base import linear_io
 from ..base import Site, UnsupportedMethodError, register, resolve_targets, target_names
 from ..lora import _key
-from .designed_lora import _design_batch, _DesignedLoRA, _gpt2_targets
+from .designed_lora import _design_batch, _DesignedLoRA
 
 SCORES = ("gramian", "costate")
 
@@ -44,7 +44,7 @@ class GramianLoRA(_DesignedLoRA):
 
     def default_budget(self, system) -> int:
         """Trainable parameters of LoRA with this rank on q and v of every layer."""
-        sites = resolve_targets(system, _gpt2_targets(system, ("q", "v")), None)
+        sites = resolve_targets(system, system.family.expand_targets(("q", "v")), None)
         return sum(self.rank * sum(linear_io(s.module)) for s in sites)
 
     def attach(self, system) -> None:
