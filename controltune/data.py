@@ -31,18 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.utils.data import DataLoader
-
 __all__ = [
     "ACCEPTED_TASKS",
     "BUILTIN_TASKS",
-    "Collator",
     "DataError",
     "Example",
     "TaskSpec",
     "load_split",
-    "make_loader",
     "resolve_task",
     "split_path",
 ]
@@ -510,75 +505,3 @@ def _label_id(
         where = f" (from {path.parent / 'labels.json'})" if label_names is not None else ""
         raise _line_error(path, lineno, f"label {label} out of range {bound}{where}")
     return label
-
-
-# ---------------------------------------------------------------- batching
-
-
-class Collator:
-    """Tokenise a list of examples into a padded batch.
-
-    Padding is to the longest sequence in the batch (not ``max_length``), so
-    short batches stay cheap; sequences longer than ``max_length`` tokens are
-    truncated (pairs: longest-first).
-    """
-
-    def __init__(self, tokenizer: Any, max_length: int = 128) -> None:
-        if max_length <= 0:
-            raise ValueError(f"max_length must be positive, got {max_length}")
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-
-    def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        """Batch S examples.
-
-        Returns:
-            ``input_ids`` (SxT long), ``attention_mask`` (SxT long),
-            ``token_type_ids`` (SxT long, only if the tokenizer produces
-            them) and ``labels`` (S long), where T is the longest tokenised
-            length in the batch, at most ``max_length``.
-        """
-        if not examples:
-            raise ValueError("cannot collate an empty batch")
-        pairs = {ex.text_b is not None for ex in examples}
-        if len(pairs) > 1:
-            raise ValueError("batch mixes single-sentence and pair examples")
-        text_b = [ex.text_b for ex in examples] if pairs.pop() else None
-        encoded = self.tokenizer(
-            [ex.text_a for ex in examples],
-            text_b,
-            padding="longest",
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
-        batch = {
-            key: encoded[key].long()
-            for key in ("input_ids", "attention_mask", "token_type_ids")
-            if key in encoded
-        }
-        batch["labels"] = torch.tensor([ex.label for ex in examples], dtype=torch.long)
-        return batch
-
-
-def make_loader(
-    examples: Sequence[Example],
-    tokenizer: Any,
-    batch_size: int,
-    shuffle: bool = False,
-    seed: int = 0,
-    max_length: int = 128,
-) -> DataLoader:
-    """DataLoader yielding :class:`Collator` batches of ``batch_size`` examples.
-
-    With ``shuffle`` the order comes from a ``torch.Generator`` seeded with
-    ``seed``, so runs are reproducible regardless of the global torch seed.
-    """
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(
-        list(examples),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        collate_fn=Collator(tokenizer, max_length=max_length),
-    )

@@ -53,7 +53,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .data import Collator, Example
+from .batching import Collator
+from .data import Example
 from .metrics import compute_metrics
 from .results import atomic_file, stamp, to_strict_json, write_json
 

@@ -53,8 +53,9 @@ from pathlib import Path
 import torch
 
 from controltune import ResidualSystem, load_model
+from controltune.batching import Collator
 from controltune.controllers import REGISTRY, build
-from controltune.data import Collator, load_split, resolve_task
+from controltune.data import load_split, resolve_task
 from controltune.results import append_jsonl, read_jsonl, row_done, stamp
 from controltune.train import TrainConfig, TrainingDiverged, evaluate, train
 from controltune.zoo import offline_tokenizer

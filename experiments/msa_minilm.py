@@ -30,8 +30,9 @@ import torch
 from tqdm import tqdm
 
 import controltune as ct
+from controltune.batching import make_loader
 from controltune.controllers import build
-from controltune.data import load_split, make_loader, resolve_task
+from controltune.data import load_split, resolve_task
 from controltune.msa import MSA, MSAConfig
 from controltune.results import append_jsonl, read_jsonl, stamp, write_json
 from controltune.train import evaluate

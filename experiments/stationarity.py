@@ -33,8 +33,9 @@ import torch
 from tqdm import tqdm
 
 import controltune as ct
+from controltune.batching import Collator, make_loader
 from controltune.controllers import build
-from controltune.data import Collator, Example, load_split, make_loader, resolve_task
+from controltune.data import Example, load_split, resolve_task
 from controltune.diagnostics import maximum_condition_probe, stationarity
 from controltune.pmp import solve_costate
 from controltune.results import append_jsonl, read_jsonl, stamp, write_json

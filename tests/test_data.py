@@ -16,15 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from controltune.data import (
-    Collator,
-    DataError,
-    Example,
-    TaskSpec,
-    load_split,
-    make_loader,
-    resolve_task,
-)
+from controltune.batching import Collator, labelled_batch, make_loader
+from controltune.data import DataError, Example, TaskSpec, load_split, resolve_task
 from controltune.metrics import (
     accuracy,
     compute_metrics,
@@ -368,3 +361,15 @@ def test_compute_metrics() -> None:
         compute_metrics(["auc"], [0], [0])
     with pytest.raises(ValueError, match="integer class ids"):
         accuracy([0.2, 0.8], [0, 1])
+
+
+def test_labelled_batch_from_texts_and_pairs():
+    from controltune.zoo import offline_tokenizer
+
+    tok = offline_tokenizer()
+    batch = labelled_batch(tok, ["a fine film", "dull"], [1, 0])
+    assert batch["input_ids"].shape[0] == 2 and batch["labels"].tolist() == [1, 0]
+    pairs = labelled_batch(tok, [("a man sleeps", "a person rests")])
+    assert pairs["labels"].tolist() == [0] and int(pairs["token_type_ids"].max()) == 1
+    with pytest.raises(ValueError, match="2 texts but 1 labels"):
+        labelled_batch(tok, ["a", "b"], [1])

@@ -159,7 +159,8 @@ def load_reference(run: str | Path, targets: Sequence[str] | None = None, dtype:
 
 def evaluation_batch(ref: Reference, size: int = 32, max_length: int = 64, seed: int = 0) -> dict:
     """A fixed batch of ``size`` dev examples on which J, the gap and the bounds are computed."""
-    from ..data import Collator, load_split
+    from ..batching import Collator
+    from ..data import load_split
 
     return Collator(ref.tokenizer, max_length)(load_split(ref.spec, "dev", n=size, seed=seed))
 

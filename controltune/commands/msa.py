@@ -38,8 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..batching import make_loader
     from ..controllers import build
-    from ..data import load_split, make_loader, resolve_task
+    from ..data import load_split, resolve_task
     from ..msa import MSAConfig, train_msa
     from ..system import ResidualSystem
     from ..train import evaluate

@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _batch(args: argparse.Namespace, tokenizer) -> dict:
     if args.task:
-        from ..data import Collator, load_split
+        from ..batching import Collator
+        from ..data import load_split
 
         examples = load_split(args.task, "dev", n=args.batch_size, seed=args.seed)
         return Collator(tokenizer, args.max_length)(examples)

@@ -53,7 +53,8 @@ def design_batch(system, task: str = "sst2", n: int = 32, seed: int = 0, max_len
     Controllers designed from data call this in ``attach`` when no explicit batch was
     given; the rows come from the train split only, never from dev.
     """
-    from ..data import Collator, load_split, resolve_task
+    from ..batching import Collator
+    from ..data import load_split, resolve_task
     from ..zoo import offline_tokenizer
 
     if int(n) < 1:
