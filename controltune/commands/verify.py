@@ -4,9 +4,17 @@ For each registered method (or those given with ``--methods a,b``): build it on 
 fresh copy of the model, with weight decay so the running cost is exercised;
 move its controls a little away from their initialisation (so gradients are
 generic: LoRA's ``B = 0`` would make ``∂J/∂A`` vanish); solve the co-states; and
-compare them with autograd and finite differences (:func:`controltune.verify.verify`)
-on a small batch of real text (SST-2 dev sentences when the data is present).
+compare them (:func:`controltune.verify.verify`) on a small batch of real text (SST-2
+dev sentences when the data is present) with three legs: reverse-mode autograd (whole
+tensors), forward-mode AD (one JVP per control, per-layer state directions, one joint
+direction) and finite differences (Richardson, along a joint direction and per-group
+directions; ``--fd-mode legacy`` for the former one-per-control ladder).
+Control-designed controllers (those taking ``n_design``) are designed on
+``--design-examples`` train rows of at most ``--seq-len`` tokens: the check is about
+their gradients, not the quality of their design.
 
+The table gains a row per method as it runs (with the seconds it took); the JSON row
+has every error, each leg's tolerance, largest error and time (``legs``).
 A method that does not fit the model (``UnsupportedMethodError``) is reported as
 *skipped* with its reason; a method that fails to build or to run is *failed*.
 Exit status 1 if any check fails.
@@ -21,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
+import time
 import traceback
 from typing import Any
 
@@ -40,15 +49,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=0.01, help="λ of every controller's running cost")
     parser.add_argument("--perturb", type=float, default=0.02, help="std of the random offset added to each control")
     parser.add_argument("--mode", default="graph", choices=["graph", "recompute"], help="co-state solver mode")
-    parser.add_argument("--state-directions", type=int, default=2, help="finite-difference directions per state")
+    parser.add_argument("--state-directions", type=int, default=2,
+                        help="forward-mode directions per state x_l (and legacy FD directions)")
+    parser.add_argument("--fd-state-directions", type=int, default=1, help="finite-difference directions per state")
+    parser.add_argument("--fd-mode", default="directional", choices=["directional", "legacy"],
+                        help="directional: Richardson along a joint and per-group directions; legacy: one "
+                             "central difference per control on the --fd-steps ladder")
+    parser.add_argument("--fd-step", type=float, default=None,
+                        help="relative step h of the directional finite differences (default: verify.FD_STEP)")
     parser.add_argument("--fd-steps", type=float, nargs="+", default=[1e-6, 1e-5],
-                        help="relative finite-difference steps (the smallest error counts)")
-    parser.add_argument("--no-fd", action="store_true", help="skip the finite-difference check")
+                        help="legacy mode: relative finite-difference steps (the smallest error counts)")
+    parser.add_argument("--no-fd", action="store_true", help="skip the finite-difference leg")
+    parser.add_argument("--no-forward", action="store_true", help="skip the forward-mode leg")
+    parser.add_argument("--design-examples", type=int, default=8,
+                        help="train rows the control-designed controllers are designed on")
 
 
 def check_batch(tokenizer, batch_size: int, seq_len: int, seed: int) -> tuple[dict, str]:
     """A batch of real sentences and where they came from."""
-    from ..data import Collator, DataError, Example, load_split
+    from ..batching import Collator
+    from ..data import DataError, Example, load_split
 
     try:
         examples = load_split("sst2", "dev", n=batch_size, seed=seed)
@@ -68,13 +88,23 @@ def perturb(controls, scale: float, seed: int) -> None:
             c.param.add_(scale * torch.randn(c.param.shape, generator=gen, dtype=torch.float64).to(c.param))
 
 
-def method_options(cls, weight_decay: float) -> dict[str, Any]:
-    """Example options of ``cls`` plus ``weight_decay`` when its constructor takes it."""
+def method_options(cls, weight_decay: float, design_examples: int | None = None,
+                   max_length: int | None = None) -> dict[str, Any]:
+    """Example options of ``cls`` plus ``weight_decay`` when its constructor takes it.
+
+    A control-designed controller (its constructor takes ``n_design``) also gets ``n_design =
+    design_examples`` and ``max_length`` when they are given.
+    """
     from .methods import EXAMPLE_OPTIONS
 
     options = copy.deepcopy(EXAMPLE_OPTIONS.get(cls.method, {}))
-    if "weight_decay" in inspect.signature(cls.__init__).parameters:
+    accepted = inspect.signature(cls.__init__).parameters
+    if "weight_decay" in accepted:
         options["weight_decay"] = weight_decay
+    if "n_design" in accepted and design_examples is not None:
+        options["n_design"] = design_examples
+        if "max_length" in accepted and max_length is not None:
+            options["max_length"] = max_length
     return options
 
 
@@ -82,36 +112,56 @@ def verify_method(loaded, method: str, batch: dict, args: argparse.Namespace) ->
     """One result row (see the module docstring) for ``method``."""
     from ..controllers import REGISTRY, UnsupportedMethodError
     from ..system import ResidualSystem
-    from ..verify import verify
 
+    start = time.perf_counter()
     cls = REGISTRY[method]
     row: dict[str, Any] = {"method": method, "family": loaded.family.name, "dtype": args.dtype, "group": cls.group}
     system = ResidualSystem(copy.deepcopy(loaded), seed=args.seed)
     try:
-        system.add(cls(**method_options(cls, args.weight_decay)))
+        system.add(cls(**method_options(cls, args.weight_decay, args.design_examples, args.seq_len)))
     except UnsupportedMethodError as err:
         return {**row, "status": "skipped", "reason": str(err), "passed": None}
     except Exception as err:  # noqa: BLE001  (a method being written must not stop the others)
         return {**row, "status": "failed", "reason": f"build: {type(err).__name__}: {err}", "passed": False}
+    built = time.perf_counter()
     system.eval()
     try:
         perturb(system.controls(), args.perturb, args.seed)
-        report = verify(system, batch, mode=args.mode, fd=not args.no_fd, n_state_directions=args.state_directions,
-                        fd_steps=tuple(args.fd_steps), seed=args.seed)
+        report = _verify(system, batch, args)
     except Exception as err:  # noqa: BLE001
         return {**row, "status": "failed", "reason": f"run: {type(err).__name__}: {err}",
                 "traceback": traceback.format_exc(limit=4), "passed": False}
+    return {**row, **report_row(report, system),
+            "seconds": {"build": built - start, **report.seconds, "total": time.perf_counter() - start}}
+
+
+def _verify(system, batch: dict, args: argparse.Namespace):
+    from ..verify import FD_STEP, verify
+
+    return verify(system, batch, mode=args.mode, fd=not args.no_fd, forward=not args.no_forward,
+                  n_state_directions=args.state_directions, fd_state_directions=args.fd_state_directions,
+                  fd_mode=args.fd_mode, fd_step=FD_STEP if args.fd_step is None else args.fd_step,
+                  fd_steps=tuple(args.fd_steps), seed=args.seed)
+
+
+def report_row(report, system) -> dict[str, Any]:
+    """The JSON row of a :class:`~controltune.verify.Verification` (legs, tolerances, every error)."""
     info = report.to_dict()
-    return {**row, "status": "passed" if report.passed else "failed", "n_layers": report.n_layers,
+    ran = info["legs"]
+    return {"status": "passed" if report.passed else "failed", "n_layers": report.n_layers,
             "n_controls": report.n_controls, "kinds": sorted({c.kind for c in system.controls()}),
             "max_rel_err_costate": report.max_rel_err_costate,
             "max_rel_err_control_grad": report.max_rel_err_control_grad,
-            "max_rel_err_fd": report.max_rel_err_fd if not args.no_fd else None,
-            "max_rel_err_fd_raw": report.fd_raw_max if not args.no_fd else None,
-            "tol_autograd": report.tol_autograd, "tol_fd": report.tol_fd, "passed": report.passed,
-            "failures": info["failures"][:10], "costate_autograd": report.costate_autograd,
-            "costate_fd": report.costate_fd, "control_autograd": report.control_autograd,
-            "control_fd": report.control_fd}
+            "max_rel_err_forward": report.max_rel_err_forward if "forward" in ran else None,
+            "max_rel_err_fd": report.max_rel_err_fd if "fd" in ran else None,
+            "max_rel_err_fd_raw": report.fd_raw_max if "fd" in ran else None,
+            "tol_autograd": report.tol_autograd, "tol_forward": report.tol_forward, "tol_fd": report.tol_fd,
+            "fd_raw_ceiling": report.fd_raw_ceiling, "legs": ran, "passed": report.passed,
+            "failures": info["failures"][:10],
+            **{k: info[k] for k in ("costate_autograd", "control_autograd", "costate_forward", "control_forward",
+                                    "forward_joint", "costate_fd", "costate_fd_raw", "fd_directions",
+                                    "fd_directions_raw", "control_fd", "fd_mode", "fd_step", "fd_refined",
+                                    "zero_scale")}}
 
 
 def _fmt(x: float | None) -> str:
@@ -144,9 +194,9 @@ def run(args: argparse.Namespace) -> int:
     batch = {k: v.to(args.device) for k, v in batch.items()}
     print(f"verify {args.model} ({loaded.family.name}, {args.dtype}) on {batch['input_ids'].shape[0]}×"
           f"{batch['input_ids'].shape[1]} tokens of {source}")
-    header = (f"{'method':<22} {'family':<8} {'ctrls':>5} {'costate':>8} {'grad_u H':>8} {'FD':>8} "
-              f"{'FD raw':>8}  result")
-    print(header + "\n" + "-" * len(header))
+    header = (f"{'method':<22} {'family':<8} {'ctrls':>5} {'costate':>8} {'grad_u H':>8} {'forward':>8} "
+              f"{'FD':>8} {'FD raw':>8} {'secs':>6}  result")
+    print(header + "\n" + "-" * len(header), flush=True)
     results = []
     for method in methods:
         row = verify_method(loaded, method, batch, args)
@@ -154,9 +204,12 @@ def run(args: argparse.Namespace) -> int:
         extra = row.get("reason", "") if row["status"] != "passed" else ""
         if row["status"] == "failed" and not extra:
             extra = "; ".join(row["failures"][:2])
+        seconds = row.get("seconds", {}).get("total")
         print(f"{method:<22} {row['family']:<8} {row.get('n_controls', '-'):>5} "
               f"{_fmt(row.get('max_rel_err_costate')):>8} {_fmt(row.get('max_rel_err_control_grad')):>8} "
-              f"{_fmt(row.get('max_rel_err_fd')):>8} {_fmt(row.get('max_rel_err_fd_raw')):>8}  "
+              f"{_fmt(row.get('max_rel_err_forward')):>8} "
+              f"{_fmt(row.get('max_rel_err_fd')):>8} {_fmt(row.get('max_rel_err_fd_raw')):>8} "
+              f"{'-' if seconds is None else f'{seconds:.1f}':>6}  "
               f"{row['status']}{'  ' + _reason(extra) if extra else ''}",
               flush=True)
     n_failed = sum(r["status"] == "failed" for r in results)
