@@ -20,6 +20,12 @@ from torch import nn
 EmbedFn = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None", torch.Tensor], torch.Tensor]
 BlockFn = Callable[[nn.Module, torch.Tensor, "Context"], torch.Tensor]
 
+
+class UnsupportedArchitectureError(ValueError):
+    """A model whose family controltune does not know, or that differs from its family in a way
+    controltune would compute wrongly (the message names what differs)."""
+
+
 QKV = ("q", "k", "v")
 """The roles a fused ``qkv`` map stands for, in the order of its output thirds ``[q; k; v]``."""
 
@@ -114,6 +120,7 @@ class BlockAnatomy:
 
 
 AnatomyFn = Callable[[nn.Module, object], BlockAnatomy]
+ResolveFn = Callable[[object, bool], "Family | str"]
 
 
 def first_row(config: object) -> int:
@@ -157,6 +164,14 @@ class Family:
             placed at ``n..n+T-1``), or None when positions cannot be shifted this way.
         anatomy: ``(block, config) -> BlockAnatomy`` for the composed Lipschitz bound,
             or None when that bound is not derived for the family.
+        resolve: ``(config, listed) -> Family | str``, or None.  Called with every config the
+            family is asked to handle: ``listed`` True when ``config.model_type`` is one of
+            :attr:`model_types`, False for a model type registered for the family
+            (``register_model_type``) or when the family is asked whether it recognises an
+            unknown model type *by structure*.  Returns the record to use
+            (this one, or a copy specialised to that model type) or one sentence naming what
+            differs from the family (the model is then refused, never computed wrongly).
+            None: the family handles exactly its listed model types, as they are.
     """
 
     name: str
@@ -181,6 +196,7 @@ class Family:
     first_position: Callable[[object], int] = first_row
     shiftable_embedding: str | None = None
     anatomy: AnatomyFn | None = None
+    resolve: ResolveFn | None = None
 
     @property
     def fused_qkv(self) -> bool:
