@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@echo "[2/3] torch (CPU build, ~1 min; skipped when $(VENV) already has torch)"
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet $(CONSTRAINTS) torch
 	@echo "[3/3] controltune and its pinned dependencies (~1 min)"
-	@PYTHONWARNINGS=ignore $(PIP) install --quiet $(CONSTRAINTS) -e ".[test,peft,smollm2,figures]"
+	@PYTHONWARNINGS=ignore $(PIP) install --quiet $(CONSTRAINTS) -e ".[test,peft,smollm2,figures,sweep]"
 	@$(PY) -c "import controltune, torch, transformers; print('installed controltune', controltune.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
 	@touch $@
 

@@ -28,6 +28,7 @@ COMMANDS = {
     "rollout": "run a batch through the residual-stream system and check it against HF",
     "methods": "list every registered controller and where it acts on a model",
     "train": "train a delta method on a task",
+    "sweep": "run a grid of training runs (on Ray), one JSONL row per cell, resumable",
     "verify": "check the PMP co-states and Hamiltonian gradients against autograd and finite differences",
     "msa": "train with the method of successive approximations (E-MSA)",
     "bound": "Lipschitz bounds and the error of low-dimensional delta approximations",

@@ -7,11 +7,18 @@ shrinks every control by ``lr·λ·u`` per step; it is an optimiser choice, not 
 term of J, and is recorded as such.
 
 Schedule: linear warm-up to ``lr`` then linear decay to 0 at the last step.
-Batches are drawn in an order fixed by ``(seed, epoch)``, so a run resumed from
-its checkpoint (deltas, optimiser, scheduler, step, RNG) sees the same batches
-it would have seen without the stop.  After the last step each controller's
+Batches are drawn in an order fixed by ``(seed, epoch)`` (:func:`epoch_batches`), so a
+run resumed from its checkpoint (deltas, optimiser, scheduler, step, RNG) sees the same
+batches it would have seen without the stop.  After the last step each controller's
 :meth:`~controltune.controllers.base.Controller.finalize` runs (e.g. diff pruning's
 projection onto its sparsity budget), and the dev set is scored again.
+
+Throughput: each split is tokenised once (:func:`~controltune.batching.encode`, cached in
+memory and, with ``token_cache``, on disk); training batches are grouped by length
+(``group_by_length``: similar lengths in a batch, batches in random order) and padded to
+their longest sequence; evaluation runs in length order; ``threads`` sets torch's
+intra-op threads for the run and restores them after (None: torch's own setting, which is
+every core, or ``$OMP_NUM_THREADS``; :func:`default_threads` says that number).
 
 A failed run is a failure: a non-finite loss, gradient or updated control stops
 training at once; ``metrics.json`` then has ``status: "diverged"``, the step and
@@ -53,7 +60,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .batching import Collator
+from .batching import encode, length_grouped_batches, length_order, shuffled_batches, token_cache_dir
 from .data import Example
 from .metrics import compute_metrics
 from .results import atomic_file, stamp, to_strict_json, write_json
@@ -71,7 +78,7 @@ RESULTS = ("metrics.json", "deltas.safetensors", CHECKPOINT, "checkpoint")
 """What makes ``out`` hold a run (``checkpoint`` is the folder of the resume state before ``checkpoint.pt``)."""
 STATE_FORMAT = "controltune-train-state/1"
 NOT_COMPARED = ("out", "resume", "overwrite", "progress", "checkpoint_every", "checkpoint_minutes",
-                "allow_config_change")
+                "allow_config_change", "threads", "token_cache")
 """Configuration fields that may differ on resume: where and how a run is saved and shown, not what it computes."""
 
 
@@ -130,6 +137,10 @@ class TrainConfig:
         overwrite: replace the results an existing ``out`` holds (else they are never overwritten).
         allow_config_change: configuration keys (or key prefixes: ``options``) that may differ from
             the checkpoint's on resume; each change made is recorded in ``metrics.json``.
+        group_by_length: draw batches of similar length (:func:`~controltune.batching.length_grouped_batches`);
+            False: consecutive slices of one random permutation per epoch (the order before grouping).
+        threads: torch intra-op threads during the run (None: leave torch's setting); restored afterwards.
+        token_cache: also keep the tokenised splits on disk (:func:`~controltune.batching.token_cache_dir`).
     """
 
     lr: float = 5e-4
@@ -154,6 +165,9 @@ class TrainConfig:
     checkpoint_minutes: float | None = 5.0
     overwrite: bool = False
     allow_config_change: list[str] = field(default_factory=list)
+    group_by_length: bool = True
+    threads: int | None = None
+    token_cache: bool = False
 
     def __post_init__(self) -> None:
         checks = [("lr", self.lr, self.lr > 0), ("batch_size", self.batch_size, self.batch_size >= 1),
@@ -167,7 +181,8 @@ class TrainConfig:
                    ("checkpoint_every", self.checkpoint_every, self.checkpoint_every is None
                     or self.checkpoint_every >= 1),
                    ("checkpoint_minutes", self.checkpoint_minutes, self.checkpoint_minutes is None
-                    or self.checkpoint_minutes > 0)]
+                    or self.checkpoint_minutes > 0),
+                   ("threads", self.threads, self.threads is None or self.threads >= 1)]
         bad = [f"{name}={value!r}" for name, value, ok in checks if not ok]
         if bad:
             raise ValueError(f"invalid training configuration: {', '.join(bad)} (rates, sizes and counts must be "
@@ -211,10 +226,50 @@ def linear_schedule(warmup: int, total: int, decay: bool = True):
     return factor
 
 
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch))
+
+
 def batch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """Example indices of one epoch, a permutation fixed by ``(seed, epoch)``."""
-    gen = torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch))
-    return torch.randperm(n, generator=gen).tolist()
+    """Example indices of one epoch, a permutation fixed by ``(seed, epoch)`` (the order without grouping)."""
+    return torch.randperm(n, generator=_epoch_generator(seed, epoch)).tolist()
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
+                  group_by_length: bool = True) -> list[list[int]]:
+    """The batches (example indices) of one epoch: a pure function of the lengths, ``(seed, epoch)`` and settings.
+
+    ``group_by_length``: :func:`~controltune.batching.length_grouped_batches`; otherwise
+    consecutive slices of :func:`batch_order`.  Both give ``ceil(n / batch_size)`` batches.
+    """
+    generator = _epoch_generator(seed, epoch)
+    if group_by_length:
+        return length_grouped_batches(lengths, batch_size, generator)
+    return shuffled_batches(len(lengths), batch_size, generator)
+
+
+def default_threads() -> int:
+    """Threads a run uses when not told: ``$OMP_NUM_THREADS`` if set to a positive integer, else every core
+    this process may run on."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.strip().isdigit() and int(env) >= 1:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def using_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)`` (None: unchanged); the old setting is restored."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -223,24 +278,25 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 @torch.no_grad()
 def evaluate(system, examples: Sequence[Example], task_spec, tokenizer, batch_size: int = 128,
-             max_length: int = 128) -> dict[str, float]:
+             max_length: int = 128, cache_dir: str | Path | None = None) -> dict[str, float]:
     """Dev metrics of the task (``compute_metrics``) and the mean terminal cost ``loss``.
 
-    Examples are batched in order of length (padding to the longest in a batch is
-    then cheap); predictions are put back in the original order before scoring.
+    The examples are tokenised once (:func:`~controltune.batching.encode`, cached; on disk
+    too with ``cache_dir``) and batched in order of token length (padding to the longest in
+    a batch is then cheap); predictions are put back in the original order before scoring.
     """
     if not examples:
         raise ValueError("cannot evaluate on an empty example list")
     was_training = system.training
     system.eval()
-    collate = Collator(tokenizer, max_length)
+    encoded = encode(examples, tokenizer, max_length, cache_dir)
     device = next(system.model.parameters()).device
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].text_a) + len(examples[i].text_b or ""))
+    order = length_order(encoded.lengths)
     preds = torch.empty(len(examples), dtype=torch.long)
     loss_sum = 0.0
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        batch = _to(collate([examples[i] for i in idx]), device)
+        batch = _to(encoded.batch(idx), device)
         logits = system(batch)
         loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
         preds[idx] = logits.argmax(-1).cpu()
@@ -512,9 +568,10 @@ def train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exam
         raise ValueError("no training examples")
     out = Path(config.out) if config.out else None
     if out is None:
-        return _train(system, train_examples, dev_examples, task_spec, config, tokenizer, None)
+        with using_threads(config.threads):
+            return _train(system, train_examples, dev_examples, task_spec, config, tokenizer, None)
     check_output_folder(out, config.resume, config.overwrite)
-    with locked_output_folder(out):
+    with locked_output_folder(out), using_threads(config.threads):
         check_output_folder(out, config.resume, config.overwrite)  # again under the lock: another run may have ended
         _clear_output_folder(out, config.overwrite)
         return _train(system, train_examples, dev_examples, task_spec, config, tokenizer, out)
@@ -562,11 +619,13 @@ def _train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exa
                 "config_changes": log.get("config_changes", []), "finalized": log.get("finalized", []),
                 "wall_time_s": log["wall_time_s"], "peak_memory_mb": peak_memory_mb(device)}
 
+    cache_dir = token_cache_dir() if config.token_cache else None
+
     def dev_eval() -> dict[str, float] | None:
         if not dev_examples:
             return None
         return {"step": step, **evaluate(system, dev_examples, task_spec, tokenizer, config.eval_batch_size,
-                                         config.max_length)}
+                                         config.max_length, cache_dir)}
 
     def save_checkpoint() -> None:
         log["wall_time_s"] = time.perf_counter() - t0
@@ -583,16 +642,18 @@ def _train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exa
         raise TrainingDiverged(f"training diverged at step {step + 1} of {total}: non-finite {info['what']}{where} "
                                f"({info['value']}); no score is reported", result)
 
-    collate = Collator(tokenizer, config.max_length)
     system.train(config.dropout)
     t0 = time.perf_counter() - log["wall_time_s"]
     last_saved = time.monotonic()
+    encoded = encode(train_examples, tokenizer, config.max_length, cache_dir)
+    lengths, batches, batches_epoch = encoded.lengths, [], -1
     with tqdm(total=total, initial=step, disable=not config.progress, desc="train", dynamic_ncols=True) as bar:
         while step < total:
             epoch, offset = divmod(step, per_epoch)
-            order = batch_order(len(train_examples), config.seed, epoch)
-            idx = order[offset * config.batch_size:(offset + 1) * config.batch_size]
-            batch = _to(collate([train_examples[i] for i in idx]), device)
+            if epoch != batches_epoch:
+                batches, batches_epoch = epoch_batches(lengths, config.batch_size, config.seed, epoch,
+                                                       config.group_by_length), epoch
+            batch = _to(encoded.batch(batches[offset]), device)
             loss = system.cost(batch)
             value = loss.item()
             if not math.isfinite(value):

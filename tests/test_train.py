@@ -159,3 +159,16 @@ def test_methods_cli_lists_placement_and_budget(tmp_path):
     assert lora["n_trainable"] == 3 * 2 * (8 * 64 + 64 * 8) and lora["kinds"] == ["layer"]
     assert lora["fraction"] == pytest.approx(lora["n_trainable"] / lora["n_base_params"])
     assert rows["combination"]["n_trainable"] > lora["n_trainable"] and "[bitfit]" in rows["combination"]["form"]
+
+
+def test_train_cli_throughput_flags(task, tmp_path, monkeypatch):
+    spec, _, _ = task
+    monkeypatch.setenv("CONTROLTUNE_CACHE", str(tmp_path / "cache"))
+    before = torch.get_num_threads()
+    code = main(["train", "--model", "random:bert", "--method", "lora", "--task", str(spec.folder), "--opt", "rank=2",
+                 "--steps", "2", "--batch-size", "8", "--max-length", "16", "--out", str(tmp_path / "run"),
+                 "--no-progress", "--threads", "1", "--no-group-by-length", "--token-cache"])
+    assert code == 0 and torch.get_num_threads() == before  # the run's thread setting is not left behind
+    config = json.loads((tmp_path / "run" / "metrics.json").read_text())["config"]
+    assert config["threads"] == 1 and config["group_by_length"] is False and config["token_cache"] is True
+    assert len(list((tmp_path / "cache" / "tokens").glob("*.pt"))) == 2  # train and dev splits, tokenised once

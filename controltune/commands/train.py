@@ -64,6 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0, metavar="M",
                         help="write the resume state after M minutes of wall time since the last (default 5)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch threads for the run (default: torch's own setting, which is every core, or "
+                             "$OMP_NUM_THREADS when set)")
+    parser.add_argument("--no-group-by-length", action="store_true",
+                        help="draw batches as slices of one random permutation instead of grouping similar lengths")
+    parser.add_argument("--token-cache", action="store_true",
+                        help="also keep the tokenised splits on disk under the controltune cache folder")
     parser.add_argument("--budget", type=float, default=None,
                         help="after training, methods with a sparsity budget (diff pruning) are projected onto "
                              "this many entries (or this fraction if < 1)")
@@ -210,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
         out=args.out, resume=args.resume, dropout=args.dropout, progress=not args.no_progress, budget=args.budget,
         checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
         overwrite=args.overwrite, allow_config_change=list(args.allow_config_change),
+        group_by_length=not args.no_group_by_length, token_cache=args.token_cache,
+        threads=args.threads,
         extra={"model": args.model, "method": name, "options": options, "task": args.task, "pooling": args.pooling,
                "train_size": args.train_size, "data_seed": args.data_seed, "dev_size": args.dev_size,
                "dtype": args.dtype, "device": args.device},

@@ -1,0 +1,156 @@
+"""``controltune sweep`` (issue 14): a grid run on Ray (or in-process when Ray cannot start), resumable, one JSONL."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+
+from controltune import sweep
+from controltune.cli import main
+from controltune.results import read_jsonl
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    """A separable toy sentiment task (32 train, 8 dev rows)."""
+    folder = tmp_path_factory.mktemp("toy")
+    rng = random.Random(0)
+    words = (["bad", "awful", "sad"], ["good", "great", "fine"])
+    for split, n in (("train", 32), ("dev", 8)):
+        with (folder / f"{split}.jsonl").open("w") as fh:
+            for _ in range(n):
+                y = rng.randint(0, 1)
+                fh.write(json.dumps({"text": " ".join(rng.choice(words[y]) for _ in range(3)), "label": y}) + "\n")
+    return folder
+
+
+def _spec(tmp_path, task, **grid) -> str:
+    """A 2x2 grid on random:bert (lora, bitfit) x (lr 1e-2, 1e30: diverges), 3 steps each, as YAML."""
+    body = {"name": "toy", "grid": {"model": "random:bert", "method": ["lora", "bitfit"], "task": str(task),
+                                    "lr": [1e-2, 1e30], **grid},
+            "per_method": {"lora": {"options": {"rank": 2, "targets": ["q", "v"]}}},
+            "train": {"steps": 3, "batch_size": 8, "max_length": 16}}
+    path = tmp_path / "grid.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(body))
+    return str(path)
+
+
+def _check_rows(rows: list[dict]) -> None:
+    by = {(r["config"]["method"], r["config"]["lr"]): r for r in rows}
+    assert sorted(by) == [("bitfit", 1e-2), ("bitfit", 1e30), ("lora", 1e-2), ("lora", 1e30)]
+    for method in ("lora", "bitfit"):
+        ok, bad = by[(method, 1e-2)], by[(method, 1e30)]
+        assert ok["status"] == "done" and 0 <= ok["score"] <= 1 and ok["scores"]["accuracy"] == ok["score"]
+        assert bad["status"] == "diverged" and bad["score"] is None and "diverged at step" in bad["reason"]
+        assert bad["diverged"]["step"] >= 1
+        for row in (ok, bad):
+            assert {"config", "versions", "wall_time_s", "peak_memory_mb", "cell", "threads"} <= set(row)
+            assert row["config"]["steps"] == 3 and row["config"]["dtype"] == "float32" and row["threads"] == 1
+            assert row["peak_memory_mb"] > 0 and row["wall_time_s"] > 0
+    assert by[("lora", 1e-2)]["config"]["options"] == {"rank": 2, "targets": ["q", "v"]}
+    assert by[("bitfit", 1e-2)]["config"]["options"] == {}
+
+
+def test_sweep_runs_a_grid_records_divergence_and_skips_finished_cells(task, tmp_path, capsys):
+    spec, out, summary = _spec(tmp_path, task), tmp_path / "rows.jsonl", tmp_path / "summary.json"
+    code = main(["sweep", spec, "--out", str(out), "--cpus-per-cell", "1", "--json", str(summary)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    rows = read_jsonl(out)
+    _check_rows(rows)
+    executor = json.loads(summary.read_text())["executor"]
+    if executor == "ray":  # each cell ran in its own worker process, not here
+        assert all(r["worker"]["pid"] != os.getpid() for r in rows)
+    else:
+        assert executor == "local" and "Ray could not start" in captured.err
+    progress = [line for line in captured.out.splitlines() if line.startswith("[")]
+    assert len(progress) == 4 and sum("] done " in line for line in progress) == 2
+    assert any("diverged lora lr=1e+30 options=" in line for line in progress)
+
+    assert main(["sweep", spec, "--out", str(out)]) == 0  # everything finished: nothing runs, Ray not started
+    assert "4 cells, 4 finished before, 0 to run" in capsys.readouterr().out
+    assert len(read_jsonl(out)) == 4
+
+
+def test_a_stopped_sweep_continues_in_process(task, tmp_path, capsys):
+    spec, out = _spec(tmp_path, task), tmp_path / "rows.jsonl"
+    assert main(["sweep", spec, "--out", str(out), "--executor", "local"]) == 0
+    rows = read_jsonl(out)
+    assert all(r["worker"]["pid"] == os.getpid() for r in rows)
+    _check_rows(rows)
+    # A stop after three cells: the fourth row was never written.
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    capsys.readouterr()
+    assert main(["sweep", spec, "--out", str(out), "--executor", "local", "--dry-run"]) == 0
+    listing = capsys.readouterr().out
+    assert listing.count("finished:") == 3 and listing.count("to run:") == 1
+    assert main(["sweep", spec, "--out", str(out), "--executor", "local"]) == 0
+    assert "3 finished before, 1 to run" in capsys.readouterr().out
+    again = read_jsonl(out)
+    assert len(again) == 4 and again[3]["config"] == rows[3]["config"]
+    _check_rows(again)
+
+
+def test_auto_falls_back_to_this_process_when_ray_cannot_start(task, tmp_path, monkeypatch, capsys):
+    def no_ray(address, cpus):
+        raise RuntimeError("no Ray here")
+    monkeypatch.setattr(sweep, "start_ray", no_ray)
+    spec = sweep.parse_spec({"grid": {"model": "random:bert", "method": "bitfit", "task": str(task), "lr": 1e-2},
+                             "train": {"steps": 2, "batch_size": 8, "max_length": 16}})
+    summary = sweep.run_sweep(spec, tmp_path / "rows.jsonl")
+    assert summary["executor"] == "local" and summary["done"] == 1
+    assert "notice: Ray could not start (RuntimeError: no Ray here)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="Ray could not start"):  # asked for Ray explicitly: an error
+        sweep.run_sweep(spec, tmp_path / "other.jsonl", executor="ray")
+
+
+def test_a_failed_cell_is_recorded_and_tried_again(task, tmp_path, capsys):
+    spec = sweep.parse_spec({"grid": {"model": "random:bert", "method": "lora", "task": str(task), "lr": 1e-2,
+                                      "options": {"rank": 2, "no_such_option": 1}}, "train": {"steps": 1}})
+    out = tmp_path / "rows.jsonl"
+    assert sweep.run_sweep(spec, out, executor="local")["failed"] == 1
+    row = read_jsonl(out)[0]
+    assert row["status"] == "failed" and "no_such_option" in row["reason"] and row["score"] is None
+    assert sweep.run_sweep(spec, out, executor="local")["ran"] == 1  # failed cells are not finished
+
+
+def test_spec_expansion_fills_defaults_and_takes_per_method_axes():
+    spec = sweep.parse_spec({"grid": {"method": ["lora", "full"], "task": "sst2", "lr": [1e-3, 1e-3], "seed": [0, 1]},
+                             "per_method": {"full": {"lr": 5e-5}, "lora": {"options": [{"rank": 4}, {"rank": 8}]}},
+                             "train": {"epochs": 2}})
+    cells = sweep.expand(spec, {"dtype": "float64"})
+    assert len(cells) == 2 * 2 + 2  # lora: 2 option sets x 2 seeds (lr listed twice is one value); full: 2 seeds
+    assert {c["lr"] for c in cells if c["method"] == "full"} == {5e-5}
+    assert all(c["epochs"] == 2 and c["dtype"] == "float64" and c["batch_size"] == 32 for c in cells)
+    assert len({sweep.cell_id(c) for c in cells}) == len(cells)
+    assert sweep.canonical_config({"a": 1, "b": [1]}) == sweep.canonical_config({"b": [1], "a": 1})
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"grid": {"method": "lora", "task": "sst2", "lr": 1e-3, "colour": ["red"]}}, "unknown axis 'colour'"),
+    ({"grid": {"method": "lora", "task": "sst2"}}, "give lr"),
+    ({"grid": {"task": "sst2", "lr": 1e-3}}, "needs a 'method' axis"),
+    ({"grid": {"method": [], "task": "sst2", "lr": 1e-3}}, "has no values"),
+    ({"grid": {"method": "lora", "task": "sst2", "lr": 1e-3}, "trian": {}}, "unknown key"),
+    ({"grid": {"method": "lora", "task": "sst2", "lr": 1e-3}, "train": {"threads": 4}}, "unknown train setting"),
+])
+def test_bad_specs_say_what_is_wrong(data, match):
+    with pytest.raises(ValueError, match=match):
+        sweep.parse_spec(data)
+
+
+def test_bad_spec_files_end_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "grid.toml"
+    bad.write_text("x = 1")
+    assert main(["sweep", str(bad)]) == 2
+    assert "expected a .yaml, .yml or .json file" in capsys.readouterr().err
+    assert main(["sweep", str(tmp_path / "missing.json")]) == 2
+    broken = tmp_path / "grid.json"
+    broken.write_text('{"grid": ')
+    assert main(["sweep", str(broken)]) == 2
+    assert "invalid JSON" in capsys.readouterr().err
