@@ -14,7 +14,11 @@ One module per piece of the mathematics:
 * :mod:`~controltune.bounds.weight_deltas` — a control written as weight deltas ``W -> W + ΔW``;
 * :mod:`~controltune.bounds.projections` — projections Π onto rank / subspace / sparse / layer structures;
 * :mod:`~controltune.bounds.reference` — the trained reference u* (a ``controltune train`` run);
-* :mod:`~controltune.bounds.gap` — the measured gap ``|J(u*) − J(Πu*)|`` against every bound.
+* :mod:`~controltune.bounds.gap` — the measured gap ``|J(u*) − J(Πu*)|`` against every bound;
+* :mod:`~controltune.bounds.enclosure`, :mod:`~controltune.bounds.attention_enclosure` — certified
+  per-token enclosures of the rollout (and of its first two derivatives) over a ball of weight deltas;
+* :mod:`~controltune.bounds.certified` — the certified bound ``B(ε) ≥ sup_{‖d‖≤ε} |J(u*+d) − J(u*)|``
+  (Taylor, enclosure and readout-range routes), and :mod:`~controltune.bounds.attack` its attack lower bound.
 
 The names below are re-exported here, except the function
 :func:`controltune.bounds.gronwall.gronwall` (the module keeps its name).
@@ -22,6 +26,8 @@ The names below are re-exported here, except the function
 
 from __future__ import annotations
 
+from .attack import AttackResult, attack
+from .certified import Anchor, Certificate, anchor, certified_sweep, certify
 from .composed import ComposedBound, activation_lipschitz, composed_block_bound
 from .domain import LayerDomain, global_domain, probe_block
 from .gap import ReferenceConstants, compare, reference_constants, sweep
@@ -73,6 +79,7 @@ from .weight_deltas import (
 from .weights import BlockWeights, block_weights, effective_linear
 
 __all__ = [
+    "Anchor", "AttackResult", "Certificate", "anchor", "attack", "certified_sweep", "certify",
     "PROJECTIONS", "STRUCTURES", "BlockWeights", "ComposedBound", "DeltaWeights", "GronwallBound", "LayerDomain",
     "NotATrainedRunError", "PowerResult", "Reference", "ReferenceConstants", "WeightDelta", "activation_lipschitz",
     "as_reference", "block_weights", "compare", "composed_block_bound", "control_distance", "costate_estimate",

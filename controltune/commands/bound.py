@@ -12,6 +12,17 @@ its tightness (bound / gap).  Example::
         --task sst2 --train-size 2000 --steps 400 --batch-size 16 --max-length 64 --out runs/lora16
     controltune bound --reference runs/lora16 --structure rank --sizes 1,2,4,8 --dtype float64 \\
         --json runs/bound_rank.json
+
+With ``--certified`` it instead prints, per size, the certified bound
+``B(ε) ≥ sup_{‖d‖≤ε} |J(u*+d) − J(u*)|`` at ``ε = ‖u* − Πu*‖`` (the least of the
+Taylor, enclosure and readout-range routes of :mod:`controltune.bounds.certified`),
+an attack lower bound of the same supremum (projected gradient ascent) and the gap;
+``--json`` then writes ``{"rows": [{"structure", "size", "epsilon", "gap", "attack",
+"certified", "route", "seconds", ...}], "curve": [...]}`` (``curve``: the radii of
+``--epsilons``)::
+
+    controltune bound --reference runs/lora16 --structure rank --sizes 1,4 --dtype float64 --certified \\
+        --json runs/bound_certified.json
 """
 
 from __future__ import annotations
@@ -25,6 +36,17 @@ from ..bounds.reference import RUN_FILES
 from ..results import stamp, write_json
 
 BOUNDS = ("certified", "global", "local", "sampled", "adjoint", "tangent", "costate_cs")
+
+
+def _epsilons(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--epsilons takes comma-separated radii such as 0.01,0.1,1, got {text!r}") \
+            from err
+    if any(not (v >= 0 and v < float("inf")) for v in values):
+        raise argparse.ArgumentTypeError(f"--epsilons needs finite non-negative radii, got {text!r}")
+    return values
 
 
 def _sizes(text: str) -> list[int]:
@@ -52,6 +74,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dev-size", type=int, default=None, help="dev rows scored per projection (default all)")
     parser.add_argument("--iters", type=int, default=20, help="power iterations per Jacobian norm")
     parser.add_argument("--no-progress", action="store_true")
+    cert = parser.add_argument_group("certified bound (--certified)")
+    cert.add_argument("--certified", action="store_true",
+                      help="certified bound of sup over the ball ‖d‖ ≤ ε = ‖u* − Πu*‖ beside an attack lower bound "
+                           "(replaces the Lipschitz bounds table)")
+    cert.add_argument("--epsilons", type=_epsilons, default=[],
+                      help="also certify and attack these radii (comma-separated), written as the JSON's curve")
+    cert.add_argument("--grid", type=_epsilons, default=[],
+                      help="certificates only (no attack) at these radii, written as the JSON's grid")
+    cert.add_argument("--attack-steps", type=int, default=10, help="ascent steps per attack start")
+    cert.add_argument("--attack-restarts", type=int, default=2, help="random attack starts (besides ±∇J and Πu* − u*)")
 
 
 def _check_json_path(json_path: str | None, reference: str) -> None:
@@ -72,9 +104,15 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     targets = [t for t in args.targets.split(",") if t] if args.targets is not None else None
     _check_json_path(args.json, args.reference)
+    if not args.certified and (args.epsilons or args.grid):
+        raise ValueError("--epsilons and --grid apply with --certified only")
+    if args.attack_steps < 0 or args.attack_restarts < 0:
+        raise ValueError("--attack-steps and --attack-restarts must be >= 0")
     ref = load_reference(args.reference, targets, dtype=args.dtype, device=args.device)
     batch = {k: v.to(args.device) for k, v in evaluation_batch(ref, args.eval_size, args.max_length,
                                                                 args.seed).items()}
+    if args.certified:
+        return _run_certified(args, ref, batch)
     constants = reference_constants(ref.system, batch, iters=args.iters, progress=progress)
     dev = dev_scorer(ref, args.dev_size, args.max_length, args.seed)
     dev_reference = dev()
@@ -96,4 +134,34 @@ def run(args: argparse.Namespace) -> int:
         write_json(args.json, {**stamp({k: v for k, v in vars(args).items() if not k.startswith("_")}),
                                "task": ref.spec.name, "reference": ref.info, "dev_reference": dev_reference,
                                "constants": constants.to_dict(), "rows": rows})
+    return 0
+
+
+def _run_certified(args: argparse.Namespace, ref, batch: dict) -> int:
+    """``--certified``: certificate, attack and gap per size (and per radius of ``--epsilons``)."""
+    from ..bounds.certified import certified_sweep
+
+    out = certified_sweep(ref, batch, args.structure, args.sizes, args.epsilons, args.attack_steps,
+                          args.attack_restarts, args.seed, args.grid, progress=not args.no_progress)
+    rows, curve = out["rows"], out["curve"]
+    print(f"reference {ref.info['method']} run {args.reference} on {ref.spec.name}: certified bound of "
+          f"sup_(‖d‖≤ε) |J(u*+d) − J(u*)| on {args.eval_size} dev sequences")
+
+    def ratio(x: float | None) -> str:
+        return f"{x:10.3g}" if x is not None else f"{'-':>10}"
+
+    print(f"{'size':>8} {'epsilon':>10} {'gap':>10} {'attack':>10} {'certified':>10} {'route':>10} "
+          f"{'cert/att':>10} {'cert/gap':>10}")
+    for r in rows:
+        print(f"{r['size']:>8} {r['epsilon']:10.4g} {r['gap']:10.4g} {r['attack']:10.4g} {r['certified']:10.4g} "
+              f"{r['route']:>10} {ratio(r['tightness_attack'])} {ratio(r['tightness_gap'])}")
+    for r in curve:
+        print(f"{'ball':>8} {r['epsilon']:10.4g} {'-':>10} {r['attack']:10.4g} {r['certified']:10.4g} "
+              f"{r['route']:>10} {ratio(r['tightness_attack'])} {'-':>10}")
+    if out["grid"]:
+        print("certificates only: " + "; ".join(f"ε {g['epsilon']:.3g}: {g['certified']:.4g} ({g['route']})"
+                                                for g in out["grid"]))
+    if args.json:
+        write_json(args.json, {**stamp({k: v for k, v in vars(args).items() if not k.startswith("_")}),
+                               "task": ref.spec.name, "reference": ref.info, **out})
     return 0
