@@ -1,7 +1,7 @@
 """The control contract: what a control variable is and what a control system offers.
 
 This is the bottom of the house (DESIGN.md §1).  The co-state solver
-(:mod:`controltune.pmp`), the checks (:mod:`controltune.verify`), MSA, the bounds
+(:mod:`controltune.pmp`), the checks (:mod:`controltune.verification`), MSA, the bounds
 and the design tools talk to a :class:`ControlSystem` and its :class:`Control`
 variables only; they never import a delta method.  Delta methods
 (:mod:`controltune.controllers`) sit above and produce controls.

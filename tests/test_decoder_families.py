@@ -12,7 +12,7 @@ from controltune.controllers import build
 from controltune.families import FAMILIES, LLAMA, UnsupportedArchitectureError, family_of, register_model_type
 from controltune.families.decoder import PreciseRMSNorm, band, sliding_window
 from controltune.families.structure import admission_probe
-from controltune.verify import verify
+from controltune.verification import verify
 
 torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared machine
 

@@ -11,7 +11,7 @@ from conftest import make_batch
 import controltune as ct
 from controltune.controllers import build
 from controltune.msa import MSA, MSAConfig, ToyResidualNet, toy_batch
-from controltune.verify import verify
+from controltune.verification import verify
 
 torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared machine
 

@@ -15,7 +15,7 @@ from controltune.controllers.subspace import Subspace
 from controltune.diagnostics import maximum_condition_probe, stationarity
 from controltune.msa import ToyResidualNet, toy_batch
 from controltune.pmp import CoStateError, solve_costate
-from controltune.verify import autograd_reference, relative_error, verify
+from controltune.verification import autograd_reference, relative_error, verify
 
 torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared machine
 WD = 0.1  # nonzero weight decay everywhere, so the running-cost terms are exercised
@@ -219,7 +219,7 @@ def test_straight_through_masking_is_checked_on_its_linearisation():
     """Hard masks make J flat in the scores; the straight-through linearisation makes FD meaningful."""
     import controltune as ct
     from controltune.controllers import build
-    from controltune.verify import finite_differences, float64_twin
+    from controltune.verification import finite_differences, float64_twin
 
     loaded = ct.load_model("random:bert", dtype="float64")
     system = ct.ResidualSystem(loaded)

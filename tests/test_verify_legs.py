@@ -1,4 +1,4 @@
-"""The three legs of ``controltune.verify``: autograd, forward-mode AD and directional finite differences."""
+"""The three legs of ``controltune.verification``: autograd, forward-mode AD and directional finite differences."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from conftest import make_batch
 import controltune as ct
 from controltune.controllers import build
 from controltune.pmp import solve_costate
-from controltune.verify import (
+from controltune.verification import (
     FD_RAW_CEILING,
     Verification,
     control_groups,

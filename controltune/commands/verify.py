@@ -4,7 +4,7 @@ For each registered method (or those given with ``--methods a,b``): build it on 
 fresh copy of the model, with weight decay so the running cost is exercised;
 move its controls a little away from their initialisation (so gradients are
 generic: LoRA's ``B = 0`` would make ``∂J/∂A`` vanish); solve the co-states; and
-compare them (:func:`controltune.verify.verify`) on a small batch of real text (SST-2
+compare them (:func:`controltune.verification.verify`) on a small batch of real text (SST-2
 dev sentences when the data is present) with three legs: reverse-mode autograd (whole
 tensors), forward-mode AD (one JVP per control, per-layer state directions, one joint
 direction) and finite differences (Richardson, along a joint direction and per-group
@@ -136,7 +136,7 @@ def verify_method(loaded, method: str, batch: dict, args: argparse.Namespace) ->
 
 
 def _verify(system, batch: dict, args: argparse.Namespace):
-    from ..verify import FD_STEP, verify
+    from ..verification import FD_STEP, verify
 
     return verify(system, batch, mode=args.mode, fd=not args.no_fd, forward=not args.no_forward,
                   n_state_directions=args.state_directions, fd_state_directions=args.fd_state_directions,
@@ -145,7 +145,7 @@ def _verify(system, batch: dict, args: argparse.Namespace):
 
 
 def report_row(report, system) -> dict[str, Any]:
-    """The JSON row of a :class:`~controltune.verify.Verification` (legs, tolerances, every error)."""
+    """The JSON row of a :class:`~controltune.verification.Verification` (legs, tolerances, every error)."""
     info = report.to_dict()
     ran = info["legs"]
     return {"status": "passed" if report.passed else "failed", "n_layers": report.n_layers,
