@@ -154,3 +154,18 @@ def test_bad_spec_files_end_in_one_line(tmp_path, capsys):
     broken.write_text('{"grid": ')
     assert main(["sweep", str(broken)]) == 2
     assert "invalid JSON" in capsys.readouterr().err
+
+
+def test_cells_keep_their_run_folders_and_resume_from_them(task, tmp_path):
+    spec = sweep.parse_spec({"grid": {"model": "random:bert", "method": "bitfit", "task": str(task), "lr": 1e-2},
+                             "train": {"steps": 2, "batch_size": 8, "max_length": 16}})
+    out, runs = tmp_path / "rows.jsonl", tmp_path / "runs"
+    sweep.run_sweep(spec, out, executor="local", runs_dir=runs, echo=lambda _: None)
+    row = read_jsonl(out)[0]
+    folder = runs / row["cell"]
+    assert row["run_dir"] == str(folder) and (folder / "deltas.safetensors").is_file()
+    assert json.loads((folder / "metrics.json").read_text())["final"]["accuracy"] == row["score"]
+    out.unlink()  # the row was lost (a stop before the driver wrote it): the cell resumes from its checkpoint
+    sweep.run_sweep(spec, out, executor="local", runs_dir=runs, echo=lambda _: None)
+    again = read_jsonl(out)[0]
+    assert again["status"] == "done" and again["score"] == row["score"] and again["step"] == 2
