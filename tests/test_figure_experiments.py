@@ -119,15 +119,20 @@ def test_stationarity_point_matches_autograd(loaded64):
     assert row["term"] == pytest.approx(math.sqrt(sum(float(c.param.grad.pow(2).sum()) for c in head)), rel=1e-9)
 
 
+def _binary_task():
+    """A single-sentence binary task scored by accuracy (the GLUE copies may not be on this machine)."""
+    from controltune.data import TaskSpec
+
+    return TaskSpec(name="binary", folder=None, num_labels=2, label_names=["negative", "positive"], is_pair=False)
+
+
 def test_run_method_rows_and_probe(loaded64, examples):
     cfg = stationarity.config(stationarity.parser().parse_args(
         ["--model", "random:bert", "--steps", "2", "--every", "1", "--n-directions", "3", "--batch-size", "3",
          "--max-length", "16"]))
     batch = make_batch(loaded64.tokenizer, n=3)
     dev = examples[:4]
-    from controltune.data import resolve_task
-
-    spec = resolve_task("sst2")
+    spec = _binary_task()
     rows = [{"method": "lora", **r} for r in stationarity.run_method(
         loaded64, "lora", {"rank": 2, "targets": ["q", "v"]}, examples, batch, dev, spec, cfg, progress=False)]
     assert [r["kind"] for r in rows] == ["probe", "curve", "curve", "curve", "probe"]
@@ -194,10 +199,8 @@ def test_figures_draw_from_tiny_results(tmp_path, loaded64, examples):
     # stationarity and max condition
     args = ["--model", "random:bert", "--steps", "1", "--every", "1", "--n-directions", "2", "--max-length", "16"]
     cfg = stationarity.config(stationarity.parser().parse_args(args))
-    from controltune.data import resolve_task
-
     out = [{"method": "lora", **r} for r in stationarity.run_method(
-        loaded64, "lora", {"rank": 2, "targets": ["q", "v"]}, examples, batch, examples[:3], resolve_task("sst2"),
+        loaded64, "lora", {"rank": 2, "targets": ["q", "v"]}, examples, batch, examples[:3], _binary_task(),
         cfg, progress=False)]
     write_json(tmp_path / stationarity_fig.SOURCE, {**stamp(cfg), "methods": stationarity.collect(out)})
     _check_figure(stationarity_fig.draw_stationarity(tmp_path), stationarity_fig.caption_stationarity(tmp_path),
