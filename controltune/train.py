@@ -43,12 +43,9 @@ lock file ``.controltune-train.lock``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import os
 import resource
-import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -63,41 +60,19 @@ from . import checkpoint
 from .batching import encode, length_grouped_batches, length_order, shuffled_batches, token_cache_dir
 from .data import Example
 from .metrics import compute_metrics
-from .results import atomic_file, stamp, to_strict_json, write_json
-
-try:
-    import fcntl
-except ImportError:  # Windows: the output folder is not locked
-    fcntl = None  # type: ignore[assignment]
+from .results import stamp, write_json
+from .run_folder import (
+    CHECKPOINT,
+    check_output_folder,
+    checkpoint_due,
+    clear_output_folder,
+    load_state,
+    locked_output_folder,
+    run_config,
+    save_state,
+)
 
 SCHEDULES = ("linear", "constant")
-CHECKPOINT = "checkpoint.pt"
-"""Resume state inside ``out``: one file, so it is replaced as one unit."""
-LOCK = ".controltune-train.lock"
-RESULTS = ("metrics.json", "deltas.safetensors", CHECKPOINT, "checkpoint")
-"""What makes ``out`` hold a run (``checkpoint`` is the folder of the resume state before ``checkpoint.pt``)."""
-STATE_FORMAT = "controltune-train-state/1"
-NOT_COMPARED = ("out", "resume", "overwrite", "progress", "checkpoint_every", "checkpoint_minutes",
-                "allow_config_change", "threads", "token_cache")
-"""Configuration fields that may differ on resume: where and how a run is saved and shown, not what it computes."""
-
-
-class OutputFolderError(ValueError):
-    """An output folder that cannot be used as asked (a file, holds results, nothing to resume)."""
-
-
-class OutputLockedError(OutputFolderError):
-    """Another process is writing the output folder."""
-
-
-class ConfigMismatchError(ValueError):
-    """Resuming with a configuration that differs from the checkpoint's (``differences``: key, old, new)."""
-
-    def __init__(self, message: str, differences: list[tuple[str, Any, Any]]) -> None:
-        super().__init__(message)
-        self.differences = differences
-
-
 class TrainingDiverged(FloatingPointError):
     """Training met a non-finite loss, gradient or control; ``result`` is the dict written to ``metrics.json``."""
 
@@ -323,189 +298,6 @@ def finalize(system, budget: float | None = None) -> list[str]:
     return [c.method for c in system.controllers if c.finalize(budget)]
 
 
-# --- the output folder ------------------------------------------------------------------
-def check_output_folder(out: str | Path, resume: bool = False, overwrite: bool = False) -> None:
-    """Refuse an output folder that cannot be used as asked; cheap, so a CLI runs it before loading a model.
-
-    Raises:
-        OutputFolderError: ``out`` is an existing file; ``resume`` without a checkpoint
-            in it; or, without ``resume``/``overwrite``, it already holds a run's results.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputFolderError(f"output folder {out} is an existing file, not a folder: choose another --out")
-    if resume and overwrite:
-        raise OutputFolderError("--resume and --overwrite exclude each other: continue the run in "
-                                f"{out}, or replace it")
-    if resume:
-        if (out / CHECKPOINT).is_file():
-            return
-        if (out / "checkpoint" / "trainer.pt").is_file():
-            raise OutputFolderError(f"cannot resume: {out} holds a checkpoint in the older checkpoint/ format, "
-                                    f"which this version cannot resume (it records no configuration)")
-        raise OutputFolderError(f"nothing to resume: {out} holds no checkpoint ({CHECKPOINT}); "
-                                "run without --resume to start a new run")
-    held = [name for name in RESULTS if (out / name).exists()]
-    if held and not overwrite:
-        raise OutputFolderError(f"{out} already holds results of a run ({', '.join(held)}): pass --resume to "
-                                "continue it, --overwrite to replace it, or choose another --out")
-
-
-@contextlib.contextmanager
-def locked_output_folder(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``out`` (created if needed) for the block; a second process is refused at once."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-                raise OutputLockedError(f"output folder {out} is in use by another training process"
-                                        f"{f' (pid {holder})' if holder else ''}: wait for it to finish or "
-                                        "choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # names the holder in the message above
-        yield
-    finally:
-        os.close(fd)  # releases the lock; the file stays (removing it would race with a waiting process)
-
-
-def _clear_output_folder(out: Path, overwrite: bool) -> None:
-    """Under the lock: remove temporary files of killed writers and, with ``overwrite``, the old results."""
-    for tmp in out.glob("*.tmp-*"):
-        if tmp.is_file() and tmp.name.split(".tmp-")[0] in RESULTS:
-            tmp.unlink()
-    if not overwrite:
-        return
-    for name in RESULTS:
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-
-
-# --- the configuration a checkpoint records -------------------------------------------------
-def _data_digest(examples: Sequence[Example]) -> str:
-    """A short sha256 of the training examples (text and label), so changed data is seen on resume."""
-    h = hashlib.sha256()
-    for ex in examples:
-        h.update(f"{ex.text_a}\x1f{ex.text_b}\x1f{ex.label}\x1e".encode())
-    return h.hexdigest()[:16]
-
-
-def run_config(config: TrainConfig, system, task_spec, train_examples: Sequence[Example]) -> dict[str, Any]:
-    """What a run computes: the configuration (``extra`` merged in) and the task, model and data it ran on.
-
-    Saved in every checkpoint and compared on resume; fields of :data:`NOT_COMPARED` are left out.
-    """
-    fields = {k: v for k, v in asdict(config).items() if k not in NOT_COMPARED and k != "extra"}
-    for key, value in config.extra.items():
-        fields[f"extra.{key}" if key in fields else key] = value
-    fields.update({"task_name": task_spec.name, "base_model": system.name,
-                   "methods": [c.method for c in system.controllers], "n_train": len(train_examples),
-                   "train_data": _data_digest(train_examples)})
-    return json.loads(to_strict_json(fields))  # tuples -> lists, as stored: comparisons see equal values equal
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-_ABSENT = "<absent>"
-
-
-def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """``(key, old value, new value)`` for every flattened key (``options.rank``) whose value differs."""
-    a, b = _flatten(old), _flatten(new)
-    return [(k, a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in sorted(set(a) | set(b))
-            if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
-
-
-def _is_allowed(key: str, allowed: Sequence[str]) -> bool:
-    return any(key == a or key.startswith(a + ".") for a in allowed)
-
-
-# --- resume state ------------------------------------------------------------------------
-def _save_state(path: Path, system, optimizer, scheduler, step: int, log: dict[str, Any], spec: dict,
-                config: dict[str, Any]) -> None:
-    """Write the whole resume state as one file, atomically (temporary name, fsync, rename)."""
-    state = {"format": STATE_FORMAT, "config": config, "step": step, "log": log,
-             "deltas": checkpoint.to_bytes(system, spec), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    with atomic_file(path) as fh:
-        torch.save(state, fh)
-
-
-def _read_state(path: Path) -> dict[str, Any]:
-    try:
-        state = torch.load(path, weights_only=False, map_location="cpu")
-    except Exception as err:  # any unpickling failure means the same thing to the user: unusable file
-        raise checkpoint.CorruptCheckpointError(f"{path} cannot be read as a training checkpoint: {err}") from err
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise checkpoint.CorruptCheckpointError(f"{path} is not a training checkpoint of format {STATE_FORMAT}")
-    return state
-
-
-def _config_changes(path: Path, saved: dict[str, Any], current: dict[str, Any], allowed: Sequence[str],
-                    step: int) -> list[dict[str, Any]]:
-    """The allowed differences from the checkpoint's configuration; refuses any other.
-
-    Raises:
-        ConfigMismatchError: naming every key not allowed, as ``key: old -> new``.
-    """
-    diffs = config_differences(saved, current)
-    refused = [d for d in diffs if not _is_allowed(d[0], allowed)]
-    if refused:
-        listed = "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in refused)
-        raise ConfigMismatchError(f"cannot resume {path}: the configuration differs from the checkpoint's ({listed}); "
-                                  "resume with the same settings, or allow a change with --allow-config-change KEY",
-                                  refused)
-    return [{"step": step, "key": k, "old": o, "new": n} for k, o, n in diffs]
-
-
-def _load_state(path: Path, system, optimizer, scheduler, config: TrainConfig, current: dict[str, Any],
-                schedule) -> tuple[int, dict[str, Any]]:
-    """Restore deltas, optimiser, scheduler and RNG from ``path``; returns ``(step, log)``.
-
-    Learning rate and weight decay are set from ``config`` afterwards (the optimiser's
-    saved groups carry the old ones), so an allowed change of either takes effect.
-    """
-    state = _read_state(path)
-    step, log = int(state["step"]), state["log"]
-    changes = _config_changes(path, state["config"], current, config.allow_config_change, step)
-    log["config_changes"] = log.get("config_changes", []) + changes
-    checkpoint.load_bytes(system, state["deltas"], f"{path} (deltas)")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scheduler.base_lrs = [config.lr for _ in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group.update(initial_lr=config.lr, lr=config.lr * schedule(step), weight_decay=config.weight_decay)
-    torch.set_rng_state(state["torch_rng"])
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return step, log
-
-
-def checkpoint_due(config: TrainConfig, step: int, last_saved: float) -> bool:
-    """True when the step cadence hits ``step`` or ``checkpoint_minutes`` passed since ``last_saved`` (monotonic)."""
-    if config.checkpoint_every and step % config.checkpoint_every == 0:
-        return True
-    return config.checkpoint_minutes is not None and time.monotonic() - last_saved >= 60 * config.checkpoint_minutes
-
-
 # --- divergence --------------------------------------------------------------------------------
 def _control_names(system) -> dict[int, str]:
     """id(parameter) -> the name of the (first) control holding it, to name a non-finite gradient."""
@@ -573,7 +365,7 @@ def train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exam
     check_output_folder(out, config.resume, config.overwrite)
     with locked_output_folder(out), using_threads(config.threads):
         check_output_folder(out, config.resume, config.overwrite)  # again under the lock: another run may have ended
-        _clear_output_folder(out, config.overwrite)
+        clear_output_folder(out, config.overwrite)
         return _train(system, train_examples, dev_examples, task_spec, config, tokenizer, out)
 
 
@@ -600,7 +392,7 @@ def _train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exa
     step = 0
     torch.manual_seed(config.seed)
     if config.resume and out is not None:
-        step, log = _load_state(out / CHECKPOINT, system, optimizer, scheduler, config, current, schedule)
+        step, log = load_state(out / CHECKPOINT, system, optimizer, scheduler, config, current, schedule)
     n_trainable = sum(p.numel() for p in params)
     n_base = checkpoint.n_base_parameters(system)
     header = stamp({**asdict(config), "total_steps": total, "warmup_steps": warm, "steps_per_epoch": per_epoch,
@@ -629,7 +421,7 @@ def _train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exa
 
     def save_checkpoint() -> None:
         log["wall_time_s"] = time.perf_counter() - t0
-        _save_state(out / CHECKPOINT, system, optimizer, scheduler, step, log, spec, current)
+        save_state(out / CHECKPOINT, system, optimizer, scheduler, step, log, spec, current)
 
     def diverge(info: dict[str, Any]) -> None:
         """Record the failure, write metrics.json, raise: nothing after this step is trained or scored."""

@@ -27,16 +27,14 @@ from controltune.cli import main
 from controltune.controllers import build
 from controltune.data import load_split, resolve_task
 from controltune.results import CorruptResultsError, append_jsonl, read_jsonl, write_json
-from controltune.train import (
+from controltune.run_folder import (
     CHECKPOINT,
     ConfigMismatchError,
     OutputFolderError,
     OutputLockedError,
-    TrainConfig,
-    TrainingDiverged,
     locked_output_folder,
-    train,
 )
+from controltune.train import TrainConfig, TrainingDiverged, train
 
 REPO = Path(__file__).resolve().parents[1]
 
