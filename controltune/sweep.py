@@ -36,7 +36,6 @@ checkpoints) and a cell stopped midway resumes from its checkpoint.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import itertools
 import json
 import os
@@ -229,32 +228,11 @@ def varying_keys(cells: list[dict[str, Any]]) -> list[str]:
 
 # --- one cell (runs in a worker) ----------------------------------------------------------------
 def build_method(system, method: str, options: dict[str, Any], seed: int) -> None:
-    """Attach ``method`` (a registered controller or ``a+b``, options of part ``a`` as ``a.key``) to ``system``.
+    """Attach ``method`` (a registered controller or ``a+b``, options of part ``a`` as ``a.key``) to ``system``
+    (:func:`controltune.controllers.spec.build_spec`)."""
+    from .controllers.spec import build_spec
 
-    A controller that takes a ``seed`` option gets the cell's seed unless one is given.
-    """
-    from .controllers import REGISTRY, build, canonical
-
-    names = [canonical(m.strip()) for m in str(method).split("+")]
-    unknown = [m for m in names if m not in REGISTRY]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; registered: {', '.join(sorted(REGISTRY))}")
-
-    def seeded(name: str, opts: dict[str, Any]) -> dict[str, Any]:
-        takes_seed = "seed" in inspect.signature(REGISTRY[name]).parameters
-        return {**opts, "seed": seed} if takes_seed and "seed" not in opts else opts
-
-    if len(names) == 1:
-        build(names[0], system, **seeded(names[0], dict(options)))
-        return
-    parts: dict[str, dict[str, Any]] = {n: {} for n in names}
-    for key, value in options.items():
-        part, dot, sub = key.partition(".")
-        if not dot or part not in parts:
-            raise ValueError(f"option {key!r}: with a combination, prefix each option with its part "
-                             f"({', '.join(f'{n}.KEY' for n in names)})")
-        parts[part][sub] = value
-    build("combination", system, parts=[[n, seeded(n, o)] for n, o in parts.items()])
+    build_spec(system, method, options, seed)
 
 
 def _train_cell(config: dict[str, Any], threads: int, out: Path | None) -> dict[str, Any]:

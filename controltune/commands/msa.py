@@ -40,12 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..batching import make_loader
     from ..controllers import build
+    from ..controllers.spec import parse_options
     from ..data import load_split, resolve_task
     from ..msa import MSAConfig, train_msa
     from ..system import ResidualSystem
     from ..train import evaluate
     from ..zoo import check_length, load_model
-    from .train import parse_options
 
     torch.manual_seed(args.seed)
     config = MSAConfig(rho=args.rho, inner_steps=args.inner_steps, lr=args.lr, optimizer=args.inner_optimizer,

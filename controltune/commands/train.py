@@ -14,13 +14,11 @@ an option ``--opt a.key=value`` then goes to part ``a`` only.
 from __future__ import annotations
 
 import argparse
-import inspect
-import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
+from ..controllers.spec import controller_spec, parse_options
 from ..data import load_split, resolve_task
 
 
@@ -78,78 +76,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 DEFAULT_LR = {"full": 5e-5, "prefix": 5e-3, "prompt": 5e-3}
 """Peak learning rates by method when ``--lr`` is not given (others: 5e-4)."""
-
-
-def parse_value(text: str) -> Any:
-    """``8`` -> 8, ``0.5`` -> 0.5, ``true`` -> True, ``none`` -> None, ``q,v`` -> ["q", "v"], JSON as JSON."""
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    if text.startswith(("[", "{")):  # not text[:1] in "[{": that is True for ""
-        return json.loads(text)
-    if "," in text:
-        return [parse_value(t) for t in text.split(",") if t]
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_options(items: list[str]) -> dict[str, Any]:
-    """``["rank=8", "targets=q,v"]`` -> ``{"rank": 8, "targets": ["q", "v"]}``.
-
-    Raises:
-        ValueError: an item that is not ``KEY=VALUE``, or a value starting with ``[``/``{``
-            that is not valid JSON (the message names the item).
-    """
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--opt {item!r} is not KEY=VALUE (e.g. --opt rank=8 --opt targets=q,v)")
-        try:
-            out[key.strip()] = parse_value(value.strip())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--opt {item!r}: the value is not valid JSON ({err.msg} at column {err.colno}); "
-                             "lists can also be written without brackets: targets=q,v") from err
-    return out
-
-
-def controller_spec(method: str, options: dict[str, Any], seed: int) -> tuple[str, dict[str, Any]]:
-    """Registry name and options for ``--method`` (``a+b`` becomes a ``combination``).
-
-    A controller that takes a ``seed`` option gets the run's seed unless one is given.
-    """
-    from ..controllers import REGISTRY, canonical
-    from ..controllers.base import check_options
-
-    names = [canonical(m.strip()) for m in method.split("+")]
-    unknown = [m for m in names if m not in REGISTRY]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; registered: {', '.join(sorted(REGISTRY))}")
-
-    def seeded(name: str, opts: dict[str, Any]) -> dict[str, Any]:
-        if "seed" in inspect.signature(REGISTRY[name]).parameters and "seed" not in opts:
-            opts = {**opts, "seed": seed}
-        return opts
-
-    if len(names) == 1:
-        check_options(names[0], options)
-        return names[0], seeded(names[0], options)
-    parts: dict[str, dict[str, Any]] = {n: {} for n in names}
-    for key, value in options.items():
-        part, dot, sub = key.partition(".")
-        if not dot or part not in parts:
-            raise ValueError(f"option {key!r}: with a combination, prefix each option with its part "
-                             f"({', '.join(f'{n}.KEY' for n in names)})")
-        parts[part][sub] = value
-    for name, opts in parts.items():
-        check_options(name, opts, where=f"{name}.")
-    return "combination", {"parts": [[n, seeded(n, o)] for n, o in parts.items()]}
 
 
 def input_files(spec, model: str) -> list[Path]:
