@@ -4,7 +4,7 @@ For every registered method (as ``controltune verify --methods all`` builds it: 
 options, weight decay, control-designed controllers on ``--design-examples`` train rows,
 controls perturbed by ``--perturb``) on a 2×16-token SST-2 dev batch:
 
-* ``new``: :func:`controltune.verify.verify` with the autograd, forward-mode and
+* ``new``: :func:`controltune.verification.verify` with the autograd, forward-mode and
   directional finite-difference legs (the default of ``controltune verify``);
 * ``legacy`` (for ``--legacy-methods``): the same system, autograd plus the former
   finite-difference check, one central difference per control on the step ladder
@@ -79,7 +79,7 @@ def bench_method(loaded, method: str, batch: dict, args: argparse.Namespace, leg
     from controltune.commands.verify import method_options, perturb
     from controltune.controllers import REGISTRY, UnsupportedMethodError
     from controltune.system import ResidualSystem
-    from controltune.verify import verify
+    from controltune.verification import verify
 
     cls = REGISTRY[method]
     start = time.perf_counter()
@@ -154,10 +154,11 @@ def main() -> None:
                   f"  {'passed' if row['new']['passed'] else 'FAILED'}{old}", flush=True)
         else:
             print(f"{method:<20} skipped: {row['reason']}", flush=True)
-    config = {**vars(args), "batch_source": source, "torch_threads": torch.get_num_threads(),
+    config = {**vars(args), "out": os.path.relpath(args.out, Path(__file__).parent.parent),
+              "batch_source": source, "torch_threads": torch.get_num_threads(),
               "cpu_count": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
-              "command": "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python experiments/bench_verify.py "
-                         f"--legacy-methods {args.legacy_methods}"}
+              "command": f"OMP_NUM_THREADS={args.threads} MKL_NUM_THREADS={args.threads} python "
+                         f"experiments/bench_verify.py --threads {args.threads} --legacy-methods {args.legacy_methods}"}
     summary = summarise(rows, wall_new)
     write_json(args.out, {**stamp(config), "summary": summary, "rows": rows})
     print({k: v for k, v in summary.items() if k != "methods_run_both_ways"})
