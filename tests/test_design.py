@@ -253,6 +253,9 @@ def test_riccati_feedback_designs_a_trainable_low_rank_feedback():
         assert torch.allclose(d.U.T @ d.U, torch.eye(2, dtype=torch.float64), atol=1e-10)
     with pytest.raises(ValueError, match="rank <= state_dim"):
         build("riccati_feedback", _system(), rank=4, state_dim=2, design_batch=batch)
+    # Two sequences cannot span eight control directions: a clear refusal, not a shape error inside dlqr.
+    with pytest.raises(ValueError, match="n_design >= 8"):
+        build("riccati_feedback", _system(), rank=8, state_dim=16, design_batch=_batch(2, 5, seed=8))
 
 
 # --- placement -----------------------------------------------------------------------------------------

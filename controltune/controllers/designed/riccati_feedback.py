@@ -144,6 +144,12 @@ class RiccatiFeedback(Controller):
         centred = [(p - p.mean(0)).double().T for p in pooled]                      # d×S each
         controls = [complete_basis(orthonormal_basis(costates[layer + 1].double().T, m), centred[layer + 1], m)
                     for layer in range(n)]
+        short = [layer for layer, u in enumerate(controls) if u.shape[1] < m]
+        if short:
+            # U_l needs m independent directions: the pooled co-states and states of S sequences give at most 2S-1.
+            raise ValueError(f"riccati_feedback: the design batch of {pooled[0].shape[0]} sequences spans fewer than "
+                             f"rank={m} control directions at layer(s) {short[:5]}; use a larger design batch "
+                             f"(n_design >= {m}) or a smaller rank")
         bases = [orthonormal_basis(centred[0], k)]
         bases += [complete_basis(controls[layer], centred[layer + 1], k) for layer in range(n)]
         model = reduce(system, batch, bases, controls)
