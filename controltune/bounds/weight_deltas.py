@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..controllers.base import Control, Controller, ParamDelta, resolve_targets, unwrap, wrap
+from ..controllers.base import Control, Controller, ParamDelta, module_key, resolve_targets, unwrap, wrap
 from ..families.base import linear_io, stores_transposed, to_dense
 
 
@@ -68,20 +68,20 @@ class DeltaWeights(Controller):
         for site in self.sites:
             linear_io(site.module)  # rejects a non-linear target with a clear error
             delta = WeightDelta(site.module)
-            self.deltas[_key(site.layer, site.role)] = delta
+            self.deltas[site.key] = delta
             wrap(system.base, site.path, delta)
 
     def delta(self, key: str) -> WeightDelta:
         """The :class:`WeightDelta` of ``"<layer>.<role>"``."""
-        return self.deltas[_key(key_layer(key), key_role(key))]
+        return self.deltas[module_key(key_layer(key), key_role(key))]
 
     def controls(self) -> list[Control]:
-        return [Control(f"delta.{s.layer}.{s.role}", self.deltas[_key(s.layer, s.role)].delta, "layer", (s.layer,))
+        return [Control(f"delta.{s.layer}.{s.role}", self.deltas[s.key].delta, "layer", (s.layer,))
                 for s in self.sites]
 
     def values(self) -> dict[str, torch.Tensor]:
         """``{"<layer>.<role>": ΔW}`` (detached copies, d_out×d_in)."""
-        return {f"{s.layer}.{s.role}": self.deltas[_key(s.layer, s.role)].delta_weight().detach().clone()
+        return {f"{s.layer}.{s.role}": self.deltas[s.key].delta_weight().detach().clone()
                 for s in self.sites}
 
     def assign(self, values: Mapping[str, torch.Tensor]) -> None:
@@ -91,16 +91,13 @@ class DeltaWeights(Controller):
             raise KeyError(f"delta keys differ: missing {sorted(expected - set(values))}, "
                            f"unknown {sorted(set(values) - expected)}")
         for s in self.sites:
-            self.deltas[_key(s.layer, s.role)].set_dense(values[f"{s.layer}.{s.role}"])
+            self.deltas[s.key].set_dense(values[f"{s.layer}.{s.role}"])
 
     def by_control(self, values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Dense ``{"<layer>.<role>": ΔW}`` -> ``{control name: tensor in the parameter's layout}``."""
-        return {f"delta.{s.layer}.{s.role}": self.deltas[_key(s.layer, s.role)].as_dense(values[f"{s.layer}.{s.role}"])
+        return {f"delta.{s.layer}.{s.role}": self.deltas[s.key].as_dense(values[f"{s.layer}.{s.role}"])
                 for s in self.sites}
 
-
-def _key(layer: int, role: str) -> str:
-    return f"{layer}_{role}".replace(".", "_").replace(":", "_")
 
 
 def key_layer(key: str) -> int:
@@ -143,7 +140,7 @@ def lora_to_deltas(system) -> tuple[list[str], dict[str, torch.Tensor]]:
     roles: list[str] = []
     for lora in loras:
         for site in lora.sites:
-            delta = lora.deltas[_key(site.layer, site.role)]
+            delta = lora.deltas[site.key]
             values[f"{site.layer}.{site.role}"] = delta.delta_weight().detach().clone()
             roles.append(site.role)
             unwrap(system.base, site.path)

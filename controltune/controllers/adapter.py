@@ -171,11 +171,6 @@ def output_dim(site: Site, method: str) -> int:
     return linear_dims(site.module, method, site.role)[1]
 
 
-def site_key(site: Site) -> str:
-    """A ModuleDict-safe key for a site."""
-    return f"{site.layer}_{site.role}".replace(".", "_").replace(":", "_")
-
-
 @register
 class Adapter(Controller):
     """Sequential (Houlsby) adapters after the ``targets`` linear maps of ``layers``.
@@ -215,13 +210,13 @@ class Adapter(Controller):
             d = output_dim(site, self.method)
             delta = SequentialAdapterDelta(Bottleneck(d, self.bottleneck, d, self.nonlinearity, self.scale,
                                                       gen=gen, like=like))
-            self.deltas[site_key(site)] = delta
+            self.deltas[site.key] = delta
             wrap(system.base, site.path, delta)
 
     def controls(self) -> list[Control]:
         out = []
         for site in self.sites:
-            g = self.deltas[site_key(site)].bottleneck
+            g = self.deltas[site.key].bottleneck
             out += [Control(f"{self.method}.{site.layer}.{site.role}.{n}", p, "layer", (site.layer,))
                     for n, p in g.named_controls()]
         return out
@@ -281,7 +276,7 @@ class ParallelAdapter(Controller):
             tap = InputTap()
             delta = ParallelAdapterDelta(Bottleneck(d, self.bottleneck, d_out, self.nonlinearity, self.scale,
                                                     gen=gen, like=like), tap)
-            self.deltas[site_key(out_site)] = delta
+            self.deltas[out_site.key] = delta
             wrap(system.base, tap_site.path, tap)
             wrap(system.base, out_site.path, delta)
         self.sites = outputs
@@ -289,7 +284,7 @@ class ParallelAdapter(Controller):
     def controls(self) -> list[Control]:
         out = []
         for site in self.sites:
-            g = self.deltas[site_key(site)].bottleneck
+            g = self.deltas[site.key].bottleneck
             out += [Control(f"{self.method}.{site.layer}.ffn.{n}", p, "layer", (site.layer,))
                     for n, p in g.named_controls()]
         return out

@@ -41,6 +41,11 @@ class UnsupportedMethodError(ValueError):
     """A delta method that does not fit a model (names the method, model and reason)."""
 
 
+def module_key(layer: int, role: str) -> str:
+    """The ``ModuleDict``-safe key of the module ``role`` of block ``layer`` (``3_q``, ``2_ffn_out``)."""
+    return f"{layer}_{role}".replace(".", "_").replace(":", "_")
+
+
 @dataclass
 class Site:
     """A module inside block ``layer`` a delta acts on (``path`` relative to the base model)."""
@@ -49,6 +54,11 @@ class Site:
     role: str
     path: str
     module: nn.Module
+
+    @property
+    def key(self) -> str:
+        """:func:`module_key` of the site: where its delta is kept in a controller's ``ModuleDict``."""
+        return module_key(self.layer, self.role)
 
 
 class Wrapped(nn.Module):

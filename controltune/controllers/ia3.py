@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..families.base import QKV
-from .adapter import linear_dims, site_key
+from .adapter import linear_dims
 from .base import Control, Controller, Site, UnsupportedMethodError, register, resolve_targets, target_names, wrap
 
 
@@ -109,7 +109,7 @@ class IA3(Controller):
                 self._add(system, site, delta, [(r, delta.scales[r]) for r in QKV if r in fused])
 
     def _add(self, system, site: Site, delta: nn.Module, vectors: list[tuple[str, nn.Parameter]]) -> None:
-        self.deltas[site_key(site)] = delta
+        self.deltas[site.key] = delta
         wrap(system.base, site.path, delta)
         self.sites.append(site)
         self._vectors += [(site, role, p) for role, p in vectors]

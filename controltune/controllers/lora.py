@@ -74,7 +74,7 @@ class LoRA(Controller):
         for site in self.sites:
             d_in, d_out = linear_io(site.module)
             delta = LoRADelta(d_in, d_out, self.rank, self.alpha / self.rank, gen, like)
-            self.deltas[_key(site)] = delta
+            self.deltas[site.key] = delta
             wrap(system.base, site.path, delta)
 
     def controls(self) -> list[Control]:
@@ -85,11 +85,8 @@ def lora_controls(method: str, sites: list, deltas: nn.ModuleDict) -> list[Contr
     """The layer controls ``(A, B)`` of each LoRA site, named ``<method>.<layer>.<role>.A|B``."""
     out = []
     for site in sites:
-        d = deltas[_key(site)]
+        d = deltas[site.key]
         out += [Control(f"{method}.{site.layer}.{site.role}.A", d.A, "layer", (site.layer,)),
                 Control(f"{method}.{site.layer}.{site.role}.B", d.B, "layer", (site.layer,))]
     return out
 
-
-def _key(site) -> str:
-    return f"{site.layer}_{site.role}".replace(".", "_").replace(":", "_")

@@ -38,7 +38,6 @@ from .adapter import (
     check_bottleneck,
     linear_dims,
     output_dim,
-    site_key,
     uniform_init,
     zeros_like_param,
 )
@@ -182,7 +181,7 @@ class UniPELT(Controller):
             d_in, d_out = linear_dims(site.module, self.method, site.role)
             delta = GatedLoRADelta(LoRADelta(d_in, d_out, self.lora_rank, self.lora_alpha / self.lora_rank, gen, like),
                                    Gate(d_in, gen=gen, like=like))
-            self.lora[site_key(site)] = delta
+            self.lora[site.key] = delta
             wrap(system.base, site.path, delta)
             self._sites["lora"].append(site)
 
@@ -216,7 +215,7 @@ class UniPELT(Controller):
             delta = SequentialAdapterDelta(
                 Bottleneck(d, self.bottleneck, d, self.nonlinearity, self.adapter_scale, gen=gen, like=like),
                 Gate(d, gen=gen, like=like))
-            self.adapter[site_key(site)] = delta
+            self.adapter[site.key] = delta
             wrap(system.base, site.path, delta)
             self._sites["adapter"].append(site)
 
@@ -245,7 +244,7 @@ class UniPELT(Controller):
     def controls(self) -> list[Control]:
         out: list[Control] = []
         for site in self._sites["lora"]:
-            d = self.lora[site_key(site)]
+            d = self.lora[site.key]
             pairs = [("A", d.lora.A), ("B", d.lora.B), *d.gate.named_controls()]
             out += [Control(f"unipelt.{site.layer}.lora.{site.role}.{n}", p, "layer", (site.layer,)) for n, p in pairs]
         for site in self._sites["prefix"]:
@@ -259,7 +258,7 @@ class UniPELT(Controller):
             out += [Control(f"unipelt.prefix.mlp.{n}", p, "shared", layers)
                     for n, p in self.prefix_mlp.named_controls()]
         for site in self._sites["adapter"]:
-            d = self.adapter[site_key(site)]
+            d = self.adapter[site.key]
             pairs = [*d.bottleneck.named_controls(), *d.gate.named_controls()]
             out += [Control(f"unipelt.{site.layer}.adapter.{site.role}.{n}", p, "layer", (site.layer,))
                     for n, p in pairs]

@@ -30,7 +30,6 @@ import torch
 from ...design.gramian import weight_costate_products
 from ...families.base import dense_weight, to_dense
 from ..base import register, resolve_targets, target_names
-from ..lora import _key
 from .designed_lora import _bypassed, _design_batch, _DesignedLoRA, _half, truncated_svd
 
 
@@ -55,19 +54,19 @@ class CostateLoRA(_DesignedLoRA):
     def attach(self, system) -> None:
         sites = resolve_targets(system, system.family.expand_targets(self.targets), self.layers)
         batch = _design_batch(self, system)
-        self._attach_lora(system, sites, {_key(s): self.rank for s in sites})
+        self._attach_lora(system, sites, {s.key: self.rank for s in sites})
         self.calibrate(system, batch)
 
     def directions(self, system, batch: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per site key, the top-r SVD of the map-level co-state ``G_W = −∂J/∂W`` (dense d_out×d_in)."""
-        weights = {_key(s): s.module.weight for s in self.sites}
+        weights = {s.key: s.module.weight for s in self.sites}
         with _bypassed(self):
             grads = weight_costate_products(system, batch, weights)
         out = {}
         for site in self.sites:
-            g = grads[_key(site)]
+            g = grads[site.key]
             g = to_dense(site.module, g)
-            out[_key(site)] = truncated_svd(g, self.ranks[_key(site)])
+            out[site.key] = truncated_svd(g, self.ranks[site.key])
         return out
 
     @torch.no_grad()

@@ -21,7 +21,7 @@ from ..base import (
     seeded_generator,
     wrap,
 )
-from ..lora import LoRADelta, _key, lora_controls
+from ..lora import LoRADelta, lora_controls
 
 
 def _design_batch(ctrl, system) -> dict:
@@ -65,13 +65,13 @@ class _DesignedLoRA(Controller):
         gen = seeded_generator(self.seed)
         like = next(system.model.parameters())
         for site in sites:
-            r = ranks[_key(site)]
+            r = ranks[site.key]
             if r < 1:
                 continue
             d_in, d_out = linear_io(site.module)
             delta = LoRADelta(d_in, d_out, r, self.alpha / r, gen, like)
-            self.deltas[_key(site)] = delta
-            self.ranks[_key(site)] = r
+            self.deltas[site.key] = delta
+            self.ranks[site.key] = r
             self.sites.append(site)
             wrap(system.base, site.path, delta)
 

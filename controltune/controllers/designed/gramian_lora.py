@@ -17,7 +17,6 @@ from ...design.gramian import costate_energy, module_gramian_scores
 from ...design.placement import allocation_cost, greedy_allocate
 from ...families.base import linear_io
 from ..base import Site, UnsupportedMethodError, register, resolve_targets, target_names
-from ..lora import _key
 from .designed_lora import _design_batch, _DesignedLoRA
 
 SCORES = ("gramian", "costate")
@@ -56,7 +55,7 @@ class GramianLoRA(_DesignedLoRA):
         budget = self.default_budget(system) if self.budget is None else int(self.budget)
         batch = _design_batch(self, system)
         scores = self.scores(system, batch, sites)
-        costs = {_key(s): self.rank * sum(linear_io(s.module)) for s in sites}
+        costs = {s.key: self.rank * sum(linear_io(s.module)) for s in sites}
         units = greedy_allocate({k: [v] for k, v in scores.items()}, costs, budget)
         self._attach_lora(system, sites, {k: self.rank * u for k, u in units.items()})
         self.report = {"budget": budget, "used": allocation_cost(units, costs), "scores": scores,
@@ -64,7 +63,7 @@ class GramianLoRA(_DesignedLoRA):
 
     def scores(self, system, batch: dict, sites: list[Site]) -> dict[str, float]:
         """Score of a full-rank ``ΔW`` control on each site (``score`` option)."""
-        weights = {_key(s): s.module.weight for s in sites}
+        weights = {s.key: s.module.weight for s in sites}
         if self.score == "costate":
             return costate_energy(system, batch, weights)
         return module_gramian_scores(system, batch, weights, self.n_probes, self.probe, self.seed)
