@@ -70,7 +70,7 @@ class Difference:
 FD_REFINE = 10.0
 """Factor the step is divided by when the Richardson pair disagrees (at most ``FD_REFINEMENTS`` times)."""
 
-FD_REFINEMENTS = 1
+FD_REFINEMENTS = 3
 
 RICHARDSON_POINTS = (1.0, -1.0, 0.5, -0.5)
 """Where J is evaluated, in units of the step h."""
