@@ -26,6 +26,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 demo: install
+	@echo "verify: every delta method on the real MiniLM in float64, three legs (about 1 minute on 2 quiet cores)"
 	$(VENV)/bin/controltune verify --model minilm --methods all --dtype float64
 
 test: install
