@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .metrics import metrics_for_classes
+
 __all__ = [
     "ACCEPTED_TASKS",
     "BUILTIN_TASKS",
@@ -92,8 +94,11 @@ class TaskSpec:
         num_labels: number of classes C; labels are ``0..C-1``.
         label_names: C names, index i naming label i.
         is_pair: True when examples carry ``text_a``/``text_b``.
-        metric: name of the main metric (one of ``metrics``).
-        metrics: names of all metrics reported for the task.
+        metric: name of the main metric (one of ``metrics``; accuracy for a task given by path).
+        metrics: names of all metrics reported for the task: a task given by path reports
+            accuracy, plus macro-F1 when it has more than two classes
+            (:func:`~controltune.metrics.metrics_for_classes`); the built-ins add GLUE's metrics
+            (binary F1 for MRPC, MCC for CoLA).
         file: the one ``.jsonl`` file of a single-file task; None for folder
             tasks.  Its dev split is a seeded ``HOLDOUT_FRACTION`` (10%, at
             least one row) of the file's rows and its train split the other
@@ -183,7 +188,7 @@ def _resolve_path(path: Path, holdout_seed: int) -> TaskSpec:
                 f"folder {path.resolve()} has neither train.jsonl nor dev.jsonl. "
                 f"Accepted tasks: {ACCEPTED_TASKS}"
             )
-        return _spec_from_folder(path.resolve().name, path, "accuracy", ("accuracy",))
+        return _spec_from_folder(path.resolve().name, path, "accuracy", None)
     if path.is_file() and path.suffix == ".jsonl":
         return _spec_from_file(path, holdout_seed)
     problem = "is not a .jsonl file" if path.is_file() else "does not exist"
@@ -193,11 +198,14 @@ def _resolve_path(path: Path, holdout_seed: int) -> TaskSpec:
     )
 
 
-def _spec_from_folder(name: str, folder: Path, metric: str, metrics: tuple[str, ...]) -> TaskSpec:
+def _spec_from_folder(name: str, folder: Path, metric: str, metrics: tuple[str, ...] | None) -> TaskSpec:
+    """The spec of a folder task; ``metrics`` None: those of its class count (:func:`metrics_for_classes`)."""
     files = [folder / f"{s}.jsonl" for s in SPLITS if (folder / f"{s}.jsonl").is_file()]
     if not files:
         raise DataError(f"task {name!r}: {folder} has neither train.jsonl nor dev.jsonl")
     label_names = _label_names_for(folder, files)
+    if metrics is None:
+        metrics = metrics_for_classes(len(label_names))
     return TaskSpec(
         name=name,
         folder=folder,
@@ -232,6 +240,7 @@ def _spec_from_file(path: Path, holdout_seed: int) -> TaskSpec:
         num_labels=len(label_names),
         label_names=label_names,
         is_pair=is_pair,
+        metrics=metrics_for_classes(len(label_names)),
         file=path,
         holdout_seed=holdout_seed,
     )

@@ -18,7 +18,10 @@ __all__ = [
     "accuracy",
     "compute_metrics",
     "f1_binary",
+    "f1_macro",
+    "majority_baseline",
     "matthews_corrcoef",
+    "metrics_for_classes",
 ]
 
 
@@ -59,12 +62,35 @@ def f1_binary(preds: Any, labels: Any) -> float:
     """
     p, y = _pair(preds, labels)
     if not (np.isin(p, (0, 1)).all() and np.isin(y, (0, 1)).all()):
-        raise ValueError("f1_binary needs ids in {0, 1}")
+        raise ValueError("f1_binary needs ids in {0, 1} (a 2-class task); for more classes use macro_f1")
     tp = int(np.sum((p == 1) & (y == 1)))
     fp = int(np.sum((p == 1) & (y == 0)))
     fn = int(np.sum((p == 0) & (y == 1)))
     denom = 2 * tp + fp + fn
     return 2 * tp / denom if denom else 0.0
+
+
+def f1_macro(preds: Any, labels: Any, num_labels: int | None = None) -> float:
+    """Macro-averaged F1: the unweighted mean over classes of each class's one-vs-rest F1.
+
+    The classes are ``0..num_labels-1`` when ``num_labels`` is given, else those present in
+    ``labels`` or ``preds`` (scikit-learn's default).  A class with no gold and no predicted
+    example (``TP + FP + FN == 0``) has F1 0.0, as in :func:`f1_binary`.
+    """
+    p, y = _pair(preds, labels)
+    if p.min() < 0 or y.min() < 0:
+        raise ValueError("class ids must be >= 0")
+    if num_labels is not None and max(p.max(), y.max()) >= num_labels:
+        raise ValueError(f"class ids must be < num_labels={num_labels}")
+    classes = range(num_labels) if num_labels is not None else np.union1d(p, y)
+    scores = []
+    for k in classes:
+        tp = int(np.sum((p == k) & (y == k)))
+        fp = int(np.sum((p == k) & (y != k)))
+        fn = int(np.sum((p != k) & (y == k)))
+        denom = 2 * tp + fp + fn
+        scores.append(2 * tp / denom if denom else 0.0)
+    return float(np.mean(scores))
 
 
 def matthews_corrcoef(preds: Any, labels: Any) -> float:
@@ -99,22 +125,58 @@ def matthews_corrcoef(preds: Any, labels: Any) -> float:
 METRICS: dict[str, Callable[[Any, Any], float]] = {
     "accuracy": accuracy,
     "f1": f1_binary,
+    "macro_f1": f1_macro,
     "mcc": matthews_corrcoef,
 }
+"""Metric names a task may ask for: accuracy, binary F1 of class 1 (2-class tasks only), macro-F1, MCC."""
+
+
+def metrics_for_classes(num_labels: int, binary_f1: bool = False) -> tuple[str, ...]:
+    """The metrics reported for a task of ``num_labels`` classes when it names none of its own.
+
+    Accuracy always; macro-F1 for more than two classes; binary F1 (of class 1) for a
+    2-class task that asks for it (``binary_f1``).
+
+    Raises:
+        ValueError: fewer than 2 classes, or ``binary_f1`` for more than two.
+    """
+    if num_labels < 2:
+        raise ValueError(f"a classification task needs at least 2 classes, got {num_labels}")
+    if binary_f1 and num_labels != 2:
+        raise ValueError(f"binary F1 needs a 2-class task; this one has {num_labels} classes (use macro_f1)")
+    if num_labels > 2:
+        return ("accuracy", "macro_f1")
+    return ("accuracy", "f1") if binary_f1 else ("accuracy",)
+
+
+def majority_baseline(task_spec_or_metric_names: Any, labels: Any) -> dict[str, float]:
+    """Every metric of the task for the constant prediction of the most frequent class of ``labels``.
+
+    Ties go to the smallest class id.  This is the level a classifier that learnt nothing
+    but the class balance reaches on these rows.
+    """
+    y = _as_ids(labels, "labels")
+    if y.size == 0:
+        raise ValueError("labels are empty")
+    majority = int(np.argmax(np.bincount(y)))
+    return compute_metrics(task_spec_or_metric_names, np.full_like(y, majority), y)
 
 
 def compute_metrics(task_spec_or_metric_names: Any, preds: Any, labels: Any) -> dict[str, float]:
     """Every metric of a task, as ``{name: value}`` in the task's order.
 
     ``task_spec_or_metric_names`` is a :class:`controltune.data.TaskSpec`
-    (anything with a ``metrics`` attribute), one metric name, or a sequence
-    of names from ``accuracy``, ``f1``, ``mcc``.
+    (anything with a ``metrics`` attribute; its ``num_labels``, when present, fixes the
+    classes macro-F1 averages over), one metric name, or a sequence of names from
+    ``accuracy``, ``f1``, ``macro_f1``, ``mcc``.
     """
     names = _metric_names(task_spec_or_metric_names)
     unknown = [n for n in names if n not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(METRICS)}")
-    return {name: METRICS[name](preds, labels) for name in names}
+    num_labels = getattr(task_spec_or_metric_names, "num_labels", None)
+    return {name: f1_macro(preds, labels, num_labels) if name == "macro_f1" else METRICS[name](preds, labels)
+            for name in names}
 
 
 def _metric_names(source: Any) -> tuple[str, ...]:

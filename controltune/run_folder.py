@@ -136,17 +136,25 @@ def _data_digest(examples: Sequence[Example]) -> str:
     return h.hexdigest()[:16]
 
 
-def run_config(config: TrainConfig, system, task_spec, train_examples: Sequence[Example]) -> dict[str, Any]:
+def run_config(config: TrainConfig, system, task_spec, train_examples: Sequence[Example],
+               val_examples: Sequence[Example] | None = None) -> dict[str, Any]:
     """What a run computes: the configuration (``extra`` merged in) and the task, model and data it ran on.
 
-    Saved in every checkpoint and compared on resume; fields of :data:`NOT_COMPARED` are left out.
+    Saved in every checkpoint and compared on resume; fields of :data:`NOT_COMPARED` are left out,
+    and so are the validation settings of a run without validation rows (its configuration is
+    then the one a run recorded before they existed).
     """
     fields = {k: v for k, v in asdict(config).items() if k not in NOT_COMPARED and k != "extra"}
+    if val_examples is None:
+        fields.pop("val_size", None)
+        fields.pop("val_seed", None)
     for key, value in config.extra.items():
         fields[f"extra.{key}" if key in fields else key] = value
     fields.update({"task_name": task_spec.name, "base_model": system.name,
                    "methods": [c.method for c in system.controllers], "n_train": len(train_examples),
                    "train_data": _data_digest(train_examples)})
+    if val_examples is not None:
+        fields.update({"n_val": len(val_examples), "val_data": _data_digest(val_examples)})
     return json.loads(to_strict_json(fields))  # tuples -> lists, as stored: comparisons see equal values equal
 
 
@@ -177,11 +185,17 @@ def _is_allowed(key: str, allowed: Sequence[str]) -> bool:
 
 # --- resume state ------------------------------------------------------------------------
 def save_state(path: Path, system, optimizer, scheduler, step: int, log: dict[str, Any], spec: dict,
-                config: dict[str, Any]) -> None:
-    """Write the whole resume state as one file, atomically (temporary name, fsync, rename)."""
+               config: dict[str, Any], best_deltas: bytes | None = None) -> None:
+    """Write the whole resume state as one file, atomically (temporary name, fsync, rename).
+
+    ``best_deltas``: the best-on-validation deltas so far (a delta file's bytes), kept with the
+    rest so a resumed run selects among every evaluation of the uninterrupted one.
+    """
     state = {"format": STATE_FORMAT, "config": config, "step": step, "log": log,
              "deltas": checkpoint.to_bytes(system, spec), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+    if best_deltas is not None:
+        state["best_deltas"] = best_deltas
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     with atomic_file(path) as fh:
@@ -216,8 +230,8 @@ def _config_changes(path: Path, saved: dict[str, Any], current: dict[str, Any], 
 
 
 def load_state(path: Path, system, optimizer, scheduler, config: TrainConfig, current: dict[str, Any],
-                schedule) -> tuple[int, dict[str, Any]]:
-    """Restore deltas, optimiser, scheduler and RNG from ``path``; returns ``(step, log)``.
+                schedule) -> tuple[int, dict[str, Any], bytes | None]:
+    """Restore deltas, optimiser, scheduler and RNG from ``path``; returns ``(step, log, best deltas or None)``.
 
     Learning rate and weight decay are set from ``config`` afterwards (the optimiser's
     saved groups carry the old ones), so an allowed change of either takes effect.
@@ -235,7 +249,7 @@ def load_state(path: Path, system, optimizer, scheduler, config: TrainConfig, cu
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return step, log
+    return step, log, state.get("best_deltas")
 
 
 def checkpoint_due(config: TrainConfig, step: int, last_saved: float) -> bool:

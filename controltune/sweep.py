@@ -11,14 +11,24 @@ A *spec* (YAML or JSON) names the grid::
     per_method:                 # optional: axes that differ by method (override grid)
       lora: {options: {rank: 8, targets: [q, v]}}
       full: {lr: [5e-5, 2e-5]}
-    train: {epochs: 3, batch_size: 32, max_length: 128, train_size: 5000}
+    train: {epochs: 3, batch_size: 32, max_length: 128, train_size: 5000, val_size: 500, eval_every: 100}
+    overrides:                  # optional: axes for the cells that match `where` (override all above)
+      - where: {task: sst2}
+        set: {train_size: 20000, epochs: 2}
+      - where: {task: rte, method: full}
+        set: {lr: [3e-5, 1e-4]}
     out: glue.jsonl             # optional: the JSONL (relative to the spec's folder)
 
 Axes are ``model``, ``method`` (a registered controller, or several joined by ``+``),
 ``options`` (a dict of controller options, or a list of them), ``task``, ``seed``, ``lr``
-and any training setting of :data:`TRAIN_SETTINGS`; ``train`` holds settings shared by
-every cell.  A *cell* is one point of the grid with every setting filled in
-(:func:`expand`), and its configuration is what identifies it.
+and any training setting of :data:`TRAIN_SETTINGS` or :data:`OPTIONAL_SETTINGS`; ``train`` holds
+settings shared by every cell; ``overrides`` (applied in order, each to the cells whose values
+match its ``where``) give settings per task, or per task and method.  A *cell* is one point of
+the grid with every setting filled in (:func:`expand`), and its configuration is what
+identifies it.  With ``val_size`` a cell holds out that many training rows (a fraction if < 1)
+and selects its deltas on them (:func:`controltune.train.train`); its row then carries
+``val_score`` (the selecting validation score) and ``score_at_best_val`` (the dev score of
+the selected deltas) besides ``score`` (dev after the last step).
 
 :func:`run_sweep` runs the cells not yet finished: on an embedded local Ray (no server to
 start) or an existing cluster (``address``), each cell in its own worker process with
@@ -61,9 +71,12 @@ TRAIN_SETTINGS = ("epochs", "steps", "batch_size", "eval_batch_size", "max_lengt
 RUN_SETTINGS = {"train_size": None, "data_seed": 0, "dev_size": None, "pooling": "mean", "dtype": "float32",
                 "device": "cpu"}
 """Data and model settings a spec may set, with their defaults."""
+OPTIONAL_SETTINGS = ("val_size", "val_seed")
+""":class:`~controltune.train.TrainConfig` fields in a cell's configuration only when the spec sets them (so the
+cells of a spec without them are the cells they were before these settings existed)."""
 FINISHED = ("done", "diverged")
 """Row statuses of a cell that is not run again (a ``failed`` cell is)."""
-SPEC_KEYS = ("grid", "per_method", "train", "out", "name")
+SPEC_KEYS = ("grid", "per_method", "overrides", "train", "out", "name")
 EXECUTORS = ("auto", "ray", "local")
 
 
@@ -76,11 +89,13 @@ class SweepSpec:
     train: dict[str, Any] = field(default_factory=dict)
     out: Path | None = None
     name: str = "sweep"
+    overrides: list[tuple[dict[str, Any], dict[str, list[Any]]]] = field(default_factory=list)
+    """``(where, axes)`` pairs: a cell whose values equal every ``where`` entry takes ``axes``."""
 
 
 # --- the spec -------------------------------------------------------------------------------
 def _axes() -> tuple[str, ...]:
-    return CELL_AXES + TRAIN_SETTINGS + tuple(RUN_SETTINGS)
+    return CELL_AXES + TRAIN_SETTINGS + OPTIONAL_SETTINGS + tuple(RUN_SETTINGS)
 
 
 def _values(axis: str, value: Any, where: str) -> list[Any]:
@@ -122,21 +137,45 @@ def parse_spec(data: Any, source: str = "spec", folder: Path | None = None) -> S
     train_in = data.get("train") or {}
     if not isinstance(train_in, dict):
         raise ValueError(f"{source}: train must map settings to values")
+    settings = TRAIN_SETTINGS + OPTIONAL_SETTINGS + tuple(RUN_SETTINGS)
     for key in train_in:
-        if key not in TRAIN_SETTINGS + tuple(RUN_SETTINGS):
-            raise ValueError(f"{source}: unknown train setting {key!r}; accepted: "
-                             f"{', '.join(TRAIN_SETTINGS + tuple(RUN_SETTINGS))}")
+        if key not in settings:
+            raise ValueError(f"{source}: unknown train setting {key!r}; accepted: {', '.join(settings)}")
     for needed in ("method", "task"):
         if needed not in grid:
             raise ValueError(f"{source}: the grid needs a {needed!r} axis")
-    lr_given = "lr" in grid or "lr" in train_in
+    overrides = _parse_overrides(data.get("overrides"), source)
+    lr_given = "lr" in grid or "lr" in train_in or any("lr" in axes for _, axes in overrides)
     if not lr_given and not all("lr" in per_method.get(m, {}) for m in grid["method"]):
-        raise ValueError(f"{source}: give lr in the grid (or per method for every method)")
+        raise ValueError(f"{source}: give lr in the grid (or per method for every method, or in overrides)")
     out = data.get("out")
     out_path = None if out is None else (folder / out if folder is not None and not Path(out).is_absolute()
                                           else Path(out))
     return SweepSpec(grid=grid, per_method=per_method, train=dict(train_in), out=out_path,
-                     name=str(data.get("name", "sweep")))
+                     name=str(data.get("name", "sweep")), overrides=overrides)
+
+
+def _parse_overrides(entries: Any, source: str) -> list[tuple[dict[str, Any], dict[str, list[Any]]]]:
+    """``overrides``: a list of ``{where: {axis: value}, set: {axis: values}}`` as ``(where, axes)`` pairs."""
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise ValueError(f"{source}: overrides must be a list of {{where: ..., set: ...}} entries")
+    parsed = []
+    for i, entry in enumerate(entries):
+        where_text = f"{source}: overrides[{i}]"
+        if not isinstance(entry, dict) or set(entry) != {"where", "set"}:
+            raise ValueError(f"{where_text} must have exactly the keys 'where' and 'set'")
+        where, axes = entry["where"], entry["set"]
+        if not isinstance(where, dict) or not where or not isinstance(axes, dict) or not axes:
+            raise ValueError(f"{where_text}: 'where' and 'set' must map axes to values")
+        for axis in where:
+            if axis not in _axes():
+                raise ValueError(f"{where_text}: unknown axis {axis!r} in where; accepted: {', '.join(_axes())}")
+        if "method" in axes or "task" in axes:
+            raise ValueError(f"{where_text}: set may not change the method or the task")
+        parsed.append((dict(where), {a: _values(a, v, where_text) for a, v in axes.items()}))
+    return parsed
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -172,6 +211,7 @@ def load_spec(path: str | Path) -> SweepSpec:
 
 # --- cells ----------------------------------------------------------------------------------
 def _defaults() -> dict[str, Any]:
+    """Every setting of a cell the spec does not give (the optional settings are left out)."""
     base = TrainConfig()
     return {**{k: getattr(base, k) for k in TRAIN_SETTINGS}, **RUN_SETTINGS, "model": "minilm", "options": {},
             "seed": 0}
@@ -187,17 +227,36 @@ def expand(spec: SweepSpec, defaults: dict[str, Any] | None = None) -> list[dict
     cells, seen = [], set()
     for method in spec.grid["method"]:
         axes = {**spec.grid, **spec.per_method.get(method, {}), "method": [method]}
-        names = [a for a in CELL_AXES if a in axes] + sorted(a for a in axes if a not in CELL_AXES)
-        for values in itertools.product(*(axes[a] for a in names)):
-            cell = {**base, **dict(zip(names, values))}
-            if cell.get("lr") is None:
-                raise ValueError(f"cell {cell['method']} on {cell['task']} has no lr")
-            key = canonical_config(cell)
-            if key not in seen:  # a value listed twice is one cell
-                seen.add(key)
-                cells.append(cell)
+        for cell in _product(base, axes):
+            for overridden in _apply_overrides(cell, spec.overrides):
+                if overridden.get("lr") is None:
+                    raise ValueError(f"cell {overridden['method']} on {overridden['task']} has no lr")
+                key = canonical_config(overridden)
+                if key not in seen:  # a value listed twice (or overridden alike) is one cell
+                    seen.add(key)
+                    cells.append(overridden)
     order = {m: i for i, m in enumerate(spec.grid["method"])}
     return sorted(cells, key=lambda c: (str(c["model"]), str(c["task"]), order[c["method"]]))
+
+
+def _product(base: dict[str, Any], axes: dict[str, list[Any]]) -> Iterator[dict[str, Any]]:
+    """``base`` with every combination of the axes' values (cell axes first, in their order)."""
+    names = [a for a in CELL_AXES if a in axes] + sorted(a for a in axes if a not in CELL_AXES)
+    for values in itertools.product(*(axes[a] for a in names)):
+        yield {**base, **dict(zip(names, values))}
+
+
+def _matches(cell: dict[str, Any], where: dict[str, Any]) -> bool:
+    return all(canonical_config({"v": cell.get(k)}) == canonical_config({"v": v}) for k, v in where.items())
+
+
+def _apply_overrides(cell: dict[str, Any], overrides: list[tuple[dict[str, Any], dict[str, list[Any]]]]
+                     ) -> list[dict[str, Any]]:
+    """The cells ``cell`` becomes under the overrides, each applied in turn (a list of values multiplies)."""
+    cells = [cell]
+    for where, axes in overrides:
+        cells = [new for c in cells for new in (_product(c, axes) if _matches(c, where) else [c])]
+    return cells
 
 
 def canonical_config(config: dict[str, Any]) -> str:
@@ -249,7 +308,7 @@ def _train_cell(config: dict[str, Any], threads: int, out: Path | None) -> dict[
     system = ResidualSystem(loaded, num_labels=spec.num_labels, pooling=config["pooling"], seed=config["seed"])
     build_method(system, config["method"], config["options"], config["seed"])
     resume = out is not None and (out / "checkpoint.pt").is_file()
-    settings = {k: config[k] for k in TRAIN_SETTINGS}
+    settings = {k: config[k] for k in TRAIN_SETTINGS + OPTIONAL_SETTINGS if k in config}
     train_config = TrainConfig(**settings, lr=float(config["lr"]), seed=int(config["seed"]), progress=False,
                                threads=threads, out=str(out) if out else None, resume=resume,
                                overwrite=out is not None and not resume,
@@ -283,7 +342,9 @@ def _peak_rss_mb() -> float | None:
 def run_cell(config: dict[str, Any], threads: int = 1, runs_dir: str | None = None) -> dict[str, Any]:
     """Train one cell with ``threads`` torch threads; its row (never raises for a failed run).
 
-    ``status`` is ``done`` (``scores``: final dev metrics, ``score``: the task's main metric),
+    ``status`` is ``done`` (``scores``: final dev metrics, ``score``: the task's main metric;
+    with validation rows also ``best_val``/``val_score``: the validation scores of the selected
+    deltas, and ``dev_at_best_val``/``score_at_best_val``: their dev scores),
     ``diverged`` (``reason``, ``diverged``: where; no score) or ``failed`` (``reason``:
     the error, ``traceback``).  ``peak_memory_mb`` is the peak resident memory of the cell
     (on Linux the process's peak is reset when the cell starts; elsewhere, and on a GPU,
@@ -307,6 +368,11 @@ def run_cell(config: dict[str, Any], threads: int = 1, runs_dir: str | None = No
                    traceback=traceback.format_exc(limit=-8))
     final = (result or {}).get("final") or {}
     scores = {k: v for k, v in final.items() if k != "step"} if row["status"] == "done" else None
+    selected = {key: (result or {}).get(key) if row["status"] == "done" else None
+                for key in ("best_val", "dev_at_best_val")}
+    metric = (result or {}).get("metric")
+    row.update(**selected, val_score=(selected["best_val"] or {}).get(metric),
+               score_at_best_val=(selected["dev_at_best_val"] or {}).get(metric))
     row.update(scores=scores, score=scores.get(result["metric"]) if scores else None,
                metric=(result or {}).get("metric"), best=(result or {}).get("best"),
                diverged=(result or {}).get("diverged"), step=(result or {}).get("step"),

@@ -20,6 +20,19 @@ their longest sequence; evaluation runs in length order; ``threads`` sets torch'
 intra-op threads for the run and restores them after (None: torch's own setting, which is
 every core, or ``$OMP_NUM_THREADS``; :func:`default_threads` says that number).
 
+Model selection on held-out training rows, never on dev: with ``val_size`` (or
+``val_examples``) a seeded part of the training rows is held out (:func:`validation_split`,
+drawn with ``val_seed``, disjoint from the rows trained on and the same for every
+``seed`` and learning rate).  Every ``eval_every`` steps and after the last step the
+validation rows are scored (not dev); the deltas with the best validation score of the
+task's main metric (the earliest on ties) are kept, in memory and in the resume state.
+After training, dev is scored twice: on the last step's deltas (``final``) and on the
+best-on-validation deltas (``dev_at_best_val``, also ``best``); ``best_val`` holds their
+validation scores and ``selection`` says which key is which.  The system is left holding
+the best-on-validation deltas (``best.safetensors`` in ``out``; ``deltas.safetensors``
+stays the last step's).  Without validation rows, periodic evaluations score dev and
+``best`` is the best of them (chosen on dev: a curve, not a model selection).
+
 A failed run is a failure: a non-finite loss, gradient or updated control stops
 training at once; ``metrics.json`` then has ``status: "diverged"``, the step and
 what was non-finite, no score (``final`` and ``best`` are null), and
@@ -36,8 +49,9 @@ process out of a folder in use.
 
 Output (``out``): ``metrics.json`` (configuration, versions, curves, final and
 best dev scores, wall time, peak memory, trainable-parameter count),
-``deltas.safetensors`` (final deltas), ``checkpoint.pt`` (resume state) and the
-lock file ``.controltune-train.lock``.
+``deltas.safetensors`` (final deltas), ``best.safetensors`` (best-on-validation deltas,
+with validation rows only), ``checkpoint.pt`` (resume state) and the lock file
+``.controltune-train.lock``.
 """
 
 from __future__ import annotations
@@ -45,10 +59,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import resource
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +88,10 @@ from .run_folder import (
 )
 
 SCHEDULES = ("linear", "constant")
+BEST_DELTAS = "best.safetensors"
+"""The best-on-validation deltas inside ``out`` (runs with validation rows)."""
+
+
 class TrainingDiverged(FloatingPointError):
     """Training met a non-finite loss, gradient or control; ``result`` is the dict written to ``metrics.json``."""
 
@@ -116,6 +135,11 @@ class TrainConfig:
             False: consecutive slices of one random permutation per epoch (the order before grouping).
         threads: torch intra-op threads during the run (None: leave torch's setting); restored afterwards.
         token_cache: also keep the tokenised splits on disk (:func:`~controltune.batching.token_cache_dir`).
+        val_size: hold out this many training rows (a fraction of them if < 1) as validation rows
+            (:func:`validation_split`): periodic evaluations score them, not dev, and the deltas
+            best on them are selected (None: no validation rows).
+        val_seed: seed of the validation hold-out, independent of ``seed`` (every seed and learning
+            rate of a sweep then selects on the same rows).
     """
 
     lr: float = 5e-4
@@ -143,6 +167,8 @@ class TrainConfig:
     group_by_length: bool = True
     threads: int | None = None
     token_cache: bool = False
+    val_size: float | None = None
+    val_seed: int = 0
 
     def __post_init__(self) -> None:
         checks = [("lr", self.lr, self.lr > 0), ("batch_size", self.batch_size, self.batch_size >= 1),
@@ -157,11 +183,14 @@ class TrainConfig:
                     or self.checkpoint_every >= 1),
                    ("checkpoint_minutes", self.checkpoint_minutes, self.checkpoint_minutes is None
                     or self.checkpoint_minutes > 0),
-                   ("threads", self.threads, self.threads is None or self.threads >= 1)]
+                   ("threads", self.threads, self.threads is None or self.threads >= 1),
+                   ("val_size", self.val_size, self.val_size is None or (self.val_size > 0 and (
+                       self.val_size < 1 or float(self.val_size).is_integer())))]
         bad = [f"{name}={value!r}" for name, value, ok in checks if not ok]
         if bad:
             raise ValueError(f"invalid training configuration: {', '.join(bad)} (rates, sizes and counts must be "
-                             "positive; warmup and weight_decay non-negative)")
+                             "positive; warmup and weight_decay non-negative; val_size a fraction < 1 or a whole "
+                             "number of rows)")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule {self.schedule!r} is not one of {SCHEDULES}")
         if self.resume and self.out is None:
@@ -177,6 +206,27 @@ def trainable_parameters(system) -> list[torch.nn.Parameter]:
     for c in system.controls():
         seen.setdefault(id(c.param), c.param)
     return list(seen.values())
+
+
+def validation_split(examples: Sequence[Example], size: float, seed: int = 0) -> tuple[list[Example],
+                                                                                       list[Example]]:
+    """``(rows to train on, validation rows)``: a seeded hold-out of the training rows, disjoint from the rest.
+
+    ``size`` rows are held out (``round(size * n)`` if ``size`` < 1), drawn with
+    ``random.Random(seed)``: which rows depends only on their number and ``seed``.  Both
+    parts keep the original order.
+
+    Raises:
+        ValueError: the hold-out would be empty or leave no row to train on.
+    """
+    n = len(examples)
+    k = int(round(size * n)) if size < 1 else int(size)
+    if not 1 <= k < n:
+        raise ValueError(f"val_size={size} holds out {k} of {n} training rows; it must leave at least one row "
+                         "on each side (a fraction < 1 or a number of rows below the training-set size)")
+    held = set(random.Random(seed).sample(range(n), k))
+    fit = [ex for i, ex in enumerate(examples) if i not in held]
+    return fit, [examples[i] for i in sorted(held)]
 
 
 def total_steps(config: TrainConfig, n_train: int) -> tuple[int, int]:
@@ -336,7 +386,7 @@ def _nonfinite(what: str, tensors: Sequence[torch.Tensor | None], params: Sequen
 
 # --- the loop --------------------------------------------------------------------------------
 def train(system, train_examples: Sequence[Example], dev_examples: Sequence[Example] | None, task_spec,
-          config: TrainConfig, tokenizer=None) -> dict[str, Any]:
+          config: TrainConfig, tokenizer=None, val_examples: Sequence[Example] | None = None) -> dict[str, Any]:
     """Train the controls of ``system`` on ``train_examples``; returns the metrics dict.
 
     Args:
@@ -346,6 +396,8 @@ def train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exam
         task_spec: the :class:`~controltune.data.TaskSpec` (its ``metrics`` are reported).
         config: :class:`TrainConfig`.
         tokenizer: defaults to the offline MiniLM tokenizer (that of every built-in model).
+        val_examples: validation rows given explicitly (instead of ``config.val_size``):
+            periodic evaluations score them and the best deltas on them are selected.
 
     Returns:
         the dict written to ``metrics.json`` (see module docstring).
@@ -355,22 +407,47 @@ def train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exam
             has no checkpoint to resume, or (:class:`OutputLockedError`) is in use by another process.
         ConfigMismatchError: resuming with a configuration the checkpoint does not allow.
         TrainingDiverged: a non-finite loss, gradient or control (after ``metrics.json`` is written).
+        ValueError: no training rows, both ``val_examples`` and ``config.val_size``, or a hold-out
+            that leaves nothing on one side.
     """
     if not train_examples:
         raise ValueError("no training examples")
+    if val_examples is not None and config.val_size is not None:
+        raise ValueError("give validation rows either as val_examples or as config.val_size, not both")
+    if config.val_size is not None:
+        train_examples, val_examples = validation_split(train_examples, config.val_size, config.val_seed)
+    elif val_examples is not None and not val_examples:
+        raise ValueError("val_examples is empty: pass None for no validation rows")
     out = Path(config.out) if config.out else None
     if out is None:
         with using_threads(config.threads):
-            return _train(system, train_examples, dev_examples, task_spec, config, tokenizer, None)
+            return _train(system, train_examples, dev_examples, task_spec, config, tokenizer, None, val_examples)
     check_output_folder(out, config.resume, config.overwrite)
     with locked_output_folder(out), using_threads(config.threads):
         check_output_folder(out, config.resume, config.overwrite)  # again under the lock: another run may have ended
         clear_output_folder(out, config.overwrite)
-        return _train(system, train_examples, dev_examples, task_spec, config, tokenizer, out)
+        return _train(system, train_examples, dev_examples, task_spec, config, tokenizer, out, val_examples)
+
+
+def _selection(task_spec, config: TrainConfig, val_examples: Sequence[Example] | None) -> dict[str, Any]:
+    """What ``metrics.json``'s score keys mean, and how the reported checkpoint was chosen."""
+    if val_examples is None:
+        return {"split": None, "keys": {
+            "final": "dev scores of the deltas after the last step",
+            "best": "the best dev evaluation of the curve (chosen on dev: not a model selection)"}}
+    return {"split": "validation", "metric": task_spec.metric, "n_val": len(val_examples),
+            "val_size": config.val_size, "val_seed": config.val_seed if config.val_size is not None else None,
+            "rule": f"the deltas with the highest validation {task_spec.metric} among the evaluations every "
+                    "eval_every steps and after the last step (the earliest on ties); dev is never used to choose",
+            "keys": {"best_val": "validation scores of the selected deltas (and their step)",
+                     "dev_at_best_val": "dev scores of the selected deltas: the run's reported score",
+                     "best": "the same as dev_at_best_val",
+                     "final": "dev scores of the deltas after the last step"}}
 
 
 def _train(system, train_examples: Sequence[Example], dev_examples: Sequence[Example] | None, task_spec,
-           config: TrainConfig, tokenizer, out: Path | None) -> dict[str, Any]:
+           config: TrainConfig, tokenizer, out: Path | None,
+           val_examples: Sequence[Example] | None = None) -> dict[str, Any]:
     """The loop of :func:`train`, with ``out`` checked and locked by the caller."""
     if tokenizer is None:
         from .zoo import offline_tokenizer
@@ -381,47 +458,72 @@ def _train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exa
         raise ValueError("the system has no trainable controls: attach a controller (or keep the readout head)")
     device = params[0].device
     names = _control_names(system)
+    validating = val_examples is not None
     total, per_epoch = total_steps(config, len(train_examples))
     warm = warmup_steps(config, total)
     schedule = linear_schedule(warm, total, config.schedule == "linear")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     spec = dict(config.extra)
-    current = run_config(config, system, task_spec, train_examples)
+    current = run_config(config, system, task_spec, train_examples, val_examples)
     log: dict[str, Any] = {"train_loss": [], "lr": [], "dev": [], "wall_time_s": 0.0}
+    if validating:
+        log.update(val=[], best_val=None)
+    best_deltas: bytes | None = None  # the best-on-validation deltas (a delta file's bytes)
     step = 0
     torch.manual_seed(config.seed)
     if config.resume and out is not None:
-        step, log = load_state(out / CHECKPOINT, system, optimizer, scheduler, config, current, schedule)
+        step, log, best_deltas = load_state(out / CHECKPOINT, system, optimizer, scheduler, config, current,
+                                            schedule)
     n_trainable = sum(p.numel() for p in params)
     n_base = checkpoint.n_base_parameters(system)
     header = stamp({**asdict(config), "total_steps": total, "warmup_steps": warm, "steps_per_epoch": per_epoch,
                     "n_train": len(train_examples), "n_dev": len(dev_examples or []), "task": task_spec.name,
                     "model": system.name, "methods": [c.method for c in system.controllers],
-                    "loss": "J = mean CE + sum of running costs R (AdamW decoupled weight decay is not part of J)"})
+                    "loss": "J = mean CE + sum of running costs R (AdamW decoupled weight decay is not part of J)",
+                    **({"n_val": len(val_examples)} if validating else {})})
+    selection = _selection(task_spec, config, val_examples)
 
     def report(status: str) -> dict[str, Any]:
         dev = log["dev"]
         scored = status != "diverged"  # a diverged run reports no score, not even its best before diverging
-        best = max(dev, key=lambda r: r[task_spec.metric]) if dev and scored else None
+        curves = {"train_loss": log["train_loss"], "lr": log["lr"], "dev": dev}
+        extra: dict[str, Any] = {}
+        if validating:
+            best = log.get("dev_at_best_val") if scored else None
+            curves["val"] = log["val"]
+            extra = {"best_val": log["best_val"] if scored else None, "dev_at_best_val": best}
+        else:
+            best = max(dev, key=lambda r: r[task_spec.metric]) if dev and scored else None
         return {**header, "status": status, "step": step, "total_steps": total,
                 "n_trainable": n_trainable, "n_base_params": n_base, "trainable_fraction": n_trainable / n_base,
-                "curves": {"train_loss": log["train_loss"], "lr": log["lr"], "dev": dev},
-                "final": log.get("final") if scored else None, "best": best, "diverged": log.get("diverged"),
+                "curves": curves, "final": log.get("final") if scored else None, "best": best, **extra,
+                "selection": selection, "diverged": log.get("diverged"),
                 "config_changes": log.get("config_changes", []), "finalized": log.get("finalized", []),
                 "wall_time_s": log["wall_time_s"], "peak_memory_mb": peak_memory_mb(device)}
 
     cache_dir = token_cache_dir() if config.token_cache else None
 
-    def dev_eval() -> dict[str, float] | None:
-        if not dev_examples:
+    def scores_on(examples: Sequence[Example] | None) -> dict[str, float] | None:
+        if not examples:
             return None
-        return {"step": step, **evaluate(system, dev_examples, task_spec, tokenizer, config.eval_batch_size,
+        return {"step": step, **evaluate(system, examples, task_spec, tokenizer, config.eval_batch_size,
                                          config.max_length, cache_dir)}
+
+    def validate() -> dict[str, float]:
+        """Score the validation rows; keep the deltas if they are the best so far (strictly better)."""
+        nonlocal best_deltas
+        scores = scores_on(val_examples)
+        log["val"].append(scores)
+        best = log["best_val"]
+        if best is None or scores[task_spec.metric] > best[task_spec.metric]:
+            log["best_val"] = scores
+            best_deltas = checkpoint.to_bytes(system, spec)
+        return scores
 
     def save_checkpoint() -> None:
         log["wall_time_s"] = time.perf_counter() - t0
-        save_state(out / CHECKPOINT, system, optimizer, scheduler, step, log, spec, current)
+        save_state(out / CHECKPOINT, system, optimizer, scheduler, step, log, spec, current, best_deltas)
 
     def diverge(info: dict[str, Any]) -> None:
         """Record the failure, write metrics.json, raise: nothing after this step is trained or scored."""
@@ -470,27 +572,56 @@ def _train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exa
             bar.set_postfix(loss=f"{value:.4f}")
             evaluated = bool(config.eval_every and step % config.eval_every == 0 and step < total)
             if evaluated:
-                log["dev"].append(dev_eval())
+                scored = validate() if validating else scores_on(dev_examples)
+                if not validating:
+                    log["dev"].append(scored)
                 system.train(config.dropout)
-                bar.set_postfix(loss=f"{value:.4f}", **{task_spec.metric: f"{log['dev'][-1][task_spec.metric]:.4f}"})
+                if scored is not None:
+                    bar.set_postfix(loss=f"{value:.4f}", **{task_spec.metric: f"{scored[task_spec.metric]:.4f}"})
             if out is not None and step < total and (evaluated or checkpoint_due(config, step, last_saved)):
                 save_checkpoint()
                 write_json(out / "metrics.json", report("running"))
                 last_saved = time.monotonic()
+    if validating and not (log["val"] and log["val"][-1]["step"] == total):  # not already scored (resumed at the end)
+        validate()
     if out is not None:
         save_checkpoint()
     log["finalized"] = finalize(system, config.budget)
     system.eval()
-    final = dev_eval()
+    final = scores_on(dev_examples)
     if final is not None:
         log["dev"].append(final)
         log["final"] = final
+    if out is not None:
+        checkpoint.save(system, out / "deltas.safetensors", spec)
+    if validating:
+        log["dev_at_best_val"] = _restore_best(system, log["best_val"]["step"], best_deltas, total, final,
+                                               config.budget, lambda: scores_on(dev_examples))
+        if out is not None:
+            checkpoint.save(system, out / BEST_DELTAS, spec)
     log["wall_time_s"] = time.perf_counter() - t0
     result = report("done")
     if out is not None:
-        checkpoint.save(system, out / "deltas.safetensors", spec)
         write_json(out / "metrics.json", result)
     return result
+
+
+def _restore_best(system, best_step: int, best_deltas: bytes | None, total: int, final: dict[str, float] | None,
+                  budget: float | None, score_dev: Callable[[], dict[str, float] | None]) -> dict[str, float] | None:
+    """Leave ``system`` holding the best-on-validation deltas of ``best_step`` (finalised as the last ones
+    were) and return their dev scores (None without dev rows).
+
+    When the last step is the best, those are the deltas already scored (``final``).
+    """
+    if best_step == total:
+        return final
+    if best_deltas is None:
+        raise RuntimeError(f"the best-on-validation deltas of step {best_step} were not kept")
+    checkpoint.load_bytes(system, best_deltas, "the best-on-validation deltas")
+    finalize(system, budget)
+    system.eval()
+    scores = score_dev()
+    return None if scores is None else {**scores, "step": best_step}
 
 
 def train_stages(system, sequential, train_examples: Sequence[Example], dev_examples: Sequence[Example] | None,

@@ -6,6 +6,8 @@ Examples::
     controltune train --model minilm --method lora+bitfit --opt lora.rank=4 --task rte --steps 200
     controltune train --model minilm --method full --task sst2 --train-size 5000 --lr 5e-5 --epochs 2 --out runs/full
     controltune train ... --out runs/full --resume      # after a stop: same command plus --resume
+    controltune train --method lora --task rte --epochs 5 --val-size 250 --eval-every 50 --out runs/rte
+        # select the deltas on 250 held-out training rows, report dev at that checkpoint
 
 ``--method a+b`` combines controllers simultaneously (:class:`~controltune.controllers.composition.Simultaneous`);
 an option ``--opt a.key=value`` then goes to part ``a`` only.
@@ -41,7 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-size", type=int, default=None, help="seeded subsample of N training rows")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the --train-size subsample")
     parser.add_argument("--dev-size", type=int, default=None, help="seeded subsample of N dev rows (default: all)")
-    parser.add_argument("--eval-every", type=int, default=None, help="dev evaluation every N steps")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="evaluation every N steps: of the --val-size rows when given, else of dev")
+    parser.add_argument("--val-size", type=float, default=None, metavar="N",
+                        help="hold out N training rows (a fraction if < 1) as validation rows: the deltas best on "
+                             "them (scored every --eval-every steps and at the end) are selected and reported on dev")
+    parser.add_argument("--val-seed", type=int, default=0, help="seed of the --val-size hold-out (default 0)")
     parser.add_argument("--warmup", type=float, default=0.0, help="fraction (<1) or number of warm-up steps")
     parser.add_argument("--schedule", default="linear", choices=["linear", "constant"],
                         help="after warm-up: linear decay to 0, or constant")
@@ -115,6 +122,20 @@ def check_max_length(loaded, max_length: int) -> None:
     check_length(loaded, max_length, "--max-length")
 
 
+def _scores(scores: dict | None, skip: tuple[str, ...] = ("step",)) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in (scores or {}).items() if k not in skip)
+
+
+def _scores_text(result: dict) -> str:
+    """``accuracy=0.8812, loss=0.31`` (dev after the last step); with validation rows, the dev scores of the
+    selected deltas first, then their validation scores and the last step's dev scores."""
+    if "best_val" not in result:
+        return _scores(result.get("final"))
+    best_val, at_best, skip = result["best_val"] or {}, result.get("dev_at_best_val"), ("step", "loss")
+    return (f"dev at best validation (step {best_val.get('step')}): {_scores(at_best, skip)} "
+            f"[validation {_scores(best_val, skip)}]; dev after the last step: {_scores(result.get('final'), skip)}")
+
+
 def run(args: argparse.Namespace) -> int:
     from .. import load_model
     from ..controllers import build
@@ -144,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
         overwrite=args.overwrite, allow_config_change=list(args.allow_config_change),
         group_by_length=not args.no_group_by_length, token_cache=args.token_cache,
-        threads=args.threads,
+        threads=args.threads, val_size=args.val_size, val_seed=args.val_seed,
         extra={"model": args.model, "method": name, "options": options, "task": args.task, "pooling": args.pooling,
                "train_size": args.train_size, "data_seed": args.data_seed, "dev_size": args.dev_size,
                "dtype": args.dtype, "device": args.device},
@@ -159,8 +180,7 @@ def run(args: argparse.Namespace) -> int:
         where = f"; metrics in {Path(args.out) / 'metrics.json'}" if args.out else ""
         print(f"controltune train: {err}{where}", file=sys.stderr)
         return 3
-    final = result.get("final") or {}
-    scores = ", ".join(f"{k}={v:.4f}" for k, v in final.items() if k != "step")
+    scores = _scores_text(result)
     print(f"{args.method} on {spec.name} ({args.model}): {scores}; {result['n_trainable']:,} trainable "
           f"({100 * result['trainable_fraction']:.3f}% of base), {result['wall_time_s']:.1f} s, "
           f"peak {result['peak_memory_mb']:.0f} MB")
