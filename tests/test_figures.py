@@ -22,6 +22,7 @@ RESULTS = ROOT / "experiments" / "results"
 SCRIPTS = ROOT / "paper_figs" / "figures"
 pmp_agreement = load_scripts(SCRIPTS)["pmp_agreement"]
 control_column, error_matrices = pmp_agreement.control_column, pmp_agreement.error_matrices
+group_column, leg_tolerance = pmp_agreement.group_column, pmp_agreement.leg_tolerance
 # Only the figures of pmp_agreement.py, msa.py and lipschitz.py are rendered here: the other scripts'
 # sources may not be committed yet.
 OWN = ("pmp_agreement", "msa_toy", "msa_minilm", "lipschitz_constants", "bound_vs_gap")
@@ -170,18 +171,68 @@ def test_control_column_placement():
         control_column("mystery.z", ["init", "shared", "layer", "term"])
 
 
+def test_group_column_placement():
+    assert group_column("layer 3") == 3
+    assert group_column("shared subspace.z") == "shared"
+    assert [group_column(g) for g in ("init", "term", "all")] == ["init", "term", "all"]
+    with pytest.raises(ValueError, match="'adapter.0.W_up' is not a control group"):
+        group_column("adapter.0.W_up")  # a control name: a --fd-mode legacy result
+
+
+def _verify_row(**fields):
+    return {"method": "m", "n_layers": 2, "kinds": ["layer", "term"], "tol_autograd": 1e-10, "tol_forward": 1e-10,
+            "tol_fd": 1e-6, "fd_raw_ceiling": 1e-2, **fields}
+
+
 def test_error_matrices_take_the_largest_error_per_column():
     payload = {"results": [
-        {"method": "m", "n_layers": 2, "kinds": ["layer", "term"], "costate_autograd": [0.0, 1e-12, 2e-12],
-         "control_autograd": {"m.0.a": 1e-9, "m.0.b": 3e-9, "m.1.a": 0.0, "head.weight": 0.0}},
+        _verify_row(costate_autograd=[0.0, 1e-12, 2e-12],
+                    control_autograd={"m.0.a": 1e-9, "m.0.b": 3e-9, "m.1.a": 0.0, "head.weight": 0.0}),
         {"method": "skipped", "status": "skipped"},
     ]}
     methods, costate, control = error_matrices(payload, "autograd")
     assert methods == ["m", "skipped"]
     assert costate[0].tolist() == [0.0, 1e-12, 2e-12] and all(math.isnan(v) for v in costate[1])
-    # columns: init, u_0, u_1, shared, term
+    # columns: init, u_0, u_1, shared, term, all (joint; autograd has none)
     assert math.isnan(control[0, 0]) and control[0, 1] == 3e-9 and control[0, 2] == 0.0
-    assert math.isnan(control[0, 3]) and control[0, 4] == 0.0
+    assert math.isnan(control[0, 3]) and control[0, 4] == 0.0 and math.isnan(control[0, 5])
+    assert all(math.isnan(v) for v in control[1])
+
+
+def test_error_matrices_of_the_forward_and_fd_legs():
+    row = _verify_row(costate_forward=[1e-15, 2e-15, 3e-15], control_forward={"m.0.a": 4e-15, "head.weight": 5e-16},
+                      forward_joint=6e-16, costate_fd=[0.0, 0.0, 1e-9], costate_fd_raw=[1e-10, 2e-10, 3e-9],
+                      fd_directions={"all": 0.0, "layer 1": 2e-8, "term": 0.0},
+                      fd_directions_raw={"all": 1e-9, "layer 1": 4e-8, "term": 5e-11},
+                      control_fd={"m.1.a": 2e-8, "m.1.b": 2e-8, "head.weight": 0.0})
+    payload = {"results": [row]}
+    _, costate, control = error_matrices(payload, "forward")
+    assert costate[0].tolist() == [1e-15, 2e-15, 3e-15]
+    assert control[0, 1] == 4e-15 and math.isnan(control[0, 2]) and control[0, 4] == 5e-16 and control[0, 5] == 6e-16
+    # FD: one cell per control group (the group's error), the joint direction in `all`
+    _, costate, control = error_matrices(payload, "fd")
+    assert costate[0].tolist() == [0.0, 0.0, 1e-9]
+    assert math.isnan(control[0, 1]) and control[0, 2] == 2e-8 and control[0, 4] == 0.0 and control[0, 5] == 0.0
+    _, costate, control = error_matrices(payload, "fd_raw")
+    assert costate[0].tolist() == [1e-10, 2e-10, 3e-9]
+    assert control[0, 2] == 4e-8 and control[0, 4] == 5e-11 and control[0, 5] == 1e-9
+    with pytest.raises(ValueError, match="unknown leg 'reverse'"):
+        error_matrices(payload, "reverse")
+
+
+def test_leg_tolerances_come_from_the_rows():
+    payload = {"results": [_verify_row(), _verify_row(tol_autograd=1e-10), {"method": "s", "status": "skipped"}]}
+    assert leg_tolerance(payload, "fd") == 1e-6 and leg_tolerance(payload, "fd_raw") == 1e-2
+    payload["results"][1]["tol_autograd"] = 1e-4
+    with pytest.raises(ValueError, match="different tol_autograd"):
+        leg_tolerance(payload, "autograd")
+
+
+def test_pmp_agreement_caption_describes_the_three_legs(rendered):
+    text = rendered["pmp_agreement"][2].read_text()
+    for phrase in ("forward-mode AD", "Richardson", "per control *group*", "raw ceiling", "float64 copy",
+                   "--dtype float64", "--dtype float32"):
+        assert phrase in text, phrase
 
 
 # --- figure scripts outside the library ---------------------------------------------------------------
