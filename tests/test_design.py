@@ -305,3 +305,15 @@ def test_closed_loop_prefix_survives_a_deep_copy():
         out32, out64 = system(batch), twin(batch)
     assert out64.dtype == torch.float64
     assert torch.allclose(out32.double(), out64, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["random:gpt2", "random:llama"])
+def test_riccati_feedback_wraps_whole_blocks_of_decoders(name):
+    """The feedback wraps the whole block; the decoder's block call must still find its attention."""
+    from controltune.verification import verify
+
+    system = _system(name)
+    build("riccati_feedback", system, rank=2, state_dim=4, design_batch=_batch(6, 5, seed=3))
+    system.eval()
+    report = verify(system, _batch(2, 5, seed=4), fd=False)
+    assert report.passed, report.failures()

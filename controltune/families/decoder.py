@@ -139,6 +139,8 @@ def sliding_window(block: nn.Module) -> int | None:
     The attention's own ``sliding_window`` (Qwen2/Qwen3/SmolLM3/Ministral set it per layer, None on
     full-attention layers), else the config's (Mistral: one window for every layer).
     """
+    while hasattr(block, "base_layer"):  # a controller may wrap the whole block (riccati_feedback)
+        block = block.base_layer
     attn = block.get_submodule("self_attn")
     if "sliding_window" in vars(attn):
         return attn.sliding_window
