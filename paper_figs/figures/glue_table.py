@@ -1,0 +1,128 @@
+"""Figure ``glue_table``: dev scores of six delta methods and full fine-tuning of MiniLM on four GLUE tasks.
+
+Source: ``glue_table.json`` (``experiments/glue_table.py``): per (task, method) the mean and std over seeds
+of the dev score of the best-on-validation deltas, at the learning rate chosen on validation rows, and
+each dev set's majority-class level.  A partial table (a sweep still running) is drawn as it is: each
+bar is labelled with its number of seeds, and a pair still in its rate selection is hatched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from controltune.figures import FigureSpec, new_figure
+
+from ._common import load_json, versions_line
+
+SOURCE = "glue_table.json"
+TASKS = (("sst2", "SST-2"), ("mrpc", "MRPC"), ("rte", "RTE"), ("cola", "CoLA"))
+METHODS = ("full", "lora", "adapter", "prefix", "prompt", "bitfit")
+METRIC_NAMES = {"accuracy": "accuracy", "f1": "F1", "mcc": "Matthews corr."}
+COLOURS = {"full": "tab:gray", "lora": "tab:blue", "adapter": "tab:orange", "prefix": "tab:green",
+           "prompt": "tab:purple", "bitfit": "tab:red"}
+
+
+def _row(payload: dict[str, Any], task: str, method: str) -> dict[str, Any] | None:
+    return next((r for r in payload["rows"] if r["task"] == task and r["method"] == method
+                 and r["mean"] is not None), None)
+
+
+def _majority(payload: dict[str, Any], task: str) -> dict[str, Any] | None:
+    return next((r for r in payload.get("majority", []) if r["task"] == task), None)
+
+
+def draw(results_dir: Path):
+    """One panel per task: a bar per method (mean ± std over seeds, n = seeds), the majority-class level dashed."""
+    payload = load_json(results_dir, SOURCE)
+    fig = new_figure(11.0, 3.3)
+    axes = fig.subplots(1, len(TASKS))
+    for ax, (task, title) in zip(axes, TASKS):
+        majority = _majority(payload, task)
+        metric = majority["metric"] if majority else None
+        tops = []
+        for i, method in enumerate(METHODS):
+            row = _row(payload, task, method)
+            if row is None:
+                ax.text(i, 0.0, "–", ha="center", va="bottom", fontsize=8, color="0.5")
+                continue
+            metric = metric or row["metric"]
+            provisional = row.get("stage") != "table"
+            ax.bar(i, row["mean"], yerr=row["std"] or 0.0, color=COLOURS[method], alpha=0.55 if provisional else 0.9,
+                   hatch="//" if provisional else None, capsize=2, edgecolor="black", linewidth=0.4)
+            top = row["mean"] + (row["std"] or 0.0)
+            tops.append(top)
+            ax.text(i, top + 0.01, f"n={row['n_seeds']}", ha="center", va="bottom", fontsize=6.5)
+        if majority:
+            ax.axhline(majority["mean"], color="black", linestyle="--", linewidth=0.9,
+                       label=f"majority class ({majority['mean']:.3f})")
+            ax.legend(loc="lower right", fontsize=6.5, frameon=False)
+        low = min(0.0, majority["mean"] if majority else 0.0) if metric == "mcc" else 0.4
+        ax.set_ylim(low, max([1.0 if metric != "mcc" else 0.6, *(t + 0.05 for t in tops)]))
+        ax.set_xticks(range(len(METHODS)), METHODS, rotation=45, ha="right")
+        ax.set(title=f"{title} ({METRIC_NAMES.get(metric, metric)})", ylabel="dev score" if task == "sst2" else None)
+        ax.grid(True, axis="y", alpha=0.3)
+    state = "complete" if payload.get("complete") else "partial (hatched: rate selection still running, 1 seed)"
+    fig.suptitle(f"all-MiniLM-L6-v2 on GLUE dev: best-on-validation checkpoint at the validation-chosen rate; "
+                 f"{state}", fontsize=9)
+    return fig
+
+
+def _cell(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "–"
+    std = f" ± {row['std']:.3f}" if row.get("std") is not None else ""
+    gap = row.get("gap_to_full")
+    gap_text = f", gap {100 * gap:+.1f} pt" if gap is not None and row["method"] != "full" else ""
+    return f"{row['mean']:.3f}{std} (n={row['n_seeds']}, lr {row['lr']:g}{gap_text})"
+
+
+def _goal(goal: dict[str, Any]) -> str:
+    """``rte accuracy 0.612 vs goal 0.58 (met)``."""
+    value = "–" if goal["mean"] is None else f"{goal['mean']:.3f}"
+    state = "no run yet" if goal["met"] is None else ("met" if goal["met"] else "not met")
+    return f"{goal['task']} {goal['metric']} {value} vs goal {goal['goal']} ({state}, n={goal['n_seeds']})"
+
+
+def caption(results_dir: Path) -> str:
+    payload = load_json(results_dir, SOURCE)
+    lines = []
+    for task, title in TASKS:
+        cells = "; ".join(f"{m} {_cell(_row(payload, task, m))}" for m in METHODS)
+        majority = _majority(payload, task)
+        level = f"majority {majority['mean']:.3f}" if majority else "majority –"
+        lines.append(f"{title} ({level}): {cells}.")
+    goals = "; ".join(_goal(g) for g in payload.get("goals", []))
+    estimate = payload.get("estimate", {})
+    planned = estimate.get("planned", {}).get("hours_on_2_cores", float("nan"))
+    observed = estimate.get("observed", {}).get("hours_on_2_cores_total", float("nan"))
+    status = "complete (3 seeds per cell)" if payload.get("complete") else \
+        "partial: the sweep is still running; n is the number of seeds finished, and a pair still in its rate " \
+        "selection shows its best rate so far on validation with one seed"
+    return (
+        "all-MiniLM-L6-v2 (float32, mean pooling + linear head, dropout off) fine-tuned in full or with a delta "
+        "method (LoRA r=8 on q,v; sequential adapter, bottleneck 64; prefix, 10 vectors; prompt, 20 tokens; "
+        "BitFit), AdamW with 6 % warm-up and linear decay, gradient clipping 1, batch 32, max length 128 with "
+        "dynamic padding. SST-2: a seeded 20k-row training subsample, 2 epochs; MRPC, RTE, CoLA: full training "
+        "sets. A seeded part of each training set is held out as validation rows; they choose the checkpoint "
+        "(best of ~2 evaluations per epoch) and the learning rate (seed 0, a small grid per method); bars are the "
+        f"dev score of the chosen checkpoint, mean ± std over seeds. Table {status}. " + " ".join(lines)
+        + f" Full fine-tuning goals: {goals}. Time: planned {planned:.1f} h on 2 cores; re-estimated from the "
+        f"finished cells {observed:.1f} h. "
+        f"Command: `python experiments/glue_table.py --cpus-per-cell 1` ({versions_line(payload)})."
+    )
+
+
+FIGURES = [
+    FigureSpec(
+        name="glue_table",
+        title="GLUE dev scores of full fine-tuning and five delta methods on MiniLM (rates and checkpoints chosen "
+              "on validation rows)",
+        sources=(SOURCE,),
+        draw=draw,
+        caption=caption,
+        recompute=(("python", "experiments/glue_table.py", "--cpus-per-cell", "1"),),
+    ),
+]
+
+__all__ = ["FIGURES", "caption", "draw"]
