@@ -231,3 +231,26 @@ def test_sweep_overrides_and_validation_settings(task, tmp_path):
     assert row["val_score"] == row["best_val"]["accuracy"]
     assert row["score_at_best_val"] == row["dev_at_best_val"]["accuracy"]
     assert row["score"] == row["scores"]["accuracy"]
+
+
+def test_the_glue_driver_chooses_rates_on_validation_scores_only():
+    from experiments.glue_table import choose_lrs, table_rows
+
+    def row(lr, status="done", val=None, dev=None, seed=0):
+        return {"config": {"task": "rte", "method": "lora", "lr": lr, "seed": seed}, "status": status,
+                "val_score": val, "score_at_best_val": dev, "score": dev, "metric": "accuracy",
+                "best_val": {"step": 10}, "dev_at_best_val": {"step": 10, "accuracy": dev, "loss": 0.6},
+                "n_trainable": 5, "trainable_fraction": 0.1, "total_steps": 20, "train_time_s": 1.0}
+
+    rows = [row(1e-3, val=0.60, dev=0.70), row(3e-3, val=0.65, dev=0.55), row(1e-2, "diverged"),
+            row(3e-2, val=0.65, dev=0.99)]
+    chosen = choose_lrs(rows)[("rte", "lora")]
+    assert chosen["lr"] == 3e-3 and chosen["val_score"] == 0.65  # the best dev (0.99, 0.70) plays no part
+    assert [c["lr"] for c in chosen["candidates"]] == [1e-3, 3e-3, 1e-2, 3e-2]
+    assert choose_lrs([row(1e-2, "diverged")])[("rte", "lora")]["lr"] is None
+    provisional = table_rows(rows, [])
+    assert provisional[0]["stage"] == "selection" and provisional[0]["n_seeds"] == 1
+    assert provisional[0]["mean"] == 0.55 and provisional[0]["std"] is None
+    table = table_rows(rows, [row(3e-3, val=0.6, dev=d, seed=s) for s, d in enumerate((0.55, 0.60, 0.65))])
+    assert table[0]["stage"] == "table" and table[0]["n_seeds"] == 3 and table[0]["mean"] == pytest.approx(0.60)
+    assert table[0]["std"] == pytest.approx(0.05) and table[0]["lr"] == 3e-3 and table[0]["trainable"] == 5
