@@ -44,7 +44,8 @@ def draw(results_dir: Path):
         for i, method in enumerate(METHODS):
             row = _row(payload, task, method)
             if row is None:
-                ax.text(i, 0.0, "–", ha="center", va="bottom", fontsize=8, color="0.5")
+                ax.text(i, 0.02, "no run", ha="center", va="bottom", fontsize=6, color="0.5", rotation=90,
+                        transform=ax.get_xaxis_transform())
                 continue
             metric = metric or row["metric"]
             provisional = row.get("stage") != "table"
@@ -56,10 +57,11 @@ def draw(results_dir: Path):
         if majority:
             ax.axhline(majority["mean"], color="black", linestyle="--", linewidth=0.9,
                        label=f"majority class ({majority['mean']:.3f})")
-            ax.legend(loc="lower right", fontsize=6.5, frameon=False)
+            ax.legend(loc="upper right", fontsize=6.5, frameon=False)
         low = min(0.0, majority["mean"] if majority else 0.0) if metric == "mcc" else 0.4
         ax.set_ylim(low, max([1.0 if metric != "mcc" else 0.6, *(t + 0.05 for t in tops)]))
         ax.set_xticks(range(len(METHODS)), METHODS, rotation=45, ha="right")
+        ax.set_xlim(-0.6, len(METHODS) - 0.4)
         ax.set(title=f"{title} ({METRIC_NAMES.get(metric, metric)})", ylabel="dev score" if task == "sst2" else None)
         ax.grid(True, axis="y", alpha=0.3)
     state = "complete" if payload.get("complete") else "partial (hatched: rate selection still running, 1 seed)"
