@@ -103,4 +103,7 @@ def test_a_two_class_task_that_asks_for_binary_f1_reports_it(tmp_path):
     assert spec.metrics == ("accuracy",)
     asks = dataclasses.replace(spec, metric="f1", metrics=metrics_for_classes(2, binary_f1=True))
     assert compute_metrics(asks, [1, 1, 1], [1, 0, 1]) == {"accuracy": pytest.approx(2 / 3), "f1": 0.8}
-    assert set(compute_metrics(resolve_task("mrpc"), [1, 0], [1, 1])) == {"accuracy", "f1"}
+    from controltune.data import BUILTIN_TASKS
+
+    # MRPC asks for binary F1 (checked on its registry entry: the GLUE copies may not be on this machine).
+    assert BUILTIN_TASKS["mrpc"].metrics == ("accuracy", "f1")
