@@ -35,3 +35,24 @@ def one_thread():
 @pytest.fixture
 def batch_of():
     return make_batch
+
+
+def toy_task(folder, n_train: int = 48, n_dev: int = 16):
+    """A separable toy sentiment task (positive and negative words) written to ``folder``.
+
+    Returns ``(spec, train examples, dev examples)``.
+    """
+    import json
+    import random
+
+    from controltune.data import load_split, resolve_task
+
+    rng = random.Random(0)
+    words = (["bad", "awful", "sad", "poor", "ugly"], ["good", "great", "fine", "nice", "happy"])
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        with (folder / f"{split}.jsonl").open("w") as fh:
+            for _ in range(n):
+                y = rng.randint(0, 1)
+                fh.write(json.dumps({"text": " ".join(rng.choice(words[y]) for _ in range(4)), "label": y}) + "\n")
+    spec = resolve_task(str(folder))
+    return spec, load_split(spec, "train"), load_split(spec, "dev")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import toy_task
 from safetensors.torch import load_file, save_file
 
 import controltune
@@ -25,7 +26,6 @@ from controltune import ResidualSystem, load_model
 from controltune import checkpoint as ckpt
 from controltune.cli import main
 from controltune.controllers import build
-from controltune.data import load_split, resolve_task
 from controltune.results import CorruptResultsError, append_jsonl, read_jsonl, write_json
 from controltune.run_folder import (
     CHECKPOINT,
@@ -49,16 +49,7 @@ def strict_loads(text: str):
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     """A separable toy sentiment task (48 train, 16 dev rows)."""
-    folder = tmp_path_factory.mktemp("toy")
-    rng = random.Random(0)
-    words = (["bad", "awful", "sad", "poor", "ugly"], ["good", "great", "fine", "nice", "happy"])
-    for split, n in (("train", 48), ("dev", 16)):
-        with (folder / f"{split}.jsonl").open("w") as fh:
-            for _ in range(n):
-                y = rng.randint(0, 1)
-                fh.write(json.dumps({"text": " ".join(rng.choice(words[y]) for _ in range(4)), "label": y}) + "\n")
-    spec = resolve_task(str(folder))
-    return spec, load_split(spec, "train"), load_split(spec, "dev")
+    return toy_task(tmp_path_factory.mktemp("toy"), 48, 16)
 
 
 @pytest.fixture(autouse=True)

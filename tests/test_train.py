@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
+from conftest import toy_task
 
 from controltune import ResidualSystem, load_model
 from controltune import checkpoint as ckpt
 from controltune.cli import main
 from controltune.controllers import build
-from controltune.data import load_split, resolve_task
 from controltune.train import TrainConfig, evaluate, linear_schedule, train
 from controltune.zoo import offline_tokenizer
 
@@ -23,16 +22,7 @@ REQUIRED_KEYS = {"config", "versions", "curves", "final", "best", "wall_time_s",
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     """A separable toy sentiment task: positive and negative words."""
-    folder = tmp_path_factory.mktemp("toy")
-    rng = random.Random(0)
-    words = (["bad", "awful", "sad", "poor", "ugly"], ["good", "great", "fine", "nice", "happy"])
-    for split, n in (("train", 48), ("dev", 16)):
-        with (folder / f"{split}.jsonl").open("w") as fh:
-            for _ in range(n):
-                y = rng.randint(0, 1)
-                fh.write(json.dumps({"text": " ".join(rng.choice(words[y]) for _ in range(4)), "label": y}) + "\n")
-    spec = resolve_task(str(folder))
-    return spec, load_split(spec, "train"), load_split(spec, "dev")
+    return toy_task(tmp_path_factory.mktemp("toy"), 48, 16)
 
 
 def _lora_system(name: str = "random:bert", seed: int = 0, dtype: str = "float32") -> ResidualSystem:

@@ -4,17 +4,16 @@ deltas and their dev score, resume, divergence, the CLI flags and the sweep sett
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
+from conftest import toy_task
 
 from controltune import ResidualSystem, load_model
 from controltune import checkpoint as ckpt
 from controltune import train as train_module
 from controltune.cli import main
 from controltune.controllers import build
-from controltune.data import load_split, resolve_task
 from controltune.results import read_jsonl
 from controltune.sweep import expand, parse_spec, run_sweep
 from controltune.train import BEST_DELTAS, TrainConfig, TrainingDiverged, evaluate, train, validation_split
@@ -24,16 +23,7 @@ from controltune.zoo import offline_tokenizer
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     """A separable toy sentiment task (64 train, 16 dev rows)."""
-    folder = tmp_path_factory.mktemp("toy")
-    rng = random.Random(0)
-    words = (["bad", "awful", "sad", "poor", "ugly"], ["good", "great", "fine", "nice", "happy"])
-    for split, n in (("train", 64), ("dev", 16)):
-        with (folder / f"{split}.jsonl").open("w") as fh:
-            for _ in range(n):
-                y = rng.randint(0, 1)
-                fh.write(json.dumps({"text": " ".join(rng.choice(words[y]) for _ in range(4)), "label": y}) + "\n")
-    spec = resolve_task(str(folder))
-    return spec, load_split(spec, "train"), load_split(spec, "dev")
+    return toy_task(tmp_path_factory.mktemp("toy"), 64, 16)
 
 
 @pytest.fixture(autouse=True)
