@@ -37,9 +37,15 @@ def causal_mask(config, inputs_embeds: torch.Tensor, attention_mask: torch.Tenso
 
 def embedding_offset_keyword(embeddings: nn.Module) -> str:
     """The keyword that shifts an absolute-position embedding's positions by a past length."""
-    forward = type(embeddings).forward
+    return _offset_keyword(type(embeddings))
+
+
+@cache
+def _offset_keyword(cls: type) -> str:
+    # Called on every forward of a shifted embedding: the signature is read once per class.
+    forward = cls.forward
     for name in ("cache_length", "past_key_values_length"):
         if _accepts(forward, name):
             return name
-    raise TypeError(f"{type(embeddings).__name__}.forward takes neither cache_length nor past_key_values_length; "
+    raise TypeError(f"{cls.__name__}.forward takes neither cache_length nor past_key_values_length; "
                     "this transformers release is not supported (see constraints.txt for the tested one)")
