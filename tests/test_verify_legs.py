@@ -21,6 +21,7 @@ from controltune.verification import (
     token_direction,
     verify,
 )
+from controltune.verification.differences import fd_errors
 
 torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared machine
 WD = 0.1
@@ -192,10 +193,10 @@ def test_richardson_is_exact_for_quartics_and_refines_across_a_kink():
     def quartic(ts):
         return [1.0 + 2.0 * t + 3.0 * t ** 2 + 5.0 * t ** 3 + 7.0 * t ** 4 for t in ts]
 
-    d = richardson(quartic([1e-2, -1e-2, 5e-3, -5e-3]), 1e-2)
+    d = richardson(quartic([1e-2, -1e-2, 5e-3, -5e-3, 0.0]), 1e-2)
     assert d.value == pytest.approx(2.0, rel=1e-12)
     assert not d.smooth(1e-6, 1e-4)  # D(h) − D(h/2) = 5·(3/4)h² is the third derivative, not noise
-    assert richardson(quartic([1e-5, -1e-5, 5e-6, -5e-6]), 1e-5).smooth(1e-6, 1e-4)
+    assert richardson(quartic([1e-5, -1e-5, 5e-6, -5e-6, 0.0]), 1e-5).smooth(1e-6, 1e-4)
 
     def kinked(ts):  # slope 1, plus a ReLU kink at t = 3e-6 inside the first step
         return [1.0 + t + max(t - 3e-6, 0.0) for t in ts]
@@ -203,6 +204,28 @@ def test_richardson_is_exact_for_quartics_and_refines_across_a_kink():
     d = refined_difference(kinked, 1e-5, 1e-6, 1e-4)
     assert d.refined == 1 and d.step == pytest.approx(1e-6)
     assert d.value == pytest.approx(1.0, rel=1e-9)
+
+
+@pytest.mark.parametrize("where", [0.0, 1e-12, -1e-12, 1e-5 / 3])
+def test_a_kink_at_the_point_or_a_third_of_the_step_is_seen(where):
+    """Both central quotients take half of a jump at the point, so D(h) = D(h/2): the second-difference
+    test must see it (and a kink at h/3, where the second test is blind, the first)."""
+    def kinked(ts):
+        return [1.0 + t + 2.0 * max(t - where, 0.0) for t in ts]
+
+    points = [1e-5, -1e-5, 5e-6, -5e-6, 0.0]
+    assert not richardson(kinked(points), 1e-5).smooth(1e-6, 1e-4)
+    d = refined_difference(kinked, 1e-5, 1e-6, 1e-4)
+    if where == 1e-5 / 3:
+        assert d.smooth(1e-6, 1e-4) and d.value == pytest.approx(1.0, rel=1e-9)
+        return
+    assert not d.smooth(1e-6, 1e-4) and d.refined == 3  # no step moves a kink at the point out
+    assert d.kink == pytest.approx(2.0, rel=1e-3)
+    assert sorted([d.left, d.right]) == pytest.approx([1.0, 3.0], rel=1e-3)  # the far side is off by 6|c|/h
+    truth = 3.0 if where < 0 else 1.0  # the slope of the side that holds 0 (at 0 itself: ReLU'(0) = 0)
+    assert fd_errors(truth, d, 1e-4, kinked=True)[1] < 1e-6
+    assert fd_errors(2.0, d, 1e-4, kinked=True)[1] > 0.3  # the average of the two slopes is wrong
+    assert fd_errors(2.0, d, 1e-4)[1] < 1e-3  # ... and is near what the central difference gives
 
 
 def test_the_raw_ceiling_fails_whatever_the_allowance():

@@ -160,7 +160,7 @@ def report_row(report, system) -> dict[str, Any]:
             "failures": info["failures"][:10],
             **{k: info[k] for k in ("costate_autograd", "control_autograd", "costate_forward", "control_forward",
                                     "forward_joint", "costate_fd", "costate_fd_raw", "fd_directions",
-                                    "fd_directions_raw", "control_fd", "fd_mode", "fd_step", "fd_refined",
+                                    "fd_directions_raw", "control_fd", "fd_mode", "fd_step", "fd_refined", "fd_kinks",
                                     "zero_scale")}}
 
 

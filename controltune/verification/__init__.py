@@ -35,10 +35,17 @@ For a system with controllers attached, :func:`verify` compares the output of
 
    The perturbed states of the state and layer/initial-group checks are carried through
    the blocks in one batch (``vmap``); these few directions replace one per control, the
-   cost of the former check.  If ``D(h)`` and ``D(h/2)`` disagree beyond rounding (a kink
-   such as a ReLU within the step), the check is redone at ``h / 10``, then ``h / 100`` and
-   ``h / 1000`` while they still disagree: on SmolLM2 an adapter's ReLU kinks downstream of the
-   massive-activation block need ``h / 100`` (one refinement left a raw error of 2e-2).
+   cost of the former check.  A difference is *smooth* when ``D(h)`` and ``D(h/2)`` agree
+   and the second differences scale as ``h²`` (``4 S(h/2) = S(h)``, ``S(s) = J(s) − 2J(0) + J(−s)``)
+   beyond rounding; the first test misses a kink at the point (both quotients take half the
+   jump: SmolLM2's UniPELT passed it with an error of 1.5e-5 at ``p_7``), the second a kink at a
+   third of the step, together none.  A difference that is not smooth (a kink such as a ReLU
+   within the step) is redone at ``h / 10``, then ``h / 100`` and ``h / 1000``: on SmolLM2 an
+   adapter's ReLU kinks downstream of the massive-activation block need ``h / 100`` (one
+   refinement left a raw error of 2e-2).  A kink still there at ``h / 1000`` sits at the
+   point itself: J has two one-sided slopes and, unless the kink is exactly at 0, a
+   derivative equal to one of them, so the PMP slope is compared with the nearer one-sided
+   Richardson slope (``fd_kinks`` lists these directions and their slope jumps).
 
 Directions are *relative*: a control direction has the norm of its control,
 ``v = ‖u‖ ξ/‖ξ‖`` (``ξ`` standard normal; norm 1 for a zero control), and a state
@@ -211,8 +218,8 @@ def _fd_leg(report: Verification, twin: ControlSystem, batch64: dict, solution: 
     found = directional_differences(twin, batch64, solution, fd_state_directions, fd_step, seed, report.tol_fd,
                                     directions)
     report.costate_fd, report.costate_fd_raw = found.costate, found.costate_raw
-    report.fd_directions, report.fd_directions_raw, report.fd_refined = (found.directions, found.directions_raw,
-                                                                         found.refined)
+    report.fd_directions, report.fd_directions_raw = found.directions, found.directions_raw
+    report.fd_refined, report.fd_kinks = found.refined, found.kinks
     groups = control_groups(twin, list(twin.controls()))
     for group in groups[1:] if len(groups) > 1 else groups:
         for c in group.controls:

@@ -39,7 +39,7 @@ from .report import _EPS, _TINY, FD_ROUNDING_ULPS, FD_STEP, FD_STEPS, TOLERANCES
 
 @dataclass
 class Difference:
-    """A Richardson-extrapolated central difference and its float64 resolution.
+    """A Richardson-extrapolated central difference, its float64 resolution and its kink test.
 
     Attributes:
         value: ``D = (4 D(h/2) − D(h)) / 3``.
@@ -47,8 +47,13 @@ class Difference:
         resolution: ``δ = 3·FD_ROUNDING_ULPS·ε·max|J| / h``, a bound on the rounding noise of
             ``D`` and of ``D(h) − D(h/2)``.
         step: h.
-        refined: how many times the step was divided by ``FD_REFINE`` because ``D(h)`` and
-            ``D(h/2)`` disagreed (a kink, e.g. of a ReLU, within the step).
+        refined: how many times the step was divided by ``FD_REFINE`` because the difference
+            was not :meth:`smooth` (a kink, e.g. of a ReLU, within the step).
+        kink: ``K = (4 S(h/2) − S(h)) / h`` with ``S(s) = J(s) − 2 J(0) + J(−s)``: 0 up to
+            ``O(h³)`` for a smooth J, the jump of the slope for a kink at the point.
+        kink_resolution: ``20·FD_ROUNDING_ULPS·ε·max|J| / h``, the rounding noise of K.
+        right, left: one-sided Richardson slopes ``(4 J(h/2) − J(h) − 3 J(0)) / h`` and
+            ``(J(−h) − 4 J(−h/2) + 3 J(0)) / h`` (``O(h²)`` from each side's derivative).
     """
 
     value: float
@@ -57,32 +62,50 @@ class Difference:
     resolution: float
     step: float
     refined: int = 0
+    kink: float = 0.0
+    kink_resolution: float = 0.0
+    right: float = 0.0
+    left: float = 0.0
 
     def smooth(self, tol: float, scale: float) -> bool:
-        """``|D(h) − D(h/2)| ≤ δ + tol·max(|D|, σ)``: the two steps agree, so J is smooth at this scale.
+        """``|D(h) − D(h/2)| ≤ δ + tol·m`` and ``|K| ≤ δ_K + tol·m``, ``m = max(|D|, σ)``: J is smooth at this scale.
 
-        For a smooth J, ``D(h) − D(h/2) = J‴h²/8 + O(h⁴)`` (far below ``tol`` at the default step);
-        a kink between ``−h`` and ``h`` changes the two quotients differently.
+        For a smooth J, ``D(h) − D(h/2) = J‴h²/8 + O(h⁴)`` and ``K = O(h³)`` (far below ``tol``
+        at the default step).  A slope jump a at ``t = c`` inside the step gives
+        ``D(h) − D(h/2) = a|c|/2h`` and ``K = a(1 − 3|c|/h)`` for ``|c| < h/2``: the first test
+        misses a kink at the point (both quotients take half the jump), the second one at
+        ``|c| = h/3``; together they see at least ``a/6`` wherever the kink is.
         """
-        return abs(self.coarse - self.fine) <= self.resolution + tol * max(abs(self.value), scale)
+        floor = tol * max(abs(self.value), scale)
+        return (abs(self.coarse - self.fine) <= self.resolution + floor
+                and abs(self.kink) <= self.kink_resolution + floor)
+
+    @property
+    def one_sided_resolution(self) -> float:
+        """Rounding noise of :attr:`right` and :attr:`left`: ``8·FD_ROUNDING_ULPS·ε·max|J| / h``."""
+        return self.resolution * 8 / 3
 
 
 FD_REFINE = 10.0
-"""Factor the step is divided by when the Richardson pair disagrees (at most ``FD_REFINEMENTS`` times)."""
+"""Factor the step is divided by when the difference is not smooth (at most ``FD_REFINEMENTS`` times)."""
 
 FD_REFINEMENTS = 3
 
-RICHARDSON_POINTS = (1.0, -1.0, 0.5, -0.5)
-"""Where J is evaluated, in units of the step h."""
+RICHARDSON_POINTS = (1.0, -1.0, 0.5, -0.5, 0.0)
+"""Where J is evaluated, in units of the step h (``J(0)`` for the kink test and the one-sided slopes)."""
 
 
 def richardson(values: Sequence[float], h: float) -> Difference:
-    """Richardson extrapolation of central differences at 0 from ``J(t)`` at ``t = h·RICHARDSON_POINTS``."""
-    j_plus, j_minus, j_half_plus, j_half_minus = values
+    """Richardson extrapolation at 0 from ``J(t)`` at ``t = h·RICHARDSON_POINTS``, with the kink test."""
+    j_plus, j_minus, j_half_plus, j_half_minus, j_zero = values
     coarse = (j_plus - j_minus) / (2 * h)
     fine = (j_half_plus - j_half_minus) / h
     top = max(abs(v) for v in values)
-    return Difference((4 * fine - coarse) / 3, coarse, fine, 3 * FD_ROUNDING_ULPS * _EPS * top / h, h)
+    unit = FD_ROUNDING_ULPS * _EPS * top / h
+    kink = (4 * (j_half_plus - 2 * j_zero + j_half_minus) - (j_plus - 2 * j_zero + j_minus)) / h
+    return Difference((4 * fine - coarse) / 3, coarse, fine, 3 * unit, h, kink=kink, kink_resolution=20 * unit,
+                      right=(4 * j_half_plus - j_plus - 3 * j_zero) / h,
+                      left=(j_minus - 4 * j_half_minus + 3 * j_zero) / h)
 
 
 def refined_difference(evaluate: Callable[[Sequence[float]], Sequence[float]], h: float, tol: float,
@@ -102,11 +125,22 @@ def refined_difference(evaluate: Callable[[Sequence[float]], Sequence[float]], h
     return diff
 
 
-def fd_errors(pmp: float, diff: Difference, scale: float) -> tuple[float, float]:
-    """``(max(|a − D| − δ, 0) / max(|D|, σ), |a − D| / max(|D|, σ))``: with and without the allowance δ."""
-    gap = abs(pmp - diff.value)
-    denominator = max(abs(diff.value), scale, _TINY)
-    return max(gap - diff.resolution, 0.0) / denominator, gap / denominator
+def fd_errors(pmp: float, diff: Difference, scale: float, kinked: bool = False) -> tuple[float, float]:
+    """``(max(|a − D| − δ, 0) / max(|D|, σ), |a − D| / max(|D|, σ))``: with and without the allowance δ.
+
+    ``kinked`` (a kink at the point that no refinement moved out of the step): J has two
+    one-sided slopes there and a derivative only if the kink is not exactly at 0, in which
+    case it is one of them; a is compared with the nearer of :attr:`Difference.right` and
+    :attr:`Difference.left` (resolution :attr:`Difference.one_sided_resolution`).
+    """
+    if kinked:
+        reference = min((diff.right, diff.left), key=lambda d: abs(pmp - d))
+        resolution = diff.one_sided_resolution
+    else:
+        reference, resolution = diff.value, diff.resolution
+    gap = abs(pmp - reference)
+    denominator = max(abs(reference), scale, _TINY)
+    return max(gap - resolution, 0.0) / denominator, gap / denominator
 
 
 @dataclass
@@ -117,6 +151,8 @@ class DifferenceReport:
         costate, costate_raw: per layer l, the largest FD error of ``−⟨p_l, v⟩`` with / without δ.
         directions, directions_raw: ``label -> FD error`` of each control group's direction.
         refined: labels (``p_<l>`` for states) whose step had to be refined (kinks).
+        kinks: ``label -> slope jump K`` of the directions still kinked at the smallest step,
+            checked against the one-sided slopes (see :func:`fd_errors`).
     """
 
     costate: list[float]
@@ -124,6 +160,7 @@ class DifferenceReport:
     directions: dict[str, float]
     directions_raw: dict[str, float]
     refined: list[str]
+    kinks: dict[str, float]
 
 
 @dataclass
@@ -168,12 +205,15 @@ def directional_differences(system: ControlSystem, batch: dict, solution: CoStat
                                      partial(_phis_displaced, system, cached, batch, layer, v),
                                      [(x + t * v.to(x), 0.0) for t in points], layer))
     values = _local_values(system, cached, batch, checks)
-    report = DifferenceReport([0.0] * len(cached.states), [0.0] * len(cached.states), {}, {}, [])
+    report = DifferenceReport([0.0] * len(cached.states), [0.0] * len(cached.states), {}, {}, [], {})
     for check in checks:
         diff = refined_difference(check.evaluate, step, tol, scale, values.get(id(check)))
-        err, raw = fd_errors(check.pmp, diff, scale)
+        kinked = not diff.smooth(tol, scale)
+        err, raw = fd_errors(check.pmp, diff, scale, kinked)
         if diff.refined:
             report.refined.append(check.label)
+        if kinked:
+            report.kinks[check.label] = diff.kink
         if check.label.startswith("p_"):
             layer = int(check.label[2:])
             report.costate[layer] = max(report.costate[layer], err)
@@ -197,18 +237,29 @@ def _group_direction(system: ControlSystem, cached: Rollout, batch: dict, soluti
 
 def _local_values(system: ControlSystem, cached: Rollout, batch: dict, checks: Sequence[_Direction]
                   ) -> dict[int, list[float]]:
-    """``id(check) -> [J(t) for the Richardson points]`` of every local check, from one :func:`propagate`."""
+    """``id(check) -> [J(t) for the Richardson points]`` of every local check, from one :func:`propagate`.
+
+    The point ``t = 0`` enters as the cached state of its level, once per level: every local
+    check's unperturbed entry is that state (``x_l`` itself, or ``f_l(x_l, u) = x_{l+1}``).
+    """
     local = [c for c in checks if c.entries is not None]
+    centre = RICHARDSON_POINTS.index(0.0)
     entering: list[list[torch.Tensor]] = [[] for _ in cached.states]
     for level in range(len(entering)):
-        for check in (c for c in local if c.level == level):
-            entering[level] += [x for x, _ in check.entries]
+        at_level = [c for c in local if c.level == level]
+        if at_level:
+            entering[level].append(cached.states[level])
+        for check in at_level:
+            entering[level] += [x for i, (x, _) in enumerate(check.entries) if i != centre]
     phis = iter(propagate(system, entering, partial(_block_states, system, cached),
                           partial(_readout_states, system, cached, batch)))
     out = {}
     for level in range(len(entering)):
-        for check in (c for c in local if c.level == level):
-            out[id(check)] = [next(phis) + r for _, r in check.entries]
+        at_level = [c for c in local if c.level == level]
+        phi_centre = next(phis) if at_level else 0.0
+        for check in at_level:
+            out[id(check)] = [(phi_centre if i == centre else next(phis)) + r
+                              for i, (_, r) in enumerate(check.entries)]
     return out
 
 

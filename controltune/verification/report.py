@@ -78,6 +78,8 @@ class Verification:
         tol_autograd, tol_forward, tol_fd: the tolerances used; fd_raw_ceiling: the raw ceiling.
         fd_mode, fd_step: ``directional`` (step h, Richardson) or ``legacy`` (ladder, step 0 here).
         fd_refined: FD directions whose step was refined because of a kink (``p_<l>`` for states).
+        fd_kinks: ``direction -> slope jump`` of the FD directions with a kink at the point at
+            every step tried; their errors are against the nearer one-sided slope.
         zero_scale: σ/|J| of :func:`scalar_error`.
         seconds: wall time per leg (``solve``, ``autograd``, ``forward``, ``fd``).
         fd_raw_max: the largest raw FD error.
@@ -103,6 +105,7 @@ class Verification:
     fd_mode: str = "directional"
     fd_step: float = FD_STEP
     fd_refined: list[str] = field(default_factory=list)
+    fd_kinks: dict[str, float] = field(default_factory=dict)
     zero_scale: float = ZERO_SCALE
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -141,7 +144,8 @@ class Verification:
             out["fd"] = {"tolerance": self.tol_fd, "max_error": self.max_rel_err_fd,
                          "raw_ceiling": self.fd_raw_ceiling, "max_raw_error": self.fd_raw_max,
                          "n_checks": len(self.costate_fd) + len(self.fd_directions), "mode": self.fd_mode,
-                         "step": self.fd_step, "refined": list(self.fd_refined)}
+                         "step": self.fd_step, "refined": list(self.fd_refined),
+                         "kinks": dict(self.fd_kinks)}
         for leg, info in out.items():
             info["seconds"] = self.seconds.get(leg)
         return out
