@@ -14,6 +14,9 @@ Two sweeps (:mod:`controltune.sweep`, on an embedded local Ray, one CPU and one 
 1. ``glue_select.yaml`` -> ``results/glue_select.jsonl``: seed 0 on a small grid of peak rates per
    method (full fine-tuning 2e-5, 5e-5, 1e-4; LoRA r=8 on q,v and the adapter (bottleneck 64)
    5e-4, 2e-3; prefix (10 vectors) 3e-3, 1e-2; prompt (20 tokens) 1e-2, 5e-2; BitFit 1e-3, 5e-3).
+   Where a pair's best validation score is at the edge of its grid, the grid continues
+   geometrically one rate up (or down) at a time, at most two rates beyond it
+   (:func:`next_edge_rate`: on CoLA five of six methods chose their grid's top rate).
    For each (task, method) the rate with the highest validation score of the task's metric is
    chosen (a diverged cell is never chosen; ties go to the smaller rate).
 2. ``glue_table.yaml`` -> ``results/glue_table.jsonl``: seeds 0, 1, 2 at the chosen rates.  Its
@@ -59,7 +62,16 @@ from typing import Any
 from controltune.data import load_split, resolve_task
 from controltune.metrics import majority_baseline
 from controltune.results import append_jsonl, read_jsonl, stamp, write_json
-from controltune.sweep import FINISHED, SweepSpec, canonical_config, expand, load_spec, parse_spec, run_sweep
+from controltune.sweep import (
+    FINISHED,
+    SweepSpec,
+    canonical_config,
+    expand,
+    finished_configs,
+    load_spec,
+    parse_spec,
+    run_sweep,
+)
 
 HERE = Path(__file__).resolve().parent
 SELECT_SPEC = HERE / "glue_select.yaml"
@@ -112,6 +124,65 @@ def choose_lrs(select_rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[
         chosen[pair] = {"lr": best["lr"] if best else None, "val_score": best["val_score"] if best else None,
                         "candidates": candidates}
     return chosen
+
+
+MAX_EDGE_RATES = 2
+"""Rates a (task, method) may get beyond its grid when its best rate sits at the grid's edge."""
+
+
+def _pair_rates(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[float]]:
+    rates: dict[tuple[str, str], set[float]] = defaultdict(set)
+    for row in rows:
+        rates[_rate_key(row)].add(float(row["config"]["lr"]))
+    return {pair: sorted(r) for pair, r in rates.items()}
+
+
+def next_edge_rate(candidates: list[dict[str, Any]], grid: list[float]) -> float | None:
+    """The next rate to try for a pair whose best validation score is at the edge of the rates tried, else None.
+
+    ``candidates``: ``[{lr, status, val_score}]`` of every finished cell of the pair (sorted by lr), ``grid``: the
+    pair's rates in the spec.  When every grid rate has finished and the best rate is the highest (lowest) tried,
+    the grid continues geometrically one step up (down): ``r_top · r_top / r_next`` (``r_low · r_low / r_next``).
+    Nothing once ``MAX_EDGE_RATES`` rates beyond the grid were tried, or when the edge rate itself diverged (the
+    way up is closed).  An optimum at the edge of a grid is a rate the grid did not reach; without this, a method
+    that wants a larger rate than the grid offers would show a gap to full fine-tuning that is the grid's.
+    """
+    lrs = [c["lr"] for c in candidates]
+    if len(lrs) < 2 or not set(grid) <= set(lrs) or len(set(lrs) - set(grid)) >= MAX_EDGE_RATES:
+        return None
+    scored = [c for c in candidates if c["status"] == "done" and c["val_score"] is not None]
+    if not scored:
+        return None
+    best = max(scored, key=lambda c: c["val_score"])["lr"]
+    if best == lrs[-1]:
+        return float(f"{lrs[-1] * lrs[-1] / lrs[-2]:.3g}")
+    if best == lrs[0] and candidates[0]["status"] == "done":
+        return float(f"{lrs[0] * lrs[0] / lrs[1]:.3g}")
+    return None
+
+
+def selection_spec(path: Path, select_rows: list[dict[str, Any]]) -> SweepSpec:
+    """``glue_select.yaml`` plus, per pair, the rates beyond its grid tried so far and the next edge rate.
+
+    Derived from the rows alone, so a resumed driver rebuilds the same cells: one override
+    ``{where: {task, method}, set: {lr: [grid..., extra...]}}`` per extended pair.
+    """
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    grid = _pair_rates([{"config": c} for c in expand(parse_spec(data, str(path), path.parent))])
+    tried = _pair_rates([r for r in select_rows if r.get("status") in FINISHED])
+    chosen = choose_lrs(select_rows)
+    extra = []
+    for pair, rates in sorted(grid.items()):
+        have = sorted(set(rates) | set(tried.get(pair, [])))
+        step = next_edge_rate(chosen[pair]["candidates"], rates) if pair in chosen else None
+        if step is not None:
+            have = sorted({*have, step})
+        if have != rates:
+            extra.append({"where": {"task": pair[0], "method": pair[1]}, "set": {"lr": have}})
+    data["overrides"] = list(data.get("overrides") or []) + extra
+    return parse_spec(data, str(path), path.parent)
 
 
 def table_spec(path: Path, chosen: dict[tuple[str, str], dict[str, Any]],
@@ -354,7 +425,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sweep = {"cpus_per_cell": args.cpus_per_cell, "cpus": args.cpus, "executor": args.executor,
              "address": args.address, "runs_dir": args.runs}
     write_summary(select, table)
-    run_sweep(select, select.out, echo=_echo(select, table, select.out, args.keep_checkpoints), **sweep)
+    for _ in range(MAX_EDGE_RATES + 1):  # the grid, then at most MAX_EDGE_RATES edge steps
+        select = selection_spec(args.select, read_jsonl(select.out))
+        finished = finished_configs(read_jsonl(select.out))
+        if all(canonical_config(c) in finished for c in expand(select)):
+            break
+        run_sweep(select, select.out, echo=_echo(select, table, select.out, args.keep_checkpoints), **sweep)
     chosen = choose_lrs(read_jsonl(select.out))
     ready = [pair for pair, info in sorted(chosen.items()) if info["lr"] is not None]
     missing = [f"{t}/{m}" for t in TASKS for m in METHODS if (t, m) not in ready]

@@ -244,3 +244,34 @@ def test_the_glue_driver_chooses_rates_on_validation_scores_only():
     table = table_rows(rows, [row(3e-3, val=0.6, dev=d, seed=s) for s, d in enumerate((0.55, 0.60, 0.65))])
     assert table[0]["stage"] == "table" and table[0]["n_seeds"] == 3 and table[0]["mean"] == pytest.approx(0.60)
     assert table[0]["std"] == pytest.approx(0.05) and table[0]["lr"] == 3e-3 and table[0]["trainable"] == 5
+
+
+def test_the_glue_driver_continues_a_grid_whose_best_rate_is_at_its_edge(tmp_path):
+    from experiments.glue_table import MAX_EDGE_RATES, next_edge_rate, selection_spec
+
+    def cand(lr, val, status="done"):
+        return {"lr": lr, "status": status, "val_score": val}
+
+    grid = [5e-4, 2e-3]
+    assert next_edge_rate([cand(5e-4, 0.5)], grid) is None  # the grid is not finished yet
+    assert next_edge_rate([cand(5e-4, 0.5), cand(2e-3, 0.6)], grid) == 8e-3  # top: one geometric step up
+    assert next_edge_rate([cand(5e-4, 0.6), cand(2e-3, 0.5)], grid) == 1.25e-4  # bottom: one step down
+    assert next_edge_rate([cand(5e-4, 0.5), cand(2e-3, 0.6), cand(8e-3, 0.55)], grid) is None  # interior
+    assert next_edge_rate([cand(5e-4, 0.5), cand(2e-3, 0.6), cand(8e-3, None, "diverged")], grid) is None
+    beyond = [cand(5e-4, 0.5), cand(2e-3, 0.6), cand(8e-3, 0.7), cand(3.2e-2, 0.8)]
+    assert len(beyond) - len(grid) == MAX_EDGE_RATES and next_edge_rate(beyond, grid) is None
+
+    spec = tmp_path / "select.yaml"
+    spec.write_text("name: s\nout: rows.jsonl\ngrid: {model: minilm, task: [rte, cola], method: [lora], seed: 0}\n"
+                    "per_method: {lora: {lr: [5.0e-4, 2.0e-3]}}\n")
+
+    def row(task, lr, val):
+        return {"config": {"task": task, "method": "lora", "lr": lr, "seed": 0}, "status": "done", "val_score": val}
+
+    rows = [row("rte", 5e-4, 0.6), row("rte", 2e-3, 0.5), row("cola", 5e-4, 0.1), row("cola", 2e-3, 0.2)]
+    cells = {(c["task"], c["lr"]) for c in expand(selection_spec(spec, rows))}
+    assert cells == {("rte", 5e-4), ("rte", 2e-3), ("rte", 1.25e-4), ("cola", 5e-4), ("cola", 2e-3), ("cola", 8e-3)}
+    rows += [row("cola", 8e-3, 0.3)]  # still the top: one more step, then no more
+    assert ("cola", 3.2e-2) in {(c["task"], c["lr"]) for c in expand(selection_spec(spec, rows))}
+    rows += [row("cola", 3.2e-2, 0.4)]
+    assert len([c for c in expand(selection_spec(spec, rows)) if c["task"] == "cola"]) == 2 + MAX_EDGE_RATES
