@@ -60,6 +60,10 @@ class ClassificationReadout(nn.Module):
         """``norm(x_L)``: what HF reports as the last hidden state."""
         return self.norm(x_last)
 
+    @property
+    def num_labels(self) -> int:
+        return self.head.out_features
+
     def controls(self) -> list[Control]:
         """The classification head as terminal controls ``u_term`` (when it is trainable)."""
         return [Control(f"head.{n}", p, "term") for n, p in self.head.named_parameters() if p.requires_grad]
@@ -67,6 +71,52 @@ class ClassificationReadout(nn.Module):
     def logits(self, x_last: torch.Tensor, ctx: Context) -> torch.Tensor:
         """S×C class scores."""
         return self.head(pool(self.norm(x_last), ctx, self.pooling))
+
+    def cost(self, x_last: torch.Tensor, ctx: Context, batch: dict) -> torch.Tensor:
+        """Scalar ``(1/S) Σ_s Φ(x_{s,L}, y_s)``."""
+        return F.cross_entropy(self.logits(x_last, ctx), batch["labels"])
+
+
+class SequenceClassifierReadout(nn.Module):
+    """``Φ(x_L, y) = CE(head(norm(x_L)), y)`` with the head of the model's own HF ``*ForSequenceClassification``.
+
+    The head (BERT: pooler + classifier on the first token; decoders: ``score`` at the last
+    real token; :attr:`Family.sequence_logits`) is the one peft trains as ``modules_to_save``,
+    so co-states and designs computed here are those of the model a peft user loads.  The
+    head's modules (:attr:`Family.sequence_head`) are the terminal controls; BERT's pooler
+    stays frozen, as in peft.
+    """
+
+    kind = "classification"
+
+    def __init__(self, model: nn.Module, family, norm: nn.Module | None = None) -> None:
+        super().__init__()
+        missing = [n for n in family.sequence_head if not isinstance(getattr(model, n, None), nn.Module)]
+        if family.sequence_logits is None or not family.sequence_head or missing:
+            raise ValueError(f"the sequence_classifier readout needs a {family.name} *ForSequenceClassification "
+                             f"model (load_model(..., head='sequence_classification')); {type(model).__name__} "
+                             f"has no {', '.join(missing or ['sequence head'])}")
+        self.norm = norm if norm is not None else nn.Identity()
+        self.heads = nn.ModuleDict({n: getattr(model, n) for n in family.sequence_head})
+        for p in self.heads.parameters():
+            p.requires_grad_(True)
+        self._logits = family.sequence_logits
+        self._model = [model]  # a list: the model must not become a submodule of its own readout
+
+    def normalized(self, x_last: torch.Tensor) -> torch.Tensor:
+        return self.norm(x_last)
+
+    @property
+    def num_labels(self) -> int:
+        return int(self._model[0].config.num_labels)
+
+    def controls(self) -> list[Control]:
+        """The head's trainable parameters as terminal controls ``u_term``."""
+        return [Control(f"head.{n}", p, "term") for n, p in self.heads.named_parameters() if p.requires_grad]
+
+    def logits(self, x_last: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """S×C class scores, as the HF model's forward computes them."""
+        return self._logits(self._model[0], self.norm(x_last), ctx)
 
     def cost(self, x_last: torch.Tensor, ctx: Context, batch: dict) -> torch.Tensor:
         """Scalar ``(1/S) Σ_s Φ(x_{s,L}, y_s)``."""

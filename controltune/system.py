@@ -21,10 +21,10 @@ from . import attention
 from .control import total_running_cost
 from .families import Context, Family, family_of
 from .hf_compat import causal_mask
-from .readout import CausalLMReadout, ClassificationReadout
+from .readout import CausalLMReadout, ClassificationReadout, SequenceClassifierReadout
 from .zoo import LoadedModel
 
-READOUTS = ("classification", "causal_lm")
+READOUTS = ("classification", "sequence_classifier", "causal_lm")
 
 
 @dataclass
@@ -44,7 +44,8 @@ class ResidualSystem(nn.Module):
 
     Args:
         loaded: a :class:`~controltune.zoo.LoadedModel` (or a HF model, family inferred).
-        readout: ``classification`` (pooling + linear head) or ``causal_lm``.
+        readout: ``classification`` (pooling + a new linear head), ``sequence_classifier`` (the head
+            of a HF ``*ForSequenceClassification`` model, e.g. for peft export) or ``causal_lm``.
         num_labels: classes of the classification head.
         pooling: ``mean``, ``cls`` or ``last``.
         kernel: attention kernel, ``sdpa`` (fast) or ``eager`` (supports JVPs and
@@ -58,6 +59,7 @@ class ResidualSystem(nn.Module):
         self.model = model
         self.family: Family = family_of(model.config)
         self.name = loaded.name if isinstance(loaded, LoadedModel) else "<in-memory>"
+        self.tokenizer = loaded.tokenizer if isinstance(loaded, LoadedModel) else None
         if self.family.prepare is not None:
             self.family.prepare(model)
         attention.install(model, kernel)
@@ -66,6 +68,8 @@ class ResidualSystem(nn.Module):
         norm = base.get_submodule(self.family.final_norm) if self.family.final_norm else None
         if readout == "classification":
             self.readout: nn.Module = ClassificationReadout(self.d_model, num_labels, pooling, norm, seed)
+        elif readout == "sequence_classifier":
+            self.readout = SequenceClassifierReadout(model, self.family, norm)
         elif readout == "causal_lm":
             head = model.get_output_embeddings()
             if head is None:

@@ -137,8 +137,31 @@ def _tokenizer(tokenizer: object) -> object:
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-def _from_pretrained(path: Path, name: str, dtype: torch.dtype, tokenizer: object | None = None) -> LoadedModel:
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+def _model_class(family: Family, head: str) -> type:
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if head == "sequence_classification":
+        if family.sequence_logits is None:
+            raise ValueError(f"family {family.name!r} has no sequence-classification head; accepted heads: base")
+        return AutoModelForSequenceClassification
+    return AutoModelForCausalLM if family.causal else AutoModel
+
+
+def _head_config(config: object, head: str, num_labels: int, tokenizer: object) -> None:
+    """Labels (and, for decoders without one, the pad token HF's sequence head pools by) of a classifier."""
+    if head != "sequence_classification":
+        return
+    if int(num_labels) < 2:
+        raise ValueError(f"num_labels must be >= 2, got {num_labels}")
+    config.num_labels = int(num_labels)
+    if getattr(config, "pad_token_id", None) is None:
+        pad = getattr(tokenizer, "pad_token_id", None)
+        config.pad_token_id = pad if pad is not None else getattr(tokenizer, "eos_token_id", None)
+
+
+def _from_pretrained(path: Path, name: str, dtype: torch.dtype, tokenizer: object | None = None,
+                     head: str = "base", num_labels: int = 2, seed: int = 0) -> LoadedModel:
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-tensor bar for a 90 MB local file is noise
@@ -146,26 +169,36 @@ def _from_pretrained(path: Path, name: str, dtype: torch.dtype, tokenizer: objec
     check_folder(path, need_tokenizer=tokenizer is None)
     config = AutoConfig.from_pretrained(str(path))
     family = family_of(config)
-    cls = AutoModelForCausalLM if family.causal else AutoModel
-    model = cls.from_pretrained(str(path), dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(path)) if tokenizer is None else _tokenizer(tokenizer)
+    _head_config(config, head, num_labels, tokenizer)
+    torch.manual_seed(seed)  # the new weights of a sequence head (a base model has none)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a new head is the point here, not news: no "newly initialized" report
+    try:
+        model = _model_class(family, head).from_pretrained(str(path), config=config, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return LoadedModel(name, model, tokenizer, family)
 
 
-def _random(family_name: str, seed: int, dtype: torch.dtype) -> LoadedModel:
-    from transformers import AutoModel, AutoModelForCausalLM
-
+def _random(family_name: str, seed: int, dtype: torch.dtype, head: str = "base", num_labels: int = 2) -> LoadedModel:
     family = FAMILIES[family_name]
     tokenizer = offline_tokenizer()
     config = family.random_config(len(tokenizer))
+    _head_config(config, head, num_labels, tokenizer)
     torch.manual_seed(seed)
-    cls = AutoModelForCausalLM if family.causal else AutoModel
-    model = cls.from_config(config, dtype=dtype)
+    model = _model_class(family, head).from_config(config, dtype=dtype)
     return LoadedModel(f"random:{family_name}", model, tokenizer, family)
 
 
+HEADS = ("base", "sequence_classification")
+"""What :func:`load_model` puts on top of the blocks: the base model (encoders; decoders keep their LM
+head), or the family's HF ``*ForSequenceClassification`` model (its head new, seeded, for peft users)."""
+
+
 def load_model(name: str | nn.Module, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-               seed: int = 0, tokenizer: object | None = None) -> LoadedModel:
+               seed: int = 0, tokenizer: object | None = None, head: str = "base",
+               num_labels: int = 2) -> LoadedModel:
     """Load a model of the zoo, in eval mode, frozen, on ``device`` in ``dtype``.
 
     ``name`` is ``minilm``, ``random:<family>``, a checkpoint folder, or an
@@ -174,8 +207,13 @@ def load_model(name: str | nn.Module, dtype: str | torch.dtype = "float32", devi
     for a checkpoint folder's own tokenizer files.  Unknown names raise
     :class:`UnknownModelError` listing what is accepted; a folder without weights or
     tokenizer files raises :class:`CheckpointFolderError`; an unavailable device a
-    ValueError (:func:`check_device`).
+    ValueError (:func:`check_device`).  ``head="sequence_classification"`` loads the
+    family's ``AutoModelForSequenceClassification`` with ``num_labels`` classes instead (its
+    new head initialised by transformers under ``torch.manual_seed(seed)``; decoders without
+    a pad token get the tokenizer's).
     """
+    if head not in HEADS:
+        raise ValueError(f"head {head!r} is not one of {', '.join(HEADS)}")
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; accepted: {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -185,15 +223,16 @@ def load_model(name: str | nn.Module, dtype: str | torch.dtype = "float32", devi
         tok = offline_tokenizer() if tokenizer is None else _tokenizer(tokenizer)
         loaded = LoadedModel("<in-memory>", name.to(torch_dtype), tok, family)
     elif name == "minilm":
-        loaded = _from_pretrained(minilm_path(), "minilm", torch_dtype)
+        loaded = _from_pretrained(minilm_path(), "minilm", torch_dtype, head=head, num_labels=num_labels, seed=seed)
     elif name == "smollm2":
         from .smollm2 import smollm2_path
 
-        loaded = _from_pretrained(smollm2_path(), "smollm2", torch_dtype)
+        loaded = _from_pretrained(smollm2_path(), "smollm2", torch_dtype, head=head, num_labels=num_labels,
+                                  seed=seed)
     elif name.startswith("random:") and name.split(":", 1)[1] in FAMILIES:
-        loaded = _random(name.split(":", 1)[1], seed, torch_dtype)
+        loaded = _random(name.split(":", 1)[1], seed, torch_dtype, head, num_labels)
     elif os.path.isdir(name) and (Path(name) / "config.json").is_file():
-        loaded = _from_pretrained(Path(name), name, torch_dtype, tokenizer)
+        loaded = _from_pretrained(Path(name), name, torch_dtype, tokenizer, head, num_labels, seed)
     elif os.path.isdir(name):
         raise UnknownModelError(f"model folder {Path(name).resolve()} has no config.json; a checkpoint folder "
                                 "holds config.json + weights + tokenizer files (model.save_pretrained(folder) "

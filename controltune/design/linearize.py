@@ -60,12 +60,13 @@ def design_batch(system, task: str = "sst2", n: int = 32, seed: int = 0, max_len
     if int(n) < 1:
         raise ValueError(f"a design batch needs n >= 1 examples, got {n}")
     spec = resolve_task(task)
-    n_labels = getattr(system.readout, "head", None)
-    if n_labels is not None and n_labels.out_features != spec.num_labels:
+    n_labels = getattr(system.readout, "num_labels", None)
+    if n_labels is not None and n_labels != spec.num_labels:
         raise ValueError(f"design task {task!r} has {spec.num_labels} labels but the system's head has "
-                         f"{n_labels.out_features}; pass task=<the task you train on>")
+                         f"{n_labels}; pass task=<the task you train on>")
     examples = load_split(spec, "train", n=int(n), seed=int(seed))
-    batch = Collator(offline_tokenizer(), max_length)(examples)
+    # The system's own tokenizer (a random model has none: it shares the offline MiniLM one).
+    batch = Collator(getattr(system, "tokenizer", None) or offline_tokenizer(), max_length)(examples)
     device = next(system.model.parameters()).device
     return {k: v.to(device) for k, v in batch.items()}
 

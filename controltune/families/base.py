@@ -19,6 +19,7 @@ from torch import nn
 
 EmbedFn = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None", torch.Tensor], torch.Tensor]
 BlockFn = Callable[[nn.Module, torch.Tensor, "Context"], torch.Tensor]
+SequenceLogitsFn = Callable[[nn.Module, torch.Tensor, "Context"], torch.Tensor]
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -164,6 +165,11 @@ class Family:
             placed at ``n..n+T-1``), or None when positions cannot be shifted this way.
         anatomy: ``(block, config) -> BlockAnatomy`` for the composed Lipschitz bound,
             or None when that bound is not derived for the family.
+        sequence_logits: ``(model, h, ctx) -> S×C``: the head of the family's HF
+            ``*ForSequenceClassification`` model on ``h = norm(x_L)`` (S×T×d), exactly as its
+            forward computes it (pooling included), or None when the family has none.
+        sequence_head: attribute names of that head's modules on the model (what peft's
+            ``modules_to_save`` saves; trained with the deltas).
         resolve: ``(config, listed) -> Family | str``, or None.  Called with every config the
             family is asked to handle: ``listed`` True when ``config.model_type`` is one of
             :attr:`model_types`, False for a model type registered for the family
@@ -197,6 +203,8 @@ class Family:
     shiftable_embedding: str | None = None
     anatomy: AnatomyFn | None = None
     resolve: ResolveFn | None = None
+    sequence_logits: SequenceLogitsFn | None = None
+    sequence_head: tuple[str, ...] = ()
 
     @property
     def fused_qkv(self) -> bool:

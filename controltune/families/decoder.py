@@ -178,6 +178,17 @@ def _llama_config(vocab_size: int) -> object:
                        pad_token_id=0, bos_token_id=101, eos_token_id=102)
 
 
+def _decoder_sequence_logits(model: nn.Module, h: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """HF decoders' ``*ForSequenceClassification``: ``score(h)`` at each row's last real token.
+
+    HF finds that token as the last one that is not ``pad_token_id``; with right padding that
+    is the last position of the attention mask, which is what is used here (a row whose real
+    text ends in the pad token, e.g. pad = eos, is pooled at its true end).
+    """
+    last = ctx.attention_mask.sum(1).long() - 1
+    return model.score(h[torch.arange(h.shape[0], device=h.device), last])
+
+
 GPT2 = Family(
     name="gpt2", model_types=("gpt2",), post_ln=False, causal=True, blocks="h", final_norm="ln_f",
     roles={"qkv": "attn.c_attn", "o": "attn.c_proj", "ffn_in": "mlp.c_fc", "ffn_out": "mlp.c_proj",
@@ -185,6 +196,7 @@ GPT2 = Family(
     ffn_input="mlp", embed=_gpt2_embed, call_block=_gpt2_block,
     context_inputs=("mask: causal+padding mask S×1×T×T", "position_ids: 1×T"),
     random_config=_gpt2_config, linear_roles=_GPT2_LINEAR_ROLES, anatomy=_gpt2_anatomy,
+    sequence_logits=_decoder_sequence_logits, sequence_head=("score",),
     notes="pre-LN; linear maps are transformers Conv1D (weight stored in×out); final norm ln_f in the readout.",
 )
 
@@ -282,6 +294,7 @@ LLAMA = Family(
                     "rotary: (cos, sin) S×T×d_head from base.rotary_emb"),
     random_config=_llama_config, needs_rotary=True, prepare=_llama_prepare,
     linear_roles=_LLAMA_LINEAR_ROLES, resolve=_llama_resolve,
+    sequence_logits=_decoder_sequence_logits, sequence_head=("score",),
     notes="pre-LN with RMSNorm, rotary positions, grouped-query attention; final norm in the readout. "
           "HF's RMSNorm is swapped for PreciseRMSNorm (identical in float32, float64-exact). "
           "Other decoders with the LLaMA module layout are recognised by structure.",

@@ -50,6 +50,17 @@ def _anatomy(block: nn.Module, config: object) -> BlockAnatomy:
         norms=("ln_attn", "ln_ffn"), attn_norm=None, ffn_norm="ln_attn", out_norm="ln_ffn")
 
 
+def _bert_sequence_logits(model: nn.Module, h: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """``BertForSequenceClassification``: ``classifier(dropout(tanh(W_pool h_cls + b)))``, h_cls the first
+    real token."""
+    return model.classifier(model.dropout(model.base_model.pooler(h[:, ctx.n_prompt:])))
+
+
+def _roberta_sequence_logits(model: nn.Module, h: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """``RobertaForSequenceClassification``: its classification head (dense, tanh, out_proj) on the first real token."""
+    return model.classifier(h[:, ctx.n_prompt:])
+
+
 def _roberta_first_position(config: object) -> int:
     """RoBERTa numbers positions from ``pad_token_id + 1`` (position ids are built from the padding)."""
     return int(getattr(config, "pad_token_id", None) or 0) + 1
@@ -70,16 +81,19 @@ def _roberta_config(vocab_size: int) -> object:
                          intermediate_size=128, max_position_embeddings=514, pad_token_id=0, type_vocab_size=1)
 
 
-def _encoder(name: str, model_types: tuple[str, ...], random_config, first_position=first_row) -> Family:
+def _encoder(name: str, model_types: tuple[str, ...], random_config, first_position=first_row,
+             sequence_logits=_bert_sequence_logits) -> Family:
     return Family(
         name=name, model_types=model_types, post_ln=True, causal=False, blocks="encoder.layer",
         final_norm=None, roles=dict(_ROLES), ffn_input="output", embed=_embed, call_block=_call_block,
         context_inputs=("mask: bidirectional padding mask S×1×T×T",), random_config=random_config,
         linear_roles=_LINEAR_ROLES, embedding_norm="embeddings.LayerNorm", shiftable_embedding="embeddings",
-        anatomy=_anatomy, first_position=first_position,
+        anatomy=_anatomy, first_position=first_position, sequence_logits=sequence_logits,
+        sequence_head=("classifier",),
         notes="post-LN: x_L is already normalised; HF hidden_states[l] == x_l for every l.",
     )
 
 
 BERT = _encoder("bert", ("bert",), _bert_config)
-ROBERTA = _encoder("roberta", ("roberta", "xlm-roberta"), _roberta_config, _roberta_first_position)
+ROBERTA = _encoder("roberta", ("roberta", "xlm-roberta"), _roberta_config, _roberta_first_position,
+                   _roberta_sequence_logits)
