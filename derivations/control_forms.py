@@ -28,6 +28,10 @@ with the W_down, f, W_up stated below (row-vector convention, so W_down = Aᵀ f
 * BitFit: on a bias the block writes to the residual stream (attention output, FFN output, norm β),
   ``Δh = Δb``, a constant (state-independent, ``∂Δh/∂x = 0``) control; on the FFN's inner bias the
   change is state-dependent, ``Δh = (σ'(x W_1ᵀ + b_1) ⊙ Δb_1) W_2ᵀ + O(‖Δb_1‖²)``.
+* state-based parallel control (Zhang et al., ICML 2025) beside the FFN sub-block of block l:
+  ``x_{l+1} = ffn_l(m_l) + s m_l Aᵀ Bᵀ`` with m_l the state entering the sub-block (W_down = Aᵀ, f = id,
+  W_up = Bᵀ, read before the FFN norm when pre-LN, added after LN_2 when post-LN); pre-LN it is a LoRA
+  of the residual stream's identity path, ``m (I + s AᵀBᵀ) + FFN(N m)``, with a constant state Jacobian s B A.
 * prompt tuning: an initial control, ``x_0 ↦ [P; x_0]``, the blocks unchanged; at the first attention
   layer a real token sees exactly prefix tuning with ``P_k = P W_kᵀ + b_k``, ``P_v = P W_vᵀ + b_v``, i.e.
   the gated adapter above with ``λ`` from the prompt's keys.
@@ -289,6 +293,38 @@ def prompt(blk: Block, tex: TexFragment) -> dict[str, bool]:
     return checks
 
 
+def parallel_control(blk: Block, tex: TexFragment) -> dict[str, bool]:
+    """State-based parallel control (Zhang et al., ICML 2025) beside the FFN sub-block of a block."""
+    A, B = mat("A", RANK, D), mat("B", D, RANK)
+    m = mat("m", 1, D)  # the residual state entering the FFN sub-block
+    # Generic norms: each output coordinate an undefined function of the whole row.
+    normed = sp.Matrix(1, D, lambda _, j: sp.Function(f"nu_{j}")(*m))
+    dx = s * m * A.T * B.T
+    frozen_pre = m + blk.ffn(normed)
+    controlled_pre = m + blk.ffn(normed) + dx
+    out_norm = sp.Matrix(1, D, lambda _, j: sp.Function(f"psi_{j}")(*(m + blk.ffn(m))))
+    controlled_post = out_norm + dx
+    checks = {
+        "parallel control (pre-LN): dx = s m A^T B^T, m the state before the FFN norm":
+            vanishes(controlled_pre - frozen_pre - s * m * A.T * B.T),
+        "parallel control (pre-LN) = LoRA on the identity path: m (I + s A^T B^T) + FFN(N m)":
+            vanishes(controlled_pre - (m * (sp.eye(D) + s * A.T * B.T) + blk.ffn(normed))),
+        "parallel control (post-LN): dx = s m A^T B^T added after LN_2":
+            vanishes(controlled_post - out_norm - s * m * A.T * B.T),
+        "parallel control: d(dx)/dm = s B A (linear state feedback, independent of m)":
+            vanishes(dx.jacobian(m) - s * B * A),
+    }
+    ms, As, Bs = sp.MatrixSymbol("m_l", 1, D), sp.MatrixSymbol("A_l", RANK, D), sp.MatrixSymbol("B_l", D, RANK)
+    tex.add("State-based parallel control (Zhang et al., ICML 2025) beside the FFN sub-block: $W_{\\rm down} = "
+            "A^\\top$, $f = \\mathrm{id}$, $W_{\\rm up} = B^\\top$ read at the state $m_l$ entering the sub-block "
+            "(before its norm when pre-LN; added after $\\mathrm{LN}_2$ when post-LN).",
+            "x_{l+1} = \\mathrm{ffn}_l(m_l) + " + sp.latex(s * ms * As.T * Bs.T), "parallel_control")
+    tex.add("Pre-LN it is a LoRA of the residual stream's identity path.",
+            "x_{l+1} = m_l\\left(I + " + sp.latex(s * As.T * Bs.T) + "\\right) + \\mathrm{FFN}(N_f m_l)",
+            "parallel_control_identity")
+    return checks
+
+
 # --- numerical cross-check against controltune's controllers ------------------------------------
 
 def numeric_crosscheck() -> dict[str, bool]:
@@ -388,7 +424,7 @@ def main(out_dir: str | Path = OUT_DIR, numeric: bool = True) -> dict[str, bool]
             eq("\\Delta h", "s\\, f(x W_{\\rm down})\\, W_{\\rm up}"), "unified")
     blk = Block()
     checks: dict[str, bool] = {}
-    for method in (lora, adapters, prefix, ia3, bitfit, prompt):
+    for method in (lora, adapters, prefix, ia3, bitfit, prompt, parallel_control):
         checks.update(method(blk, tex))
     if numeric:
         checks.update(numeric_crosscheck())

@@ -192,6 +192,7 @@ def test_lora_options_on_the_command_line(capsys, task, opt, message) -> None:
     ("pfeiffer", {"bottleneck": 2.5}, "pfeiffer: bottleneck size must be an integer >= 1, got 2.5"),
     ("parallel_adapter", {"bottleneck": -4}, "parallel_adapter: bottleneck size must be an integer >= 1"),
     ("closed_loop_prefix", {"n_prefix": 0}, "closed_loop_prefix: n_prefix must be an integer >= 1"),
+    ("parallel_control", {"rank": 0}, "parallel_control: rank must be an integer >= 1"),
     ("arbitrary", {"group_size": 0}, "arbitrary: group_size must be an integer >= 1"),
     ("costate_lora", {"alpha": 0}, "costate_lora: alpha must be a positive number"),
     ("prefix", {"length": 0}, "prefix: length must be an integer >= 1"),
