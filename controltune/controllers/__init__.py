@@ -14,6 +14,7 @@ _MODULES = (
     "specification", "diff_pruning", "masking", "subspace", "full",              # specification / reference
     "composition",                                                               # combination
     "designed",                                                                  # control-designed deltas
+    "peft_lora",                                                                 # peft's own LoRA layers
 )
 for _m in _MODULES:
     importlib.import_module(f"{__name__}.{_m}")
