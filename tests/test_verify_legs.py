@@ -228,6 +228,24 @@ def test_a_kink_at_the_point_or_a_third_of_the_step_is_seen(where):
     assert fd_errors(2.0, d, 1e-4)[1] < 1e-3  # ... and is near what the central difference gives
 
 
+def test_an_offset_of_j0_is_not_a_kink():
+    """Rounding that is systematic at the unperturbed point offsets J(0) alone: the fourth difference stays
+    constant as the step shrinks (a kink's shrinks with it), so the central differences, which do not read J(0),
+    decide."""
+    def offset(ts):
+        return [1.0 + 2.0 * t + 3.0 * t * t + (1e-10 if t == 0 else 0.0) for t in ts]
+
+    d = refined_difference(offset, 1e-5, 1e-6, 1e-4)
+    assert d.kink_offset and d.step == 1e-5 and d.refined == 0
+    assert d.value == pytest.approx(2.0, rel=1e-9)
+
+    def kink_at_point(ts):  # the kink test's answer must not be set aside for a real kink
+        return [1.0 + t + 2.0 * max(t, 0.0) for t in ts]
+
+    d = refined_difference(kink_at_point, 1e-5, 1e-6, 1e-4)
+    assert not d.kink_offset and not d.smooth(1e-6, 1e-4) and d.refined == 3
+
+
 def test_the_raw_ceiling_fails_whatever_the_allowance():
     report = Verification(dtype="float64", n_layers=1, n_controls=1, costate_autograd=[0.0, 0.0],
                           control_autograd={"u": 0.0}, fd_directions={"all": 0.0},

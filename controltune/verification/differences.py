@@ -32,7 +32,7 @@ from .reference import (
     token_direction,
     total_cost,
 )
-from .report import _EPS, _TINY, FD_ROUNDING_ULPS, FD_STEP, FD_STEPS, TOLERANCES, ZERO_SCALE
+from .report import _EPS, _TINY, FD_KINK_ULPS, FD_ROUNDING_ULPS, FD_STEP, FD_STEPS, TOLERANCES, ZERO_SCALE
 
 # --- finite-difference leg ------------------------------------------------------------------
 
@@ -51,9 +51,11 @@ class Difference:
             was not :meth:`smooth` (a kink, e.g. of a ReLU, within the step).
         kink: ``K = (4 S(h/2) − S(h)) / h`` with ``S(s) = J(s) − 2 J(0) + J(−s)``: 0 up to
             ``O(h³)`` for a smooth J, the jump of the slope for a kink at the point.
-        kink_resolution: ``20·FD_ROUNDING_ULPS·ε·max|J| / h``, the rounding noise of K.
+        kink_resolution: ``20·FD_KINK_ULPS·ε·max|J| / h``, the rounding allowance of K.
         right, left: one-sided Richardson slopes ``(4 J(h/2) − J(h) − 3 J(0)) / h`` and
             ``(J(−h) − 4 J(−h/2) + 3 J(0)) / h`` (``O(h²)`` from each side's derivative).
+        kink_offset: the kink test failed at every step tried with a fourth difference that did
+            not shrink with the step: an offset of J(0), set aside (see :func:`refined_difference`).
     """
 
     value: float
@@ -66,6 +68,7 @@ class Difference:
     kink_resolution: float = 0.0
     right: float = 0.0
     left: float = 0.0
+    kink_offset: bool = False
 
     def smooth(self, tol: float, scale: float) -> bool:
         """``|D(h) − D(h/2)| ≤ δ + tol·m`` and ``|K| ≤ δ_K + tol·m``, ``m = max(|D|, σ)``: J is smooth at this scale.
@@ -76,9 +79,15 @@ class Difference:
         misses a kink at the point (both quotients take half the jump), the second one at
         ``|c| = h/3``; together they see at least ``a/6`` wherever the kink is.
         """
-        floor = tol * max(abs(self.value), scale)
-        return (abs(self.coarse - self.fine) <= self.resolution + floor
-                and abs(self.kink) <= self.kink_resolution + floor)
+        return self.central_agree(tol, scale) and self.no_kink(tol, scale)
+
+    def central_agree(self, tol: float, scale: float) -> bool:
+        """``|D(h) − D(h/2)| ≤ δ + tol·max(|D|, σ)`` (no use of J(0))."""
+        return abs(self.coarse - self.fine) <= self.resolution + tol * max(abs(self.value), scale)
+
+    def no_kink(self, tol: float, scale: float) -> bool:
+        """``|K| ≤ δ_K + tol·max(|D|, σ)``."""
+        return abs(self.kink) <= self.kink_resolution + tol * max(abs(self.value), scale)
 
     @property
     def one_sided_resolution(self) -> float:
@@ -103,9 +112,15 @@ def richardson(values: Sequence[float], h: float) -> Difference:
     top = max(abs(v) for v in values)
     unit = FD_ROUNDING_ULPS * _EPS * top / h
     kink = (4 * (j_half_plus - 2 * j_zero + j_half_minus) - (j_plus - 2 * j_zero + j_minus)) / h
-    return Difference((4 * fine - coarse) / 3, coarse, fine, 3 * unit, h, kink=kink, kink_resolution=20 * unit,
+    kink_unit = FD_KINK_ULPS * _EPS * top / h
+    return Difference((4 * fine - coarse) / 3, coarse, fine, 3 * unit, h, kink=kink, kink_resolution=20 * kink_unit,
                       right=(4 * j_half_plus - j_plus - 3 * j_zero) / h,
                       left=(j_minus - 4 * j_half_minus + 3 * j_zero) / h)
+
+
+KINK_SHRINK = 0.3
+"""A kink's fourth difference ``K·h`` shrinks with the step (``∝ h``); one that shrinks by less than this factor
+over a refinement (``FD_REFINE`` = 10) is not a kink."""
 
 
 def refined_difference(evaluate: Callable[[Sequence[float]], Sequence[float]], h: float, tol: float,
@@ -114,15 +129,34 @@ def refined_difference(evaluate: Callable[[Sequence[float]], Sequence[float]], h
 
     ``evaluate(ts) -> [J(t) for t in ts]``; ``first``: the values at step h when already known.
     The step is chosen from the differences alone, never from the value they are compared with.
+
+    The kink test reads ``J(0)``, and ``K·h = −Δ⁴J`` (the fourth difference of the five values) is
+    ``∝ h`` for a kink but constant for an offset of ``J(0)`` against its neighbours (rounding
+    that is systematic at the unperturbed point: on SmolLM2 with ``costate_lora``, ``Δ⁴J ≈ 25 ulps``
+    of J with one sign at every step from 1e-5 to 1e-8).  So when only the kink test failed and
+    ``Δ⁴J`` did not shrink over a refinement (ratio above ``KINK_SHRINK``), the kink test is set
+    aside and the largest step whose central differences agree is returned (they do not use J(0)).
+    :attr:`~Difference.refined` of the result: how many times its step was divided.
     """
-    diff = richardson(first if first is not None else evaluate([h * p for p in RICHARDSON_POINTS]), h)
-    for k in range(1, FD_REFINEMENTS + 1):
-        if diff.smooth(tol, scale):
-            break
-        step = h / FD_REFINE ** k
-        diff = richardson(evaluate([step * p for p in RICHARDSON_POINTS]), step)
-        diff.refined = k
-    return diff
+    diffs = [richardson(first if first is not None else evaluate([h * p for p in RICHARDSON_POINTS]), h)]
+    while True:
+        last = diffs[-1]
+        if last.smooth(tol, scale):
+            return last
+        if len(diffs) > 1 and last.central_agree(tol, scale) and not _kink_shrank(diffs[-2], last):
+            agreed = next(d for d in diffs if d.central_agree(tol, scale))
+            agreed.kink_offset = True
+            return agreed
+        if len(diffs) > FD_REFINEMENTS:
+            return last
+        step = h / FD_REFINE ** len(diffs)
+        diffs.append(richardson(evaluate([step * p for p in RICHARDSON_POINTS]), step))
+        diffs[-1].refined = len(diffs) - 1
+
+
+def _kink_shrank(coarse: Difference, fine: Difference) -> bool:
+    """``|Δ⁴J|`` at the finer step is below ``KINK_SHRINK`` times that at the coarser one (``Δ⁴J = −K·h``)."""
+    return abs(fine.kink * fine.step) < KINK_SHRINK * abs(coarse.kink * coarse.step)
 
 
 def fd_errors(pmp: float, diff: Difference, scale: float, kinked: bool = False) -> tuple[float, float]:
@@ -208,7 +242,7 @@ def directional_differences(system: ControlSystem, batch: dict, solution: CoStat
     report = DifferenceReport([0.0] * len(cached.states), [0.0] * len(cached.states), {}, {}, [], {})
     for check in checks:
         diff = refined_difference(check.evaluate, step, tol, scale, values.get(id(check)))
-        kinked = not diff.smooth(tol, scale)
+        kinked = not diff.smooth(tol, scale) and not diff.kink_offset
         err, raw = fd_errors(check.pmp, diff, scale, kinked)
         if diff.refined:
             report.refined.append(check.label)
