@@ -286,12 +286,12 @@ def varying_keys(cells: list[dict[str, Any]]) -> list[str]:
 
 
 # --- one cell (runs in a worker) ----------------------------------------------------------------
-def build_method(system, method: str, options: dict[str, Any], seed: int) -> None:
+def build_method(system, method: str, options: dict[str, Any], seed: int, task: str | None = None) -> None:
     """Attach ``method`` (a registered controller or ``a+b``, options of part ``a`` as ``a.key``) to ``system``
-    (:func:`controltune.controllers.spec.build_spec`)."""
+    (:func:`controltune.controllers.spec.build_spec`; a control-designed controller designs on ``task``)."""
     from .controllers.spec import build_spec
 
-    build_spec(system, method, options, seed)
+    build_spec(system, method, options, seed, task)
 
 
 def _train_cell(config: dict[str, Any], threads: int, out: Path | None) -> dict[str, Any]:
@@ -306,7 +306,7 @@ def _train_cell(config: dict[str, Any], threads: int, out: Path | None) -> dict[
     loaded = load_model(config["model"], dtype=config["dtype"], device=config["device"], seed=config["seed"])
     check_length(loaded, config["max_length"], "max_length")
     system = ResidualSystem(loaded, num_labels=spec.num_labels, pooling=config["pooling"], seed=config["seed"])
-    build_method(system, config["method"], config["options"], config["seed"])
+    build_method(system, config["method"], config["options"], config["seed"], config["task"])
     resume = out is not None and (out / "checkpoint.pt").is_file()
     settings = {k: config[k] for k in TRAIN_SETTINGS + OPTIONAL_SETTINGS if k in config}
     train_config = TrainConfig(**settings, lr=float(config["lr"]), seed=int(config["seed"]), progress=False,

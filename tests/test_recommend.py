@@ -155,3 +155,14 @@ def test_the_recommend_command_writes_a_peft_folder(task, tmp_path, capsys):
     assert (out / "adapter_model.safetensors").is_file()
     assert main(["recommend", "--model", "random:bert", "--task", task, "--out", str(out)]) == 2  # not empty
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_a_designed_controller_designs_on_the_task_it_is_trained_on():
+    from controltune.controllers.spec import controller_spec
+
+    name, options = controller_spec("recommended_lora", {"budget": 100}, seed=3, task="cola")
+    assert name == "recommended_lora" and options == {"budget": 100, "task": "cola", "seed": 3}
+    assert controller_spec("costate_lora", {"task": "rte"}, 0, task="cola")[1]["task"] == "rte"  # given wins
+    assert "task" not in controller_spec("lora", {}, 0, task="cola")[1]  # LoRA designs nothing
+    parts = controller_spec("lora+costate_lora", {}, 0, task="mrpc")[1]["parts"]
+    assert "task" not in parts[0][1] and parts[1][1]["task"] == "mrpc"

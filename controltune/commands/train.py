@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
     check_max_length(loaded, args.max_length)
     system = ResidualSystem(loaded, num_labels=spec.num_labels, pooling=args.pooling, seed=args.seed)
-    name, options = controller_spec(args.method, parse_options(args.opt), args.seed)
+    name, options = controller_spec(args.method, parse_options(args.opt), args.seed, args.task)
     build(name, system, **options)
     lr = args.lr if args.lr is not None else DEFAULT_LR.get(args.method, 5e-4)
     config = TrainConfig(

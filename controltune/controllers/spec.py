@@ -54,10 +54,13 @@ def parse_options(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def controller_spec(method: str, options: dict[str, Any], seed: int) -> tuple[str, dict[str, Any]]:
+def controller_spec(method: str, options: dict[str, Any], seed: int,
+                    task: str | None = None) -> tuple[str, dict[str, Any]]:
     """Registry name and options for ``--method`` (``a+b`` becomes a ``combination``).
 
-    A controller that takes a ``seed`` option gets the run's seed unless one is given.
+    A controller that takes a ``seed`` option gets the run's seed unless one is given; a
+    control-designed one (it takes a ``task`` option: its design rows) gets the run's ``task``
+    unless one is given, so it designs on the task it is trained on.
     """
 
     names = [canonical(m.strip()) for m in method.split("+")]
@@ -66,8 +69,11 @@ def controller_spec(method: str, options: dict[str, Any], seed: int) -> tuple[st
         raise ValueError(f"unknown method(s) {unknown}; registered: {', '.join(sorted(REGISTRY))}")
 
     def seeded(name: str, opts: dict[str, Any]) -> dict[str, Any]:
-        if "seed" in inspect.signature(REGISTRY[name]).parameters and "seed" not in opts:
+        accepted = inspect.signature(REGISTRY[name]).parameters
+        if "seed" in accepted and "seed" not in opts:
             opts = {**opts, "seed": seed}
+        if task is not None and "task" in accepted and "task" not in opts:
+            opts = {**opts, "task": task}
         return opts
 
     if len(names) == 1:
@@ -85,11 +91,11 @@ def controller_spec(method: str, options: dict[str, Any], seed: int) -> tuple[st
     return "combination", {"parts": [[n, seeded(n, o)] for n, o in parts.items()]}
 
 
-def build_spec(system, method: str, options: dict[str, Any], seed: int):
+def build_spec(system, method: str, options: dict[str, Any], seed: int, task: str | None = None):
     """Attach ``method`` (a name or ``a+b``) with ``options`` to ``system``; returns the controller."""
     from .base import build
 
-    name, opts = controller_spec(method, dict(options), seed)
+    name, opts = controller_spec(method, dict(options), seed, task)
     return build(name, system, **opts)
 
 
