@@ -31,12 +31,12 @@ Rows are appended to ``experiments/results/design_eval.jsonl`` as they finish; a
 rows already there (resume).  A row has ``status: "done"`` with its scores, or ``"diverged"``
 (non-finite loss or gradient) with the step and no score: a diverged job is not retried and
 never chosen or tabled (rows without ``status`` predate the key and are done).
-``--shard K/N`` runs every N-th job starting at K, so N processes (one per core) share one
-sweep; after the selection jobs each worker waits for all of them.
-Each invocation's configuration is appended to ``design_eval.invocations.jsonl``.
+Each invocation's configuration is appended to ``design_eval.invocations.jsonl``.  One process runs
+the jobs in order (the former ``--shard K/N`` file-sharing between processes is retired: parallel
+runs go through ``controltune sweep``, as in ``experiments/design_table.py``, which supersedes this
+script with the GLUE table's harness, peft's initialisations, the recommender and parallel control).
 
-    for k in 0 1; do nice -n 10 env PYTHONPATH=. .venv/bin/python experiments/design_eval.py \\
-        --shard $k/2 --budget-min 150 & done
+    nice -n 10 env PYTHONPATH=. .venv/bin/python experiments/design_eval.py --budget-min 600
 
 The pilot of the previous session (384 training rows, 8-step selection) is kept in
 ``design_eval_pilot.jsonl``.
@@ -206,7 +206,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--curve-points", type=int, default=6)
     ap.add_argument("--budget-min", type=float, default=60.0, help="start no new job after this wall time")
-    ap.add_argument("--shard", default="0/1", metavar="K/N")
     ap.add_argument("--first", nargs="*", default=[], metavar="BUDGET:TASK:SEED",
                     help="run these cells before the seed-major rest (e.g. to complete the seeds of one task)")
     ap.add_argument("--out", default=str(OUT))
@@ -222,10 +221,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         parts = cell.split(":")
         if len(parts) != 3 or parts[0] not in BUDGETS or not parts[2].isdigit():
             raise SystemExit(f"--first {cell!r}: expected BUDGET:TASK:SEED with BUDGET in {', '.join(BUDGETS)}")
-    k, _, n = args.shard.partition("/")
-    args.shard_k, args.shard_n = int(k), int(n)
-    if not 0 <= args.shard_k < args.shard_n:
-        raise SystemExit(f"--shard K/N needs 0 <= K < N, got {args.shard}")
     return args
 
 
@@ -242,8 +237,8 @@ def main(argv=None) -> None:
         return {(r["budget"], r["task"], r["method"], r["seed"], r["lr"]) for r in read_jsonl(out)}
 
     def work(jobs: list[tuple]) -> None:
-        for i, job in enumerate(jobs):
-            if i % args.shard_n != args.shard_k or job in done():
+        for job in jobs:
+            if job in done():
                 continue
             if time.perf_counter() - t_start > 60 * args.budget_min:
                 print(f"time budget reached, not starting {job}", flush=True)
@@ -258,10 +253,8 @@ def main(argv=None) -> None:
 
     selection = selection_jobs(args)
     work(selection)
-    while not set(selection) <= done():  # another shard is still selecting
-        if time.perf_counter() - t_start > 60 * args.budget_min:
-            return
-        time.sleep(15)
+    if not set(selection) <= done():  # stopped by the time budget before the selection finished
+        return
     rows = read_jsonl(out)
     chosen = {m: choose_lr(rows, args.budgets[0], resolve_task(args.tasks[0]).name, m) for m in args.methods}
     print("chosen learning rates:", chosen, flush=True)

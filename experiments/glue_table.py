@@ -16,7 +16,7 @@ Two sweeps (:mod:`controltune.sweep`, on an embedded local Ray, one CPU and one 
    5e-4, 2e-3; prefix (10 vectors) 3e-3, 1e-2; prompt (20 tokens) 1e-2, 5e-2; BitFit 1e-3, 5e-3).
    Where a pair's best validation score is at the edge of its grid, the grid continues
    geometrically one rate up (or down) at a time, at most two rates beyond it
-   (:func:`next_edge_rate`: on CoLA five of six methods chose their grid's top rate).
+   (:func:`rate_selection.next_edge_rate`: on CoLA five of six methods chose their grid's top rate).
    For each (task, method) the rate with the highest validation score of the task's metric is
    chosen (a diverged cell is never chosen; ties go to the smaller rate).
 2. ``glue_table.yaml`` -> ``results/glue_table.jsonl``: seeds 0, 1, 2 at the chosen rates.  Its
@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -61,7 +62,7 @@ from typing import Any
 
 from controltune.data import load_split, resolve_task
 from controltune.metrics import majority_baseline
-from controltune.results import append_jsonl, read_jsonl, stamp, write_json
+from controltune.results import read_jsonl, stamp, write_json
 from controltune.sweep import (
     FINISHED,
     SweepSpec,
@@ -72,6 +73,9 @@ from controltune.sweep import (
     parse_spec,
     run_sweep,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the experiments' shared modules, run or imported
+from rate_selection import MAX_EDGE_RATES, choose_lrs, copy_rows, extended_spec, task_method  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SELECT_SPEC = HERE / "glue_select.yaml"
@@ -99,90 +103,13 @@ EVAL_OVERHEAD = 0.10
 epoch, and dev twice)."""
 
 
-# --- the selection -----------------------------------------------------------------------------
-def _rate_key(row: dict[str, Any]) -> tuple[str, str]:
-    return str(row["config"]["task"]), str(row["config"]["method"])
-
-
-def choose_lrs(select_rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    """For each (task, method): the rate with the highest validation score among the finished cells.
-
-    Returns ``{(task, method): {lr, val_score, candidates: [{lr, status, val_score}]}}``; a pair whose
-    cells all diverged (or have no validation score) gets ``lr`` None.  Ties go to the smaller rate.
-    Only ``val_score`` (validation rows held out of train) is read: dev plays no part.
-    """
-    by_pair: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for row in select_rows:
-        if row.get("status") in FINISHED:
-            by_pair[_rate_key(row)].append(row)
-    chosen = {}
-    for pair, rows in by_pair.items():
-        candidates = sorted(({"lr": float(r["config"]["lr"]), "status": r["status"], "val_score": r.get("val_score")}
-                             for r in rows), key=lambda c: c["lr"])
-        scored = [c for c in candidates if c["status"] == "done" and c["val_score"] is not None]
-        best = max(scored, key=lambda c: c["val_score"]) if scored else None  # max keeps the first (smaller lr)
-        chosen[pair] = {"lr": best["lr"] if best else None, "val_score": best["val_score"] if best else None,
-                        "candidates": candidates}
-    return chosen
-
-
-MAX_EDGE_RATES = 2
-"""Rates a (task, method) may get beyond its grid when its best rate sits at the grid's edge."""
-
-
-def _pair_rates(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[float]]:
-    rates: dict[tuple[str, str], set[float]] = defaultdict(set)
-    for row in rows:
-        rates[_rate_key(row)].add(float(row["config"]["lr"]))
-    return {pair: sorted(r) for pair, r in rates.items()}
-
-
-def next_edge_rate(candidates: list[dict[str, Any]], grid: list[float]) -> float | None:
-    """The next rate to try for a pair whose best validation score is at the edge of the rates tried, else None.
-
-    ``candidates``: ``[{lr, status, val_score}]`` of every finished cell of the pair (sorted by lr), ``grid``: the
-    pair's rates in the spec.  When every grid rate has finished and the best rate is the highest (lowest) tried,
-    the grid continues geometrically one step up (down): ``r_top · r_top / r_next`` (``r_low · r_low / r_next``).
-    Nothing once ``MAX_EDGE_RATES`` rates beyond the grid were tried, or when the edge rate itself diverged (the
-    way up is closed).  An optimum at the edge of a grid is a rate the grid did not reach; without this, a method
-    that wants a larger rate than the grid offers would show a gap to full fine-tuning that is the grid's.
-    """
-    lrs = [c["lr"] for c in candidates]
-    if len(lrs) < 2 or not set(grid) <= set(lrs) or len(set(lrs) - set(grid)) >= MAX_EDGE_RATES:
-        return None
-    scored = [c for c in candidates if c["status"] == "done" and c["val_score"] is not None]
-    if not scored:
-        return None
-    best = max(scored, key=lambda c: c["val_score"])["lr"]
-    if best == lrs[-1]:
-        return float(f"{lrs[-1] * lrs[-1] / lrs[-2]:.3g}")
-    if best == lrs[0] and candidates[0]["status"] == "done":
-        return float(f"{lrs[0] * lrs[0] / lrs[1]:.3g}")
-    return None
+# --- the selection (experiments/rate_selection.py) -------------------------------------------
+_rate_key = task_method
 
 
 def selection_spec(path: Path, select_rows: list[dict[str, Any]]) -> SweepSpec:
-    """``glue_select.yaml`` plus, per pair, the rates beyond its grid tried so far and the next edge rate.
-
-    Derived from the rows alone, so a resumed driver rebuilds the same cells: one override
-    ``{where: {task, method}, set: {lr: [grid..., extra...]}}`` per extended pair.
-    """
-    import yaml
-
-    data = yaml.safe_load(path.read_text())
-    grid = _pair_rates([{"config": c} for c in expand(parse_spec(data, str(path), path.parent))])
-    tried = _pair_rates([r for r in select_rows if r.get("status") in FINISHED])
-    chosen = choose_lrs(select_rows)
-    extra = []
-    for pair, rates in sorted(grid.items()):
-        have = sorted(set(rates) | set(tried.get(pair, [])))
-        step = next_edge_rate(chosen[pair]["candidates"], rates) if pair in chosen else None
-        if step is not None:
-            have = sorted({*have, step})
-        if have != rates:
-            extra.append({"where": {"task": pair[0], "method": pair[1]}, "set": {"lr": have}})
-    data["overrides"] = list(data.get("overrides") or []) + extra
-    return parse_spec(data, str(path), path.parent)
+    """``glue_select.yaml`` plus the edge rates of :func:`rate_selection.extended_spec`, per (task, method)."""
+    return extended_spec(path, select_rows)
 
 
 def table_spec(path: Path, chosen: dict[tuple[str, str], dict[str, Any]],
@@ -205,18 +132,8 @@ def table_spec(path: Path, chosen: dict[tuple[str, str], dict[str, Any]],
 
 
 def copy_selected_rows(select_rows: list[dict[str, Any]], spec: SweepSpec, out: Path) -> int:
-    """Append to ``out`` the selection rows whose configuration equals a cell of ``spec`` (the seed-0 cells at
-    the chosen rates) and that ``out`` lacks; returns how many were copied."""
-    have = {canonical_config(r["config"]) for r in read_jsonl(out) if "config" in r}
-    wanted = {canonical_config(c) for c in expand(spec)}
-    copied = 0
-    for row in select_rows:
-        key = canonical_config(row["config"])
-        if row.get("status") in FINISHED and key in wanted and key not in have:
-            append_jsonl(out, {**row, "copied_from": "glue_select.jsonl"})
-            have.add(key)
-            copied += 1
-    return copied
+    """Append to ``out`` the selection rows that are cells of ``spec`` (the seed-0 cells at the chosen rates)."""
+    return copy_rows(select_rows, spec, out, "glue_select.jsonl")
 
 
 # --- the table ---------------------------------------------------------------------------------

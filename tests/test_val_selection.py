@@ -247,7 +247,8 @@ def test_the_glue_driver_chooses_rates_on_validation_scores_only():
 
 
 def test_the_glue_driver_continues_a_grid_whose_best_rate_is_at_its_edge(tmp_path):
-    from experiments.glue_table import MAX_EDGE_RATES, next_edge_rate, selection_spec
+    from experiments.glue_table import selection_spec
+    from experiments.rate_selection import MAX_EDGE_RATES, next_edge_rate
 
     def cand(lr, val, status="done"):
         return {"lr": lr, "status": status, "val_score": val}
@@ -275,3 +276,22 @@ def test_the_glue_driver_continues_a_grid_whose_best_rate_is_at_its_edge(tmp_pat
     assert ("cola", 3.2e-2) in {(c["task"], c["lr"]) for c in expand(selection_spec(spec, rows))}
     rows += [row("cola", 3.2e-2, 0.4)]
     assert len([c for c in expand(selection_spec(spec, rows)) if c["task"] == "cola"]) == 2 + MAX_EDGE_RATES
+
+
+def test_the_design_table_shares_the_glue_harness_and_judges_by_two_standard_errors():
+    from controltune.sweep import canonical_config, load_spec
+    from experiments.design_table import BUDGETS, label_of, selection_spec, verdict
+    from experiments.glue_table import SELECT_SPEC
+
+    glue_lora = {canonical_config(c) for c in expand(load_spec(SELECT_SPEC)) if c["method"] == "lora"}
+    design = {canonical_config(c) for c in expand(selection_spec(("sst2", "mrpc", "rte", "cola"), ("b74k",)))}
+    assert glue_lora and glue_lora <= design  # the GLUE table's LoRA cells are design cells: copied, not rerun
+    assert label_of({"method": "peft_lora", "options": BUDGETS["b18k"]["pissa"][1]}) == ("b18k", "pissa")
+
+    def cell(mean, std, n=3):
+        return {"mean": mean, "std": std, "n_seeds": n}
+
+    assert verdict(cell(0.60, 0.01), cell(0.55, 0.01))[0] == "win"
+    assert verdict(cell(0.55, 0.01), cell(0.60, 0.01))[0] == "loss"
+    assert verdict(cell(0.56, 0.05), cell(0.55, 0.05))[0] == "tie"
+    assert verdict(cell(0.60, None, 1), cell(0.55, 0.01))[0] is None

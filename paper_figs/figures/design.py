@@ -34,8 +34,7 @@ MATCHED = {"costate_lora": ("lora",), "gramian_lora": ("lora",), "riccati_lora":
 TASK_ORDER = ("sst2", "mrpc", "rte", "cola")
 TASK_NAME = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "cola": "CoLA"}
 METRIC = {"sst2": "accuracy", "rte": "accuracy", "mrpc": "f1", "cola": "mcc"}
-COMMAND = ("sh", "-c", "for k in 0 1; do nice -n 10 env PYTHONPATH=. python experiments/design_eval.py "
-                       "--shard $k/2 --budget-min 600 & done; wait")
+COMMAND = ("sh", "-c", "nice -n 10 env PYTHONPATH=. python experiments/design_eval.py --budget-min 600")
 
 
 def load_rows(results_dir: Path) -> list[dict]:

@@ -1,0 +1,266 @@
+"""The design table (issue 18, part 3): designed deltas and the recommender against standard deltas at equal budgets.
+
+Designs: ``costate_lora`` (one MSA step as LoRA's start), ``gramian_lora`` (placement by controllability),
+``recommended_lora`` (targets, ranks and a trust-region start from the co-state: what ``controltune
+recommend`` writes for peft), ``riccati_feedback`` (Riccati/LQR state feedback), ``closed_loop_prefix``
+and ``parallel_control`` (the state-based control of Zhang et al., ICML 2025).  Baselines: LoRA on q, v,
+the adapter, prefix tuning, and peft's own initialisations of the same LoRA (``peft_lora`` with PiSSA,
+OLoRA and LoRA-GA; peft 0.21.2 has no EVA path without its data loader and is left out).  Two budgets:
+``b74k`` (LoRA r=8 on q, v: 73,728 trainable parameters besides the head) and ``b18k`` (r=2: 18,432);
+every method's options at each budget are in :data:`BUDGETS` and ``--plan`` prints their counts.
+
+The harness is the GLUE table's (``experiments/glue_table.py``): MiniLM, float32, the training settings
+of ``glue_select.yaml`` (batch 32, length 128, AdamW, warm-up and linear decay, the per-task epochs,
+validation rows and evaluation cadence), seed 0 on each (task, method, options)'s grid of rates with the
+rate chosen on validation rows (grids continued at their edge, :mod:`rate_selection`), then seeds 0, 1, 2
+at the chosen rate; a designed controller designs on its cell's task (training rows).  LoRA at ``b74k``
+is the GLUE table's own LoRA cell: those rows are copied, not rerun.
+
+``results/design_table.json`` rows ``{design, baseline, task, budget, mean, std, n_seeds, verdict}``:
+``verdict`` by the two-standard-error rule on the difference of the means (win: above ``2·se``, loss:
+below ``−2·se``, tie otherwise, ``se = (s_d²/n_d + s_b²/n_b)^{1/2}``; none below two seeds each).
+
+    nohup .venv/bin/python experiments/design_table.py --tasks rte,mrpc > experiments/results/design_table.log 2>&1 &
+    .venv/bin/python experiments/design_table.py --plan          # cells, budgets and trainable counts; runs nothing
+    .venv/bin/python experiments/design_table.py --summary-only  # rewrite design_table.json from the rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from controltune.results import read_jsonl, stamp, write_json
+from controltune.sweep import SweepSpec, canonical_config, expand, finished_configs, parse_spec, run_sweep
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the experiments' shared modules, run or imported
+from rate_selection import MAX_EDGE_RATES, choose_lrs, copy_rows, extended_spec  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+SELECT_OUT, TABLE_OUT, SUMMARY = (RESULTS / "design_select.jsonl", RESULTS / "design_table.jsonl",
+                                  RESULTS / "design_table.json")
+TASKS = ("sst2", "mrpc", "rte", "cola")
+QV = ["q", "v"]
+LORA_LIKE = (5.0e-4, 2.0e-3)
+PREFIX_LIKE = (3.0e-3, 1.0e-2)
+
+BUDGETS: dict[str, dict[str, tuple[str, dict[str, Any], tuple[float, ...]]]] = {
+    "b74k": {
+        "lora": ("lora", {"rank": 8, "alpha": 16, "targets": QV}, LORA_LIKE),
+        "adapter": ("adapter", {"bottleneck": 8}, LORA_LIKE),
+        "prefix": ("prefix", {"length": 16}, PREFIX_LIKE),
+        "pissa": ("peft_lora", {"rank": 8, "alpha": 16, "targets": QV, "init": "pissa"}, LORA_LIKE),
+        "olora": ("peft_lora", {"rank": 8, "alpha": 16, "targets": QV, "init": "olora"}, LORA_LIKE),
+        "lora_ga": ("peft_lora", {"rank": 8, "alpha": 16, "targets": QV, "init": "lora_ga"}, LORA_LIKE),
+        "costate_lora": ("costate_lora", {"rank": 8, "alpha": 16, "targets": QV, "n_design": 32}, LORA_LIKE),
+        "gramian_lora": ("gramian_lora", {"rank": 8, "n_design": 16, "n_probes": 4}, LORA_LIKE),
+        "recommended_lora": ("recommended_lora", {"n_design": 64}, LORA_LIKE),
+        "riccati_feedback": ("riccati_feedback", {"rank": 16, "state_dim": 16, "n_design": 16}, LORA_LIKE),
+        "closed_loop_prefix": ("closed_loop_prefix", {"n_prefix": 8, "rank": 1}, PREFIX_LIKE),
+        "parallel_control": ("parallel_control", {"rank": 16}, LORA_LIKE),
+    },
+    "b18k": {
+        "lora": ("lora", {"rank": 2, "alpha": 4, "targets": QV}, LORA_LIKE),
+        "adapter": ("adapter", {"bottleneck": 2}, LORA_LIKE),
+        "prefix": ("prefix", {"length": 4}, PREFIX_LIKE),
+        "pissa": ("peft_lora", {"rank": 2, "alpha": 4, "targets": QV, "init": "pissa"}, LORA_LIKE),
+        "olora": ("peft_lora", {"rank": 2, "alpha": 4, "targets": QV, "init": "olora"}, LORA_LIKE),
+        "lora_ga": ("peft_lora", {"rank": 2, "alpha": 4, "targets": QV, "init": "lora_ga"}, LORA_LIKE),
+        "costate_lora": ("costate_lora", {"rank": 2, "alpha": 4, "targets": QV, "n_design": 32}, LORA_LIKE),
+        "gramian_lora": ("gramian_lora", {"rank": 2, "n_design": 16, "n_probes": 4}, LORA_LIKE),
+        "recommended_lora": ("recommended_lora", {"budget": 18432, "n_design": 64}, LORA_LIKE),
+        "riccati_feedback": ("riccati_feedback", {"rank": 4, "state_dim": 4, "n_design": 16}, LORA_LIKE),
+        "closed_loop_prefix": ("closed_loop_prefix", {"n_prefix": 2, "rank": 1}, PREFIX_LIKE),
+        "parallel_control": ("parallel_control", {"rank": 4}, LORA_LIKE),
+    },
+}
+"""budget -> label -> (registered method, options, grid of peak rates)."""
+DESIGNS = ("costate_lora", "gramian_lora", "recommended_lora", "riccati_feedback", "closed_loop_prefix",
+           "parallel_control")
+BASELINES = ("lora", "adapter", "prefix", "pissa", "olora", "lora_ga")
+
+
+def label_of(config: dict[str, Any]) -> tuple[str, str]:
+    """``(budget, label)`` of a cell configuration (its method and options in :data:`BUDGETS`)."""
+    key = canonical_config({"m": config["method"], "o": config.get("options") or {}})
+    for budget, entries in BUDGETS.items():
+        for label, (method, options, _) in entries.items():
+            if canonical_config({"m": method, "o": options}) == key:
+                return budget, label
+    raise KeyError(f"cell {config['method']} {config.get('options')} is not in BUDGETS")
+
+
+def pair_key(row: dict[str, Any]) -> tuple[str, str, str]:
+    """The design table's pair: (task, budget, label) — one rate each."""
+    return (str(row["config"]["task"]), *label_of(row["config"]))
+
+
+def pair_where(pair: tuple[str, str, str]) -> dict[str, Any]:
+    method, options, _ = BUDGETS[pair[1]][pair[2]]
+    return {"task": pair[0], "method": method, "options": options}
+
+
+def spec_data(tasks: tuple[str, ...], budgets: tuple[str, ...], seeds: list[int], name: str,
+              out: str) -> dict[str, Any]:
+    """A sweep spec with the GLUE selection's settings, one override per (budget, label) setting its options and
+    rates (methods that appear twice in a budget, peft_lora, are told apart by their options)."""
+    glue = yaml.safe_load((HERE / "glue_select.yaml").read_text())
+    methods = sorted({m for b in budgets for m, _, _ in BUDGETS[b].values()})
+    per_method: dict[str, dict[str, Any]] = {}
+    for b in budgets:
+        for method, options, grid in BUDGETS[b].values():
+            entry = per_method.setdefault(method, {"options": [], "lr": []})
+            entry["options"].append(copy.deepcopy(options))
+            entry["lr"] = sorted(set(entry["lr"]) | set(grid))
+    # A method whose settings share one lr grid needs no more; the grids here are per method.
+    return {"name": name, "out": out, "grid": {"model": "minilm", "task": list(tasks), "method": methods,
+                                                "seed": seeds},
+            "per_method": per_method, "train": glue["train"], "overrides": glue["overrides"]}
+
+
+def selection_spec(tasks, budgets, rows: list[dict[str, Any]] | None = None) -> SweepSpec:
+    path = RESULTS / "design_select.spec.yaml"
+    path.write_text(yaml.safe_dump(spec_data(tasks, budgets, [0], "design_select", SELECT_OUT.name)))
+    return extended_spec(path, rows or [], pair_key, pair_where)
+
+
+def table_spec(tasks, budgets, chosen: dict) -> SweepSpec:
+    """Seeds 0, 1, 2 at each pair's chosen rate (every pair of ``tasks`` x ``budgets`` must have one)."""
+    missing = [pair for pair in ((t, b, label) for t in tasks for b in budgets for label in BUDGETS[b])
+               if chosen.get(pair, {}).get("lr") is None]
+    if missing:
+        raise SystemExit(f"no rate chosen for {missing} (selection unfinished, or every rate diverged); drop "
+                         "those tasks or budgets (--tasks, --budgets) to tabulate the rest")
+    data = spec_data(tasks, budgets, [0, 1, 2], "design_table", TABLE_OUT.name)
+    data["overrides"] = list(data["overrides"]) + [
+        {"where": pair_where(pair), "set": {"lr": info["lr"]}} for pair, info in sorted(chosen.items())
+        if info["lr"] is not None]
+    return parse_spec(data, "design_table", RESULTS)
+
+
+def _stats(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def verdict(d: dict[str, Any], b: dict[str, Any]) -> tuple[str | None, float | None, float | None]:
+    """``(verdict, difference, se)`` by the two-standard-error rule (None below two seeds each)."""
+    if d["n_seeds"] < 2 or b["n_seeds"] < 2:
+        return None, None, None
+    diff = d["mean"] - b["mean"]
+    se = math.sqrt(d["std"] ** 2 / d["n_seeds"] + b["std"] ** 2 / b["n_seeds"])
+    return ("win" if diff > 2 * se else "loss" if diff < -2 * se else "tie"), diff, se
+
+
+def summary(tasks, budgets) -> dict[str, Any]:
+    select_rows, table_rows = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
+    chosen = choose_lrs(select_rows, pair_key)
+    cells: dict[tuple, dict[str, Any]] = {}
+    for pair, info in chosen.items():
+        done = [r for r in table_rows if r.get("status") == "done" and pair_key(r) == pair
+                and float(r["config"]["lr"]) == info["lr"]]
+        mean, std = _stats([r["score_at_best_val"] for r in done])
+        cells[pair] = {"task": pair[0], "budget": pair[1], "method": pair[2], "lr": info["lr"], "mean": mean,
+                       "std": std, "n_seeds": len(done), "trainable": done[0]["n_trainable"] if done else None,
+                       "metric": done[0]["metric"] if done else None}
+    rows = []
+    for (task, budget, label), d in sorted(cells.items()):
+        if label not in DESIGNS:
+            continue
+        for base in BASELINES:
+            b = cells.get((task, budget, base))
+            if b is None:
+                continue
+            v, diff, se = verdict(d, b)
+            rows.append({"design": label, "baseline": base, "task": task, "budget": budget, "metric": d["metric"],
+                         "mean": d["mean"], "std": d["std"], "n_seeds": d["n_seeds"], "baseline_mean": b["mean"],
+                         "baseline_std": b["std"], "baseline_n_seeds": b["n_seeds"], "difference": diff, "se": se,
+                         "verdict": v, "trainable": d["trainable"], "baseline_trainable": b["trainable"]})
+    payload = {**stamp({"tasks": list(tasks), "budgets": list(budgets), "budgets_options": BUDGETS,
+                        "harness": "experiments/glue_select.yaml settings", "seeds": [0, 1, 2],
+                        "command": "python experiments/design_table.py"}),
+               "cells": list(cells.values()), "rows": rows,
+               "wins": sum(r["verdict"] == "win" and r["baseline"] == "lora" for r in rows)}
+    write_json(SUMMARY, payload)
+    return payload
+
+
+def plan(tasks, budgets) -> list[dict[str, Any]]:
+    """Trainable parameters of every (budget, label) on MiniLM (designed ones on 8 SST-2 rows), and the cell count."""
+    from controltune import ResidualSystem, load_model
+    from controltune.controllers.spec import build_spec
+
+    loaded = load_model("minilm")
+    out = []
+    for budget in budgets:
+        for label, (method, options, grid) in BUDGETS[budget].items():
+            system = ResidualSystem(copy.deepcopy(loaded))
+            opts = {**options, **({"n_design": 8} if "n_design" in options else {})}
+            build_spec(system, method, opts, 0, "sst2")
+            trainable = sum(c.param.numel() for c in system.controls() if c.kind != "term")  # the head aside
+            out.append({"budget": budget, "label": label, "method": method, "grid": list(grid),
+                        "trainable": trainable})
+    n_select = len(expand(selection_spec(tasks, budgets)))
+    n_pairs = len(tasks) * sum(len(BUDGETS[b]) for b in budgets)
+    print(f"{n_pairs} (task, budget, method) pairs: {n_select} selection cells before edge rates, "
+          f"{2 * n_pairs} table cells of seeds 1 and 2 (seed 0 is the selection cell)")
+    for row in out:
+        print(f"{row['budget']:<5} {row['label']:<20} {row['method']:<20} {row['trainable']:>8,}  lr {row['grid']}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated GLUE tasks")
+    p.add_argument("--budgets", default=",".join(BUDGETS), help="comma-separated budgets (b74k, b18k)")
+    p.add_argument("--cpus-per-cell", type=int, default=1)
+    p.add_argument("--cpus", type=int, default=None)
+    p.add_argument("--executor", default="auto", choices=["auto", "ray", "local"])
+    p.add_argument("--address", default=None)
+    p.add_argument("--runs", type=Path, default=Path("runs/design_table"))
+    p.add_argument("--plan", action="store_true", help="print the cells and trainable counts; run nothing")
+    p.add_argument("--summary-only", action="store_true")
+    args = p.parse_args(argv)
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    budgets = tuple(b for b in args.budgets.split(",") if b)
+    unknown = [t for t in tasks if t not in TASKS] + [b for b in budgets if b not in BUDGETS]
+    if unknown:
+        raise SystemExit(f"unknown task(s)/budget(s) {unknown}; accepted: {', '.join(TASKS)}; {', '.join(BUDGETS)}")
+    if args.plan:
+        return {"plan": plan(tasks, budgets)}
+    if args.summary_only:
+        return summary(tasks, budgets)
+    sweep = {"cpus_per_cell": args.cpus_per_cell, "cpus": args.cpus, "executor": args.executor,
+             "address": args.address, "runs_dir": args.runs}
+
+    def echo(line: str) -> None:
+        print(line, flush=True)
+        if line.startswith("["):
+            summary(tasks, budgets)
+
+    glue_select, glue_table = read_jsonl(RESULTS / "glue_select.jsonl"), read_jsonl(RESULTS / "glue_table.jsonl")
+    for _ in range(MAX_EDGE_RATES + 1):
+        spec = selection_spec(tasks, budgets, read_jsonl(SELECT_OUT))
+        copy_rows(glue_select, spec, SELECT_OUT, "glue_select.jsonl")
+        if all(canonical_config(c) in finished_configs(read_jsonl(SELECT_OUT)) for c in expand(spec)):
+            break
+        run_sweep(spec, SELECT_OUT, echo=echo, **sweep)
+    chosen = {pair: info for pair, info in choose_lrs(read_jsonl(SELECT_OUT), pair_key).items()
+              if pair[0] in tasks and pair[1] in budgets}
+    table = table_spec(tasks, budgets, chosen)
+    copy_rows(read_jsonl(SELECT_OUT) + glue_table, table, TABLE_OUT, "design_select.jsonl / glue_table.jsonl")
+    run_sweep(table, TABLE_OUT, echo=echo, **sweep)
+    return summary(tasks, budgets)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Learning rates chosen on validation rows, for the table experiments (GLUE table, design table).
+
+A *pair* is what gets one rate: (task, method) in the GLUE table, (task, method, options) in the
+design table (a method at two budgets is two pairs); ``key(row) -> pair`` says which.  The
+selection sweep runs seed 0 on each pair's grid of rates; :func:`choose_lrs` takes the rate with
+the highest validation score (rows held out of train; dev is never read), :func:`next_edge_rate`
+continues a grid whose best rate sits at its edge, and :func:`extended_spec` rebuilds the
+selection spec with those extra rates from the rows alone (a resumed driver rebuilds the same
+cells).  :func:`copy_rows` carries finished rows whose configuration is a cell of another sweep
+into that sweep's JSONL (the seed-0 table cell *is* the selection cell at the chosen rate; a
+design table's baseline cell *is* the GLUE table's cell when the settings are equal).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from controltune.results import append_jsonl, read_jsonl
+from controltune.sweep import FINISHED, SweepSpec, canonical_config, expand, parse_spec
+
+Pair = tuple
+KeyFn = Callable[[dict[str, Any]], Pair]
+WhereFn = Callable[[Pair], dict[str, Any]]
+
+MAX_EDGE_RATES = 2
+"""Rates a pair may get beyond its grid when its best rate sits at the grid's edge."""
+
+
+def task_method(row: dict[str, Any]) -> tuple[str, str]:
+    """The GLUE table's pair: (task, method)."""
+    return str(row["config"]["task"]), str(row["config"]["method"])
+
+
+def task_method_where(pair: Pair) -> dict[str, Any]:
+    return {"task": pair[0], "method": pair[1]}
+
+
+def choose_lrs(select_rows: list[dict[str, Any]], key: KeyFn = task_method) -> dict[Pair, dict[str, Any]]:
+    """For each pair: the rate with the highest validation score among the finished cells.
+
+    Returns ``{pair: {lr, val_score, candidates: [{lr, status, val_score}]}}``; a pair whose cells
+    all diverged (or have no validation score) gets ``lr`` None.  Ties go to the smaller rate.
+    Only ``val_score`` (validation rows held out of train) is read: dev plays no part.
+    """
+    by_pair: dict[Pair, list[dict[str, Any]]] = defaultdict(list)
+    for row in select_rows:
+        if row.get("status") in FINISHED:
+            by_pair[key(row)].append(row)
+    chosen = {}
+    for pair, rows in by_pair.items():
+        candidates = sorted(({"lr": float(r["config"]["lr"]), "status": r["status"], "val_score": r.get("val_score")}
+                             for r in rows), key=lambda c: c["lr"])
+        scored = [c for c in candidates if c["status"] == "done" and c["val_score"] is not None]
+        best = max(scored, key=lambda c: c["val_score"]) if scored else None  # max keeps the first (smaller lr)
+        chosen[pair] = {"lr": best["lr"] if best else None, "val_score": best["val_score"] if best else None,
+                        "candidates": candidates}
+    return chosen
+
+
+def pair_rates(rows: list[dict[str, Any]], key: KeyFn = task_method) -> dict[Pair, list[float]]:
+    """``pair -> sorted rates`` of the rows."""
+    rates: dict[Pair, set[float]] = defaultdict(set)
+    for row in rows:
+        rates[key(row)].add(float(row["config"]["lr"]))
+    return {pair: sorted(r) for pair, r in rates.items()}
+
+
+def next_edge_rate(candidates: list[dict[str, Any]], grid: list[float]) -> float | None:
+    """The next rate to try for a pair whose best validation score is at the edge of the rates tried, else None.
+
+    ``candidates``: ``[{lr, status, val_score}]`` of every finished cell of the pair (sorted by lr), ``grid``: the
+    pair's rates in the spec.  When every grid rate has finished and the best rate is the highest (lowest) tried,
+    the grid continues geometrically one step up (down): ``r_top · r_top / r_next`` (``r_low · r_low / r_next``).
+    Nothing once ``MAX_EDGE_RATES`` rates beyond the grid were tried, or when the edge rate itself diverged (the
+    way up is closed).  An optimum at the edge of a grid is a rate the grid did not reach; without this, a method
+    that wants a larger rate than the grid offers would show a gap to full fine-tuning that is the grid's.
+    """
+    lrs = [c["lr"] for c in candidates]
+    if len(lrs) < 2 or not set(grid) <= set(lrs) or len(set(lrs) - set(grid)) >= MAX_EDGE_RATES:
+        return None
+    scored = [c for c in candidates if c["status"] == "done" and c["val_score"] is not None]
+    if not scored:
+        return None
+    best = max(scored, key=lambda c: c["val_score"])["lr"]
+    if best == lrs[-1]:
+        return float(f"{lrs[-1] * lrs[-1] / lrs[-2]:.3g}")
+    if best == lrs[0] and candidates[0]["status"] == "done":
+        return float(f"{lrs[0] * lrs[0] / lrs[1]:.3g}")
+    return None
+
+
+def extended_spec(path: Path, select_rows: list[dict[str, Any]], key: KeyFn = task_method,
+                  where: WhereFn = task_method_where) -> SweepSpec:
+    """The selection spec at ``path`` plus, per pair, the rates beyond its grid tried so far and the next edge rate.
+
+    Derived from the rows alone, so a resumed driver rebuilds the same cells: one override
+    ``{where: where(pair), set: {lr: [grid..., extra...]}}`` per extended pair.
+    """
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    grid = pair_rates([{"config": c} for c in expand(parse_spec(data, str(path), path.parent))], key)
+    tried = pair_rates([r for r in select_rows if r.get("status") in FINISHED], key)
+    chosen = choose_lrs(select_rows, key)
+    extra = []
+    for pair, rates in sorted(grid.items(), key=lambda item: canonical_config({"p": list(item[0])})):
+        have = sorted(set(rates) | set(tried.get(pair, [])))
+        step = next_edge_rate(chosen[pair]["candidates"], rates) if pair in chosen else None
+        if step is not None:
+            have = sorted({*have, step})
+        if have != rates:
+            extra.append({"where": where(pair), "set": {"lr": have}})
+    data["overrides"] = list(data.get("overrides") or []) + extra
+    return parse_spec(data, str(path), path.parent)
+
+
+def copy_rows(rows: list[dict[str, Any]], spec: SweepSpec, out: Path, source: str) -> int:
+    """Append to ``out`` the finished rows whose configuration equals a cell of ``spec`` and that ``out`` lacks
+    (marked ``copied_from: source``); returns how many were copied."""
+    have = {canonical_config(r["config"]) for r in read_jsonl(out) if "config" in r}
+    wanted = {canonical_config(c) for c in expand(spec)}
+    copied = 0
+    for row in rows:
+        key = canonical_config(row["config"])
+        if row.get("status") in FINISHED and key in wanted and key not in have:
+            append_jsonl(out, {**row, "copied_from": source})
+            have.add(key)
+            copied += 1
+    return copied
