@@ -127,9 +127,9 @@ def spec_data(tasks: tuple[str, ...], budgets: tuple[str, ...], seeds: list[int]
 
 
 def selection_spec(tasks, budgets, rows: list[dict[str, Any]] | None = None) -> SweepSpec:
-    path = RESULTS / "design_select.spec.yaml"
-    path.write_text(yaml.safe_dump(spec_data(tasks, budgets, [0], "design_select", SELECT_OUT.name)))
-    return extended_spec(path, rows or [], pair_key, pair_where)
+    """Seed 0 on every pair's grid, plus the edge rates the rows call for."""
+    data = spec_data(tasks, budgets, [0], "design_select", SELECT_OUT.name)
+    return extended_spec(data, rows or [], pair_key, pair_where, RESULTS)
 
 
 def table_spec(tasks, budgets, chosen: dict) -> SweepSpec:

@@ -92,17 +92,23 @@ def next_edge_rate(candidates: list[dict[str, Any]], grid: list[float]) -> float
     return None
 
 
-def extended_spec(path: Path, select_rows: list[dict[str, Any]], key: KeyFn = task_method,
-                  where: WhereFn = task_method_where) -> SweepSpec:
-    """The selection spec at ``path`` plus, per pair, the rates beyond its grid tried so far and the next edge rate.
+def extended_spec(spec: Path | dict[str, Any], select_rows: list[dict[str, Any]], key: KeyFn = task_method,
+                  where: WhereFn = task_method_where, folder: Path | None = None) -> SweepSpec:
+    """The selection spec (a YAML path, or its data with ``out`` relative to ``folder``) plus, per pair, the rates
+    beyond its grid tried so far and the next edge rate.
 
     Derived from the rows alone, so a resumed driver rebuilds the same cells: one override
     ``{where: where(pair), set: {lr: [grid..., extra...]}}`` per extended pair.
     """
+    import copy
+
     import yaml
 
-    data = yaml.safe_load(path.read_text())
-    grid = pair_rates([{"config": c} for c in expand(parse_spec(data, str(path), path.parent))], key)
+    if isinstance(spec, Path):
+        data, source, folder = yaml.safe_load(spec.read_text()), str(spec), spec.parent
+    else:
+        data, source = copy.deepcopy(spec), str(spec.get("name", "spec"))
+    grid = pair_rates([{"config": c} for c in expand(parse_spec(data, source, folder))], key)
     tried = pair_rates([r for r in select_rows if r.get("status") in FINISHED], key)
     chosen = choose_lrs(select_rows, key)
     extra = []
@@ -114,7 +120,7 @@ def extended_spec(path: Path, select_rows: list[dict[str, Any]], key: KeyFn = ta
         if have != rates:
             extra.append({"where": where(pair), "set": {"lr": have}})
     data["overrides"] = list(data.get("overrides") or []) + extra
-    return parse_spec(data, str(path), path.parent)
+    return parse_spec(data, source, folder)
 
 
 def copy_rows(rows: list[dict[str, Any]], spec: SweepSpec, out: Path, source: str) -> int:
