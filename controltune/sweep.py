@@ -317,7 +317,7 @@ def _train_cell(config: dict[str, Any], threads: int, out: Path | None) -> dict[
     return {**result, "metric": spec.metric}
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Reset this process's peak resident memory (Linux ``clear_refs``); False where that is not possible."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
@@ -327,7 +327,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss_mb() -> float | None:
+def peak_rss_mb() -> float | None:
     """Peak resident memory since the last reset (``VmHWM``), or None where /proc is absent."""
     try:
         with open("/proc/self/status") as fh:
@@ -351,7 +351,7 @@ def run_cell(config: dict[str, Any], threads: int = 1, runs_dir: str | None = No
     the process's peak so far, ``peak_memory_scope`` says which).
     """
     start = time.perf_counter()
-    per_cell = config.get("device", "cpu") == "cpu" and _reset_peak_rss()
+    per_cell = config.get("device", "cpu") == "cpu" and reset_peak_rss()
     out = Path(runs_dir) / cell_id(config) if runs_dir else None
     row: dict[str, Any] = {**stamp(config), "cell": cell_id(config), "threads": threads,
                            "worker": {"host": socket.gethostname(), "pid": os.getpid()}}
@@ -379,7 +379,7 @@ def run_cell(config: dict[str, Any], threads: int = 1, runs_dir: str | None = No
                total_steps=(result or {}).get("total_steps"), n_trainable=(result or {}).get("n_trainable"),
                trainable_fraction=(result or {}).get("trainable_fraction"),
                train_time_s=(result or {}).get("wall_time_s"), wall_time_s=time.perf_counter() - start,
-               peak_memory_mb=(_peak_rss_mb() if per_cell else None) or peak_memory_mb(_device(config)),
+               peak_memory_mb=(peak_rss_mb() if per_cell else None) or peak_memory_mb(_device(config)),
                peak_memory_scope="cell" if per_cell else "process", run_dir=str(out) if out else None)
     return row
 
