@@ -125,6 +125,27 @@ def test_checkpoint_refuses_another_base_model_or_method(tmp_path):
         ckpt.load(adapter, path)
 
 
+def test_train_cli_trains_a_sequential_combination_stage_by_stage(task, tmp_path, capsys):
+    spec, _, _ = task
+    out = tmp_path / "seq"
+    code = main(["train", "--model", "random:bert", "--method", "bitfit+lora", "--sequential", "--task",
+                 str(spec.folder), "--opt", "lora.rank=2", "--steps", "3", "--batch-size", "8", "--max-length", "16",
+                 "--out", str(out), "--no-progress"])
+    assert code == 0
+    first = json.loads((out / "stage0-bitfit" / "metrics.json").read_text())
+    second = json.loads((out / "stage1-lora" / "metrics.json").read_text())
+    assert first["config"]["extra"]["stage"] == 0 and second["config"]["extra"]["stage_method"] == "lora"
+    # stage 1 trains LoRA (3 layers x q, v x (2x64 + 64x2)) and the head (64x2 + 2) only: the biases are frozen
+    assert second["n_trainable"] == 3 * 2 * (2 * 64 + 64 * 2) + 64 * 2 + 2
+    assert first["n_trainable"] != second["n_trainable"]
+    assert second["config"]["methods"] == first["config"]["methods"] == ["sequential"]
+    text = capsys.readouterr().out
+    assert "stage 0 (bitfit)" in text and "stage 1 (lora)" in text
+    assert main(["train", "--model", "random:bert", "--method", "lora", "--sequential", "--task",
+                 str(spec.folder)]) == 2
+    assert "has one part" in capsys.readouterr().err
+
+
 def test_train_cli_writes_metrics(task, tmp_path, capsys):
     spec, _, _ = task
     code = main(["train", "--model", "random:bert", "--method", "lora+adapter", "--task", str(spec.folder),

@@ -10,7 +10,11 @@ Examples::
         # select the deltas on 250 held-out training rows, report dev at that checkpoint
 
 ``--method a+b`` combines controllers simultaneously (:class:`~controltune.controllers.composition.Simultaneous`);
-an option ``--opt a.key=value`` then goes to part ``a`` only.
+an option ``--opt a.key=value`` then goes to part ``a`` only.  With ``--sequential`` the parts are trained one
+after another instead (:class:`~controltune.controllers.composition.Sequential`): part a for ``--epochs``/
+``--steps``, then frozen into the model, then part b, ...; each stage writes its own ``<out>/stage<i>-<method>``::
+
+    controltune train --method prompt+bitfit+adapter --sequential --task sst2 --epochs 1 --out runs/seq
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="minilm", help="minilm, random:<family> or a checkpoint folder")
     parser.add_argument("--method", required=True,
                         help="a registered controller (see `controltune methods`), or several joined by '+'")
+    parser.add_argument("--sequential", action="store_true",
+                        help="with --method a+b+...: train the parts one after another (each frozen before the next "
+                             "is added), each for --epochs/--steps, into <out>/stage<i>-<method>")
     parser.add_argument("--task", required=True, help="sst2, mrpc, rte, cola or a path to JSONL data")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                         help="controller option (repeatable); lists comma-separated: targets=q,v; "
@@ -79,6 +86,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, default=None,
                         help="after training, methods with a sparsity budget (diff pruning) are projected onto "
                              "this many entries (or this fraction if < 1)")
+
+
+def _stage_out(out: str | None, stage: int, method: str) -> str | None:
+    """``<out>/stage<i>-<method>``: each stage of a sequential run keeps its own metrics, deltas and checkpoints."""
+    return None if out is None else str(Path(out) / f"stage{stage}-{method}")
 
 
 DEFAULT_LR = {"full": 5e-5, "prefix": 5e-3, "prompt": 5e-3}
@@ -140,10 +152,15 @@ def run(args: argparse.Namespace) -> int:
     from .. import load_model
     from ..controllers import build
     from ..system import ResidualSystem
-    from ..train import TrainConfig, TrainingDiverged, check_output_folder, train
+    from ..train import TrainConfig, TrainingDiverged, check_output_folder, train, train_stages
 
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out, the folder holding the run's checkpoint")
+    if args.sequential and "+" not in args.method:
+        raise ValueError(f"--sequential trains the parts of a combination one after another; --method {args.method!r} "
+                         "has one part (join several with '+', e.g. --method prompt+bitfit+adapter)")
+    if args.sequential and args.resume:
+        raise ValueError("--resume is not supported with --sequential yet: rerun the stages with --overwrite")
     if args.out is not None:  # before the model loads: a wrong --out should cost nothing
         check_output_folder(args.out, resume=args.resume, overwrite=args.overwrite)
     spec = resolve_task(args.task, holdout_seed=args.data_seed)
@@ -155,35 +172,46 @@ def run(args: argparse.Namespace) -> int:
     check_max_length(loaded, args.max_length)
     system = ResidualSystem(loaded, num_labels=spec.num_labels, pooling=args.pooling, seed=args.seed)
     name, options = controller_spec(args.method, parse_options(args.opt), args.seed, args.task)
-    build(name, system, **options)
-    lr = args.lr if args.lr is not None else DEFAULT_LR.get(args.method, 5e-4)
-    config = TrainConfig(
-        lr=lr, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
+    if args.sequential:
+        name, options = "sequential", {"stages": options["parts"]}
+    controller = build(name, system, **options)
+    extra = {"model": args.model, "method": name, "options": options, "task": args.task, "pooling": args.pooling,
+             "train_size": args.train_size, "data_seed": args.data_seed, "dev_size": args.dev_size,
+             "dtype": args.dtype, "device": args.device}
+    stages = [part for part, _ in options["stages"]] if args.sequential else [args.method]
+    configs = [TrainConfig(
+        lr=args.lr if args.lr is not None else DEFAULT_LR.get(stage, 5e-4), epochs=args.epochs, steps=args.steps,
+        batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size, max_length=args.max_length, warmup=args.warmup, schedule=args.schedule,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every, seed=args.seed,
-        out=args.out, resume=args.resume, dropout=args.dropout, progress=not args.no_progress, budget=args.budget,
+        out=_stage_out(args.out, i, stage) if args.sequential else args.out, resume=args.resume,
+        dropout=args.dropout, progress=not args.no_progress, budget=args.budget,
         checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
         overwrite=args.overwrite, allow_config_change=list(args.allow_config_change),
         group_by_length=not args.no_group_by_length, token_cache=args.token_cache,
         threads=args.threads, val_size=args.val_size, val_seed=args.val_seed,
-        extra={"model": args.model, "method": name, "options": options, "task": args.task, "pooling": args.pooling,
-               "train_size": args.train_size, "data_seed": args.data_seed, "dev_size": args.dev_size,
-               "dtype": args.dtype, "device": args.device},
-    )
+        extra={**extra, **({"stage": i, "stage_method": stage} if args.sequential else {})},
+    ) for i, stage in enumerate(stages)]
     from ..results import write_json
 
     try:
-        result = train(system, train_ex, dev_ex, spec, config, tokenizer=loaded.tokenizer)
+        if args.sequential:
+            results = train_stages(system, controller, train_ex, dev_ex, spec, configs, tokenizer=loaded.tokenizer)
+        else:
+            results = [train(system, train_ex, dev_ex, spec, configs[0], tokenizer=loaded.tokenizer)]
     except TrainingDiverged as err:  # a failure, not a result: one line, no score, exit 3
         if args.json:
             write_json(args.json, err.result)
-        where = f"; metrics in {Path(args.out) / 'metrics.json'}" if args.out else ""
+        where = f"; metrics in {Path(err.result['config']['out']) / 'metrics.json'}" \
+            if err.result.get("config", {}).get("out") else ""
         print(f"controltune train: {err}{where}", file=sys.stderr)
         return 3
-    scores = _scores_text(result)
-    print(f"{args.method} on {spec.name} ({args.model}): {scores}; {result['n_trainable']:,} trainable "
-          f"({100 * result['trainable_fraction']:.3f}% of base), {result['wall_time_s']:.1f} s, "
-          f"peak {result['peak_memory_mb']:.0f} MB")
+    for i, (stage, result) in enumerate(zip(stages, results)):
+        label = f"stage {i} ({stage}) of {args.method}" if args.sequential else args.method
+        print(f"{label} on {spec.name} ({args.model}): {_scores_text(result)}; {result['n_trainable']:,} trainable "
+              f"({100 * result['trainable_fraction']:.3f}% of base), {result['wall_time_s']:.1f} s, "
+              f"peak {result['peak_memory_mb']:.0f} MB")
+    result = results[-1] if not args.sequential else {**results[-1], "stages": results}
     if args.json:
         write_json(args.json, result)
     return 0
