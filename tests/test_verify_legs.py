@@ -253,3 +253,17 @@ def test_the_raw_ceiling_fails_whatever_the_allowance():
     assert not report.passed
     assert report.failures() == [f"grad_u H[all] vs finite differences (raw): {2 * FD_RAW_CEILING:.2e} > "
                                  f"{FD_RAW_CEILING:g}"]
+
+
+def test_verify_jobs_give_the_rows_of_one_process(tmp_path):
+    """``--jobs 2`` checks methods in two worker processes; every method reseeds, so its row is the same."""
+    from controltune.cli import main
+
+    common = ["verify", "--model", "random:bert", "--methods", "lora,prompt,adapter", "--dtype", "float64"]
+    assert main([*common, "--json", str(tmp_path / "one.json")]) == 0
+    assert main([*common, "--jobs", "2", "--json", str(tmp_path / "two.json")]) == 0
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text())["results"] for n in ("one", "two"))
+    keys = ("method", "status", "costate_autograd", "control_autograd", "costate_forward", "control_forward",
+            "costate_fd", "fd_directions_raw")
+    assert [{k: r[k] for k in keys} for r in one] == [{k: r[k] for k in keys} for r in two]
+    assert main([*common, "--jobs", "0"]) == 2

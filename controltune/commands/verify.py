@@ -17,7 +17,9 @@ The table gains a row per method as it runs (with the seconds it took); the JSON
 has every error, each leg's tolerance, largest error and time (``legs``).
 A method that does not fit the model (``UnsupportedMethodError``) is reported as
 *skipped* with its reason; a method that fails to build or to run is *failed*.
-Exit status 1 if any check fails.
+Exit status 1 if any check fails.  ``--jobs N`` checks N methods at a time in worker
+processes (each loads the model once and gets ``cores // N`` torch threads); every method
+reseeds torch with ``--seed`` before it is built, so its row does not depend on ``--jobs``.
 
 Example::
 
@@ -63,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-forward", action="store_true", help="skip the forward-mode leg")
     parser.add_argument("--design-examples", type=int, default=8,
                         help="train rows the control-designed controllers are designed on")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="methods checked at a time, each in its own process with cores/N torch threads "
+                             "(rows are printed in method order)")
 
 
 def check_batch(tokenizer, batch_size: int, seq_len: int, seed: int) -> tuple[dict, str]:
@@ -114,6 +119,7 @@ def verify_method(loaded, method: str, batch: dict, args: argparse.Namespace) ->
     from ..system import ResidualSystem
 
     start = time.perf_counter()
+    torch.manual_seed(args.seed)  # the row does not depend on the methods checked before it (nor on --jobs)
     cls = REGISTRY[method]
     row: dict[str, Any] = {"method": method, "family": loaded.family.name, "dtype": args.dtype, "group": cls.group}
     system = ResidualSystem(copy.deepcopy(loaded), seed=args.seed)
@@ -133,6 +139,41 @@ def verify_method(loaded, method: str, batch: dict, args: argparse.Namespace) ->
                 "traceback": traceback.format_exc(limit=4), "passed": False}
     return {**row, **report_row(report, system),
             "seconds": {"build": built - start, **report.seconds, "total": time.perf_counter() - start}}
+
+
+def _rows(loaded, methods: list[str], batch: dict, args: argparse.Namespace):
+    """The rows of ``methods`` in order: here one by one, or from ``--jobs`` worker processes."""
+    jobs = int(getattr(args, "jobs", 1) or 1)
+    if jobs == 1 or len(methods) < 2:
+        for method in methods:
+            yield verify_method(loaded, method, batch, args)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start,
+                             initargs=(settings, threads)) as pool:
+        futures = [pool.submit(_worker_row, method, batch) for method in methods]
+        for future in futures:
+            yield future.result()
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_start(settings: dict[str, Any], threads: int) -> None:
+    """A worker process: its thread budget and its own copy of the model."""
+    from ..zoo import load_model
+
+    torch.set_num_threads(threads)
+    args = argparse.Namespace(**settings)
+    _WORKER.update(args=args, loaded=load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed))
+
+
+def _worker_row(method: str, batch: dict) -> dict[str, Any]:
+    return verify_method(_WORKER["loaded"], method, batch, _WORKER["args"])
 
 
 def _verify(system, batch: dict, args: argparse.Namespace):
@@ -180,6 +221,8 @@ def run(args: argparse.Namespace) -> int:
     from ..controllers import REGISTRY
     from ..zoo import check_length, load_model
 
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     torch.manual_seed(args.seed)
     if args.methods == "all":
         methods = sorted(REGISTRY, key=lambda m: (REGISTRY[m].group, m))  # snapshot: the registry may grow
@@ -198,8 +241,8 @@ def run(args: argparse.Namespace) -> int:
               f"{'FD':>8} {'FD raw':>8} {'secs':>6}  result")
     print(header + "\n" + "-" * len(header), flush=True)
     results = []
-    for method in methods:
-        row = verify_method(loaded, method, batch, args)
+    for row in _rows(loaded, methods, batch, args):
+        method = row["method"]
         results.append(row)
         extra = row.get("reason", "") if row["status"] != "passed" else ""
         if row["status"] == "failed" and not extra:
