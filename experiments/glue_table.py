@@ -189,7 +189,7 @@ def table_rows(select_rows: list[dict[str, Any]], table_rows_in: list[dict[str, 
     grids: dict[tuple[str, str], list[float]] = defaultdict(list)
     for row in select_rows:
         grids[_rate_key(row)].append(float(row["config"]["lr"]))
-    out = []
+    out, used = [], {}
     for task in TASKS:
         for method in METHODS:
             pair = (task, method)
@@ -200,13 +200,71 @@ def table_rows(select_rows: list[dict[str, Any]], table_rows_in: list[dict[str, 
             in_table = [r for r in table_rows_in if _rate_key(r) == pair and float(r["config"]["lr"]) == lr]
             at_lr = [r for r in select_rows if _rate_key(r) == pair and float(r["config"]["lr"]) == lr]
             stage = "table" if in_table else "selection"
+            used[pair] = [r for r in in_table or at_lr if r.get("status") == "done"]
             out.append(_method_row(task, method, in_table or at_lr, lr, stage, sorted(set(grids[pair]))))
     for task in TASKS:
         full = next((r for r in out if r["task"] == task and r["method"] == "full"), None)
         for row in out:
             if row["task"] == task:
                 row["gap_to_full"] = (row["mean"] - full["mean"]) if full and row["mean"] is not None else None
+                if row["gap_to_full"] is not None and row["gap_to_full"] < -GAP:
+                    row["gap_reasons"] = gap_reasons(row, used[(task, row["method"])], used[(task, "full")])
     return out
+
+
+GAP = 0.03
+"""A delta method more than this below full fine-tuning (3 points) gets its gap's measured reasons."""
+
+
+def _curves(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The cell's training curves, from its run folder's ``metrics.json`` (``runs/`` stays on the machine that ran
+    the sweep; the measures below are written into ``glue_table.json``)."""
+    import json
+
+    path = Path(row.get("run_dir") or "") / "metrics.json"
+    return json.loads(path.read_text())["curves"] if row.get("run_dir") and path.is_file() else None
+
+
+def _train_loss_end(rows: list[dict[str, Any]]) -> float | None:
+    """Mean training loss over the last 10 % of steps, averaged over the cells that have curves."""
+    ends = []
+    for row in rows:
+        curves = _curves(row)
+        if curves and curves.get("train_loss"):
+            losses = curves["train_loss"]
+            ends.append(statistics.fmean(losses[-max(1, len(losses) // 10):]))
+    return statistics.fmean(ends) if ends else None
+
+
+def gap_reasons(row: dict[str, Any], cells: list[dict[str, Any]], full_cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the runs show about a gap of more than :data:`GAP` to full fine-tuning, measured, not guessed.
+
+    * the chosen rate is the highest or lowest of the rates tried (the grid may not have reached the optimum);
+    * the best validation score came at the last evaluation in most seeds (still improving: under-trained);
+    * the final training loss against full fine-tuning's: clearly higher (1.25x or more) means the method
+      does not fit the training data as well (capacity or optimisation); about equal (or lower) means it fits
+      them as well and the gap is in generalisation.
+    """
+    grid = row["lr_grid"]
+    at_end = [c["best_val"]["step"] == c["total_steps"] for c in cells if c.get("best_val") and c.get("total_steps")]
+    mine, full = _train_loss_end(cells), _train_loss_end(full_cells)
+    measures = {"rate_at_grid_edge": bool(grid) and row["lr"] in (min(grid), max(grid)) and len(grid) > 1,
+                "best_val_at_last_step": f"{sum(at_end)}/{len(at_end)}", "train_loss_end": mine,
+                "full_train_loss_end": full}
+    reasons = []
+    if measures["rate_at_grid_edge"]:
+        side = "highest" if row["lr"] == max(grid) else "lowest"
+        reasons.append(f"its rate {row['lr']:g} is the {side} tried ({', '.join(f'{g:g}' for g in grid)})")
+    if at_end and sum(at_end) * 2 > len(at_end):
+        reasons.append("its validation score was still rising at the last evaluation (under-trained at this budget)")
+    if mine is not None and full is not None:
+        if mine >= 1.25 * full:
+            reasons.append(f"it fits the training data less: final training loss {mine:.3f} against full "
+                           f"fine-tuning's {full:.3f}")
+        else:
+            reasons.append(f"it fits the training data about as well (final training loss {mine:.3f} against "
+                           f"{full:.3f}) but scores lower on held-out data: a generalisation gap")
+    return {**measures, "reasons": reasons or ["no measure here explains it"]}
 
 
 def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

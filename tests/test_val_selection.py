@@ -295,3 +295,21 @@ def test_the_design_table_shares_the_glue_harness_and_judges_by_two_standard_err
     assert verdict(cell(0.55, 0.01), cell(0.60, 0.01))[0] == "loss"
     assert verdict(cell(0.56, 0.05), cell(0.55, 0.05))[0] == "tie"
     assert verdict(cell(0.60, None, 1), cell(0.55, 0.01))[0] is None
+
+
+def test_a_gap_to_full_fine_tuning_gets_its_measured_reasons(tmp_path):
+    from experiments.glue_table import gap_reasons
+
+    def cell(best_step, losses):
+        run = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        run.mkdir()
+        (run / "metrics.json").write_text(json.dumps({"curves": {"train_loss": losses}}))
+        return {"best_val": {"step": best_step}, "total_steps": 10, "run_dir": str(run)}
+
+    row = {"lr": 1e-2, "lr_grid": [3e-3, 1e-2]}
+    found = gap_reasons(row, [cell(10, [0.7] * 10), cell(10, [0.6] * 10)], [cell(5, [0.2] * 10)])
+    assert found["rate_at_grid_edge"] and found["best_val_at_last_step"] == "2/2"
+    assert found["train_loss_end"] == pytest.approx(0.65) and found["full_train_loss_end"] == pytest.approx(0.2)
+    assert len(found["reasons"]) == 3 and "fits the training data less" in found["reasons"][2]
+    fits = gap_reasons({"lr": 3e-3, "lr_grid": [1e-3, 3e-3, 1e-2]}, [cell(4, [0.21] * 10)], [cell(5, [0.2] * 10)])
+    assert fits["reasons"] == [fits["reasons"][0]] and "generalisation gap" in fits["reasons"][0]
