@@ -150,14 +150,25 @@ def _rows(loaded, methods: list[str], batch: dict, args: argparse.Namespace):
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     threads = max(1, torch.get_num_threads() // jobs)
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start,
-                             initargs=(settings, threads)) as pool:
-        futures = [pool.submit(_worker_row, method, batch) for method in methods]
-        for future in futures:
-            yield future.result()
+    done = 0
+    try:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start,
+                                 initargs=(settings, threads)) as pool:
+            futures = [pool.submit(_worker_row, method, batch) for method in methods]
+            for future in futures:
+                row = future.result()
+                done += 1
+                yield row
+    except BrokenProcessPool:
+        # A worker was killed (on SmolLM2, two large methods at once exceeded 24 GB): check the rest here.
+        print(f"a --jobs worker died (out of memory? each holds a copy of the model and its method); checking the "
+              f"{len(methods) - done} remaining methods one by one in this process", flush=True)
+        for method in methods[done:]:
+            yield verify_method(loaded, method, batch, args)
 
 
 _WORKER: dict[str, Any] = {}
