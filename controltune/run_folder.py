@@ -42,8 +42,9 @@ RESULTS = ("metrics.json", "deltas.safetensors", CHECKPOINT, "checkpoint")
 """What makes ``out`` hold a run (``checkpoint`` is the folder of the resume state before ``checkpoint.pt``)."""
 STATE_FORMAT = "controltune-train-state/1"
 NOT_COMPARED = ("out", "resume", "overwrite", "progress", "checkpoint_every", "checkpoint_minutes",
-                "allow_config_change", "threads", "token_cache")
-"""Configuration fields that may differ on resume: where and how a run is saved and shown, not what it computes."""
+                "allow_config_change", "threads", "token_cache", "train_score_size")
+"""Configuration fields that may differ on resume: where and how a run is saved and shown, not what it trains
+(``train_score_size`` only adds a score of the finished deltas)."""
 
 
 class OutputFolderError(ValueError):

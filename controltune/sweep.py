@@ -372,7 +372,8 @@ def run_cell(config: dict[str, Any], threads: int = 1, runs_dir: str | None = No
                 for key in ("best_val", "dev_at_best_val")}
     metric = (result or {}).get("metric")
     row.update(**selected, val_score=(selected["best_val"] or {}).get(metric),
-               score_at_best_val=(selected["dev_at_best_val"] or {}).get(metric))
+               score_at_best_val=(selected["dev_at_best_val"] or {}).get(metric),
+               train_scores=(result or {}).get("train_scores") if row["status"] == "done" else None)
     row.update(scores=scores, score=scores.get(result["metric"]) if scores else None,
                metric=(result or {}).get("metric"), best=(result or {}).get("best"),
                diverged=(result or {}).get("diverged"), step=(result or {}).get("step"),

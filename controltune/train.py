@@ -140,6 +140,10 @@ class TrainConfig:
             best on them are selected (None: no validation rows).
         val_seed: seed of the validation hold-out, independent of ``seed`` (every seed and learning
             rate of a sweep then selects on the same rows).
+        train_score_size: after training, the reported deltas (best on validation, else the last)
+            are also scored on a seeded subsample of this many of the rows they were trained on
+            (``train_scores``: the generalisation gap is these minus the dev scores); 0: not scored.
+            Only reported, never used to choose: it may differ on resume.
     """
 
     lr: float = 5e-4
@@ -169,6 +173,7 @@ class TrainConfig:
     token_cache: bool = False
     val_size: float | None = None
     val_seed: int = 0
+    train_score_size: int = 1000
 
     def __post_init__(self) -> None:
         checks = [("lr", self.lr, self.lr > 0), ("batch_size", self.batch_size, self.batch_size >= 1),
@@ -499,6 +504,7 @@ def _train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exa
                 "n_trainable": n_trainable, "n_base_params": n_base, "trainable_fraction": n_trainable / n_base,
                 "curves": curves, "final": log.get("final") if scored else None, "best": best, **extra,
                 "selection": selection, "diverged": log.get("diverged"),
+                "train_scores": log.get("train_scores") if scored else None,
                 "config_changes": log.get("config_changes", []), "finalized": log.get("finalized", []),
                 "wall_time_s": log["wall_time_s"], "peak_memory_mb": peak_memory_mb(device)}
 
@@ -599,6 +605,13 @@ def _train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exa
                                                config.budget, lambda: scores_on(dev_examples))
         if out is not None:
             checkpoint.save(system, out / BEST_DELTAS, spec)
+    if config.train_score_size:  # the reported deltas on rows they were trained on (the generalisation gap)
+        picked = torch.randperm(len(train_examples), generator=torch.Generator().manual_seed(config.seed))
+        rows = [train_examples[i] for i in picked[:config.train_score_size].tolist()]
+        # not through the token cache: a subsample per seed would leave a cache file per run
+        reported = log["best_val"]["step"] if validating else step  # the step of the deltas scored
+        log["train_scores"] = {"step": reported, **evaluate(system, rows, task_spec, tokenizer,
+                                                            config.eval_batch_size, config.max_length, None)}
     log["wall_time_s"] = time.perf_counter() - t0
     result = report("done")
     if out is not None:

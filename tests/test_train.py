@@ -183,3 +183,12 @@ def test_train_cli_throughput_flags(task, tmp_path, monkeypatch):
     config = json.loads((tmp_path / "run" / "metrics.json").read_text())["config"]
     assert config["threads"] == 1 and config["group_by_length"] is False and config["token_cache"] is True
     assert len(list((tmp_path / "cache" / "tokens").glob("*.pt"))) == 2  # train and dev splits, tokenised once
+
+
+def test_the_reported_deltas_are_also_scored_on_training_rows(task, tmp_path):
+    spec, train_ex, dev_ex = task
+    result = train(_lora_system(), train_ex, dev_ex, spec, _config(tmp_path / "a", val_size=8, train_score_size=16))
+    assert set(result["train_scores"]) >= {"accuracy", "loss", "step"}
+    assert result["train_scores"]["step"] == result["best_val"]["step"]  # the reported deltas, on 16 of the 40 rows
+    none = train(_lora_system(), train_ex, dev_ex, spec, _config(tmp_path / "b", train_score_size=0))
+    assert none["train_scores"] is None

@@ -101,8 +101,10 @@ def test_selection_uses_validation_rows_only_and_reports_dev_at_the_best(task, t
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["status"] == "done" and saved["config"]["n_train"] == 48 and saved["config"]["n_val"] == 16
     assert [r["step"] for r in saved["curves"]["val"]] == [4, 8, 12]
-    # dev is scored only after training: the last deltas, then the selected ones
-    assert [c["split"] for c in calls] == ["val", "val", "val", "dev", "dev"]
+    # dev is scored only after training: the last deltas, then the selected ones (which are then also scored on
+    # training rows, the sixth call: train_score_size)
+    assert [c["split"] for c in calls][:5] == ["val", "val", "val", "dev", "dev"] and len(calls) == 6
+    assert saved["train_scores"]["step"] == 4  # the selected deltas
     best = saved["best_val"]
     assert best["step"] == 4 and best["accuracy"] == max(r["accuracy"] for r in saved["curves"]["val"])
     assert saved["final"]["step"] == 12 and saved["dev_at_best_val"]["step"] == 4
