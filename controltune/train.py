@@ -190,7 +190,8 @@ class TrainConfig:
                     or self.checkpoint_minutes > 0),
                    ("threads", self.threads, self.threads is None or self.threads >= 1),
                    ("val_size", self.val_size, self.val_size is None or (self.val_size > 0 and (
-                       self.val_size < 1 or float(self.val_size).is_integer())))]
+                       self.val_size < 1 or float(self.val_size).is_integer()))),
+                   ("train_score_size", self.train_score_size, self.train_score_size >= 0)]
         bad = [f"{name}={value!r}" for name, value, ok in checks if not ok]
         if bad:
             raise ValueError(f"invalid training configuration: {', '.join(bad)} (rates, sizes and counts must be "

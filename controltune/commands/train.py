@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="hold out N training rows (a fraction if < 1) as validation rows: the deltas best on "
                              "them (scored every --eval-every steps and at the end) are selected and reported on dev")
     parser.add_argument("--val-seed", type=int, default=0, help="seed of the --val-size hold-out (default 0)")
+    parser.add_argument("--train-score-size", type=int, default=1000, metavar="N",
+                        help="also score the reported deltas on N seeded rows they were trained on (train_scores in "
+                             "metrics.json: the generalisation gap); 0 to skip")
     parser.add_argument("--warmup", type=float, default=0.0, help="fraction (<1) or number of warm-up steps")
     parser.add_argument("--schedule", default="linear", choices=["linear", "constant"],
                         help="after warm-up: linear decay to 0, or constant")
@@ -189,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
         overwrite=args.overwrite, allow_config_change=list(args.allow_config_change),
         group_by_length=not args.no_group_by_length, token_cache=args.token_cache,
-        threads=args.threads, val_size=args.val_size, val_seed=args.val_seed,
+        threads=args.threads, val_size=args.val_size, val_seed=args.val_seed, train_score_size=args.train_score_size,
         extra={**extra, **({"stage": i, "stage_method": stage} if args.sequential else {})},
     ) for i, stage in enumerate(stages)]
     from ..results import write_json
