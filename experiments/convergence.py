@@ -1,0 +1,134 @@
+"""Convergence (issue 15; Ding et al. 2023): validation score against step and wall time, per method and task.
+
+No new training: the curves are those of the GLUE table's runs (``experiments/glue_table.py``).  For every
+(task, method) at its chosen rate, each finished cell's run folder (``runs/glue_table/<cell>/metrics.json``,
+kept on the machine that ran the sweep) holds the validation scores of the task's metric at every evaluation
+(about twice per epoch) and the run's training time; a step's wall time is the run's training time over its
+steps (the cells ran at one thread each, two at a time).  Written to ``results/convergence.json``: per (task,
+method) the mean curve over the cells found, the steps and seconds to reach 90 % of the method's own best
+validation score, and the ordering the paper claims (full fine-tuning fastest, then adapter ≈ LoRA, then
+prefix, prompt tuning far slower) against the ordering measured.
+
+    .venv/bin/python experiments/convergence.py     # seconds; rerun as the GLUE table grows
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from controltune.results import read_jsonl, stamp, write_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from glue_table import METHODS, TASKS  # noqa: E402
+from rate_selection import choose_lrs  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+OUT = RESULTS / "convergence.json"
+REACH = 0.9
+"""A curve has converged once it reaches this fraction of its best validation score."""
+CLAIMED = ("full", "adapter", "lora", "prefix", "prompt")
+"""The paper's order, fastest first (adapter ≈ LoRA)."""
+
+
+def _curve(row: dict[str, Any]) -> dict[str, Any] | None:
+    path = Path(row.get("run_dir") or "") / "metrics.json"
+    if not row.get("run_dir") or not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    metric = row["metric"]
+    val = [(p["step"], p[metric]) for p in metrics["curves"].get("val", []) if metric in p]
+    if not val or not metrics.get("total_steps"):
+        return None
+    per_step = float(metrics["wall_time_s"]) / float(metrics["total_steps"])
+    return {"steps": [s for s, _ in val], "scores": [v for _, v in val], "seconds_per_step": per_step,
+            "seed": row["config"]["seed"]}
+
+
+def reach(steps: list[int], scores: list[float], floor: float, best: float, fraction: float = REACH) -> int | None:
+    """First step at which the score reaches ``floor + fraction·(best − floor)`` (None: never)."""
+    target = floor + fraction * (best - floor)
+    return next((s for s, v in zip(steps, scores) if v >= target), None)
+
+
+def _majority_levels() -> dict[str, float]:
+    payload = json.loads((RESULTS / "glue_table.json").read_text())
+    return {r["task"]: float(r["mean"]) for r in payload.get("majority", [])}
+
+
+def _ranked(rows: list[dict[str, Any]], key: str) -> list[str]:
+    """Methods by ``key`` (fastest first); those that never reach the level after, by the share of full
+    fine-tuning's gain they do reach."""
+    never = float("inf")
+    return [r["method"] for r in sorted(rows, key=lambda r: (r[key] or never, -(r["share_of_full_gain"] or 0)))]
+
+
+def summary() -> dict[str, Any]:
+    floors = _majority_levels()
+    select = read_jsonl(RESULTS / "glue_select.jsonl")
+    table = read_jsonl(RESULTS / "glue_table.jsonl")
+    chosen = choose_lrs(select)
+    rows = []
+    for task in TASKS:
+        for method in METHODS:
+            info = chosen.get((task, method))
+            if not info or info["lr"] is None:
+                continue
+            cells = [r for r in table + select if r.get("status") == "done" and r["config"]["task"] == task
+                     and r["config"]["method"] == method and float(r["config"]["lr"]) == info["lr"]
+                     and not r.get("copied_from")]
+            curves = [c for c in (_curve(r) for r in cells) if c]
+            seen, unique = set(), []
+            for c in curves:  # a seed's cell appears in both files when copied; keep one per seed
+                if c["seed"] not in seen:
+                    seen.add(c["seed"])
+                    unique.append(c)
+            if not unique:
+                continue
+            steps = unique[0]["steps"]
+            same = [c for c in unique if c["steps"] == steps]
+            mean = [statistics.fmean(c["scores"][i] for c in same) for i in range(len(steps))]
+            floor = floors.get(task, 0.0)
+            reached = reach(steps, mean, floor, max(mean))
+            per_step = statistics.fmean(c["seconds_per_step"] for c in same)
+            rows.append({"task": task, "method": method, "lr": info["lr"], "n_seeds": len(same), "steps": steps,
+                         "mean_val": mean, "seconds_per_step": per_step, "majority": floor,
+                         "steps_to_own": reached, "seconds_to_own": None if reached is None else reached * per_step,
+                         "fraction_of_run_to_own": None if reached is None else reached / steps[-1]})
+    for task in TASKS:  # the common level: 90 % of full fine-tuning's gain over the majority class
+        full = next((r for r in rows if r["task"] == task and r["method"] == "full"), None)
+        for r in (r for r in rows if r["task"] == task):
+            if full is None:
+                r.update(steps_to_common=None, seconds_to_common=None)
+                continue
+            hit = reach(r["steps"], r["mean_val"], r["majority"], max(full["mean_val"]))
+            gain = max(full["mean_val"]) - r["majority"]
+            r.update(common_level=r["majority"] + REACH * gain,
+                     share_of_full_gain=(max(r["mean_val"]) - r["majority"]) / gain if gain > 0 else None,
+                     steps_to_common=hit, seconds_to_common=None if hit is None else hit * r["seconds_per_step"])
+    orders = []
+    for task in TASKS:
+        mine = [r for r in rows if r["task"] == task and r["method"] in CLAIMED]
+        if len(mine) < 2:
+            continue
+        by_steps, by_time = _ranked(mine, "steps_to_common"), _ranked(mine, "seconds_to_common")
+        orders.append({"task": task, "by_steps_to_common": by_steps, "by_seconds_to_common": by_time,
+                       "never_reached": sorted(r["method"] for r in mine if r["steps_to_common"] is None),
+                       "claimed": [m for m in CLAIMED if m in by_steps]})
+    return {**stamp({"source": "GLUE table runs (glue_select.jsonl, glue_table.jsonl, runs/glue_table/*/metrics.json)",
+                     "reach": REACH, "command": "python experiments/convergence.py"}),
+            "rows": rows, "orders": orders}
+
+
+if __name__ == "__main__":
+    payload = summary()
+    write_json(OUT, payload)
+    for r in payload["rows"]:
+        print(f"{r['task']:<5} {r['method']:<8} n={r['n_seeds']} own level at step {r['steps_to_own']}, "
+              f"common level at step {r['steps_to_common']} of {r['steps'][-1]}")
+    for o in payload["orders"]:
+        print(f"{o['task']}: by steps {o['by_steps_to_common']}, by seconds {o['by_seconds_to_common']}, never "
+              f"{o['never_reached']}; claimed {o['claimed']}")

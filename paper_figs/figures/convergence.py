@@ -1,0 +1,89 @@
+"""Figure ``convergence``: validation score against training step per method, from the GLUE table's runs (issue 15).
+
+Source: ``convergence.json`` (``experiments/convergence.py``): per (task, method) at its chosen rate the mean
+validation curve over the seeds whose run folders were found, the majority-class level, and the level of 90 %
+of full fine-tuning's gain over it; the orders claimed by the Delta Tuning paper and measured.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from controltune.figures import FigureSpec, new_figure
+
+from ._common import load_json, versions_line
+
+SOURCE = "convergence.json"
+TASKS = (("sst2", "SST-2"), ("mrpc", "MRPC"), ("rte", "RTE"), ("cola", "CoLA"))
+COLOURS = {"full": "tab:gray", "lora": "tab:blue", "adapter": "tab:orange", "prefix": "tab:green",
+           "prompt": "tab:purple", "bitfit": "tab:red"}
+
+
+def _rows(payload: dict[str, Any], task: str) -> list[dict[str, Any]]:
+    return [r for r in payload["rows"] if r["task"] == task]
+
+
+def draw(results_dir: Path):
+    """One panel per task with curves: validation score against step, the majority and common levels dashed."""
+    payload = load_json(results_dir, SOURCE)
+    tasks = [(t, name) for t, name in TASKS if _rows(payload, t)]
+    fig = new_figure(3.6 * max(len(tasks), 1), 3.2)
+    axes = fig.subplots(1, max(len(tasks), 1), squeeze=False)[0]
+    for ax, (task, name) in zip(axes, tasks):
+        rows = _rows(payload, task)
+        for r in rows:
+            ax.plot(r["steps"], r["mean_val"], marker="o", markersize=2.5, color=COLOURS.get(r["method"], "black"),
+                    linewidth=2.0 if r["method"] == "full" else 1.2, label=f"{r['method']} (n={r['n_seeds']})")
+        ax.axhline(rows[0]["majority"], color="black", linestyle=":", linewidth=0.8, label="majority class")
+        common = next((r.get("common_level") for r in rows if r.get("common_level") is not None), None)
+        if common is not None:
+            ax.axhline(common, color="black", linestyle="--", linewidth=0.8, label="90 % of full FT's gain")
+        ax.set(title=name, xlabel="training step", ylabel="validation score" if task == tasks[0][0] else None)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6, frameon=False)
+    fig.suptitle("Convergence on held-out training rows (GLUE table runs, MiniLM)", fontsize=9)
+    return fig
+
+
+def caption(results_dir: Path) -> str:
+    payload = load_json(results_dir, SOURCE)
+    parts = []
+    for o in payload.get("orders", []):
+        steps = {r["method"]: r["steps_to_common"] for r in _rows(payload, o["task"])}
+        reached = [m for m in o["by_steps_to_common"] if steps.get(m) is not None]
+        shown = ", ".join(f"{m} at step {steps[m]}" for m in reached) or "none"
+        never = f"; never: {', '.join(o['never_reached'])}" if o["never_reached"] else ""
+        if len(reached) < 2:
+            verdict = "inconclusive (fewer than two methods reach the level)"
+        else:
+            claimed = [m for m in o["claimed"] if m in reached]
+            verdict = "as claimed" if reached == claimed else f"not as claimed (claimed {' > '.join(claimed)})"
+        parts.append(f"{o['task']}: level reached by {shown}{never} — {verdict}")
+    seeds = sorted({r["n_seeds"] for r in payload["rows"]})
+    return (
+        "Validation score (the task's metric on rows held out of train, ~2 evaluations per epoch) against "
+        "training step, per method at the learning rate chosen on those rows, mean over the seeds whose run "
+        f"folders were found (n = {', '.join(map(str, seeds))}); no new training: the curves are the GLUE table's "
+        "runs (all-MiniLM-L6-v2, batch 32, AdamW with warm-up and linear decay; see the glue_table figure). "
+        "Dotted: the dev set's majority-class level m; dashed: m + 0.9·(full fine-tuning's best − m), the level "
+        "used to order methods by speed (a method that never reaches it is ordered after, by the share of full "
+        "fine-tuning's gain it reaches). Claim (Ding et al. 2023): full fine-tuning converges fastest, then "
+        f"adapter ≈ LoRA, then prefix, prompt tuning far slower. Here: {'; '.join(parts) or 'no task yet'}. "
+        "The table is partial while its sweep runs, so these orders are provisional. "
+        f"Command: `python experiments/convergence.py` ({versions_line(payload)})."
+    )
+
+
+FIGURES = [
+    FigureSpec(
+        name="convergence",
+        title="Validation score against training step per method (GLUE table runs)",
+        sources=(SOURCE,),
+        draw=draw,
+        caption=caption,
+        recompute=(("python", "experiments/convergence.py"),),
+    ),
+]
+
+__all__ = ["FIGURES", "caption", "draw"]
