@@ -1,0 +1,172 @@
+"""Composability and generalisation gap (issue 15; Ding et al. 2023): the 7 non-empty subsets of {prompt, BitFit,
+adapter} combined simultaneously, on SST-2, MRPC, RTE and CoLA, 3 seeds.
+
+The paper's claims: adapters almost always help a combination, prompt tuning usually hurts, BitFit usually helps;
+the train − dev gap is smaller for every single delta method than for full fine-tuning (prompt tuning smallest)
+and combinations widen it.
+
+The harness is the GLUE table's (``glue_select.yaml``'s training settings: MiniLM, batch 32, AdamW with warm-up
+and linear decay, per-task epochs, validation rows, evaluation cadence).  Parts: prompt (20 tokens), BitFit,
+adapter (bottleneck 64) — so the three single-method cells *are* GLUE table cells, copied from its rows, not
+rerun.  A combination ``a+b`` trains its parts at once (``controltune train --method a+b``), all at one peak rate
+chosen on validation rows from ``COMBO_GRID`` (grids continued at their edge, :mod:`rate_selection`); seeds 0, 1, 2
+at the chosen rate.  Every run scores its reported deltas on 1,000 of its training rows (``train_scores``), so each
+row has its generalisation gap; rows of GLUE cells run before those scores existed have none.
+
+``results/composability.json``: per task and subset the dev score (mean, std over seeds) and the train − dev gap;
+per part, in how many (task, subset-without-it) pairs adding it helped (two-standard-error rule).
+
+    .venv/bin/python experiments/composability.py --plan
+    nohup .venv/bin/python experiments/composability.py > experiments/results/composability.log 2>&1 &
+    .venv/bin/python experiments/composability.py --summary-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from controltune.results import read_jsonl, stamp, write_json
+from controltune.sweep import SweepSpec, canonical_config, expand, finished_configs, parse_spec, run_sweep
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rate_selection import MAX_EDGE_RATES, choose_lrs, copy_rows, extended_spec, task_method  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+SELECT_OUT, TABLE_OUT, SUMMARY = (RESULTS / "composability_select.jsonl", RESULTS / "composability_table.jsonl",
+                                  RESULTS / "composability.json")
+TASKS = ("sst2", "mrpc", "rte", "cola")
+PARTS = {"prompt": {"n_tokens": 20}, "bitfit": {}, "adapter": {"bottleneck": 64}}
+SINGLE_GRID = {"prompt": [1.0e-2, 5.0e-2], "bitfit": [1.0e-3, 5.0e-3], "adapter": [5.0e-4, 2.0e-3]}
+"""The GLUE selection's grids (its cells are these, copied)."""
+COMBO_GRID = [5.0e-4, 2.0e-3, 1.0e-2]
+SUBSETS = ["+".join(c) for k in (1, 2, 3) for c in itertools.combinations(PARTS, k)]
+
+
+def _options(subset: str) -> dict[str, Any]:
+    parts = subset.split("+")
+    if len(parts) == 1:
+        return copy.deepcopy(PARTS[parts[0]])
+    return {f"{p}.{k}": v for p in parts for k, v in PARTS[p].items()}
+
+
+def spec_data(tasks: tuple[str, ...], seeds: list[int], name: str, out: str) -> dict[str, Any]:
+    glue = yaml.safe_load((HERE / "glue_select.yaml").read_text())
+    per_method = {s: {"lr": SINGLE_GRID.get(s, COMBO_GRID), "options": _options(s)} for s in SUBSETS}
+    for entry in per_method.values():
+        if not entry["options"]:
+            del entry["options"]
+    return {"name": name, "out": out, "grid": {"model": "minilm", "task": list(tasks), "method": SUBSETS,
+                                                "seed": seeds},
+            "per_method": per_method, "train": glue["train"], "overrides": glue["overrides"]}
+
+
+def selection_spec(tasks, rows: list[dict[str, Any]] | None = None) -> SweepSpec:
+    return extended_spec(spec_data(tasks, [0], "composability_select", SELECT_OUT.name), rows or [],
+                         folder=RESULTS)
+
+
+def table_spec(tasks, chosen: dict) -> SweepSpec:
+    missing = [(t, s) for t in tasks for s in SUBSETS if chosen.get((t, s), {}).get("lr") is None]
+    if missing:
+        raise SystemExit(f"no rate chosen for {missing} (selection unfinished, or every rate diverged)")
+    data = spec_data(tasks, [0, 1, 2], "composability_table", TABLE_OUT.name)
+    data["overrides"] = list(data["overrides"]) + [
+        {"where": {"task": t, "method": s}, "set": {"lr": chosen[(t, s)]["lr"]}} for t in tasks for s in SUBSETS]
+    return parse_spec(data, "composability_table", RESULTS)
+
+
+def _stats(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summary(tasks) -> dict[str, Any]:
+    select = read_jsonl(SELECT_OUT)
+    table = read_jsonl(TABLE_OUT)
+    chosen = choose_lrs(select)
+    cells = {}
+    for (task, subset), info in chosen.items():
+        done = {r["config"]["seed"]: r for r in table + select if r.get("status") == "done"
+                and task_method(r) == (task, subset) and float(r["config"]["lr"]) == info["lr"]}
+        dev = [r["score_at_best_val"] for r in done.values()]
+        gaps = [r["train_scores"][r["metric"]] - r["score_at_best_val"] for r in done.values() if r.get("train_scores")]
+        mean, std = _stats(dev)
+        cells[(task, subset)] = {"task": task, "subset": subset, "lr": info["lr"], "mean": mean, "std": std,
+                                 "n_seeds": len(dev), "gap_mean": _stats(gaps)[0], "n_gap": len(gaps)}
+    effects = []
+    for part in PARTS:
+        for task in tasks:
+            for subset in SUBSETS:
+                if part in subset.split("+"):
+                    continue
+                with_part = "+".join(p for p in PARTS if p in subset.split("+") + [part])
+                a, b = cells.get((task, subset)), cells.get((task, with_part))
+                if not a or not b or a["n_seeds"] < 2 or b["n_seeds"] < 2:
+                    continue
+                diff = b["mean"] - a["mean"]
+                se = math.sqrt(a["std"] ** 2 / a["n_seeds"] + b["std"] ** 2 / b["n_seeds"])
+                effects.append({"part": part, "task": task, "without": subset, "with": with_part, "difference": diff,
+                                "verdict": "helps" if diff > 2 * se else "hurts" if diff < -2 * se else "no effect"})
+    payload = {**stamp({"tasks": list(tasks), "parts": PARTS, "combo_grid": COMBO_GRID,
+                        "harness": "experiments/glue_select.yaml settings", "command":
+                            "python experiments/composability.py"}),
+               "cells": list(cells.values()), "effects": effects}
+    write_json(SUMMARY, payload)
+    return payload
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--cpus-per-cell", type=int, default=1)
+    p.add_argument("--cpus", type=int, default=None)
+    p.add_argument("--executor", default="auto", choices=["auto", "ray", "local"])
+    p.add_argument("--address", default=None)
+    p.add_argument("--runs", type=Path, default=Path("runs/composability"))
+    p.add_argument("--plan", action="store_true", help="print the cells; run nothing")
+    p.add_argument("--summary-only", action="store_true")
+    args = p.parse_args(argv)
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    if any(t not in TASKS for t in tasks):
+        raise SystemExit(f"unknown task(s) in {tasks}; accepted: {', '.join(TASKS)}")
+    if args.plan:
+        cells = expand(selection_spec(tasks))
+        print(f"{len(cells)} selection cells ({len(tasks)} tasks x {len(SUBSETS)} subsets; the single-method ones are "
+              f"GLUE table cells), then {2 * len(tasks) * len(SUBSETS)} table cells of seeds 1 and 2")
+        return {"cells": len(cells)}
+    if args.summary_only:
+        return summary(tasks)
+    sweep = {"cpus_per_cell": args.cpus_per_cell, "cpus": args.cpus, "executor": args.executor,
+             "address": args.address, "runs_dir": args.runs}
+
+    def echo(line: str) -> None:
+        print(line, flush=True)
+        if line.startswith("["):
+            summary(tasks)
+
+    glue_select, glue_table = read_jsonl(RESULTS / "glue_select.jsonl"), read_jsonl(RESULTS / "glue_table.jsonl")
+    for _ in range(MAX_EDGE_RATES + 1):
+        spec = selection_spec(tasks, read_jsonl(SELECT_OUT))
+        copy_rows(glue_select, spec, SELECT_OUT, "glue_select.jsonl")
+        if all(canonical_config(c) in finished_configs(read_jsonl(SELECT_OUT)) for c in expand(spec)):
+            break
+        run_sweep(spec, SELECT_OUT, echo=echo, **sweep)
+    table = table_spec(tasks, choose_lrs(read_jsonl(SELECT_OUT)))
+    copy_rows(read_jsonl(SELECT_OUT) + glue_table, table, TABLE_OUT, "composability_select.jsonl / glue_table.jsonl")
+    run_sweep(table, TABLE_OUT, echo=echo, **sweep)
+    return summary(tasks)
+
+
+if __name__ == "__main__":
+    main()
