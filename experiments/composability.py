@@ -35,10 +35,17 @@ from typing import Any
 import yaml
 
 from controltune.results import read_jsonl, stamp, write_json
-from controltune.sweep import SweepSpec, canonical_config, expand, finished_configs, parse_spec, run_sweep
+from controltune.sweep import SweepSpec, expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rate_selection import MAX_EDGE_RATES, choose_lrs, copy_rows, extended_spec, task_method  # noqa: E402
+from rate_selection import (  # noqa: E402
+    add_sweep_arguments,
+    choose_lrs,
+    extended_spec,
+    select_then_tabulate,
+    sweep_settings,
+    task_method,
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -129,11 +136,7 @@ def summary(tasks) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default=",".join(TASKS))
-    p.add_argument("--cpus-per-cell", type=int, default=1)
-    p.add_argument("--cpus", type=int, default=None)
-    p.add_argument("--executor", default="auto", choices=["auto", "ray", "local"])
-    p.add_argument("--address", default=None)
-    p.add_argument("--runs", type=Path, default=Path("runs/composability"))
+    add_sweep_arguments(p, "runs/composability")
     p.add_argument("--plan", action="store_true", help="print the cells; run nothing")
     p.add_argument("--summary-only", action="store_true")
     args = p.parse_args(argv)
@@ -147,26 +150,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"cells": len(cells)}
     if args.summary_only:
         return summary(tasks)
-    sweep = {"cpus_per_cell": args.cpus_per_cell, "cpus": args.cpus, "executor": args.executor,
-             "address": args.address, "runs_dir": args.runs}
-
     def echo(line: str) -> None:
         print(line, flush=True)
         if line.startswith("["):
             summary(tasks)
 
-    glue_select, glue_table = read_jsonl(RESULTS / "glue_select.jsonl"), read_jsonl(RESULTS / "glue_table.jsonl")
-    for _ in range(MAX_EDGE_RATES + 1):
-        spec = selection_spec(tasks, read_jsonl(SELECT_OUT))
-        copy_rows(glue_select, spec, SELECT_OUT, "glue_select.jsonl")
-        if all(canonical_config(c) in finished_configs(read_jsonl(SELECT_OUT)) for c in expand(spec)):
-            break
-        run_sweep(spec, SELECT_OUT, echo=echo, **sweep)
-    table = table_spec(tasks, choose_lrs(read_jsonl(SELECT_OUT)))
-    copy_rows(read_jsonl(SELECT_OUT) + glue_table, table, TABLE_OUT, "composability_select.jsonl / glue_table.jsonl")
-    run_sweep(table, TABLE_OUT, echo=echo, **sweep)
+    select_then_tabulate(lambda rows: selection_spec(tasks, rows), SELECT_OUT,
+                         lambda rows: table_spec(tasks, choose_lrs(rows)),
+                         TABLE_OUT, RESULTS, echo, sweep_settings(args))
     return summary(tasks)
-
 
 if __name__ == "__main__":
     main()

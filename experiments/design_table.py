@@ -38,10 +38,16 @@ from typing import Any
 import yaml
 
 from controltune.results import read_jsonl, stamp, write_json
-from controltune.sweep import SweepSpec, canonical_config, expand, finished_configs, parse_spec, run_sweep
+from controltune.sweep import SweepSpec, canonical_config, expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the experiments' shared modules, run or imported
-from rate_selection import MAX_EDGE_RATES, choose_lrs, copy_rows, extended_spec  # noqa: E402
+from rate_selection import (  # noqa: E402
+    add_sweep_arguments,
+    choose_lrs,
+    extended_spec,
+    select_then_tabulate,
+    sweep_settings,
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -222,11 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated GLUE tasks")
     p.add_argument("--budgets", default=",".join(BUDGETS), help="comma-separated budgets (b74k, b18k)")
-    p.add_argument("--cpus-per-cell", type=int, default=1)
-    p.add_argument("--cpus", type=int, default=None)
-    p.add_argument("--executor", default="auto", choices=["auto", "ray", "local"])
-    p.add_argument("--address", default=None)
-    p.add_argument("--runs", type=Path, default=Path("runs/design_table"))
+    add_sweep_arguments(p, "runs/design_table")
     p.add_argument("--plan", action="store_true", help="print the cells and trainable counts; run nothing")
     p.add_argument("--summary-only", action="store_true")
     args = p.parse_args(argv)
@@ -239,28 +241,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"plan": plan(tasks, budgets)}
     if args.summary_only:
         return summary(tasks, budgets)
-    sweep = {"cpus_per_cell": args.cpus_per_cell, "cpus": args.cpus, "executor": args.executor,
-             "address": args.address, "runs_dir": args.runs}
-
     def echo(line: str) -> None:
         print(line, flush=True)
         if line.startswith("["):
             summary(tasks, budgets)
 
-    glue_select, glue_table = read_jsonl(RESULTS / "glue_select.jsonl"), read_jsonl(RESULTS / "glue_table.jsonl")
-    for _ in range(MAX_EDGE_RATES + 1):
-        spec = selection_spec(tasks, budgets, read_jsonl(SELECT_OUT))
-        copy_rows(glue_select, spec, SELECT_OUT, "glue_select.jsonl")
-        if all(canonical_config(c) in finished_configs(read_jsonl(SELECT_OUT)) for c in expand(spec)):
-            break
-        run_sweep(spec, SELECT_OUT, echo=echo, **sweep)
-    chosen = {pair: info for pair, info in choose_lrs(read_jsonl(SELECT_OUT), pair_key).items()
-              if pair[0] in tasks and pair[1] in budgets}
-    table = table_spec(tasks, budgets, chosen)
-    copy_rows(read_jsonl(SELECT_OUT) + glue_table, table, TABLE_OUT, "design_select.jsonl / glue_table.jsonl")
-    run_sweep(table, TABLE_OUT, echo=echo, **sweep)
-    return summary(tasks, budgets)
+    def chosen(rows: list[dict[str, Any]]) -> dict:
+        return {pair: info for pair, info in choose_lrs(rows, pair_key).items()
+                if pair[0] in tasks and pair[1] in budgets}
 
+    select_then_tabulate(lambda rows: selection_spec(tasks, budgets, rows), SELECT_OUT,
+                         lambda rows: table_spec(tasks, budgets, chosen(rows)), TABLE_OUT, RESULTS, echo,
+                         sweep_settings(args))
+    return summary(tasks, budgets)
 
 if __name__ == "__main__":
     main()

@@ -136,3 +136,45 @@ def copy_rows(rows: list[dict[str, Any]], spec: SweepSpec, out: Path, source: st
             have.add(key)
             copied += 1
     return copied
+
+
+# --- the driver the table experiments share ------------------------------------------------------
+def add_sweep_arguments(parser, runs: str) -> None:
+    """The sweep's own options (``controltune sweep``'s) on an experiment driver; ``runs``: default run folders."""
+    from pathlib import Path as _Path
+
+    parser.add_argument("--cpus-per-cell", type=int, default=1, help="CPUs (and torch threads) per cell")
+    parser.add_argument("--cpus", type=int, default=None, help="CPUs of the embedded Ray (default: every core)")
+    parser.add_argument("--executor", default="auto", choices=["auto", "ray", "local"])
+    parser.add_argument("--address", default=None, help="an existing Ray cluster")
+    parser.add_argument("--runs", type=_Path, default=_Path(runs), help="run folders of the cells (resumable)")
+
+
+def sweep_settings(args) -> dict[str, Any]:
+    return {"cpus_per_cell": args.cpus_per_cell, "cpus": args.cpus, "executor": args.executor,
+            "address": args.address, "runs_dir": args.runs}
+
+
+def select_then_tabulate(selection: Callable[[list[dict[str, Any]]], SweepSpec], select_out: Path,
+                         table: Callable[[list[dict[str, Any]]], SweepSpec], table_out: Path,
+                         glue_results: Path, echo: Callable[[str], None], sweep: dict[str, Any]) -> None:
+    """Run the selection sweep (with its edge rates, at most ``MAX_EDGE_RATES`` rounds), then the table sweep.
+
+    ``selection(rows)`` / ``table(selection rows)`` build the specs; finished GLUE table rows that are cells of
+    either (same settings) are copied into their JSONL first (``glue_results``: the folder of
+    ``glue_select.jsonl`` and ``glue_table.jsonl``), as are the selection's seed-0 rows into the table's.
+    """
+    from controltune.sweep import finished_configs, run_sweep
+
+    glue_select = read_jsonl(glue_results / "glue_select.jsonl")
+    glue_table = read_jsonl(glue_results / "glue_table.jsonl")
+    for _ in range(MAX_EDGE_RATES + 1):
+        spec = selection(read_jsonl(select_out))
+        copy_rows(glue_select, spec, select_out, "glue_select.jsonl")
+        if all(canonical_config(c) in finished_configs(read_jsonl(select_out)) for c in expand(spec)):
+            break
+        run_sweep(spec, select_out, echo=echo, **sweep)
+    rows = read_jsonl(select_out)
+    spec = table(rows)
+    copy_rows(rows + glue_table, spec, table_out, f"{select_out.name} / glue_table.jsonl")
+    run_sweep(spec, table_out, echo=echo, **sweep)

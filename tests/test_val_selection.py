@@ -15,7 +15,7 @@ from controltune import train as train_module
 from controltune.cli import main
 from controltune.controllers import build
 from controltune.results import read_jsonl
-from controltune.sweep import expand, parse_spec, run_sweep
+from controltune.sweep import canonical_config, expand, parse_spec, run_sweep
 from controltune.train import BEST_DELTAS, TrainConfig, TrainingDiverged, evaluate, train, validation_split
 from controltune.zoo import offline_tokenizer
 
@@ -315,3 +315,42 @@ def test_a_gap_to_full_fine_tuning_gets_its_measured_reasons(tmp_path):
     assert len(found["reasons"]) == 3 and "fits the training data less" in found["reasons"][2]
     fits = gap_reasons({"lr": 3e-3, "lr_grid": [1e-3, 3e-3, 1e-2]}, [cell(4, [0.21] * 10)], [cell(5, [0.2] * 10)])
     assert fits["reasons"] == [fits["reasons"][0]] and "generalisation gap" in fits["reasons"][0]
+
+
+def test_select_then_tabulate_runs_the_edges_then_the_table_and_reuses_glue_rows(tmp_path, monkeypatch):
+    """The shared driver of the design and composability tables, with the sweep replaced by a fake that
+    finishes every cell at once (validation score rising with the rate, so the grid's top is continued)."""
+    import controltune.sweep as sweep_module
+    from controltune.results import append_jsonl
+    from experiments.rate_selection import MAX_EDGE_RATES, choose_lrs, extended_spec, select_then_tabulate
+
+    ran = []
+
+    def fake_sweep(spec, out, echo=None, **_):
+        have = {canonical_config(r["config"]) for r in read_jsonl(out)}
+        for cell in expand(spec):
+            if canonical_config(cell) not in have:
+                ran.append((spec.name, cell["lr"], cell["seed"]))
+                append_jsonl(out, {"config": cell, "status": "done", "val_score": cell["lr"]})
+
+    monkeypatch.setattr(sweep_module, "run_sweep", fake_sweep)
+    data = {"name": "sel", "out": "sel.jsonl", "grid": {"model": "minilm", "task": "rte", "method": "lora",
+                                                        "seed": 0}, "per_method": {"lora": {"lr": [1e-3, 2e-3]}}}
+    glue = tmp_path / "glue"
+    glue.mkdir()
+    (glue / "glue_table.jsonl").write_text("")
+    first = expand(parse_spec(data, "sel", tmp_path))[0]  # the GLUE table already has the 1e-3 cell: copied
+    append_jsonl(glue / "glue_select.jsonl", {"config": first, "status": "done", "val_score": 1e-3})
+
+    def table(rows):
+        lr = choose_lrs(rows)[("rte", "lora")]["lr"]
+        grid = {**data["grid"], "seed": [0, 1, 2]}
+        return parse_spec({**data, "name": "tab", "out": "tab.jsonl", "grid": grid,
+                           "per_method": {"lora": {"lr": [lr]}}}, "tab", tmp_path)
+
+    select_then_tabulate(lambda rows: extended_spec(data, rows, folder=tmp_path), tmp_path / "sel.jsonl", table,
+                         tmp_path / "tab.jsonl", glue, print, {})
+    selection = [lr for name, lr, _ in ran if name == "sel"]
+    assert 1e-3 not in selection and selection == [2e-3, 4e-3, 8e-3][:1 + MAX_EDGE_RATES]  # edges, one round each
+    assert [(lr, seed) for name, lr, seed in ran if name == "tab"] == [(8e-3, 1), (8e-3, 2)]  # seed 0 copied
+    assert [r.get("copied_from") for r in read_jsonl(tmp_path / "tab.jsonl")][0] == "sel.jsonl / glue_table.jsonl"
