@@ -18,8 +18,8 @@ has every error, each leg's tolerance, largest error and time (``legs``).
 A method that does not fit the model (``UnsupportedMethodError``) is reported as
 *skipped* with its reason; a method that fails to build or to run is *failed*.
 Exit status 1 if any check fails.  ``--jobs N`` checks N methods at a time in worker
-processes (a fresh process per method, which loads the model and gets ``cores // N`` torch
-threads, so no process keeps the memory of the methods before it); every method
+processes (each loads the model once and gets ``cores // N`` torch threads; a worker killed,
+e.g. out of memory, hands the methods not yet checked to this process); every method
 reseeds torch with ``--seed`` before it is built, so its row does not depend on ``--jobs``.
 
 Example::
@@ -157,10 +157,8 @@ def _rows(loaded, methods: list[str], batch: dict, args: argparse.Namespace):
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     done = 0
     try:
-        # One method per worker process: a process keeps the peak memory of every method it ran (the allocator
-        # does not return it), and two such workers (subspace beside arbitrary on SmolLM2) exceeded 24 GB.
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start,
-                                 initargs=(settings, threads), max_tasks_per_child=1) as pool:
+                                 initargs=(settings, threads)) as pool:
             futures = [pool.submit(_worker_row, method, batch) for method in methods]
             for future in futures:
                 row = future.result()
