@@ -54,8 +54,11 @@ def caption(results_dir: Path) -> str:
         reached = [m for m in o["by_steps_to_common"] if steps.get(m) is not None]
         shown = ", ".join(f"{m} at step {steps[m]}" for m in reached) or "none"
         never = f"; never: {', '.join(o['never_reached'])}" if o["never_reached"] else ""
+        tied = len({steps[m] for m in reached}) < len(reached)
         if len(reached) < 2:
             verdict = "inconclusive (fewer than two methods reach the level)"
+        elif tied:
+            verdict = "inconclusive (methods reach it at the same evaluation: ~2 per epoch do not separate them)"
         else:
             claimed = [m for m in o["claimed"] if m in reached]
             verdict = "as claimed" if reached == claimed else f"not as claimed (claimed {' > '.join(claimed)})"
