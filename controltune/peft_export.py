@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .controllers import UnsupportedMethodError
-from .controllers.base import Wrapped
+from .controllers.base import Wrapped, base_prefix
 from .controllers.lora import LoRADelta
 from .families.base import stores_transposed
 from .readout import CausalLMReadout, SequenceClassifierReadout
@@ -49,11 +49,6 @@ def lora_sites(system) -> list[tuple[Any, LoRADelta]]:
     if not out:
         raise ValueError("to_peft: the system has no controller attached; nothing to export")
     return out
-
-
-def _prefix(model: nn.Module) -> str:
-    """Dotted name of the base model inside the HF model ('' when the model is the base)."""
-    return next(n for n, m in model.named_modules() if m is model.base_model)
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -89,7 +84,7 @@ def to_peft(system, out_dir: str | Path, base_model_name_or_path: str | None = N
     task_type = _task_type(system)
     sites = lora_sites(system)
     model = system.model
-    prefix = _prefix(model)
+    prefix = base_prefix(model)
     names = {s.key: ".".join(p for p in (prefix, s.path) if p) for s, _ in sites}
     ranks = {names[s.key]: int(d.A.shape[0]) for s, d in sites}
     alphas = {names[s.key]: float(d.scale) * int(d.A.shape[0]) for s, d in sites}

@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import math
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,9 +40,11 @@ from rate_selection import (  # noqa: E402
     add_sweep_arguments,
     choose_lrs,
     extended_spec,
+    mean_std,
     select_then_tabulate,
     sweep_settings,
     task_method,
+    two_se,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -92,12 +92,6 @@ def table_spec(tasks, chosen: dict) -> SweepSpec:
     return parse_spec(data, "composability_table", RESULTS)
 
 
-def _stats(values: list[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
 def summary(tasks) -> dict[str, Any]:
     select = read_jsonl(SELECT_OUT)
     table = read_jsonl(TABLE_OUT)
@@ -108,9 +102,9 @@ def summary(tasks) -> dict[str, Any]:
                 and task_method(r) == (task, subset) and float(r["config"]["lr"]) == info["lr"]}
         dev = [r["score_at_best_val"] for r in done.values()]
         gaps = [r["train_scores"][r["metric"]] - r["score_at_best_val"] for r in done.values() if r.get("train_scores")]
-        mean, std = _stats(dev)
+        mean, std = mean_std(dev)
         cells[(task, subset)] = {"task": task, "subset": subset, "lr": info["lr"], "mean": mean, "std": std,
-                                 "n_seeds": len(dev), "gap_mean": _stats(gaps)[0], "n_gap": len(gaps)}
+                                 "n_seeds": len(dev), "gap_mean": mean_std(gaps)[0], "n_gap": len(gaps)}
     effects = []
     for part in PARTS:
         for task in tasks:
@@ -119,12 +113,11 @@ def summary(tasks) -> dict[str, Any]:
                     continue
                 with_part = "+".join(p for p in PARTS if p in subset.split("+") + [part])
                 a, b = cells.get((task, subset)), cells.get((task, with_part))
-                if not a or not b or a["n_seeds"] < 2 or b["n_seeds"] < 2:
+                sign, diff, _ = two_se(a, b) if a and b else (None, None, None)
+                if sign is None:
                     continue
-                diff = b["mean"] - a["mean"]
-                se = math.sqrt(a["std"] ** 2 / a["n_seeds"] + b["std"] ** 2 / b["n_seeds"])
                 effects.append({"part": part, "task": task, "without": subset, "with": with_part, "difference": diff,
-                                "verdict": "helps" if diff > 2 * se else "hurts" if diff < -2 * se else "no effect"})
+                                "verdict": {1: "helps", -1: "hurts", 0: "no effect"}[sign]})
     payload = {**stamp({"tasks": list(tasks), "parts": PARTS, "combo_grid": COMBO_GRID,
                         "harness": "experiments/glue_select.yaml settings", "command":
                             "python experiments/composability.py"}),

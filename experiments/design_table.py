@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,8 +43,10 @@ from rate_selection import (  # noqa: E402
     add_sweep_arguments,
     choose_lrs,
     extended_spec,
+    mean_std,
     select_then_tabulate,
     sweep_settings,
+    two_se,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -152,19 +152,10 @@ def table_spec(tasks, budgets, chosen: dict) -> SweepSpec:
     return parse_spec(data, "design_table", RESULTS)
 
 
-def _stats(values: list[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
 def verdict(d: dict[str, Any], b: dict[str, Any]) -> tuple[str | None, float | None, float | None]:
-    """``(verdict, difference, se)`` by the two-standard-error rule (None below two seeds each)."""
-    if d["n_seeds"] < 2 or b["n_seeds"] < 2:
-        return None, None, None
-    diff = d["mean"] - b["mean"]
-    se = math.sqrt(d["std"] ** 2 / d["n_seeds"] + b["std"] ** 2 / b["n_seeds"])
-    return ("win" if diff > 2 * se else "loss" if diff < -2 * se else "tie"), diff, se
+    """``(verdict, difference, se)`` of design ``d`` against baseline ``b`` (:func:`rate_selection.two_se`)."""
+    sign, diff, se = two_se(b, d)
+    return (None if sign is None else {1: "win", -1: "loss", 0: "tie"}[sign]), diff, se
 
 
 def summary(tasks, budgets) -> dict[str, Any]:
@@ -174,7 +165,7 @@ def summary(tasks, budgets) -> dict[str, Any]:
     for pair, info in chosen.items():
         done = [r for r in table_rows if r.get("status") == "done" and pair_key(r) == pair
                 and float(r["config"]["lr"]) == info["lr"]]
-        mean, std = _stats([r["score_at_best_val"] for r in done])
+        mean, std = mean_std([r["score_at_best_val"] for r in done])
         cells[pair] = {"task": pair[0], "budget": pair[1], "method": pair[2], "lr": info["lr"], "mean": mean,
                        "std": std, "n_seeds": len(done), "trainable": done[0]["n_trainable"] if done else None,
                        "metric": done[0]["metric"] if done else None}

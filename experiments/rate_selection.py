@@ -178,3 +178,26 @@ def select_then_tabulate(selection: Callable[[list[dict[str, Any]]], SweepSpec],
     spec = table(rows)
     copy_rows(rows + glue_table, spec, table_out, f"{select_out.name} / glue_table.jsonl")
     run_sweep(spec, table_out, echo=echo, **sweep)
+
+
+# --- comparing two cells over seeds --------------------------------------------------------------
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """``(mean, sample std)`` (std None below two values; both None for none)."""
+    import statistics
+
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def two_se(a: dict[str, Any], b: dict[str, Any]) -> tuple[int | None, float | None, float | None]:
+    """``(sign, b − a, se)`` by the two-standard-error rule on cells ``{mean, std, n_seeds}``: sign 1 when
+    ``b − a > 2·se``, −1 when below ``−2·se``, 0 otherwise, ``se = (s_a²/n_a + s_b²/n_b)^{1/2}``; None below two
+    seeds each."""
+    import math
+
+    if a["n_seeds"] < 2 or b["n_seeds"] < 2:
+        return None, None, None
+    diff = b["mean"] - a["mean"]
+    se = math.sqrt(a["std"] ** 2 / a["n_seeds"] + b["std"] ** 2 / b["n_seeds"])
+    return (1 if diff > 2 * se else -1 if diff < -2 * se else 0), diff, se

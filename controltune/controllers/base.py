@@ -382,3 +382,9 @@ def seeded_generator(seed: int) -> torch.Generator:
 
 
 Initializer = Callable[[torch.Generator], torch.Tensor]
+
+
+def base_prefix(model: nn.Module) -> str:
+    """Dotted name of ``model.base_model`` inside the HF model ('' when the model is its own base), the prefix of
+    every module name peft sees."""
+    return next(n for n, m in model.named_modules() if m is model.base_model)

@@ -40,6 +40,7 @@ from .base import (
     Controller,
     Site,
     UnsupportedMethodError,
+    base_prefix,
     positive_float,
     positive_int,
     register,
@@ -91,7 +92,7 @@ class PeftLoRA(Controller):
     def attach(self, system) -> None:
         peft = _peft()
         model = system.model
-        prefix = next(n for n, m in model.named_modules() if m is model.base_model)
+        prefix = base_prefix(model)
         if self.init == "adapter":
             config = peft.LoraConfig.from_pretrained(self.adapter)
             names = self._adapter_targets(model, config)
