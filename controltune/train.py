@@ -74,6 +74,7 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .batching import encode, length_grouped_batches, length_order, shuffled_batches, token_cache_dir
 from .data import Example
+from .fingerprint import n_base_parameters
 from .metrics import compute_metrics
 from .results import stamp, write_json
 from .run_folder import (
@@ -482,7 +483,7 @@ def _train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exa
         step, log, best_deltas = load_state(out / CHECKPOINT, system, optimizer, scheduler, config, current,
                                             schedule)
     n_trainable = sum(p.numel() for p in params)
-    n_base = checkpoint.n_base_parameters(system)
+    n_base = n_base_parameters(system)
     header = stamp({**asdict(config), "total_steps": total, "warmup_steps": warm, "steps_per_epoch": per_epoch,
                     "n_train": len(train_examples), "n_dev": len(dev_examples or []), "task": task_spec.name,
                     "model": system.name, "methods": [c.method for c in system.controllers],

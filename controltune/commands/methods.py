@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def describe_all(loaded, methods: list[str] | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """One row per method: ``describe()`` of the controller on a fresh system, or the refusal reason."""
-    from ..checkpoint import n_base_parameters
     from ..controllers import REGISTRY, UnsupportedMethodError
+    from ..fingerprint import n_base_parameters
     from ..system import ResidualSystem
 
     names = methods or sorted(REGISTRY, key=lambda m: (REGISTRY[m].group, m))

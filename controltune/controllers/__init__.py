@@ -11,7 +11,7 @@ from .base import ALIASES, REGISTRY, Control, Controller, UnsupportedMethodError
 
 _MODULES = (
     "lora", "adapter", "prefix", "prompt", "ia3", "unipelt",                     # addition / reparam.
-    "specification", "diff_pruning", "masking", "subspace", "full",              # specification / reference
+    "specification", "diff_pruning", "masking", "subspace", "unified", "full",   # specification / reference
     "composition",                                                               # combination
     "designed",                                                                  # control-designed deltas
     "peft_lora",                                                                 # peft's own LoRA layers

@@ -1,0 +1,208 @@
+"""The projections of a unified optimisation subspace (Yi et al., 2022, "Different Tunes Played with Equal Skill").
+
+Each delta method m (adapter, prefix, LoRA, ...) has a solution space R^{D_m}: the
+flattened controls of the method and the classification head, in the order of a
+:class:`Layout`.  A solution θ_m is stored relative to a fixed reference point θ_m⁰ (the
+method's initial controls under seed 0), ``Δθ_m = θ_m − θ_m⁰``.  One shared space R^d is tied
+to every method by two maps (as in the paper's public code):
+
+* the down-projection (encoder) ``I_m = E_m(Δθ_m) = A₂ tanh(A₁ Δθ_m + a₁) + a₂``
+  (A₁: d×D_m, A₂: d×d): the *intrinsic vector* of a solution;
+* the up-projection (decoder) ``θ_m(z) = θ_m⁰ + W_m z`` (W_m: D_m×d, no bias).
+
+The up-projection is linear, so the part of ``W_m z`` that belongs to one parameter is a
+row block of ``W_m`` times ``z``: the controller :class:`controltune.controllers.unified.UnifiedSubspace`
+computes it where that parameter is used (inside its block), which keeps the co-state split
+``−∂J/∂z = Σ_l ∇_z H_l`` exact.
+
+A projections file (safetensors) holds every method's maps, reference point, layout and
+build specification, the intrinsic vectors of the source solutions, the base model's
+fingerprint and how the maps were trained.  This module is plain torch (no controllers, no
+training): the controller layer loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as save_bytes
+from torch import nn
+
+from .results import atomic_write_bytes
+
+FORMAT = "controltune-unified-subspace/1"
+INIT_STD = 0.02
+"""Standard deviation of the projections' initial weights (the paper's code: normal(0, 0.02))."""
+
+
+class ProjectionFileError(ValueError):
+    """A projections file that is malformed or does not fit the model or method it is used with."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Names and shapes of the tensors a method's solution vector is cut into (in this order)."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [math.prod(s) for s in self.shapes]
+
+    @property
+    def numel(self) -> int:
+        """D_m, the length of the solution vector."""
+        return sum(self.sizes)
+
+    def offsets(self) -> dict[str, tuple[int, int]]:
+        """``name -> (start, end)`` of its entries in the vector."""
+        out, start = {}, 0
+        for name, size in zip(self.names, self.sizes):
+            out[name] = (start, start + size)
+            start += size
+        return out
+
+    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The (D,) vector of ``tensors`` (every name of the layout, in order)."""
+        missing = [n for n in self.names if n not in tensors]
+        if missing:
+            raise ProjectionFileError(f"tensors {missing[:6]} of the layout are missing")
+        bad = [n for n, s in zip(self.names, self.shapes) if tuple(tensors[n].shape) != s]
+        if bad:
+            n = bad[0]
+            raise ProjectionFileError(f"tensor {n!r} has shape {tuple(tensors[n].shape)}, the layout "
+                                      f"{self.shapes[self.names.index(n)]}")
+        return torch.cat([tensors[n].detach().reshape(-1) for n in self.names])
+
+    def to_json(self) -> list[list[Any]]:
+        return [[n, list(s)] for n, s in zip(self.names, self.shapes)]
+
+    @classmethod
+    def from_json(cls, items: Sequence[Sequence[Any]]) -> Layout:
+        return cls(tuple(str(n) for n, _ in items), tuple(tuple(int(x) for x in s) for _, s in items))
+
+
+class MethodProjection(nn.Module):
+    """The two maps of one method: ``E(Δθ) = A₂ tanh(A₁ Δθ + a₁) + a₂`` and ``θ(z) = θ⁰ + W z``.
+
+    Attributes:
+        encoder_in: A₁, a₁ (``Linear(D, d)``); ``encoder_out``: A₂, a₂ (``Linear(d, d)``).
+        decoder: W (``Linear(d, D, bias=False)``; its ``weight`` is D×d).
+        reference: θ⁰ (D,), a buffer.
+    """
+
+    def __init__(self, reference: torch.Tensor, dim: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if reference.dim() != 1:
+            raise ValueError(f"the reference point must be a vector (D,), got shape {tuple(reference.shape)}")
+        n, dtype = reference.numel(), reference.dtype
+        self.encoder_in = nn.Linear(n, dim, dtype=dtype)
+        self.encoder_out = nn.Linear(dim, dim, dtype=dtype)
+        self.decoder = nn.Linear(dim, n, bias=False, dtype=dtype)
+        self.register_buffer("reference", reference.detach().clone())
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p) * INIT_STD)
+
+    @property
+    def dim(self) -> int:
+        return self.decoder.in_features
+
+    def encode(self, delta: torch.Tensor) -> torch.Tensor:
+        """``I = A₂ tanh(A₁ Δθ + a₁) + a₂``: (..., D) -> (..., d)."""
+        return self.encoder_out(torch.tanh(self.encoder_in(delta)))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """``θ(z) = θ⁰ + W z``: (..., d) -> (..., D)."""
+        return self.reference + self.decoder(z)
+
+    def decode_rows(self, z: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Entries ``start:end`` of ``θ(z)`` (one parameter's block), without forming the whole vector."""
+        return self.reference[start:end] + self.decoder.weight[start:end] @ z
+
+
+class UnifiedProjections(nn.Module):
+    """Every method's :class:`MethodProjection` over one shared d-dimensional space, with its metadata.
+
+    Attributes:
+        specs: ``method -> {"method": registry name, "options": {...}}`` (how to build the controller).
+        layouts: ``method -> Layout`` of its solution vector.
+        intrinsic: ``method -> (n_sources, d)`` intrinsic vectors of the source solutions (after training).
+        info: model name, fingerprint, sources, training settings and log.
+    """
+
+    def __init__(self, dim: int, specs: dict[str, dict[str, Any]], layouts: dict[str, Layout],
+                 references: dict[str, torch.Tensor], info: dict[str, Any] | None = None, seed: int = 0) -> None:
+        super().__init__()
+        if int(dim) < 1:
+            raise ValueError(f"the subspace dimension must be >= 1, got {dim}")
+        if set(specs) != set(layouts) or set(specs) != set(references) or len(specs) < 1:
+            raise ValueError("specs, layouts and references must name the same methods")
+        self.dim = int(dim)
+        self.specs = {m: dict(s) for m, s in specs.items()}
+        self.layouts = dict(layouts)
+        gen = torch.Generator().manual_seed(int(seed))
+        self.maps = nn.ModuleDict()
+        for m in specs:
+            if references[m].numel() != layouts[m].numel:
+                raise ValueError(f"{m}: reference has {references[m].numel()} entries, layout {layouts[m].numel}")
+            self.maps[m] = MethodProjection(references[m], self.dim, gen)
+        self.intrinsic: dict[str, torch.Tensor] = {}
+        self.info: dict[str, Any] = dict(info or {})
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.maps)
+
+    def projection(self, method: str) -> MethodProjection:
+        if method not in self.maps:
+            raise ProjectionFileError(f"the projections hold methods {self.methods}, not {method!r}")
+        return self.maps[method]
+
+    # --- file ------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the projections to ``path`` (safetensors, atomically)."""
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
+        for m, vecs in self.intrinsic.items():
+            tensors[f"intrinsic.{m}"] = vecs.detach().to("cpu", torch.float32).contiguous()
+        header = {"format": FORMAT, "dim": self.dim, "methods": self.methods, "specs": self.specs,
+                  "layouts": {m: self.layouts[m].to_json() for m in self.methods}, "info": self.info}
+        return atomic_write_bytes(path, save_bytes(tensors, metadata={"controltune": json.dumps(header)}))
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> UnifiedProjections:
+        """Read a file written by :meth:`save` (a clear error for anything else)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ProjectionFileError(f"no projections file at {path} (make one with `controltune subspace "
+                                      "approximate`)")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            header = json.loads(meta["controltune"])
+        except Exception as err:  # noqa: BLE001  (any parse failure is the same user error)
+            raise ProjectionFileError(f"{path} is not a projections file: {type(err).__name__}: {err}") from err
+        if header.get("format") != FORMAT:
+            raise ProjectionFileError(f"{path} has format {header.get('format')!r}, expected {FORMAT!r}")
+        layouts = {m: Layout.from_json(header["layouts"][m]) for m in header["methods"]}
+        refs = {m: tensors[f"maps.{m}.reference"].to(dtype) for m in header["methods"]}
+        out = cls(header["dim"], header["specs"], layouts, refs, header.get("info"))
+        state = {k: v.to(dtype) for k, v in tensors.items() if not k.startswith("intrinsic.")}
+        try:
+            out.load_state_dict(state)
+        except RuntimeError as err:
+            raise ProjectionFileError(f"{path}: the tensors do not fit the header: {err}") from err
+        out.intrinsic = {k.split(".", 1)[1]: v.to(dtype) for k, v in tensors.items() if k.startswith("intrinsic.")}
+        return out
+
+
+__all__ = ["FORMAT", "Layout", "MethodProjection", "ProjectionFileError", "UnifiedProjections"]
