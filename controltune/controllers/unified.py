@@ -139,12 +139,14 @@ class UnifiedSubspace(Controller):
         self.z = nn.Parameter(init.to(device=like.device, dtype=like.dtype))
         offsets = layout.offsets()
         controls = {c.name: c for c in inner.controls()}
+        self._targets: list[tuple[str, nn.Module, str]] = []
         for name in layout.names:
             param = controls[name].param
             module, attr = _owner_of(inner, param)
             start, end = offsets[name]
             param.requires_grad_(False)
             parametrize.register_parametrization(module, attr, _Decoded(self, start, end, param.shape), unsafe=True)
+            self._targets.append((name, module, attr))
         self._layers = tuple(sorted({x for c in controls.values() for x in c.layers}))
         self.sites = list(inner.sites)
 
@@ -164,6 +166,10 @@ class UnifiedSubspace(Controller):
     def decoded(self) -> torch.Tensor:
         """``θ⁰ + W z`` (D,) at the current point (the method's control vector in :func:`method_layout` order)."""
         return self.projection.decode(self.point())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The method's control tensors as the model reads them now (``name -> θ⁰ + W z`` block)."""
+        return {name: getattr(module, attr) for name, module, attr in self._targets}
 
     def initial_state(self, x0: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.inner.initial_state(x0, attention_mask)

@@ -1,0 +1,401 @@
+"""The three stages of a unified optimisation subspace for delta tuning (Yi et al., 2022).
+
+1. **Subspace approximation** (:func:`approximate`): from solutions θ_{m,t} of several methods m
+   trained independently on source tasks t (run folders of ``controltune train`` or a sweep),
+   learn per method a down-projection E_m and an up-projection θ_m(z) = θ_m⁰ + W_m z into one
+   shared R^d (:mod:`controltune.subspace_projections`).  Each step takes a source task t and a
+   batch of its training rows, one solution of t per method, their intrinsic vectors
+   ``I_m = E_m(θ_{m,t} − θ_m⁰)`` and a random point of their simplex
+   ``I = Σ_m w_m I_m`` (``w ~ Dirichlet(1, …, 1)``; for three methods the paper's
+   ``α I_A + β I_P + (1−α−β) I_L``), and minimises
+
+       L = Σ_m [ CE(θ_m(I); batch, head_{m,t}) + λ_rec ‖W_m I_m − Δθ_{m,t}‖² / ‖Δθ_{m,t}‖² ],
+
+   the task loss of every method driven by the interpolated point plus the (relative) error of
+   reconstructing each solution from its own intrinsic vector.  The heads stay the solutions'.
+2. **Subspace optimisation**: train the ``unified_subspace`` controller (only z, and a fresh
+   head) on an unseen task, e.g. ``controltune train --method unified_subspace
+   --opt projections=P.safetensors --opt delta=adapter``.
+3. **Solution transfer** (:func:`transfer_scores`): the z found with one method, decoded by the
+   other methods' up-projections, scored on the task's dev rows without further training.
+
+:func:`landscape` scores every method on the plane of a source task's intrinsic vectors (the
+paper's landscape plot: do the methods' good regions overlap?).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .batching import encode
+from .controllers.spec import controller_spec
+from .controllers.unified import UnifiedSubspace, method_layout
+from .data import Example, load_split, resolve_task
+from .fingerprint import fingerprint
+from .subspace_projections import Layout, ProjectionFileError, UnifiedProjections
+from .system import ResidualSystem
+from .train import evaluate, using_threads
+
+RECON_WEIGHT = 1.0
+"""Default λ_rec (the paper's single-task script used 0.1 with an unsquared distance)."""
+
+
+# --- source solutions ------------------------------------------------------------------------
+@dataclass
+class SourceRun:
+    """A trained solution: a run folder with ``metrics.json`` and ``deltas.safetensors``."""
+
+    run_dir: Path
+    model: str
+    method: str
+    options: dict[str, Any]
+    task: str
+    seed: int
+    pooling: str
+
+    @classmethod
+    def read(cls, run_dir: str | Path) -> SourceRun:
+        """The run's configuration from its ``metrics.json`` (a clear error for a folder that is not a run)."""
+        run_dir = Path(run_dir)
+        metrics, deltas = run_dir / "metrics.json", run_dir / "deltas.safetensors"
+        if not metrics.is_file() or not deltas.is_file():
+            raise ValueError(f"{run_dir} is not a finished training run: it needs metrics.json and "
+                             "deltas.safetensors (the --out folder of `controltune train` or a sweep's run folder)")
+        config = json.loads(metrics.read_text())["config"]
+        extra = config.get("extra", {})
+        if "+" in extra.get("method", "+"):
+            raise ValueError(f"{run_dir}: method {extra.get('method')!r}; a unified subspace ties single methods")
+        return cls(run_dir, extra["model"], extra["method"], dict(extra.get("options") or {}), extra["task"],
+                   int(config["seed"]), extra.get("pooling", "mean"))
+
+
+@dataclass
+class Solution:
+    """One source solution as a vector: ``delta`` = θ − θ⁰ (D,) in its method's layout, and its head."""
+
+    run: SourceRun
+    delta: torch.Tensor
+    head: dict[str, torch.Tensor]
+
+
+def reference_system(loaded, method: str, options: dict[str, Any], num_labels: int, pooling: str
+                     ) -> tuple[ResidualSystem, Any]:
+    """A fresh system (seed 0) with ``method`` attached: its controls are the reference point θ⁰."""
+    name, opts = controller_spec(method, dict(options), 0)
+    if name != method:
+        raise ValueError(f"{method}: a unified subspace ties single registered methods")
+    from .controllers.base import build
+
+    system = ResidualSystem(copy.deepcopy(loaded), num_labels=num_labels, pooling=pooling, seed=0)
+    return system, build(name, system, **opts)
+
+
+def _key(options: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in options.items() if k != "seed"}, sort_keys=True)
+
+
+def load_solutions(loaded, runs: Sequence[SourceRun], num_labels: int
+                   ) -> tuple[dict[str, Layout], dict[str, torch.Tensor], dict[str, dict], list[Solution]]:
+    """Layouts, reference points θ⁰ and build specs per method, and every run as a :class:`Solution`.
+
+    Runs of one method must share their options (but for the seed) and every run its pooling; each
+    run's deltas are loaded with the checkpoint's checks (same base model, same shapes).
+    """
+    by_method: dict[str, list[SourceRun]] = defaultdict(list)
+    for run in runs:
+        by_method[run.method].append(run)
+    poolings = {r.pooling for r in runs}
+    if len(poolings) > 1:
+        raise ValueError(f"the source runs use different poolings {sorted(poolings)}; use runs of one pooling")
+    layouts, refs, specs, solutions = {}, {}, {}, []
+    for method, group in by_method.items():
+        keys = {_key(r.options) for r in group}
+        if len(keys) > 1:
+            raise ValueError(f"the {method} runs have different options {sorted(keys)}: one subspace needs one "
+                             "configuration per method")
+        options = {k: v for k, v in group[0].options.items() if k != "seed"}
+        system, controller = reference_system(loaded, method, options, num_labels, group[0].pooling)
+        layout = method_layout(controller)
+        tensors = {c.name: c.param for c in controller.controls()}
+        reference = layout.flatten(tensors).clone()
+        layouts[method], refs[method] = layout, reference
+        specs[method] = {"method": method, "options": options}
+        saved = {c.name: c.param.detach().clone() for c in system.controls()}
+        for run in group:
+            checkpoint.load(system, run.run_dir / "deltas.safetensors")
+            delta = layout.flatten({c.name: c.param for c in controller.controls()}) - reference
+            head = {c.name: c.param.detach().clone() for c in system.readout.controls()}
+            solutions.append(Solution(run, delta.clone(), head))
+            with torch.no_grad():
+                for c in system.controls():
+                    c.param.copy_(saved[c.name])
+    return layouts, refs, specs, solutions
+
+
+# --- stage 1 ---------------------------------------------------------------------------------
+def simplex_point(k: int, generator: torch.Generator) -> torch.Tensor:
+    """``w ~ Dirichlet(1, …, 1)`` (k,): normalised Exp(1) draws, uniform on the probability simplex."""
+    e = -torch.log(torch.rand(k, generator=generator, dtype=torch.float64).clamp_min(1e-300))
+    return e / e.sum()
+
+
+@dataclass
+class ApproximationConfig:
+    """Settings of :func:`approximate` (recorded in the projections file)."""
+
+    dim: int = 4
+    steps: int = 600
+    lr: float = 1e-3
+    recon_weight: float = RECON_WEIGHT
+    batch_size: int = 16
+    max_length: int = 128
+    train_size: int | None = 2000
+    eval_size: int = 400
+    seed: int = 0
+    threads: int | None = None
+    progress: bool = True
+    log_every: int = 50
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def driven_systems(loaded, projections: UnifiedProjections, num_labels: int, pooling: str
+                   ) -> dict[str, tuple[ResidualSystem, UnifiedSubspace]]:
+    """Per method a system whose controls are decoded from a driven point (the projections are shared)."""
+    out = {}
+    for method in projections.methods:
+        system = ResidualSystem(copy.deepcopy(loaded), num_labels=num_labels, pooling=pooling, seed=0)
+        controller = system.add(UnifiedSubspace(projections, delta=method))
+        controller.projection.requires_grad_(True)
+        system.readout.requires_grad_(False)
+        system.eval()
+        out[method] = (system, controller)
+    return out
+
+
+def _set_head(system: ResidualSystem, head: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, p in system.readout.head.named_parameters():
+            p.copy_(head[f"head.{name}"])
+
+
+def _task_rows(task: str, n: int | None, seed: int) -> tuple[Any, list[Example], list[Example]]:
+    spec = resolve_task(task)
+    return spec, load_split(spec, "train", n=n, seed=seed), load_split(spec, "dev")
+
+
+def approximate(loaded, runs: Sequence[SourceRun], config: ApproximationConfig,
+                model_name: str | None = None) -> UnifiedProjections:
+    """Stage 1: train the projections of every method in ``runs`` on their source tasks (see the module doc).
+
+    Returns the projections with ``intrinsic`` (the source solutions' intrinsic vectors) and ``info``
+    (model, fingerprint, sources, settings, loss log, and per method and task the dev scores of the
+    first solution and of its reconstruction ``θ⁰ + W E(Δθ)``).
+    """
+    if len({r.method for r in runs}) < 2:
+        raise ValueError("a unified subspace needs solutions of at least two methods")
+    tasks = sorted({r.task for r in runs})
+    missing = [(m, t) for m in {r.method for r in runs} for t in tasks
+               if not any(r.method == m and r.task == t for r in runs)]
+    if missing:
+        raise ValueError(f"every method needs a solution on every source task; missing (method, task): {missing}")
+    start = time.perf_counter()
+    with using_threads(config.threads):
+        data = {t: _task_rows(t, config.train_size, config.seed) for t in tasks}
+        labels = {data[t][0].num_labels for t in tasks}
+        if len(labels) > 1:
+            raise ValueError(f"the source tasks have different label counts {sorted(labels)}")
+        num_labels = labels.pop()
+        layouts, refs, specs, solutions = load_solutions(loaded, runs, num_labels)
+        base = ResidualSystem(copy.deepcopy(loaded), num_labels=num_labels, seed=0)
+        info = {"model": model_name or getattr(loaded, "name", None), "fingerprint": fingerprint(base),
+                "tasks": tasks, "approximation": {k: v for k, v in vars(config).items() if k != "progress"},
+                "sources": [{"method": s.run.method, "task": s.run.task, "seed": s.run.seed,
+                             "run_dir": str(s.run.run_dir)} for s in solutions]}
+        del base
+        like = next(loaded.model.parameters())
+        refs = {m: r.to(like) for m, r in refs.items()}
+        projections = UnifiedProjections(config.dim, specs, layouts, refs, info, seed=config.seed).to(like)
+        systems = driven_systems(loaded, projections, num_labels, runs[0].pooling)
+        encoded = {t: encode(data[t][1], loaded.tokenizer, config.max_length) for t in tasks}
+        pool = defaultdict(list)
+        for s in solutions:
+            pool[(s.run.method, s.run.task)].append(s)
+        methods = projections.methods
+        optimizer = torch.optim.Adam(projections.parameters(), lr=config.lr)
+        gen = torch.Generator().manual_seed(config.seed)
+        log: list[dict[str, Any]] = []
+        running: dict[str, float] = defaultdict(float)
+        bar = tqdm(range(config.steps), desc="subspace approximation", disable=not config.progress)
+        for step in bar:
+            task = tasks[step % len(tasks)]
+            rows = torch.randint(len(encoded[task]), (config.batch_size,), generator=gen).tolist()
+            batch = encoded[task].batch(rows)
+            chosen = {m: pool[(m, task)][int(torch.randint(len(pool[(m, task)]), (1,), generator=gen))]
+                      for m in methods}
+            intrinsic = {m: projections.maps[m].encode(chosen[m].delta) for m in methods}
+            weights = simplex_point(len(methods), gen).to(like)
+            point = sum(w * intrinsic[m] for w, m in zip(weights, methods))
+            loss = torch.zeros((), dtype=like.dtype)
+            for m in methods:
+                system, controller = systems[m]
+                _set_head(system, chosen[m].head)
+                controller.drive(point)
+                task_loss = system.cost(batch)
+                target = chosen[m].delta
+                recon = (projections.maps[m].decoder(intrinsic[m]) - target).pow(2).sum() / target.pow(2).sum()
+                loss = loss + task_loss + config.recon_weight * recon
+                running[f"task.{m}"] += task_loss.item()
+                running[f"recon.{m}"] += recon.item()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"subspace approximation diverged at step {step} (loss {loss.item()}); "
+                                         "lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running["loss"] += loss.item()
+            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+                n = (step % config.log_every) + 1
+                entry = {"step": step + 1, **{k: v / n for k, v in running.items()}}
+                with torch.no_grad():
+                    vecs = [projections.maps[m].encode(chosen[m].delta) for m in methods]
+                    entry["intrinsic_distance"] = float(torch.stack(
+                        [torch.dist(a, b) for i, a in enumerate(vecs) for b in vecs[i + 1:]]).mean())
+                log.append(entry)
+                bar.set_postfix(loss=f"{entry['loss']:.3f}")
+                running.clear()
+        for _, controller in systems.values():
+            controller.drive(None)
+        with torch.no_grad():
+            projections.intrinsic = {m: torch.stack([projections.maps[m].encode(s.delta) for s in solutions
+                                                     if s.run.method == m]) for m in methods}
+        projections.info["log"] = log
+        projections.info["reconstruction"] = reconstruction_scores(
+            loaded, projections, solutions, {t: data[t] for t in tasks}, config)
+        projections.info["seconds"] = time.perf_counter() - start
+    return projections
+
+
+def reconstruction_scores(loaded, projections: UnifiedProjections, solutions: Sequence[Solution],
+                          data: dict[str, tuple], config: ApproximationConfig) -> list[dict[str, Any]]:
+    """Per method and source task: dev scores of the first solution and of ``θ⁰ + W E(Δθ)``."""
+    out = []
+    systems = driven_systems(loaded, projections, next(iter(data.values()))[0].num_labels,
+                             solutions[0].run.pooling)
+    for method, (system, controller) in systems.items():
+        for task, (spec, _, dev) in data.items():
+            sol = next(s for s in solutions if s.run.method == method and s.run.task == task)
+            dev_rows = dev[:config.eval_size] if config.eval_size else dev
+            _set_head(system, sol.head)
+            with torch.no_grad():
+                # θ⁰ + W z = θ exactly when W z = Δθ; the least-squares z shows how much of Δθ the span of W holds.
+                w = projections.maps[method].decoder.weight
+                original_z = torch.linalg.lstsq(w, sol.delta.unsqueeze(1)).solution
+                encoded_z = projections.maps[method].encode(sol.delta)
+            row = {"method": method, "task": task, "metric": spec.metric, "n_dev": len(dev_rows)}
+            for label, z in (("reconstructed", encoded_z), ("span_projection", original_z.squeeze(1))):
+                controller.drive(z)
+                row[label] = evaluate(system, dev_rows, spec, loaded.tokenizer, max_length=config.max_length)
+            controller.drive(None)
+            row["original"] = original_score(loaded, sol, spec, dev_rows, config.max_length)
+            with torch.no_grad():
+                decoded = projections.maps[method].decoder.weight @ encoded_z
+            row["relative_reconstruction_error"] = float((decoded - sol.delta).norm() / sol.delta.norm())
+            out.append(row)
+    return out
+
+
+def original_score(loaded, solution: Solution, spec, dev: Sequence[Example], max_length: int) -> dict[str, float]:
+    """Dev scores of a source solution as trained (its own run's deltas)."""
+    run = solution.run
+    system, _ = reference_system(loaded, run.method, run.options, spec.num_labels, run.pooling)
+    checkpoint.load(system, run.run_dir / "deltas.safetensors")
+    return evaluate(system, dev, spec, loaded.tokenizer, max_length=max_length)
+
+
+# --- stage 3 and the landscape --------------------------------------------------------------------
+def transfer_scores(loaded, projections: str | Path, run_dir: str | Path, task: str,
+                    methods: Sequence[str] | None = None, dev_size: int | None = None, max_length: int = 128,
+                    seed: int = 0) -> list[dict[str, Any]]:
+    """Stage 3: the z (and head) of a trained ``unified_subspace`` run decoded by each method; dev scores.
+
+    The run's own method is included (its row reproduces the run's dev score).
+    """
+    proj = UnifiedProjections.load(projections, dtype=next(loaded.model.parameters()).dtype)
+    spec = resolve_task(task)
+    dev = load_split(spec, "dev", n=dev_size, seed=seed)
+    header = checkpoint.read_header(Path(run_dir) / "deltas.safetensors")
+    if header.get("methods") != ["unified_subspace"]:
+        raise ValueError(f"{run_dir} holds deltas of {header.get('methods')}, not of a unified_subspace run")
+    out = []
+    for method in methods or proj.methods:
+        system = ResidualSystem(copy.deepcopy(loaded), num_labels=spec.num_labels, seed=0)
+        system.add(UnifiedSubspace(proj, delta=method))
+        checkpoint.load(system, Path(run_dir) / "deltas.safetensors")
+        scores = evaluate(system, dev, spec, loaded.tokenizer, max_length=max_length)
+        out.append({"method": method, "task": task, "metric": spec.metric, "score": scores[spec.metric],
+                    "scores": scores, "n_dev": len(dev)})
+    return out
+
+
+def plane_points(intrinsic: dict[str, torch.Tensor], grid: Sequence[float]) -> list[tuple[float, float, torch.Tensor]]:
+    """``(α, β, α I_a + β I_b + (1−α−β) I_c)`` for α, β on ``grid`` (three methods' intrinsic vectors a, b, c)."""
+    if len(intrinsic) != 3:
+        raise ValueError(f"the interpolation plane needs three methods, got {sorted(intrinsic)}")
+    a, b, c = intrinsic.values()
+    return [(float(x), float(y), x * a + y * b + (1 - x - y) * c) for x in grid for y in grid]
+
+
+def landscape(loaded, projections: str | Path, task: str, grid: Sequence[float], dev_size: int | None = 256,
+              max_length: int = 128, seed: int = 0) -> dict[str, Any]:
+    """Every method's dev score on the plane of the intrinsic vectors of ``task``'s first source solutions.
+
+    Each method is scored with the head of its own source solution on ``task`` (a source task of the
+    projections).  Returns ``{task, metric, methods, grid, points: [{alpha, beta, scores: {method: s}}]}``.
+    """
+    like = next(loaded.model.parameters())
+    proj = UnifiedProjections.load(projections, dtype=like.dtype)
+    sources = proj.info.get("sources", [])
+    spec = resolve_task(task)
+    dev = load_split(spec, "dev", n=dev_size, seed=seed)
+    firsts: dict[str, int] = {}
+    counters: dict[str, int] = defaultdict(int)
+    for s in sources:
+        if s["task"] == task and s["method"] not in firsts:
+            firsts[s["method"]] = counters[s["method"]]
+        counters[s["method"]] += 1
+    if set(firsts) != set(proj.methods):
+        raise ProjectionFileError(f"{task!r} is not a source task of every method of these projections "
+                                  f"(source tasks: {sorted({s['task'] for s in sources})})")
+    intrinsic = {m: proj.intrinsic[m][firsts[m]] for m in proj.methods}
+    heads = {}
+    for m in proj.methods:
+        run = SourceRun.read(next(s["run_dir"] for s in sources if s["task"] == task and s["method"] == m))
+        system, _ = reference_system(loaded, m, run.options, spec.num_labels, run.pooling)
+        checkpoint.load(system, run.run_dir / "deltas.safetensors")
+        heads[m] = {c.name: c.param.detach().clone() for c in system.readout.controls()}
+    systems = driven_systems(loaded, proj, spec.num_labels, run.pooling)
+    points = []
+    for alpha, beta, z in plane_points(intrinsic, grid):
+        scores = {}
+        for m, (system, controller) in systems.items():
+            _set_head(system, heads[m])
+            controller.drive(z)
+            scores[m] = evaluate(system, dev, spec, loaded.tokenizer, max_length=max_length)[spec.metric]
+        points.append({"alpha": alpha, "beta": beta, "scores": scores})
+    return {"task": task, "metric": spec.metric, "methods": proj.methods, "plane": list(intrinsic),
+            "grid": list(grid), "n_dev": len(dev), "points": points}
+
+
+__all__ = ["ApproximationConfig", "Solution", "SourceRun", "approximate", "landscape", "load_solutions",
+           "plane_points", "reconstruction_scores", "transfer_scores"]

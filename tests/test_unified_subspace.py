@@ -1,0 +1,198 @@
+"""The unified optimisation subspace (Yi et al., 2022): projections file, controller, the three stages."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import make_batch, toy_task
+
+from controltune.controllers import UnsupportedMethodError, build
+from controltune.controllers.unified import method_layout
+from controltune.fingerprint import fingerprint
+from controltune.subspace_projections import Layout, ProjectionFileError, UnifiedProjections
+from controltune.sweep import run_cell
+from controltune.system import ResidualSystem
+from controltune.unified_subspace import (
+    ApproximationConfig,
+    SourceRun,
+    approximate,
+    landscape,
+    plane_points,
+    simplex_point,
+    transfer_scores,
+)
+from controltune.verification import verify
+from controltune.zoo import load_model
+
+SPECS = {"lora": {"method": "lora", "options": {"rank": 2}},
+         "adapter": {"method": "adapter", "options": {"bottleneck": 4}},
+         "prefix": {"method": "prefix", "options": {"length": 3}}}
+
+
+@pytest.fixture(scope="module")
+def loaded(one_thread):
+    torch.manual_seed(0)
+    return load_model("random:bert", dtype="float64")
+
+
+def untrained(loaded, dim: int = 3) -> UnifiedProjections:
+    layouts, refs = {}, {}
+    for m, s in SPECS.items():
+        system = ResidualSystem(copy.deepcopy(loaded))
+        c = build(s["method"], system, **s["options"])
+        layouts[m] = method_layout(c)
+        refs[m] = layouts[m].flatten({x.name: x.param for x in c.controls()})
+    info = {"fingerprint": fingerprint(ResidualSystem(copy.deepcopy(loaded))), "model": "random:bert"}
+    return UnifiedProjections(dim, SPECS, layouts, refs, info).to(torch.float64)
+
+
+def test_file_round_trip_and_bad_files(loaded, tmp_path):
+    proj = untrained(loaded)
+    proj.intrinsic = {"lora": torch.randn(2, 3, dtype=torch.float64)}
+    path = proj.save(tmp_path / "p.safetensors")
+    again = UnifiedProjections.load(path, dtype=torch.float64)
+    assert again.methods == proj.methods and again.layouts == proj.layouts and again.info == proj.info
+    for (k, a), (_, b) in zip(proj.state_dict().items(), again.state_dict().items()):
+        assert torch.allclose(a.float().double(), b), k
+    assert torch.allclose(again.intrinsic["lora"], proj.intrinsic["lora"].float().double())
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(ProjectionFileError, match="not a projections file"):
+        UnifiedProjections.load(tmp_path / "junk.safetensors")
+    with pytest.raises(ProjectionFileError, match="subspace approximate"):
+        UnifiedProjections.load(tmp_path / "missing.safetensors")
+
+
+def test_layout_flattens_in_order_and_names_bad_shapes():
+    layout = Layout(("a", "b"), ((2, 2), (3,)))
+    vec = layout.flatten({"b": torch.tensor([5.0, 6, 7]), "a": torch.tensor([[1.0, 2], [3, 4]])})
+    assert vec.tolist() == [1, 2, 3, 4, 5, 6, 7] and layout.offsets() == {"a": (0, 4), "b": (4, 7)}
+    with pytest.raises(ProjectionFileError, match="'b' has shape"):
+        layout.flatten({"a": torch.zeros(2, 2), "b": torch.zeros(4)})
+
+
+@pytest.mark.parametrize("delta", list(SPECS))
+def test_controls_are_the_decoded_point_and_verify_passes(loaded, delta):
+    """Each tensor of the method is its block of θ⁰ + W z, and the co-state checks hold for z."""
+    proj = untrained(loaded)
+    system = ResidualSystem(copy.deepcopy(loaded))
+    c = build("unified_subspace", system, projections=proj, delta=delta)
+    with torch.no_grad():
+        c.z.copy_(torch.randn(3, dtype=torch.float64))
+    names = [x.name for x in system.controls()]
+    assert names == ["head.weight", "head.bias", "unified.z"]
+    expected = proj.maps[delta].decode(c.z).detach()
+    offsets, tensors = proj.layouts[delta].offsets(), c.tensors()
+    assert list(tensors) == list(offsets)
+    for name, (start, end) in offsets.items():
+        assert torch.equal(tensors[name].detach().reshape(-1), expected[start:end]), name
+    frozen = [p for n, p in c.inner.named_parameters() if n.endswith(".original")]
+    assert len(frozen) == len(offsets) and not any(p.requires_grad for p in frozen)
+    assert torch.equal(c.decoded(), expected)
+    batch = make_batch(loaded.tokenizer, n=3)
+    report = verify(system, batch)
+    assert report.passed, report
+
+
+def test_z_changes_the_method_exactly_as_the_decoded_tensors_do(loaded):
+    """The unified controller at z equals the plain method with its controls set to θ⁰ + W z."""
+    proj = untrained(loaded)
+    torch.manual_seed(1)
+    system = ResidualSystem(copy.deepcopy(loaded))
+    c = build("unified_subspace", system, projections=proj, delta="adapter")
+    with torch.no_grad():
+        c.z.copy_(torch.randn(3, dtype=torch.float64) * 5)
+    plain = ResidualSystem(copy.deepcopy(loaded))
+    p = build("adapter", plain, **SPECS["adapter"]["options"])
+    layout, vec = proj.layouts["adapter"], c.decoded()
+    with torch.no_grad():
+        for x in p.controls():
+            start, end = layout.offsets()[x.name]
+            x.param.copy_(vec[start:end].view_as(x.param))
+        plain.readout.head.load_state_dict(system.readout.head.state_dict())
+    batch = make_batch(loaded.tokenizer, n=3)
+    assert torch.equal(system(batch), plain(batch))
+    assert not torch.allclose(system(batch), ResidualSystem(copy.deepcopy(loaded))(batch))
+
+
+def test_bad_uses_are_refused(loaded, tmp_path):
+    system = ResidualSystem(copy.deepcopy(loaded))
+    with pytest.raises(UnsupportedMethodError, match="projections=FILE"):
+        build("unified_subspace", system)
+    proj = untrained(loaded)
+    with pytest.raises(ValueError, match="delta=NAME"):
+        build("unified_subspace", ResidualSystem(copy.deepcopy(loaded)), projections=proj)
+    with pytest.raises(ProjectionFileError, match="not 'ia3'"):
+        build("unified_subspace", ResidualSystem(copy.deepcopy(loaded)), projections=proj, delta="ia3")
+    other = load_model("random:roberta", dtype="float64")
+    with pytest.raises(ProjectionFileError, match="refusing"):
+        build("unified_subspace", ResidualSystem(other), projections=proj, delta="lora")
+    with pytest.raises(UnsupportedMethodError, match="outside the blocks"):
+        method_layout(build("prompt", ResidualSystem(copy.deepcopy(loaded)), n_tokens=2))
+    with pytest.raises(ValueError, match="z_init"):
+        build("unified_subspace", ResidualSystem(copy.deepcopy(loaded)), projections=proj, delta="lora", z_init="x")
+
+
+def test_simplex_points_and_the_plane():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.stack([simplex_point(3, gen) for _ in range(2000)])
+    assert torch.allclose(w.sum(1), torch.ones(2000, dtype=torch.float64)) and (w > 0).all()
+    assert torch.allclose(w.mean(0), torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.02)
+    a, b, c = torch.tensor([1.0, 0]), torch.tensor([0.0, 1]), torch.tensor([0.0, 0])
+    pts = plane_points({"a": a, "b": b, "c": c}, [0.0, 1.0])
+    assert [(x, y, z.tolist()) for x, y, z in pts] == [(0, 0, [0, 0]), (0, 1, [0, 1]), (1, 0, [1, 0]),
+                                                       (1, 1, [1, 1])]
+
+
+def _train(tmp_path, task, method, options, seed=0, steps=6):
+    config = {"model": "random:bert", "task": str(task), "method": method, "options": options, "lr": 5e-3,
+              "seed": seed, "steps": steps, "batch_size": 8, "eval_batch_size": 32, "max_length": 16,
+              "warmup": 0.0, "schedule": "constant", "weight_decay": 0.0, "grad_clip": None, "eval_every": None,
+              "dropout": False, "budget": None, "group_by_length": True, "train_size": None, "data_seed": 0,
+              "dev_size": None, "pooling": "mean", "dtype": "float64", "device": "cpu"}
+    row = run_cell(config, threads=1, runs_dir=str(tmp_path / "runs"))
+    assert row["status"] == "done", row
+    return tmp_path / "runs" / row["cell"]
+
+
+def test_the_three_stages_end_to_end(tmp_path, one_thread):
+    """Approximate on two toy source tasks, optimise z on a third, transfer it, draw the landscape."""
+    tasks = []
+    for name in ("a", "b", "c"):
+        folder = tmp_path / name
+        folder.mkdir()
+        toy_task(folder, n_train=32, n_dev=12)
+        tasks.append(folder)
+    runs = [SourceRun.read(_train(tmp_path, t, s["method"], s["options"], seed))
+            for t in tasks[:2] for s in SPECS.values() for seed in (0,)]
+    loaded = load_model("random:bert", dtype="float64")
+    config = ApproximationConfig(dim=3, steps=4, batch_size=4, max_length=16, eval_size=8, progress=False,
+                                 log_every=2)
+    proj = approximate(loaded, runs, config, model_name="random:bert")
+    assert proj.methods == ["lora", "adapter", "prefix"]
+    assert {m: tuple(v.shape) for m, v in proj.intrinsic.items()} == {m: (2, 3) for m in SPECS}
+    assert [e["step"] for e in proj.info["log"]] == [2, 4]
+    rec = proj.info["reconstruction"]
+    assert len(rec) == 6 and all({"original", "reconstructed", "span_projection"} <= set(r) for r in rec)
+    path = proj.save(tmp_path / "proj.safetensors")
+    json.dumps(proj.info)  # the record is plain JSON
+    # stage 2: z and a fresh head trained on the unseen task, as a sweep cell (the experiment's path)
+    run = _train(tmp_path, tasks[2], "unified_subspace", {"projections": str(path), "delta": "adapter"})
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["n_trainable"] == 3 + 2 * 64 + 2
+    rows = transfer_scores(loaded, path, run, str(tasks[2]), max_length=16)
+    assert [r["method"] for r in rows] == ["lora", "adapter", "prefix"]
+    own = next(r for r in rows if r["method"] == "adapter")
+    assert own["scores"]["loss"] == pytest.approx(metrics["final"]["loss"], rel=1e-9)
+    land = landscape(loaded, path, str(tasks[0]), grid=[0.0, 1.0], dev_size=None, max_length=16)
+    assert len(land["points"]) == 4 and set(land["points"][0]["scores"]) == set(SPECS)
+    with pytest.raises(ProjectionFileError, match="not a source task"):
+        landscape(loaded, path, str(tasks[2]), grid=[0.0])
+    with pytest.raises(ValueError, match="not a finished training run"):
+        SourceRun.read(tmp_path)
+    with pytest.raises(ValueError, match="at least two methods"):
+        approximate(loaded, [r for r in runs if r.method == "lora"], config)
+    with pytest.raises(ValueError, match="missing"):
+        approximate(loaded, runs[:4], config)
