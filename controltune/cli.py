@@ -32,6 +32,7 @@ COMMANDS = {
     "verify": "check the PMP co-states and Hamiltonian gradients against autograd and finite differences",
     "msa": "train with the method of successive approximations (E-MSA)",
     "bound": "Lipschitz bounds and the error of low-dimensional delta approximations",
+    "subspace": "a unified optimisation subspace of several delta methods: approximate, optimize, transfer, landscape",
     "recommend": "LoRA targets, ranks and initial weights from the co-state, written as a peft adapter folder",
     "figures": "rebuild the paper's theory figures (pdf, png, caption) from the committed results",
 }

@@ -157,16 +157,23 @@ def _train(tmp_path, task, method, options, seed=0, steps=6):
     return tmp_path / "runs" / row["cell"]
 
 
-def test_the_three_stages_end_to_end(tmp_path, one_thread):
-    """Approximate on two toy source tasks, optimise z on a third, transfer it, draw the landscape."""
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, one_thread):
+    """Three toy tasks; lora, adapter and prefix trained for a few steps on the first two."""
+    tmp_path = tmp_path_factory.mktemp("unified")
     tasks = []
     for name in ("a", "b", "c"):
         folder = tmp_path / name
         folder.mkdir()
         toy_task(folder, n_train=32, n_dev=12)
         tasks.append(folder)
-    runs = [SourceRun.read(_train(tmp_path, t, s["method"], s["options"], seed))
-            for t in tasks[:2] for s in SPECS.values() for seed in (0,)]
+    runs = [SourceRun.read(_train(tmp_path, t, s["method"], s["options"])) for t in tasks[:2] for s in SPECS.values()]
+    return tasks, runs
+
+
+def test_the_three_stages_end_to_end(sources, tmp_path):
+    """Approximate on two toy source tasks, optimise z on a third, transfer it, draw the landscape."""
+    tasks, runs = sources
     loaded = load_model("random:bert", dtype="float64")
     config = ApproximationConfig(dim=3, steps=4, batch_size=4, max_length=16, eval_size=8, progress=False,
                                  log_every=2)
@@ -196,3 +203,32 @@ def test_the_three_stages_end_to_end(tmp_path, one_thread):
         approximate(loaded, [r for r in runs if r.method == "lora"], config)
     with pytest.raises(ValueError, match="missing"):
         approximate(loaded, runs[:4], config)
+
+
+def test_the_command_runs_every_stage(sources, tmp_path, capsys):
+    from controltune.cli import main
+
+    tasks, runs = sources
+    common = ["--model", "random:bert", "--dtype", "float64", "--max-length", "16", "--no-progress"]
+    proj, run = tmp_path / "p.safetensors", tmp_path / "z"
+    argv = ["subspace", "approximate", *common, "--dim", "2", "--steps", "2", "--batch-size", "4", "--eval-size", "6",
+            "--out", str(proj), "--json", str(tmp_path / "a.json")]
+    for r in runs:
+        argv += ["--source", str(r.run_dir)]
+    assert main(argv) == 0 and proj.is_file()
+    assert "reconstructed" in capsys.readouterr().out
+    assert main(["subspace", "optimize", *common, "--projections", str(proj), "--delta", "prefix", "--task",
+                 str(tasks[2]), "--epochs", "1", "--out", str(run)]) == 0
+    assert (run / "deltas.safetensors").is_file()
+    assert main(["subspace", "transfer", *common, "--projections", str(proj), "--run", str(run), "--task",
+                 str(tasks[2]), "--to", "lora,prefix", "--json", str(tmp_path / "t.json")]) == 0
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["lora", "prefix"]
+    assert main(["subspace", "landscape", *common, "--projections", str(proj), "--task", str(tasks[1]),
+                 "--grid=0,1,2"]) == 0
+    capsys.readouterr()
+    assert main(["subspace", "transfer", *common, "--projections", str(proj)]) == 2
+    assert "needs --run, --task" in capsys.readouterr().err
+    assert main(["subspace", "landscape", *common, "--projections", str(proj), "--task", str(tasks[1]),
+                 "--grid", "x"]) == 2
+    assert "LOW,HIGH,N" in capsys.readouterr().err
