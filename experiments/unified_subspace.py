@@ -1,0 +1,353 @@
+"""A unified optimisation subspace of adapter, prefix and LoRA (issue 16; Yi et al., 2022), leave one task out.
+
+For each target task T of SST-2, MRPC, RTE and CoLA and each dimension d in ``DIMS``:
+
+1. **Approximation** (``controltune subspace approximate``): the projections of LoRA (r=8 on q, v), the adapter
+   (bottleneck 64) and prefix tuning (10 vectors) are trained on the other three tasks, from those methods'
+   GLUE-table solutions (``runs/glue_table``: the seed-0 cell of each (task, method) at its chosen rate) — no new
+   source training.  Seed 0 only (``SOURCE_SEEDS``), as the paper's sources: every solution then starts from the
+   reference point θ⁰ (the seed-0 initialisation), so Δθ is what training learned, not the difference between
+   two random initialisations of LoRA's A or the adapter's down-projection.  ``APPROX`` settings; one
+   approximation per (T, d) (seed 0: the variance over approximation seeds is not measured, to fit the budget).
+2. **Optimisation**: the ``unified_subspace`` controller (z ∈ R^d and a fresh head) trained on T through each
+   method's up-projection, as sweep cells with the GLUE table's harness (validation rows, evaluation cadence,
+   warm-up and decay) but at most ``STAGE2_STEPS`` steps; the rate of z chosen on validation rows from
+   ``Z_RATES`` (grid continued at its edge), then seeds 0, 1, 2.
+3. **Transfer**: each stage-2 run's z (and head) decoded by the two other methods, scored on T's dev set
+   (``results/unified_transfer.jsonl``).
+4. **Landscape**: every method's dev score (256 rows) on the plane of the intrinsic vectors of one source task
+   (``LANDSCAPE``), a 9 × 9 grid of (α, β) in [−0.5, 1.5]² (``results/unified_landscape.json``).
+
+The original-space score of a (T, method) is its GLUE table cell (same harness, its full epochs: more steps than
+stage 2 gets).  ``results/unified_subspace.json`` holds, per (T, method, d), the subspace score (mean, std over
+seeds), the original score, and the transfer matrix; figures ``unified_subspace`` and ``subspace_transfer``.
+
+Time (measured on this machine at one thread per job): see ``--plan``; approximations and transfers run in
+worker processes with one thread each (``--jobs``), stage 2 as sweep cells.
+
+    .venv/bin/python experiments/unified_subspace.py --plan
+    nohup .venv/bin/python experiments/unified_subspace.py > experiments/results/unified_subspace.log 2>&1 &
+    .venv/bin/python experiments/unified_subspace.py --summary-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from controltune.results import append_jsonl, read_jsonl, stamp, write_json
+from controltune.sweep import SweepSpec, parse_spec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rate_selection import (  # noqa: E402
+    add_sweep_arguments,
+    choose_lrs,
+    extended_spec,
+    mean_std,
+    select_then_tabulate,
+    sweep_settings,
+    task_method,
+)
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+PROJECTIONS = Path("runs/unified_subspace")
+"""Projections files, relative to the repository root (cells name them so; the driver runs from there)."""
+APPROX_OUT, TRANSFER_OUT = RESULTS / "unified_approx.jsonl", RESULTS / "unified_transfer.jsonl"
+SELECT_OUT, TABLE_OUT = RESULTS / "unified_select.jsonl", RESULTS / "unified_table.jsonl"
+LANDSCAPE_OUT, SUMMARY = RESULTS / "unified_landscape.json", RESULTS / "unified_subspace.json"
+TASKS = ("sst2", "mrpc", "rte", "cola")
+METHODS = ("lora", "adapter", "prefix")
+DIMS = (4, 32)
+APPROX = {"steps": 300, "lr": 1.0e-3, "recon_weight": 1.0, "batch_size": 16, "train_size": 2000, "eval_size": 200,
+          "max_length": 128}
+SOURCE_SEEDS = (0,)
+Z_RATES = [3.0e-3, 3.0e-2]
+STAGE2_STEPS = 250
+STAGE2_EVAL_EVERY = 50
+LANDSCAPE = {"projections_of": "rte", "task": "sst2", "dim": 4, "grid": [-0.5 + 0.25 * i for i in range(9)],
+             "dev_size": 256}
+
+
+def projections_path(target: str, dim: int) -> Path:
+    return PROJECTIONS / f"{target}-d{dim}.safetensors"
+
+
+# --- sources: the GLUE table's solutions -------------------------------------------------------
+def glue_solutions(task: str, method: str) -> list[str]:
+    """Run folders of the finished GLUE cells of (task, method) at its chosen rate (one per seed of SOURCE_SEEDS)."""
+    select = read_jsonl(RESULTS / "glue_select.jsonl")
+    table = read_jsonl(RESULTS / "glue_table.jsonl")
+    chosen = choose_lrs(select).get((task, method), {}).get("lr")
+    if chosen is None:
+        return []
+    runs = {}
+    for row in select + table:
+        if (row.get("status") == "done" and task_method(row) == (task, method)
+                and float(row["config"]["lr"]) == chosen and row.get("run_dir")
+                and int(row["config"]["seed"]) in SOURCE_SEEDS):
+            folder = Path(row["run_dir"])
+            if (folder / "deltas.safetensors").is_file():
+                runs.setdefault(int(row["config"]["seed"]), str(folder))
+    return [runs[s] for s in sorted(runs)]
+
+
+def sources_of(target: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """Every source run of ``target``'s approximation, and the (task, method) pairs that have none yet."""
+    runs, missing = [], []
+    for task in TASKS:
+        if task == target:
+            continue
+        for method in METHODS:
+            found = glue_solutions(task, method)
+            runs += found
+            if not found:
+                missing.append((task, method))
+    return runs, missing
+
+
+def _approximate(target: str, dim: int, runs: list[str]) -> dict[str, Any]:
+    """One approximation (in a worker process with one thread)."""
+    import torch
+
+    from controltune.unified_subspace import ApproximationConfig, SourceRun, approximate
+    from controltune.zoo import load_model
+
+    torch.set_num_threads(1)
+    config = ApproximationConfig(dim=dim, seed=0, threads=1, progress=False, **APPROX)
+    projections = approximate(load_model("minilm"), [SourceRun.read(r) for r in runs], config, model_name="minilm")
+    path = projections.save(ROOT / projections_path(target, dim))
+    return {"target": target, "dim": dim, "path": str(projections_path(target, dim)), "file": str(path),
+            "info": projections.info}
+
+
+def run_approximations(targets, jobs: int, echo) -> list[tuple[str, int]]:
+    """Approximations not done yet (resumable: a row in ``unified_approx.jsonl`` and its file); returns the
+    (target, dim) that are ready."""
+    done = {(r["target"], r["dim"]) for r in read_jsonl(APPROX_OUT) if (ROOT / r["path"]).is_file()}
+    todo = []
+    for target in targets:
+        runs, missing = sources_of(target)
+        if missing:
+            echo(f"approximation for {target} waits for GLUE cells of {missing}")
+            continue
+        todo += [(target, dim, runs) for dim in DIMS if (target, dim) not in done]
+    if todo:
+        with ProcessPoolExecutor(max(1, jobs)) as pool:
+            futures = {pool.submit(_approximate, *item): item for item in todo}
+            for future, (target, dim, _) in futures.items():
+                row = future.result()
+                append_jsonl(APPROX_OUT, {**stamp({"target": target, "dim": dim, "approx": APPROX}), **row})
+                rec = row["info"]["reconstruction"]
+                echo(f"approximation {target} d={dim} in {row['info']['seconds']:.0f} s: " + "; ".join(
+                    f"{r['method']}/{r['task']} {r['original'][r['metric']]:.3f}->{r['reconstructed'][r['metric']]:.3f}"
+                    for r in rec))
+                done.add((target, dim))
+    return sorted(done)
+
+
+# --- stage 2: sweep cells ------------------------------------------------------------------------
+def pair_key(row: dict[str, Any]) -> tuple[str, str, str]:
+    """(task, delta, projections file): one rate each."""
+    options = row["config"]["options"]
+    return str(row["config"]["task"]), str(options["delta"]), str(options["projections"])
+
+
+def pair_where(pair: tuple[str, str, str]) -> dict[str, Any]:
+    return {"task": pair[0], "options": {"projections": pair[2], "delta": pair[1]}}
+
+
+def spec_data(ready: list[tuple[str, int]], seeds: list[int], name: str, out: str) -> dict[str, Any]:
+    """The GLUE selection's harness for ``unified_subspace`` cells of the ready (target, dim)."""
+    glue = yaml.safe_load((HERE / "glue_select.yaml").read_text())
+    targets = sorted({t for t, _ in ready}, key=TASKS.index)
+    overrides = [{"where": o["where"], "set": {**o["set"], "eval_every": STAGE2_EVAL_EVERY}}
+                 for o in glue["overrides"] if o["where"].get("task") in targets]
+    for target in targets:
+        options = [{"projections": str(projections_path(target, d)), "delta": m}
+                   for d in DIMS if (target, d) in ready for m in METHODS]
+        overrides.append({"where": {"task": target}, "set": {"options": options}})
+    return {"name": name, "out": out, "grid": {"model": "minilm", "task": targets, "method": ["unified_subspace"],
+                                               "seed": seeds, "lr": Z_RATES},
+            "train": {**glue["train"], "steps": STAGE2_STEPS}, "overrides": overrides}
+
+
+def _strip_epochs(data: dict[str, Any]) -> dict[str, Any]:
+    # stage 2 is capped by steps: the GLUE overrides' epochs would conflict with it
+    for o in data["overrides"]:
+        o["set"].pop("epochs", None)
+    return data
+
+
+def selection_spec(ready, rows) -> SweepSpec:
+    data = _strip_epochs(spec_data(ready, [0], "unified_select", SELECT_OUT.name))
+    return extended_spec(data, rows or [], key=pair_key, where=pair_where, folder=RESULTS)
+
+
+def table_spec(ready, chosen: dict) -> SweepSpec:
+    missing = [pair for pair, info in chosen.items() if info["lr"] is None]
+    if missing:
+        raise SystemExit(f"no rate chosen for {missing} (every rate diverged)")
+    data = _strip_epochs(spec_data(ready, [0, 1, 2], "unified_table", TABLE_OUT.name))
+    data["grid"]["lr"] = 0.0
+    data["overrides"] += [{"where": pair_where(pair), "set": {"lr": info["lr"]}}
+                          for pair, info in sorted(chosen.items()) if info["lr"] is not None]
+    return parse_spec(data, "unified_table", RESULTS)
+
+
+# --- stage 3 and the landscape -------------------------------------------------------------------
+def _transfer(row: dict[str, Any]) -> list[dict[str, Any]]:
+    import torch
+
+    from controltune.unified_subspace import transfer_scores
+    from controltune.zoo import load_model
+
+    torch.set_num_threads(1)
+    options = row["config"]["options"]
+    others = [m for m in METHODS if m != options["delta"]]
+    return transfer_scores(load_model("minilm"), ROOT / options["projections"], row["run_dir"],
+                           row["config"]["task"], others)
+
+
+def run_transfers(jobs: int, echo) -> None:
+    rows = [r for r in read_jsonl(TABLE_OUT) if r.get("status") == "done" and r.get("run_dir")]
+    have = {r["cell"] for r in read_jsonl(TRANSFER_OUT)}
+    todo = [r for r in rows if r["cell"] not in have and (Path(r["run_dir"]) / "deltas.safetensors").is_file()]
+    if not todo:
+        return
+    with ProcessPoolExecutor(max(1, jobs)) as pool:
+        for row, scores in zip(todo, pool.map(_transfer, todo)):
+            options = row["config"]["options"]
+            out = {"cell": row["cell"], "task": row["config"]["task"], "seed": row["config"]["seed"],
+                   "projections": options["projections"], "from": options["delta"], "from_score":
+                   row["score_at_best_val"], "metric": row["metric"],
+                   "to": {s["method"]: s["score"] for s in scores}}
+            append_jsonl(TRANSFER_OUT, {**stamp({"cell": row["cell"]}), **out})
+            echo(f"transfer {row['config']['task']} {options['projections']} {options['delta']} "
+                 f"{row['score_at_best_val']:.3f} -> " + ", ".join(f"{k} {v:.3f}" for k, v in out["to"].items()))
+
+
+def run_landscape(echo) -> None:
+    import torch
+
+    from controltune.unified_subspace import landscape
+    from controltune.zoo import load_model
+
+    if LANDSCAPE_OUT.is_file():
+        return
+    path = ROOT / projections_path(LANDSCAPE["projections_of"], LANDSCAPE["dim"])
+    if not path.is_file():
+        return
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    result = landscape(load_model("minilm"), path, LANDSCAPE["task"], LANDSCAPE["grid"],
+                       dev_size=LANDSCAPE["dev_size"])
+    write_json(LANDSCAPE_OUT, {**stamp({**LANDSCAPE, "command": "python experiments/unified_subspace.py"}),
+                               **result, "seconds": time.perf_counter() - start})
+    echo(f"landscape written ({len(result['points'])} points, {time.perf_counter() - start:.0f} s)")
+
+
+# --- summary ----------------------------------------------------------------------------------------
+def _glue_cell(task: str, method: str) -> dict[str, Any] | None:
+    """The GLUE table's row of (task, method): the original-space score."""
+    import json
+
+    path = RESULTS / "glue_table.json"
+    if not path.is_file():
+        return None
+    for row in json.loads(path.read_text()).get("rows", []):
+        if row.get("task") == task and row.get("method") == method:
+            return row
+    return None
+
+
+def summary() -> dict[str, Any]:
+    select, table = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
+    chosen = choose_lrs(select, key=pair_key)
+    cells = []
+    for (task, delta, proj), info in sorted(chosen.items()):
+        done = {r["config"]["seed"]: r for r in table + select if r.get("status") == "done"
+                and pair_key(r) == (task, delta, proj) and float(r["config"]["lr"]) == info["lr"]}
+        scores = [r["score_at_best_val"] for r in done.values()]
+        mean, std = mean_std(scores)
+        original = _glue_cell(task, delta)
+        dim = int(Path(proj).stem.rsplit("-d", 1)[1])
+        cells.append({"task": task, "method": delta, "dim": dim, "lr": info["lr"], "mean": mean, "std": std,
+                      "n_seeds": len(scores), "metric": next(iter(done.values()))["metric"] if done else None,
+                      "original": None if original is None else {k: original.get(k) for k in
+                                                                 ("mean", "std", "n_seeds", "lr", "stage")},
+                      "trainable": next(iter(done.values()))["n_trainable"] if done else None})
+    transfers = []
+    for row in read_jsonl(TRANSFER_OUT):
+        # the diagonal is the stage-2 score itself (the z decoded by the method it was trained with)
+        for to, score in {row["from"]: row["from_score"], **row["to"]}.items():
+            dim = int(Path(row["projections"]).stem.rsplit("-d", 1)[1])
+            transfers.append({"task": row["task"], "dim": dim, "seed": row["seed"], "from": row["from"], "to": to,
+                              "score": score, "from_score": row["from_score"]})
+    matrix = []
+    for dim in DIMS:
+        for a in METHODS:
+            for b in METHODS:
+                for task in TASKS:
+                    vals = [t["score"] for t in transfers
+                            if (t["dim"], t["from"], t["to"], t["task"]) == (dim, a, b, task)]
+                    if vals:
+                        matrix.append({"dim": dim, "from": a, "to": b, "task": task, "mean": mean_std(vals)[0],
+                                       "n": len(vals)})
+    approx = [{"target": r["target"], "dim": r["dim"], "seconds": r["info"]["seconds"],
+               "reconstruction": r["info"]["reconstruction"]} for r in read_jsonl(APPROX_OUT)]
+    payload = {**stamp({"tasks": list(TASKS), "methods": list(METHODS), "dims": list(DIMS), "approx": APPROX,
+                        "z_rates": Z_RATES, "stage2_steps": STAGE2_STEPS, "landscape": LANDSCAPE,
+                        "command": "python experiments/unified_subspace.py"}),
+               "cells": cells, "transfer": matrix, "approximations": approx}
+    write_json(SUMMARY, payload)
+    return payload
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default=",".join(TASKS), help="target tasks")
+    p.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each) for approximations "
+                                                       "and transfers")
+    add_sweep_arguments(p, "runs/unified_subspace/cells")
+    p.add_argument("--plan", action="store_true", help="print what would run; run nothing")
+    p.add_argument("--summary-only", action="store_true")
+    args = p.parse_args(argv)
+    os.chdir(ROOT)  # cells name their projections relative to the repository root
+    targets = tuple(t for t in args.tasks.split(",") if t)
+    if any(t not in TASKS for t in targets):
+        raise SystemExit(f"unknown task(s) in {targets}; accepted: {', '.join(TASKS)}")
+    if args.plan:
+        for t in targets:
+            runs, missing = sources_of(t)
+            print(f"{t}: {len(runs)} source runs" + (f"; waiting for {missing}" if missing else ""))
+        n = len(targets) * len(DIMS) * len(METHODS)
+        print(f"{len(targets) * len(DIMS)} approximations, {n * len(Z_RATES)} selection cells (+ edge rates), "
+              f"{2 * n} table cells of seeds 1, 2, {2 * 3 * n // 3} transfers")
+        return {}
+    if args.summary_only:
+        return summary()
+
+    def echo(line: str) -> None:
+        print(line, flush=True)
+
+    ready = [(t, d) for t, d in run_approximations(targets, args.jobs, echo) if t in targets]
+    if ready:
+        select_then_tabulate(lambda rows: selection_spec(ready, rows), SELECT_OUT,
+                             lambda rows: table_spec(ready, choose_lrs(rows, key=pair_key)),
+                             TABLE_OUT, RESULTS, echo, sweep_settings(args))
+        run_transfers(args.jobs, echo)
+        run_landscape(echo)
+    return summary()
+
+
+if __name__ == "__main__":
+    main()
