@@ -168,6 +168,41 @@ def test_hutchinson_gramian_matches_dense_gramian():
         assert abs(est - exact) < tol, (method, est, exact, tol)
 
 
+def test_control_set_scores_of_a_placement_match_the_dense_quantities():
+    """Co-state energy ‖∂J/∂u‖² and the Hutchinson Gramian tr(CᵀHC)/S of 40 arbitrary positions, exactly."""
+    from controltune.design.gramian import control_set_scores
+
+    system = _system(num_labels=3)
+    batch = _batch(4, 4, seed=5, n_labels=3)
+    ctrl = build("arbitrary", system, budget=40, seed=2)
+    params = [c.param for c in ctrl.controls()]
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.05)  # away from 0, where the head's gradient alone would matter
+    J = torch.nn.functional.cross_entropy(system(batch), batch["labels"])
+    energy = sum(float(g.pow(2).sum()) for g in torch.autograd.grad(J, params))
+
+    logits = system(batch)
+    # C = ∂logits/∂u row by row (functional_call would untie the delta parameters the controller shares with
+    # the wrapped modules)
+    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(logits[i, j], params, retain_graph=True)])
+            for i in range(logits.shape[0]) for j in range(logits.shape[1])]
+    C = torch.stack(rows).view(*logits.shape, -1)                     # S×C×n
+    with torch.no_grad():
+        hs = gn_sqrt(system(batch))
+    HC = hs @ C
+    s = C.shape[0]
+    exact = float(HC.pow(2).sum()) / s
+    X = torch.einsum("sci,scj->ij", HC, HC)
+    n_probes = 200
+    tol = 4 * (2 * float(X.pow(2).sum()) / n_probes) ** 0.5 / s
+    assert tol < 0.3 * exact
+    scores = control_set_scores(system, batch, n_probes=n_probes, seed=3)
+    assert scores["n"] == 40
+    assert scores["costate_energy"] == pytest.approx(energy, rel=1e-12) and energy > 0
+    assert abs(scores["gramian"] - exact) < tol, (scores["gramian"], exact, tol)
+
+
 # --- co-state LoRA ------------------------------------------------------------------------------------
 def test_costate_lora_init_is_top_r_svd_of_hamiltonian_gradient():
     batch = _batch(4, 5, seed=4)

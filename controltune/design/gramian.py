@@ -30,7 +30,8 @@ from torch.func import functional_call
 
 from .linearize import eager_kernel
 
-__all__ = ["costate_energy", "gn_sqrt", "weight_costate_products", "layer_costate_energy", "module_gramian_scores",
+__all__ = ["control_set_scores", "costate_energy", "gn_sqrt", "weight_costate_products", "layer_costate_energy",
+           "module_gramian_scores",
            "parameter_names"]
 
 
@@ -133,3 +134,38 @@ def layer_costate_energy(system, batch: dict) -> list[float]:
 
     sol = solve_costate(system, batch)
     return [float(p.pow(2).sum()) for p in sol.costates[1:]]
+
+
+def control_set_scores(system, batch: dict, n_probes: int = 8, seed: int = 0) -> dict[str, float]:
+    """Scores of the set of controls a controller placed (every non-terminal control of ``system``), at their
+    current value, on ``batch``:
+
+    * ``costate_energy``: ``Σ_u ‖∇_u H‖² = Σ_u ‖∂J/∂u‖²`` (one backward pass);
+    * ``gramian``: ``tr(CᵀHC)/S`` with ``C = ∂logits/∂u`` over all those controls jointly and ``H`` the CE
+      Gauss–Newton curvature, by ``n_probes`` Hutchinson probes in logit space (``E ‖Cᵀ H^{1/2} ξ‖²``);
+    * ``n``: the number of control scalars.
+
+    Terminal controls (the head) are left out: they are the same for every placement being compared.
+    """
+    if getattr(system.readout, "kind", "") != "classification":
+        raise ValueError("control_set_scores needs a classification readout (J = mean CE of S×C logits)")
+    if int(n_probes) < 1:
+        raise ValueError(f"n_probes must be >= 1, got {n_probes}")
+    params = [c.param for c in system.controls() if c.kind != "term"]
+    if not params:
+        raise ValueError("the system has no non-terminal controls to score")
+    gen = torch.Generator().manual_seed(int(seed))
+    with torch.enable_grad():
+        logits = system(batch)
+        cost = torch.nn.functional.cross_entropy(logits, batch["labels"]) + system.total_running_cost()
+        grads = torch.autograd.grad(cost, params, retain_graph=True, allow_unused=True)
+        energy = sum(0.0 if g is None else float(g.pow(2).sum()) for g in grads)
+        s, c = logits.shape
+        hs = gn_sqrt(logits).to(logits)
+        total = 0.0
+        for i in range(int(n_probes)):
+            xi = torch.randn(s, c, generator=gen, dtype=torch.float64).to(logits)
+            w = (hs @ xi.unsqueeze(-1)).squeeze(-1)
+            g = torch.autograd.grad(logits, params, w, retain_graph=i + 1 < int(n_probes), allow_unused=True)
+            total += sum(0.0 if x is None else float(x.pow(2).sum()) for x in g)
+    return {"costate_energy": energy, "gramian": total / (int(n_probes) * s), "n": sum(p.numel() for p in params)}
