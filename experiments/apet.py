@@ -1,0 +1,290 @@
+"""Arbitrary-position tuning across scale (issue 16; Su et al., EMNLP 2023, "Exploring the Impact of Model Scaling
+on Parameter-Efficient Tuning"): does the position of the tuned parameters matter less in a larger model, and do
+control-theoretic scores of a draw predict how well it trains?
+
+The ``arbitrary`` controller tunes exactly B scalars at seeded random positions of the blocks' parameters
+(``options.seed`` is the position draw; the cell seed is the training seed: head initialisation and batch order).
+Grid: MiniLM (22M) and SmolLM2 (135M) × SST-2 and CoLA × B in ``BUDGETS`` × draws 0, 1, 2 × seeds 0, 1, 2, plus
+full fine-tuning (seeds 0, 1, 2 at one rate per model, ``FULL_RATE``, not selected) as the reference.  One
+harness for both models (``TRAIN``: 2,000 training rows, 200 of them held out as validation rows, 100 steps of
+batch 16, max length 48, 500 dev rows; AdamW, warm-up and linear decay) — cut to fit SmolLM2 into the budget.
+The rate of the Δ is chosen per (model, task) on validation rows, at draw 0, seed 0 and the budget ``SELECT_AT``,
+from ``RATES`` (continued at its edge), and used at every budget.
+
+Then, per (model, task, budget, draw), :func:`controltune.design.gramian.control_set_scores` on 64 training
+rows at Δ = 0: the co-state energy ``Σ‖∂J/∂u‖²`` and the GN-weighted controllability Gramian ``tr(CᵀHC)/S`` of
+the drawn positions (``results/apet_scores.jsonl``).  Within each (model, task, budget) the draws are ranked by
+score and by dev score (mean over seeds); the pooled within-group Spearman correlation, with a bootstrap interval
+over groups, says whether the scores predict the better draws.
+
+``results/apet.json``: per (model, task, budget) the mean dev score, the spread across draws (std of the draws'
+seed means) and across seeds, the majority-class level, whether the budget beats it (mean − 2·se above it), the
+full fine-tuning score; the predictor correlations.  Figures ``apet_positions`` and ``apet_scale``.
+
+    .venv/bin/python experiments/apet.py --plan
+    nohup .venv/bin/python experiments/apet.py > experiments/results/apet.log 2>&1 &
+    .venv/bin/python experiments/apet.py --summary-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import random
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from controltune.results import append_jsonl, read_jsonl, stamp, write_json
+from controltune.sweep import SweepSpec, parse_spec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rate_selection import (  # noqa: E402
+    add_sweep_arguments,
+    choose_lrs,
+    extended_spec,
+    mean_std,
+    select_then_tabulate,
+    sweep_settings,
+)
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+SELECT_OUT, TABLE_OUT = RESULTS / "apet_select.jsonl", RESULTS / "apet_table.jsonl"
+SCORES_OUT, SUMMARY = RESULTS / "apet_scores.jsonl", RESULTS / "apet.json"
+MODELS = ("minilm", "smollm2")
+TASKS = ("sst2", "cola")
+BUDGETS = (100, 1000, 10000, 100000)
+DRAWS = (0, 1, 2)
+SEEDS = (0, 1, 2)
+RATES = [1.0e-3, 1.0e-2]
+SELECT_AT = 10000
+FULL_RATE = {"minilm": 5.0e-5, "smollm2": 2.0e-5}
+TRAIN = {"dtype": "float32", "batch_size": 16, "eval_batch_size": 64, "max_length": 48, "warmup": 0.06,
+         "schedule": "linear", "weight_decay": 0.0, "grad_clip": 1.0, "data_seed": 0, "val_seed": 0,
+         "train_size": 2000, "val_size": 200, "dev_size": 500, "steps": 100, "eval_every": 25}
+SCORE_ROWS = 64
+BOOTSTRAP = 2000
+
+
+# --- the sweeps ------------------------------------------------------------------------------------
+def pair_key(row: dict[str, Any]) -> tuple[str, str]:
+    """One rate per (model, task)."""
+    return str(row["config"]["model"]), str(row["config"]["task"])
+
+
+def pair_where(pair: tuple[str, str]) -> dict[str, Any]:
+    return {"model": pair[0], "task": pair[1], "method": "arbitrary"}
+
+
+def selection_spec(models, tasks, rows) -> SweepSpec:
+    data = {"name": "apet_select", "out": SELECT_OUT.name,
+            "grid": {"model": list(models), "task": list(tasks), "method": ["arbitrary"], "seed": [0],
+                     "options": [{"budget": SELECT_AT, "seed": 0}], "lr": RATES},
+            "train": TRAIN}
+    return extended_spec(data, rows or [], key=pair_key, where=pair_where, folder=RESULTS)
+
+
+def table_spec(models, tasks, chosen: dict) -> SweepSpec:
+    missing = [p for p in ((m, t) for m in models for t in tasks) if chosen.get(p, {}).get("lr") is None]
+    if missing:
+        raise SystemExit(f"no rate chosen for {missing} (selection unfinished, or every rate diverged)")
+    overrides = [{"where": pair_where(p), "set": {"lr": chosen[p]["lr"]}} for p in sorted(chosen)
+                 if p in {(m, t) for m in models for t in tasks}]
+    overrides += [{"where": {"model": m, "method": "full"}, "set": {"lr": FULL_RATE[m]}} for m in models]
+    data = {"name": "apet_table", "out": TABLE_OUT.name,
+            "grid": {"model": list(models), "task": list(tasks), "method": ["arbitrary", "full"],
+                     "seed": list(SEEDS), "lr": 0.0},
+            "per_method": {"arbitrary": {"options": [{"budget": b, "seed": d} for b in BUDGETS for d in DRAWS]}},
+            "train": TRAIN, "overrides": overrides}
+    return parse_spec(data, "apet_table", RESULTS)
+
+
+# --- scores of the draws -----------------------------------------------------------------------------
+def run_scores(models, tasks, echo) -> None:
+    """``control_set_scores`` of every draw not scored yet (in this process, one thread: a sweep may share the
+    machine)."""
+    import torch
+
+    torch.set_num_threads(1)
+    from controltune.controllers import build
+    from controltune.data import resolve_task
+    from controltune.design.gramian import control_set_scores
+    from controltune.design.linearize import design_batch
+    from controltune.system import ResidualSystem
+    from controltune.zoo import load_model
+
+    have = {(r["model"], r["task"], r["budget"], r["draw"]) for r in read_jsonl(SCORES_OUT)}
+    for model in models:
+        todo = [(t, b, d) for t in tasks for b in BUDGETS for d in DRAWS if (model, t, b, d) not in have]
+        if not todo:
+            continue
+        loaded = load_model(model)
+        for task, budget, draw in todo:
+            spec = resolve_task(task)
+            # a fresh copy per draw: attaching a controller wraps the model's modules in place
+            system = ResidualSystem(copy.deepcopy(loaded), num_labels=spec.num_labels, seed=0)
+            batch = design_batch(system, task, n=SCORE_ROWS, seed=0, max_length=TRAIN["max_length"])
+            build("arbitrary", system, budget=budget, seed=draw)
+            scores = control_set_scores(system, batch, n_probes=8, seed=0)
+            append_jsonl(SCORES_OUT, {**stamp({"model": model, "task": task, "budget": budget, "draw": draw,
+                                               "rows": SCORE_ROWS}),
+                                      "model": model, "task": task, "budget": budget, "draw": draw, **scores})
+            echo(f"scores {model} {task} B={budget} draw {draw}: energy {scores['costate_energy']:.3e}, "
+                 f"gramian {scores['gramian']:.3e}")
+            del system
+
+
+# --- summary ---------------------------------------------------------------------------------------
+def within_group_correlation(groups: list[list[tuple[float, float]]], seed: int = 0) -> dict[str, Any]:
+    """Pooled within-group Spearman ρ of (score, dev) pairs: each group's values are replaced by their ranks
+    centred in the group, then ρ of the pooled centred ranks; a 95 % percentile interval by resampling groups."""
+    def pooled(sample: list[list[tuple[float, float]]]) -> float | None:
+        xs, ys = [], []
+        for g in sample:
+            if len(g) < 2:
+                continue
+            rx = _centred_ranks([a for a, _ in g])
+            ry = _centred_ranks([b for _, b in g])
+            xs += rx
+            ys += ry
+        den = math.sqrt(sum(a * a for a in xs) * sum(b * b for b in ys))
+        return None if den == 0 else sum(a * b for a, b in zip(xs, ys)) / den
+
+    rho = pooled(groups)
+    rng = random.Random(seed)
+    boot = [r for r in (pooled([rng.choice(groups) for _ in groups]) for _ in range(BOOTSTRAP)) if r is not None]
+    boot.sort()
+    ci = [boot[int(0.025 * len(boot))], boot[int(0.975 * len(boot)) - 1]] if boot else None
+    return {"rho": rho, "ci95": ci, "n_groups": len(groups), "n_points": sum(len(g) for g in groups)}
+
+
+def _centred_ranks(v: list[float]) -> list[float]:
+    """Ranks of ``v`` (ties share their average rank) minus their mean."""
+    order = sorted(range(len(v)), key=v.__getitem__)
+    r = [0.0] * len(v)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            r[order[k]] = (i + j) / 2
+        i = j + 1
+    mean = statistics.fmean(r)
+    return [x - mean for x in r]
+
+
+def majority_levels(tasks) -> dict[str, dict[str, Any]]:
+    from controltune.data import load_split, resolve_task
+    from controltune.metrics import majority_baseline
+
+    out = {}
+    for task in tasks:
+        spec = resolve_task(task, holdout_seed=TRAIN["data_seed"])
+        dev = load_split(spec, "dev", n=TRAIN["dev_size"], seed=TRAIN["data_seed"])
+        out[task] = {"metric": spec.metric, "level": majority_baseline(spec, [ex.label for ex in dev])[spec.metric]}
+    return out
+
+
+def summary(models, tasks) -> dict[str, Any]:
+    select, table = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
+    chosen = choose_lrs(select, key=pair_key)
+    majority = majority_levels(tasks)
+    done = [r for r in table + select if r.get("status") == "done"]
+    cells, full = [], {}
+    for model in models:
+        for task in tasks:
+            ft = [r["score_at_best_val"] for r in done if r["config"]["method"] == "full"
+                  and (r["config"]["model"], r["config"]["task"]) == (model, task)]
+            full[(model, task)] = mean_std(ft) + (len(ft),)
+            lr = chosen.get((model, task), {}).get("lr")
+            for budget in BUDGETS:
+                per_draw = {}
+                for draw in DRAWS:
+                    vals = {r["config"]["seed"]: r["score_at_best_val"] for r in done
+                            if r["config"]["method"] == "arbitrary" and float(r["config"]["lr"]) == lr
+                            and (r["config"]["model"], r["config"]["task"]) == (model, task)
+                            and r["config"]["options"] == {"budget": budget, "seed": draw}}
+                    if vals:
+                        per_draw[draw] = list(vals.values())
+                allv = [v for vs in per_draw.values() for v in vs]
+                mean, std = mean_std(allv)
+                draw_means = [statistics.fmean(v) for v in per_draw.values()]
+                seed_stds = [statistics.stdev(v) for v in per_draw.values() if len(v) > 1]
+                level = majority[task]["level"]
+                se = (std / math.sqrt(len(allv))) if std is not None else None
+                cells.append({"model": model, "task": task, "budget": budget, "lr": lr, "mean": mean, "std": std,
+                              "n_runs": len(allv), "draw_means": {str(d): statistics.fmean(v)
+                                                                  for d, v in per_draw.items()},
+                              "position_spread": statistics.stdev(draw_means) if len(draw_means) > 1 else None,
+                              "seed_spread": statistics.fmean(seed_stds) if seed_stds else None,
+                              "majority": level, "beats_majority": None if se is None else mean - 2 * se > level,
+                              "full": full[(model, task)][0]})
+    scores = read_jsonl(SCORES_OUT)
+    predictors = {}
+    for key in ("costate_energy", "gramian"):
+        groups = []
+        for c in cells:
+            pts = []
+            for draw, dev in c["draw_means"].items():
+                s = next((r[key] for r in scores if (r["model"], r["task"], r["budget"], r["draw"])
+                          == (c["model"], c["task"], c["budget"], int(draw))), None)
+                if s is not None:
+                    pts.append((s, dev))
+            if len(pts) >= 2:
+                groups.append(pts)
+        predictors[key] = within_group_correlation(groups) if groups else None
+    smallest = {}
+    for model in models:
+        for task in tasks:
+            ok = [c["budget"] for c in cells if (c["model"], c["task"]) == (model, task) and c["beats_majority"]]
+            smallest[f"{model}/{task}"] = min(ok) if ok else None
+    payload = {**stamp({"models": list(models), "tasks": list(tasks), "budgets": list(BUDGETS), "draws": list(DRAWS),
+                        "seeds": list(SEEDS), "rates": RATES, "select_at": SELECT_AT, "full_rate": FULL_RATE,
+                        "train": TRAIN, "command": "python experiments/apet.py"}),
+               "cells": cells, "majority": majority,
+               "full": [{"model": m, "task": t, "mean": v[0], "std": v[1], "n_seeds": v[2]}
+                        for (m, t), v in full.items()],
+               "smallest_budget_beating_majority": smallest, "predictors": predictors}
+    write_json(SUMMARY, payload)
+    return payload
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--tasks", default=",".join(TASKS))
+    add_sweep_arguments(p, "runs/apet")
+    p.add_argument("--plan", action="store_true", help="print the cells; run nothing")
+    p.add_argument("--summary-only", action="store_true")
+    args = p.parse_args(argv)
+    models = tuple(m for m in args.models.split(",") if m)
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    if any(m not in MODELS for m in models) or any(t not in TASKS for t in tasks):
+        raise SystemExit(f"models must be among {MODELS}, tasks among {TASKS}")
+    if args.plan:
+        n_sel = len(models) * len(tasks) * len(RATES)
+        n_tab = len(models) * len(tasks) * (len(BUDGETS) * len(DRAWS) + 1) * len(SEEDS)
+        print(f"{n_sel} selection cells (+ edge rates), {n_tab} table cells (one of them a copy per pair), "
+              f"{len(models) * len(tasks) * len(BUDGETS) * len(DRAWS)} draw scores")
+        return {}
+    if args.summary_only:
+        return summary(models, tasks)
+
+    def echo(line: str) -> None:
+        print(line, flush=True)
+        if line.startswith("["):
+            summary(models, tasks)
+
+    run_scores(models, tasks, echo)
+    select_then_tabulate(lambda rows: selection_spec(models, tasks, rows), SELECT_OUT,
+                         lambda rows: table_spec(models, tasks, choose_lrs(rows, key=pair_key)),
+                         TABLE_OUT, RESULTS, echo, sweep_settings(args))
+    return summary(models, tasks)
+
+
+if __name__ == "__main__":
+    main()
