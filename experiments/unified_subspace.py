@@ -269,6 +269,30 @@ def _glue_cell(task: str, method: str) -> dict[str, Any] | None:
     return None
 
 
+def landscape_overlap(payload: dict[str, Any], majority: float) -> dict[str, Any]:
+    """Each method's good region on the plane — points scoring at least halfway from the majority level to its
+    best point — and their overlap: |∩| / |∪| over all methods (Jaccard), and each method's share inside ∩."""
+    points = payload["points"]
+    good = {}
+    for m in payload["methods"]:
+        best = max(p["scores"][m] for p in points)
+        cut = majority + 0.5 * (best - majority)
+        good[m] = {i for i, p in enumerate(points) if p["scores"][m] >= cut}
+    inter = set.intersection(*good.values())
+    union = set.union(*good.values())
+    return {"jaccard": len(inter) / len(union) if union else None, "n_points": len(points),
+            "good": {m: len(v) for m, v in good.items()}, "shared": len(inter)}
+
+
+def majority_of(task: str) -> float | None:
+    import json
+
+    path = RESULTS / "glue_table.json"
+    if not path.is_file():
+        return None
+    return next((r["mean"] for r in json.loads(path.read_text()).get("majority", []) if r["task"] == task), None)
+
+
 def summary() -> dict[str, Any]:
     select, table = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
     chosen = choose_lrs(select, key=pair_key)
@@ -307,7 +331,14 @@ def summary() -> dict[str, Any]:
     payload = {**stamp({"tasks": list(TASKS), "methods": list(METHODS), "dims": list(DIMS), "approx": APPROX,
                         "z_rates": Z_RATES, "stage2_steps": STAGE2_STEPS, "landscape": LANDSCAPE,
                         "command": "python experiments/unified_subspace.py"}),
-               "cells": cells, "transfer": matrix, "approximations": approx}
+               "cells": cells, "transfer": matrix, "approximations": approx,
+               "majority": {t: majority_of(t) for t in TASKS}}
+    if LANDSCAPE_OUT.is_file():
+        import json
+
+        land = json.loads(LANDSCAPE_OUT.read_text())
+        level = majority_of(land["task"])
+        payload["landscape_overlap"] = None if level is None else landscape_overlap(land, level)
     write_json(SUMMARY, payload)
     return payload
 

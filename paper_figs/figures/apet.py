@@ -1,0 +1,162 @@
+"""Figures ``apet_positions`` and ``apet_scale`` (issue 16; Su et al., EMNLP 2023).
+
+Source: ``apet.json`` (``experiments/apet.py``): per (model, task, budget) the dev scores of three random position
+draws of the ``arbitrary`` controller (3 seeds each), the majority-class level, full fine-tuning's score, and the
+rank correlation of the draws' control-theoretic scores with their dev scores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from controltune.figures import FigureSpec, new_figure
+
+from ._common import load_json, sci, versions_line
+
+SOURCE = "apet.json"
+COLOURS = {"minilm": "tab:blue", "smollm2": "tab:red"}
+LABELS = {"minilm": "MiniLM (22.7M)", "smollm2": "SmolLM2 (134.5M)"}
+
+
+def _tasks(payload: dict[str, Any]) -> list[str]:
+    return list(dict.fromkeys(c["task"] for c in payload["cells"]))
+
+
+def draw_positions(results_dir: Path):
+    """Per task: every draw's seed-mean dev score against the budget, per model (the spread is the position
+    effect)."""
+    payload = load_json(results_dir, SOURCE)
+    tasks = _tasks(payload)
+    fig = new_figure(max(3.4 * len(tasks), 5.0), 2.9)
+    axes = fig.subplots(1, max(len(tasks), 1), squeeze=False)[0]
+    for ax, task in zip(axes, tasks):
+        for k, model in enumerate(dict.fromkeys(c["model"] for c in payload["cells"])):
+            cells = [c for c in payload["cells"] if (c["model"], c["task"]) == (model, task)]
+            shift = 1.08 if k else 1 / 1.08
+            for c in cells:
+                xs = [c["budget"] * shift] * len(c["draw_means"])
+                ax.scatter(xs, list(c["draw_means"].values()), s=10, color=COLOURS.get(model, "k"),
+                           label=LABELS.get(model, model) if c is cells[0] else None)
+        level = payload["majority"][task]["level"]
+        ax.axhline(level, color="k", linestyle=":", linewidth=0.8, label="majority class")
+        ax.set(xscale="log", xlabel="tuned scalars (budget)", ylabel=payload["majority"][task]["metric"],
+               title=task)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=6.5, frameon=False)
+    fig.suptitle("Arbitrary-position tuning: one point per position draw (mean of 3 seeds)", fontsize=9)
+    return fig
+
+
+def draw_scale(results_dir: Path):
+    """Per task: mean dev score against the budget per model, with full fine-tuning and majority lines."""
+    payload = load_json(results_dir, SOURCE)
+    tasks = _tasks(payload)
+    fig = new_figure(max(3.4 * len(tasks), 5.0), 2.9)
+    axes = fig.subplots(1, max(len(tasks), 1), squeeze=False)[0]
+    for ax, task in zip(axes, tasks):
+        for model in dict.fromkeys(c["model"] for c in payload["cells"]):
+            cells = sorted((c for c in payload["cells"] if (c["model"], c["task"]) == (model, task)
+                            and c["mean"] is not None), key=lambda c: c["budget"])
+            colour = COLOURS.get(model, "k")
+            ax.errorbar([c["budget"] for c in cells], [c["mean"] for c in cells],
+                        yerr=[c["std"] or 0 for c in cells], color=colour, marker="o", capsize=2,
+                        label=LABELS.get(model, model))
+            full = next((f for f in payload["full"] if (f["model"], f["task"]) == (model, task)), None)
+            if full and full["mean"] is not None:
+                ax.axhline(full["mean"], color=colour, linestyle="--", linewidth=0.9)
+        ax.axhline(payload["majority"][task]["level"], color="k", linestyle=":", linewidth=0.8)
+        ax.set(xscale="log", xlabel="tuned scalars (budget)", ylabel=payload["majority"][task]["metric"],
+               title=f"{task} (dashed: full FT, dotted: majority)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=6.5, frameon=False)
+    fig.suptitle("Score against the number of tuned parameters, per model size", fontsize=9)
+    return fig
+
+
+def _fmt(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def spread_claim(payload: dict[str, Any]) -> str:
+    """Positions matter less in the larger model: its spread across draws is smaller at more budgets."""
+    models = list(dict.fromkeys(c["model"] for c in payload["cells"]))
+    if len(models) < 2:
+        return "inconclusive: one model"
+    small, large = models[0], models[-1]
+    pairs = []
+    for c in payload["cells"]:
+        if c["model"] != small or c["position_spread"] is None:
+            continue
+        other = next((o for o in payload["cells"] if (o["model"], o["task"], o["budget"]) ==
+                      (large, c["task"], c["budget"]) and o["position_spread"] is not None), None)
+        if other:
+            pairs.append((c["task"], c["budget"], c["position_spread"], other["position_spread"]))
+    if not pairs:
+        return "inconclusive: no (task, budget) with both models' draws"
+    smaller = sum(1 for *_, a, b in pairs if b < a)
+    verdict = "holds" if smaller > len(pairs) / 2 else "does not hold"
+    detail = ", ".join(f"{t} B={b}: {a:.3f} vs {o:.3f}" for t, b, a, o in pairs)
+    return (f"the spread across position draws (std of the draws' seed means) is smaller for {large} than for "
+            f"{small} in {smaller} of {len(pairs)} (task, budget) pairs ({detail}) — the claim {verdict} here")
+
+
+def caption_positions(results_dir: Path) -> str:
+    payload = load_json(results_dir, SOURCE)
+    cfg = payload["config"]
+    pred = payload.get("predictors", {})
+    preds = "; ".join(f"{k}: ρ = {_fmt(v['rho'])}, 95 % interval "
+                      f"{[round(x, 2) for x in v['ci95']] if v['ci95'] else '–'} over {v['n_groups']} groups"
+                      for k, v in pred.items() if v)
+    return (
+        f"The arbitrary controller tunes exactly B scalars at seeded random positions of every block parameter "
+        f"(models {', '.join(cfg['models'])}; tasks {', '.join(cfg['tasks'])}; B in {cfg['budgets']}; position "
+        f"draws {cfg['draws']}; seeds {cfg['seeds']}; {cfg['train']['steps']} AdamW steps of batch "
+        f"{cfg['train']['batch_size']} on {cfg['train']['train_size']} training rows, max length "
+        f"{cfg['train']['max_length']}, {cfg['train']['dev_size']} dev rows; the rate chosen per (model, task) on "
+        f"validation rows at B={cfg['select_at']}). Each point is one draw's mean dev score over seeds. Claim (Su "
+        f"et al. 2023, positions matter less as models grow): {spread_claim(payload)}. Do control-theoretic scores "
+        f"of a draw (at Δ = 0, 64 training rows) predict which draws train better? Pooled within-(model, task, "
+        f"budget) Spearman correlation of the score with the dev score: {preds or 'not computed yet'}. Cut to fit: "
+        "100 steps, 2,000 training rows, two tasks. "
+        f"Command: `python experiments/apet.py` ({versions_line(payload)})."
+    )
+
+
+def caption_scale(results_dir: Path) -> str:
+    payload = load_json(results_dir, SOURCE)
+    smallest = payload["smallest_budget_beating_majority"]
+    fulls = "; ".join(f"{f['model']}/{f['task']} full FT {_fmt(f['mean'])} ± {_fmt(f['std'])}" for f in payload["full"])
+    reach = []
+    for f in payload["full"]:
+        cells = [c for c in payload["cells"] if (c["model"], c["task"]) == (f["model"], f["task"])
+                 and c["mean"] is not None and f["mean"] is not None]
+        best = max(cells, key=lambda c: c["mean"]) if cells else None
+        if best:
+            reach.append(f"{f['model']}/{f['task']}: best budget {sci(best['budget'], 0)} reaches "
+                         f"{best['mean'] / f['mean']:.2f} of full FT" if f["mean"] else "")
+    per_task: dict[str, set] = {}
+    for key, budget in smallest.items():
+        per_task.setdefault(key.split("/")[0], set()).add(budget)
+    similar = ", ".join(f"{m}: {sorted(b, key=lambda x: (x is None, x))}" for m, b in per_task.items())
+    return (
+        "Mean dev score (± std over 3 draws × 3 seeds) against the number of tuned scalars, per model; dashed: full "
+        f"fine-tuning of that model (3 seeds at one rate, not selected), dotted: the majority class. {fulls}. "
+        "Claims (Su et al. 2023): fewer tuned parameters reach full fine-tuning in the larger model — "
+        f"{'; '.join(r for r in reach if r) or 'inconclusive'}; across tasks a similar number of parameters is "
+        f"needed to beat random guessing — the smallest budget beating the majority level (mean − 2·se above it) per "
+        f"model across tasks: {similar}. Command: `python experiments/apet.py` ({versions_line(payload)})."
+    )
+
+
+RECOMPUTE = (("python", "experiments/apet.py"),)
+FIGURES = [
+    FigureSpec(name="apet_positions", title="Arbitrary-position tuning: the spread across position draws per budget "
+                                            "and model", sources=(SOURCE,), draw=draw_positions,
+               caption=caption_positions, recompute=RECOMPUTE),
+    FigureSpec(name="apet_scale", title="Arbitrary-position tuning: score against the number of tuned parameters per "
+                                        "model size", sources=(SOURCE,), draw=draw_scale, caption=caption_scale,
+               recompute=RECOMPUTE),
+]
+
+__all__ = ["FIGURES", "spread_claim"]

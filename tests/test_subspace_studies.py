@@ -1,0 +1,145 @@
+"""The unified-subspace and APET studies' summaries and figures, from synthetic rows in the studies' formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from controltune.figures import registry, render
+from controltune.results import append_jsonl, write_json
+from experiments import apet, unified_subspace
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _row(config: dict, score: float, val: float, metric: str = "accuracy", **extra) -> dict:
+    base = {"dtype": "float32", "train_size": None}
+    return {"config": {**base, **config}, "status": "done", "score_at_best_val": score, "val_score": val,
+            "metric": metric, "n_trainable": 100, "cell": f"c{abs(hash(json.dumps(config, sort_keys=True)))}",
+            **extra}
+
+
+def test_centred_ranks_share_ties_and_the_pooled_correlation():
+    assert apet._centred_ranks([3.0, 1.0, 3.0]) == [0.5, -1.0, 0.5]
+    perfect = [[(1.0, 0.1), (2.0, 0.2), (3.0, 0.3)], [(5.0, 0.9), (9.0, 1.0)]]
+    out = apet.within_group_correlation(perfect)
+    assert out["rho"] == pytest.approx(1.0) and out["ci95"] == [pytest.approx(1.0), pytest.approx(1.0)]
+    assert apet.within_group_correlation([[(1.0, 0.5), (2.0, 0.5)]])["rho"] is None  # no dev variation: no ρ
+    flipped = [[(a, -b) for a, b in g] for g in perfect]
+    assert apet.within_group_correlation(flipped)["rho"] == pytest.approx(-1.0)
+
+
+@pytest.fixture
+def apet_results(tmp_path, monkeypatch):
+    monkeypatch.setattr(apet, "SELECT_OUT", tmp_path / "apet_select.jsonl")
+    monkeypatch.setattr(apet, "TABLE_OUT", tmp_path / "apet_table.jsonl")
+    monkeypatch.setattr(apet, "SCORES_OUT", tmp_path / "apet_scores.jsonl")
+    monkeypatch.setattr(apet, "SUMMARY", tmp_path / "apet.json")
+    monkeypatch.setattr(apet, "majority_levels", lambda tasks: {t: {"metric": "accuracy", "level": 0.5}
+                                                                for t in tasks})
+    def score(budget, draw, gain):
+        return 0.5 + 0.02 * apet.BUDGETS.index(budget) + 0.01 * draw * (1 - 10 * gain) + gain
+
+    for model, gain in (("minilm", 0.0), ("smollm2", 0.05)):
+        for lr, val in ((1e-3, 0.5), (1e-2, score(10000, 0, gain))):
+            # the selection cell at the chosen rate is the table's seed-0 cell (same configuration, same row)
+            append_jsonl(apet.SELECT_OUT, _row({"model": model, "task": "sst2", "method": "arbitrary", "lr": lr,
+                                                "seed": 0, "options": {"budget": 10000, "seed": 0}}, val, val))
+        for seed in (0, 1, 2):
+            append_jsonl(apet.TABLE_OUT, _row({"model": model, "task": "sst2", "method": "full", "lr": 5e-5,
+                                               "seed": seed, "options": {}}, 0.9 + gain, 0.9))
+            for budget in apet.BUDGETS:
+                for draw in apet.DRAWS:
+                    dev = score(budget, draw, gain)
+                    append_jsonl(apet.TABLE_OUT, _row({"model": model, "task": "sst2", "method": "arbitrary",
+                                                       "lr": 1e-2, "seed": seed,
+                                                       "options": {"budget": budget, "seed": draw}},
+                                                      dev + 0.001 * seed, dev))
+                    if seed == 0:
+                        append_jsonl(apet.SCORES_OUT, {"model": model, "task": "sst2", "budget": budget,
+                                                       "draw": draw, "costate_energy": float(draw),
+                                                       "gramian": float(-draw), "n": budget})
+    return tmp_path
+
+
+def test_apet_summary_and_figures(apet_results, tmp_path):
+    out = apet.summary(("minilm", "smollm2"), ("sst2",))
+    cells = {(c["model"], c["budget"]): c for c in out["cells"]}
+    assert cells[("minilm", 100)]["lr"] == 1e-2 and cells[("minilm", 100)]["n_runs"] == 9
+    assert cells[("minilm", 100)]["position_spread"] == pytest.approx(0.01)
+    assert cells[("smollm2", 100)]["position_spread"] == pytest.approx(0.005)
+    assert out["predictors"]["costate_energy"]["rho"] == pytest.approx(1.0)
+    assert out["predictors"]["gramian"]["rho"] == pytest.approx(-1.0)
+    assert out["smallest_budget_beating_majority"]["minilm/sst2"] == 100
+    assert {f["model"]: f["mean"] for f in out["full"]} == {"minilm": pytest.approx(0.9),
+                                                            "smollm2": pytest.approx(0.95)}
+    for name in ("apet_positions", "apet_scale"):
+        paths = render(_spec(name), apet_results, tmp_path / "figs")
+        caption = paths[2].read_text()
+        assert "Command: `python experiments/apet.py`" in caption
+    positions = (tmp_path / "figs" / "apet_positions.caption.md").read_text()
+    assert "smaller for smollm2 than for minilm in 4 of 4" in positions and "holds here" in positions
+    assert "costate_energy: ρ = 1.000" in positions
+
+
+def _spec(name: str):
+    return registry(ROOT / "paper_figs" / "figures")[name]
+
+
+@pytest.fixture
+def unified_results(tmp_path, monkeypatch):
+    for name in ("SELECT_OUT", "TABLE_OUT", "TRANSFER_OUT", "APPROX_OUT"):
+        monkeypatch.setattr(unified_subspace, name, tmp_path / getattr(unified_subspace, name).name)
+    monkeypatch.setattr(unified_subspace, "LANDSCAPE_OUT", tmp_path / "unified_landscape.json")
+    monkeypatch.setattr(unified_subspace, "SUMMARY", tmp_path / "unified_subspace.json")
+    monkeypatch.setattr(unified_subspace, "majority_of", lambda task: 0.5)
+    monkeypatch.setattr(unified_subspace, "_glue_cell",
+                        lambda task, method: {"mean": 0.8, "std": 0.01, "n_seeds": 3, "lr": 1e-3, "stage": "table"})
+    for dim in unified_subspace.DIMS:
+        proj = str(unified_subspace.projections_path("rte", dim))
+        for method in unified_subspace.METHODS:
+            options = {"projections": proj, "delta": method}
+            for lr, dev, val in ((3e-3, 0.6, 0.6), (3e-2, 0.72, 0.65)):  # the chosen one is the table's seed 0
+                append_jsonl(unified_subspace.SELECT_OUT, _row({"model": "minilm", "task": "rte", "lr": lr, "seed": 0,
+                                                                "method": "unified_subspace", "options": options},
+                                                               dev, val))
+            for seed in (0, 1, 2):
+                row = _row({"model": "minilm", "task": "rte", "lr": 3e-2, "seed": seed, "method": "unified_subspace",
+                            "options": options}, 0.72 + 0.01 * seed, 0.65)
+                append_jsonl(unified_subspace.TABLE_OUT, row)
+                others = {m: 0.55 for m in unified_subspace.METHODS if m != method}
+                append_jsonl(unified_subspace.TRANSFER_OUT, {"cell": row["cell"], "task": "rte", "seed": seed,
+                                                             "projections": proj, "from": method,
+                                                             "from_score": row["score_at_best_val"],
+                                                             "metric": "accuracy", "to": others})
+        append_jsonl(unified_subspace.APPROX_OUT, {"target": "rte", "dim": dim, "path": proj,
+                                                   "info": {"seconds": 1.0, "reconstruction": []}})
+    grid = [0.0, 0.5, 1.0]
+    points = [{"alpha": a, "beta": b, "scores": {"lora": 0.9 - a, "adapter": 0.9 - b, "prefix": 0.7}}
+              for a in grid for b in grid]
+    write_json(unified_subspace.LANDSCAPE_OUT, {"task": "sst2", "metric": "accuracy",
+                                                "methods": list(unified_subspace.METHODS),
+                                                "plane": list(unified_subspace.METHODS), "grid": grid, "n_dev": 8,
+                                                "points": points})
+    return tmp_path
+
+
+def test_unified_summary_and_figures(unified_results, tmp_path):
+    out = unified_subspace.summary()
+    cells = {(c["method"], c["dim"]): c for c in out["cells"]}
+    assert len(cells) == 6 and cells[("lora", 4)]["lr"] == 3e-2 and cells[("lora", 4)]["n_seeds"] == 3
+    assert cells[("lora", 4)]["mean"] == pytest.approx(0.73)
+    diag = [t for t in out["transfer"] if t["from"] == t["to"]]
+    assert len(out["transfer"]) == 18 and all(t["mean"] == pytest.approx(0.73) for t in diag)
+    # lora is good for α ≤ 0.4 (3 of 9 points), adapter for β ≤ 0.4, prefix everywhere: 1 point shared of 9
+    assert out["landscape_overlap"] == {"jaccard": pytest.approx(1 / 9), "n_points": 9,
+                                        "good": {"lora": 3, "adapter": 3, "prefix": 9}, "shared": 1}
+    for name in ("unified_subspace", "subspace_transfer"):
+        paths = render(_spec(name), unified_results, tmp_path / "figs")
+        assert paths[1].read_bytes()[:4] == b"\x89PNG"
+    caption = (tmp_path / "figs" / "unified_subspace.caption.md").read_text()
+    assert "subspace/original = 0.91" in caption and "the claim holds here" in caption
+    transfer = (tmp_path / "figs" / "subspace_transfer.caption.md").read_text()
+    assert "12 of 12 off-diagonal" in transfer and "Jaccard 0.111" in transfer
