@@ -74,6 +74,11 @@ RUN_SETTINGS = {"train_size": None, "data_seed": 0, "dev_size": None, "pooling":
 OPTIONAL_SETTINGS = ("val_size", "val_seed")
 """:class:`~controltune.train.TrainConfig` fields in a cell's configuration only when the spec sets them (so the
 cells of a spec without them are the cells they were before these settings existed)."""
+STAGE_SETTINGS = ("sequential", "stage_lrs")
+"""Sequential combination (``controltune train --sequential``), in a cell's configuration only when set:
+``sequential: true`` trains the parts of ``method`` (``a+b+c``) one after another, each for the cell's
+``epochs``/``steps``, frozen before the next is added, each in ``<run>/stage<i>-<part>``; ``stage_lrs`` gives
+each stage its own peak rate (default: the cell's ``lr`` for every stage)."""
 FINISHED = ("done", "diverged")
 """Row statuses of a cell that is not run again (a ``failed`` cell is)."""
 SPEC_KEYS = ("grid", "per_method", "overrides", "train", "out", "name")
@@ -95,7 +100,7 @@ class SweepSpec:
 
 # --- the spec -------------------------------------------------------------------------------
 def _axes() -> tuple[str, ...]:
-    return CELL_AXES + TRAIN_SETTINGS + OPTIONAL_SETTINGS + tuple(RUN_SETTINGS)
+    return CELL_AXES + TRAIN_SETTINGS + OPTIONAL_SETTINGS + STAGE_SETTINGS + tuple(RUN_SETTINGS)
 
 
 def _values(axis: str, value: Any, where: str) -> list[Any]:
@@ -137,7 +142,7 @@ def parse_spec(data: Any, source: str = "spec", folder: Path | None = None) -> S
     train_in = data.get("train") or {}
     if not isinstance(train_in, dict):
         raise ValueError(f"{source}: train must map settings to values")
-    settings = TRAIN_SETTINGS + OPTIONAL_SETTINGS + tuple(RUN_SETTINGS)
+    settings = TRAIN_SETTINGS + OPTIONAL_SETTINGS + STAGE_SETTINGS + tuple(RUN_SETTINGS)
     for key in train_in:
         if key not in settings:
             raise ValueError(f"{source}: unknown train setting {key!r}; accepted: {', '.join(settings)}")
@@ -286,18 +291,38 @@ def varying_keys(cells: list[dict[str, Any]]) -> list[str]:
 
 
 # --- one cell (runs in a worker) ----------------------------------------------------------------
-def build_method(system, method: str, options: dict[str, Any], seed: int, task: str | None = None) -> None:
+def build_method(system, method: str, options: dict[str, Any], seed: int, task: str | None = None,
+                 sequential: bool = False):
     """Attach ``method`` (a registered controller or ``a+b``, options of part ``a`` as ``a.key``) to ``system``
-    (:func:`controltune.controllers.spec.build_spec`; a control-designed controller designs on ``task``)."""
-    from .controllers.spec import build_spec
+    (:func:`controltune.controllers.spec.build_spec`; a control-designed controller designs on ``task``);
+    with ``sequential`` the parts of ``a+b`` become the stages of a ``sequential`` controller.  Returns it."""
+    from .controllers.base import build
+    from .controllers.spec import build_spec, controller_spec
 
-    build_spec(system, method, options, seed, task)
+    if not sequential:
+        return build_spec(system, method, options, seed, task)
+    name, opts = controller_spec(method, dict(options), seed, task)
+    if name != "combination":
+        raise ValueError(f"sequential: true trains the parts of a combination one after another; method {method!r} "
+                         "has one part (join several with '+')")
+    return build("sequential", system, stages=opts["parts"])
+
+
+def _stage_lrs(config: dict[str, Any], n: int) -> list[float]:
+    rates = config.get("stage_lrs")
+    if rates is None:
+        return [float(config["lr"])] * n
+    if not isinstance(rates, list) or len(rates) != n:
+        raise ValueError(f"stage_lrs must list one rate per stage ({n}), got {rates!r}")
+    return [float(r) for r in rates]
 
 
 def _train_cell(config: dict[str, Any], threads: int, out: Path | None) -> dict[str, Any]:
-    """Load data and model, attach the method and train; returns :func:`~controltune.train.train`'s result."""
+    """Load data and model, attach the method and train; returns :func:`~controltune.train.train`'s result (for a
+    sequential cell: the last stage's, with every stage's under ``stages``)."""
     from .data import load_split, resolve_task
     from .system import ResidualSystem
+    from .train import train_stages
     from .zoo import check_length, load_model
 
     spec = resolve_task(config["task"], holdout_seed=config["data_seed"])
@@ -306,15 +331,29 @@ def _train_cell(config: dict[str, Any], threads: int, out: Path | None) -> dict[
     loaded = load_model(config["model"], dtype=config["dtype"], device=config["device"], seed=config["seed"])
     check_length(loaded, config["max_length"], "max_length")
     system = ResidualSystem(loaded, num_labels=spec.num_labels, pooling=config["pooling"], seed=config["seed"])
-    build_method(system, config["method"], config["options"], config["seed"], config["task"])
-    resume = out is not None and (out / "checkpoint.pt").is_file()
+    sequential = bool(config.get("sequential"))
+    controller = build_method(system, config["method"], config["options"], config["seed"], config["task"],
+                              sequential)
     settings = {k: config[k] for k in TRAIN_SETTINGS + OPTIONAL_SETTINGS if k in config}
-    train_config = TrainConfig(**settings, lr=float(config["lr"]), seed=int(config["seed"]), progress=False,
-                               threads=threads, out=str(out) if out else None, resume=resume,
-                               overwrite=out is not None and not resume,
-                               extra={k: config[k] for k in ("model", "method", "options", "task", *RUN_SETTINGS)})
-    result = train(system, train_ex, dev_ex, spec, train_config, tokenizer=loaded.tokenizer)
-    return {**result, "metric": spec.metric}
+    extra = {k: config[k] for k in ("model", "method", "options", "task", *RUN_SETTINGS, *STAGE_SETTINGS)
+             if k in config}
+
+    def train_config(lr: float, where: Path | None, **more: Any) -> TrainConfig:
+        resume = where is not None and (where / "checkpoint.pt").is_file()
+        return TrainConfig(**settings, lr=lr, seed=int(config["seed"]), progress=False, threads=threads,
+                           out=str(where) if where else None, resume=resume,
+                           overwrite=where is not None and not resume, extra={**extra, **more})
+
+    if not sequential:
+        result = train(system, train_ex, dev_ex, spec, train_config(float(config["lr"]), out),
+                       tokenizer=loaded.tokenizer)
+        return {**result, "metric": spec.metric}
+    parts = [s.method for s in controller.stages]
+    configs = [train_config(lr, None if out is None else out / f"stage{i}-{part}", stage=i, stage_method=part)
+               for i, (part, lr) in enumerate(zip(parts, _stage_lrs(config, len(parts))))]
+    results = train_stages(system, controller, train_ex, dev_ex, spec, configs, tokenizer=loaded.tokenizer,
+                           reuse_finished=True)
+    return {**results[-1], "metric": spec.metric, "stages": results}
 
 
 def reset_peak_rss() -> bool:
@@ -382,6 +421,12 @@ def run_cell(config: dict[str, Any], threads: int = 1, runs_dir: str | None = No
                train_time_s=(result or {}).get("wall_time_s"), wall_time_s=time.perf_counter() - start,
                peak_memory_mb=(peak_rss_mb() if per_cell else None) or peak_memory_mb(_device(config)),
                peak_memory_scope="cell" if per_cell else "process", run_dir=str(out) if out else None)
+    if row["status"] == "done" and (result or {}).get("stages"):
+        row["stages"] = [{"stage": i, "method": r.get("config", {}).get("extra", {}).get("stage_method"),
+                          "val_score": (r.get("best_val") or {}).get(metric),
+                          "score_at_best_val": (r.get("dev_at_best_val") or {}).get(metric),
+                          "score": (r.get("final") or {}).get(metric), "n_trainable": r.get("n_trainable")}
+                         for i, r in enumerate(result["stages"])]
     return row
 
 

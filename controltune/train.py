@@ -639,12 +639,33 @@ def _restore_best(system, best_step: int, best_deltas: bytes | None, total: int,
     return None if scores is None else {**scores, "step": best_step}
 
 
+def finished_run(out: str | Path | None) -> dict[str, Any] | None:
+    """The result in ``out/metrics.json`` when that run finished (status ``done`` and its deltas saved), else None."""
+    if out is None:
+        return None
+    folder = Path(out)
+    metrics, deltas = folder / "metrics.json", folder / "deltas.safetensors"
+    if not metrics.is_file() or not deltas.is_file():
+        return None
+    try:
+        import json
+
+        result = json.loads(metrics.read_text())
+    except (OSError, ValueError):
+        return None
+    return result if result.get("status") == "done" else None
+
+
 def train_stages(system, sequential, train_examples: Sequence[Example], dev_examples: Sequence[Example] | None,
-                 task_spec, configs: Sequence[TrainConfig], tokenizer=None) -> list[dict[str, Any]]:
+                 task_spec, configs: Sequence[TrainConfig], tokenizer=None, reuse_finished: bool = False
+                 ) -> list[dict[str, Any]]:
     """Stage-wise training of a :class:`~controltune.controllers.composition.Sequential` controller.
 
     Stage i is trained with ``configs[i]`` (give each its own ``out``), then frozen
     and the next stage attached (:meth:`Sequential.advance`).  Returns each stage's metrics.
+    With ``reuse_finished`` a stage whose ``out`` holds a finished run is not trained again:
+    its deltas are loaded (with the checkpoint's checks) and its saved metrics returned, so a
+    stopped sequential run continues at the stage it stopped in.
     """
     if len(configs) != len(sequential.stages):
         raise ValueError(f"{len(sequential.stages)} stages need as many configurations, got {len(configs)}")
@@ -652,5 +673,10 @@ def train_stages(system, sequential, train_examples: Sequence[Example], dev_exam
     for i, config in enumerate(configs):
         if i:
             sequential.advance()
+        done = finished_run(config.out) if reuse_finished else None
+        if done is not None:
+            checkpoint.load(system, Path(config.out) / "deltas.safetensors")
+            results.append(done)
+            continue
         results.append(train(system, train_examples, dev_examples, task_spec, config, tokenizer))
     return results
