@@ -1,0 +1,159 @@
+"""The power of scale (issue 15; Ding et al. 2023): MiniLM (22.7M) against SmolLM2 (134.5M) for full fine-tuning,
+LoRA, the adapter, prefix and prompt tuning, last-layer and selective-module tuning on SST-2 and MRPC, 3 seeds.
+
+The paper's claims: every method improves with model size, prompt tuning most; last-layer and selective-module
+tuning (random modules across layers) do well, selective better than last-layer.  One harness for both models,
+cut to fit SmolLM2 on two CPU cores (``HARNESS``: 2,000 seeded training rows, 200 held out as validation rows, one
+epoch of batch 16, max length 64, 500 SST-2 dev rows / all 408 MRPC dev rows, AdamW with warm-up and linear
+decay).  Methods: LoRA r=8 on q,v; adapter bottleneck 64; prefix 10; prompt 20; ``last_layer`` (every parameter of
+the last block); ``selective`` at the same budget (a fraction 1/L of the blocks' parameters: seeded random modules
+across layers, as many as the last block holds).  The rate of each (model, task, method) is chosen on validation
+rows at seed 0 from ``GRID`` (continued at its edge), then seeds 1, 2.
+
+``results/scale.json``: per (model, task, method) the dev score (mean, std); per (task, method) the gain of SmolLM2
+over MiniLM (two-standard-error verdict), and selective against last-layer per model and task.
+
+    .venv/bin/python experiments/scale.py --plan
+    nohup .venv/bin/python experiments/scale.py > experiments/results/scale.log 2>&1 &
+    .venv/bin/python experiments/scale.py --summary-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from controltune.results import read_jsonl, stamp, write_json
+from controltune.sweep import SweepSpec, expand, parse_spec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rate_selection import (  # noqa: E402
+    add_sweep_arguments,
+    choose_lrs,
+    extended_spec,
+    mean_std,
+    select_then_tabulate,
+    sweep_settings,
+    two_se,
+)
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+SELECT_OUT, TABLE_OUT, SUMMARY = RESULTS / "scale_select.jsonl", RESULTS / "scale_table.jsonl", RESULTS / "scale.json"
+MODELS = {"minilm": 6, "smollm2": 30}
+"""Model -> number of blocks (selective's budget is 1/L of the blocks' parameters)."""
+TASKS = ("sst2", "mrpc")
+METHODS = {"full": {}, "lora": {"rank": 8, "alpha": 16, "targets": ["q", "v"]}, "adapter": {"bottleneck": 64},
+           "prefix": {"length": 10}, "prompt": {"n_tokens": 20}, "last_layer": {"n_layers": 1}, "selective": {}}
+GRID = {"full": [2.0e-5, 1.0e-4], "lora": [5.0e-4, 2.0e-3], "adapter": [5.0e-4, 2.0e-3], "prefix": [3.0e-3, 1.0e-2],
+        "prompt": [1.0e-2, 5.0e-2], "last_layer": [2.0e-5, 1.0e-4], "selective": [2.0e-5, 1.0e-4]}
+HARNESS = {"dtype": "float32", "batch_size": 16, "eval_batch_size": 64, "max_length": 64, "warmup": 0.06,
+           "schedule": "linear", "weight_decay": 0.0, "grad_clip": 1.0, "data_seed": 0, "val_seed": 0,
+           "train_size": 2000, "val_size": 200, "epochs": 1, "eval_every": 25}
+DEV_SIZE = {"sst2": 500, "mrpc": None}
+
+
+def pair_key(row: dict[str, Any]) -> tuple[str, str, str]:
+    c = row["config"]
+    return str(c["model"]), str(c["task"]), str(c["method"])
+
+
+def pair_where(pair: tuple[str, str, str]) -> dict[str, Any]:
+    return {"model": pair[0], "task": pair[1], "method": pair[2]}
+
+
+def spec_data(models, tasks, seeds: list[int], name: str, out: str) -> dict[str, Any]:
+    per_method = {m: {"lr": GRID[m], **({"options": [o]} if o else {})} for m, o in METHODS.items()}
+    overrides = [{"where": {"task": t}, "set": {"dev_size": DEV_SIZE[t]}} for t in tasks]
+    overrides += [{"where": {"model": m, "method": "selective"}, "set": {"options": [{"budget": 1.0 / n}]}}
+                  for m, n in MODELS.items() if m in models]
+    return {"name": name, "out": out, "grid": {"model": list(models), "task": list(tasks), "method": list(METHODS),
+                                               "seed": seeds},
+            "per_method": per_method, "train": HARNESS, "overrides": overrides}
+
+
+def selection_spec(models, tasks, rows) -> SweepSpec:
+    return extended_spec(spec_data(models, tasks, [0], "scale_select", SELECT_OUT.name), rows or [], key=pair_key,
+                         where=pair_where, folder=RESULTS)
+
+
+def table_spec(models, tasks, chosen: dict) -> SweepSpec:
+    pairs = [(m, t, k) for m in models for t in tasks for k in METHODS]
+    missing = [p for p in pairs if chosen.get(p, {}).get("lr") is None]
+    if missing:
+        raise SystemExit(f"no rate chosen for {missing} (selection unfinished, or every rate diverged)")
+    data = spec_data(models, tasks, [0, 1, 2], "scale_table", TABLE_OUT.name)
+    data["overrides"] += [{"where": pair_where(p), "set": {"lr": chosen[p]["lr"]}} for p in pairs]
+    return parse_spec(data, "scale_table", RESULTS)
+
+
+def summary(models, tasks) -> dict[str, Any]:
+    select, table = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
+    chosen = choose_lrs(select, key=pair_key)
+    cells = {}
+    for pair, info in chosen.items():
+        done = {r["config"]["seed"]: r for r in table + select if r.get("status") == "done"
+                and pair_key(r) == pair and float(r["config"]["lr"]) == info["lr"]}
+        scores = [r["score_at_best_val"] for r in done.values()]
+        mean, std = mean_std(scores)
+        cells[pair] = {"model": pair[0], "task": pair[1], "method": pair[2], "lr": info["lr"], "mean": mean,
+                       "std": std, "n_seeds": len(scores),
+                       "trainable": next(iter(done.values()))["n_trainable"] if done else None}
+    small, large = list(MODELS)[0], list(MODELS)[-1]
+    gains, selective = [], []
+    for task in tasks:
+        for method in METHODS:
+            a, b = cells.get((small, task, method)), cells.get((large, task, method))
+            if a and b and a["mean"] is not None and b["mean"] is not None:
+                sign, diff, _ = two_se(a, b)
+                gains.append({"task": task, "method": method, "gain": b["mean"] - a["mean"],
+                              "verdict": None if sign is None else {1: "improves", -1: "worsens", 0: "tie"}[sign]})
+        for model in models:
+            a, b = cells.get((model, task, "last_layer")), cells.get((model, task, "selective"))
+            if a and b and a["mean"] is not None and b["mean"] is not None:
+                sign, diff, _ = two_se(a, b)
+                selective.append({"model": model, "task": task, "selective_minus_last_layer": diff,
+                                  "verdict": None if sign is None else
+                                  {1: "selective better", -1: "last-layer better", 0: "tie"}[sign]})
+    payload = {**stamp({"models": list(models), "tasks": list(tasks), "methods": METHODS, "grid": GRID,
+                        "harness": HARNESS, "dev_size": DEV_SIZE, "command": "python experiments/scale.py"}),
+               "cells": list(cells.values()), "gains": gains, "selective_vs_last_layer": selective}
+    write_json(SUMMARY, payload)
+    return payload
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--tasks", default=",".join(TASKS))
+    add_sweep_arguments(p, "runs/scale")
+    p.add_argument("--plan", action="store_true", help="print the cells; run nothing")
+    p.add_argument("--summary-only", action="store_true")
+    args = p.parse_args(argv)
+    models = tuple(m for m in args.models.split(",") if m)
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    if any(m not in MODELS for m in models) or any(t not in TASKS for t in tasks):
+        raise SystemExit(f"models must be among {list(MODELS)}, tasks among {TASKS}")
+    if args.plan:
+        cells = expand(selection_spec(models, tasks, []))
+        print(f"{len(cells)} selection cells, then {2 * len(models) * len(tasks) * len(METHODS)} table cells of seeds "
+              "1 and 2")
+        return {}
+    if args.summary_only:
+        return summary(models, tasks)
+
+    def echo(line: str) -> None:
+        print(line, flush=True)
+        if line.startswith("["):
+            summary(models, tasks)
+
+    select_then_tabulate(lambda rows: selection_spec(models, tasks, rows), SELECT_OUT,
+                         lambda rows: table_spec(models, tasks, choose_lrs(rows, key=pair_key)),
+                         TABLE_OUT, RESULTS, echo, sweep_settings(args))
+    return summary(models, tasks)
+
+
+if __name__ == "__main__":
+    main()

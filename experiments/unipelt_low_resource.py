@@ -1,0 +1,151 @@
+"""UniPELT in low-resource settings (issue 15; Mao et al., ACL 2022): the gated combination against each of its parts
+with K = 100, 500 and 1,000 training examples on SST-2, MRPC, RTE and CoLA, 3 seeds (MiniLM).
+
+The paper's claim: UniPELT beats each of its parts (LoRA, prefix tuning, the adapter) in low-resource settings.
+Parts as standalone methods with UniPELT's own configurations: LoRA r=8, α=16 on q,v; prefix 10 vectors; the
+adapter after the FFN (``pfeiffer``, bottleneck 64).  K seeded training rows (the same rows for every method and
+seed), 20 % of them held out as validation rows (so 80, 400 and 800 are trained on), batch 16, max length 128,
+``EPOCHS`` per K (about 100–250 steps), evaluation every ``EVAL_EVERY`` steps, the full dev sets; the rate of each
+(task, K, method) chosen on the validation rows at seed 0 from ``GRID`` (continued at its edge), then seeds 1, 2.
+
+``results/unipelt_low_resource.json``: per (task, K, method) the dev score (mean, std); per (task, K) UniPELT
+against each part by the two-standard-error rule.
+
+    .venv/bin/python experiments/unipelt_low_resource.py --plan
+    nohup .venv/bin/python experiments/unipelt_low_resource.py > experiments/results/unipelt_low_resource.log 2>&1 &
+    .venv/bin/python experiments/unipelt_low_resource.py --summary-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from controltune.results import read_jsonl, stamp, write_json
+from controltune.sweep import SweepSpec, expand, parse_spec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rate_selection import (  # noqa: E402
+    add_sweep_arguments,
+    choose_lrs,
+    extended_spec,
+    mean_std,
+    select_then_tabulate,
+    sweep_settings,
+    two_se,
+)
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+SELECT_OUT, TABLE_OUT = RESULTS / "unipelt_select.jsonl", RESULTS / "unipelt_table.jsonl"
+SUMMARY = RESULTS / "unipelt_low_resource.json"
+TASKS = ("sst2", "mrpc", "rte", "cola")
+KS = (100, 500, 1000)
+METHODS = {"unipelt": {}, "lora": {"rank": 8, "alpha": 16, "targets": ["q", "v"]}, "prefix": {"length": 10},
+           "pfeiffer": {"bottleneck": 64}}
+PARTS = ("lora", "prefix", "pfeiffer")
+GRID = {"unipelt": [5.0e-4, 2.0e-3], "lora": [5.0e-4, 2.0e-3], "prefix": [3.0e-3, 1.0e-2],
+        "pfeiffer": [5.0e-4, 2.0e-3]}
+EPOCHS = {100: 20, 500: 10, 1000: 5}
+EVAL_EVERY = {100: 10, 500: 25, 1000: 25}
+HARNESS = {"dtype": "float32", "batch_size": 16, "eval_batch_size": 128, "max_length": 128, "warmup": 0.06,
+           "schedule": "linear", "weight_decay": 0.0, "grad_clip": 1.0, "data_seed": 0, "val_seed": 0,
+           "val_size": 0.2}
+
+
+def pair_key(row: dict[str, Any]) -> tuple[str, int, str]:
+    c = row["config"]
+    return str(c["task"]), int(c["train_size"]), str(c["method"])
+
+
+def pair_where(pair: tuple[str, int, str]) -> dict[str, Any]:
+    return {"task": pair[0], "train_size": pair[1], "method": pair[2]}
+
+
+def spec_data(tasks, seeds: list[int], name: str, out: str) -> dict[str, Any]:
+    per_method = {m: {"lr": GRID[m], **({"options": [o]} if o else {})} for m, o in METHODS.items()}
+    overrides = [{"where": {"train_size": k}, "set": {"epochs": EPOCHS[k], "eval_every": EVAL_EVERY[k]}} for k in KS]
+    return {"name": name, "out": out,
+            "grid": {"model": "minilm", "task": list(tasks), "method": list(METHODS), "seed": seeds,
+                     "train_size": list(KS)},
+            "per_method": per_method, "train": HARNESS, "overrides": overrides}
+
+
+def selection_spec(tasks, rows) -> SweepSpec:
+    return extended_spec(spec_data(tasks, [0], "unipelt_select", SELECT_OUT.name), rows or [], key=pair_key,
+                         where=pair_where, folder=RESULTS)
+
+
+def table_spec(tasks, chosen: dict) -> SweepSpec:
+    pairs = [(t, k, m) for t in tasks for k in KS for m in METHODS]
+    missing = [p for p in pairs if chosen.get(p, {}).get("lr") is None]
+    if missing:
+        raise SystemExit(f"no rate chosen for {missing} (selection unfinished, or every rate diverged)")
+    data = spec_data(tasks, [0, 1, 2], "unipelt_table", TABLE_OUT.name)
+    data["overrides"] += [{"where": pair_where(p), "set": {"lr": chosen[p]["lr"]}} for p in pairs]
+    return parse_spec(data, "unipelt_table", RESULTS)
+
+
+def summary(tasks) -> dict[str, Any]:
+    select, table = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
+    chosen = choose_lrs(select, key=pair_key)
+    cells = {}
+    for pair, info in chosen.items():
+        done = {r["config"]["seed"]: r for r in table + select if r.get("status") == "done"
+                and pair_key(r) == pair and float(r["config"]["lr"]) == info["lr"]}
+        scores = [r["score_at_best_val"] for r in done.values()]
+        mean, std = mean_std(scores)
+        cells[pair] = {"task": pair[0], "k": pair[1], "method": pair[2], "lr": info["lr"], "mean": mean, "std": std,
+                       "n_seeds": len(scores), "metric": next(iter(done.values()))["metric"] if done else None}
+    comparisons = []
+    for task in tasks:
+        for k in KS:
+            uni = cells.get((task, k, "unipelt"))
+            for part in PARTS:
+                other = cells.get((task, k, part))
+                if not uni or not other or uni["mean"] is None or other["mean"] is None:
+                    continue
+                sign, diff, _ = two_se(other, uni)
+                comparisons.append({"task": task, "k": k, "part": part, "unipelt_minus_part": diff,
+                                    "verdict": None if sign is None else {1: "win", -1: "loss", 0: "tie"}[sign]})
+    counts = {v: sum(1 for c in comparisons if c["verdict"] == v) for v in ("win", "tie", "loss")}
+    payload = {**stamp({"tasks": list(tasks), "ks": list(KS), "methods": METHODS, "grid": GRID, "epochs": EPOCHS,
+                        "harness": HARNESS, "command": "python experiments/unipelt_low_resource.py"}),
+               "cells": list(cells.values()), "comparisons": comparisons, "counts": counts}
+    write_json(SUMMARY, payload)
+    return payload
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default=",".join(TASKS))
+    add_sweep_arguments(p, "runs/unipelt_low_resource")
+    p.add_argument("--plan", action="store_true", help="print the cells; run nothing")
+    p.add_argument("--summary-only", action="store_true")
+    args = p.parse_args(argv)
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    if any(t not in TASKS for t in tasks):
+        raise SystemExit(f"unknown task(s) in {tasks}; accepted: {', '.join(TASKS)}")
+    if args.plan:
+        cells = expand(selection_spec(tasks, []))
+        print(f"{len(cells)} selection cells, then {2 * len(tasks) * len(KS) * len(METHODS)} table cells of seeds "
+              "1 and 2")
+        return {}
+    if args.summary_only:
+        return summary(tasks)
+
+    def echo(line: str) -> None:
+        print(line, flush=True)
+        if line.startswith("["):
+            summary(tasks)
+
+    select_then_tabulate(lambda rows: selection_spec(tasks, rows), SELECT_OUT,
+                         lambda rows: table_spec(tasks, choose_lrs(rows, key=pair_key)),
+                         TABLE_OUT, RESULTS, echo, sweep_settings(args))
+    return summary(tasks)
+
+
+if __name__ == "__main__":
+    main()
