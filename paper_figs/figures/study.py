@@ -1,0 +1,319 @@
+"""Figures of the Delta Tuning paper's analyses and UniPELT's low-resource study (issue 15): ``composability``,
+``generalization_gap``, ``sequential``, ``transfer``, ``scale`` and ``unipelt_low_resource``.
+
+Sources: ``composability.json``, ``glue_table.json``, ``sequential.json``, ``transfer.json``, ``scale.json`` and
+``unipelt_low_resource.json`` (the experiments of the same names).  Every caption states what ran, the paper's
+claim and whether it holds here, with the numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from controltune.figures import FigureSpec, new_figure
+
+from ._common import load_json, versions_line
+
+TASKS = ("sst2", "mrpc", "rte", "cola")
+SINGLE = ("lora", "adapter", "prefix", "prompt", "bitfit")
+
+
+def _fmt(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def _verdict(held: bool | None) -> str:
+    return "inconclusive" if held is None else ("holds here" if held else "does not hold here")
+
+
+# --- composability --------------------------------------------------------------------------------
+def draw_composability(results_dir: Path):
+    """Per task: dev score of each subset of {prompt, BitFit, adapter} (mean ± std over seeds)."""
+    payload = load_json(results_dir, "composability.json")
+    subsets = list(dict.fromkeys(c["subset"] for c in payload["cells"]))
+    fig = new_figure(10.0, 2.8)
+    axes = fig.subplots(1, len(TASKS), squeeze=False)[0]
+    for ax, task in zip(axes, TASKS):
+        cells = {c["subset"]: c for c in payload["cells"] if c["task"] == task and c["mean"] is not None}
+        xs = [s for s in subsets if s in cells]
+        ax.bar(range(len(xs)), [cells[s]["mean"] for s in xs], yerr=[cells[s]["std"] or 0 for s in xs],
+               color=["tab:orange" if "adapter" in s else "tab:gray" for s in xs])
+        ax.set_xticks(range(len(xs)), [s.replace("+", "\n+") for s in xs], fontsize=5.5)
+        ax.set(title=task)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle("Simultaneous combinations of prompt tuning, BitFit and the adapter (orange: with the adapter)",
+                 fontsize=9)
+    return fig
+
+
+def part_effects(payload: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per part: how many (task, subset without it) pairs adding it helped, hurt or left alone."""
+    out: dict[str, dict[str, int]] = {}
+    for e in payload["effects"]:
+        out.setdefault(e["part"], {"helps": 0, "hurts": 0, "no effect": 0})[e["verdict"]] += 1
+    return out
+
+
+def caption_composability(results_dir: Path) -> str:
+    payload = load_json(results_dir, "composability.json")
+    eff = part_effects(payload)
+
+    def share(part: str, what: str) -> str:
+        e = eff.get(part)
+        if not e or not sum(e.values()):
+            return f"{part}: no comparison yet"
+        n = sum(e.values())
+        return f"{part} {what} in {e[what]} of {n} (helps {e['helps']}, no effect {e['no effect']}, hurts {e['hurts']})"
+
+    def held(part: str, what: str, most: float) -> bool | None:
+        e = eff.get(part)
+        return None if not e or not sum(e.values()) else e[what] >= most * sum(e.values())
+
+    return (
+        "MiniLM on the GLUE table's harness (per-task epochs, validation rows held out of train, rates chosen on them; "
+        "seeds 0, 1, 2): the 7 non-empty subsets of {prompt (20 tokens), BitFit, adapter (bottleneck 64)} trained "
+        "simultaneously; single methods are GLUE table cells. Adding a part to a subset is judged by the two-standard-"
+        f"error rule. Claims (Ding et al. 2023): adapters almost always help — {share('adapter', 'helps')}, "
+        f"{_verdict(held('adapter', 'helps', 0.75))} (criterion: helps in ≥ 75 %); prompt tuning usually hurts — "
+        f"{share('prompt', 'hurts')}, {_verdict(held('prompt', 'hurts', 0.5))} (≥ 50 %); BitFit usually helps — "
+        f"{share('bitfit', 'helps')}, {_verdict(held('bitfit', 'helps', 0.5))} (≥ 50 %). "
+        f"Command: `python experiments/composability.py` ({versions_line(payload)})."
+    )
+
+
+# --- generalisation gap ----------------------------------------------------------------------------
+def gaps(results_dir: Path) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Train − dev gaps per single method (GLUE table rows) and per combination (composability cells)."""
+    glue = load_json(results_dir, "glue_table.json")
+    combo = load_json(results_dir, "composability.json")
+    single: dict[str, list[float]] = {}
+    for row in glue["rows"]:
+        if row.get("generalization_gap") is not None:
+            single.setdefault(row["method"], []).append(row["generalization_gap"])
+    combos: dict[str, list[float]] = {}
+    for c in combo["cells"]:
+        if "+" in c["subset"] and c.get("gap_mean") is not None:
+            combos.setdefault(c["subset"], []).append(c["gap_mean"])
+    return single, combos
+
+
+def draw_gap(results_dir: Path):
+    """Mean train − dev gap over tasks per single method and per combination."""
+    single, combos = gaps(results_dir)
+    names = [m for m in ("full", *SINGLE) if m in single] + list(combos)
+    values = [sum(v) / len(v) for v in (single.get(n) or combos.get(n) for n in names)]
+    fig = new_figure(6.0, 2.8)
+    ax = fig.subplots()
+    ax.bar(range(len(names)), values, color=["tab:gray" if n == "full" else "tab:blue" if "+" not in n
+                                             else "tab:purple" for n in names])
+    ax.set_xticks(range(len(names)), [n.replace("+", "\n+") for n in names], fontsize=6)
+    ax.set(ylabel="train − dev (task metric)", title="Generalisation gap, mean over tasks")
+    ax.grid(True, axis="y", alpha=0.3)
+    return fig
+
+
+def caption_gap(results_dir: Path) -> str:
+    single, combos = gaps(results_dir)
+    mean = {k: sum(v) / len(v) for k, v in {**single, **combos}.items()}
+    full = mean.get("full")
+    deltas = {m: mean[m] for m in SINGLE if m in mean}
+    smaller = None if full is None or not deltas else all(v < full for v in deltas.values())
+    smallest = min(deltas, key=deltas.get) if deltas else None
+    widen = None
+    if combos and deltas:
+        pairs = [(c, max(mean.get(p, float("-inf")) for p in c.split("+"))) for c in combos]
+        widen = sum(1 for c, worst in pairs if mean[c] > worst) > len(pairs) / 2
+    listing = ", ".join(f"{k} {_fmt(v)} ({len(single.get(k) or combos.get(k))} tasks)" for k, v in mean.items())
+    return (
+        "Generalisation gap: the task metric on 1,000 seeded training rows the reported deltas were trained on minus "
+        "the dev score, averaged over seeds and then over the tasks that have it (runs from before training-row "
+        f"scores existed have none). {listing}. Claims (Ding et al. 2023): every single delta method's gap is smaller "
+        f"than full fine-tuning's — {_verdict(smaller)}; prompt tuning's is the smallest — smallest here: "
+        f"{smallest or '–'} ({_verdict(None if smallest is None else smallest == 'prompt')}); combinations widen it "
+        f"(a combination's gap above the largest of its parts') — {_verdict(widen)}. Commands: `python "
+        "experiments/glue_table.py`, `python experiments/composability.py`."
+    )
+
+
+# --- sequential ---------------------------------------------------------------------------------------
+def draw_sequential(results_dir: Path):
+    """Dev score after each stage, one line per order."""
+    payload = load_json(results_dir, "sequential.json")
+    fig = new_figure(5.5, 3.0)
+    ax = fig.subplots()
+    for o in payload["orders"]:
+        pts = [(s["stage"], s["mean"]) for s in o["stages"] if s["mean"] is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=o["order"])
+    ax.set(xticks=[0, 1, 2], xticklabels=["stage 1", "stage 2", "stage 3"], ylabel="dev accuracy (SST-2)",
+           title="Sequential combination: the score after each stage")
+    ax.legend(fontsize=6, frameon=False)
+    ax.grid(True, alpha=0.3)
+    return fig
+
+
+def caption_sequential(results_dir: Path) -> str:
+    payload = load_json(results_dir, "sequential.json")
+    steps = payload["steps"]
+    helps = sum(1 for s in steps if s["verdict"] == "helps")
+    orders = "; ".join(f"{o['order']} {_fmt(o['mean'])} ± {_fmt(o['std'])}" for o in payload["orders"])
+    cfg = payload["config"]
+    return (
+        f"MiniLM on SST-2 ({cfg['harness']['train_size']} seeded training rows, {cfg['harness']['val_size']} held "
+        "out as validation rows): prompt tuning, BitFit and the adapter trained one after another in each of the 6 "
+        "orders, one epoch per stage, each stage frozen before the next is added, each at the rate the GLUE "
+        f"selection chose for it on SST-2 ({cfg['stage_rates']}); seeds 0, 1, 2. Final dev accuracy: {orders}. "
+        f"Claims (Ding et al. 2023): sequential combination can keep improving — adding a stage helped in {helps} of "
+        f"{len(steps)} (order, stage) steps (two-standard-error rule), {_verdict(None if not steps else helps > 0)}; "
+        f"no order is best everywhere — one task here, best order {payload['best_order'] or '–'}: inconclusive with "
+        f"one task. Command: `python experiments/sequential.py` ({versions_line(payload)})."
+    )
+
+
+# --- transfer -----------------------------------------------------------------------------------------
+def draw_transfer(results_dir: Path):
+    """Per method: the source × target matrix of dev scores relative to the target's in-task score."""
+    payload = load_json(results_dir, "transfer.json")
+    methods = list(dict.fromkeys(m["method"] for m in payload["matrix"]))
+    fig = new_figure(2.0 * len(methods), 2.4)
+    axes = fig.subplots(1, len(methods), squeeze=False)[0]
+    for ax, method in zip(axes, methods):
+        grid = [[float("nan")] * len(TASKS) for _ in TASKS]
+        for m in payload["matrix"]:
+            if m["method"] == method and m["relative"] is not None:
+                grid[TASKS.index(m["source"])][TASKS.index(m["target"])] = m["relative"]
+        ax.imshow(grid, vmin=0, vmax=1.1, cmap="viridis")
+        ax.set_xticks(range(len(TASKS)), TASKS, fontsize=6)
+        ax.set_yticks(range(len(TASKS)), TASKS, fontsize=6)
+        ax.set(title=method, xlabel="target")
+    axes[0].set_ylabel("source")
+    fig.suptitle("Zero-shot transfer (score relative to the target's in-task score)", fontsize=9)
+    return fig
+
+
+def caption_transfer(results_dir: Path) -> str:
+    payload = load_json(results_dir, "transfer.json")
+    k = payload["kinds"]
+    return (
+        "Every GLUE table run (MiniLM, each method at its chosen rate, seeds 0, 1, 2) scored with its own head on the "
+        "other tasks' dev sets, no training; labels mapped by each task's affirming class (SST-2 positive = 1, CoLA "
+        "acceptable = 1, MRPC equivalent = 1, RTE entailment = 0; a source whose affirming class sits at another "
+        "index has its head rows swapped). Entries are relative to the target task's in-task score of the same "
+        f"method. Mean relative transfer within a kind (single-sentence SST-2/CoLA, pairs MRPC/RTE): "
+        f"{_fmt(k['same kind']['mean'])} over {k['same kind']['n']} entries; across kinds: "
+        f"{_fmt(k['cross kind']['mean'])} over {k['cross kind']['n']}. Claim (Ding et al. 2023): deltas transfer to "
+        f"tasks of the same kind, poorly across kinds — {_verdict(payload['claim_holds'])} (criterion: within-kind "
+        f"mean above cross-kind mean). Command: `python experiments/transfer.py` ({versions_line(payload)})."
+    )
+
+
+# --- scale ----------------------------------------------------------------------------------------------
+def draw_scale(results_dir: Path):
+    """Per task: each method's dev score on both models."""
+    payload = load_json(results_dir, "scale.json")
+    tasks = list(dict.fromkeys(c["task"] for c in payload["cells"]))
+    models = list(dict.fromkeys(c["model"] for c in payload["cells"]))
+    methods = list(dict.fromkeys(c["method"] for c in payload["cells"]))
+    fig = new_figure(max(4.5 * len(tasks), 5.0), 2.9)
+    axes = fig.subplots(1, max(len(tasks), 1), squeeze=False)[0]
+    width = 0.8 / max(len(models), 1)
+    for ax, task in zip(axes, tasks):
+        for j, model in enumerate(models):
+            cells = {c["method"]: c for c in payload["cells"] if (c["task"], c["model"]) == (task, model)
+                     and c["mean"] is not None}
+            xs = [i for i, m in enumerate(methods) if m in cells]
+            ax.bar([x + j * width for x in xs], [cells[methods[x]]["mean"] for x in xs], width,
+                   yerr=[cells[methods[x]]["std"] or 0 for x in xs], label=model)
+        ax.set_xticks([i + width / 2 for i in range(len(methods))], methods, fontsize=6, rotation=30)
+        ax.set(title=task)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0].legend(fontsize=6.5, frameon=False)
+    fig.suptitle("The power of scale: MiniLM (22.7M) against SmolLM2 (134.5M)", fontsize=9)
+    return fig
+
+
+def caption_scale(results_dir: Path) -> str:
+    payload = load_json(results_dir, "scale.json")
+    gains = payload["gains"]
+    improved = [g for g in gains if g["verdict"] == "improves"]
+    by_method: dict[str, list[float]] = {}
+    for g in gains:
+        by_method.setdefault(g["method"], []).append(g["gain"])
+    mean_gain = {m: sum(v) / len(v) for m, v in by_method.items()}
+    top = max(mean_gain, key=mean_gain.get) if mean_gain else None
+    sel = payload["selective_vs_last_layer"]
+    sel_better = sum(1 for s in sel if s["verdict"] == "selective better")
+    h = payload["config"]["harness"]
+    return (
+        f"One harness for both models ({h['train_size']} seeded training rows, {h['val_size']} held out as validation "
+        f"rows, {h['epochs']} epoch of batch {h['batch_size']}, max length {h['max_length']}; rates chosen on the "
+        "validation rows; seeds 0, 1, 2). Mean gain of SmolLM2 over MiniLM: "
+        + ", ".join(f"{m} {_fmt(v)}" for m, v in mean_gain.items())
+        + f". Claims (Ding et al. 2023): every method improves with model size — {len(improved)} of {len(gains)} "
+        f"(task, method) pairs improve by the two-standard-error rule, "
+        f"{_verdict(None if not gains else len(improved) == len(gains))}; prompt tuning improves most — largest mean "
+        f"gain: {top or '–'} ({_verdict(None if top is None else top == 'prompt')}); selective-module tuning beats "
+        f"last-layer tuning at the same budget — in {sel_better} of {len(sel)} (model, task) pairs "
+        f"({_verdict(None if not sel else sel_better > len(sel) / 2)}). "
+        f"Command: `python experiments/scale.py` ({versions_line(payload)})."
+    )
+
+
+# --- UniPELT -----------------------------------------------------------------------------------------
+def draw_unipelt(results_dir: Path):
+    """Per task: dev score against K for UniPELT and its parts."""
+    payload = load_json(results_dir, "unipelt_low_resource.json")
+    fig = new_figure(10.0, 2.7)
+    axes = fig.subplots(1, len(TASKS), squeeze=False)[0]
+    for ax, task in zip(axes, TASKS):
+        for method in ("unipelt", "lora", "prefix", "pfeiffer"):
+            cells = sorted((c for c in payload["cells"] if (c["task"], c["method"]) == (task, method)
+                            and c["mean"] is not None), key=lambda c: c["k"])
+            if cells:
+                ax.errorbar([c["k"] for c in cells], [c["mean"] for c in cells], yerr=[c["std"] or 0 for c in cells],
+                            marker="o", capsize=2, label=method, linewidth=2.0 if method == "unipelt" else 1.0)
+        ax.set(title=task, xscale="log", xlabel="K training examples")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=6, frameon=False)
+    fig.suptitle("UniPELT against its parts in low-resource settings", fontsize=9)
+    return fig
+
+
+def caption_unipelt(results_dir: Path) -> str:
+    payload = load_json(results_dir, "unipelt_low_resource.json")
+    c = payload["counts"]
+    n = sum(c.values())
+    return (
+        "MiniLM, K seeded training rows (the same for every method and seed; 20 % of them held out as validation "
+        "rows), rates chosen on the validation rows, seeds 0, 1, 2; parts in UniPELT's own configurations (LoRA r=8 "
+        "on q,v, prefix 10, the FFN adapter with bottleneck 64). Claim (Mao et al. 2022): UniPELT beats each of its "
+        f"parts at K = 100, 500, 1000 — over {n} (task, K, part) comparisons by the two-standard-error rule it wins "
+        f"{c['win']}, ties {c['tie']} and loses {c['loss']}: "
+        f"{_verdict(None if not n else c['win'] > n / 2 and c['loss'] == 0)} (criterion: wins a majority, loses "
+        f"none). Command: `python experiments/unipelt_low_resource.py` ({versions_line(payload)})."
+    )
+
+
+FIGURES = [
+    FigureSpec(name="composability", title="Simultaneous combinations of prompt tuning, BitFit and adapters",
+               sources=("composability.json",), draw=draw_composability, caption=caption_composability,
+               recompute=(("python", "experiments/composability.py"),)),
+    FigureSpec(name="generalization_gap", title="Generalisation gap of single delta methods, full fine-tuning and "
+                                                "combinations", sources=("glue_table.json", "composability.json"),
+               draw=draw_gap, caption=caption_gap,
+               recompute=(("python", "experiments/glue_table.py"), ("python", "experiments/composability.py"))),
+    FigureSpec(name="sequential", title="Sequential combination of prompt tuning, BitFit and the adapter, all 6 orders",
+               sources=("sequential.json",), draw=draw_sequential, caption=caption_sequential,
+               recompute=(("python", "experiments/sequential.py"),)),
+    FigureSpec(name="transfer", title="Zero-shot transfer of deltas across GLUE tasks", sources=("transfer.json",),
+               draw=draw_transfer, caption=caption_transfer, recompute=(("python", "experiments/transfer.py"),)),
+    FigureSpec(name="scale", title="The power of scale: delta methods on MiniLM and SmolLM2",
+               sources=("scale.json",), draw=draw_scale, caption=caption_scale,
+               recompute=(("python", "experiments/scale.py"),)),
+    FigureSpec(name="unipelt_low_resource", title="UniPELT against its parts with 100, 500 and 1,000 training examples",
+               sources=("unipelt_low_resource.json",), draw=draw_unipelt, caption=caption_unipelt,
+               recompute=(("python", "experiments/unipelt_low_resource.py"),)),
+]
+
+__all__ = ["FIGURES", "gaps", "part_effects"]

@@ -1,0 +1,121 @@
+"""Issue 15's study summaries and figures, from synthetic rows in the sweeps' formats (nothing is trained)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from controltune.figures import registry, render
+from controltune.results import append_jsonl, write_json
+from experiments import composability, scale, sequential, transfer, unipelt_low_resource
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _spec(name: str):
+    return registry(ROOT / "paper_figs" / "figures")[name]
+
+
+def _row(config: dict, score: float, val: float | None = None, metric: str = "accuracy", **extra) -> dict:
+    cell = "c" + str(abs(hash(json.dumps(config, sort_keys=True))))
+    return {"config": config, "status": "done", "score_at_best_val": score, "val_score": score if val is None else val,
+            "metric": metric, "n_trainable": 10, "cell": cell, **extra}
+
+
+def _caption(name: str, results: Path, out: Path) -> str:
+    paths = render(_spec(name), results, out)
+    assert paths[1].read_bytes()[:4] == b"\x89PNG"
+    return paths[2].read_text()
+
+
+def test_sequential(tmp_path, monkeypatch):
+    monkeypatch.setattr(sequential, "OUT", tmp_path / "sequential.jsonl")
+    monkeypatch.setattr(sequential, "SUMMARY", tmp_path / "sequential.json")
+    monkeypatch.setattr(sequential, "stage_rates", lambda: {"prompt": 1e-2, "bitfit": 5e-3, "adapter": 2e-3})
+    for order in sequential.ORDERS:
+        for seed in sequential.SEEDS:
+            stages = [{"stage": i, "method": p, "score_at_best_val": 0.7 + 0.05 * i + 0.001 * seed}
+                      for i, p in enumerate(order.split("+"))]
+            append_jsonl(sequential.OUT, _row({"method": order, "seed": seed}, stages[-1]["score_at_best_val"],
+                                              stages=stages))
+    out = sequential.summary()
+    assert len(out["orders"]) == 6 and all(o["n_seeds"] == 3 for o in out["orders"])
+    assert len(out["steps"]) == 12 and all(s["verdict"] == "helps" for s in out["steps"])
+    caption = _caption("sequential", tmp_path, tmp_path / "figs")
+    assert "helped in 12 of 12" in caption and "holds here" in caption
+
+
+def test_scale(tmp_path, monkeypatch):
+    monkeypatch.setattr(scale, "SELECT_OUT", tmp_path / "s.jsonl")
+    monkeypatch.setattr(scale, "TABLE_OUT", tmp_path / "t.jsonl")
+    monkeypatch.setattr(scale, "SUMMARY", tmp_path / "scale.json")
+    for model, task, method in itertools.product(scale.MODELS, scale.TASKS, scale.METHODS):
+        gain = {"minilm": 0.0, "smollm2": 0.1 if method == "prompt" else 0.05}[model]
+        base = 0.8 + (0.02 if method == "selective" else 0.0)
+        for seed in (0, 1, 2):
+            append_jsonl(scale.SELECT_OUT if seed == 0 else scale.TABLE_OUT,
+                         _row({"model": model, "task": task, "method": method, "lr": 1e-3, "seed": seed},
+                              base + gain + 0.002 * seed))
+    out = scale.summary(tuple(scale.MODELS), scale.TASKS)
+    assert len(out["cells"]) == 28 and all(g["verdict"] == "improves" for g in out["gains"])
+    assert all(s["verdict"] == "selective better" for s in out["selective_vs_last_layer"])
+    caption = _caption("scale", tmp_path, tmp_path / "figs")
+    assert "14 of 14" in caption and "largest mean gain: prompt (holds here)" in caption
+
+
+def test_unipelt(tmp_path, monkeypatch):
+    monkeypatch.setattr(unipelt_low_resource, "SELECT_OUT", tmp_path / "s.jsonl")
+    monkeypatch.setattr(unipelt_low_resource, "TABLE_OUT", tmp_path / "t.jsonl")
+    monkeypatch.setattr(unipelt_low_resource, "SUMMARY", tmp_path / "unipelt_low_resource.json")
+    for task, k, method in itertools.product(unipelt_low_resource.TASKS, unipelt_low_resource.KS,
+                                             unipelt_low_resource.METHODS):
+        for seed in (0, 1, 2):
+            score = (0.8 if method == "unipelt" else 0.7) + 0.002 * seed
+            append_jsonl(unipelt_low_resource.SELECT_OUT if seed == 0 else unipelt_low_resource.TABLE_OUT,
+                         _row({"task": task, "train_size": k, "method": method, "lr": 1e-3, "seed": seed}, score))
+    out = unipelt_low_resource.summary(unipelt_low_resource.TASKS)
+    assert out["counts"] == {"win": 36, "tie": 0, "loss": 0}
+    assert "wins 36, ties 0 and loses 0: holds here" in _caption("unipelt_low_resource", tmp_path, tmp_path / "f")
+
+
+def test_transfer(tmp_path, monkeypatch):
+    monkeypatch.setattr(transfer, "OUT", tmp_path / "transfer.jsonl")
+    monkeypatch.setattr(transfer, "SUMMARY", tmp_path / "transfer.json")
+    sources = [_row({"task": t, "method": m, "seed": s, "lr": 1e-3}, 0.8) for t in transfer.TASKS
+               for m in ("lora", "prompt") for s in (0, 1)]
+    monkeypatch.setattr(transfer, "source_rows", lambda: sources)
+    for row in sources:
+        for target in transfer.TASKS:
+            if target != row["config"]["task"]:
+                same = transfer.KIND[target] == transfer.KIND[row["config"]["task"]]
+                append_jsonl(transfer.OUT, {"cell": row["cell"], "method": row["config"]["method"],
+                                            "source": row["config"]["task"], "target": target,
+                                            "seed": row["config"]["seed"], "score": 0.6 if same else 0.4})
+    assert transfer.swapped("rte", "mrpc") and not transfer.swapped("sst2", "cola")
+    out = transfer.summary()
+    assert out["kinds"]["same kind"]["mean"] == pytest.approx(0.75) and out["claim_holds"] is True
+    assert "within-kind mean above cross-kind mean" in _caption("transfer", tmp_path, tmp_path / "f")
+
+
+def test_composability_and_generalization_gap(tmp_path, monkeypatch):
+    monkeypatch.setattr(composability, "SELECT_OUT", tmp_path / "s.jsonl")
+    monkeypatch.setattr(composability, "TABLE_OUT", tmp_path / "t.jsonl")
+    monkeypatch.setattr(composability, "SUMMARY", tmp_path / "composability.json")
+    for task, subset in itertools.product(composability.TASKS, composability.SUBSETS):
+        parts = subset.split("+")
+        score = 0.7 + (0.1 if "adapter" in parts else 0) - (0.05 if "prompt" in parts else 0)
+        for seed in (0, 1, 2):
+            append_jsonl(composability.SELECT_OUT if seed == 0 else composability.TABLE_OUT,
+                         _row({"task": task, "method": subset, "lr": 1e-3, "seed": seed}, score + 0.001 * seed,
+                              train_scores={"accuracy": score + 0.02 * len(parts)}))
+    composability.summary(composability.TASKS)
+    caption = _caption("composability", tmp_path, tmp_path / "f")
+    assert "adapter helps in 12 of 12" in caption and "prompt hurts in 12 of 12" in caption
+    glue = {"rows": [{"task": t, "method": m, "generalization_gap": g} for t in ("sst2", "rte")
+                     for m, g in (("full", 0.2), ("lora", 0.05), ("prompt", 0.01), ("adapter", 0.03))]}
+    write_json(tmp_path / "glue_table.json", glue)
+    gap = _caption("generalization_gap", tmp_path, tmp_path / "f")
+    assert "smaller than full fine-tuning's — holds here" in gap and "smallest here: prompt (holds here)" in gap
