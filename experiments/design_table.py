@@ -5,7 +5,7 @@ Designs: ``costate_lora`` (one MSA step as LoRA's start), ``gramian_lora`` (plac
 recommend`` writes for peft), ``riccati_feedback`` (Riccati/LQR state feedback), ``closed_loop_prefix``
 and ``parallel_control`` (the state-based control of Zhang et al., ICML 2025).  Baselines: LoRA on q, v,
 the adapter, prefix tuning, and peft's own initialisations of the same LoRA (``peft_lora`` with PiSSA,
-OLoRA and LoRA-GA; peft 0.21.2 has no EVA path without its data loader and is left out).  Two budgets:
+OLoRA, LoRA-GA and EVA, the last two computed on 64 training rows of the cell's task).  Two budgets:
 ``b74k`` (LoRA r=8 on q, v: 73,728 trainable parameters besides the head) and ``b18k`` (r=2: 18,432);
 every method's options at each budget are in :data:`BUDGETS` and ``--plan`` prints their counts.
 
@@ -66,6 +66,7 @@ BUDGETS: dict[str, dict[str, tuple[str, dict[str, Any], tuple[float, ...]]]] = {
         "pissa": ("peft_lora", {"rank": 8, "alpha": 16, "targets": QV, "init": "pissa"}, LORA_LIKE),
         "olora": ("peft_lora", {"rank": 8, "alpha": 16, "targets": QV, "init": "olora"}, LORA_LIKE),
         "lora_ga": ("peft_lora", {"rank": 8, "alpha": 16, "targets": QV, "init": "lora_ga"}, LORA_LIKE),
+        "eva": ("peft_lora", {"rank": 8, "alpha": 16, "targets": QV, "init": "eva", "n_design": 64}, LORA_LIKE),
         "costate_lora": ("costate_lora", {"rank": 8, "alpha": 16, "targets": QV, "n_design": 32}, LORA_LIKE),
         "gramian_lora": ("gramian_lora", {"rank": 8, "n_design": 16, "n_probes": 4}, LORA_LIKE),
         "recommended_lora": ("recommended_lora", {"n_design": 64}, LORA_LIKE),
@@ -80,6 +81,7 @@ BUDGETS: dict[str, dict[str, tuple[str, dict[str, Any], tuple[float, ...]]]] = {
         "pissa": ("peft_lora", {"rank": 2, "alpha": 4, "targets": QV, "init": "pissa"}, LORA_LIKE),
         "olora": ("peft_lora", {"rank": 2, "alpha": 4, "targets": QV, "init": "olora"}, LORA_LIKE),
         "lora_ga": ("peft_lora", {"rank": 2, "alpha": 4, "targets": QV, "init": "lora_ga"}, LORA_LIKE),
+        "eva": ("peft_lora", {"rank": 2, "alpha": 4, "targets": QV, "init": "eva", "n_design": 64}, LORA_LIKE),
         "costate_lora": ("costate_lora", {"rank": 2, "alpha": 4, "targets": QV, "n_design": 32}, LORA_LIKE),
         "gramian_lora": ("gramian_lora", {"rank": 2, "n_design": 16, "n_probes": 4}, LORA_LIKE),
         "recommended_lora": ("recommended_lora", {"budget": 18432, "n_design": 64}, LORA_LIKE),
@@ -91,7 +93,7 @@ BUDGETS: dict[str, dict[str, tuple[str, dict[str, Any], tuple[float, ...]]]] = {
 """budget -> label -> (registered method, options, grid of peak rates)."""
 DESIGNS = ("costate_lora", "gramian_lora", "recommended_lora", "riccati_feedback", "closed_loop_prefix",
            "parallel_control")
-BASELINES = ("lora", "adapter", "prefix", "pissa", "olora", "lora_ga")
+BASELINES = ("lora", "adapter", "prefix", "pissa", "olora", "lora_ga", "eva")
 
 
 def label_of(config: dict[str, Any]) -> tuple[str, str]:

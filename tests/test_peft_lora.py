@@ -43,8 +43,8 @@ def test_peft_initialisations_keep_the_cost_and_pass_verify(init, dtype):
 def test_pissa_in_float64_is_refused_with_peft_reason():
     with pytest.raises(UnsupportedMethodError, match="init='pissa' on a float64 model"):
         build("peft_lora", _system("float64"), rank=2, init="pissa")
-    with pytest.raises(ValueError, match="init 'eva' is not one of"):
-        build("peft_lora", _system(), init="eva")
+    with pytest.raises(ValueError, match="init 'evaa' is not one of"):
+        build("peft_lora", _system(), init="evaa")
     with pytest.raises(ValueError, match="go together"):
         build("peft_lora", _system(), init="adapter")
 
@@ -62,3 +62,30 @@ def test_a_recommended_peft_folder_loads_back_as_the_same_model(tmp_path, family
         assert torch.equal(source(batch), target(batch))
     assert {c.name.rsplit(".", 1)[0] for c in ctrl.controls()} == {
         f"peft_lora.{s.layer}.{s.role}" for s in source.controllers[0].sites}
+
+
+def test_eva_starts_from_the_principal_directions_of_the_inputs_with_redistributed_ranks():
+    system = _system("float64")
+    batch = make_batch(system.tokenizer, 8)
+    with torch.no_grad():
+        before = float(system.cost(batch))
+    ctrl = build("peft_lora", system, rank=2, init="eva", design_batch=batch)
+    with torch.no_grad():
+        assert float(system.cost(batch)) == before  # B = 0: the model is unchanged
+    a = [c.param.detach() for c in ctrl.controls() if c.name.endswith(".A")]
+    assert sum(x.shape[0] for x in a) == 2 * 2 * system.n_layers  # the rank budget, redistributed
+    for x in a:
+        assert torch.allclose(x @ x.T, torch.eye(x.shape[0], dtype=x.dtype), atol=1e-6)  # orthonormal rows
+    # the first map's A spans the top principal directions of its inputs (the embeddings' output)
+    site, layer = next(iter(ctrl.layers_found.values()))
+    seen = []
+    handle = layer.base_layer.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+    with torch.no_grad():
+        system(batch)
+    handle.remove()
+    tokens = seen[0][batch["attention_mask"].bool()]
+    top = torch.linalg.svd(tokens - tokens.mean(0), full_matrices=False).Vh[: a[0].shape[0]]  # PCA: centred
+    overlap = torch.linalg.svdvals(a[0] @ top.T)
+    assert overlap.min() > 0.9, overlap
+    report = verify(system.eval(), make_batch(system.tokenizer, 2), n_state_directions=1)
+    assert report.passed, report.failures()

@@ -14,6 +14,9 @@
 ``lora_ga``             SVD of the gradient ``∂J/∂W`` on ``n_design`` training rows (peft's
                         ``preprocess_loraga``; the design batch's cost is the train step), ``W'``
                         compensated (Wang et al., 2024)
+``eva``                 EVA (Paischer et al., 2024): A = the top right-singular vectors of each map's
+                        inputs on ``n_design`` training rows, ranks redistributed across the maps by
+                        explained variance (peft's ``get_eva_state_dict``), ``B = 0``
 ``adapter``             a saved peft LoRA folder (``adapter=<dir>``, e.g. ``controltune recommend``'s):
                         its config, A, B and, with the ``sequence_classifier`` readout, its head
 ======================  =========================================================================
@@ -48,7 +51,7 @@ from .base import (
     target_names,
 )
 
-INITS = ("default", "gaussian", "pissa", "olora", "lora_ga", "adapter")
+INITS = ("default", "gaussian", "pissa", "olora", "lora_ga", "eva", "adapter")
 
 
 def _peft():
@@ -65,7 +68,8 @@ class PeftLoRA(Controller):
 
     method = "peft_lora"
     group = "reparameterisation"
-    form = "W x -> W' x + (alpha/r) B A x with peft's LoraLayer; init and W' by peft (default, pissa, olora, lora_ga)"
+    form = ("W x -> W' x + (alpha/r) B A x with peft's LoraLayer; init and W' by peft (default, pissa, olora, lora_ga, "
+            "eva)")
 
     def __init__(self, rank: int = 8, alpha: float = 16.0, targets: Sequence[str] | str = ("q", "v"),
                  layers: Sequence[int] | None = None, init: str = "default", adapter: str | None = None,
@@ -102,10 +106,12 @@ class PeftLoRA(Controller):
             names = [".".join(p for p in (prefix, s.path) if p) for s in sites]
             config = self._config(peft, names, {stores_transposed(s.module) for s in sites})
         trainable = {id(p): p.requires_grad for p in system.readout.parameters()}
-        if self.init == "lora_ga":
+        if self.init in ("lora_ga", "eva"):
             batch = self.design_batch or load_design_batch(system, self.task, self.n_design, self.design_seed,
                                                            self.max_length)
+        if self.init == "lora_ga":
             peft.tuners.lora.loraga.preprocess_loraga(model, config, lambda: system.cost(batch).backward())
+        eva_state = self._eva_state(peft, system, config, batch) if self.init == "eva" else None
         torch.manual_seed(self.seed)
         try:
             peft.inject_adapter_in_model(config, model)
@@ -117,10 +123,25 @@ class PeftLoRA(Controller):
             p.requires_grad_(trainable.get(id(p), p.requires_grad))
         if self.init == "adapter":
             self._load_adapter(system, model)
+        if eva_state is not None:
+            with torch.no_grad():
+                # peft's public initialize_lora_eva_weights needs a PeftModel (it reads active_adapters as a
+                # property); the adapters were injected into the HF model itself, so its loader is called directly.
+                peft.tuners.lora.eva._load_eva_state_dict(model, eva_state, "default")
         self.sites = sites
         for site, name in zip(sites, names):
             layer = model.get_submodule(name)
             self.layers_found[site.key] = (site, layer)
+
+    @staticmethod
+    def _eva_state(peft, system, config, batch: dict) -> dict:
+        """EVA's per-map SVD components of the maps' inputs on ``batch`` (minibatches of 16 rows, no padding)."""
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        n = inputs["input_ids"].shape[0]
+        loader = [{k: v[i:i + 16] for k, v in inputs.items()} for i in range(0, n, 16)]
+        return peft.tuners.lora.eva.get_eva_state_dict(
+            system.model, loader, peft_config=config, forward_fn=lambda model, x: system(x),
+            prepare_model_inputs_fn=lambda x, cfg: x["attention_mask"].bool().nonzero(), show_progress_bar=False)
 
     def _config(self, peft, names: list[str], transposed: set[bool]):
         if len(transposed) > 1:
@@ -128,6 +149,8 @@ class PeftLoRA(Controller):
                                          "fan_in_fan_out per adapter")
         init = {"default": True}.get(self.init, self.init)
         extra = {"lora_ga_config": peft.LoraGAConfig()} if self.init == "lora_ga" else {}
+        if self.init == "eva":
+            extra = {"eva_config": peft.EvaConfig()}
         return peft.LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0, bias="none",
                                target_modules=names, init_lora_weights=init, fan_in_fan_out=transposed.pop(),
                                **extra)
