@@ -46,6 +46,8 @@ from rate_selection import (  # noqa: E402
     choose_lrs,
     extended_spec,
     mean_std,
+    progress_echo,
+    require_rates,
     select_then_tabulate,
     sweep_settings,
 )
@@ -88,9 +90,7 @@ def selection_spec(models, tasks, rows) -> SweepSpec:
 
 
 def table_spec(models, tasks, chosen: dict) -> SweepSpec:
-    missing = [p for p in ((m, t) for m in models for t in tasks) if chosen.get(p, {}).get("lr") is None]
-    if missing:
-        raise SystemExit(f"no rate chosen for {missing} (selection unfinished, or every rate diverged)")
+    require_rates(chosen, [(m, t) for m in models for t in tasks])
     overrides = [{"where": pair_where(p), "set": {"lr": chosen[p]["lr"]}} for p in sorted(chosen)
                  if p in {(m, t) for m in models for t in tasks}]
     overrides += [{"where": {"model": m, "method": "full"}, "set": {"lr": FULL_RATE[m]}} for m in models]
@@ -274,11 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.summary_only:
         return summary(models, tasks)
 
-    def echo(line: str) -> None:
-        print(line, flush=True)
-        if line.startswith("["):
-            summary(models, tasks)
-
+    echo = progress_echo(lambda: summary(models, tasks))
     run_scores(models, tasks, echo)
     select_then_tabulate(lambda rows: selection_spec(models, tasks, rows), SELECT_OUT,
                          lambda rows: table_spec(models, tasks, choose_lrs(rows, key=pair_key)),

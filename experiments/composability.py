@@ -39,11 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import (  # noqa: E402
     add_sweep_arguments,
     choose_lrs,
+    chosen_rows,
     extended_spec,
     mean_std,
+    progress_echo,
+    require_rates,
     select_then_tabulate,
     sweep_settings,
-    task_method,
     two_se,
 )
 
@@ -83,9 +85,7 @@ def selection_spec(tasks, rows: list[dict[str, Any]] | None = None) -> SweepSpec
 
 
 def table_spec(tasks, chosen: dict) -> SweepSpec:
-    missing = [(t, s) for t in tasks for s in SUBSETS if chosen.get((t, s), {}).get("lr") is None]
-    if missing:
-        raise SystemExit(f"no rate chosen for {missing} (selection unfinished, or every rate diverged)")
+    require_rates(chosen, [(t, s) for t in tasks for s in SUBSETS])
     data = spec_data(tasks, [0, 1, 2], "composability_table", TABLE_OUT.name)
     data["overrides"] = list(data["overrides"]) + [
         {"where": {"task": t, "method": s}, "set": {"lr": chosen[(t, s)]["lr"]}} for t in tasks for s in SUBSETS]
@@ -93,17 +93,12 @@ def table_spec(tasks, chosen: dict) -> SweepSpec:
 
 
 def summary(tasks) -> dict[str, Any]:
-    select = read_jsonl(SELECT_OUT)
-    table = read_jsonl(TABLE_OUT)
-    chosen = choose_lrs(select)
     cells = {}
-    for (task, subset), info in chosen.items():
-        done = {r["config"]["seed"]: r for r in table + select if r.get("status") == "done"
-                and task_method(r) == (task, subset) and float(r["config"]["lr"]) == info["lr"]}
+    for (task, subset), (lr, done) in chosen_rows(read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)).items():
         dev = [r["score_at_best_val"] for r in done.values()]
         gaps = [r["train_scores"][r["metric"]] - r["score_at_best_val"] for r in done.values() if r.get("train_scores")]
         mean, std = mean_std(dev)
-        cells[(task, subset)] = {"task": task, "subset": subset, "lr": info["lr"], "mean": mean, "std": std,
+        cells[(task, subset)] = {"task": task, "subset": subset, "lr": lr, "mean": mean, "std": std,
                                  "n_seeds": len(dev), "gap_mean": mean_std(gaps)[0], "n_gap": len(gaps)}
     effects = []
     for part in PARTS:
@@ -143,14 +138,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"cells": len(cells)}
     if args.summary_only:
         return summary(tasks)
-    def echo(line: str) -> None:
-        print(line, flush=True)
-        if line.startswith("["):
-            summary(tasks)
-
     select_then_tabulate(lambda rows: selection_spec(tasks, rows), SELECT_OUT,
-                         lambda rows: table_spec(tasks, choose_lrs(rows)),
-                         TABLE_OUT, RESULTS, echo, sweep_settings(args))
+                         lambda rows: table_spec(tasks, choose_lrs(rows)), TABLE_OUT, RESULTS,
+                         progress_echo(lambda: summary(tasks)), sweep_settings(args))
     return summary(tasks)
 
 if __name__ == "__main__":

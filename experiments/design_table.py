@@ -44,6 +44,7 @@ from rate_selection import (  # noqa: E402
     choose_lrs,
     extended_spec,
     mean_std,
+    progress_echo,
     select_then_tabulate,
     sweep_settings,
     two_se,
@@ -234,18 +235,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"plan": plan(tasks, budgets)}
     if args.summary_only:
         return summary(tasks, budgets)
-    def echo(line: str) -> None:
-        print(line, flush=True)
-        if line.startswith("["):
-            summary(tasks, budgets)
-
     def chosen(rows: list[dict[str, Any]]) -> dict:
         return {pair: info for pair, info in choose_lrs(rows, pair_key).items()
                 if pair[0] in tasks and pair[1] in budgets}
 
     select_then_tabulate(lambda rows: selection_spec(tasks, budgets, rows), SELECT_OUT,
-                         lambda rows: table_spec(tasks, budgets, chosen(rows)), TABLE_OUT, RESULTS, echo,
-                         sweep_settings(args))
+                         lambda rows: table_spec(tasks, budgets, chosen(rows)), TABLE_OUT, RESULTS,
+                         progress_echo(lambda: summary(tasks, budgets)), sweep_settings(args))
     return summary(tasks, budgets)
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ from controltune.sweep import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the experiments' shared modules, run or imported
-from rate_selection import MAX_EDGE_RATES, choose_lrs, copy_rows, extended_spec, task_method  # noqa: E402
+from rate_selection import MAX_EDGE_RATES, choose_lrs, copy_rows, extended_spec, mean_std, task_method  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SELECT_SPEC = HERE / "glue_select.yaml"
@@ -137,12 +137,6 @@ def copy_selected_rows(select_rows: list[dict[str, Any]], spec: SweepSpec, out: 
 
 
 # --- the table ---------------------------------------------------------------------------------
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
-
-
 def majority_rows(tasks: tuple[str, ...] = TASKS) -> list[dict[str, Any]]:
     """Every metric of the constant majority-class prediction on each task's dev set."""
     rows = []
@@ -162,27 +156,27 @@ def _method_row(task: str, method: str, rows: list[dict[str, Any]], lr: float | 
     done = sorted((r for r in rows if r.get("status") == "done"), key=lambda r: r["config"]["seed"])
     metric = done[0]["metric"] if done else (rows[0].get("metric") if rows else None)
     selected = [r["score_at_best_val"] for r in done]
-    mean, std = _mean_std(selected)
+    mean, std = mean_std(selected)
     names = list((done[0].get("dev_at_best_val") or {}) if done else [])
     all_metrics = {}
     for name in (n for n in names if n not in ("step", "loss")):
-        m, s = _mean_std([r["dev_at_best_val"][name] for r in done])
+        m, s = mean_std([r["dev_at_best_val"][name] for r in done])
         all_metrics[name] = {"mean": m, "std": s}
     return {"task": task, "method": method, "metric": metric, "mean": mean, "std": std, "n_seeds": len(done),
             "seeds": [r["config"]["seed"] for r in done], "scores": selected,
             "trainable": done[0]["n_trainable"] if done else None,
             "trainable_fraction": done[0]["trainable_fraction"] if done else None, "lr": lr, "lr_grid": grid,
-            "val_mean": _mean_std([r["val_score"] for r in done])[0],
-            "train_mean": _mean_std([r["train_scores"][metric] for r in done if r.get("train_scores")])[0],
+            "val_mean": mean_std([r["val_score"] for r in done])[0],
+            "train_mean": mean_std([r["train_scores"][metric] for r in done if r.get("train_scores")])[0],
             "n_train_scored": sum(bool(r.get("train_scores")) for r in done),
-            "generalization_gap": _mean_std([r["train_scores"][metric] - r["score_at_best_val"] for r in done
+            "generalization_gap": mean_std([r["train_scores"][metric] - r["score_at_best_val"] for r in done
                                              if r.get("train_scores")])[0],
-            "last_step_mean": _mean_std([r["score"] for r in done])[0],
+            "last_step_mean": mean_std([r["score"] for r in done])[0],
             "best_val_steps": [r["best_val"]["step"] for r in done],
             "total_steps": done[0].get("total_steps") if done else None,
             "all_metrics": all_metrics,
             "diverged_seeds": sorted(r["config"]["seed"] for r in rows if r.get("status") == "diverged"),
-            "mean_train_time_s": _mean_std([r["train_time_s"] for r in done if r.get("train_time_s")])[0],
+            "mean_train_time_s": mean_std([r["train_time_s"] for r in done if r.get("train_time_s")])[0],
             "stage": stage}
 
 

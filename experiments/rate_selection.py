@@ -201,3 +201,34 @@ def two_se(a: dict[str, Any], b: dict[str, Any]) -> tuple[int | None, float | No
     diff = b["mean"] - a["mean"]
     se = math.sqrt(a["std"] ** 2 / a["n_seeds"] + b["std"] ** 2 / b["n_seeds"])
     return (1 if diff > 2 * se else -1 if diff < -2 * se else 0), diff, se
+
+
+# --- the chosen cells and the driver's progress ----------------------------------------------------
+def chosen_rows(select_rows: list[dict[str, Any]], table_rows: list[dict[str, Any]], key: KeyFn = task_method
+                ) -> dict[Pair, tuple[float | None, dict[int, dict[str, Any]]]]:
+    """Per pair: its chosen rate and the finished (``done``) rows at that rate, by seed (selection and table rows;
+    the seed-0 table row is the selection row)."""
+    out = {}
+    for pair, info in choose_lrs(select_rows, key).items():
+        rows = {r["config"]["seed"]: r for r in table_rows + select_rows if r.get("status") == "done"
+                and key(r) == pair and float(r["config"]["lr"]) == info["lr"]}
+        out[pair] = (info["lr"], rows)
+    return out
+
+
+def require_rates(chosen: dict[Pair, dict[str, Any]], pairs: list[Pair]) -> None:
+    """Stop (SystemExit naming them) when a pair of ``pairs`` has no chosen rate."""
+    missing = [p for p in pairs if chosen.get(p, {}).get("lr") is None]
+    if missing:
+        raise SystemExit(f"no rate chosen for {missing} (selection unfinished, or every rate diverged)")
+
+
+def progress_echo(refresh: Callable[[], Any]) -> Callable[[str], None]:
+    """A sweep's ``echo``: print each line, and after every finished cell (its line starts with ``[``) rewrite the
+    study's summary with ``refresh()``, so a partial result is always on disk."""
+    def echo(line: str) -> None:
+        print(line, flush=True)
+        if line.startswith("["):
+            refresh()
+
+    return echo

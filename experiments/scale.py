@@ -32,8 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import (  # noqa: E402
     add_sweep_arguments,
     choose_lrs,
+    chosen_rows,
     extended_spec,
     mean_std,
+    progress_echo,
+    require_rates,
     select_then_tabulate,
     sweep_settings,
     two_se,
@@ -81,24 +84,18 @@ def selection_spec(models, tasks, rows) -> SweepSpec:
 
 def table_spec(models, tasks, chosen: dict) -> SweepSpec:
     pairs = [(m, t, k) for m in models for t in tasks for k in METHODS]
-    missing = [p for p in pairs if chosen.get(p, {}).get("lr") is None]
-    if missing:
-        raise SystemExit(f"no rate chosen for {missing} (selection unfinished, or every rate diverged)")
+    require_rates(chosen, pairs)
     data = spec_data(models, tasks, [0, 1, 2], "scale_table", TABLE_OUT.name)
     data["overrides"] += [{"where": pair_where(p), "set": {"lr": chosen[p]["lr"]}} for p in pairs]
     return parse_spec(data, "scale_table", RESULTS)
 
 
 def summary(models, tasks) -> dict[str, Any]:
-    select, table = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
-    chosen = choose_lrs(select, key=pair_key)
     cells = {}
-    for pair, info in chosen.items():
-        done = {r["config"]["seed"]: r for r in table + select if r.get("status") == "done"
-                and pair_key(r) == pair and float(r["config"]["lr"]) == info["lr"]}
+    for pair, (lr, done) in chosen_rows(read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT), pair_key).items():
         scores = [r["score_at_best_val"] for r in done.values()]
         mean, std = mean_std(scores)
-        cells[pair] = {"model": pair[0], "task": pair[1], "method": pair[2], "lr": info["lr"], "mean": mean,
+        cells[pair] = {"model": pair[0], "task": pair[1], "method": pair[2], "lr": lr, "mean": mean,
                        "std": std, "n_seeds": len(scores),
                        "trainable": next(iter(done.values()))["n_trainable"] if done else None}
     small, large = list(MODELS)[0], list(MODELS)[-1]
@@ -144,14 +141,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.summary_only:
         return summary(models, tasks)
 
-    def echo(line: str) -> None:
-        print(line, flush=True)
-        if line.startswith("["):
-            summary(models, tasks)
-
     select_then_tabulate(lambda rows: selection_spec(models, tasks, rows), SELECT_OUT,
-                         lambda rows: table_spec(models, tasks, choose_lrs(rows, key=pair_key)),
-                         TABLE_OUT, RESULTS, echo, sweep_settings(args))
+                         lambda rows: table_spec(models, tasks, choose_lrs(rows, key=pair_key)), TABLE_OUT, RESULTS,
+                         progress_echo(lambda: summary(models, tasks)), sweep_settings(args))
     return summary(models, tasks)
 
 

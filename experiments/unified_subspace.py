@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import (  # noqa: E402
     add_sweep_arguments,
     choose_lrs,
+    chosen_rows,
     extended_spec,
     mean_std,
     select_then_tabulate,
@@ -294,17 +295,14 @@ def majority_of(task: str) -> float | None:
 
 
 def summary() -> dict[str, Any]:
-    select, table = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
-    chosen = choose_lrs(select, key=pair_key)
     cells = []
-    for (task, delta, proj), info in sorted(chosen.items()):
-        done = {r["config"]["seed"]: r for r in table + select if r.get("status") == "done"
-                and pair_key(r) == (task, delta, proj) and float(r["config"]["lr"]) == info["lr"]}
+    for (task, delta, proj), (lr, done) in sorted(chosen_rows(read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT),
+                                                              pair_key).items()):
         scores = [r["score_at_best_val"] for r in done.values()]
         mean, std = mean_std(scores)
         original = _glue_cell(task, delta)
         dim = int(Path(proj).stem.rsplit("-d", 1)[1])
-        cells.append({"task": task, "method": delta, "dim": dim, "lr": info["lr"], "mean": mean, "std": std,
+        cells.append({"task": task, "method": delta, "dim": dim, "lr": lr, "mean": mean, "std": std,
                       "n_seeds": len(scores), "metric": next(iter(done.values()))["metric"] if done else None,
                       "original": None if original is None else {k: original.get(k) for k in
                                                                  ("mean", "std", "n_seeds", "lr", "stage")},

@@ -30,8 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import (  # noqa: E402
     add_sweep_arguments,
     choose_lrs,
+    chosen_rows,
     extended_spec,
     mean_std,
+    progress_echo,
+    require_rates,
     select_then_tabulate,
     sweep_settings,
     two_se,
@@ -80,24 +83,18 @@ def selection_spec(tasks, rows) -> SweepSpec:
 
 def table_spec(tasks, chosen: dict) -> SweepSpec:
     pairs = [(t, k, m) for t in tasks for k in KS for m in METHODS]
-    missing = [p for p in pairs if chosen.get(p, {}).get("lr") is None]
-    if missing:
-        raise SystemExit(f"no rate chosen for {missing} (selection unfinished, or every rate diverged)")
+    require_rates(chosen, pairs)
     data = spec_data(tasks, [0, 1, 2], "unipelt_table", TABLE_OUT.name)
     data["overrides"] += [{"where": pair_where(p), "set": {"lr": chosen[p]["lr"]}} for p in pairs]
     return parse_spec(data, "unipelt_table", RESULTS)
 
 
 def summary(tasks) -> dict[str, Any]:
-    select, table = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
-    chosen = choose_lrs(select, key=pair_key)
     cells = {}
-    for pair, info in chosen.items():
-        done = {r["config"]["seed"]: r for r in table + select if r.get("status") == "done"
-                and pair_key(r) == pair and float(r["config"]["lr"]) == info["lr"]}
+    for pair, (lr, done) in chosen_rows(read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT), pair_key).items():
         scores = [r["score_at_best_val"] for r in done.values()]
         mean, std = mean_std(scores)
-        cells[pair] = {"task": pair[0], "k": pair[1], "method": pair[2], "lr": info["lr"], "mean": mean, "std": std,
+        cells[pair] = {"task": pair[0], "k": pair[1], "method": pair[2], "lr": lr, "mean": mean, "std": std,
                        "n_seeds": len(scores), "metric": next(iter(done.values()))["metric"] if done else None}
     comparisons = []
     for task in tasks:
@@ -136,14 +133,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.summary_only:
         return summary(tasks)
 
-    def echo(line: str) -> None:
-        print(line, flush=True)
-        if line.startswith("["):
-            summary(tasks)
-
     select_then_tabulate(lambda rows: selection_spec(tasks, rows), SELECT_OUT,
-                         lambda rows: table_spec(tasks, choose_lrs(rows, key=pair_key)),
-                         TABLE_OUT, RESULTS, echo, sweep_settings(args))
+                         lambda rows: table_spec(tasks, choose_lrs(rows, key=pair_key)), TABLE_OUT, RESULTS,
+                         progress_echo(lambda: summary(tasks)), sweep_settings(args))
     return summary(tasks)
 
 
