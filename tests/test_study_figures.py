@@ -10,7 +10,7 @@ import pytest
 
 from controltune.figures import registry, render
 from controltune.results import append_jsonl, write_json
-from experiments import composability, scale, sequential, transfer, unipelt_low_resource
+from experiments import composability, design_table, scale, sequential, transfer, unipelt_low_resource
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,3 +119,23 @@ def test_composability_and_generalization_gap(tmp_path, monkeypatch):
     write_json(tmp_path / "glue_table.json", glue)
     gap = _caption("generalization_gap", tmp_path, tmp_path / "f")
     assert "smaller than full fine-tuning's — holds here" in gap and "smallest here: prompt (holds here)" in gap
+
+
+def test_design_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(design_table, "SELECT_OUT", tmp_path / "s.jsonl")
+    monkeypatch.setattr(design_table, "TABLE_OUT", tmp_path / "t.jsonl")
+    monkeypatch.setattr(design_table, "SUMMARY", tmp_path / "design_table.json")
+    better = {"parallel_control": 0.05, "recommended_lora": 0.05, "costate_lora": -0.05}
+    for task in ("rte", "cola"):
+        for label, (method, options, _) in design_table.BUDGETS["b74k"].items():
+            for seed in (0, 1, 2):
+                row = _row({"task": task, "method": method, "options": options, "lr": 1e-3, "seed": seed},
+                           0.7 + better.get(label, 0.0) + 0.001 * seed)
+                append_jsonl(design_table.SELECT_OUT, row) if seed == 0 else None
+                append_jsonl(design_table.TABLE_OUT, row)
+    out = design_table.summary(("rte", "cola"), ("b74k",))
+    assert out["wins"] == 4  # two designs x two tasks beat LoRA
+    caption = _caption("design_table", tmp_path, tmp_path / "f")
+    assert "parallel_control: wins cola/b74k (+0.050), rte/b74k (+0.050)" in caption
+    assert "costate_lora: wins none, ties 0, losses cola/b74k (-0.050), rte/b74k (-0.050)" in caption
+    assert "4 wins, met" in caption

@@ -1,0 +1,91 @@
+"""Figure ``design_table`` (issue 18): control-designed deltas and the recommender against LoRA and the other standard
+deltas at equal budgets, on the GLUE table's harness.
+
+Source: ``design_table.json`` (``experiments/design_table.py``): per (task, budget, method) the dev score over seeds,
+and per (design, baseline, task, budget) the two-standard-error verdict.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from controltune.figures import FigureSpec, new_figure
+
+from ._common import load_json, versions_line
+
+SOURCE = "design_table.json"
+TASKS = ("sst2", "mrpc", "rte", "cola")
+GOAL_WINS = 2
+"""The issue's goal: at least two wins over LoRA at equal parameters."""
+
+
+def _methods(payload: dict[str, Any]) -> list[str]:
+    return list(dict.fromkeys(c["method"] for c in payload["cells"]))
+
+
+def draw(results_dir: Path):
+    """Rows: budgets; columns: tasks; bars: every method's mean dev score ± std (designs hatched), LoRA dashed."""
+    payload = load_json(results_dir, SOURCE)
+    budgets = list(dict.fromkeys(c["budget"] for c in payload["cells"]))
+    methods = _methods(payload)
+    designs = {r["design"] for r in payload["rows"]} | set(payload["config"].get("designs", []))
+    fig = new_figure(10.5, 2.6 * max(len(budgets), 1))
+    axes = fig.subplots(max(len(budgets), 1), len(TASKS), squeeze=False)
+    for i, budget in enumerate(budgets):
+        for j, task in enumerate(TASKS):
+            ax = axes[i][j]
+            cells = {c["method"]: c for c in payload["cells"] if (c["budget"], c["task"]) == (budget, task)
+                     and c["mean"] is not None}
+            xs = [m for m in methods if m in cells]
+            ax.bar(range(len(xs)), [cells[m]["mean"] for m in xs], yerr=[cells[m]["std"] or 0 for m in xs],
+                   color=["tab:orange" if m in designs else "tab:gray" for m in xs])
+            if "lora" in cells:
+                ax.axhline(cells["lora"]["mean"], color="tab:blue", linestyle="--", linewidth=0.8)
+            ax.set_xticks(range(len(xs)), xs, fontsize=5, rotation=60, ha="right")
+            ax.set(title=f"{task}, {budget}")
+            ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle("Designed deltas (orange) against standard ones (grey) at equal budgets; dashed: LoRA", fontsize=9)
+    return fig
+
+
+def verdicts(payload: dict[str, Any], baseline: str = "lora") -> dict[str, dict[str, list[str]]]:
+    """Per design: the (task/budget) cells it wins, ties and loses against ``baseline``."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for r in payload["rows"]:
+        if r["baseline"] != baseline or r["verdict"] is None:
+            continue
+        out.setdefault(r["design"], {"win": [], "tie": [], "loss": []})[r["verdict"]].append(
+            f"{r['task']}/{r['budget']} ({r['difference']:+.3f})")
+    return out
+
+
+def caption(results_dir: Path) -> str:
+    payload = load_json(results_dir, SOURCE)
+    v = verdicts(payload)
+    wins = sum(len(x["win"]) for x in v.values())
+    lines = "; ".join(f"{d}: wins {', '.join(x['win']) or 'none'}, ties {len(x['tie'])}, losses "
+                      f"{', '.join(x['loss']) or 'none'}" for d, x in v.items())
+    others = [r for r in payload["rows"] if r["baseline"] != "lora" and r["verdict"] is not None]
+    other_counts = {k: sum(1 for r in others if r["verdict"] == k) for k in ("win", "tie", "loss")}
+    goal = ("met" if wins >= GOAL_WINS else "not met") if v else "not measurable yet (fewer than two seeds per cell)"
+    return (
+        "MiniLM on the GLUE table's harness (per-task epochs, validation rows held out of train, each pair's rate "
+        "chosen "
+        "on them, seeds 0, 1, 2) at two budgets: b74k (LoRA r=8 on q,v) and b18k (r=2); every method's options give "
+        "about the same trainable count (see `python experiments/design_table.py --plan`). Verdicts by the "
+        f"two-standard-error rule against LoRA at the same budget — {lines or 'no cell has two seeds yet'}. Against "
+        f"the other baselines (adapter, prefix, PiSSA, OLoRA, LoRA-GA, EVA): {other_counts['win']} wins, "
+        f"{other_counts['tie']} ties, {other_counts['loss']} losses. Goal (at least {GOAL_WINS} wins over LoRA at "
+        f"equal parameters): {wins} wins, {goal}. Command: `python experiments/design_table.py` "
+        f"({versions_line(payload)})."
+    )
+
+
+FIGURES = [
+    FigureSpec(name="design_table", title="Control-designed deltas and the recommender against standard deltas at "
+                                          "equal budgets (GLUE harness, 3 seeds)", sources=(SOURCE,), draw=draw,
+               caption=caption, recompute=(("python", "experiments/design_table.py"),)),
+]
+
+__all__ = ["FIGURES", "verdicts"]
