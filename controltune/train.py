@@ -280,6 +280,17 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     return shuffled_batches(len(lengths), batch_size, generator)
 
 
+def training_mode(system, dropout: bool) -> None:
+    """The system's mode for training steps: the controllers' deltas in training mode (diff pruning samples its
+    hard-concrete gates), the base model and the readout in training mode (dropout on) only with ``dropout``.
+
+    Dropout is a property of the base model; a controller's stochastic control is part of its method and must
+    not be switched off with it.
+    """
+    system.train(dropout)
+    system.controllers.train(True)
+
+
 def default_threads() -> int:
     """Threads a run uses when not told: ``$OMP_NUM_THREADS`` if set to a positive integer, else every core
     this process may run on."""
@@ -544,7 +555,7 @@ def _train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exa
         raise TrainingDiverged(f"training diverged at step {step + 1} of {total}: non-finite {info['what']}{where} "
                                f"({info['value']}); no score is reported", result)
 
-    system.train(config.dropout)
+    training_mode(system, config.dropout)
     t0 = time.perf_counter() - log["wall_time_s"]
     last_saved = time.monotonic()
     encoded = encode(train_examples, tokenizer, config.max_length, cache_dir)
@@ -583,7 +594,7 @@ def _train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exa
                 scored = validate() if validating else scores_on(dev_examples)
                 if not validating:
                     log["dev"].append(scored)
-                system.train(config.dropout)
+                training_mode(system, config.dropout)
                 if scored is not None:
                     bar.set_postfix(loss=f"{value:.4f}", **{task_spec.metric: f"{scored[task_spec.metric]:.4f}"})
             if out is not None and step < total and (evaluated or checkpoint_due(config, step, last_saved)):

@@ -192,3 +192,16 @@ def test_the_reported_deltas_are_also_scored_on_training_rows(task, tmp_path):
     assert result["train_scores"]["step"] == result["best_val"]["step"]  # the reported deltas, on 16 of the 40 rows
     none = train(_lora_system(), train_ex, dev_ex, spec, _config(tmp_path / "b", train_score_size=0))
     assert none["train_scores"] is None
+
+
+def test_stochastic_controls_train_stochastically_with_dropout_off(task, tmp_path):
+    """Diff pruning's gates are part of the method: sampled in training steps even when dropout is off, so their
+    log α gets the task's gradient (with the L0 penalty at 0, the only gradient they have)."""
+    spec, tr, dev = task
+    system = ResidualSystem(load_model("random:bert", seed=0), seed=0)
+    ctrl = build("diff_pruning", system, l0_penalty=0.0, layers=[0])
+    alphas = {n: p.detach().clone() for n, p in ctrl.named_parameters() if "log_alpha" in n}
+    train(system, tr, dev, spec, _config(tmp_path, steps=3, lr=0.1, eval_every=None, dropout=False))
+    moved = [float((p.detach() - alphas[n]).abs().max()) for n, p in ctrl.named_parameters() if "log_alpha" in n]
+    assert max(moved) > 0
+    assert not system.model.training  # dropout stayed off in the base model
