@@ -321,8 +321,9 @@ def _train_cell(config: dict[str, Any], threads: int, out: Path | None) -> dict[
     """Load data and model, attach the method and train; returns :func:`~controltune.train.train`'s result (for a
     sequential cell: the last stage's, with every stage's under ``stages``)."""
     from .data import load_split, resolve_task
+    from .design.linearize import withheld_from_design
     from .system import ResidualSystem
-    from .train import train_stages
+    from .train import train_stages, validation_rows
     from .zoo import check_length, load_model
 
     spec = resolve_task(config["task"], holdout_seed=config["data_seed"])
@@ -332,8 +333,9 @@ def _train_cell(config: dict[str, Any], threads: int, out: Path | None) -> dict[
     check_length(loaded, config["max_length"], "max_length")
     system = ResidualSystem(loaded, num_labels=spec.num_labels, pooling=config["pooling"], seed=config["seed"])
     sequential = bool(config.get("sequential"))
-    controller = build_method(system, config["method"], config["options"], config["seed"], config["task"],
-                              sequential)
+    with withheld_from_design(validation_rows(train_ex, config.get("val_size"), config.get("val_seed", 0))):
+        controller = build_method(system, config["method"], config["options"], config["seed"], config["task"],
+                                  sequential)
     settings = {k: config[k] for k in TRAIN_SETTINGS + OPTIONAL_SETTINGS if k in config}
     extra = {k: config[k] for k in ("model", "method", "options", "task", *RUN_SETTINGS, *STAGE_SETTINGS)
              if k in config}

@@ -236,6 +236,11 @@ def validation_split(examples: Sequence[Example], size: float, seed: int = 0) ->
     return fit, [examples[i] for i in sorted(held)]
 
 
+def validation_rows(examples: Sequence[Example], size: float | None, seed: int = 0) -> list[Example]:
+    """The rows :func:`validation_split` holds out (none when ``size`` is None): what a run is selected on."""
+    return [] if size is None else validation_split(examples, size, seed)[1]
+
+
 def total_steps(config: TrainConfig, n_train: int) -> tuple[int, int]:
     """``(total optimiser steps, steps per epoch)``; the last, partial batch of an epoch is kept."""
     per_epoch = math.ceil(n_train / config.batch_size)

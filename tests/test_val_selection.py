@@ -354,3 +354,30 @@ def test_select_then_tabulate_runs_the_edges_then_the_table_and_reuses_glue_rows
     assert 1e-3 not in selection and selection == [2e-3, 4e-3, 8e-3][:1 + MAX_EDGE_RATES]  # edges, one round each
     assert [(lr, seed) for name, lr, seed in ran if name == "tab"] == [(8e-3, 1), (8e-3, 2)]  # seed 0 copied
     assert [r.get("copied_from") for r in read_jsonl(tmp_path / "tab.jsonl")][0] == "sel.jsonl / glue_table.jsonl"
+
+
+def test_design_rows_never_include_a_runs_validation_rows(tmp_path):
+    """A controller designed while its run is built draws its design rows outside the rows the run is selected on."""
+    from controltune.data import load_split
+    from controltune.design.linearize import design_batch, withheld_from_design
+    from controltune.train import validation_rows
+    from controltune.zoo import offline_tokenizer
+
+    spec, train_rows, _ = toy_task(tmp_path, n_train=40, n_dev=8)
+    system = ResidualSystem(load_model("random:bert"))
+    tok = offline_tokenizer()
+
+    def ids(rows):
+        return tok([e.text_a for e in rows], padding=True, truncation=True, max_length=64,
+                   return_tensors="pt")["input_ids"]
+
+    val = validation_rows(train_rows, 0.25, seed=3)
+    assert len(val) == 10 and validation_rows(train_rows, None) == []
+    # outside the context: load_split's own seeded draw, as before
+    assert torch.equal(design_batch(system, str(tmp_path), n=12, seed=1)["input_ids"],
+                       ids(load_split(spec, "train", n=12, seed=1)))
+    with withheld_from_design(val):
+        batch = design_batch(system, str(tmp_path), n=30, seed=1)  # all 30 rows that are not withheld
+    held = {(e.text_a, e.text_b, e.label) for e in val}
+    kept = [e for e in train_rows if (e.text_a, e.text_b, e.label) not in held]
+    assert torch.equal(batch["input_ids"], ids(kept))

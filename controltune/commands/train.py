@@ -154,8 +154,9 @@ def _scores_text(result: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from .. import load_model
     from ..controllers import build
+    from ..design.linearize import withheld_from_design
     from ..system import ResidualSystem
-    from ..train import TrainConfig, TrainingDiverged, check_output_folder, train, train_stages
+    from ..train import TrainConfig, TrainingDiverged, check_output_folder, train, train_stages, validation_rows
 
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out, the folder holding the run's checkpoint")
@@ -177,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
     name, options = controller_spec(args.method, parse_options(args.opt), args.seed, args.task)
     if args.sequential:
         name, options = "sequential", {"stages": options["parts"]}
-    controller = build(name, system, **options)
+    with withheld_from_design(validation_rows(train_ex, args.val_size, args.val_seed)):
+        controller = build(name, system, **options)
     extra = {"model": args.model, "method": name, "options": options, "task": args.task, "pooling": args.pooling,
              "train_size": args.train_size, "data_seed": args.data_seed, "dev_size": args.dev_size,
              "dtype": args.dtype, "device": args.device}

@@ -31,6 +31,9 @@ switches to it for the duration of a design step.
 from __future__ import annotations
 
 import contextlib
+import random
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +41,7 @@ import torch
 from ..families import Context
 
 __all__ = ["ReducedModel", "block_jvp", "block_vjp", "design_batch", "eager_kernel", "orthonormal_basis",
-           "pooled_costates", "pooled_states", "reduce", "seq_mean"]
+           "pooled_costates", "pooled_states", "reduce", "seq_mean", "withheld_from_design"]
 
 
 def eager_kernel(system) -> contextlib.AbstractContextManager:
@@ -47,11 +50,27 @@ def eager_kernel(system) -> contextlib.AbstractContextManager:
     return system.using_kernel("eager")
 
 
+_NOT_FOR_DESIGN: ContextVar[frozenset | None] = ContextVar("controltune_not_for_design", default=None)
+
+
+@contextlib.contextmanager
+def withheld_from_design(examples: Sequence) -> Iterator[None]:
+    """Within the block, :func:`design_batch` never draws ``examples`` (a run's validation rows: a controller
+    designed while it is built must not see the rows its run is selected on).  Training code wraps the
+    building of a method in it (``controltune train``, sweep cells)."""
+    token = _NOT_FOR_DESIGN.set(frozenset((ex.text_a, ex.text_b, ex.label) for ex in examples))
+    try:
+        yield
+    finally:
+        _NOT_FOR_DESIGN.reset(token)
+
+
 def design_batch(system, task: str = "sst2", n: int = 32, seed: int = 0, max_length: int = 64) -> dict:
     """A seeded batch of ``n`` *training* examples of ``task`` (the data of a design step).
 
     Controllers designed from data call this in ``attach`` when no explicit batch was
-    given; the rows come from the train split only, never from dev.
+    given; the rows come from the train split only, never from dev, and never from rows
+    withheld by :func:`withheld_from_design` (the seeded draw is then made among the others).
     """
     from ..batching import Collator
     from ..data import load_split, resolve_task
@@ -64,7 +83,14 @@ def design_batch(system, task: str = "sst2", n: int = 32, seed: int = 0, max_len
     if n_labels is not None and n_labels != spec.num_labels:
         raise ValueError(f"design task {task!r} has {spec.num_labels} labels but the system's head has "
                          f"{n_labels}; pass task=<the task you train on>")
-    examples = load_split(spec, "train", n=int(n), seed=int(seed))
+    withheld = _NOT_FOR_DESIGN.get()
+    if withheld is None:
+        examples = load_split(spec, "train", n=int(n), seed=int(seed))
+    else:
+        # the same draw as load_split's subsample, over the rows that are not withheld
+        rows = [ex for ex in load_split(spec, "train") if (ex.text_a, ex.text_b, ex.label) not in withheld]
+        keep = sorted(random.Random(int(seed)).sample(range(len(rows)), min(int(n), len(rows))))
+        examples = [rows[i] for i in keep]
     # The system's own tokenizer (a random model has none: it shares the offline MiniLM one).
     batch = Collator(getattr(system, "tokenizer", None) or offline_tokenizer(), max_length)(examples)
     device = next(system.model.parameters()).device
