@@ -6,9 +6,13 @@ flattened controls of the method and the classification head, in the order of a
 method's initial controls under seed 0), ``Δθ_m = θ_m − θ_m⁰``.  One shared space R^d is tied
 to every method by two maps (as in the paper's public code):
 
-* the down-projection (encoder) ``I_m = E_m(Δθ_m) = A₂ tanh(A₁ Δθ_m + a₁) + a₂``
+* the down-projection (encoder) ``I_m = E_m(Δθ_m) = A₂ tanh(A₁ Δθ_m / s_m + a₁) + a₂``
   (A₁: d×D_m, A₂: d×d): the *intrinsic vector* of a solution;
-* the up-projection (decoder) ``θ_m(z) = θ_m⁰ + W_m z`` (W_m: D_m×d, no bias).
+* the up-projection (decoder) ``θ_m(z) = θ_m⁰ + s_m W_m z`` (W_m: D_m×d, no bias).
+
+``s_m`` is a fixed scale per method, the RMS entry of its source solutions' Δθ: the methods' solutions
+differ in size by orders of magnitude (prefix vectors against LoRA factors), and in units of ``s_m`` one
+learning rate trains every method's maps.
 
 The up-projection is linear, so the part of ``W_m z`` that belongs to one parameter is a
 row block of ``W_m`` times ``z``: the controller :class:`controltune.controllers.unified.UnifiedSubspace`
@@ -91,12 +95,13 @@ class Layout:
 
 
 class MethodProjection(nn.Module):
-    """The two maps of one method: ``E(Δθ) = A₂ tanh(A₁ Δθ + a₁) + a₂`` and ``θ(z) = θ⁰ + W z``.
+    """The two maps of one method: ``E(Δθ) = A₂ tanh(A₁ Δθ / s + a₁) + a₂`` and ``θ(z) = θ⁰ + s W z``.
 
     Attributes:
         encoder_in: A₁, a₁ (``Linear(D, d)``); ``encoder_out``: A₂, a₂ (``Linear(d, d)``).
         decoder: W (``Linear(d, D, bias=False)``; its ``weight`` is D×d).
         reference: θ⁰ (D,), a buffer.
+        scale: s (a 0-dim buffer, 1 until :meth:`set_scale`).
     """
 
     def __init__(self, reference: torch.Tensor, dim: int, generator: torch.Generator | None = None) -> None:
@@ -108,6 +113,7 @@ class MethodProjection(nn.Module):
         self.encoder_out = nn.Linear(dim, dim, dtype=dtype)
         self.decoder = nn.Linear(dim, n, bias=False, dtype=dtype)
         self.register_buffer("reference", reference.detach().clone())
+        self.register_buffer("scale", torch.ones((), dtype=dtype))
         with torch.no_grad():
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p) * INIT_STD)
@@ -116,17 +122,27 @@ class MethodProjection(nn.Module):
     def dim(self) -> int:
         return self.decoder.in_features
 
+    @torch.no_grad()
+    def set_scale(self, deltas: torch.Tensor) -> None:
+        """``s`` = the RMS entry of ``deltas`` (n×D source solutions Δθ); 1 when they are all zero."""
+        rms = float(deltas.pow(2).mean().sqrt())
+        self.scale.fill_(rms if rms > 0 else 1.0)
+
     def encode(self, delta: torch.Tensor) -> torch.Tensor:
-        """``I = A₂ tanh(A₁ Δθ + a₁) + a₂``: (..., D) -> (..., d)."""
-        return self.encoder_out(torch.tanh(self.encoder_in(delta)))
+        """``I = A₂ tanh(A₁ Δθ / s + a₁) + a₂``: (..., D) -> (..., d)."""
+        return self.encoder_out(torch.tanh(self.encoder_in(delta / self.scale)))
+
+    def offset(self, z: torch.Tensor) -> torch.Tensor:
+        """``Δθ(z) = s W z``: (..., d) -> (..., D)."""
+        return self.scale * self.decoder(z)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """``θ(z) = θ⁰ + W z``: (..., d) -> (..., D)."""
-        return self.reference + self.decoder(z)
+        """``θ(z) = θ⁰ + s W z``: (..., d) -> (..., D)."""
+        return self.reference + self.offset(z)
 
     def decode_rows(self, z: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Entries ``start:end`` of ``θ(z)`` (one parameter's block), without forming the whole vector."""
-        return self.reference[start:end] + self.decoder.weight[start:end] @ z
+        return self.reference[start:end] + self.scale * (self.decoder.weight[start:end] @ z)
 
 
 class UnifiedProjections(nn.Module):

@@ -2,17 +2,18 @@
 
 1. **Subspace approximation** (:func:`approximate`): from solutions θ_{m,t} of several methods m
    trained independently on source tasks t (run folders of ``controltune train`` or a sweep),
-   learn per method a down-projection E_m and an up-projection θ_m(z) = θ_m⁰ + W_m z into one
+   learn per method a down-projection E_m and an up-projection θ_m(z) = θ_m⁰ + s_m W_m z into one
    shared R^d (:mod:`controltune.subspace_projections`).  Each step takes a source task t and a
    batch of its training rows, one solution of t per method, their intrinsic vectors
    ``I_m = E_m(θ_{m,t} − θ_m⁰)`` and a random point of their simplex
    ``I = Σ_m w_m I_m`` (``w ~ Dirichlet(1, …, 1)``; for three methods the paper's
    ``α I_A + β I_P + (1−α−β) I_L``), and minimises
 
-       L = Σ_m [ CE(θ_m(I); batch, head_{m,t}) + λ_rec ‖W_m I_m − Δθ_{m,t}‖² / ‖Δθ_{m,t}‖² ],
+       L = Σ_m [ CE(θ_m(I); batch, head_{m,t}) + λ_rec ‖s_m W_m I_m − Δθ_{m,t}‖² / ‖Δθ_{m,t}‖² ],
 
    the task loss of every method driven by the interpolated point plus the (relative) error of
-   reconstructing each solution from its own intrinsic vector.  The heads stay the solutions'.
+   reconstructing each solution from its own intrinsic vector (``W_m`` in units of the method's scale
+   ``s_m``, :class:`~controltune.subspace_projections.MethodProjection`).  The heads stay the solutions'.
 2. **Subspace optimisation**: train the ``unified_subspace`` controller (only z, and a fresh
    head) on an unseen task, e.g. ``controltune train --method unified_subspace
    --opt projections=P.safetensors --opt delta=adapter``.
@@ -226,6 +227,8 @@ def approximate(loaded, runs: Sequence[SourceRun], config: ApproximationConfig,
         like = next(loaded.model.parameters())
         refs = {m: r.to(like) for m, r in refs.items()}
         projections = UnifiedProjections(config.dim, specs, layouts, refs, info, seed=config.seed).to(like)
+        for m in projections.methods:
+            projections.maps[m].set_scale(torch.stack([s.delta for s in solutions if s.run.method == m]))
         systems = driven_systems(loaded, projections, num_labels, runs[0].pooling)
         encoded = {t: encode(data[t][1], loaded.tokenizer, config.max_length) for t in tasks}
         pool = defaultdict(list)
@@ -253,7 +256,7 @@ def approximate(loaded, runs: Sequence[SourceRun], config: ApproximationConfig,
                 controller.drive(point)
                 task_loss = system.cost(batch)
                 target = chosen[m].delta
-                recon = (projections.maps[m].decoder(intrinsic[m]) - target).pow(2).sum() / target.pow(2).sum()
+                recon = (projections.maps[m].offset(intrinsic[m]) - target).pow(2).sum() / target.pow(2).sum()
                 loss = loss + task_loss + config.recon_weight * recon
                 running[f"task.{m}"] += task_loss.item()
                 running[f"recon.{m}"] += recon.item()
@@ -298,8 +301,8 @@ def reconstruction_scores(loaded, projections: UnifiedProjections, solutions: Se
             dev_rows = dev[:config.eval_size] if config.eval_size else dev
             _set_head(system, sol.head)
             with torch.no_grad():
-                # θ⁰ + W z = θ exactly when W z = Δθ; the least-squares z shows how much of Δθ the span of W holds.
-                w = projections.maps[method].decoder.weight
+                # θ(z) = θ exactly when s W z = Δθ; the least-squares z shows how much of Δθ the span of W holds.
+                w = projections.maps[method].scale * projections.maps[method].decoder.weight
                 original_z = torch.linalg.lstsq(w, sol.delta.unsqueeze(1)).solution
                 encoded_z = projections.maps[method].encode(sol.delta)
             row = {"method": method, "task": task, "metric": spec.metric, "n_dev": len(dev_rows)}
@@ -309,7 +312,7 @@ def reconstruction_scores(loaded, projections: UnifiedProjections, solutions: Se
             controller.drive(None)
             row["original"] = original_score(loaded, sol, spec, dev_rows, config.max_length)
             with torch.no_grad():
-                decoded = projections.maps[method].decoder.weight @ encoded_z
+                decoded = projections.maps[method].offset(encoded_z)
             row["relative_reconstruction_error"] = float((decoded - sol.delta).norm() / sol.delta.norm())
             out.append(row)
     return out

@@ -46,7 +46,10 @@ def untrained(loaded, dim: int = 3) -> UnifiedProjections:
         layouts[m] = method_layout(c)
         refs[m] = layouts[m].flatten({x.name: x.param for x in c.controls()})
     info = {"fingerprint": fingerprint(ResidualSystem(copy.deepcopy(loaded))), "model": "random:bert"}
-    return UnifiedProjections(dim, SPECS, layouts, refs, info).to(torch.float64)
+    proj = UnifiedProjections(dim, SPECS, layouts, refs, info).to(torch.float64)
+    for i, m in enumerate(SPECS):  # scales other than 1, so a decode that forgets s_m shows
+        proj.maps[m].scale.fill_(0.5 + i)
+    return proj
 
 
 def test_file_round_trip_and_bad_files(loaded, tmp_path):

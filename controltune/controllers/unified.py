@@ -2,7 +2,7 @@
 
 Given the projections of a unified subspace (:mod:`controltune.subspace_projections`, made by
 ``controltune subspace approximate``), the controls of method m are no longer free: every
-control tensor is its block of ``θ_m(z) = θ_m⁰ + W_m z``, so the only control is ``z ∈ R^d``
+control tensor is its block of ``θ_m(z) = θ_m⁰ + s_m W_m z``, so the only control is ``z ∈ R^d``
 (plus the classification head, which stays a terminal control of its own: a source task's head
 means nothing for a new task's labels).  Stage 2 of the paper ("subspace optimisation") is
 training this controller on an unseen task; stage 3 ("solution transfer") is loading its z into
