@@ -43,7 +43,8 @@ from .results import atomic_write_bytes
 
 FORMAT = "controltune-unified-subspace/1"
 INIT_STD = 0.02
-"""Standard deviation of the projections' initial weights (the paper's code: normal(0, 0.02))."""
+"""Standard deviation of the projections' initial weights (the paper's code: normal(0, 0.02)), except A₁'s,
+1/√D, since its input is measured in units of the method's scale."""
 
 
 class ProjectionFileError(ValueError):
@@ -117,6 +118,8 @@ class MethodProjection(nn.Module):
         with torch.no_grad():
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p) * INIT_STD)
+            # A₁ sees Δθ / s, entries of size 1: at std 1/√D its outputs start at size 1, inside tanh's range
+            self.encoder_in.weight.mul_(1.0 / (INIT_STD * n ** 0.5))
 
     @property
     def dim(self) -> int:

@@ -157,7 +157,7 @@ class ApproximationConfig:
 
     dim: int = 4
     steps: int = 600
-    lr: float = 1e-3
+    lr: float = 1e-2
     recon_weight: float = RECON_WEIGHT
     batch_size: int = 16
     max_length: int = 128

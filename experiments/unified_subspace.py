@@ -68,7 +68,7 @@ LANDSCAPE_OUT, SUMMARY = RESULTS / "unified_landscape.json", RESULTS / "unified_
 TASKS = ("sst2", "mrpc", "rte", "cola")
 METHODS = ("lora", "adapter", "prefix")
 DIMS = (4, 32)
-APPROX = {"steps": 300, "lr": 1.0e-3, "recon_weight": 1.0, "batch_size": 16, "train_size": 2000, "eval_size": 200,
+APPROX = {"steps": 300, "lr": 1.0e-2, "recon_weight": 1.0, "batch_size": 16, "train_size": 2000, "eval_size": 200,
           "max_length": 128}
 SOURCE_SEEDS = (0,)
 Z_RATES = [3.0e-3, 3.0e-2]
