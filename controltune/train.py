@@ -655,13 +655,21 @@ def _restore_best(system, best_step: int, best_deltas: bytes | None, total: int,
     return None if scores is None else {**scores, "step": best_step}
 
 
+def reported_deltas(out: str | Path) -> Path:
+    """The delta file of the deltas a finished run reports (and leaves in the system): the best-on-validation
+    ones (``best.safetensors``) when it had validation rows, else the last step's (``deltas.safetensors``)."""
+    best = Path(out) / BEST_DELTAS
+    return best if best.is_file() else Path(out) / "deltas.safetensors"
+
+
 def finished_run(out: str | Path | None) -> dict[str, Any] | None:
-    """The result in ``out/metrics.json`` when that run finished (status ``done`` and its deltas saved), else None."""
+    """The result in ``out/metrics.json`` when that run finished (status ``done`` and its reported deltas saved),
+    else None."""
     if out is None:
         return None
     folder = Path(out)
-    metrics, deltas = folder / "metrics.json", folder / "deltas.safetensors"
-    if not metrics.is_file() or not deltas.is_file():
+    metrics = folder / "metrics.json"
+    if not metrics.is_file() or not reported_deltas(folder).is_file():
         return None
     try:
         import json
@@ -691,7 +699,7 @@ def train_stages(system, sequential, train_examples: Sequence[Example], dev_exam
             sequential.advance()
         done = finished_run(config.out) if reuse_finished else None
         if done is not None:
-            checkpoint.load(system, Path(config.out) / "deltas.safetensors")
+            checkpoint.load(system, reported_deltas(config.out))
             results.append(done)
             continue
         results.append(train(system, train_examples, dev_examples, task_spec, config, tokenizer))

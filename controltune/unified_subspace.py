@@ -46,7 +46,7 @@ from .data import Example, load_split, resolve_task
 from .fingerprint import fingerprint
 from .subspace_projections import Layout, ProjectionFileError, UnifiedProjections
 from .system import ResidualSystem
-from .train import evaluate, using_threads
+from .train import evaluate, reported_deltas, using_threads
 
 RECON_WEIGHT = 1.0
 """Default λ_rec (the paper's single-task script used 0.1 with an unsquared distance)."""
@@ -55,7 +55,9 @@ RECON_WEIGHT = 1.0
 # --- source solutions ------------------------------------------------------------------------
 @dataclass
 class SourceRun:
-    """A trained solution: a run folder with ``metrics.json`` and ``deltas.safetensors``."""
+    """A trained solution: a run folder with ``metrics.json`` and ``deltas.safetensors``; the solution is the
+    deltas the run reports (:func:`~controltune.train.reported_deltas`: best on validation when it had
+    validation rows)."""
 
     run_dir: Path
     model: str
@@ -134,7 +136,7 @@ def load_solutions(loaded, runs: Sequence[SourceRun], num_labels: int
         specs[method] = {"method": method, "options": options}
         saved = {c.name: c.param.detach().clone() for c in system.controls()}
         for run in group:
-            checkpoint.load(system, run.run_dir / "deltas.safetensors")
+            checkpoint.load(system, reported_deltas(run.run_dir))
             delta = layout.flatten({c.name: c.param for c in controller.controls()}) - reference
             head = {c.name: c.param.detach().clone() for c in system.readout.controls()}
             solutions.append(Solution(run, delta.clone(), head))
@@ -322,7 +324,7 @@ def original_score(loaded, solution: Solution, spec, dev: Sequence[Example], max
     """Dev scores of a source solution as trained (its own run's deltas)."""
     run = solution.run
     system, _ = reference_system(loaded, run.method, run.options, spec.num_labels, run.pooling)
-    checkpoint.load(system, run.run_dir / "deltas.safetensors")
+    checkpoint.load(system, reported_deltas(run.run_dir))
     return evaluate(system, dev, spec, loaded.tokenizer, max_length=max_length)
 
 
@@ -337,14 +339,14 @@ def transfer_scores(loaded, projections: str | Path, run_dir: str | Path, task: 
     proj = UnifiedProjections.load(projections, dtype=next(loaded.model.parameters()).dtype)
     spec = resolve_task(task)
     dev = load_split(spec, "dev", n=dev_size, seed=seed)
-    header = checkpoint.read_header(Path(run_dir) / "deltas.safetensors")
+    header = checkpoint.read_header(reported_deltas(run_dir))
     if header.get("methods") != ["unified_subspace"]:
         raise ValueError(f"{run_dir} holds deltas of {header.get('methods')}, not of a unified_subspace run")
     out = []
     for method in methods or proj.methods:
         system = ResidualSystem(copy.deepcopy(loaded), num_labels=spec.num_labels, seed=0)
         system.add(UnifiedSubspace(proj, delta=method))
-        checkpoint.load(system, Path(run_dir) / "deltas.safetensors")
+        checkpoint.load(system, reported_deltas(run_dir))
         scores = evaluate(system, dev, spec, loaded.tokenizer, max_length=max_length)
         out.append({"method": method, "task": task, "metric": spec.metric, "score": scores[spec.metric],
                     "scores": scores, "n_dev": len(dev)})
@@ -385,7 +387,7 @@ def landscape(loaded, projections: str | Path, task: str, grid: Sequence[float],
     for m in proj.methods:
         run = SourceRun.read(next(s["run_dir"] for s in sources if s["task"] == task and s["method"] == m))
         system, _ = reference_system(loaded, m, run.options, spec.num_labels, run.pooling)
-        checkpoint.load(system, run.run_dir / "deltas.safetensors")
+        checkpoint.load(system, reported_deltas(run.run_dir))
         heads[m] = {c.name: c.param.detach().clone() for c in system.readout.controls()}
     systems = driven_systems(loaded, proj, spec.num_labels, run.pooling)
     points = []

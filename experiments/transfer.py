@@ -67,7 +67,7 @@ def _score(job: tuple[dict[str, Any], str]) -> dict[str, Any]:
     from controltune.controllers.spec import build_spec
     from controltune.data import load_split, resolve_task
     from controltune.system import ResidualSystem
-    from controltune.train import evaluate
+    from controltune.train import evaluate, reported_deltas
     from controltune.zoo import load_model
 
     torch.set_num_threads(1)
@@ -77,7 +77,7 @@ def _score(job: tuple[dict[str, Any], str]) -> dict[str, Any]:
     loaded = load_model(cfg["model"], dtype=cfg["dtype"])
     system = ResidualSystem(loaded, num_labels=2, pooling=cfg["pooling"], seed=cfg["seed"])
     build_spec(system, cfg["method"], cfg["options"], cfg["seed"], cfg["task"])
-    checkpoint.load(system, Path(row["run_dir"]) / "deltas.safetensors")
+    checkpoint.load(system, reported_deltas(row["run_dir"]))  # the deltas the row's dev score is of
     if swapped(cfg["task"], target):
         with torch.no_grad():
             head = system.readout.head

@@ -174,7 +174,8 @@ def test_cells_keep_their_run_folders_and_resume_from_them(task, tmp_path):
 def test_a_sequential_cell_trains_stage_by_stage_and_continues_at_the_stage_it_stopped_in(task, tmp_path):
     config = {"grid": {"model": "random:bert", "method": "bitfit+lora", "task": str(task), "lr": 1e-2,
                        "options": {"lora.rank": 2}},
-              "train": {"steps": 2, "batch_size": 8, "max_length": 16, "sequential": True, "stage_lrs": [1e-2, 5e-3]}}
+              "train": {"steps": 3, "batch_size": 8, "max_length": 16, "sequential": True, "stage_lrs": [1e-2, 5e-3],
+                        "val_size": 8, "eval_every": 1}}
     spec = sweep.parse_spec(config)
     out, runs = tmp_path / "rows.jsonl", tmp_path / "runs"
     sweep.run_sweep(spec, out, executor="local", runs_dir=runs, echo=lambda _: None)
@@ -186,14 +187,18 @@ def test_a_sequential_cell_trains_stage_by_stage_and_continues_at_the_stage_it_s
     assert json.loads((first / "metrics.json").read_text())["config"]["lr"] == 1e-2
     assert json.loads((second / "metrics.json").read_text())["config"]["lr"] == 5e-3
     assert row["n_trainable"] == row["stages"][1]["n_trainable"] != row["stages"][0]["n_trainable"]
-    # a stop inside stage 1: its results are gone, stage 0's stay and are not trained again
-    stamp0 = (first / "deltas.safetensors").stat().st_mtime_ns
-    for name in ("metrics.json", "deltas.safetensors"):
+    # a stop inside stage 1: its results are gone, stage 0's stay and are not trained again; stage 0 continues
+    # from the deltas it reported (best on validation), not from its last step's
+    assert (first / "best.safetensors").is_file()
+    (first / "deltas.safetensors").unlink()
+    stamp0 = (first / "best.safetensors").stat().st_mtime_ns
+    for name in ("metrics.json", "deltas.safetensors", "best.safetensors"):
         (second / name).unlink()
     out.unlink()
     sweep.run_sweep(spec, out, executor="local", runs_dir=runs, echo=lambda _: None)
     again = read_jsonl(out)[0]
-    assert again["status"] == "done" and (first / "deltas.safetensors").stat().st_mtime_ns == stamp0
+    assert again["status"] == "done", again.get("reason")
+    assert (first / "best.safetensors").stat().st_mtime_ns == stamp0 and not (first / "deltas.safetensors").exists()
     assert again["score"] == row["score"] and again["stages"] == row["stages"]
     bad = sweep.parse_spec({**config, "grid": {**config["grid"], "method": "lora", "options": {}}})
     sweep.run_sweep(bad, tmp_path / "bad.jsonl", executor="local", echo=lambda _: None)
