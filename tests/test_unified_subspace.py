@@ -229,7 +229,14 @@ def test_the_command_runs_every_stage(sources, tmp_path, capsys):
     assert [r["method"] for r in rows] == ["lora", "prefix"]
     assert main(["subspace", "landscape", *common, "--projections", str(proj), "--task", str(tasks[1]),
                  "--grid=0,1,2"]) == 0
+    # verify takes the controller's options from --opt
+    assert main(["verify", "--model", "random:bert", "--dtype", "float64", "--methods", "unified_subspace,lora",
+                 "--opt", f"projections={proj}", "--opt", "delta=prefix", "--json", str(tmp_path / "v.json")]) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "v.json").read_text())["results"]}
+    assert rows["unified_subspace"]["status"] == "passed" and rows["lora"]["status"] == "passed"
     capsys.readouterr()
+    assert main(["verify", "--model", "random:bert", "--methods", "lora", "--opt", "delta=prefix"]) == 2
+    assert "none of the checked methods (lora) takes 'delta'" in capsys.readouterr().err
     assert main(["subspace", "transfer", *common, "--projections", str(proj)]) == 2
     assert "needs --run, --task" in capsys.readouterr().err
     assert main(["subspace", "landscape", *common, "--projections", str(proj), "--task", str(tasks[1]),

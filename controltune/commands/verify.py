@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="legacy mode: relative finite-difference steps (the smallest error counts)")
     parser.add_argument("--no-fd", action="store_true", help="skip the finite-difference leg")
     parser.add_argument("--no-forward", action="store_true", help="skip the forward-mode leg")
+    parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="a controller option for every checked method that takes it (repeatable), e.g. "
+                             "--methods unified_subspace --opt projections=sub.safetensors --opt delta=lora")
     parser.add_argument("--design-examples", type=int, default=8,
                         help="train rows the control-designed controllers are designed on")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
@@ -95,11 +98,12 @@ def perturb(controls, scale: float, seed: int) -> None:
 
 
 def method_options(cls, weight_decay: float, design_examples: int | None = None,
-                   max_length: int | None = None) -> dict[str, Any]:
+                   max_length: int | None = None, given: dict[str, Any] | None = None) -> dict[str, Any]:
     """Example options of ``cls`` plus ``weight_decay`` when its constructor takes it.
 
     A control-designed controller (its constructor takes ``n_design``) also gets ``n_design =
-    design_examples`` and ``max_length`` when they are given.
+    design_examples`` and ``max_length`` when they are given; ``given`` (``--opt``) options
+    override, for the keys the constructor takes.
     """
     from .methods import EXAMPLE_OPTIONS
 
@@ -111,12 +115,14 @@ def method_options(cls, weight_decay: float, design_examples: int | None = None,
         options["n_design"] = design_examples
         if "max_length" in accepted and max_length is not None:
             options["max_length"] = max_length
+    options.update({k: v for k, v in (given or {}).items() if k in accepted})
     return options
 
 
 def verify_method(loaded, method: str, batch: dict, args: argparse.Namespace) -> dict[str, Any]:
     """One result row (see the module docstring) for ``method``."""
     from ..controllers import REGISTRY, UnsupportedMethodError
+    from ..controllers.spec import parse_options
     from ..system import ResidualSystem
 
     start = time.perf_counter()
@@ -125,7 +131,8 @@ def verify_method(loaded, method: str, batch: dict, args: argparse.Namespace) ->
     row: dict[str, Any] = {"method": method, "family": loaded.family.name, "dtype": args.dtype, "group": cls.group}
     system = ResidualSystem(copy.deepcopy(loaded), seed=args.seed)
     try:
-        system.add(cls(**method_options(cls, args.weight_decay, args.design_examples, args.seq_len)))
+        system.add(cls(**method_options(cls, args.weight_decay, args.design_examples, args.seq_len,
+                                        parse_options(getattr(args, "opt", [])))))
     except UnsupportedMethodError as err:
         return {**row, "status": "skipped", "reason": str(err), "passed": None}
     except Exception as err:  # noqa: BLE001  (a method being written must not stop the others)
@@ -229,6 +236,16 @@ def _reason(text: str, width: int = 240) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def check_given_options(methods: list[str], items: list[str]) -> None:
+    """Refuse an ``--opt`` key that none of ``methods`` takes (it would be silently ignored)."""
+    from ..controllers import REGISTRY
+    from ..controllers.spec import parse_options
+
+    for key in parse_options(items):
+        if not any(key in inspect.signature(REGISTRY[m].__init__).parameters for m in methods):
+            raise ValueError(f"--opt {key}: none of the checked methods ({', '.join(methods)}) takes {key!r}")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..controllers import REGISTRY
     from ..zoo import check_length, load_model
@@ -243,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
         unknown = [m for m in methods if m not in REGISTRY]
         if unknown:
             raise KeyError(f"unknown method(s) {unknown}; registered: {', '.join(sorted(REGISTRY))}")
+    check_given_options(methods, args.opt)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
     check_length(loaded, args.seq_len, "--seq-len")
     batch, source = check_batch(loaded.tokenizer, args.batch_size, args.seq_len, args.seed)
