@@ -259,7 +259,7 @@ def test_verify_jobs_give_the_rows_of_one_process(tmp_path):
     """``--jobs 2`` checks methods in two worker processes; every method reseeds, so its row is the same."""
     from controltune.cli import main
 
-    common = ["verify", "--model", "random:bert", "--methods", "lora,prompt,adapter", "--dtype", "float64"]
+    common = ["verify", "--model", "random:bert", "--methods", "lora,full,prompt,masking,adapter", "--dtype", "float64"]
     assert main([*common, "--json", str(tmp_path / "one.json")]) == 0
     assert main([*common, "--jobs", "2", "--json", str(tmp_path / "two.json")]) == 0
     one, two = (json.loads((tmp_path / f"{n}.json").read_text())["results"] for n in ("one", "two"))
@@ -267,3 +267,36 @@ def test_verify_jobs_give_the_rows_of_one_process(tmp_path):
             "costate_fd", "fd_directions_raw")
     assert [{k: r[k] for k in keys} for r in one] == [{k: r[k] for k in keys} for r in two]
     assert main([*common, "--jobs", "0"]) == 2
+
+
+def test_verify_jobs_never_run_two_dense_methods_at_once(monkeypatch):
+    """Methods as large as the model (full, diff pruning, masking, subspace) go first and one at a time."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from controltune.commands import verify as verify_cmd
+    from controltune.controllers import REGISTRY
+
+    methods = ["lora", "full", "prompt", "masking", "adapter", "diff_pruning", "bitfit"]
+    lock, now, peak, order = threading.Lock(), {"dense": 0, "all": 0}, {"dense": 0, "all": 0}, []
+
+    def fake_row(method, batch):
+        dense = REGISTRY[method].dense
+        with lock:
+            order.append(method)
+            now["dense"] += dense
+            now["all"] += 1
+            peak["dense"], peak["all"] = max(peak["dense"], now["dense"]), max(peak["all"], now["all"])
+        time.sleep(0.05)
+        with lock:
+            now["dense"] -= dense
+            now["all"] -= 1
+        return {"method": method}
+
+    monkeypatch.setattr(verify_cmd, "_worker_row", fake_row)
+    with ThreadPoolExecutor(3) as pool:
+        got = dict(verify_cmd._scheduled(pool, 3, methods, {}))
+    assert sorted(got) == list(range(len(methods))) and all(got[i]["method"] == m for i, m in enumerate(methods))
+    assert peak["dense"] == 1 and peak["all"] == 3
+    assert order[0] == "full"  # a dense method starts first (they are the long ones)

@@ -162,21 +162,49 @@ def _rows(loaded, methods: list[str], batch: dict, args: argparse.Namespace):
 
     threads = max(1, torch.get_num_threads() // jobs)
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-    done = 0
+    rows: dict[int, dict[str, Any]] = {}
+    nxt = 0
     try:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start,
                                  initargs=(settings, threads)) as pool:
-            futures = [pool.submit(_worker_row, method, batch) for method in methods]
-            for future in futures:
-                row = future.result()
-                done += 1
-                yield row
+            for index, row in _scheduled(pool, jobs, methods, batch):
+                rows[index] = row
+                while nxt in rows:  # rows in method order
+                    yield rows.pop(nxt)
+                    nxt += 1
     except BrokenProcessPool:
-        # A worker was killed (on SmolLM2, two large methods at once exceeded 24 GB): check the rest here.
+        # A worker was killed (out of memory: each holds a copy of the model and its method): check the rest here.
+        left = [i for i in range(nxt, len(methods)) if i not in rows]
         print(f"a --jobs worker died (out of memory? each holds a copy of the model and its method); checking the "
-              f"{len(methods) - done} remaining methods one by one in this process", flush=True)
-        for method in methods[done:]:
-            yield verify_method(loaded, method, batch, args)
+              f"{len(left)} remaining methods one by one in this process", flush=True)
+        for i in range(nxt, len(methods)):
+            yield rows.pop(i) if i in rows else verify_method(loaded, methods[i], batch, args)
+
+
+def _scheduled(pool, jobs: int, methods: list[str], batch: dict):
+    """``(index, row)`` as methods finish in ``pool``: the dense ones (:attr:`Controller.dense`, several times the
+    model's memory each) first and never two at a time, the others filling the remaining workers."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    from ..controllers import REGISTRY
+
+    pending = sorted(range(len(methods)), key=lambda i: not REGISTRY[methods[i]].dense)
+    running: dict[Any, int] = {}
+    while pending or running:
+        dense_running = any(REGISTRY[methods[i]].dense for i in running.values())
+        free = jobs - len(running)
+        for i in list(pending):
+            if free == 0:
+                break
+            if REGISTRY[methods[i]].dense and dense_running:
+                continue
+            running[pool.submit(_worker_row, methods[i], batch)] = i
+            pending.remove(i)
+            dense_running |= REGISTRY[methods[i]].dense
+            free -= 1
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in done:
+            yield running.pop(future), future.result()
 
 
 _WORKER: dict[str, Any] = {}

@@ -183,6 +183,9 @@ class Controller(nn.Module):
     method: ClassVar[str] = ""
     group: ClassVar[str] = ""
     form: ClassVar[str] = ""
+    dense: ClassVar[bool] = False
+    """Its deltas (or the tensors that make them) are as large as the model's weights: a checked or trained copy
+    needs several times the model's memory (``verify --jobs`` runs such methods one at a time)."""
 
     def __init__(self, weight_decay: float = 0.0) -> None:
         super().__init__()

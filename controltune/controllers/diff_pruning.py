@@ -102,6 +102,7 @@ class DiffPruning(Controller):
     """
 
     method = "diff_pruning"
+    dense = True
     group = "specification"
     form = "θ -> θ + z ⊙ w, z ~ HardConcrete(log α, β=2/3, γ=-0.1, ζ=1.1), R_l = λ_L0 E‖z_l‖₀ + (λ/2)‖w_l‖²"
 

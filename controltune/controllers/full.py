@@ -50,6 +50,7 @@ class FullFineTuning(Controller):
     """
 
     method = "full"
+    dense = True
     group = "reference"
     form = "θ -> θ0 + Δθ for every parameter (the model's own weights are the controls)"
 

@@ -63,6 +63,7 @@ class Masking(Controller):
     """
 
     method = "masking"
+    dense = True
     group = "specification"
     form = "W -> W ⊙ 1[s > τ] (straight-through gradient to s)"
 

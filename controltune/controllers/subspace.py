@@ -55,6 +55,7 @@ class Subspace(Controller):
     """
 
     method = "subspace"
+    dense = True
     group = "reparameterisation"
     form = "θ -> θ0 + P z, z ∈ R^D shared by every block, P a seeded random projection (dense or Fastfood)"
 
