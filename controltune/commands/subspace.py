@@ -14,8 +14,9 @@ The pipeline, one stage per call::
     controltune subspace landscape --projections sub.safetensors --task sst2 --grid=-0.5,1.5,9
 
 A source is a run folder of ``controltune train`` (or a sweep's run folder: ``metrics.json`` and
-``deltas.safetensors``) of one method; every method needs a solution on every source task, and the
-runs of one method must share their options.  Stage 2 is ``controltune train --method
+``deltas.safetensors``) of one method; its solution is the deltas the run reports (``best.safetensors``,
+best on validation, when it had validation rows).  Every method needs a solution on every source task,
+and the runs of one method must share their options.  Stage 2 is ``controltune train --method
 unified_subspace --opt projections=... --opt delta=...`` with the training options given here.
 """
 
