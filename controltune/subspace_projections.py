@@ -212,9 +212,13 @@ class UnifiedProjections(nn.Module):
             raise ProjectionFileError(f"{path} is not a projections file: {type(err).__name__}: {err}") from err
         if header.get("format") != FORMAT:
             raise ProjectionFileError(f"{path} has format {header.get('format')!r}, expected {FORMAT!r}")
-        layouts = {m: Layout.from_json(header["layouts"][m]) for m in header["methods"]}
-        refs = {m: tensors[f"maps.{m}.reference"].to(dtype) for m in header["methods"]}
-        out = cls(header["dim"], header["specs"], layouts, refs, header.get("info"))
+        try:
+            layouts = {m: Layout.from_json(header["layouts"][m]) for m in header["methods"]}
+            refs = {m: tensors[f"maps.{m}.reference"].to(dtype) for m in header["methods"]}
+            out = cls(header["dim"], header["specs"], layouts, refs, header.get("info"))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ProjectionFileError(f"{path}: the header or tensors are incomplete: "
+                                      f"{type(err).__name__}: {err}") from err
         state = {k: v.to(dtype) for k, v in tensors.items() if not k.startswith("intrinsic.")}
         try:
             out.load_state_dict(state)

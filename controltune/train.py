@@ -57,6 +57,7 @@ with validation rows only), ``checkpoint.pt`` (resume state) and the lock file
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -672,8 +673,6 @@ def finished_run(out: str | Path | None) -> dict[str, Any] | None:
     if not metrics.is_file() or not reported_deltas(folder).is_file():
         return None
     try:
-        import json
-
         result = json.loads(metrics.read_text())
     except (OSError, ValueError):
         return None

@@ -286,17 +286,21 @@ def approximate(loaded, runs: Sequence[SourceRun], config: ApproximationConfig,
                                                      if s.run.method == m]) for m in methods}
         projections.info["log"] = log
         projections.info["reconstruction"] = reconstruction_scores(
-            loaded, projections, solutions, {t: data[t] for t in tasks}, config)
+            loaded, projections, solutions, {t: data[t] for t in tasks}, config, systems)
         projections.info["seconds"] = time.perf_counter() - start
     return projections
 
 
 def reconstruction_scores(loaded, projections: UnifiedProjections, solutions: Sequence[Solution],
-                          data: dict[str, tuple], config: ApproximationConfig) -> list[dict[str, Any]]:
-    """Per method and source task: dev scores of the first solution and of ``θ⁰ + W E(Δθ)``."""
+                          data: dict[str, tuple], config: ApproximationConfig,
+                          systems: dict[str, tuple[ResidualSystem, UnifiedSubspace]] | None = None
+                          ) -> list[dict[str, Any]]:
+    """Per method and source task: dev scores of the first solution and of ``θ⁰ + W E(Δθ)``
+    (``systems``: the driven systems of :func:`driven_systems`, made here when not given)."""
     out = []
-    systems = driven_systems(loaded, projections, next(iter(data.values()))[0].num_labels,
-                             solutions[0].run.pooling)
+    if systems is None:
+        systems = driven_systems(loaded, projections, next(iter(data.values()))[0].num_labels,
+                                 solutions[0].run.pooling)
     for method, (system, controller) in systems.items():
         for task, (spec, _, dev) in data.items():
             sol = next(s for s in solutions if s.run.method == method and s.run.task == task)
@@ -373,19 +377,16 @@ def landscape(loaded, projections: str | Path, task: str, grid: Sequence[float],
     sources = proj.info.get("sources", [])
     spec = resolve_task(task)
     dev = load_split(spec, "dev", n=dev_size, seed=seed)
-    firsts: dict[str, int] = {}
-    counters: dict[str, int] = defaultdict(int)
-    for s in sources:
-        if s["task"] == task and s["method"] not in firsts:
-            firsts[s["method"]] = counters[s["method"]]
-        counters[s["method"]] += 1
-    if set(firsts) != set(proj.methods):
+    # intrinsic[m] holds method m's sources in the order of info["sources"]: the first of each on ``task``
+    by_method = {m: [s for s in sources if s["method"] == m] for m in proj.methods}
+    first = {m: next((i for i, s in enumerate(rows) if s["task"] == task), None) for m, rows in by_method.items()}
+    if None in first.values():
         raise ProjectionFileError(f"{task!r} is not a source task of every method of these projections "
                                   f"(source tasks: {sorted({s['task'] for s in sources})})")
-    intrinsic = {m: proj.intrinsic[m][firsts[m]] for m in proj.methods}
+    intrinsic = {m: proj.intrinsic[m][first[m]] for m in proj.methods}
     heads = {}
     for m in proj.methods:
-        run = SourceRun.read(next(s["run_dir"] for s in sources if s["task"] == task and s["method"] == m))
+        run = SourceRun.read(by_method[m][first[m]]["run_dir"])
         system, _ = reference_system(loaded, m, run.options, spec.num_labels, run.pooling)
         checkpoint.load(system, reported_deltas(run.run_dir))
         heads[m] = {c.name: c.param.detach().clone() for c in system.readout.controls()}

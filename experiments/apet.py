@@ -122,11 +122,14 @@ def run_scores(models, tasks, echo) -> None:
         if not todo:
             continue
         loaded = load_model(model)
+        batches: dict[str, dict] = {}  # the same 64 rows score every draw of a task
         for task, budget, draw in todo:
             spec = resolve_task(task)
             # a fresh copy per draw: attaching a controller wraps the model's modules in place
             system = ResidualSystem(copy.deepcopy(loaded), num_labels=spec.num_labels, seed=0)
-            batch = design_batch(system, task, n=SCORE_ROWS, seed=0, max_length=TRAIN["max_length"])
+            if task not in batches:
+                batches[task] = design_batch(system, task, n=SCORE_ROWS, seed=0, max_length=TRAIN["max_length"])
+            batch = batches[task]
             build("arbitrary", system, budget=budget, seed=draw)
             scores = control_set_scores(system, batch, n_probes=8, seed=0)
             append_jsonl(SCORES_OUT, {**stamp({"model": model, "task": task, "budget": budget, "draw": draw,

@@ -272,7 +272,7 @@ def _glue_cell(task: str, method: str) -> dict[str, Any] | None:
 
 def landscape_overlap(payload: dict[str, Any], majority: float) -> dict[str, Any]:
     """Each method's good region on the plane — points scoring at least halfway from the majority level to its
-    best point — and their overlap: |∩| / |∪| over all methods (Jaccard), and each method's share inside ∩."""
+    best point — and their overlap: |∩| / |∪| over all methods (Jaccard), the size of each region and of ∩."""
     points = payload["points"]
     good = {}
     for m in payload["methods"]:

@@ -131,7 +131,8 @@ def test_design_table(tmp_path, monkeypatch):
             for seed in (0, 1, 2):
                 row = _row({"task": task, "method": method, "options": options, "lr": 1e-3, "seed": seed},
                            0.7 + better.get(label, 0.0) + 0.001 * seed)
-                append_jsonl(design_table.SELECT_OUT, row) if seed == 0 else None
+                if seed == 0:
+                    append_jsonl(design_table.SELECT_OUT, row)
                 append_jsonl(design_table.TABLE_OUT, row)
     out = design_table.summary(("rte", "cola"), ("b74k",))
     assert out["wins"] == 4  # two designs x two tasks beat LoRA

@@ -66,6 +66,14 @@ def test_file_round_trip_and_bad_files(loaded, tmp_path):
         UnifiedProjections.load(tmp_path / "junk.safetensors")
     with pytest.raises(ProjectionFileError, match="subspace approximate"):
         UnifiedProjections.load(tmp_path / "missing.safetensors")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta, kept = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys() if k != "maps.lora.reference"}
+    save_file(kept, str(tmp_path / "torn.safetensors"), metadata=meta)
+    with pytest.raises(ProjectionFileError, match="incomplete"):
+        UnifiedProjections.load(tmp_path / "torn.safetensors")
 
 
 def test_layout_flattens_in_order_and_names_bad_shapes():
