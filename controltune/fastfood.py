@@ -60,7 +60,14 @@ def _fwht(x: torch.Tensor, max_radix: int = MAX_RADIX) -> torch.Tensor:
 
 class _WalshHadamard(torch.autograd.Function):
     """``x ↦ x H``.  H is symmetric, so the vector–Jacobian and Jacobian–vector products are the
-    transform itself (no graph of the GEMMs and transposes is kept)."""
+    transform itself (no graph of the GEMMs and transposes is kept).
+
+    The forward is plain torch operations on the last axis, so ``vmap`` batches it by the
+    generated rule; without one, the verifier's batched block re-runs fall back to a loop
+    that recomputes a subspace controller's projection once per perturbed state.
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x: torch.Tensor, max_radix: int) -> torch.Tensor:

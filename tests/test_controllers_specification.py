@@ -380,6 +380,22 @@ def test_walsh_hadamard_derivatives():
         assert torch.autograd.gradgradcheck(transform, (x,))
 
 
+def test_walsh_hadamard_batches_under_vmap():
+    """The verifier carries perturbed states through blocks with ``vmap``; a transform vmap cannot
+    batch sends it to a per-state loop (SmolLM2's Fastfood subspace check took 4x longer)."""
+    from torch.func import jvp, vmap
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 64, generator=gen, dtype=torch.float64)
+    z, t = torch.randn(64, generator=gen, dtype=torch.float64), torch.randn(64, generator=gen, dtype=torch.float64)
+    h = torch.from_numpy(scipy.linalg.hadamard(64)).to(torch.float64)
+    assert torch.allclose(vmap(lambda v: fwht(v, 8))(x), x @ h, rtol=0, atol=1e-12)
+    # An unbatched transform (the projection of z) inside a batched function, and its JVP.
+    assert torch.allclose(vmap(lambda v: v * fwht(z, 8))(x), x * (z @ h), rtol=0, atol=1e-12)
+    tangents = vmap(lambda v: jvp(lambda u: v * fwht(u, 8), (z,), (t,))[1])(x)
+    assert torch.allclose(tangents, x * (t @ h), rtol=0, atol=1e-12)
+
+
 def test_fastfood_equals_explicit_hgphb():
     like = torch.zeros((), dtype=torch.float64)
     proj = FastfoodProjection(n_out=37, dim=5, gen=torch.Generator().manual_seed(0), like=like)
