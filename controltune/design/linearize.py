@@ -39,8 +39,9 @@ from dataclasses import dataclass
 import torch
 
 from ..families import Context
+from ..vectorize import batched
 
-__all__ = ["ReducedModel", "block_jvp", "block_vjp", "design_batch", "eager_kernel", "orthonormal_basis",
+__all__ = ["ReducedModel", "block_jvp", "block_jvps", "block_vjp", "design_batch", "eager_kernel", "orthonormal_basis",
            "pooled_costates", "pooled_states", "reduce", "seq_mean", "withheld_from_design"]
 
 
@@ -49,6 +50,9 @@ def eager_kernel(system) -> contextlib.AbstractContextManager:
     ``system.using_kernel("eager")`` (:meth:`controltune.system.ResidualSystem.using_kernel`)."""
     return system.using_kernel("eager")
 
+
+JVP_CHUNK = 32
+"""Directions per ``vmap`` call of :func:`block_jvps` (memory: K copies of the block's activations)."""
 
 _NOT_FOR_DESIGN: ContextVar[frozenset | None] = ContextVar("controltune_not_for_design", default=None)
 
@@ -101,6 +105,12 @@ def design_batch(system, task: str = "sst2", n: int = 32, seed: int = 0, max_len
 def block_jvp(system, layer: int, x: torch.Tensor, ctx: Context, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(f_l(x), A_l v)`` with ``A_l = ∂f_l/∂x`` at ``x`` (x, v: S×T×d); needs the eager kernel."""
     return torch.func.jvp(lambda z: system.step(layer, z, ctx), (x,), (v,))
+
+
+def block_jvps(system, layer: int, x: torch.Tensor, ctx: Context, vs: torch.Tensor) -> torch.Tensor:
+    """``A_l v`` for each stacked ``v`` (vs: K×S×T×d -> K×S×T×d), batched by ``vmap``: the primal
+    block and the controllers' effective weights are computed once, not once per direction."""
+    return batched(lambda v: block_jvp(system, layer, x, ctx, v)[1], vs, JVP_CHUNK)
 
 
 def block_vjp(system, layer: int, x: torch.Tensor, ctx: Context, w: torch.Tensor) -> torch.Tensor:
@@ -187,8 +197,8 @@ class ReducedModel:
 def reduce(system, batch: dict, bases: list[torch.Tensor], controls: list[torch.Tensor]) -> ReducedModel:
     """Build the :class:`ReducedModel` for given state bases ``V_0..V_L`` and control bases ``U_0..U_{L-1}``.
 
-    Cost: ``Σ_l k_l`` block JVPs plus ``k_L`` readout JVPs on the batch (each about two forward
-    passes of one block), all with the eager kernel.
+    Cost: ``Σ_l k_l`` block JVPs plus ``k_L`` readout JVPs on the batch, all with the eager kernel;
+    the ``k_l`` JVPs of a block share one ``vmap`` call (:func:`block_jvps`).
     """
     n = system.n_layers
     if len(bases) != n + 1 or len(controls) != n:
@@ -199,11 +209,9 @@ def reduce(system, batch: dict, bases: list[torch.Tensor], controls: list[torch.
         am = ctx.attention_mask
         A = []
         for layer in range(n):
-            cols = []
-            for v in bases[layer].T.to(states[layer]):
-                _, dx = block_jvp(system, layer, states[layer], ctx, _shift(v, am))
-                cols.append(seq_mean(dx, am))                       # S×d
-            resp = torch.stack(cols, dim=-1).double()               # S×d×k_l
+            shifts = torch.stack([_shift(v, am) for v in bases[layer].T.to(states[layer])])
+            dx = block_jvps(system, layer, states[layer], ctx, shifts)          # k_l×S×T×d
+            resp = torch.stack([seq_mean(d, am) for d in dx], dim=-1).double()  # S×d×k_l
             A.append(bases[layer + 1].double().T @ resp)            # S×k_{l+1}×k_l
         B = [bases[layer + 1].double().T @ controls[layer].double() for layer in range(n)]
         G, probs = _readout_jacobian(system, states[n], ctx, bases[n])

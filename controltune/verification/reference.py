@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import vmap
 
+from .. import vectorize
 from ..control import Control, ControlSystem
 from ..pmp import CoStateSolution, controls_by_layer
 from .report import VMAP_CHUNK
@@ -219,14 +219,9 @@ def eager_kernel(system: ControlSystem) -> contextlib.AbstractContextManager:
 
 
 def batched(fn: Callable[[torch.Tensor], torch.Tensor], stacked: torch.Tensor) -> torch.Tensor:
-    """``torch.stack([fn(s) for s in stacked])``, computed with ``vmap`` in chunks of ``VMAP_CHUNK``.
-
-    A system whose code ``vmap`` cannot batch falls back to the loop (same numbers, slower).
-    """
-    try:
-        return vmap(fn, chunk_size=VMAP_CHUNK)(stacked)
-    except (RuntimeError, NotImplementedError, ValueError):
-        return torch.stack([fn(s) for s in stacked])
+    """``torch.stack([fn(s) for s in stacked])`` by ``vmap`` in chunks of ``VMAP_CHUNK``
+    (:func:`controltune.vectorize.batched`)."""
+    return vectorize.batched(fn, stacked, VMAP_CHUNK)
 
 
 def propagate(system: ControlSystem, entering: Sequence[Sequence[torch.Tensor]],
