@@ -1,0 +1,43 @@
+#!/bin/sh
+# The background queue of the experiments that take hours, in the order their issues need them:
+# the GLUE table and its gap measurements (issue 14), the unified subspace and APET studies (16),
+# the Delta Tuning analyses and UniPELT (15), the design table (18).  Every step is resumable
+# (finished cells are skipped, a stopped cell resumes from its checkpoint), so after any stop
+# the same command continues where the queue stopped.  One step at a time: each sweep already
+# uses every core (one torch thread per cell), and two sweeps side by side would oversubscribe them.
+#
+#   nohup sh experiments/queue.sh > experiments/results/queue.log 2>&1 &
+#   pkill -TERM -f experiments/queue.sh; pkill -INT -f 'experiments/[a-z_]*\.py'; sleep 10; pkill -f 'ray::'  # pause
+# (TERM for the queue: a shell started in the background ignores SIGINT; the step's driver takes
+# SIGINT and stops its sweep, its cells resume from their checkpoints.)
+#
+# Each step's own output goes to experiments/results/<step>.log; this log has one line per step.
+set -u
+cd "$(dirname "$0")/.." || exit 1
+# A pause (SIGTERM; SIGINT where the shell receives it) stops the queue once the running step has stopped, instead of starting the next.
+trap 'echo "$(date "+%F %T") queue: paused"; exit 130' INT TERM
+PY=.venv/bin/python
+
+step() {
+    name=$1
+    shift
+    echo "$(date '+%F %T') queue: $name $*"
+    if $PY "experiments/$name.py" "$@" >> "experiments/results/$name.log" 2>&1; then
+        echo "$(date '+%F %T') queue: $name finished"
+    else
+        echo "$(date '+%F %T') queue: $name exited with status $? (see experiments/results/$name.log)"
+    fi
+}
+
+step glue_table --cpus-per-cell 1
+step glue_gaps
+step unified_subspace
+step apet
+step transfer
+step sequential
+step composability
+step scale
+step unipelt_low_resource
+step design_table --tasks rte,mrpc
+step design_table
+echo "$(date '+%F %T') queue: done"
