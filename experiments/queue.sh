@@ -30,7 +30,7 @@ step() {
 }
 
 step glue_table --cpus-per-cell 1
-step glue_gaps
+step glue_gaps --cpus-per-cell 2
 step unified_subspace
 step apet
 step transfer

@@ -126,3 +126,37 @@ def test_llama_norm_swap_is_bitwise_in_float32_and_exact_in_float64():
     norm = ct.ResidualSystem(ct.load_model("random:llama", dtype="float64")).readout.norm
     exact = norm.weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
     assert torch.allclose(norm(x), exact, atol=1e-15, rtol=0)
+
+
+def test_functional_call_over_controls_needs_untied_swap():
+    """A delta is reachable by two paths (the model's wrapped module and its controller): a
+    ``functional_call`` with ``tie_weights=False`` substitutes it and leaves the system intact, the
+    default corrupts the system (pytorch/pytorch#164759) — if torch fixes that, this test says so."""
+    from torch.func import functional_call
+
+    loaded = ct.load_model("random:bert", dtype="float64")
+    system = ct.ResidualSystem(loaded, num_labels=2)
+    ct.build("lora", system, rank=2)
+    system.eval()
+    batch = make_batch(loaded.tokenizer)
+    paths: dict[int, list[str]] = {}
+    for name, p in system.named_parameters(remove_duplicate=False):
+        paths.setdefault(id(p), []).append(name)
+    name = next(n for n, *rest in paths.values() if rest and ".B" in n)
+    module_path, attr = name.rsplit(".", 1)
+
+    def slot() -> torch.Tensor:  # what the model reads (get_parameter refuses a plain tensor)
+        return system.get_submodule(module_path)._parameters[attr]
+
+    original = slot()
+    with torch.no_grad():
+        original.normal_()  # B = 0 at initialisation would make every substitution of A invisible
+    before = system.cost(batch)
+    moved = original.detach() + 1.0
+    for path in paths[id(original)]:
+        changed = functional_call(system, {path: moved}, (batch,), tie_weights=False)
+        assert not torch.equal(changed, system(batch)), "the substitution reached the forward"
+        assert slot() is original
+        assert torch.equal(system.cost(batch), before)
+    functional_call(system, {name: moved}, (batch,))
+    assert slot() is not original, "torch restores shared slots now: drop the caveat in ARCHITECTURE.md"
