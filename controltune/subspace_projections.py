@@ -131,6 +131,37 @@ class MethodProjection(nn.Module):
         rms = float(deltas.pow(2).mean().sqrt())
         self.scale.fill_(rms if rms > 0 else 1.0)
 
+    @torch.no_grad()
+    def align(self, deltas: torch.Tensor, targets: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Start at a reconstruction of the sources: ``s W t_i = Δθ_i`` and ``E(Δθ_i) = t_i``.
+
+        deltas: (n, D) source solutions Δθ_i; targets: (n, d) their intrinsic vectors t_i, the same for
+        every method's solution of a task, so the methods' intrinsic vectors of a task coincide and any
+        interpolation of them decodes each method's own solution.  With ``T`` the n×d targets,
+
+            W = W_r + (Δᵀ/s − W_r Tᵀ) (Tᵀ)⁺,
+
+        exact (``W Tᵀ = Δᵀ/s``) when the targets are independent (n ≤ d distinct tasks; seeds of one task
+        share a target and get their mean), a least-squares fit otherwise; ``W_r`` (entries N(0, 1), so its
+        columns are the size of a solution in units of s) stays on the complement of the targets' span.
+        The encoder's last layer solves ``[h_i, 1] [A₂ a₂]ᵀ = t_i`` with ``h_i = tanh(A₁ Δθ_i/s + a₁)``
+        (least squares, exact for n ≤ d + 1 solutions in general position); A₁, a₁ stay random.
+        """
+        if deltas.dim() != 2 or targets.shape != (deltas.shape[0], self.dim):
+            raise ValueError(f"align needs deltas (n, D) and targets (n, {self.dim}); got {tuple(deltas.shape)} "
+                             f"and {tuple(targets.shape)}")
+        work = torch.float64
+        units = (deltas / self.scale).to(work)                                   # n×D, in units of s
+        tt = targets.to(work).T                                                  # d×n
+        w_r = torch.randn(self.decoder.weight.shape, generator=generator, dtype=work)
+        w = w_r + (units.T - w_r @ tt) @ torch.linalg.pinv(tt)
+        self.decoder.weight.copy_(w.to(self.decoder.weight))
+        h = torch.tanh(self.encoder_in(deltas / self.scale)).to(work)           # n×d
+        h1 = torch.cat([h, torch.ones(h.shape[0], 1, dtype=work)], dim=1)       # n×(d+1)
+        x = torch.linalg.pinv(h1) @ targets.to(work)                             # (d+1)×d
+        self.encoder_out.weight.copy_(x[:-1].T.to(self.encoder_out.weight))
+        self.encoder_out.bias.copy_(x[-1].to(self.encoder_out.bias))
+
     def encode(self, delta: torch.Tensor) -> torch.Tensor:
         """``I = A₂ tanh(A₁ Δθ / s + a₁) + a₂``: (..., D) -> (..., d)."""
         return self.encoder_out(torch.tanh(self.encoder_in(delta / self.scale)))

@@ -69,7 +69,7 @@ TASKS = ("sst2", "mrpc", "rte", "cola")
 METHODS = ("lora", "adapter", "prefix")
 DIMS = (4, 32)
 APPROX = {"steps": 300, "lr": 1.0e-2, "recon_weight": 1.0, "batch_size": 16, "train_size": 2000, "eval_size": 200,
-          "max_length": 128}
+          "max_length": 128, "init": "aligned"}
 SOURCE_SEEDS = (0,)
 Z_RATES = [3.0e-3, 3.0e-2]
 STAGE2_STEPS = 250

@@ -12,7 +12,7 @@ from conftest import make_batch, toy_task
 from controltune.controllers import UnsupportedMethodError, build
 from controltune.controllers.unified import method_layout
 from controltune.fingerprint import fingerprint
-from controltune.subspace_projections import Layout, ProjectionFileError, UnifiedProjections
+from controltune.subspace_projections import Layout, MethodProjection, ProjectionFileError, UnifiedProjections
 from controltune.sweep import run_cell
 from controltune.system import ResidualSystem
 from controltune.unified_subspace import (
@@ -22,6 +22,7 @@ from controltune.unified_subspace import (
     landscape,
     plane_points,
     simplex_point,
+    task_targets,
     transfer_scores,
 )
 from controltune.verification import verify
@@ -157,6 +158,28 @@ def test_simplex_points_and_the_plane():
                                                        (1, 1, [1, 1])]
 
 
+def test_aligned_start_reconstructs_the_sources_and_agrees_across_methods():
+    gen = torch.Generator().manual_seed(3)
+    targets = task_targets(["a", "b", "c"], 4, gen)
+    assert torch.equal(torch.stack(list(targets.values())), torch.eye(4, dtype=torch.float64)[:3])
+    deltas = torch.randn(4, 50, generator=gen, dtype=torch.float64) * 0.03  # tasks a, b, c and a second seed of c
+    t = torch.stack([targets[k] for k in "abcc"])
+    proj = MethodProjection(torch.zeros(50, dtype=torch.float64), 4, gen)
+    proj.set_scale(deltas)
+    proj.align(deltas, t, gen)
+    assert torch.allclose(proj.encode(deltas), t, atol=1e-10)  # E(Δθ_i) = t_i (n = d + 0 solutions)
+    assert torch.allclose(proj.offset(t[:2]), deltas[:2], atol=1e-12)  # s W t_i = Δθ_i
+    assert torch.allclose(proj.offset(t[2]), deltas[2:].mean(0), atol=1e-12)  # seeds of one task: their mean
+    free = torch.tensor([0.0, 0, 0, 1], dtype=torch.float64)  # the fourth direction stays random, solution-sized
+    assert 0.3 < float(proj.offset(free).detach().norm() / (proj.scale * 50 ** 0.5)) < 3
+    many = task_targets([str(i) for i in range(6)], 4, gen)  # more tasks than dimensions: seeded unit vectors
+    assert all(abs(float(v.norm()) - 1) < 1e-12 for v in many.values())
+    with pytest.raises(ValueError, match="targets"):
+        proj.align(deltas, t[:, :3])
+    with pytest.raises(ValueError, match="init"):
+        ApproximationConfig(init="pca")
+
+
 def _train(tmp_path, task, method, options, seed=0, steps=6):
     config = {"model": "random:bert", "task": str(task), "method": method, "options": options, "lr": 5e-3,
               "seed": seed, "steps": steps, "batch_size": 8, "eval_batch_size": 32, "max_length": 16,
@@ -214,6 +237,12 @@ def test_the_three_stages_end_to_end(sources, tmp_path):
         approximate(loaded, [r for r in runs if r.method == "lora"], config)
     with pytest.raises(ValueError, match="missing"):
         approximate(loaded, runs[:4], config)
+    # the aligned start (no step taken: a vanishing rate) reconstructs every source, all methods agreeing
+    still = approximate(loaded, runs, ApproximationConfig(dim=3, steps=1, lr=1e-300, batch_size=4, max_length=16,
+                                                          eval_size=8, progress=False), model_name="random:bert")
+    assert all(r["relative_reconstruction_error"] < 1e-9 for r in still.info["reconstruction"])
+    first = still.intrinsic["lora"]
+    assert all(torch.allclose(v, first, atol=1e-9) for v in still.intrinsic.values())
 
 
 def test_the_command_runs_every_stage(sources, tmp_path, capsys):

@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--lr", type=float, default=None, help="Adam learning rate of the projections (approximate, "
                                                           "default 1e-2) or peak rate of z (optimize, default 1e-2)")
     a.add_argument("--recon-weight", type=float, default=1.0, help="λ_rec of the relative reconstruction error")
+    a.add_argument("--init", choices=["aligned", "random"], default="aligned",
+                   help="aligned: start at an exact reconstruction, the methods' intrinsic vectors of a task equal "
+                        "(default); random: the paper's small random weights")
     a.add_argument("--batch-size", type=int, default=16)
     a.add_argument("--train-size", type=int, default=2000, help="seeded training rows per source task (0: all)")
     a.add_argument("--eval-size", type=int, default=400, help="dev rows for the reconstruction scores (0: all)")
@@ -107,7 +110,7 @@ def _approximate(args: argparse.Namespace) -> int:
     if models != {args.model}:
         raise ValueError(f"the source runs were trained on {sorted(models)}, --model is {args.model!r}")
     config = ApproximationConfig(dim=args.dim, steps=args.steps, lr=args.lr or 1e-2, recon_weight=args.recon_weight,
-                                 batch_size=args.batch_size, max_length=args.max_length,
+                                 init=args.init, batch_size=args.batch_size, max_length=args.max_length,
                                  train_size=args.train_size or None, eval_size=args.eval_size, seed=args.seed,
                                  threads=args.threads, progress=not args.no_progress)
     projections = approximate(_loaded(args), runs, config, model_name=args.model)
