@@ -96,7 +96,8 @@ class Layout:
 
 
 class MethodProjection(nn.Module):
-    """The two maps of one method: ``E(Δθ) = A₂ tanh(A₁ Δθ / s + a₁) + a₂`` and ``θ(z) = θ⁰ + s W z``.
+    """The two maps of one method: ``E(Δθ) = A₂ tanh(A₁ Δθ / s + a₁) + a₂`` and ``θ(z) = θ⁰ + s W z``
+    (A₁ a fixed random map, :meth:`trained_parameters`).
 
     Attributes:
         encoder_in: A₁, a₁ (``Linear(D, d)``); ``encoder_out``: A₂, a₂ (``Linear(d, d)``).
@@ -124,6 +125,18 @@ class MethodProjection(nn.Module):
     @property
     def dim(self) -> int:
         return self.decoder.in_features
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """What stage 1 trains: a₁, A₂, a₂ and W, not A₁ (d×D), which stays the fixed random map it starts as.
+
+        A₁ multiplies a D-entry input (D up to ~10⁶), so one Adam step of size lr on each of its entries moves
+        ``A₁ Δθ/s`` by up to ``lr·‖Δθ/s‖₁ ≈ lr·D``: tanh saturates at the same signs for every solution and the
+        encoder maps all of them to one point (the pilot's MRPC and CoLA solutions got identical intrinsic
+        vectors, reconstructed at their average: squared relative error 0.5).  A step that keeps the
+        pre-activations' change O(lr) is lr/D per entry, which over a few hundred steps leaves A₁ where it
+        started anyway.
+        """
+        return [p for name, p in self.named_parameters() if name != "encoder_in.weight"]
 
     @torch.no_grad()
     def set_scale(self, deltas: torch.Tensor) -> None:

@@ -202,7 +202,8 @@ def driven_systems(loaded, projections: UnifiedProjections, num_labels: int, poo
     for method in projections.methods:
         system = ResidualSystem(copy.deepcopy(loaded), num_labels=num_labels, pooling=pooling, seed=0)
         controller = system.add(UnifiedSubspace(projections, delta=method))
-        controller.projection.requires_grad_(True)
+        for param in projections.maps[method].trained_parameters():
+            param.requires_grad_(True)
         system.readout.requires_grad_(False)
         system.eval()
         out[method] = (system, controller)
@@ -267,7 +268,8 @@ def approximate(loaded, runs: Sequence[SourceRun], config: ApproximationConfig,
         for s in solutions:
             pool[(s.run.method, s.run.task)].append(s)
         methods = projections.methods
-        optimizer = torch.optim.Adam(projections.parameters(), lr=config.lr)
+        optimizer = torch.optim.Adam([p for m in methods for p in projections.maps[m].trained_parameters()],
+                                     lr=config.lr)
         gen = torch.Generator().manual_seed(config.seed)
         log: list[dict[str, Any]] = []
         running: dict[str, float] = defaultdict(float)
