@@ -24,8 +24,9 @@
 3. **Solution transfer** (:func:`transfer_scores`): the z found with one method, decoded by the
    other methods' up-projections, scored on the task's dev rows without further training.
 
-:func:`landscape` scores every method on the plane of a source task's intrinsic vectors (the
-paper's landscape plot: do the methods' good regions overlap?).
+:func:`landscape` scores every method on a plane of intrinsic vectors, the paper's (the three methods'
+vectors of one source task) or one through three source tasks' vectors (the paper's landscape plot: do the
+methods' good regions overlap?).
 """
 
 from __future__ import annotations
@@ -389,33 +390,55 @@ def transfer_scores(loaded, projections: str | Path, run_dir: str | Path, task: 
     return out
 
 
-def plane_points(intrinsic: dict[str, torch.Tensor], grid: Sequence[float]) -> list[tuple[float, float, torch.Tensor]]:
-    """``(α, β, α I_a + β I_b + (1−α−β) I_c)`` for α, β on ``grid`` (three methods' intrinsic vectors a, b, c)."""
-    if len(intrinsic) != 3:
-        raise ValueError(f"the interpolation plane needs three methods, got {sorted(intrinsic)}")
-    a, b, c = intrinsic.values()
+PLANES = ("methods", "tasks")
+"""Landscape planes: ``methods``, through the three methods' intrinsic vectors of one task (the paper's);
+``tasks``, through three source tasks' intrinsic vectors (each the mean over the methods).  An aligned
+approximation makes the methods' vectors of a task (nearly) equal, which collapses the first plane to a point."""
+
+
+def plane_points(points: dict[str, torch.Tensor], grid: Sequence[float]) -> list[tuple[float, float, torch.Tensor]]:
+    """``(α, β, α P_a + β P_b + (1−α−β) P_c)`` for α, β on ``grid`` (three named points a, b, c)."""
+    if len(points) != 3:
+        raise ValueError(f"an interpolation plane needs three points, got {sorted(points)}")
+    a, b, c = points.values()
     return [(float(x), float(y), x * a + y * b + (1 - x - y) * c) for x in grid for y in grid]
 
 
+def _plane(proj: UnifiedProjections, by_method: dict[str, list[dict]], task: str, kind: str
+           ) -> dict[str, torch.Tensor]:
+    """The three named points of a landscape plane (see :data:`PLANES`)."""
+    if kind == "methods":
+        return {m: proj.intrinsic[m][next(i for i, s in enumerate(rows) if s["task"] == task)]
+                for m, rows in by_method.items()}
+    tasks = [task] + [t for t in proj.info.get("tasks", []) if t != task]
+    if len(tasks) < 3:
+        raise ValueError(f"a plane of tasks needs three source tasks; these projections have {tasks}")
+    return {t: torch.stack([proj.intrinsic[m][next(i for i, s in enumerate(rows) if s["task"] == t)]
+                            for m, rows in by_method.items()]).mean(0) for t in tasks[:3]}
+
+
 def landscape(loaded, projections: str | Path, task: str, grid: Sequence[float], dev_size: int | None = 256,
-              max_length: int = 128, seed: int = 0) -> dict[str, Any]:
-    """Every method's dev score on the plane of the intrinsic vectors of ``task``'s first source solutions.
+              max_length: int = 128, seed: int = 0, plane: str = "methods") -> dict[str, Any]:
+    """Every method's dev score on ``task`` over an interpolation plane of intrinsic vectors (:data:`PLANES`).
 
     Each method is scored with the head of its own source solution on ``task`` (a source task of the
-    projections).  Returns ``{task, metric, methods, grid, points: [{alpha, beta, scores: {method: s}}]}``.
+    projections); its first source solution on a task stands for it.  Returns ``{task, metric, methods,
+    plane_kind, plane (the three points' names), plane_distances, grid, points: [{alpha, beta, scores}]}``.
     """
+    if plane not in PLANES:
+        raise ValueError(f"plane {plane!r} is not one of {', '.join(PLANES)}")
     like = next(loaded.model.parameters())
     proj = UnifiedProjections.load(projections, dtype=like.dtype)
     sources = proj.info.get("sources", [])
     spec = resolve_task(task)
     dev = load_split(spec, "dev", n=dev_size, seed=seed)
-    # intrinsic[m] holds method m's sources in the order of info["sources"]: the first of each on ``task``
+    # intrinsic[m] holds method m's sources in the order of info["sources"]
     by_method = {m: [s for s in sources if s["method"] == m] for m in proj.methods}
     first = {m: next((i for i, s in enumerate(rows) if s["task"] == task), None) for m, rows in by_method.items()}
     if None in first.values():
         raise ProjectionFileError(f"{task!r} is not a source task of every method of these projections "
                                   f"(source tasks: {sorted({s['task'] for s in sources})})")
-    intrinsic = {m: proj.intrinsic[m][first[m]] for m in proj.methods}
+    points3 = _plane(proj, by_method, task, plane)
     heads = {}
     for m in proj.methods:
         run = SourceRun.read(by_method[m][first[m]]["run_dir"])
@@ -424,16 +447,19 @@ def landscape(loaded, projections: str | Path, task: str, grid: Sequence[float],
         heads[m] = {c.name: c.param.detach().clone() for c in system.readout.controls()}
     systems = driven_systems(loaded, proj, spec.num_labels, run.pooling)
     points = []
-    for alpha, beta, z in plane_points(intrinsic, grid):
+    for alpha, beta, z in plane_points(points3, grid):
         scores = {}
         for m, (system, controller) in systems.items():
             _set_head(system, heads[m])
             controller.drive(z)
             scores[m] = evaluate(system, dev, spec, loaded.tokenizer, max_length=max_length)[spec.metric]
         points.append({"alpha": alpha, "beta": beta, "scores": scores})
-    return {"task": task, "metric": spec.metric, "methods": proj.methods, "plane": list(intrinsic),
-            "grid": list(grid), "n_dev": len(dev), "points": points}
+    names = list(points3)
+    distances = {f"{a}-{b}": float(torch.dist(points3[a], points3[b])) for i, a in enumerate(names)
+                 for b in names[i + 1:]}
+    return {"task": task, "metric": spec.metric, "methods": proj.methods, "plane_kind": plane, "plane": names,
+            "plane_distances": distances, "grid": list(grid), "n_dev": len(dev), "points": points}
 
 
-__all__ = ["ApproximationConfig", "Solution", "SourceRun", "approximate", "landscape", "load_solutions",
+__all__ = ["PLANES", "ApproximationConfig", "Solution", "SourceRun", "approximate", "landscape", "load_solutions",
            "plane_points", "reconstruction_scores", "transfer_scores"]

@@ -15,8 +15,10 @@ For each target task T of SST-2, MRPC, RTE and CoLA and each dimension d in ``DI
    ``Z_RATES`` (grid continued at its edge), then seeds 0, 1, 2.
 3. **Transfer**: each stage-2 run's z (and head) decoded by the two other methods, scored on T's dev set
    (``results/unified_transfer.jsonl``).
-4. **Landscape**: every method's dev score (256 rows) on the plane of the intrinsic vectors of one source task
-   (``LANDSCAPE``), a 9 × 9 grid of (α, β) in [−0.5, 1.5]² (``results/unified_landscape.json``).
+4. **Landscape**: every method's dev score (256 rows) on SST-2 over the plane through the intrinsic vectors of
+   the three source tasks of the RTE-left-out projections (``LANDSCAPE``; the paper's plane, through the three
+   methods' vectors of one task, collapses under the aligned start, where those vectors nearly coincide), a
+   9 × 9 grid of (α, β) in [−0.5, 1.5]² (``results/unified_landscape.json``).
 
 The original-space score of a (T, method) is its GLUE table cell (same harness, its full epochs: more steps than
 stage 2 gets).  ``results/unified_subspace.json`` holds, per (T, method, d), the subspace score (mean, std over
@@ -75,7 +77,7 @@ Z_RATES = [3.0e-3, 3.0e-2]
 STAGE2_STEPS = 250
 STAGE2_EVAL_EVERY = 50
 LANDSCAPE = {"projections_of": "rte", "task": "sst2", "dim": 4, "grid": [-0.5 + 0.25 * i for i in range(9)],
-             "dev_size": 256}
+             "dev_size": 256, "plane": "tasks"}
 
 
 def projections_path(target: str, dim: int) -> Path:
@@ -250,7 +252,7 @@ def run_landscape(echo) -> None:
     torch.set_num_threads(1)
     start = time.perf_counter()
     result = landscape(load_model("minilm"), path, LANDSCAPE["task"], LANDSCAPE["grid"],
-                       dev_size=LANDSCAPE["dev_size"])
+                       dev_size=LANDSCAPE["dev_size"], plane=LANDSCAPE["plane"])
     write_json(LANDSCAPE_OUT, {**stamp({**LANDSCAPE, "command": "python experiments/unified_subspace.py"}),
                                **result, "seconds": time.perf_counter() - start})
     echo(f"landscape written ({len(result['points'])} points, {time.perf_counter() - start:.0f} s)")

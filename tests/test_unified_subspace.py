@@ -229,6 +229,11 @@ def test_the_three_stages_end_to_end(sources, tmp_path):
     assert own["scores"]["loss"] == pytest.approx(metrics["final"]["loss"], rel=1e-9)
     land = landscape(loaded, path, str(tasks[0]), grid=[0.0, 1.0], dev_size=None, max_length=16)
     assert len(land["points"]) == 4 and set(land["points"][0]["scores"]) == set(SPECS)
+    assert land["plane_kind"] == "methods" and land["plane"] == list(SPECS) and len(land["plane_distances"]) == 3
+    with pytest.raises(ValueError, match="three source tasks"):
+        landscape(loaded, path, str(tasks[0]), grid=[0.0], plane="tasks")
+    with pytest.raises(ValueError, match="plane"):
+        landscape(loaded, path, str(tasks[0]), grid=[0.0], plane="diagonal")
     with pytest.raises(ProjectionFileError, match="not a source task"):
         landscape(loaded, path, str(tasks[2]), grid=[0.0])
     with pytest.raises(ValueError, match="not a finished training run"):
@@ -279,3 +284,18 @@ def test_the_command_runs_every_stage(sources, tmp_path, capsys):
     assert main(["subspace", "landscape", *common, "--projections", str(proj), "--task", str(tasks[1]),
                  "--grid", "x"]) == 2
     assert "LOW,HIGH,N" in capsys.readouterr().err
+
+
+def test_the_plane_of_tasks_is_through_each_task_s_mean_intrinsic_vector():
+    from types import SimpleNamespace
+
+    from controltune.unified_subspace import _plane
+
+    sources = [{"method": m, "task": t} for m in ("a", "b") for t in ("x", "y", "z")]
+    intrinsic = {"a": torch.tensor([[1.0, 0], [0, 1], [1, 1]]), "b": torch.tensor([[3.0, 0], [0, 3], [1, 3]])}
+    proj = SimpleNamespace(intrinsic=intrinsic, info={"tasks": ["x", "y", "z"]})
+    by_method = {m: [s for s in sources if s["method"] == m] for m in ("a", "b")}
+    points = _plane(proj, by_method, "y", "tasks")
+    assert list(points) == ["y", "x", "z"]  # the scored task first
+    assert points["y"].tolist() == [0, 2] and points["x"].tolist() == [2, 0] and points["z"].tolist() == [1, 2]
+    assert _plane(proj, by_method, "z", "methods")["b"].tolist() == [1, 3]

@@ -10,8 +10,9 @@ The pipeline, one stage per call::
     controltune subspace optimize --projections sub.safetensors --delta adapter --task rte --out runs/z-rte
     # 3. transfer: the z found with the adapter, decoded by every method, scored on dev
     controltune subspace transfer --projections sub.safetensors --run runs/z-rte --task rte
-    # the landscape: every method on the plane of a source task's intrinsic vectors
-    controltune subspace landscape --projections sub.safetensors --task sst2 --grid=-0.5,1.5,9
+    # the landscape: every method on a plane of intrinsic vectors (--plane methods: the three methods'
+    # vectors of the task, the paper's; --plane tasks: three source tasks' vectors, for aligned projections)
+    controltune subspace landscape --projections sub.safetensors --task sst2 --grid=-0.5,1.5,9 --plane tasks
 
 A source is a run folder of ``controltune train`` (or a sweep's run folder: ``metrics.json`` and
 ``deltas.safetensors``) of one method; its solution is the deltas the run reports (``best.safetensors``,
@@ -70,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--dev-size", type=int, default=None, help="transfer, landscape: seeded dev rows (default all; "
                                                               "landscape 256)")
     o.add_argument("--grid", default="-0.5,1.5,9", help="landscape: LOW,HIGH,N points per axis for α and β")
+    o.add_argument("--plane", choices=["methods", "tasks"], default="methods",
+                   help="landscape: through the three methods' intrinsic vectors of --task (the paper's), or "
+                        "through three source tasks' vectors (an aligned approximation makes the methods' "
+                        "vectors of a task nearly equal)")
 
 
 def _need(args: argparse.Namespace, *names: str) -> None:
@@ -168,9 +173,10 @@ def _landscape(args: argparse.Namespace) -> int:
     _need(args, "projections", "task")
     result = landscape(_loaded(args), args.projections, args.task, grid_values(args.grid),
                        dev_size=256 if args.dev_size is None else args.dev_size, max_length=args.max_length,
-                       seed=args.seed)
+                       seed=args.seed, plane=args.plane)
     best = {m: max(p["scores"][m] for p in result["points"]) for m in result["methods"]}
-    print(f"landscape of {args.task} on the plane of {', '.join(result['plane'])}: {len(result['points'])} points; "
+    print(f"landscape of {args.task} on the plane of {result['plane_kind']} {', '.join(result['plane'])}: "
+          f"{len(result['points'])} points; "
           "best " + ", ".join(f"{m} {v:.4f}" for m, v in best.items()))
     if args.json:
         write_json(args.json, {**stamp(vars_of(args)), **result})

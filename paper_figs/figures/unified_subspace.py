@@ -166,12 +166,20 @@ def caption_transfer(results_dir: Path) -> str:
     land = (f"landscape: each method's good region (at least halfway from the majority level to its best point) "
             f"covers {overlap['good']} of {overlap['n_points']} points; {overlap['shared']} are good for all "
             f"three (Jaccard {_fmt(overlap['jaccard'])})" if overlap else "landscape not computed yet")
+    plane = "a plane α P_a + β P_b + (1 − α − β) P_c of intrinsic vectors"
+    if (results_dir / LANDSCAPE).is_file():
+        landscape = load_json(results_dir, LANDSCAPE)
+        names = ", ".join(landscape.get("plane", []))
+        plane = (f"the plane α P_a + β P_b + (1 − α − β) P_c through the intrinsic vectors of the source tasks "
+                 f"{names} (each the mean over the methods; markers: the three points), scored on "
+                 f"{landscape.get('task')}" if landscape.get("plane_kind") == "tasks" else
+                 f"the plane α I_a + β I_b + (1 − α − β) I_c of the intrinsic vectors of {names} on "
+                 f"{landscape.get('task')} (markers: the three solutions)")
     return (
         "Left: the z trained with one method (rows) decoded by each method's up-projection (columns) and scored on "
         "the target's dev set without further training, as a fraction of the column method's original-space score, "
         "averaged over target tasks and seeds; the diagonal is the stage-2 score itself. Right: dev score (256 "
-        "rows) of each method on the plane α I_a + β I_b + (1 − α − β) I_c of one source task's intrinsic "
-        "vectors (markers: the three solutions), each method with its own source head. Claims (Yi et al. 2022): "
+        f"rows) of each method on {plane}, each method with its own source head. Claims (Yi et al. 2022): "
         f"solutions transfer across methods with non-trivial performance — {transfer}; the methods' good regions "
         f"overlap broadly — {land}. Command: `python experiments/unified_subspace.py` ({versions_line(payload)})."
     )
