@@ -146,6 +146,8 @@ def run_config(config: TrainConfig, system, task_spec, train_examples: Sequence[
     then the one a run recorded before they existed).
     """
     fields = {k: v for k, v in asdict(config).items() if k not in NOT_COMPARED and k != "extra"}
+    if config.part_lr_scales is None:  # a run without part rates keeps the configuration it had before them
+        fields.pop("part_lr_scales", None)
     if val_examples is None:
         fields.pop("val_size", None)
         fields.pop("val_seed", None)
@@ -244,9 +246,10 @@ def load_state(path: Path, system, optimizer, scheduler, config: TrainConfig, cu
     checkpoint.load_bytes(system, state["deltas"], f"{path} (deltas)")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    scheduler.base_lrs = [config.lr for _ in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group.update(initial_lr=config.lr, lr=config.lr * schedule(step), weight_decay=config.weight_decay)
+    scales = [group.get("lr_scale", 1.0) for group in optimizer.param_groups]
+    scheduler.base_lrs = [config.lr * k for k in scales]
+    for group, k in zip(optimizer.param_groups, scales):
+        group.update(initial_lr=config.lr * k, lr=config.lr * k * schedule(step), weight_decay=config.weight_decay)
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])

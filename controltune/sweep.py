@@ -71,9 +71,10 @@ TRAIN_SETTINGS = ("epochs", "steps", "batch_size", "eval_batch_size", "max_lengt
 RUN_SETTINGS = {"train_size": None, "data_seed": 0, "dev_size": None, "pooling": "mean", "dtype": "float32",
                 "device": "cpu"}
 """Data and model settings a spec may set, with their defaults."""
-OPTIONAL_SETTINGS = ("val_size", "val_seed")
+OPTIONAL_SETTINGS = ("val_size", "val_seed", "part_lr_scales")
 """:class:`~controltune.train.TrainConfig` fields in a cell's configuration only when the spec sets them (so the
-cells of a spec without them are the cells they were before these settings existed)."""
+cells of a spec without them are the cells they were before these settings existed).  ``part_lr_scales``, a
+list, is given as a one-value axis: ``[[25.0, 1.0]]``."""
 STAGE_SETTINGS = ("sequential", "stage_lrs")
 """Sequential combination (``controltune train --sequential``), in a cell's configuration only when set:
 ``sequential: true`` trains the parts of ``method`` (``a+b+c``) one after another, each for the cell's

@@ -146,6 +146,10 @@ class TrainConfig:
             are also scored on a seeded subsample of this many of the rows they were trained on
             (``train_scores``: the generalisation gap is these minus the dev scores); 0: not scored.
             Only reported, never used to choose: it may differ on resume.
+        part_lr_scales: with a simultaneous combination ``a+b+…``, part i trains at ``lr × part_lr_scales[i]``
+            and everything outside the parts (the head) at ``lr`` (None: every control at ``lr``), so parts
+            whose own best rates differ by orders of magnitude (prompt tuning against an adapter) each train at
+            theirs (:func:`parameter_groups`).
     """
 
     lr: float = 5e-4
@@ -176,6 +180,7 @@ class TrainConfig:
     val_size: float | None = None
     val_seed: int = 0
     train_score_size: int = 1000
+    part_lr_scales: list[float] | None = None
 
     def __post_init__(self) -> None:
         checks = [("lr", self.lr, self.lr > 0), ("batch_size", self.batch_size, self.batch_size >= 1),
@@ -193,7 +198,9 @@ class TrainConfig:
                    ("threads", self.threads, self.threads is None or self.threads >= 1),
                    ("val_size", self.val_size, self.val_size is None or (self.val_size > 0 and (
                        self.val_size < 1 or float(self.val_size).is_integer()))),
-                   ("train_score_size", self.train_score_size, self.train_score_size >= 0)]
+                   ("train_score_size", self.train_score_size, self.train_score_size >= 0),
+                   ("part_lr_scales", self.part_lr_scales, self.part_lr_scales is None or (
+                       len(self.part_lr_scales) >= 1 and all(float(x) > 0 for x in self.part_lr_scales)))]
         bad = [f"{name}={value!r}" for name, value, ok in checks if not ok]
         if bad:
             raise ValueError(f"invalid training configuration: {', '.join(bad)} (rates, sizes and counts must be "
@@ -208,6 +215,37 @@ class TrainConfig:
 
 
 # --- pieces ----------------------------------------------------------------------------
+def parameter_groups(system, config: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW's parameter groups, each ``{"params", "lr", "lr_scale"}`` with ``lr = config.lr × lr_scale``.
+
+    One group at scale 1 unless ``config.part_lr_scales`` is set; then the system's one simultaneous
+    combination gives a group per part (its controls at ``part_lr_scales[i]``) and one for every other
+    control (the head) at scale 1.
+    """
+    from .controllers.composition import Simultaneous
+
+    params = trainable_parameters(system)
+    scales = config.part_lr_scales
+    if scales is None:
+        return [{"params": params, "lr": config.lr, "lr_scale": 1.0}]
+    combos = [c for c in system.controllers if isinstance(c, Simultaneous)]
+    if len(combos) != 1 or len(combos[0].parts) != len(scales):
+        found = [f"{c.method} ({len(c.parts)} parts)" if isinstance(c, Simultaneous) else c.method
+                 for c in system.controllers]
+        raise ValueError(f"part_lr_scales {list(scales)} needs one simultaneous combination with {len(scales)} parts "
+                         f"(--method a+b+...); the system has {found or 'no controller'}")
+    trainable = {id(p) for p in params}
+    seen: set[int] = set()
+    groups = []
+    for part, scale in zip(combos[0].parts, scales):
+        mine = [c.param for c in part.controls() if id(c.param) in trainable and id(c.param) not in seen]
+        seen.update(id(p) for p in mine)
+        groups.append({"params": mine, "lr": config.lr * float(scale), "lr_scale": float(scale)})
+    rest = [p for p in params if id(p) not in seen]
+    groups.append({"params": rest, "lr": config.lr, "lr_scale": 1.0})
+    return [g for g in groups if g["params"]]
+
+
 def trainable_parameters(system) -> list[torch.nn.Parameter]:
     """The distinct parameters of ``system.controls()`` (what the optimiser updates)."""
     seen: dict[int, torch.nn.Parameter] = {}
@@ -486,7 +524,7 @@ def _train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exa
     total, per_epoch = total_steps(config, len(train_examples))
     warm = warmup_steps(config, total)
     schedule = linear_schedule(warm, total, config.schedule == "linear")
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(system, config), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     spec = dict(config.extra)
     current = run_config(config, system, task_spec, train_examples, val_examples)
@@ -584,7 +622,8 @@ def _train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exa
                 diverge(bad)
             if config.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            log["lr"].append(scheduler.get_last_lr()[0])
+            # the base rate (a part of a combination trains at it times its scale)
+            log["lr"].append(scheduler.get_last_lr()[0] / optimizer.param_groups[0].get("lr_scale", 1.0))
             optimizer.step()
             bad = _nonfinite("parameter", list(params), params, names)  # a finite step can still overflow
             if bad:

@@ -205,3 +205,67 @@ def test_stochastic_controls_train_stochastically_with_dropout_off(task, tmp_pat
     moved = [float((p.detach() - alphas[n]).abs().max()) for n, p in ctrl.named_parameters() if "log_alpha" in n]
     assert max(moved) > 0
     assert not system.model.training  # dropout stayed off in the base model
+
+
+def test_parts_of_a_combination_train_at_their_own_rates_and_resume(task, tmp_path):
+    """part_lr_scales: part i at lr × K_i, the head at lr; a step of plain SGD-free AdamW moves each group by
+    about its rate, and a resumed run keeps every group's rate."""
+    from controltune.train import parameter_groups
+
+    spec, tr, dev = task
+
+    def system():
+        from controltune.controllers.spec import build_spec
+
+        s = ResidualSystem(load_model("random:bert", seed=0), seed=0)
+        build_spec(s, "prompt+bitfit", {"prompt.n_tokens": 2}, 0)
+        return s
+
+    config = _config(tmp_path / "a", part_lr_scales=[10.0, 0.5], warmup=0, schedule="constant", steps=1)
+    s = system()
+    groups = parameter_groups(s, config)
+    assert [g["lr"] for g in groups] == pytest.approx([1e-1, 5e-3, 1e-2]) and len(groups) == 3
+    combo = s.controllers[0]
+    assert {id(p) for p in groups[0]["params"]} == {id(c.param) for c in combo.parts[0].controls()}
+    assert {id(p) for p in groups[2]["params"]} == {id(c.param) for c in s.readout.controls()}
+    before = {c.name: c.param.detach().clone() for c in s.controls()}
+    train(s, tr, dev, spec, config)
+    moved = {c.name: float((c.param - before[c.name]).abs().max()) for c in s.controls()}
+    first_part = {c.name for c in combo.parts[0].controls()}
+    # AdamW's first step moves every entry by at most (about) its group's rate, the largest ones by it
+    assert max(v for k, v in moved.items() if k in first_part) == pytest.approx(0.1, rel=1e-3)
+    second_part = {c.name for c in combo.parts[1].controls()}
+    assert max(v for k, v in moved.items() if k in second_part) == pytest.approx(5e-3, rel=1e-3)
+    # a run without part rates compares on resume the configuration it always had
+    from controltune.run_folder import run_config
+
+    assert "part_lr_scales" not in run_config(_config(None), system(), spec, tr)
+    assert run_config(config, s, spec, tr)["part_lr_scales"] == [10.0, 0.5]
+    # stopped after a checkpoint and resumed, every group keeps its rate: the same deltas as one straight run
+    def cfg(out, **kw):
+        return _config(out, part_lr_scales=[10.0, 0.5], steps=4, checkpoint_every=2, **kw)
+
+    straight = system()
+    train(straight, tr, dev, spec, cfg(tmp_path / "c"))
+    stopped, calls = system(), {"n": 0}
+    cost = stopped.cost
+
+    def dies_after_3_steps(batch):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt
+        return cost(batch)
+
+    stopped.cost = dies_after_3_steps
+    with pytest.raises(KeyboardInterrupt):
+        train(stopped, tr, dev, spec, cfg(tmp_path / "d"))
+    resumed = system()
+    train(resumed, tr, dev, spec, cfg(tmp_path / "d", resume=True))
+    for a, b in zip(straight.controls(), resumed.controls()):
+        torch.testing.assert_close(b.param, a.param, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="one simultaneous combination with 3 parts"):
+        parameter_groups(system(), _config(None, part_lr_scales=[1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="part_lr_scales"):
+        _config(None, part_lr_scales=[1.0, 0.0])
+    assert main(["train", "--model", "random:bert", "--method", "bitfit", "--task", str(spec.folder),
+                 "--part-lr-scales", "2,1"]) == 2

@@ -28,6 +28,19 @@ from ..controllers.spec import controller_spec, parse_options
 from ..data import load_split, resolve_task
 
 
+def _part_scales(text: str | None) -> list[float] | None:
+    """``"25,1"`` -> ``[25.0, 1.0]``; a clear error for anything but positive numbers."""
+    if text is None:
+        return None
+    try:
+        scales = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--part-lr-scales {text!r}: give comma-separated positive numbers, e.g. 25,1") from None
+    if not scales or any(not k > 0 for k in scales):
+        raise ValueError(f"--part-lr-scales {text!r}: every scale must be a positive number")
+    return scales
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="minilm", help="minilm, random:<family> or a checkpoint folder")
     parser.add_argument("--method", required=True,
@@ -35,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sequential", action="store_true",
                         help="with --method a+b+...: train the parts one after another (each frozen before the next "
                              "is added), each for --epochs/--steps, into <out>/stage<i>-<method>")
+    parser.add_argument("--part-lr-scales", default=None, metavar="K1,K2,...",
+                        help="with --method a+b+... (trained together): part i at --lr times K_i, the head at --lr "
+                             "(e.g. --method prompt+adapter --lr 2e-3 --part-lr-scales 25,1)")
     parser.add_argument("--task", required=True, help="sst2, mrpc, rte, cola or a path to JSONL data")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                         help="controller option (repeatable); lists comma-separated: targets=q,v; "
@@ -163,6 +179,10 @@ def run(args: argparse.Namespace) -> int:
     if args.sequential and "+" not in args.method:
         raise ValueError(f"--sequential trains the parts of a combination one after another; --method {args.method!r} "
                          "has one part (join several with '+', e.g. --method prompt+bitfit+adapter)")
+    scales = _part_scales(args.part_lr_scales)
+    if scales is not None and (args.sequential or len(args.method.split("+")) != len(scales)):
+        raise ValueError(f"--part-lr-scales gives {len(scales)} scale(s): it needs --method with as many parts "
+                         f"joined by '+', trained together (not --sequential); got --method {args.method!r}")
     if args.sequential and args.resume:
         raise ValueError("--resume is not supported with --sequential yet: rerun the stages with --overwrite")
     if args.out is not None:  # before the model loads: a wrong --out should cost nothing
@@ -195,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, allow_config_change=list(args.allow_config_change),
         group_by_length=not args.no_group_by_length, token_cache=args.token_cache,
         threads=args.threads, val_size=args.val_size, val_seed=args.val_seed, train_score_size=args.train_score_size,
-        extra={**extra, **({"stage": i, "stage_method": stage} if args.sequential else {})},
+        part_lr_scales=scales, extra={**extra, **({"stage": i, "stage_method": stage} if args.sequential else {})},
     ) for i, stage in enumerate(stages)]
     from ..results import write_json
 
