@@ -8,10 +8,13 @@ and combinations widen it.
 The harness is the GLUE table's (``glue_select.yaml``'s training settings: MiniLM, batch 32, AdamW with warm-up
 and linear decay, per-task epochs, validation rows, evaluation cadence).  Parts: prompt (20 tokens), BitFit,
 adapter (bottleneck 64) — so the three single-method cells *are* GLUE table cells, copied from its rows, not
-rerun.  A combination ``a+b`` trains its parts at once (``controltune train --method a+b``), all at one peak rate
-chosen on validation rows from ``COMBO_GRID`` (grids continued at their edge, :mod:`rate_selection`); seeds 0, 1, 2
-at the chosen rate.  Every run scores its reported deltas on 1,000 of its training rows (``train_scores``), so each
-row has its generalisation gap; rows of GLUE cells run before those scores existed have none.
+rerun.  A combination ``a+b`` trains its parts at once (``controltune train --method a+b``), each part at its own
+rate: the rate the GLUE selection chose for that part alone on the task, times one factor chosen on validation rows
+from ``COMBO_FACTORS`` (``part_lr_scales``; the head at the smallest part rate times the factor; grids continued at
+their edge, :mod:`rate_selection`) — one shared rate would leave prompt tuning (best near 5e-2) or the adapter
+(near 2e-3) far from its own; seeds 0, 1, 2 at the chosen factor.  Every run scores its reported deltas on 1,000
+of its training rows (``train_scores``), so each row has its generalisation gap; rows of GLUE cells run before
+those scores existed have none.
 
 ``results/composability.json``: per task and subset the dev score (mean, std over seeds) and the train − dev gap;
 per part, in how many (task, subset-without-it) pairs adding it helped (two-standard-error rule).
@@ -57,7 +60,8 @@ TASKS = ("sst2", "mrpc", "rte", "cola")
 PARTS = {"prompt": {"n_tokens": 20}, "bitfit": {}, "adapter": {"bottleneck": 64}}
 SINGLE_GRID = {"prompt": [1.0e-2, 5.0e-2], "bitfit": [1.0e-3, 5.0e-3], "adapter": [5.0e-4, 2.0e-3]}
 """The GLUE selection's grids (its cells are these, copied)."""
-COMBO_GRID = [5.0e-4, 2.0e-3, 1.0e-2]
+COMBO_FACTORS = [0.5, 1.0, 2.0]
+"""A combination's grid: its parts at their own GLUE-chosen rates on the task, all times one of these factors."""
 SUBSETS = ["+".join(c) for k in (1, 2, 3) for c in itertools.combinations(PARTS, k)]
 
 
@@ -68,15 +72,38 @@ def _options(subset: str) -> dict[str, Any]:
     return {f"{p}.{k}": v for p in parts for k, v in PARTS[p].items()}
 
 
+def part_rates(tasks: tuple[str, ...]) -> dict[tuple[str, str], float]:
+    """``(task, part) -> the rate the GLUE selection chose`` for every part on every task (or a SystemExit)."""
+    chosen = choose_lrs(read_jsonl(RESULTS / "glue_select.jsonl"))
+    pairs = [(t, p) for t in tasks for p in PARTS]
+    require_rates(chosen, pairs)
+    return {pair: float(chosen[pair]["lr"]) for pair in pairs}
+
+
+def combo_rates(subset: str, task: str, rates: dict[tuple[str, str], float]) -> tuple[list[float], list[float]]:
+    """``(lr grid, part_lr_scales)`` of a combination: part p at ``lr × r_p / r_min`` (r: GLUE-chosen rates on the
+    task), the head at ``lr``, with ``lr`` on ``r_min × COMBO_FACTORS``: every part at its own rate times one factor."""
+    own = [rates[(task, p)] for p in subset.split("+")]
+    base = min(own)
+    return [base * f for f in COMBO_FACTORS], [r / base for r in own]
+
+
 def spec_data(tasks: tuple[str, ...], seeds: list[int], name: str, out: str) -> dict[str, Any]:
     glue = yaml.safe_load((HERE / "glue_select.yaml").read_text())
-    per_method = {s: {"lr": SINGLE_GRID.get(s, COMBO_GRID), "options": _options(s)} for s in SUBSETS}
+    per_method = {s: {"lr": SINGLE_GRID[s], "options": _options(s)} for s in SUBSETS if "+" not in s}
+    per_method.update({s: {"lr": [COMBO_FACTORS[1]], "options": _options(s)} for s in SUBSETS if "+" in s})
     for entry in per_method.values():
         if not entry["options"]:
             del entry["options"]
+    rates = part_rates(tasks)
+    combos = []
+    for task in tasks:
+        for subset in (s for s in SUBSETS if "+" in s):
+            grid, scales = combo_rates(subset, task, rates)
+            combos.append({"where": {"task": task, "method": subset}, "set": {"lr": grid, "part_lr_scales": [scales]}})
     return {"name": name, "out": out, "grid": {"model": "minilm", "task": list(tasks), "method": SUBSETS,
                                                 "seed": seeds},
-            "per_method": per_method, "train": glue["train"], "overrides": glue["overrides"]}
+            "per_method": per_method, "train": glue["train"], "overrides": list(glue["overrides"]) + combos}
 
 
 def selection_spec(tasks, rows: list[dict[str, Any]] | None = None) -> SweepSpec:
@@ -113,7 +140,8 @@ def summary(tasks) -> dict[str, Any]:
                     continue
                 effects.append({"part": part, "task": task, "without": subset, "with": with_part, "difference": diff,
                                 "verdict": {1: "helps", -1: "hurts", 0: "no effect"}[sign]})
-    payload = {**stamp({"tasks": list(tasks), "parts": PARTS, "combo_grid": COMBO_GRID,
+    payload = {**stamp({"tasks": list(tasks), "parts": PARTS, "combo_factors": COMBO_FACTORS,
+                        "part_rates": {f"{t}/{p}": r for (t, p), r in part_rates(tasks).items()},
                         "harness": "experiments/glue_select.yaml settings", "command":
                             "python experiments/composability.py"}),
                "cells": list(cells.values()), "effects": effects}

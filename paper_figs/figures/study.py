@@ -73,7 +73,8 @@ def caption_composability(results_dir: Path) -> str:
     return (
         "MiniLM on the GLUE table's harness (per-task epochs, validation rows held out of train, rates chosen on them; "
         "seeds 0, 1, 2): the 7 non-empty subsets of {prompt (20 tokens), BitFit, adapter (bottleneck 64)} trained "
-        "simultaneously; single methods are GLUE table cells. Adding a part to a subset is judged by the two-standard-"
+        "simultaneously, each part at the rate the GLUE selection chose for it alone on the task times one factor "
+        "chosen on validation rows (0.5, 1 or 2); single methods are GLUE table cells. Adding a part to a subset is judged by the two-standard-"
         f"error rule. Claims (Ding et al. 2023): adapters almost always help — {share('adapter', 'helps')}, "
         f"{_verdict(held('adapter', 'helps', 0.75))} (criterion: helps in ≥ 75 %); prompt tuning usually hurts — "
         f"{share('prompt', 'hurts')}, {_verdict(held('prompt', 'hurts', 0.5))} (≥ 50 %); BitFit usually helps — "
