@@ -289,7 +289,8 @@ def caption_unipelt(results_dir: Path) -> str:
     return (
         "MiniLM, K seeded training rows (the same for every method and seed; 20 % of them held out as validation "
         "rows), rates chosen on the validation rows, seeds 0, 1, 2; parts in UniPELT's own configurations (LoRA r=8 "
-        "on q,v, prefix 10, the FFN adapter with bottleneck 64). Claim (Mao et al. 2022): UniPELT beats each of its "
+        "on q,v, prefix 10 through Li & Liang's MLP, the FFN adapter with bottleneck 64). Claim (Mao et al. 2022): "
+        "UniPELT beats each of its "
         f"parts at K = 100, 500, 1000 — over {n} (task, K, part) comparisons by the two-standard-error rule it wins "
         f"{c['win']}, ties {c['tie']} and loses {c['loss']}: "
         f"{_verdict(None if not n else c['win'] > n / 2 and c['loss'] == 0)} (criterion: wins a majority, loses "
