@@ -30,6 +30,7 @@ step() {
 }
 
 step glue_table --cpus-per-cell 1
+step convergence
 step glue_gaps --cpus-per-cell 2
 step unified_subspace
 step apet
@@ -40,4 +41,5 @@ step scale
 step unipelt_low_resource
 step design_table --tasks rte,mrpc
 step design_table
+.venv/bin/controltune figures >> experiments/results/queue.log 2>&1  # every figure whose results now exist
 echo "$(date '+%F %T') queue: done"
