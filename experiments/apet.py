@@ -42,6 +42,7 @@ from controltune.sweep import SweepSpec, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import (  # noqa: E402
+    POOLING,
     add_sweep_arguments,
     choose_lrs,
     extended_spec,
@@ -77,6 +78,11 @@ def pair_key(row: dict[str, Any]) -> tuple[str, str]:
     return str(row["config"]["model"]), str(row["config"]["task"])
 
 
+def pooling_overrides(models) -> list[dict[str, Any]]:
+    """Each model's readout (``rate_selection.POOLING``); the mean is every cell's default."""
+    return [{"where": {"model": m}, "set": {"pooling": POOLING[m]}} for m in models if POOLING[m] != "mean"]
+
+
 def pair_where(pair: tuple[str, str]) -> dict[str, Any]:
     return {"model": pair[0], "task": pair[1], "method": "arbitrary"}
 
@@ -85,7 +91,7 @@ def selection_spec(models, tasks, rows) -> SweepSpec:
     data = {"name": "apet_select", "out": SELECT_OUT.name,
             "grid": {"model": list(models), "task": list(tasks), "method": ["arbitrary"], "seed": [0],
                      "options": [{"budget": SELECT_AT, "seed": 0}], "lr": RATES},
-            "train": TRAIN}
+            "train": TRAIN, "overrides": pooling_overrides(models)}
     return extended_spec(data, rows or [], key=pair_key, where=pair_where, folder=RESULTS)
 
 
@@ -94,6 +100,7 @@ def table_spec(models, tasks, chosen: dict) -> SweepSpec:
     overrides = [{"where": pair_where(p), "set": {"lr": chosen[p]["lr"]}} for p in sorted(chosen)
                  if p in {(m, t) for m in models for t in tasks}]
     overrides += [{"where": {"model": m, "method": "full"}, "set": {"lr": FULL_RATE[m]}} for m in models]
+    overrides += pooling_overrides(models)
     data = {"name": "apet_table", "out": TABLE_OUT.name,
             "grid": {"model": list(models), "task": list(tasks), "method": ["arbitrary", "full"],
                      "seed": list(SEEDS), "lr": 0.0},
@@ -103,6 +110,11 @@ def table_spec(models, tasks, chosen: dict) -> SweepSpec:
 
 
 # --- scores of the draws -----------------------------------------------------------------------------
+def _current(row: dict[str, Any]) -> bool:
+    """A draw score computed with its model's readout (rows before ``pooling`` was recorded used the mean)."""
+    return row.get("pooling", "mean") == POOLING.get(row["model"], "mean")
+
+
 def run_scores(models, tasks, echo) -> None:
     """``control_set_scores`` of every draw not scored yet (in this process, one thread: a sweep may share the
     machine)."""
@@ -116,7 +128,7 @@ def run_scores(models, tasks, echo) -> None:
     from controltune.system import ResidualSystem
     from controltune.zoo import load_model
 
-    have = {(r["model"], r["task"], r["budget"], r["draw"]) for r in read_jsonl(SCORES_OUT)}
+    have = {(r["model"], r["task"], r["budget"], r["draw"]) for r in read_jsonl(SCORES_OUT) if _current(r)}
     for model in models:
         todo = [(t, b, d) for t in tasks for b in BUDGETS for d in DRAWS if (model, t, b, d) not in have]
         if not todo:
@@ -126,15 +138,16 @@ def run_scores(models, tasks, echo) -> None:
         for task, budget, draw in todo:
             spec = resolve_task(task)
             # a fresh copy per draw: attaching a controller wraps the model's modules in place
-            system = ResidualSystem(copy.deepcopy(loaded), num_labels=spec.num_labels, seed=0)
+            system = ResidualSystem(copy.deepcopy(loaded), num_labels=spec.num_labels, pooling=POOLING[model], seed=0)
             if task not in batches:
                 batches[task] = design_batch(system, task, n=SCORE_ROWS, seed=0, max_length=TRAIN["max_length"])
             batch = batches[task]
             build("arbitrary", system, budget=budget, seed=draw)
             scores = control_set_scores(system, batch, n_probes=8, seed=0)
             append_jsonl(SCORES_OUT, {**stamp({"model": model, "task": task, "budget": budget, "draw": draw,
-                                               "rows": SCORE_ROWS}),
-                                      "model": model, "task": task, "budget": budget, "draw": draw, **scores})
+                                               "rows": SCORE_ROWS, "pooling": POOLING[model]}),
+                                      "model": model, "task": task, "budget": budget, "draw": draw,
+                                      "pooling": POOLING[model], **scores})
             echo(f"scores {model} {task} B={budget} draw {draw}: energy {scores['costate_energy']:.3e}, "
                  f"gramian {scores['gramian']:.3e}")
             del system
@@ -226,7 +239,7 @@ def summary(models, tasks) -> dict[str, Any]:
                               "seed_spread": statistics.fmean(seed_stds) if seed_stds else None,
                               "majority": level, "beats_majority": None if se is None else mean - 2 * se > level,
                               "full": full[(model, task)][0]})
-    scores = read_jsonl(SCORES_OUT)
+    scores = [r for r in read_jsonl(SCORES_OUT) if _current(r)]
     predictors = {}
     for key in ("costate_energy", "gramian"):
         groups = []

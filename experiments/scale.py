@@ -5,10 +5,11 @@ The paper's claims: every method improves with model size, prompt tuning most; l
 tuning (random modules across layers) do well, selective better than last-layer.  One harness for both models,
 cut to fit SmolLM2 on two CPU cores (``HARNESS``: 2,000 seeded training rows, 200 held out as validation rows, one
 epoch of batch 16, max length 64, 500 SST-2 dev rows / all 408 MRPC dev rows, AdamW with warm-up and linear
-decay).  Methods: LoRA r=8 on q,v; adapter bottleneck 64; prefix 10; prompt 20; ``last_layer`` (every parameter of
-the last block); ``selective`` at the same budget (a fraction 1/L of the blocks' parameters: seeded random modules
-across layers, as many as the last block holds).  The rate of each (model, task, method) is chosen on validation
-rows at seed 0 from ``GRID`` (continued at its edge), then seeds 1, 2.
+decay); pooling per model (``rate_selection.POOLING``: MiniLM's mean, SmolLM2's last token).  Methods: LoRA
+r=8 on q,v; adapter bottleneck 64; prefix 10; prompt 20; ``last_layer`` (every parameter of the last block);
+``selective`` at the same budget (a fraction 1/L of the blocks' parameters: seeded random modules across layers,
+as many as the last block holds).  The rate of each (model, task, method) is chosen on validation rows at seed 0
+from ``GRID`` (continued at its edge), then seeds 1, 2.
 
 ``results/scale.json``: per (model, task, method) the dev score (mean, std); per (task, method) the gain of SmolLM2
 over MiniLM (two-standard-error verdict), and selective against last-layer per model and task.
@@ -30,6 +31,7 @@ from controltune.sweep import SweepSpec, expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import (  # noqa: E402
+    POOLING,
     add_sweep_arguments,
     choose_lrs,
     chosen_rows,
@@ -70,6 +72,7 @@ def pair_where(pair: tuple[str, str, str]) -> dict[str, Any]:
 def spec_data(models, tasks, seeds: list[int], name: str, out: str) -> dict[str, Any]:
     per_method = {m: {"lr": GRID[m], **({"options": [o]} if o else {})} for m, o in METHODS.items()}
     overrides = [{"where": {"task": t}, "set": {"dev_size": DEV_SIZE[t]}} for t in tasks]
+    overrides += [{"where": {"model": m}, "set": {"pooling": POOLING[m]}} for m in models if POOLING[m] != "mean"]
     overrides += [{"where": {"model": m, "method": "selective"}, "set": {"options": [{"budget": 1.0 / n}]}}
                   for m, n in MODELS.items() if m in models]
     return {"name": name, "out": out, "grid": {"model": list(models), "task": list(tasks), "method": list(METHODS),
