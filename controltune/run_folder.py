@@ -36,6 +36,8 @@ except ImportError:  # Windows: the output folder is not locked
     fcntl = None  # type: ignore[assignment]
 
 CHECKPOINT = "checkpoint.pt"
+BEST_DELTAS = "best.safetensors"
+"""The best-on-validation deltas of a run with validation rows."""
 """Resume state inside ``out``: one file, so it is replaced as one unit."""
 LOCK = ".controltune-train.lock"
 RESULTS = ("metrics.json", "deltas.safetensors", CHECKPOINT, "checkpoint")
@@ -261,3 +263,27 @@ def checkpoint_due(config: TrainConfig, step: int, last_saved: float) -> bool:
     if config.checkpoint_every and step % config.checkpoint_every == 0:
         return True
     return config.checkpoint_minutes is not None and time.monotonic() - last_saved >= 60 * config.checkpoint_minutes
+
+
+# --- reading a run folder ------------------------------------------------------------------
+def reported_deltas(out: str | Path) -> Path:
+    """The delta file of the deltas a finished run reports (and leaves in the system): the best-on-validation
+    ones (``best.safetensors``) when it had validation rows, else the last step's (``deltas.safetensors``)."""
+    best = Path(out) / BEST_DELTAS
+    return best if best.is_file() else Path(out) / "deltas.safetensors"
+
+
+def finished_run(out: str | Path | None) -> dict[str, Any] | None:
+    """The result in ``out/metrics.json`` when that run finished (status ``done`` and its reported deltas saved),
+    else None."""
+    if out is None:
+        return None
+    folder = Path(out)
+    metrics = folder / "metrics.json"
+    if not metrics.is_file() or not reported_deltas(folder).is_file():
+        return None
+    try:
+        result = json.loads(metrics.read_text())
+    except (OSError, ValueError):
+        return None
+    return result if result.get("status") == "done" else None

@@ -7,7 +7,7 @@ shrinks every control by ``lr·λ·u`` per step; it is an optimiser choice, not 
 term of J, and is recorded as such.
 
 Schedule: linear warm-up to ``lr`` then linear decay to 0 at the last step.
-Batches are drawn in an order fixed by ``(seed, epoch)`` (:func:`epoch_batches`), so a
+Batches are drawn in an order fixed by ``(seed, epoch)`` (:func:`~controltune.schedule.epoch_batches`), so a
 run resumed from its checkpoint (deltas, optimiser, scheduler, step, RNG) sees the same
 batches it would have seen without the stop.  After the last step each controller's
 :meth:`~controltune.controllers.base.Controller.finalize` runs (e.g. diff pruning's
@@ -57,7 +57,6 @@ with validation rows only), ``checkpoint.pt`` (resume state) and the lock file
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -73,24 +72,27 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .batching import encode, length_grouped_batches, length_order, shuffled_batches, token_cache_dir
+from .batching import encode, length_order, token_cache_dir
 from .data import Example
 from .fingerprint import n_base_parameters
 from .metrics import compute_metrics
 from .results import stamp, write_json
 from .run_folder import (
+    BEST_DELTAS,
     CHECKPOINT,
     check_output_folder,
     checkpoint_due,
     clear_output_folder,
+    finished_run,
     load_state,
     locked_output_folder,
+    reported_deltas,
     run_config,
     save_state,
 )
+from .schedule import epoch_batches, linear_schedule, parameter_groups, total_steps, trainable_parameters, warmup_steps
 
 SCHEDULES = ("linear", "constant")
-BEST_DELTAS = "best.safetensors"
 """The best-on-validation deltas inside ``out`` (runs with validation rows)."""
 
 
@@ -215,45 +217,6 @@ class TrainConfig:
 
 
 # --- pieces ----------------------------------------------------------------------------
-def parameter_groups(system, config: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW's parameter groups, each ``{"params", "lr", "lr_scale"}`` with ``lr = config.lr × lr_scale``.
-
-    One group at scale 1 unless ``config.part_lr_scales`` is set; then the system's one simultaneous
-    combination gives a group per part (its controls at ``part_lr_scales[i]``) and one for every other
-    control (the head) at scale 1.
-    """
-    from .controllers.composition import Simultaneous
-
-    params = trainable_parameters(system)
-    scales = config.part_lr_scales
-    if scales is None:
-        return [{"params": params, "lr": config.lr, "lr_scale": 1.0}]
-    combos = [c for c in system.controllers if isinstance(c, Simultaneous)]
-    if len(combos) != 1 or len(combos[0].parts) != len(scales):
-        found = [f"{c.method} ({len(c.parts)} parts)" if isinstance(c, Simultaneous) else c.method
-                 for c in system.controllers]
-        raise ValueError(f"part_lr_scales {list(scales)} needs one simultaneous combination with {len(scales)} parts "
-                         f"(--method a+b+...); the system has {found or 'no controller'}")
-    trainable = {id(p) for p in params}
-    seen: set[int] = set()
-    groups = []
-    for part, scale in zip(combos[0].parts, scales):
-        mine = [c.param for c in part.controls() if id(c.param) in trainable and id(c.param) not in seen]
-        seen.update(id(p) for p in mine)
-        groups.append({"params": mine, "lr": config.lr * float(scale), "lr_scale": float(scale)})
-    rest = [p for p in params if id(p) not in seen]
-    groups.append({"params": rest, "lr": config.lr, "lr_scale": 1.0})
-    return [g for g in groups if g["params"]]
-
-
-def trainable_parameters(system) -> list[torch.nn.Parameter]:
-    """The distinct parameters of ``system.controls()`` (what the optimiser updates)."""
-    seen: dict[int, torch.nn.Parameter] = {}
-    for c in system.controls():
-        seen.setdefault(id(c.param), c.param)
-    return list(seen.values())
-
-
 def validation_split(examples: Sequence[Example], size: float, seed: int = 0) -> tuple[list[Example],
                                                                                        list[Example]]:
     """``(rows to train on, validation rows)``: a seeded hold-out of the training rows, disjoint from the rest.
@@ -278,50 +241,6 @@ def validation_split(examples: Sequence[Example], size: float, seed: int = 0) ->
 def validation_rows(examples: Sequence[Example], size: float | None, seed: int = 0) -> list[Example]:
     """The rows :func:`validation_split` holds out (none when ``size`` is None): what a run is selected on."""
     return [] if size is None else validation_split(examples, size, seed)[1]
-
-
-def total_steps(config: TrainConfig, n_train: int) -> tuple[int, int]:
-    """``(total optimiser steps, steps per epoch)``; the last, partial batch of an epoch is kept."""
-    per_epoch = math.ceil(n_train / config.batch_size)
-    if config.steps is not None:
-        return config.steps, per_epoch
-    return max(1, round((config.epochs or 1.0) * per_epoch)), per_epoch
-
-
-def warmup_steps(config: TrainConfig, total: int) -> int:
-    return int(round(config.warmup * total)) if config.warmup < 1 else int(config.warmup)
-
-
-def linear_schedule(warmup: int, total: int, decay: bool = True):
-    """Multiplier of the peak rate at step t: ``(t+1)/warmup`` rising, then ``(total−t)/(total−warmup)``
-    (``decay``) or 1."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup)) if decay else 1.0
-    return factor
-
-
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch))
-
-
-def batch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """Example indices of one epoch, a permutation fixed by ``(seed, epoch)`` (the order without grouping)."""
-    return torch.randperm(n, generator=_epoch_generator(seed, epoch)).tolist()
-
-
-def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
-                  group_by_length: bool = True) -> list[list[int]]:
-    """The batches (example indices) of one epoch: a pure function of the lengths, ``(seed, epoch)`` and settings.
-
-    ``group_by_length``: :func:`~controltune.batching.length_grouped_batches`; otherwise
-    consecutive slices of :func:`batch_order`.  Both give ``ceil(n / batch_size)`` batches.
-    """
-    generator = _epoch_generator(seed, epoch)
-    if group_by_length:
-        return length_grouped_batches(lengths, batch_size, generator)
-    return shuffled_batches(len(lengths), batch_size, generator)
 
 
 def training_mode(system, dropout: bool) -> None:
@@ -693,29 +612,6 @@ def _restore_best(system, best_step: int, best_deltas: bytes | None, total: int,
     system.eval()
     scores = score_dev()
     return None if scores is None else {**scores, "step": best_step}
-
-
-def reported_deltas(out: str | Path) -> Path:
-    """The delta file of the deltas a finished run reports (and leaves in the system): the best-on-validation
-    ones (``best.safetensors``) when it had validation rows, else the last step's (``deltas.safetensors``)."""
-    best = Path(out) / BEST_DELTAS
-    return best if best.is_file() else Path(out) / "deltas.safetensors"
-
-
-def finished_run(out: str | Path | None) -> dict[str, Any] | None:
-    """The result in ``out/metrics.json`` when that run finished (status ``done`` and its reported deltas saved),
-    else None."""
-    if out is None:
-        return None
-    folder = Path(out)
-    metrics = folder / "metrics.json"
-    if not metrics.is_file() or not reported_deltas(folder).is_file():
-        return None
-    try:
-        result = json.loads(metrics.read_text())
-    except (OSError, ValueError):
-        return None
-    return result if result.get("status") == "done" else None
 
 
 def train_stages(system, sequential, train_examples: Sequence[Example], dev_examples: Sequence[Example] | None,

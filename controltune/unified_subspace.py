@@ -49,9 +49,10 @@ from .controllers.spec import controller_spec
 from .controllers.unified import UnifiedSubspace, method_layout
 from .data import Example, load_split, resolve_task
 from .fingerprint import fingerprint
+from .run_folder import reported_deltas
 from .subspace_projections import Layout, ProjectionFileError, UnifiedProjections
 from .system import ResidualSystem
-from .train import evaluate, reported_deltas, using_threads
+from .train import evaluate, using_threads
 
 RECON_WEIGHT = 1.0
 """Default λ_rec (the paper's single-task script used 0.1 with an unsquared distance)."""
@@ -66,7 +67,7 @@ errors of 0.44–0.83)."""
 @dataclass
 class SourceRun:
     """A trained solution: a run folder with ``metrics.json`` and ``deltas.safetensors``; the solution is the
-    deltas the run reports (:func:`~controltune.train.reported_deltas`: best on validation when it had
+    deltas the run reports (:func:`~controltune.run_folder.reported_deltas`: best on validation when it had
     validation rows)."""
 
     run_dir: Path

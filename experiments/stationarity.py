@@ -39,7 +39,8 @@ from controltune.data import Example, load_split, resolve_task
 from controltune.diagnostics import maximum_condition_probe, stationarity
 from controltune.pmp import solve_costate
 from controltune.results import append_jsonl, read_jsonl, stamp, write_json
-from controltune.train import evaluate, linear_schedule
+from controltune.schedule import linear_schedule
+from controltune.train import evaluate
 
 RESULTS = Path(__file__).parent / "results"
 METHODS: dict[str, dict[str, Any]] = {"lora": {"rank": 8, "alpha": 16, "targets": ("q", "v")},

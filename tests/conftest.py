@@ -56,3 +56,16 @@ def toy_task(folder, n_train: int = 48, n_dev: int = 16):
                 fh.write(json.dumps({"text": " ".join(rng.choice(words[y]) for _ in range(4)), "label": y}) + "\n")
     spec = resolve_task(str(folder))
     return spec, load_split(spec, "train"), load_split(spec, "dev")
+
+
+def dies_after(system, steps: int) -> None:
+    """Make ``system.cost`` raise KeyboardInterrupt on its call after ``steps`` calls: a run killed mid-training."""
+    cost, calls = system.cost, {"n": 0}
+
+    def cost_until_killed(batch):
+        calls["n"] += 1
+        if calls["n"] > steps:
+            raise KeyboardInterrupt
+        return cost(batch)
+
+    system.cost = cost_until_killed

@@ -20,7 +20,8 @@ from controltune.batching import (
     shuffled_batches,
 )
 from controltune.data import Example, load_split, resolve_task
-from controltune.train import TrainConfig, batch_order, default_threads, epoch_batches, train, using_threads
+from controltune.schedule import batch_order, epoch_batches
+from controltune.train import TrainConfig, default_threads, train, using_threads
 from controltune.zoo import offline_tokenizer
 
 WORDS = ["good", "bad", "film", "plot", "dull", "superb", "acting", "moving", "thin", "a", "the", "extraordinarily"]

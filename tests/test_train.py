@@ -6,13 +6,14 @@ import json
 
 import pytest
 import torch
-from conftest import toy_task
+from conftest import dies_after, toy_task
 
 from controltune import ResidualSystem, load_model
 from controltune import checkpoint as ckpt
 from controltune.cli import main
 from controltune.controllers import build
-from controltune.train import TrainConfig, evaluate, linear_schedule, train
+from controltune.schedule import linear_schedule
+from controltune.train import TrainConfig, evaluate, train
 from controltune.zoo import offline_tokenizer
 
 REQUIRED_KEYS = {"config", "versions", "curves", "final", "best", "wall_time_s", "peak_memory_mb", "n_trainable",
@@ -66,16 +67,7 @@ def test_resume_continues_from_the_saved_step(task, tmp_path):
     train(full, tr, dev, spec, _config(tmp_path / "a"))
 
     stopped = _lora_system()
-    calls = {"n": 0}
-    cost = stopped.cost
-
-    def dies_after_9_steps(batch):
-        calls["n"] += 1
-        if calls["n"] > 9:
-            raise KeyboardInterrupt
-        return cost(batch)
-
-    stopped.cost = dies_after_9_steps
+    dies_after(stopped, 9)
     with pytest.raises(KeyboardInterrupt):
         train(stopped, tr, dev, spec, _config(tmp_path / "b"))
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["step"] == 8  # last checkpoint
@@ -210,7 +202,7 @@ def test_stochastic_controls_train_stochastically_with_dropout_off(task, tmp_pat
 def test_parts_of_a_combination_train_at_their_own_rates_and_resume(task, tmp_path):
     """part_lr_scales: part i at lr × K_i, the head at lr; a step of plain SGD-free AdamW moves each group by
     about its rate, and a resumed run keeps every group's rate."""
-    from controltune.train import parameter_groups
+    from controltune.schedule import parameter_groups
 
     spec, tr, dev = task
 
@@ -247,16 +239,8 @@ def test_parts_of_a_combination_train_at_their_own_rates_and_resume(task, tmp_pa
 
     straight = system()
     train(straight, tr, dev, spec, cfg(tmp_path / "c"))
-    stopped, calls = system(), {"n": 0}
-    cost = stopped.cost
-
-    def dies_after_3_steps(batch):
-        calls["n"] += 1
-        if calls["n"] > 3:
-            raise KeyboardInterrupt
-        return cost(batch)
-
-    stopped.cost = dies_after_3_steps
+    stopped = system()
+    dies_after(stopped, 3)
     with pytest.raises(KeyboardInterrupt):
         train(stopped, tr, dev, spec, cfg(tmp_path / "d"))
     resumed = system()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import toy_task
+from conftest import dies_after, toy_task
 
 from controltune import ResidualSystem, load_model
 from controltune import checkpoint as ckpt
@@ -15,8 +15,9 @@ from controltune import train as train_module
 from controltune.cli import main
 from controltune.controllers import build
 from controltune.results import read_jsonl
+from controltune.run_folder import BEST_DELTAS
 from controltune.sweep import canonical_config, expand, parse_spec, run_sweep
-from controltune.train import BEST_DELTAS, TrainConfig, TrainingDiverged, evaluate, train, validation_split
+from controltune.train import TrainConfig, TrainingDiverged, evaluate, train, validation_split
 from controltune.zoo import offline_tokenizer
 
 
@@ -153,15 +154,7 @@ def test_resume_keeps_the_best_deltas_of_before_the_stop(task, tmp_path, scored_
     reference = train(first, tr, dev, spec, _config(tmp_path / "a"))
 
     stopped = _system()
-    cost, n = stopped.cost, {"calls": 0}
-
-    def dies_after_9_steps(batch):
-        n["calls"] += 1
-        if n["calls"] > 9:
-            raise KeyboardInterrupt
-        return cost(batch)
-
-    stopped.cost = dies_after_9_steps
+    dies_after(stopped, 9)
     with pytest.raises(KeyboardInterrupt):
         train(stopped, tr, dev, spec, _config(tmp_path / "b"))
     resumed_system = _system()
