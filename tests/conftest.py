@@ -58,14 +58,14 @@ def toy_task(folder, n_train: int = 48, n_dev: int = 16):
     return spec, load_split(spec, "train"), load_split(spec, "dev")
 
 
-def dies_after(system, steps: int) -> None:
-    """Make ``system.cost`` raise KeyboardInterrupt on its call after ``steps`` calls: a run killed mid-training."""
+def fails_after(system, steps: int, error: BaseException | type[BaseException] = KeyboardInterrupt) -> None:
+    """Make call ``steps + 1`` of ``system.cost`` raise ``error`` (by default a run killed mid-training)."""
     cost, calls = system.cost, {"n": 0}
 
-    def cost_until_killed(batch):
+    def cost_or_fail(batch):
         calls["n"] += 1
         if calls["n"] > steps:
-            raise KeyboardInterrupt
+            raise error
         return cost(batch)
 
-    system.cost = cost_until_killed
+    system.cost = cost_or_fail

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import toy_task
+from conftest import fails_after, toy_task
 from safetensors.torch import load_file, save_file
 
 import controltune
@@ -73,18 +73,6 @@ def _cli(task_folder, out, *extra: str) -> list[str]:
     return ["train", "--model", "random:bert", "--method", "lora", "--task", str(task_folder), "--opt", "rank=2",
             "--steps", "4", "--batch-size", "8", "--max-length", "16", "--no-progress",
             *(["--out", str(out)] if out is not None else []), *extra]
-
-
-def _fails_after(system: ResidualSystem, n: int, error: BaseException) -> None:
-    """Make the (n+1)-th call of ``system.cost`` raise ``error`` (a crash in the middle of a run)."""
-    cost, calls = system.cost, {"n": 0}
-
-    def cost_or_fail(batch):
-        calls["n"] += 1
-        if calls["n"] > n:
-            raise error
-        return cost(batch)
-    system.cost = cost_or_fail
 
 
 # --- a failed run is a failure ---------------------------------------------------------------
@@ -201,7 +189,7 @@ def test_delta_files_refuse_truncation_and_corruption_but_old_files_load(tmp_pat
 def test_step_cadence_checkpoints_without_evaluation(task, tmp_path):
     spec, tr, dev = task
     system = _system()
-    _fails_after(system, 5, KeyboardInterrupt())
+    fails_after(system, 5, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         train(system, tr, dev, spec, _config(tmp_path, checkpoint_every=2, checkpoint_minutes=None))
     state = torch.load(tmp_path / CHECKPOINT, weights_only=False)
@@ -218,7 +206,7 @@ def test_step_cadence_checkpoints_without_evaluation(task, tmp_path):
 def test_time_cadence_checkpoints(task, tmp_path):
     spec, tr, dev = task
     system = _system()
-    _fails_after(system, 3, KeyboardInterrupt())
+    fails_after(system, 3, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         train(system, tr, dev, spec, _config(tmp_path, checkpoint_minutes=1e-9))  # due after every step
     assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["step"] == 3

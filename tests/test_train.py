@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import dies_after, toy_task
+from conftest import fails_after, toy_task
 
 from controltune import ResidualSystem, load_model
 from controltune import checkpoint as ckpt
@@ -67,7 +67,7 @@ def test_resume_continues_from_the_saved_step(task, tmp_path):
     train(full, tr, dev, spec, _config(tmp_path / "a"))
 
     stopped = _lora_system()
-    dies_after(stopped, 9)
+    fails_after(stopped, 9)
     with pytest.raises(KeyboardInterrupt):
         train(stopped, tr, dev, spec, _config(tmp_path / "b"))
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["step"] == 8  # last checkpoint
@@ -240,7 +240,7 @@ def test_parts_of_a_combination_train_at_their_own_rates_and_resume(task, tmp_pa
     straight = system()
     train(straight, tr, dev, spec, cfg(tmp_path / "c"))
     stopped = system()
-    dies_after(stopped, 3)
+    fails_after(stopped, 3)
     with pytest.raises(KeyboardInterrupt):
         train(stopped, tr, dev, spec, cfg(tmp_path / "d"))
     resumed = system()

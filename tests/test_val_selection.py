@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import dies_after, toy_task
+from conftest import fails_after, toy_task
 
 from controltune import ResidualSystem, load_model
 from controltune import checkpoint as ckpt
@@ -154,7 +154,7 @@ def test_resume_keeps_the_best_deltas_of_before_the_stop(task, tmp_path, scored_
     reference = train(first, tr, dev, spec, _config(tmp_path / "a"))
 
     stopped = _system()
-    dies_after(stopped, 9)
+    fails_after(stopped, 9)
     with pytest.raises(KeyboardInterrupt):
         train(stopped, tr, dev, spec, _config(tmp_path / "b"))
     resumed_system = _system()
