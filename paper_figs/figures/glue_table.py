@@ -49,7 +49,8 @@ def draw(results_dir: Path):
                 continue
             metric = metric or row["metric"]
             provisional = row.get("stage") != "table"
-            ax.bar(i, row["mean"], yerr=row["std"] or 0.0, color=COLOURS[method], alpha=0.55 if provisional else 0.9,
+            spread = row["std"] if row.get("std") is not None and row["n_seeds"] > 1 else None  # no bar for one seed
+            ax.bar(i, row["mean"], yerr=spread, color=COLOURS[method], alpha=0.55 if provisional else 0.9,
                    hatch="//" if provisional else None, capsize=2, edgecolor="black", linewidth=0.4)
             top = row["mean"] + (row["std"] or 0.0)
             tops.append(top)
@@ -64,7 +65,10 @@ def draw(results_dir: Path):
         ax.set_xlim(-0.6, len(METHODS) - 0.4)
         ax.set(title=f"{title} ({METRIC_NAMES.get(metric, metric)})", ylabel="dev score" if task == "sst2" else None)
         ax.grid(True, axis="y", alpha=0.3)
-    state = "complete" if payload.get("complete") else "partial (hatched: rate selection still running, 1 seed)"
+    provisional_any = any(r.get("stage") != "table" for r in payload.get("rows", []) if r.get("method") in METHODS)
+    state = ("complete" if payload.get("complete") else
+             "partial: n = seeds finished; whiskers ±1 std over seeds"
+             + ("; hatched: rate selection still running, 1 seed" if provisional_any else ""))
     fig.suptitle(f"all-MiniLM-L6-v2 on GLUE dev: best-on-validation checkpoint at the validation-chosen rate; "
                  f"{state}", fontsize=9)
     return fig
