@@ -140,3 +140,42 @@ def test_design_table(tmp_path, monkeypatch):
     assert "parallel_control: wins cola/b74k (+0.050), rte/b74k (+0.050)" in caption
     assert "costate_lora: wins none, ties 0, losses cola/b74k (-0.050), rte/b74k (-0.050)" in caption
     assert "4 wins, met" in caption
+
+
+def test_glue_gaps_summary(tmp_path, monkeypatch):
+    """The SST-2 budget curve and the RTE resolution from synthetic rows in the sweeps' formats."""
+    from experiments import glue_gaps
+
+    monkeypatch.setattr(glue_gaps, "RESULTS", tmp_path)
+    monkeypatch.setattr(glue_gaps, "OUT", tmp_path / "glue_gaps.jsonl")
+    monkeypatch.setattr(glue_gaps, "SUMMARY", tmp_path / "glue_gaps.json")
+
+    def cfg(task, lr, seed=0, **more):
+        return {"task": task, "method": "full", "lr": lr, "seed": seed, "train_size": None, "epochs": 5, **more}
+
+    def row(config, selected, val=None, last=None, **extra):  # last: the dev score after the last step
+        return {**_row(config, selected, val, **extra), "score": selected if last is None else last}
+
+    for task, lr, val in (("sst2", 1e-4, 0.93), ("sst2", 2e-5, 0.90), ("rte", 8e-6, 0.64), ("rte", 2e-5, 0.60)):
+        append_jsonl(tmp_path / "glue_select.jsonl", row(cfg(task, lr), val - 0.05, val, last=val - 0.04))
+    for seed, acc in ((0, 0.877), (1, 0.881), (2, 0.879)):
+        append_jsonl(tmp_path / "glue_table.jsonl", row(cfg("sst2", 1e-4, seed), acc))
+    for seed, acc in ((0, 0.556), (1, 0.570), (2, 0.563)):
+        append_jsonl(tmp_path / "glue_table.jsonl", row(cfg("rte", 8e-6, seed), acc, last=acc + 0.01))
+    for size, acc in ((5000, 0.85), (None, 0.889)):
+        append_jsonl(tmp_path / "glue_gaps.jsonl", row(cfg("sst2", 1e-4, train_size=size), acc, wall_time_s=1.0))
+    append_jsonl(tmp_path / "glue_gaps.jsonl", row(cfg("rte", 8e-6, epochs=10), 0.57, last=0.58, best_val={"step": 500},
+                                                  total_steps=700))
+    out = glue_gaps.summary()
+    budget = out["sst2_budget"]
+    assert [p["train_rows"] for p in budget["points"]] == [5000, 20000, 67349]
+    assert "reaches 0.8890 >= 0.88: the table's gap is its 20k-row subsample" in budget["verdict"]
+    assert budget["table_20k"]["mean"] == pytest.approx(0.879)
+    rte = out["rte_resolution"]
+    assert rte["n_dev"] == 277 and rte["binomial_se_one_score"] == pytest.approx((0.563 * 0.437 / 277) ** 0.5,
+                                                                                  rel=1e-3)
+    # the dev rows' error (0.030) is shared by every seed: it does not shrink with the seeds' 0.004
+    assert rte["se_of_mean"] == pytest.approx((rte["se_over_seeds"] ** 2 + rte["binomial_se_one_score"] ** 2) ** 0.5)
+    assert rte["goal_within_2se"] is True
+    assert [r["epochs"] for r in rte["longer_training"]] == [10]
+    assert json.loads((tmp_path / "glue_gaps.json").read_text())["rte_resolution"]["lr"] == 8e-6
