@@ -145,7 +145,8 @@ def caption_unified(results_dir: Path) -> str:
         "Leave one task out on MiniLM: for each target task, the projections of LoRA (r=8, q,v), the adapter "
         "(bottleneck 64) and prefix tuning (10 vectors) were trained on the seed-0 GLUE-table solutions of the "
         f"other three tasks ({cfg['approx']['steps']} steps of batch {cfg['approx']['batch_size']}, task loss at "
-        "a random point of the intrinsic vectors' simplex plus the relative reconstruction error); then only z "
+        "a random point of the intrinsic vectors' simplex plus the relative reconstruction error; "
+        f"{_start(cfg['approx'])}; the encoder's first layer a fixed random map); then only z "
         f"(d = {', '.join(str(d) for d in cfg['dims'])}) and a fresh head were trained on the target through each "
         f"method's up-projection for {cfg['stage2_steps']} steps (the GLUE harness otherwise; the rate of z "
         "chosen on validation rows; seeds 0, 1, 2). Grey: the method trained in its original space (GLUE table, "
@@ -153,6 +154,13 @@ def caption_unified(results_dir: Path) -> str:
         f"{claim}. Cells: {cells}. Cut to fit: one approximation per (target, d) (seed 0). "
         f"Command: `python experiments/unified_subspace.py` ({versions_line(payload)})."
     )
+
+
+def _start(approx: dict[str, Any]) -> str:
+    """How stage 1 started (``init``; runs from before the option started from random weights)."""
+    if approx.get("init", "random") == "aligned":
+        return "started aligned: each task's solutions encoded to one unit vector e_t, decoded exactly"
+    return "started from small random weights, as the paper's code"
 
 
 def caption_transfer(results_dir: Path) -> str:
