@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--summary-only", action="store_true")
     args = p.parse_args(argv)
     if not args.summary_only:
-        for spec in (budget_spec(_chosen_lr("sst2")), epochs_spec(_chosen_lr("rte"))):
+        for spec in (epochs_spec(_chosen_lr("rte")), budget_spec(_chosen_lr("sst2"))):  # the shorter runs first
             run_sweep(spec, OUT, echo=progress_echo(summary), **sweep_settings(args))
     return summary()
 
