@@ -7,7 +7,8 @@ method's initial controls under seed 0), ``Δθ_m = θ_m − θ_m⁰``.  One sha
 to every method by two maps (as in the paper's public code):
 
 * the down-projection (encoder) ``I_m = E_m(Δθ_m) = A₂ tanh(A₁ Δθ_m / s_m + a₁) + a₂``
-  (A₁: d×D_m, A₂: d×d): the *intrinsic vector* of a solution;
+  (A₁: d×D_m, A₂: d×d; A₁ stays the random map it starts as, see
+  :meth:`MethodProjection.trained_parameters`): the *intrinsic vector* of a solution;
 * the up-projection (decoder) ``θ_m(z) = θ_m⁰ + s_m W_m z`` (W_m: D_m×d, no bias).
 
 ``s_m`` is a fixed scale per method, the RMS entry of its source solutions' Δθ: the methods' solutions
