@@ -36,11 +36,13 @@ except ImportError:  # Windows: the output folder is not locked
     fcntl = None  # type: ignore[assignment]
 
 CHECKPOINT = "checkpoint.pt"
+"""Resume state inside ``out``: one file, so it is replaced as one unit."""
+DELTAS = "deltas.safetensors"
+"""The deltas at the run's last step."""
 BEST_DELTAS = "best.safetensors"
 """The best-on-validation deltas of a run with validation rows."""
-"""Resume state inside ``out``: one file, so it is replaced as one unit."""
 LOCK = ".controltune-train.lock"
-RESULTS = ("metrics.json", "deltas.safetensors", CHECKPOINT, "checkpoint")
+RESULTS = ("metrics.json", DELTAS, CHECKPOINT, "checkpoint")
 """What makes ``out`` hold a run (``checkpoint`` is the folder of the resume state before ``checkpoint.pt``)."""
 STATE_FORMAT = "controltune-train-state/1"
 NOT_COMPARED = ("out", "resume", "overwrite", "progress", "checkpoint_every", "checkpoint_minutes",
@@ -270,7 +272,7 @@ def reported_deltas(out: str | Path) -> Path:
     """The delta file of the deltas a finished run reports (and leaves in the system): the best-on-validation
     ones (``best.safetensors``) when it had validation rows, else the last step's (``deltas.safetensors``)."""
     best = Path(out) / BEST_DELTAS
-    return best if best.is_file() else Path(out) / "deltas.safetensors"
+    return best if best.is_file() else Path(out) / DELTAS
 
 
 def finished_run(out: str | Path | None) -> dict[str, Any] | None:

@@ -424,6 +424,9 @@ def run_cell(config: dict[str, Any], threads: int = 1, runs_dir: str | None = No
                train_time_s=(result or {}).get("wall_time_s"), wall_time_s=time.perf_counter() - start,
                peak_memory_mb=(peak_rss_mb() if per_cell else None) or peak_memory_mb(_device(config)),
                peak_memory_scope="cell" if per_cell else "process", run_dir=str(out) if out else None)
+    # The evaluation curves travel in the row: run folders stay on the machine that trained, rows are committed.
+    curves = (result or {}).get("curves") or {}
+    row["curves"] = {k: curves[k] for k in ("val", "dev") if curves.get(k)} or None
     if row["status"] == "done" and (result or {}).get("stages"):
         row["stages"] = [{"stage": i, "method": r.get("config", {}).get("extra", {}).get("stage_method"),
                           "val_score": (r.get("best_val") or {}).get(metric),
@@ -542,18 +545,29 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, address: str | None = None, c
     Returns:
         ``{cells, skipped, ran, done, diverged, failed, executor, out}``.
     """
+    return run_cells(expand(spec, defaults), out, name=spec.name, address=address, cpus_per_cell=cpus_per_cell,
+                     cpus=cpus, executor=executor, runs_dir=runs_dir, echo=echo)
+
+
+def run_cells(cells: list[Cell], out: str | Path, *, name: str, address: str | None = None, cpus_per_cell: int = 1,
+              cpus: int | None = None, executor: str = "auto", runs_dir: str | Path | None = None,
+              echo: Callable[[str], None] | None = None, skip_finished: bool = True) -> dict[str, Any]:
+    """Run expanded ``cells`` (:func:`expand`) as :func:`run_sweep` does, appending their rows to ``out``.
+
+    ``skip_finished=False`` runs every cell even if ``out`` has a finished row of it (to rebuild a run
+    folder that was lost, or to check that a cell reproduces its row); the new row is appended.
+    """
     say = echo or (lambda line: print(line, flush=True))
     if cpus_per_cell < 1:
         raise ValueError(f"cpus_per_cell must be at least 1, got {cpus_per_cell}")
     local_cpus = cpus or machine_cpus()
     if not address and cpus_per_cell > local_cpus:
         raise ValueError(f"cpus_per_cell={cpus_per_cell} exceeds the {local_cpus} CPUs of this machine")
-    cells = expand(spec, defaults)
-    done_before = finished_configs(read_jsonl(out))
+    done_before = finished_configs(read_jsonl(out)) if skip_finished else set()
     todo = [c for c in cells if canonical_config(c) not in done_before]
     summary: dict[str, Any] = {"cells": len(cells), "skipped": len(cells) - len(todo), "ran": 0, "done": 0,
                                "diverged": 0, "failed": 0, "executor": None, "out": str(out)}
-    say(f"sweep {spec.name}: {len(cells)} cells, {summary['skipped']} finished before, {len(todo)} to run -> {out}")
+    say(f"sweep {name}: {len(cells)} cells, {summary['skipped']} finished before, {len(todo)} to run -> {out}")
     if not todo:
         return summary
     kind, ray = _open_executor(executor, address, local_cpus, lambda line: print(line, file=sys.stderr))

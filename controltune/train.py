@@ -80,6 +80,7 @@ from .results import stamp, write_json
 from .run_folder import (
     BEST_DELTAS,
     CHECKPOINT,
+    DELTAS,
     check_output_folder,
     checkpoint_due,
     clear_output_folder,
@@ -576,7 +577,7 @@ def _train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exa
         log["dev"].append(final)
         log["final"] = final
     if out is not None:
-        checkpoint.save(system, out / "deltas.safetensors", spec)
+        checkpoint.save(system, out / DELTAS, spec)
     if validating:
         log["dev_at_best_val"] = _restore_best(system, log["best_val"]["step"], best_deltas, total, final,
                                                config.budget, lambda: scores_on(dev_examples))

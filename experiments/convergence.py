@@ -14,6 +14,7 @@ prefix, prompt tuning far slower) against the ordering measured.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -26,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from glue_table import METHODS, TASKS  # noqa: E402
 from rate_selection import choose_lrs  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "experiments" / "results"
 OUT = RESULTS / "convergence.json"
 REACH = 0.9
 """A curve has converged once it reaches this fraction of its best validation score."""
@@ -35,15 +37,20 @@ CLAIMED = ("full", "adapter", "lora", "prefix", "prompt")
 
 
 def _curve(row: dict[str, Any]) -> dict[str, Any] | None:
-    path = Path(row.get("run_dir") or "") / "metrics.json"
-    if not row.get("run_dir") or not path.is_file():
-        return None
-    metrics = json.loads(path.read_text())
+    """The cell's validation curve: from its row (rows carry it since 2026-12-03), else from its run folder."""
+    if (row.get("curves") or {}).get("val") and row.get("total_steps") and row.get("train_time_s"):
+        points, seconds, steps = row["curves"]["val"], row["train_time_s"], row["total_steps"]
+    else:
+        path = ROOT / (row.get("run_dir") or "") / "metrics.json"
+        if not row.get("run_dir") or not path.is_file():
+            return None
+        metrics = json.loads(path.read_text())
+        points, seconds, steps = metrics["curves"].get("val", []), metrics["wall_time_s"], metrics.get("total_steps")
     metric = row["metric"]
-    val = [(p["step"], p[metric]) for p in metrics["curves"].get("val", []) if metric in p]
-    if not val or not metrics.get("total_steps"):
+    val = [(p["step"], p[metric]) for p in points if metric in p]
+    if not val or not steps:
         return None
-    per_step = float(metrics["wall_time_s"]) / float(metrics["total_steps"])
+    per_step = float(seconds) / float(steps)
     return {"steps": [s for s, _ in val], "scores": [v for _, v in val], "seconds_per_step": per_step,
             "seed": row["config"]["seed"]}
 
@@ -71,7 +78,8 @@ def summary() -> dict[str, Any]:
     select = read_jsonl(RESULTS / "glue_select.jsonl")
     table = read_jsonl(RESULTS / "glue_table.jsonl")
     chosen = choose_lrs(select)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    absent: list[str] = []
     for task in TASKS:
         for method in METHODS:
             info = chosen.get((task, method))
@@ -81,6 +89,7 @@ def summary() -> dict[str, Any]:
                      and r["config"]["method"] == method and float(r["config"]["lr"]) == info["lr"]
                      and not r.get("copied_from")]
             curves = [c for c in (_curve(r) for r in cells) if c]
+            absent += [r["cell"] for r in cells if _curve(r) is None]
             seen, unique = set(), []
             for c in curves:  # a seed's cell appears in both files when copied; keep one per seed
                 if c["seed"] not in seen:
@@ -120,11 +129,20 @@ def summary() -> dict[str, Any]:
                        "claimed": [m for m in CLAIMED if m in by_steps]})
     return {**stamp({"source": "GLUE table runs (glue_select.jsonl, glue_table.jsonl, runs/glue_table/*/metrics.json)",
                      "reach": REACH, "command": "python experiments/convergence.py"}),
-            "rows": rows, "orders": orders}
+            "rows": rows, "orders": orders, "cells_without_curves": sorted(set(absent))}
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--allow-missing", action="store_true",
+                   help="write the summary even if some finished cells have no curve here (fewer seeds)")
+    args = p.parse_args(argv)
     payload = summary()
+    if payload["cells_without_curves"] and not args.allow_missing:
+        raise SystemExit(f"{len(payload['cells_without_curves'])} finished GLUE cells have no validation curve "
+                         "here (rows written before rows carried curves, and no run folder on this machine): "
+                         "rebuild their run folders with experiments/rebuild_runs.py, or pass --allow-missing "
+                         f"to summarise fewer seeds; {OUT.name} is left as it was")
     write_json(OUT, payload)
     for r in payload["rows"]:
         print(f"{r['task']:<5} {r['method']:<8} n={r['n_seeds']} own level at step {r['steps_to_own']}, "
@@ -132,3 +150,8 @@ if __name__ == "__main__":
     for o in payload["orders"]:
         print(f"{o['task']}: by steps {o['by_steps_to_common']}, by seconds {o['by_seconds_to_common']}, never "
               f"{o['never_reached']}; claimed {o['claimed']}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -32,6 +32,7 @@ step() {
 step glue_table --cpus-per-cell 1
 step convergence
 step glue_gaps --cpus-per-cell 2
+step rebuild_runs --methods lora,adapter,prefix --seeds 0  # the unified subspace's sources, where their folders are lost
 step unified_subspace
 step apet
 step transfer

@@ -203,3 +203,30 @@ def test_a_sequential_cell_trains_stage_by_stage_and_continues_at_the_stage_it_s
     bad = sweep.parse_spec({**config, "grid": {**config["grid"], "method": "lora", "options": {}}})
     sweep.run_sweep(bad, tmp_path / "bad.jsonl", executor="local", echo=lambda _: None)
     assert "one part" in read_jsonl(tmp_path / "bad.jsonl")[0]["reason"]
+
+
+def test_a_lost_run_folder_is_rebuilt_from_its_row_and_reproduces_it(task, tmp_path, monkeypatch):
+    """``experiments/rebuild_runs.py``: the recorded cell is trained again into its folder, scores identical."""
+    from experiments import rebuild_runs
+
+    spec = sweep.parse_spec({"name": "glue_select",
+                             "grid": {"model": "random:bert", "method": "bitfit", "task": str(task), "lr": 1e-2},
+                             "train": {"steps": 3, "batch_size": 8, "max_length": 16, "val_size": 0.25,
+                                       "eval_every": 1}})
+    runs = tmp_path / "runs" / "glue_table"
+    sweep.run_sweep(spec, tmp_path / "glue_select.jsonl", executor="local", runs_dir=runs, echo=lambda _: None)
+    row = read_jsonl(tmp_path / "glue_select.jsonl")[0]
+    assert row["curves"]["val"] and row["curves"]["dev"]  # rows carry their curves: folders are not committed
+    (runs / row["cell"] / "deltas.safetensors").unlink()
+    for name, value in (("RESULTS", tmp_path), ("OUT", tmp_path / "rebuilt.jsonl"),
+                        ("SUMMARY", tmp_path / "rebuilt.json"), ("TASKS", [str(task)]), ("METHODS", ["bitfit"])):
+        monkeypatch.setattr(rebuild_runs, name, value)
+    argv = ["--tasks", str(task), "--methods", "bitfit", "--seeds", "0", "--executor", "local"]
+    assert rebuild_runs.main([*argv, "--plan"])["todo"] == [row["cell"]]
+    payload = rebuild_runs.main(argv)
+    assert (runs / row["cell"] / "deltas.safetensors").is_file() and payload["still_missing"] == []
+    assert payload["n_rebuilt"] == payload["n_identical"] == 1 and payload["max_abs_difference"] == 0.0
+    assert payload["cells"][0]["rebuilt"]["score_at_best_val"] == row["score_at_best_val"] is not None
+    assert rebuild_runs.main([*argv, "--plan"])["todo"] == []  # nothing left to train
+    with pytest.raises(SystemExit):
+        rebuild_runs.main(["--methods", "nope"])
