@@ -381,6 +381,14 @@ def peak_rss_mb() -> float | None:
     return None
 
 
+def train_loss_end(losses: list[float], share: float = 0.1) -> float | None:
+    """Mean minibatch training loss J over the last ``share`` of the steps (None without steps)."""
+    if not losses:
+        return None
+    tail = losses[-max(1, int(len(losses) * share)):]
+    return float(sum(tail) / len(tail))
+
+
 def run_cell(config: dict[str, Any], threads: int = 1, runs_dir: str | None = None) -> dict[str, Any]:
     """Train one cell with ``threads`` torch threads; its row (never raises for a failed run).
 
@@ -427,6 +435,7 @@ def run_cell(config: dict[str, Any], threads: int = 1, runs_dir: str | None = No
     # The evaluation curves travel in the row: run folders stay on the machine that trained, rows are committed.
     curves = (result or {}).get("curves") or {}
     row["curves"] = {k: curves[k] for k in ("val", "dev") if curves.get(k)} or None
+    row["train_loss_end"] = train_loss_end(curves.get("train_loss") or [])
     if row["status"] == "done" and (result or {}).get("stages"):
         row["stages"] = [{"stage": i, "method": r.get("config", {}).get("extra", {}).get("stage_method"),
                           "val_score": (r.get("best_val") or {}).get(metric),

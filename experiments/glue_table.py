@@ -72,6 +72,7 @@ from controltune.sweep import (
     load_spec,
     parse_spec,
     run_sweep,
+    train_loss_end,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the experiments' shared modules, run or imported
@@ -224,14 +225,41 @@ def _curves(row: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _train_loss_end(rows: list[dict[str, Any]]) -> float | None:
-    """Mean training loss over the last 10 % of steps, averaged over the cells that have curves."""
+    """Mean training loss over the last 10 % of steps (:func:`controltune.sweep.train_loss_end`), averaged
+    over the cells; None unless every cell has it (in its row, or in its run folder on this machine)."""
     ends = []
     for row in rows:
-        curves = _curves(row)
-        if curves and curves.get("train_loss"):
-            losses = curves["train_loss"]
-            ends.append(statistics.fmean(losses[-max(1, len(losses) // 10):]))
-    return statistics.fmean(ends) if ends else None
+        if row.get("train_loss_end") is not None:
+            ends.append(float(row["train_loss_end"]))
+        elif (curves := _curves(row)) and curves.get("train_loss"):
+            ends.append(train_loss_end(curves["train_loss"]))
+    return statistics.fmean(ends) if ends and len(ends) == len(rows) else None
+
+
+def carried_losses(rows: list[dict[str, Any]], previous: Path) -> None:
+    """Keep the training losses an earlier summary measured when the run folders are gone from this machine.
+
+    Rows written before 2026-12-03 do not carry their training loss; it was read from the run folders, which
+    are never committed.  A pair whose cells (rate and seeds) are the ones the earlier ``glue_table.json``
+    measured takes that summary's values, marked with its date; any other change leaves them None.
+    """
+    if not previous.is_file():
+        return
+    import json
+
+    before = json.loads(previous.read_text())
+    old = {(r["task"], r["method"]): r for r in before.get("rows", [])}
+    for row in rows:
+        reasons, then = row.get("gap_reasons"), old.get((row["task"], row["method"]))
+        if not reasons or reasons["train_loss_end"] is not None or not then or not then.get("gap_reasons"):
+            continue
+        same = then["lr"] == row["lr"] and then["seeds"] == row["seeds"] and then["scores"] == row["scores"]
+        if not same or then["gap_reasons"].get("train_loss_end") is None:
+            continue
+        kept = {k: then["gap_reasons"][k] for k in ("train_loss_end", "full_train_loss_end")}
+        source = then["gap_reasons"].get("train_loss_source") or f"glue_table.json of {before.get('created')}"
+        row["gap_reasons"] = {**reasons, **kept, "train_loss_source": source,
+                              "reasons": then["gap_reasons"]["reasons"]}
 
 
 def gap_reasons(row: dict[str, Any], cells: list[dict[str, Any]], full_cells: list[dict[str, Any]]) -> dict[str, Any]:
@@ -340,6 +368,7 @@ def write_summary(select: SweepSpec, table: SweepSpec, out: Path = SUMMARY) -> d
     """Rewrite ``glue_table.json`` from whatever rows exist."""
     select_rows, table_rows_in = read_jsonl(select.out), read_jsonl(table.out)
     rows = table_rows(select_rows, table_rows_in)
+    carried_losses(rows, out)
     chosen = [{"task": t, "method": m, **info} for (t, m), info in sorted(choose_lrs(select_rows).items())]
     payload = {**stamp({"select_spec": "experiments/glue_select.yaml", "table_spec": "experiments/glue_table.yaml",
                         "model": "minilm", "dtype": "float32", "seeds": [0, 1, 2],

@@ -164,8 +164,9 @@ def test_glue_gaps_summary(tmp_path, monkeypatch):
         append_jsonl(tmp_path / "glue_table.jsonl", row(cfg("rte", 8e-6, seed), acc, last=acc + 0.01))
     for size, acc in ((5000, 0.85), (None, 0.889)):
         append_jsonl(tmp_path / "glue_gaps.jsonl", row(cfg("sst2", 1e-4, train_size=size), acc, wall_time_s=1.0))
-    append_jsonl(tmp_path / "glue_gaps.jsonl", row(cfg("rte", 8e-6, epochs=10), 0.57, last=0.58, best_val={"step": 500},
-                                                  total_steps=700))
+    for seed, acc in ((0, 0.57), (1, 0.59), (2, 0.60)):
+        append_jsonl(tmp_path / "glue_gaps.jsonl", row(cfg("rte", 8e-6, seed, epochs=10), acc, last=0.58,
+                                                      best_val={"step": 500}, total_steps=700))
     out = glue_gaps.summary()
     budget = out["sst2_budget"]
     assert [p["train_rows"] for p in budget["points"]] == [5000, 20000, 67349]
@@ -177,5 +178,26 @@ def test_glue_gaps_summary(tmp_path, monkeypatch):
     # the dev rows' error (0.030) is shared by every seed: it does not shrink with the seeds' 0.004
     assert rte["se_of_mean"] == pytest.approx((rte["se_over_seeds"] ** 2 + rte["binomial_se_one_score"] ** 2) ** 0.5)
     assert rte["goal_within_2se"] is True
-    assert [r["epochs"] for r in rte["longer_training"]] == [10]
+    assert [r["epochs"] for r in rte["longer_training"]] == [10, 10, 10]
+    longer = rte["longer_training_at_table_rate"]
+    assert longer["n_seeds"] == 3 and longer["mean"] == pytest.approx(0.5866667) and longer["goal_met"] is True
+    assert longer["se_of_mean"] > rte["binomial_se_one_score"] * 0.9
     assert json.loads((tmp_path / "glue_gaps.json").read_text())["rte_resolution"]["lr"] == 8e-6
+
+
+def test_glue_table_keeps_measured_losses_when_run_folders_are_gone(tmp_path):
+    """A pair whose cells are unchanged keeps the training losses an earlier summary read from run folders."""
+    from experiments import glue_table
+
+    def pair(loss, scores, source=None):
+        reasons = {"rate_at_grid_edge": False, "best_val_at_last_step": "0/3", "train_loss_end": loss,
+                   "full_train_loss_end": None if loss is None else 0.2, "reasons": ["it fits the training data less"]}
+        return {"task": "cola", "method": "prompt", "lr": 2e-3, "seeds": [0, 1, 2], "scores": scores,
+                "gap_reasons": {**reasons, **({"train_loss_source": source} if source else {})}}
+
+    write_json(tmp_path / "glue_table.json", {"created": "then", "rows": [pair(0.57, [0.1, 0.2, 0.3])]})
+    same, changed = pair(None, [0.1, 0.2, 0.3]), pair(None, [0.1, 0.2, 0.4])
+    glue_table.carried_losses([same, changed], tmp_path / "glue_table.json")
+    assert same["gap_reasons"]["train_loss_end"] == 0.57 and same["gap_reasons"]["full_train_loss_end"] == 0.2
+    assert same["gap_reasons"]["train_loss_source"] == "glue_table.json of then"
+    assert changed["gap_reasons"]["train_loss_end"] is None  # other cells: nothing is carried over
