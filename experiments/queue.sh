@@ -42,5 +42,7 @@ step scale
 step unipelt_low_resource
 step design_table --tasks rte,mrpc
 step design_table
+step rebuild_runs  # every GLUE cell whose folder is gone: the convergence curves of all 3 seeds, and a reproduction check
+step convergence
 .venv/bin/controltune figures >> experiments/results/queue.log 2>&1  # every figure whose results now exist
 echo "$(date '+%F %T') queue: done"
