@@ -1,7 +1,7 @@
 #!/bin/sh
-# The background queue of the experiments that take hours, in the order their issues need them:
-# the GLUE table and its gap measurements (issue 14), the unified subspace and APET studies (16),
-# the Delta Tuning analyses and UniPELT (15), the design table (18).  Every step is resumable
+# The background queue of the experiments that take hours: the GLUE table and its gap measurements
+# (issue 14), the unified subspace (16), then the other studies cheapest first (15, 16's APET), the
+# design table (18) last.  Every step is resumable
 # (finished cells are skipped, a stopped cell resumes from its checkpoint), so after any stop
 # the same command continues where the queue stopped.  One step at a time: each sweep already
 # uses every core (one torch thread per cell), and two sweeps side by side would oversubscribe them.
@@ -34,12 +34,13 @@ step convergence
 step glue_gaps --cpus-per-cell 2
 step rebuild_runs --methods lora,adapter,prefix --seeds 0  # the unified subspace's sources, where their folders are lost
 step unified_subspace
-step apet
-step transfer
+# the cheaper studies first (a claim each within a session or two), the design table (~43 core-hours) last
 step sequential
-step composability
-step scale
+step transfer
 step unipelt_low_resource
+step scale
+step apet
+step composability
 step design_table --tasks rte,mrpc
 step design_table
 step rebuild_runs  # every GLUE cell whose folder is gone: the convergence curves of all 3 seeds, and a reproduction check
