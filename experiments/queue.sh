@@ -45,5 +45,6 @@ step design_table --tasks rte,mrpc
 step design_table
 step rebuild_runs  # every GLUE cell whose folder is gone: the convergence curves of all 3 seeds, and a reproduction check
 step convergence
+step transfer  # scores the runs rebuilt since its first pass
 .venv/bin/controltune figures >> experiments/results/queue.log 2>&1  # every figure whose results now exist
 echo "$(date '+%F %T') queue: done"
