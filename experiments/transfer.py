@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from controltune.results import append_jsonl, read_jsonl, stamp, write_json
+from controltune.run_folder import DELTAS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import choose_lrs, mean_std, task_method  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+ROOT, RESULTS = HERE.parent, HERE / "results"
 OUT, SUMMARY = RESULTS / "transfer.jsonl", RESULTS / "transfer.json"
 TASKS = ("sst2", "mrpc", "rte", "cola")
 METHODS = ("full", "lora", "adapter", "prefix", "prompt", "bitfit")
@@ -40,8 +41,9 @@ LABEL_MAP = {"sst2": 1, "cola": 1, "mrpc": 1, "rte": 0}
 KIND = {"sst2": "single", "cola": "single", "mrpc": "pair", "rte": "pair"}
 
 
-def source_rows() -> list[dict[str, Any]]:
-    """Finished GLUE cells at their pair's chosen rate, with their deltas on disk (one per seed)."""
+def source_rows(lost: list[str] | None = None) -> list[dict[str, Any]]:
+    """Finished GLUE cells at their pair's chosen rate, with their deltas on disk (one per seed); the cells whose
+    deltas are not on this machine are appended to ``lost`` (``experiments/rebuild_runs.py`` makes them again)."""
     select = read_jsonl(RESULTS / "glue_select.jsonl")
     chosen = choose_lrs(select)
     out = {}
@@ -50,8 +52,10 @@ def source_rows() -> list[dict[str, Any]]:
         if (row.get("status") != "done" or pair[1] not in METHODS or not row.get("run_dir")
                 or float(row["config"]["lr"]) != chosen.get(pair, {}).get("lr")):
             continue
-        if (Path(row["run_dir"]) / "deltas.safetensors").is_file():
+        if (ROOT / row["run_dir"] / DELTAS).is_file():
             out.setdefault(row["cell"], row)
+        elif lost is not None and row["cell"] not in lost:
+            lost.append(row["cell"])
     return list(out.values())
 
 
@@ -78,7 +82,7 @@ def _score(job: tuple[dict[str, Any], str]) -> dict[str, Any]:
     loaded = load_model(cfg["model"], dtype=cfg["dtype"])
     system = ResidualSystem(loaded, num_labels=2, pooling=cfg["pooling"], seed=cfg["seed"])
     build_spec(system, cfg["method"], cfg["options"], cfg["seed"], cfg["task"])
-    checkpoint.load(system, reported_deltas(row["run_dir"]))  # the deltas the row's dev score is of
+    checkpoint.load(system, reported_deltas(ROOT / row["run_dir"]))  # the deltas the row's dev score is of
     if swapped(cfg["task"], target):
         with torch.no_grad():
             head = system.readout.head
@@ -92,9 +96,13 @@ def _score(job: tuple[dict[str, Any], str]) -> dict[str, Any]:
 
 def run(jobs: int) -> None:
     have = {(r["cell"], r["target"]) for r in read_jsonl(OUT)}
-    todo = [(row, t) for row in source_rows() for t in TASKS if t != row["config"]["task"]
+    lost: list[str] = []
+    todo = [(row, t) for row in source_rows(lost) for t in TASKS if t != row["config"]["task"]
             and (row["cell"], t) not in have]
     print(f"{len(todo)} (source run, target) scores to compute", flush=True)
+    if lost:
+        print(f"{len(lost)} finished GLUE runs have no deltas on this machine and are not scored: "
+              "python experiments/rebuild_runs.py makes them again", flush=True)
     with ProcessPoolExecutor(max(1, jobs)) as pool:
         for out in pool.map(_score, todo):
             append_jsonl(OUT, {**stamp({"label_map": LABEL_MAP}), **out})

@@ -97,10 +97,23 @@ def glue_solutions(task: str, method: str) -> list[str]:
         if (row.get("status") == "done" and task_method(row) == (task, method)
                 and float(row["config"]["lr"]) == chosen and row.get("run_dir")
                 and int(row["config"]["seed"]) in SOURCE_SEEDS):
-            folder = Path(row["run_dir"])
+            folder = ROOT / row["run_dir"]
             if (folder / "deltas.safetensors").is_file():
                 runs.setdefault(int(row["config"]["seed"]), str(folder))
     return [runs[s] for s in sorted(runs)]
+
+
+def lost_hint(missing: list[tuple[str, str]]) -> str:
+    """How to get the missing sources: finished GLUE cells whose folders are gone are rebuilt, others trained."""
+    rows = read_jsonl(RESULTS / "glue_select.jsonl") + read_jsonl(RESULTS / "glue_table.jsonl")
+    finished = {task_method(r) for r in rows if r.get("status") == "done"}
+    lost = [pair for pair in missing if pair in finished]
+    if not lost:
+        return "run experiments/glue_table.py"
+    methods = sorted({m for _, m in lost}, key=METHODS.index)
+    return (f"{len(lost)} of them finished on a machine whose run folders are not here: "
+            f"python experiments/rebuild_runs.py --methods {','.join(methods)} --seeds "
+            + " ".join(str(s) for s in SOURCE_SEEDS))
 
 
 def sources_of(target: str) -> tuple[list[str], list[tuple[str, str]]]:
@@ -140,7 +153,7 @@ def run_approximations(targets, jobs: int, echo) -> list[tuple[str, int]]:
     for target in targets:
         runs, missing = sources_of(target)
         if missing:
-            echo(f"approximation for {target} waits for GLUE cells of {missing}")
+            echo(f"approximation for {target} waits for GLUE cells of {missing} ({lost_hint(missing)})")
             continue
         todo += [(target, dim, runs) for dim in DIMS if (target, dim) not in done]
     if todo:
@@ -359,7 +372,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.plan:
         for t in targets:
             runs, missing = sources_of(t)
-            print(f"{t}: {len(runs)} source runs" + (f"; waiting for {missing}" if missing else ""))
+            print(f"{t}: {len(runs)} source runs" + (f"; waiting for {missing} ({lost_hint(missing)})"
+                                                      if missing else ""))
         n = len(targets) * len(DIMS) * len(METHODS)
         print(f"{len(targets) * len(DIMS)} approximations, {n * len(Z_RATES)} selection cells (+ edge rates), "
               f"{2 * n} table cells of seeds 1, 2, {2 * 3 * n // 3} transfers")
