@@ -201,3 +201,29 @@ def test_glue_table_keeps_measured_losses_when_run_folders_are_gone(tmp_path):
     assert same["gap_reasons"]["train_loss_end"] == 0.57 and same["gap_reasons"]["full_train_loss_end"] == 0.2
     assert same["gap_reasons"]["train_loss_source"] == "glue_table.json of then"
     assert changed["gap_reasons"]["train_loss_end"] is None  # other cells: nothing is carried over
+
+
+def test_convergence_reads_curves_from_rows_and_keeps_its_summary_when_curves_are_missing(tmp_path, monkeypatch):
+    from experiments import convergence
+
+    monkeypatch.setattr(convergence, "RESULTS", tmp_path)
+    monkeypatch.setattr(convergence, "OUT", tmp_path / "convergence.json")
+    write_json(tmp_path / "glue_table.json", {"majority": [{"task": "sst2", "mean": 0.5}]})
+
+    def cfg(method, seed):
+        return {"task": "sst2", "method": method, "lr": 1e-3, "seed": seed}
+
+    curve = {"val": [{"step": 10, "accuracy": 0.7}, {"step": 20, "accuracy": 0.9}]}
+    for method, seed in itertools.product(("full", "lora"), (0, 1)):
+        append_jsonl(tmp_path / "glue_select.jsonl" if seed == 0 else tmp_path / "glue_table.jsonl",
+                     _row(cfg(method, seed), 0.9, curves=curve, total_steps=20, train_time_s=10.0))
+    payload = convergence.main([])
+    rows = {r["method"]: r for r in payload["rows"]}
+    assert rows["lora"]["n_seeds"] == 2 and rows["lora"]["mean_val"] == [0.7, 0.9]
+    assert rows["lora"]["seconds_per_step"] == 0.5 and payload["cells_without_curves"] == []
+    before = (tmp_path / "convergence.json").read_text()
+    append_jsonl(tmp_path / "glue_table.jsonl", _row(cfg("lora", 2), 0.9, run_dir="runs/gone"))  # no curve, no folder
+    with pytest.raises(SystemExit, match="1 finished GLUE cells have no validation curve"):
+        convergence.main([])
+    assert (tmp_path / "convergence.json").read_text() == before
+    assert convergence.main(["--allow-missing"])["cells_without_curves"] == [_row(cfg("lora", 2), 0.9)["cell"]]
