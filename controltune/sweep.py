@@ -398,7 +398,9 @@ def run_cell(config: dict[str, Any], threads: int = 1, runs_dir: str | None = No
     ``diverged`` (``reason``, ``diverged``: where; no score) or ``failed`` (``reason``:
     the error, ``traceback``).  ``peak_memory_mb`` is the peak resident memory of the cell
     (on Linux the process's peak is reset when the cell starts; elsewhere, and on a GPU,
-    the process's peak so far, ``peak_memory_scope`` says which).
+    the process's peak so far, ``peak_memory_scope`` says which).  ``curves`` holds the validation and
+    dev evaluations (``{"val": [{step, metric...}], "dev": [...]}``) and ``train_loss_end`` the mean
+    training loss over the last 10 % of steps, so that a row is complete without its run folder.
     """
     start = time.perf_counter()
     per_cell = config.get("device", "cpu") == "cpu" and reset_peak_rss()
