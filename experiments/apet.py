@@ -45,8 +45,10 @@ from rate_selection import (  # noqa: E402
     POOLING,
     add_sweep_arguments,
     choose_lrs,
+    describe_hours,
     extended_spec,
     mean_std,
+    observed_core_hours,
     progress_echo,
     require_rates,
     select_then_tabulate,
@@ -286,7 +288,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         n_tab = len(models) * len(tasks) * (len(BUDGETS) * len(DRAWS) + 1) * len(SEEDS)
         print(f"{n_sel} selection cells (+ edge rates), {n_tab} table cells (one of them a copy per pair), "
               f"{len(models) * len(tasks) * len(BUDGETS) * len(DRAWS)} draw scores")
-        return {}
+        # a cell's time depends on the model and on whether it is full fine-tuning (fixed steps and length)
+        planned = {(m, "arbitrary"): len(tasks) * (len(RATES) + len(BUDGETS) * len(DRAWS) * len(SEEDS) - 1)
+                   for m in models}
+        planned.update({(m, "full"): len(tasks) * len(SEEDS) for m in models})
+        est = observed_core_hours(planned, read_jsonl(SELECT_OUT) + read_jsonl(TABLE_OUT),
+                                  lambda r: (r["config"]["model"], r["config"]["method"]))
+        print(describe_hours("cells", est))
+        return est
     if args.summary_only:
         return summary(models, tasks)
 

@@ -239,3 +239,34 @@ def progress_echo(refresh: Callable[[], Any]) -> Callable[[str], None]:
             refresh()
 
     return echo
+
+
+def observed_core_hours(planned: dict[Any, int], rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], Any],
+                        seconds: Callable[[dict[str, Any]], float | None] = lambda r: r.get("wall_time_s"),
+                        done: dict[Any, int] | None = None) -> dict[str, Any]:
+    """A study's time from its own finished rows: ``planned`` counts the cells of each kind (``key`` of a row's
+    config or row); a kind's cells still to run take the mean time of its finished rows.  ``done``: how many of
+    each kind need not run again (default: its finished rows; fewer when their outputs are gone).
+
+    Returns ``{spent, remaining, unknown}``: core-hours spent, core-hours still to run for the kinds that have a
+    finished row, and the number of cells of kinds that have none (no estimate for them yet).
+    """
+    times: dict[Any, list[float]] = defaultdict(list)
+    for row in rows:
+        if row.get("status", "done") in FINISHED and (s := seconds(row)):
+            times[key(row)].append(float(s))
+    remaining, unknown = 0.0, 0
+    for kind, n in planned.items():
+        left = max(0, n - (len(times.get(kind, [])) if done is None else done.get(kind, 0)))
+        if times.get(kind):
+            remaining += left * sum(times[kind]) / len(times[kind])
+        else:
+            unknown += left
+    spent = sum(sum(v) for v in times.values())
+    return {"spent": spent / 3600, "remaining": remaining / 3600, "unknown": unknown}
+
+
+def describe_hours(name: str, est: dict[str, Any]) -> str:
+    """``approximations: 1.4 core-h spent, 0.0 to run (3 cells not timed yet)``."""
+    tail = f" ({est['unknown']} cells of kinds not timed yet)" if est["unknown"] else ""
+    return f"{name}: {est['spent']:.1f} core-h spent, ~{est['remaining']:.1f} core-h to run{tail}"
