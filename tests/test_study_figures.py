@@ -227,3 +227,16 @@ def test_convergence_reads_curves_from_rows_and_keeps_its_summary_when_curves_ar
         convergence.main([])
     assert (tmp_path / "convergence.json").read_text() == before
     assert convergence.main(["--allow-missing"])["cells_without_curves"] == [_row(cfg("lora", 2), 0.9)["cell"]]
+
+
+def test_observed_core_hours_times_each_kind_by_its_own_finished_rows():
+    from experiments.rate_selection import describe_hours, observed_core_hours
+
+    rows = [{"config": {"task": "cola"}, "status": "done", "wall_time_s": 3600.0},
+            {"config": {"task": "cola"}, "status": "done", "wall_time_s": 7200.0},
+            {"config": {"task": "cola"}, "status": "failed", "wall_time_s": 99.0}]  # not a finished cell
+    est = observed_core_hours({"cola": 4, "rte": 3}, rows, lambda r: r["config"]["task"])
+    assert est == {"spent": 3.0, "remaining": 3.0, "unknown": 3}  # 2 cola cells left at 1.5 h; rte untimed
+    assert observed_core_hours({"cola": 4}, rows, lambda r: r["config"]["task"], done={"cola": 0})["remaining"] == 6.0
+    assert describe_hours("cells", est) == ("cells: 3.0 core-h spent, ~3.0 core-h to run "
+                                            "(3 cells of kinds not timed yet)")
