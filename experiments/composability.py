@@ -43,11 +43,13 @@ from rate_selection import (  # noqa: E402
     add_sweep_arguments,
     choose_lrs,
     chosen_rows,
+    describe_hours,
     extended_spec,
     mean_std,
     progress_echo,
     require_rates,
     select_then_tabulate,
+    sweep_hours,
     sweep_settings,
     two_se,
 )
@@ -163,7 +165,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cells = expand(selection_spec(tasks))
         print(f"{len(cells)} selection cells ({len(tasks)} tasks x {len(SUBSETS)} subsets; the single-method ones are "
               f"GLUE table cells), then {2 * len(tasks) * len(SUBSETS)} table cells of seeds 1 and 2")
-        return {"cells": len(cells)}
+        glue = read_jsonl(RESULTS / "glue_select.jsonl") + read_jsonl(RESULTS / "glue_table.jsonl")  # the singles
+        est = sweep_hours(cells, read_jsonl(SELECT_OUT) + read_jsonl(TABLE_OUT) + glue, seeds_after=2)
+        print(describe_hours("cells", est))
+        return {"cells": len(cells), "hours": est}
     if args.summary_only:
         return summary(tasks)
     select_then_tabulate(lambda rows: selection_spec(tasks, rows), SELECT_OUT,

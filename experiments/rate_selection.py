@@ -248,8 +248,8 @@ def observed_core_hours(planned: dict[Any, int], rows: list[dict[str, Any]], key
     config or row); a kind's cells still to run take the mean time of its finished rows.  ``done``: how many of
     each kind need not run again (default: its finished rows; fewer when their outputs are gone).
 
-    Returns ``{spent, remaining, unknown}``: core-hours spent, core-hours still to run for the kinds that have a
-    finished row, and the number of cells of kinds that have none (no estimate for them yet).
+    Returns ``{spent, remaining, unknown}``: core-hours spent on the planned kinds, core-hours still to run for
+    the kinds that have a finished row, and the number of cells of kinds that have none (no estimate for them yet).
     """
     times: dict[Any, list[float]] = defaultdict(list)
     for row in rows:
@@ -262,7 +262,7 @@ def observed_core_hours(planned: dict[Any, int], rows: list[dict[str, Any]], key
             remaining += left * sum(times[kind]) / len(times[kind])
         else:
             unknown += left
-    spent = sum(sum(v) for v in times.values())
+    spent = sum(sum(v) for kind, v in times.items() if kind in planned)
     return {"spent": spent / 3600, "remaining": remaining / 3600, "unknown": unknown}
 
 
@@ -270,3 +270,20 @@ def describe_hours(name: str, est: dict[str, Any]) -> str:
     """``approximations: 1.4 core-h spent, 0.0 to run (3 cells not timed yet)``."""
     tail = f" ({est['unknown']} cells of kinds not timed yet)" if est["unknown"] else ""
     return f"{name}: {est['spent']:.1f} core-h spent, ~{est['remaining']:.1f} core-h to run{tail}"
+
+
+def cell_kind(config: dict[str, Any]) -> str:
+    """A cell's configuration without its rate and seed: cells of one kind take about the same time."""
+    return canonical_config({k: v for k, v in config.items() if k not in ("lr", "seed")})
+
+
+def sweep_hours(cells: list[dict[str, Any]], rows: list[dict[str, Any]], seeds_after: int = 0) -> dict[str, Any]:
+    """:func:`observed_core_hours` of a sweep's expanded ``cells`` (plus ``seeds_after`` table cells per kind:
+    the further seeds at the chosen rate), timed by the finished ``rows`` of the same kind (copied rows excluded)."""
+    planned: dict[str, int] = defaultdict(int)
+    for cell in cells:
+        planned[cell_kind(cell)] += 1
+    for kind in list(planned):
+        planned[kind] += seeds_after
+    return observed_core_hours(dict(planned), [r for r in rows if not r.get("copied_from") and "config" in r],
+                               lambda r: cell_kind(r["config"]))

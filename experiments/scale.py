@@ -35,11 +35,13 @@ from rate_selection import (  # noqa: E402
     add_sweep_arguments,
     choose_lrs,
     chosen_rows,
+    describe_hours,
     extended_spec,
     mean_std,
     progress_echo,
     require_rates,
     select_then_tabulate,
+    sweep_hours,
     sweep_settings,
     two_se,
 )
@@ -140,7 +142,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cells = expand(selection_spec(models, tasks, []))
         print(f"{len(cells)} selection cells, then {2 * len(models) * len(tasks) * len(METHODS)} table cells of seeds "
               "1 and 2")
-        return {}
+        est = sweep_hours(cells, read_jsonl(SELECT_OUT) + read_jsonl(TABLE_OUT), seeds_after=2)
+        print(describe_hours("cells", est))
+        return {"hours": est}
     if args.summary_only:
         return summary(models, tasks)
 

@@ -27,10 +27,18 @@ from typing import Any
 import yaml
 
 from controltune.results import read_jsonl, stamp, write_json
-from controltune.sweep import SweepSpec, parse_spec, run_sweep
+from controltune.sweep import SweepSpec, expand, parse_spec, run_sweep
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rate_selection import add_sweep_arguments, choose_lrs, mean_std, sweep_settings, two_se  # noqa: E402
+from rate_selection import (  # noqa: E402
+    add_sweep_arguments,
+    choose_lrs,
+    describe_hours,
+    mean_std,
+    sweep_hours,
+    sweep_settings,
+    two_se,
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -102,7 +110,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.plan:
         print(f"{len(ORDERS) * len(SEEDS)} cells ({len(ORDERS)} orders x {len(SEEDS)} seeds, 3 stages of one epoch "
               f"on {HARNESS['train_size']} rows each); stage rates from the GLUE selection: {rates}")
-        return {}
+        est = sweep_hours(expand(spec(rates)), read_jsonl(OUT)) if None not in rates.values() else None
+        if est:
+            print(describe_hours("cells", est))
+        return {"hours": est}
     if args.summary_only:
         return summary()
     missing = [p for p, r in rates.items() if r is None]
