@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,10 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the experiments' sha
 from rate_selection import (  # noqa: E402
     add_sweep_arguments,
     choose_lrs,
+    describe_hours,
     extended_spec,
     mean_std,
     progress_echo,
     select_then_tabulate,
+    sweep_hours,
     sweep_settings,
     two_se,
 )
@@ -215,6 +218,16 @@ def plan(tasks, budgets) -> list[dict[str, Any]]:
           f"{2 * n_pairs} table cells of seeds 1 and 2 (seed 0 is the selection cell)")
     for row in out:
         print(f"{row['budget']:<5} {row['label']:<20} {row['method']:<20} {row['trainable']:>8,}  lr {row['grid']}")
+    cells = expand(selection_spec(tasks, budgets))
+    print(describe_hours("cells", sweep_hours(cells, read_jsonl(SELECT_OUT) + read_jsonl(TABLE_OUT), seeds_after=2)))
+    glue = [r for r in read_jsonl(RESULTS / "glue_table.jsonl") if r.get("status") == "done"
+            and r["config"]["method"] == "lora" and not r.get("copied_from")]
+    per_task = {t: statistics.fmean(float(r["wall_time_s"]) for r in glue if r["config"]["task"] == t) for t in tasks
+                if any(r["config"]["task"] == t for r in glue)}
+    if len(per_task) == len(tasks):
+        n = {t: sum(c["task"] == t for c in cells) for t in tasks}
+        hours = sum((n[t] + 2 * n_pairs // len(tasks)) * per_task[t] for t in tasks) / 3600
+        print(f"reference: ~{hours:.0f} core-h if every cell takes the GLUE table's mean LoRA time on its task")
     return out
 
 
