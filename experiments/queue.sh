@@ -34,17 +34,16 @@ step convergence
 step glue_gaps --cpus-per-cell 2
 step rebuild_runs --methods lora,adapter,prefix --seeds 0  # the unified subspace's sources, where their folders are lost
 step unified_subspace
-# the cheaper studies first (a claim each within a session or two), the design table (~43 core-hours) last
+# the cheaper studies first (a claim each within a session or two), the design table (~44 core-hours) last
 step sequential
-step transfer
 step unipelt_low_resource
 step scale
 step apet
 step composability
+step rebuild_runs  # every GLUE cell whose folder is gone: convergence's curves and transfer's deltas, and a reproduction check
+step convergence
+step transfer
 step design_table --tasks rte,mrpc
 step design_table
-step rebuild_runs  # every GLUE cell whose folder is gone: the convergence curves of all 3 seeds, and a reproduction check
-step convergence
-step transfer  # scores the runs rebuilt since its first pass
 .venv/bin/controltune figures >> experiments/results/queue.log 2>&1  # every figure whose results now exist
 echo "$(date '+%F %T') queue: done"
