@@ -170,11 +170,40 @@ def rte_resolution() -> dict[str, Any]:
             "se_of_mean": math.hypot(long_std / math.sqrt(len(at_rate)),
                                      math.sqrt(long_mean * (1 - long_mean) / n_dev)),
             "goal_met": bool(long_mean >= GOALS["rte"])}
+    out["fit"] = fit = rte_fit()
+    if len(fit) >= 3:
+        best = max(fit, key=lambda c: c["train_accuracy"])
+        rho, p = stats.spearmanr([c["train_accuracy"] for c in fit], [c["dev"] for c in fit])
+        out["fit_dev_rank_correlation"] = {"runs": len(fit), "spearman": float(rho), "p_value": float(p)}
+        if best["train_accuracy"] >= 0.9 and best["dev"] < GOALS["rte"]:
+            out["verdict"] = (f"full fine-tuning can fit RTE's training rows (training-row accuracy "
+                              f"{best['train_accuracy']:.3f} at lr {best['lr']:g}, {best['epochs']} epochs) without "
+                              f"generalising (validation {best['val']:.3f}, dev {best['dev']:.3f}); over {len(fit)} "
+                              f"runs (rates, epochs, seeds) every dev score lies in "
+                              f"{min(c['dev'] for c in fit):.3f}-{max(c['dev'] for c in fit):.3f} and does not "
+                              f"follow the training-row accuracy significantly (Spearman {rho:.2f}, p = {p:.2f})")
     cells = [r for r in read_jsonl(RESULTS / "glue_select.jsonl") if r.get("status") == "done"
              and r["config"]["task"] == "rte" and r.get("val_score") is not None]
     if len(cells) >= 3:
         rho, p = stats.spearmanr([r["val_score"] for r in cells], [r["score_at_best_val"] for r in cells])
         out["val_dev_rank_correlation"] = {"cells": len(cells), "spearman": float(rho), "p_value": float(p)}
+    return out
+
+
+def rte_fit() -> list[dict[str, Any]]:
+    """Every finished RTE full-fine-tuning run (selection, table, probe): how well its selected deltas fit the
+    training rows against how they score on validation and dev rows."""
+    rows = [r for name in ("glue_select.jsonl", "glue_table.jsonl") for r in read_jsonl(RESULTS / name)]
+    out, seen = [], set()
+    for r in rows + read_jsonl(OUT):
+        c = r.get("config") or {}
+        if (r.get("status") != "done" or c.get("task") != "rte" or c.get("method") != "full"
+                or not r.get("train_scores") or r["cell"] in seen or r.get("copied_from")):
+            continue
+        seen.add(r["cell"])
+        out.append({"lr": c["lr"], "epochs": c["epochs"], "seed": c["seed"],
+                    "train_accuracy": r["train_scores"]["accuracy"], "val": r["val_score"],
+                    "dev": r["score_at_best_val"]})
     return out
 
 

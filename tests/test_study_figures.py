@@ -156,12 +156,15 @@ def test_glue_gaps_summary(tmp_path, monkeypatch):
     def row(config, selected, val=None, last=None, **extra):  # last: the dev score after the last step
         return {**_row(config, selected, val, **extra), "score": selected if last is None else last}
 
-    for task, lr, val in (("sst2", 1e-4, 0.93), ("sst2", 2e-5, 0.90), ("rte", 8e-6, 0.64), ("rte", 2e-5, 0.60)):
-        append_jsonl(tmp_path / "glue_select.jsonl", row(cfg(task, lr), val - 0.05, val, last=val - 0.04))
+    for task, lr, val, fit in (("sst2", 1e-4, 0.93, 0.99), ("sst2", 2e-5, 0.90, 0.95), ("rte", 8e-6, 0.64, 0.65),
+                               ("rte", 2e-5, 0.60, 0.95)):
+        append_jsonl(tmp_path / "glue_select.jsonl", row(cfg(task, lr), val - 0.05, val, last=val - 0.04,
+                                                         train_scores={"accuracy": fit}))
     for seed, acc in ((0, 0.877), (1, 0.881), (2, 0.879)):
         append_jsonl(tmp_path / "glue_table.jsonl", row(cfg("sst2", 1e-4, seed), acc))
     for seed, acc in ((0, 0.556), (1, 0.570), (2, 0.563)):
-        append_jsonl(tmp_path / "glue_table.jsonl", row(cfg("rte", 8e-6, seed), acc, last=acc + 0.01))
+        append_jsonl(tmp_path / "glue_table.jsonl", row(cfg("rte", 8e-6, seed), acc, last=acc + 0.01,
+                                                        train_scores={"accuracy": 0.6 + seed / 100}))
     for size, acc in ((5000, 0.85), (None, 0.889)):
         append_jsonl(tmp_path / "glue_gaps.jsonl", row(cfg("sst2", 1e-4, train_size=size), acc, wall_time_s=1.0))
     for seed, acc in ((0, 0.57), (1, 0.59), (2, 0.60)):
@@ -182,6 +185,10 @@ def test_glue_gaps_summary(tmp_path, monkeypatch):
     longer = rte["longer_training_at_table_rate"]
     assert longer["n_seeds"] == 3 and longer["mean"] == pytest.approx(0.5866667) and longer["goal_met"] is True
     assert longer["se_of_mean"] > rte["binomial_se_one_score"] * 0.9
+    # the RTE runs that fit their training rows best (0.95) score 0.55 on dev: the verdict says so with numbers
+    assert len(rte["fit"]) == 4 and rte["fit_dev_rank_correlation"]["runs"] == 4  # table seed 0 is the selection cell
+    assert rte["verdict"].startswith("full fine-tuning can fit RTE's training rows (training-row accuracy 0.950 at "
+                                     "lr 2e-05, 5 epochs) without generalising (validation 0.600, dev 0.550)")
     assert json.loads((tmp_path / "glue_gaps.json").read_text())["rte_resolution"]["lr"] == 8e-6
 
 
