@@ -8,6 +8,7 @@ bar is labelled with its number of seeds, and a pair still in its rate selection
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,27 @@ def _goal(goal: dict[str, Any]) -> str:
     return f"{goal['task']} {goal['metric']} {value} vs goal {goal['goal']} ({state}, n={goal['n_seeds']})"
 
 
+def _gaps(results_dir: Path) -> str:
+    """The measured reasons for the goals full fine-tuning misses (``glue_gaps.json``, when it exists)."""
+    path = results_dir / "glue_gaps.json"
+    if not path.is_file():
+        return ""
+    gaps = json.loads(path.read_text())
+    parts = []
+    if verdict := gaps.get("sst2_budget", {}).get("verdict"):
+        parts.append(f"SST-2: {verdict}")
+    rte = gaps.get("rte_resolution", {})
+    longer = rte.get("longer_training_at_table_rate")
+    if longer:
+        parts.append(f"RTE at {longer['epochs'][0]} epochs: {longer['mean']:.3f} ± {longer['std']:.3f} "
+                     f"(n={longer['n_seeds']})")
+    if rte.get("verdict"):
+        parts.append(f"RTE: {rte['verdict']}; one dev score's binomial standard error is "
+                     f"{rte['binomial_se_one_score']:.3f}")
+    return (" Measured reasons (glue_gaps.json, `python experiments/glue_gaps.py`): " + "; ".join(parts) + "."
+            if parts else "")
+
+
 def caption(results_dir: Path) -> str:
     payload = load_json(results_dir, SOURCE)
     lines = []
@@ -101,6 +123,7 @@ def caption(results_dir: Path) -> str:
     goals = "; ".join(_goal(g) for g in payload.get("goals", []))
     estimate = payload.get("estimate", {})
     planned = estimate.get("planned", {}).get("hours_on_2_cores", float("nan"))
+    planned_cells = estimate.get("planned", {}).get("cells_run")
     observed = estimate.get("observed", {}).get("hours_on_2_cores_total", float("nan"))
     status = "complete (3 seeds per cell)" if payload.get("complete") else \
         "partial: the sweep is still running; n is the number of seeds finished, and a pair still in its rate " \
@@ -113,7 +136,9 @@ def caption(results_dir: Path) -> str:
         "sets. A seeded part of each training set is held out as validation rows; they choose the checkpoint "
         "(best of ~2 evaluations per epoch) and the learning rate (seed 0, a small grid per method); bars are the "
         f"dev score of the chosen checkpoint, mean ± std over seeds. Table {status}. " + " ".join(lines)
-        + f" Full fine-tuning goals: {goals}. Time: planned {planned:.1f} h on 2 cores; re-estimated from the "
+        + f" Full fine-tuning goals: {goals}.{_gaps(results_dir)} Time: planned {planned:.1f} h on 2 cores for "
+        f"{planned_cells} cells (from measured epoch times); "
+        "re-estimated from the "
         f"finished cells {observed:.1f} h. "
         f"Command: `python experiments/glue_table.py --cpus-per-cell 1` ({versions_line(payload)})."
     )
