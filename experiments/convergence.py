@@ -25,7 +25,7 @@ from controltune.results import read_jsonl, stamp, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from glue_table import METHODS, TASKS  # noqa: E402
-from rate_selection import choose_lrs  # noqa: E402
+from rate_selection import choose_lrs, with_rebuilt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"
@@ -37,7 +37,8 @@ CLAIMED = ("full", "adapter", "lora", "prefix", "prompt")
 
 
 def _curve(row: dict[str, Any]) -> dict[str, Any] | None:
-    """The cell's validation curve: from its row (rows carry it since 2026-12-03), else from its run folder."""
+    """The cell's validation curve: from its row (rows carry it since 2026-12-03, older rows take it from their
+    exact rebuild, :func:`rate_selection.with_rebuilt`), else from its run folder."""
     if (row.get("curves") or {}).get("val") and row.get("total_steps") and row.get("train_time_s"):
         points, seconds, steps = row["curves"]["val"], row["train_time_s"], row["total_steps"]
     else:
@@ -75,8 +76,9 @@ def _ranked(rows: list[dict[str, Any]], key: str) -> list[str]:
 
 def summary() -> dict[str, Any]:
     floors = _majority_levels()
-    select = read_jsonl(RESULTS / "glue_select.jsonl")
-    table = read_jsonl(RESULTS / "glue_table.jsonl")
+    rebuilt = read_jsonl(RESULTS / "glue_rebuilt.jsonl")
+    select = with_rebuilt(read_jsonl(RESULTS / "glue_select.jsonl"), rebuilt)
+    table = with_rebuilt(read_jsonl(RESULTS / "glue_table.jsonl"), rebuilt)
     chosen = choose_lrs(select)
     rows: list[dict[str, Any]] = []
     absent: list[str] = []
@@ -111,7 +113,7 @@ def summary() -> dict[str, Any]:
         full = next((r for r in rows if r["task"] == task and r["method"] == "full"), None)
         for r in (r for r in rows if r["task"] == task):
             if full is None:
-                r.update(steps_to_common=None, seconds_to_common=None)
+                r.update(common_level=None, share_of_full_gain=None, steps_to_common=None, seconds_to_common=None)
                 continue
             hit = reach(r["steps"], r["mean_val"], r["majority"], max(full["mean_val"]))
             gain = max(full["mean_val"]) - r["majority"]

@@ -76,7 +76,15 @@ from controltune.sweep import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the experiments' shared modules, run or imported
-from rate_selection import MAX_EDGE_RATES, choose_lrs, copy_rows, extended_spec, mean_std, task_method  # noqa: E402
+from rate_selection import (  # noqa: E402
+    MAX_EDGE_RATES,
+    choose_lrs,
+    copy_rows,
+    extended_spec,
+    mean_std,
+    task_method,
+    with_rebuilt,
+)
 
 HERE = Path(__file__).resolve().parent
 SELECT_SPEC = HERE / "glue_select.yaml"
@@ -367,7 +375,8 @@ def observed_estimate(select: SweepSpec, table: SweepSpec, select_rows: list[dic
 def write_summary(select: SweepSpec, table: SweepSpec, out: Path = SUMMARY) -> dict[str, Any]:
     """Rewrite ``glue_table.json`` from whatever rows exist."""
     select_rows, table_rows_in = read_jsonl(select.out), read_jsonl(table.out)
-    rows = table_rows(select_rows, table_rows_in)
+    rebuilt = read_jsonl(Path(select.out).parent / "glue_rebuilt.jsonl")  # rows of old cells lack their losses
+    rows = table_rows(with_rebuilt(select_rows, rebuilt), with_rebuilt(table_rows_in, rebuilt))
     carried_losses(rows, out)
     chosen = [{"task": t, "method": m, **info} for (t, m), info in sorted(choose_lrs(select_rows).items())]
     payload = {**stamp({"select_spec": "experiments/glue_select.yaml", "table_spec": "experiments/glue_table.yaml",
@@ -421,6 +430,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     select = load_spec(args.select)
+    select = selection_spec(args.select, read_jsonl(select.out))  # with the edge rates the rows have led to
     table = table_spec(args.table, {})  # the table's settings; rates come after the selection
     if args.summary_only:
         return write_summary(select, table)

@@ -287,3 +287,20 @@ def sweep_hours(cells: list[dict[str, Any]], rows: list[dict[str, Any]], seeds_a
         planned[kind] += seeds_after
     return observed_core_hours(dict(planned), [r for r in rows if not r.get("copied_from") and "config" in r],
                                lambda r: cell_kind(r["config"]))
+
+
+REPRODUCED = ("score_at_best_val", "val_score", "score")
+"""A rebuilt run stands in for its row only if these are identical (``experiments/rebuild_runs.py``)."""
+
+
+def with_rebuilt(rows: list[dict[str, Any]], rebuilt: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with what they lack (``curves``, ``train_loss_end``: rows written before they carried them) taken
+    from their rebuilt run, when that run reproduced the row's scores exactly; other rows unchanged."""
+    twins = {r["cell"]: r for r in rebuilt if r.get("status") == "done"}
+    out = []
+    for row in rows:
+        twin = twins.get(row.get("cell"))
+        if twin is not None and all(row.get(k) == twin.get(k) for k in REPRODUCED):
+            row = {**row, **{k: twin[k] for k in ("curves", "train_loss_end") if row.get(k) is None and twin.get(k)}}
+        out.append(row)
+    return out

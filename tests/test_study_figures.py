@@ -247,3 +247,17 @@ def test_observed_core_hours_times_each_kind_by_its_own_finished_rows():
     assert observed_core_hours({"cola": 4}, rows, lambda r: r["config"]["task"], done={"cola": 0})["remaining"] == 6.0
     assert describe_hours("cells", est) == ("cells: 3.0 core-h spent, ~3.0 core-h to run "
                                             "(3 cells of kinds not timed yet)")
+
+
+def test_a_row_takes_curves_only_from_a_rebuild_that_reproduced_it():
+    from experiments.rate_selection import with_rebuilt
+
+    rows = [{"cell": "a", "score_at_best_val": 0.8, "val_score": 0.9, "score": 0.8},
+            {"cell": "b", "score_at_best_val": 0.7, "val_score": 0.9, "score": 0.7}]
+    rebuilt = [{"cell": "a", "status": "done", "score_at_best_val": 0.8, "val_score": 0.9, "score": 0.8,
+                "curves": {"val": [1]}, "train_loss_end": 0.3},
+               {"cell": "b", "status": "done", "score_at_best_val": 0.71, "val_score": 0.9, "score": 0.7,
+                "curves": {"val": [2]}, "train_loss_end": 0.4}]  # not the same run: its curve is not the row's
+    a, b = with_rebuilt(rows, rebuilt)
+    assert a["curves"] == {"val": [1]} and a["train_loss_end"] == 0.3
+    assert "curves" not in b and "train_loss_end" not in b
