@@ -304,3 +304,22 @@ def with_rebuilt(rows: list[dict[str, Any]], rebuilt: list[dict[str, Any]]) -> l
             row = {**row, **{k: twin[k] for k in ("curves", "train_loss_end") if row.get(k) is None and twin.get(k)}}
         out.append(row)
     return out
+
+
+def rebuild_cells(rows: list[dict[str, Any]], out: Path, settings: dict[str, Any], root: Path,
+                  echo: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Train the cells of finished ``rows`` again from their recorded configurations into the run folders the
+    rows name (relative to ``root``), appending the new rows to ``out``; returns them.  For a run folder lost
+    with the machine that trained it (``runs/`` is never committed); whether each rebuild reproduced its row is
+    for the caller to compare (:data:`REPRODUCED`)."""
+    from controltune.sweep import run_cells
+
+    by_folder: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_folder[str(Path(row["run_dir"]).parent)].append(row["config"])
+    settings = {k: v for k, v in settings.items() if k != "runs_dir"}  # each cell goes back to its own folder
+    before = len(read_jsonl(out))
+    for folder, cells in sorted(by_folder.items()):
+        run_cells(cells, out, name=f"rebuild {folder}", runs_dir=root / folder, skip_finished=False, echo=echo,
+                  **settings)
+    return read_jsonl(out)[before:]

@@ -21,23 +21,22 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from controltune.results import read_jsonl, stamp, write_json
 from controltune.run_folder import DELTAS
-from controltune.sweep import cell_id, run_cells
+from controltune.sweep import cell_id
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from glue_table import METHODS, TASKS  # noqa: E402
-from rate_selection import add_sweep_arguments, choose_lrs, sweep_settings  # noqa: E402
+from rate_selection import REPRODUCED, add_sweep_arguments, choose_lrs, rebuild_cells, sweep_settings  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT, RESULTS = HERE.parent, HERE / "results"
 SOURCES = ("glue_select.jsonl", "glue_table.jsonl")
 OUT, SUMMARY = RESULTS / "glue_rebuilt.jsonl", RESULTS / "glue_rebuilt.json"
-SCORES = ("score_at_best_val", "val_score", "score")
+SCORES = REPRODUCED
 """Row fields compared between a recorded cell and its rebuild (dev at the selected step, validation, last step)."""
 
 
@@ -88,15 +87,6 @@ def comparison(recorded: list[dict[str, Any]]) -> dict[str, Any]:
             "max_abs_difference": max(worst) if worst else None}
 
 
-def run(rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
-    """Re-train ``rows``' cells into their recorded folders, grouped by the sweep folder they lived in."""
-    by_folder: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        by_folder[str(Path(row["run_dir"]).parent)].append(row["config"])
-    for folder, cells in sorted(by_folder.items()):
-        run_cells(cells, OUT, name=f"rebuild {folder}", runs_dir=ROOT / folder, skip_finished=False, **settings)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_sweep_arguments(p, "runs/glue_table")
@@ -119,10 +109,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             c = r["config"]
             print(f"  {c['task']:<5} {c['method']:<8} seed {c['seed']} lr {c['lr']:g}: {r['wall_time_s']:.0f} s")
         return {"todo": [r["cell"] for r in todo], "core_hours": hours}
-    settings = sweep_settings(args)
-    settings.pop("runs_dir", None)  # each cell goes back to the folder its row names
     if todo:
-        run(todo, settings)
+        rebuild_cells(todo, OUT, sweep_settings(args), ROOT)
     payload = {**stamp({"command": "python experiments/rebuild_runs.py " + " ".join(argv or sys.argv[1:]),
                         "tasks": tasks, "methods": methods, "seeds": args.seeds}),
                **comparison(recorded), "still_missing": [r["cell"] for r in missing(recorded)]}

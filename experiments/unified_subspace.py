@@ -47,10 +47,12 @@ from typing import Any
 import yaml
 
 from controltune.results import append_jsonl, read_jsonl, stamp, write_json
+from controltune.run_folder import DELTAS
 from controltune.sweep import SweepSpec, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import (  # noqa: E402
+    REPRODUCED,
     add_sweep_arguments,
     choose_lrs,
     chosen_rows,
@@ -58,6 +60,7 @@ from rate_selection import (  # noqa: E402
     extended_spec,
     mean_std,
     observed_core_hours,
+    rebuild_cells,
     select_then_tabulate,
     sweep_settings,
     task_method,
@@ -70,6 +73,7 @@ PROJECTIONS = Path("runs/unified_subspace")
 """Projections files, relative to the repository root (cells name them so; the driver runs from there)."""
 APPROX_OUT, TRANSFER_OUT = RESULTS / "unified_approx.jsonl", RESULTS / "unified_transfer.jsonl"
 SELECT_OUT, TABLE_OUT = RESULTS / "unified_select.jsonl", RESULTS / "unified_table.jsonl"
+REBUILT_OUT = RESULTS / "unified_rebuilt.jsonl"
 LANDSCAPE_OUT, SUMMARY = RESULTS / "unified_landscape.json", RESULTS / "unified_subspace.json"
 TASKS = ("sst2", "mrpc", "rte", "cola")
 METHODS = ("lora", "adapter", "prefix")
@@ -237,10 +241,21 @@ def _transfer(row: dict[str, Any]) -> list[dict[str, Any]]:
                            row["config"]["task"], others)
 
 
-def run_transfers(jobs: int, echo) -> None:
+def run_transfers(jobs: int, echo, sweep: dict[str, Any] | None = None) -> None:
+    """Decode every table run's z by the two other methods; a run whose folder is gone (trained on another
+    machine) is trained again from its row first (``results/unified_rebuilt.jsonl``, compared with its row)."""
     rows = [r for r in read_jsonl(TABLE_OUT) if r.get("status") == "done" and r.get("run_dir")]
     have = {r["cell"] for r in read_jsonl(TRANSFER_OUT)}
-    todo = [r for r in rows if r["cell"] not in have and (Path(r["run_dir"]) / "deltas.safetensors").is_file()]
+    lost = [r for r in rows if r["cell"] not in have and not (ROOT / r["run_dir"] / DELTAS).is_file()]
+    if lost and sweep is not None:
+        echo(f"{len(lost)} table runs have no deltas on this machine: training them again from their rows")
+        for new in rebuild_cells(lost, REBUILT_OUT, sweep, ROOT, echo):
+            old = next(r for r in lost if r["cell"] == new["cell"])
+            same = all(old.get(k) == new.get(k) for k in REPRODUCED)
+            echo(f"rebuilt {new['cell']}: " + ("reproduces its row" if same else
+                                                f"dev {new.get('score_at_best_val')} against the row's "
+                                                f"{old.get('score_at_best_val')}"))
+    todo = [r for r in rows if r["cell"] not in have and (ROOT / r["run_dir"] / DELTAS).is_file()]
     if not todo:
         return
     with ProcessPoolExecutor(max(1, jobs)) as pool:
@@ -410,7 +425,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         select_then_tabulate(lambda rows: selection_spec(ready, rows), SELECT_OUT,
                              lambda rows: table_spec(ready, choose_lrs(rows, key=pair_key)),
                              TABLE_OUT, RESULTS, echo, sweep_settings(args))
-        run_transfers(args.jobs, echo)
+        run_transfers(args.jobs, echo, sweep_settings(args))
         run_landscape(echo)
     return summary()
 
