@@ -43,7 +43,7 @@ step composability
 step rebuild_runs  # every GLUE cell whose folder is gone: convergence's curves and transfer's deltas, and a reproduction check
 step convergence
 step transfer
-step design_table --tasks rte,mrpc
+step design_table --tasks cola,sst2  # the cheapest tasks, and those that separate methods most (RTE does not separate them)
 step design_table
 .venv/bin/controltune figures >> experiments/results/queue.log 2>&1  # every figure whose results now exist
 echo "$(date '+%F %T') queue: done"
