@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from controltune.results import append_jsonl, read_jsonl, stamp, write_json
-from controltune.sweep import SweepSpec, parse_spec
+from controltune.sweep_spec import SweepSpec, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import (  # noqa: E402

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from controltune import sweep
+from controltune import sweep, sweep_spec
 from controltune.results import read_jsonl, stamp, write_json
 
 OUT = Path(__file__).resolve().parent / "results" / "bench_sweep.json"
@@ -41,8 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def the_spec(args: argparse.Namespace) -> sweep.SweepSpec:
-    return sweep.parse_spec({
+def the_spec(args: argparse.Namespace) -> sweep_spec.SweepSpec:
+    return sweep_spec.parse_spec({
         "name": "bench", "grid": {"model": "minilm", "method": "lora", "task": "sst2", "lr": 5e-4, "seed": [0, 1],
                                   "options": {"rank": 8, "targets": ["q", "v"]}},
         "train": {"steps": args.steps, "batch_size": 32, "max_length": 128, "train_size": args.rows,
@@ -58,7 +58,7 @@ def timed_start(cpus: int) -> float:
     return started
 
 
-def run_mode(spec: sweep.SweepSpec, cpus: int, per_cell: int) -> dict[str, Any]:
+def run_mode(spec: sweep_spec.SweepSpec, cpus: int, per_cell: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.jsonl"
         t0 = time.perf_counter()

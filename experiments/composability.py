@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from controltune.results import read_jsonl, stamp, write_json
-from controltune.sweep import SweepSpec, expand, parse_spec
+from controltune.sweep_spec import SweepSpec, expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import (  # noqa: E402

@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from controltune.results import read_jsonl, stamp, write_json
-from controltune.sweep import SweepSpec, canonical_config, expand, parse_spec
+from controltune.sweep_spec import SweepSpec, canonical_config, expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the experiments' shared modules, run or imported
 from rate_selection import (  # noqa: E402

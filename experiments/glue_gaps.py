@@ -39,7 +39,8 @@ from scipy import stats
 
 from controltune.data import load_split, resolve_task
 from controltune.results import read_jsonl, stamp, write_json
-from controltune.sweep import expand, parse_spec, run_sweep
+from controltune.sweep import run_sweep
+from controltune.sweep_spec import expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import add_sweep_arguments, choose_lrs, mean_std, progress_echo, sweep_settings  # noqa: E402

@@ -63,17 +63,8 @@ from typing import Any
 from controltune.data import load_split, resolve_task
 from controltune.metrics import majority_baseline
 from controltune.results import read_jsonl, stamp, write_json
-from controltune.sweep import (
-    FINISHED,
-    SweepSpec,
-    canonical_config,
-    expand,
-    finished_configs,
-    load_spec,
-    parse_spec,
-    run_sweep,
-    train_loss_end,
-)
+from controltune.sweep import FINISHED, finished_configs, run_sweep, train_loss_end
+from controltune.sweep_spec import SweepSpec, canonical_config, expand, load_spec, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the experiments' shared modules, run or imported
 from rate_selection import (  # noqa: E402

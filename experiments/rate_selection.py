@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from controltune.results import append_jsonl, read_jsonl
-from controltune.sweep import FINISHED, SweepSpec, canonical_config, expand, parse_spec
+from controltune.sweep import FINISHED
+from controltune.sweep_spec import SweepSpec, canonical_config, expand, parse_spec
 
 Pair = tuple
 KeyFn = Callable[[dict[str, Any]], Pair]

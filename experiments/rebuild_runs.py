@@ -26,7 +26,7 @@ from typing import Any
 
 from controltune.results import read_jsonl, stamp, write_json
 from controltune.run_folder import DELTAS
-from controltune.sweep import cell_id
+from controltune.sweep_spec import cell_id
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from glue_table import METHODS, TASKS  # noqa: E402

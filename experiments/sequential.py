@@ -27,7 +27,8 @@ from typing import Any
 import yaml
 
 from controltune.results import read_jsonl, stamp, write_json
-from controltune.sweep import SweepSpec, expand, parse_spec, run_sweep
+from controltune.sweep import run_sweep
+from controltune.sweep_spec import SweepSpec, expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import (  # noqa: E402

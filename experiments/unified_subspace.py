@@ -48,7 +48,7 @@ import yaml
 
 from controltune.results import append_jsonl, read_jsonl, stamp, write_json
 from controltune.run_folder import DELTAS
-from controltune.sweep import SweepSpec, parse_spec
+from controltune.sweep_spec import SweepSpec, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import (  # noqa: E402

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from controltune import sweep
+from controltune import sweep, sweep_spec
 from controltune.cli import main
 from controltune.results import read_jsonl
 
@@ -100,7 +100,7 @@ def test_auto_falls_back_to_this_process_when_ray_cannot_start(task, tmp_path, m
     def no_ray(address, cpus):
         raise RuntimeError("no Ray here")
     monkeypatch.setattr(sweep, "start_ray", no_ray)
-    spec = sweep.parse_spec({"grid": {"model": "random:bert", "method": "bitfit", "task": str(task), "lr": 1e-2},
+    spec = sweep_spec.parse_spec({"grid": {"model": "random:bert", "method": "bitfit", "task": str(task), "lr": 1e-2},
                              "train": {"steps": 2, "batch_size": 8, "max_length": 16}})
     summary = sweep.run_sweep(spec, tmp_path / "rows.jsonl")
     assert summary["executor"] == "local" and summary["done"] == 1
@@ -110,7 +110,7 @@ def test_auto_falls_back_to_this_process_when_ray_cannot_start(task, tmp_path, m
 
 
 def test_a_failed_cell_is_recorded_and_tried_again(task, tmp_path, capsys):
-    spec = sweep.parse_spec({"grid": {"model": "random:bert", "method": "lora", "task": str(task), "lr": 1e-2,
+    spec = sweep_spec.parse_spec({"grid": {"model": "random:bert", "method": "lora", "task": str(task), "lr": 1e-2,
                                       "options": {"rank": 2, "no_such_option": 1}}, "train": {"steps": 1}})
     out = tmp_path / "rows.jsonl"
     assert sweep.run_sweep(spec, out, executor="local")["failed"] == 1
@@ -120,15 +120,16 @@ def test_a_failed_cell_is_recorded_and_tried_again(task, tmp_path, capsys):
 
 
 def test_spec_expansion_fills_defaults_and_takes_per_method_axes():
-    spec = sweep.parse_spec({"grid": {"method": ["lora", "full"], "task": "sst2", "lr": [1e-3, 1e-3], "seed": [0, 1]},
-                             "per_method": {"full": {"lr": 5e-5}, "lora": {"options": [{"rank": 4}, {"rank": 8}]}},
-                             "train": {"epochs": 2}})
-    cells = sweep.expand(spec, {"dtype": "float64"})
+    spec = sweep_spec.parse_spec({"grid": {"method": ["lora", "full"], "task": "sst2", "lr": [1e-3, 1e-3],
+                                           "seed": [0, 1]},
+                                  "per_method": {"full": {"lr": 5e-5}, "lora": {"options": [{"rank": 4}, {"rank": 8}]}},
+                                  "train": {"epochs": 2}})
+    cells = sweep_spec.expand(spec, {"dtype": "float64"})
     assert len(cells) == 2 * 2 + 2  # lora: 2 option sets x 2 seeds (lr listed twice is one value); full: 2 seeds
     assert {c["lr"] for c in cells if c["method"] == "full"} == {5e-5}
     assert all(c["epochs"] == 2 and c["dtype"] == "float64" and c["batch_size"] == 32 for c in cells)
-    assert len({sweep.cell_id(c) for c in cells}) == len(cells)
-    assert sweep.canonical_config({"a": 1, "b": [1]}) == sweep.canonical_config({"b": [1], "a": 1})
+    assert len({sweep_spec.cell_id(c) for c in cells}) == len(cells)
+    assert sweep_spec.canonical_config({"a": 1, "b": [1]}) == sweep_spec.canonical_config({"b": [1], "a": 1})
 
 
 @pytest.mark.parametrize("data, match", [
@@ -141,7 +142,7 @@ def test_spec_expansion_fills_defaults_and_takes_per_method_axes():
 ])
 def test_bad_specs_say_what_is_wrong(data, match):
     with pytest.raises(ValueError, match=match):
-        sweep.parse_spec(data)
+        sweep_spec.parse_spec(data)
 
 
 def test_bad_spec_files_end_in_one_line(tmp_path, capsys):
@@ -157,7 +158,7 @@ def test_bad_spec_files_end_in_one_line(tmp_path, capsys):
 
 
 def test_cells_keep_their_run_folders_and_resume_from_them(task, tmp_path):
-    spec = sweep.parse_spec({"grid": {"model": "random:bert", "method": "bitfit", "task": str(task), "lr": 1e-2},
+    spec = sweep_spec.parse_spec({"grid": {"model": "random:bert", "method": "bitfit", "task": str(task), "lr": 1e-2},
                              "train": {"steps": 2, "batch_size": 8, "max_length": 16}})
     out, runs = tmp_path / "rows.jsonl", tmp_path / "runs"
     sweep.run_sweep(spec, out, executor="local", runs_dir=runs, echo=lambda _: None)
@@ -176,7 +177,7 @@ def test_a_sequential_cell_trains_stage_by_stage_and_continues_at_the_stage_it_s
                        "options": {"lora.rank": 2}},
               "train": {"steps": 3, "batch_size": 8, "max_length": 16, "sequential": True, "stage_lrs": [1e-2, 5e-3],
                         "val_size": 8, "eval_every": 1}}
-    spec = sweep.parse_spec(config)
+    spec = sweep_spec.parse_spec(config)
     out, runs = tmp_path / "rows.jsonl", tmp_path / "runs"
     sweep.run_sweep(spec, out, executor="local", runs_dir=runs, echo=lambda _: None)
     row = read_jsonl(out)[0]
@@ -200,7 +201,7 @@ def test_a_sequential_cell_trains_stage_by_stage_and_continues_at_the_stage_it_s
     assert again["status"] == "done", again.get("reason")
     assert (first / "best.safetensors").stat().st_mtime_ns == stamp0 and not (first / "deltas.safetensors").exists()
     assert again["score"] == row["score"] and again["stages"] == row["stages"]
-    bad = sweep.parse_spec({**config, "grid": {**config["grid"], "method": "lora", "options": {}}})
+    bad = sweep_spec.parse_spec({**config, "grid": {**config["grid"], "method": "lora", "options": {}}})
     sweep.run_sweep(bad, tmp_path / "bad.jsonl", executor="local", echo=lambda _: None)
     assert "one part" in read_jsonl(tmp_path / "bad.jsonl")[0]["reason"]
 
@@ -209,7 +210,7 @@ def test_a_lost_run_folder_is_rebuilt_from_its_row_and_reproduces_it(task, tmp_p
     """``experiments/rebuild_runs.py``: the recorded cell is trained again into its folder, scores identical."""
     from experiments import rebuild_runs
 
-    spec = sweep.parse_spec({"name": "glue_select",
+    spec = sweep_spec.parse_spec({"name": "glue_select",
                              "grid": {"model": "random:bert", "method": "bitfit", "task": str(task), "lr": 1e-2},
                              "train": {"steps": 3, "batch_size": 8, "max_length": 16, "val_size": 0.25,
                                        "eval_every": 1}})

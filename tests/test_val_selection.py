@@ -16,7 +16,8 @@ from controltune.cli import main
 from controltune.controllers import build
 from controltune.results import read_jsonl
 from controltune.run_folder import BEST_DELTAS
-from controltune.sweep import canonical_config, expand, parse_spec, run_sweep
+from controltune.sweep import run_sweep
+from controltune.sweep_spec import canonical_config, expand, parse_spec
 from controltune.train import TrainConfig, TrainingDiverged, evaluate, train, validation_split
 from controltune.zoo import offline_tokenizer
 
@@ -274,7 +275,7 @@ def test_the_glue_driver_continues_a_grid_whose_best_rate_is_at_its_edge(tmp_pat
 
 
 def test_the_design_table_shares_the_glue_harness_and_judges_by_two_standard_errors():
-    from controltune.sweep import canonical_config, load_spec
+    from controltune.sweep_spec import canonical_config, load_spec
     from experiments.design_table import BUDGETS, label_of, selection_spec, verdict
     from experiments.glue_table import SELECT_SPEC
 

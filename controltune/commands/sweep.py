@@ -48,7 +48,8 @@ def default_out(spec_path: str, spec_out: Path | None) -> Path:
 
 def dry_run(spec, out: Path, defaults: dict) -> int:
     from ..results import read_jsonl
-    from ..sweep import canonical_config, describe, expand, finished_configs, varying_keys
+    from ..sweep import finished_configs
+    from ..sweep_spec import canonical_config, describe, expand, varying_keys
 
     cells = expand(spec, defaults)
     finished = finished_configs(read_jsonl(out))
@@ -61,7 +62,8 @@ def dry_run(spec, out: Path, defaults: dict) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from ..results import write_json
-    from ..sweep import load_spec, run_sweep
+    from ..sweep import run_sweep
+    from ..sweep_spec import load_spec
 
     spec = load_spec(args.spec)
     out = Path(args.out) if args.out else default_out(args.spec, spec.out)
