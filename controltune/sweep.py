@@ -80,8 +80,9 @@ def _train_cell(config: dict[str, Any], threads: int, out: Path | None) -> dict[
     sequential cell: the last stage's, with every stage's under ``stages``)."""
     from .data import load_split, resolve_task
     from .design.linearize import withheld_from_design
+    from .evaluation import validation_rows
     from .system import ResidualSystem
-    from .train import train_stages, validation_rows
+    from .train import train_stages
     from .zoo import check_length, load_model
 
     spec = resolve_task(config["task"], holdout_seed=config["data_seed"])

@@ -59,7 +59,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
 import resource
 import sys
 import time
@@ -72,10 +71,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .batching import encode, length_order, token_cache_dir
+from .batching import encode, token_cache_dir
 from .data import Example
+from .evaluation import evaluate, to_device, validation_split
 from .fingerprint import n_base_parameters
-from .metrics import compute_metrics
 from .results import stamp, write_json
 from .run_folder import (
     BEST_DELTAS,
@@ -218,32 +217,6 @@ class TrainConfig:
 
 
 # --- pieces ----------------------------------------------------------------------------
-def validation_split(examples: Sequence[Example], size: float, seed: int = 0) -> tuple[list[Example],
-                                                                                       list[Example]]:
-    """``(rows to train on, validation rows)``: a seeded hold-out of the training rows, disjoint from the rest.
-
-    ``size`` rows are held out (``round(size * n)`` if ``size`` < 1), drawn with
-    ``random.Random(seed)``: which rows depends only on their number and ``seed``.  Both
-    parts keep the original order.
-
-    Raises:
-        ValueError: the hold-out would be empty or leave no row to train on.
-    """
-    n = len(examples)
-    k = int(round(size * n)) if size < 1 else int(size)
-    if not 1 <= k < n:
-        raise ValueError(f"val_size={size} holds out {k} of {n} training rows; it must leave at least one row "
-                         "on each side (a fraction < 1 or a number of rows below the training-set size)")
-    held = set(random.Random(seed).sample(range(n), k))
-    fit = [ex for i, ex in enumerate(examples) if i not in held]
-    return fit, [examples[i] for i in sorted(held)]
-
-
-def validation_rows(examples: Sequence[Example], size: float | None, seed: int = 0) -> list[Example]:
-    """The rows :func:`validation_split` holds out (none when ``size`` is None): what a run is selected on."""
-    return [] if size is None else validation_split(examples, size, seed)[1]
-
-
 def training_mode(system, dropout: bool) -> None:
     """The system's mode for training steps: the controllers' deltas in training mode (diff pruning samples its
     hard-concrete gates), the base model and the readout in training mode (dropout on) only with ``dropout``.
@@ -277,41 +250,6 @@ def using_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def evaluate(system, examples: Sequence[Example], task_spec, tokenizer, batch_size: int = 128,
-             max_length: int = 128, cache_dir: str | Path | None = None) -> dict[str, float]:
-    """Dev metrics of the task (``compute_metrics``) and the mean terminal cost ``loss``.
-
-    The examples are tokenised once (:func:`~controltune.batching.encode`, cached; on disk
-    too with ``cache_dir``) and batched in order of token length (padding to the longest in
-    a batch is then cheap); predictions are put back in the original order before scoring.
-    """
-    if not examples:
-        raise ValueError("cannot evaluate on an empty example list")
-    was_training = system.training
-    system.eval()
-    encoded = encode(examples, tokenizer, max_length, cache_dir)
-    device = next(system.model.parameters()).device
-    order = length_order(encoded.lengths)
-    preds = torch.empty(len(examples), dtype=torch.long)
-    loss_sum = 0.0
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = _to(encoded.batch(idx), device)
-        logits = system(batch)
-        loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
-        preds[idx] = logits.argmax(-1).cpu()
-    system.train(was_training)
-    labels = torch.tensor([ex.label for ex in examples])
-    scores = compute_metrics(task_spec, preds, labels)
-    scores["loss"] = loss_sum / len(examples)
-    return scores
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -530,7 +468,7 @@ def _train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exa
             if epoch != batches_epoch:
                 batches, batches_epoch = epoch_batches(lengths, config.batch_size, config.seed, epoch,
                                                        config.group_by_length), epoch
-            batch = _to(encoded.batch(batches[offset]), device)
+            batch = to_device(encoded.batch(batches[offset]), device)
             loss = system.cost(batch)
             value = loss.item()
             if not math.isfinite(value):

@@ -56,8 +56,9 @@ from controltune import ResidualSystem, load_model
 from controltune.batching import Collator
 from controltune.controllers import REGISTRY, build
 from controltune.data import load_split, resolve_task
+from controltune.evaluation import evaluate
 from controltune.results import append_jsonl, read_jsonl, row_done, stamp
-from controltune.train import TrainConfig, TrainingDiverged, evaluate, train
+from controltune.train import TrainConfig, TrainingDiverged, train
 from controltune.zoo import offline_tokenizer
 
 OUT = Path(__file__).parent / "results" / "design_eval.jsonl"

@@ -33,9 +33,9 @@ import controltune as ct
 from controltune.batching import make_loader
 from controltune.controllers import build
 from controltune.data import load_split, resolve_task
+from controltune.evaluation import evaluate
 from controltune.msa import MSA, MSAConfig
 from controltune.results import append_jsonl, read_jsonl, stamp, write_json
-from controltune.train import evaluate
 
 RESULTS = Path(__file__).parent / "results"
 RUNS = {

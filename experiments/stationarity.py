@@ -37,10 +37,10 @@ from controltune.batching import Collator, make_loader
 from controltune.controllers import build
 from controltune.data import Example, load_split, resolve_task
 from controltune.diagnostics import maximum_condition_probe, stationarity
+from controltune.evaluation import evaluate
 from controltune.pmp import solve_costate
 from controltune.results import append_jsonl, read_jsonl, stamp, write_json
 from controltune.schedule import linear_schedule
-from controltune.train import evaluate
 
 RESULTS = Path(__file__).parent / "results"
 METHODS: dict[str, dict[str, Any]] = {"lora": {"rank": 8, "alpha": 16, "targets": ("q", "v")},

@@ -70,9 +70,9 @@ def _score(job: tuple[dict[str, Any], str]) -> dict[str, Any]:
     from controltune import checkpoint
     from controltune.controllers.spec import build_spec
     from controltune.data import load_split, resolve_task
+    from controltune.evaluation import evaluate
     from controltune.run_folder import reported_deltas
     from controltune.system import ResidualSystem
-    from controltune.train import evaluate
     from controltune.zoo import load_model
 
     torch.set_num_threads(1)

@@ -12,8 +12,9 @@ from controltune import ResidualSystem, load_model
 from controltune import checkpoint as ckpt
 from controltune.cli import main
 from controltune.controllers import build
+from controltune.evaluation import evaluate
 from controltune.schedule import linear_schedule
-from controltune.train import TrainConfig, evaluate, train
+from controltune.train import TrainConfig, train
 from controltune.zoo import offline_tokenizer
 
 REQUIRED_KEYS = {"config", "versions", "curves", "final", "best", "wall_time_s", "peak_memory_mb", "n_trainable",

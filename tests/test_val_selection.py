@@ -14,11 +14,12 @@ from controltune import checkpoint as ckpt
 from controltune import train as train_module
 from controltune.cli import main
 from controltune.controllers import build
+from controltune.evaluation import evaluate, validation_split
 from controltune.results import read_jsonl
 from controltune.run_folder import BEST_DELTAS
 from controltune.sweep import run_sweep
 from controltune.sweep_spec import canonical_config, expand, parse_spec
-from controltune.train import TrainConfig, TrainingDiverged, evaluate, train, validation_split
+from controltune.train import TrainConfig, TrainingDiverged, train
 from controltune.zoo import offline_tokenizer
 
 
@@ -354,7 +355,7 @@ def test_design_rows_never_include_a_runs_validation_rows(tmp_path):
     """A controller designed while its run is built draws its design rows outside the rows the run is selected on."""
     from controltune.data import load_split
     from controltune.design.linearize import design_batch, withheld_from_design
-    from controltune.train import validation_rows
+    from controltune.evaluation import validation_rows
     from controltune.zoo import offline_tokenizer
 
     spec, train_rows, _ = toy_task(tmp_path, n_train=40, n_dev=8)

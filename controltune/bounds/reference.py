@@ -169,7 +169,7 @@ def dev_scorer(ref: Reference, size: int | None = None, max_length: int = 64, se
                ) -> Callable[[], dict[str, float]]:
     """``() -> dev metrics`` of the system as it currently is (``size`` dev rows; None: all)."""
     from ..data import load_split
-    from ..train import evaluate
+    from ..evaluation import evaluate
 
     examples = load_split(ref.spec, "dev", n=size, seed=seed)
     return lambda: evaluate(ref.system, examples, ref.spec, ref.tokenizer, batch_size=64, max_length=max_length)

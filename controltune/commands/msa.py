@@ -42,9 +42,9 @@ def run(args: argparse.Namespace) -> int:
     from ..controllers import build
     from ..controllers.spec import parse_options
     from ..data import load_split, resolve_task
+    from ..evaluation import evaluate
     from ..msa import MSAConfig, train_msa
     from ..system import ResidualSystem
-    from ..train import evaluate
     from ..zoo import check_length, load_model
 
     torch.manual_seed(args.seed)
