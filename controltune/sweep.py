@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .divergence import TrainingDiverged
 from .results import append_jsonl, read_jsonl, stamp
 from .sweep_spec import (
     OPTIONAL_SETTINGS,
@@ -39,7 +40,7 @@ from .sweep_spec import (
     load_spec,
     varying_keys,
 )
-from .train import TrainConfig, TrainingDiverged, peak_memory_mb, train, using_threads
+from .train import TrainConfig, peak_memory_mb, train, using_threads
 
 __all__ = ["FINISHED", "SweepSpec", "cell_id", "expand", "load_spec", "run_cell", "run_sweep"]
 

@@ -73,6 +73,7 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .batching import encode, token_cache_dir
 from .data import Example
+from .divergence import TrainingDiverged, control_names, describe_nonfinite, nonfinite
 from .evaluation import evaluate, to_device, validation_split
 from .fingerprint import n_base_parameters
 from .results import stamp, write_json
@@ -93,15 +94,7 @@ from .run_folder import (
 from .schedule import epoch_batches, linear_schedule, parameter_groups, total_steps, trainable_parameters, warmup_steps
 
 SCHEDULES = ("linear", "constant")
-"""The best-on-validation deltas inside ``out`` (runs with validation rows)."""
-
-
-class TrainingDiverged(FloatingPointError):
-    """Training met a non-finite loss, gradient or control; ``result`` is the dict written to ``metrics.json``."""
-
-    def __init__(self, message: str, result: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.result = result
+"""The rate after warm-up: ``linear`` decay to 0 at the last step, or ``constant`` at the peak."""
 
 
 @dataclass
@@ -268,42 +261,6 @@ def finalize(system, budget: float | None = None) -> list[str]:
     return [c.method for c in system.controllers if c.finalize(budget)]
 
 
-# --- divergence --------------------------------------------------------------------------------
-def _control_names(system) -> dict[int, str]:
-    """id(parameter) -> the name of the (first) control holding it, to name a non-finite gradient."""
-    names: dict[int, str] = {}
-    for c in system.controls():
-        names.setdefault(id(c.param), c.name)
-    return names
-
-
-def _first_nonfinite(tensors: Sequence[torch.Tensor | None]) -> int | None:
-    """Index of the first tensor with a NaN or ±inf entry (one device sync for all), or None."""
-    present = [(i, t) for i, t in enumerate(tensors) if t is not None]
-    if not present:
-        return None
-    bad = torch.stack([~torch.isfinite(t).all() for _, t in present]).cpu()
-    hits = bad.nonzero().flatten().tolist()
-    return present[hits[0]][0] if hits else None
-
-
-def _describe(value: float | torch.Tensor) -> str:
-    """``nan``, ``inf`` or ``-inf`` (the first non-finite entry of a tensor)."""
-    if isinstance(value, torch.Tensor):
-        flat = value.detach().reshape(-1)
-        value = flat[~torch.isfinite(flat)][0].item()
-    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-
-
-def _nonfinite(what: str, tensors: Sequence[torch.Tensor | None], params: Sequence[torch.nn.Parameter],
-               names: dict[int, str]) -> dict[str, Any] | None:
-    """``{what, control, value}`` for the first non-finite tensor (a gradient or a control's value), or None."""
-    i = _first_nonfinite(tensors)
-    if i is None:
-        return None
-    return {"what": what, "control": names.get(id(params[i]), f"parameter {i}"), "value": _describe(tensors[i])}
-
-
 # --- the loop --------------------------------------------------------------------------------
 def train(system, train_examples: Sequence[Example], dev_examples: Sequence[Example] | None, task_spec,
           config: TrainConfig, tokenizer=None, val_examples: Sequence[Example] | None = None) -> dict[str, Any]:
@@ -377,7 +334,7 @@ def _train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exa
     if not params:
         raise ValueError("the system has no trainable controls: attach a controller (or keep the readout head)")
     device = params[0].device
-    names = _control_names(system)
+    names = control_names(system)
     validating = val_examples is not None
     total, per_epoch = total_steps(config, len(train_examples))
     warm = warmup_steps(config, total)
@@ -472,10 +429,10 @@ def _train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exa
             loss = system.cost(batch)
             value = loss.item()
             if not math.isfinite(value):
-                diverge({"what": "loss", "value": _describe(value)})
+                diverge({"what": "loss", "value": describe_nonfinite(value)})
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            bad = _nonfinite("gradient", [p.grad for p in params], params, names)
+            bad = nonfinite("gradient", [p.grad for p in params], params, names)
             if bad:
                 diverge(bad)
             if config.grad_clip is not None:
@@ -483,7 +440,7 @@ def _train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exa
             # the base rate (a part of a combination trains at it times its scale)
             log["lr"].append(scheduler.get_last_lr()[0] / optimizer.param_groups[0].get("lr_scale", 1.0))
             optimizer.step()
-            bad = _nonfinite("parameter", list(params), params, names)  # a finite step can still overflow
+            bad = nonfinite("parameter", list(params), params, names)  # a finite step can still overflow
             if bad:
                 log["lr"].pop()
                 diverge(bad)

@@ -56,9 +56,10 @@ from controltune import ResidualSystem, load_model
 from controltune.batching import Collator
 from controltune.controllers import REGISTRY, build
 from controltune.data import load_split, resolve_task
+from controltune.divergence import TrainingDiverged
 from controltune.evaluation import evaluate
 from controltune.results import append_jsonl, read_jsonl, row_done, stamp
-from controltune.train import TrainConfig, TrainingDiverged, train
+from controltune.train import TrainConfig, train
 from controltune.zoo import offline_tokenizer
 
 OUT = Path(__file__).parent / "results" / "design_eval.jsonl"

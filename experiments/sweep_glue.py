@@ -37,8 +37,9 @@ from tqdm import tqdm
 from controltune import ResidualSystem, load_model
 from controltune.controllers import REGISTRY, build
 from controltune.data import load_split, resolve_task
+from controltune.divergence import TrainingDiverged
 from controltune.results import append_jsonl, read_jsonl, row_done, stamp, write_json
-from controltune.train import TrainConfig, TrainingDiverged, train
+from controltune.train import TrainConfig, train
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = {

@@ -26,6 +26,7 @@ from controltune import ResidualSystem, load_model
 from controltune import checkpoint as ckpt
 from controltune.cli import main
 from controltune.controllers import build
+from controltune.divergence import TrainingDiverged
 from controltune.results import CorruptResultsError, append_jsonl, read_jsonl, write_json
 from controltune.run_folder import (
     CHECKPOINT,
@@ -34,7 +35,7 @@ from controltune.run_folder import (
     OutputLockedError,
     locked_output_folder,
 )
-from controltune.train import TrainConfig, TrainingDiverged, train
+from controltune.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 

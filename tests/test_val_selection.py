@@ -14,12 +14,13 @@ from controltune import checkpoint as ckpt
 from controltune import train as train_module
 from controltune.cli import main
 from controltune.controllers import build
+from controltune.divergence import TrainingDiverged
 from controltune.evaluation import evaluate, validation_split
 from controltune.results import read_jsonl
 from controltune.run_folder import BEST_DELTAS
 from controltune.sweep import run_sweep
 from controltune.sweep_spec import canonical_config, expand, parse_spec
-from controltune.train import TrainConfig, TrainingDiverged, train
+from controltune.train import TrainConfig, train
 from controltune.zoo import offline_tokenizer
 
 

@@ -171,9 +171,10 @@ def run(args: argparse.Namespace) -> int:
     from .. import load_model
     from ..controllers import build
     from ..design.linearize import withheld_from_design
+    from ..divergence import TrainingDiverged
     from ..evaluation import validation_rows
     from ..system import ResidualSystem
-    from ..train import TrainConfig, TrainingDiverged, check_output_folder, train, train_stages
+    from ..train import TrainConfig, check_output_folder, train, train_stages
 
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out, the folder holding the run's checkpoint")
