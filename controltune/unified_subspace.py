@@ -326,6 +326,20 @@ def approximate(loaded, runs: Sequence[SourceRun], config: ApproximationConfig,
     return projections
 
 
+def span_coordinates(w: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``z* = argmin_z ‖W z − Δθ‖`` and the condition number σ₁/σ_d of ``W``: (D, d), (D,) -> (d,), float.
+
+    Solved in float64 with the pseudo-inverse.  In float32, ``torch.linalg.lstsq``'s default cut-off
+    (eps·max(D, d)·σ₁, 5.5e-3·σ₁ for D = 46,080) drops directions of a well-conditioned ``W``: a prefix
+    decoder with σ_d/σ₁ = 2.2e-3 lost its fourth coordinate (0.00003 against 0.746).  ``z*`` comes back in
+    ``w``'s dtype.
+    """
+    w64, d64 = w.detach().to(torch.float64), delta.detach().to(torch.float64)
+    sv = torch.linalg.svdvals(w64)
+    z = torch.linalg.pinv(w64) @ d64
+    return z.to(w.dtype), float(sv[0] / sv[-1]) if float(sv[-1]) > 0 else float("inf")
+
+
 def reconstruction_scores(loaded, projections: UnifiedProjections, solutions: Sequence[Solution],
                           data: dict[str, tuple], config: ApproximationConfig,
                           systems: dict[str, tuple[ResidualSystem, UnifiedSubspace]] | None = None
@@ -344,10 +358,11 @@ def reconstruction_scores(loaded, projections: UnifiedProjections, solutions: Se
             with torch.no_grad():
                 # θ(z) = θ exactly when s W z = Δθ; the least-squares z shows how much of Δθ the span of W holds.
                 w = projections.maps[method].scale * projections.maps[method].decoder.weight
-                original_z = torch.linalg.lstsq(w, sol.delta.unsqueeze(1)).solution
+                original_z, condition = span_coordinates(w, sol.delta)
                 encoded_z = projections.maps[method].encode(sol.delta)
-            row = {"method": method, "task": task, "metric": spec.metric, "n_dev": len(dev_rows)}
-            for label, z in (("reconstructed", encoded_z), ("span_projection", original_z.squeeze(1))):
+            row = {"method": method, "task": task, "metric": spec.metric, "n_dev": len(dev_rows),
+                   "span_solve": "float64 pseudo-inverse", "span_condition_number": condition}
+            for label, z in (("reconstructed", encoded_z), ("span_projection", original_z)):
                 controller.drive(z)
                 row[label] = evaluate(system, dev_rows, spec, loaded.tokenizer, max_length=config.max_length)
             controller.drive(None)

@@ -299,3 +299,17 @@ def test_the_plane_of_tasks_is_through_each_task_s_mean_intrinsic_vector():
     assert list(points) == ["y", "x", "z"]  # the scored task first
     assert points["y"].tolist() == [0, 2] and points["x"].tolist() == [2, 0] and points["z"].tolist() == [1, 2]
     assert _plane(proj, by_method, "z", "methods")["b"].tolist() == [1, 3]
+
+
+def test_span_coordinates_keep_a_weak_but_real_direction():
+    """The least-squares coordinates of Δθ in span(W) are exact for a W whose last singular value is 2e-3 of its
+    first (a prefix decoder's), where float32's default least-squares cut-off drops that direction."""
+    from controltune.unified_subspace import span_coordinates
+
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(46080, 4, generator=gen, dtype=torch.float64))
+    w = (q * torch.tensor([252.0, 159.0, 117.0, 0.55], dtype=torch.float64)).to(torch.float32)
+    z_true = torch.tensor([1.0, 0.05, 0.75, 0.03])
+    z, condition = span_coordinates(w, w @ z_true)
+    assert z.dtype == torch.float32 and condition == pytest.approx(252 / 0.55, rel=1e-3)
+    assert torch.allclose(z, z_true, rtol=0, atol=1e-4)
