@@ -37,12 +37,11 @@ from .sweep_spec import (
     cell_id,
     describe,
     expand,
-    load_spec,
     varying_keys,
 )
 from .train import TrainConfig, peak_memory_mb, train, using_threads
 
-__all__ = ["FINISHED", "SweepSpec", "cell_id", "expand", "load_spec", "run_cell", "run_sweep"]
+__all__ = ["FINISHED", "finished_configs", "run_cell", "run_cells", "run_sweep", "train_loss_end"]
 
 FINISHED = ("done", "diverged")
 """Row statuses of a cell that is not run again (a ``failed`` cell is)."""
@@ -302,7 +301,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, address: str | None = None, c
     """Run the cells of ``spec`` not finished in ``out`` (a JSONL); append a row per cell as it ends.
 
     Args:
-        spec: the parsed spec (:func:`load_spec`).
+        spec: the parsed spec (:func:`controltune.sweep_spec.load_spec`).
         out: the sweep's JSONL; its finished rows are skipped, new rows appended by this driver only.
         address: an existing Ray cluster (``ray://host:10001`` or ``host:6379``); None: embedded local Ray.
         cpus_per_cell: CPUs Ray reserves for a cell, and its torch threads.

@@ -90,8 +90,9 @@ def summary() -> dict[str, Any]:
             cells = [r for r in table + select if r.get("status") == "done" and r["config"]["task"] == task
                      and r["config"]["method"] == method and float(r["config"]["lr"]) == info["lr"]
                      and not r.get("copied_from")]
-            curves = [c for c in (_curve(r) for r in cells) if c]
-            absent += [r["cell"] for r in cells if _curve(r) is None]
+            found = [(r, _curve(r)) for r in cells]
+            curves = [c for _, c in found if c]
+            absent += [r["cell"] for r, c in found if c is None]
             seen, unique = set(), []
             for c in curves:  # a seed's cell appears in both files when copied; keep one per seed
                 if c["seed"] not in seen:

@@ -294,6 +294,11 @@ REPRODUCED = ("score_at_best_val", "val_score", "score")
 """A rebuilt run stands in for its row only if these are identical (``experiments/rebuild_runs.py``)."""
 
 
+def reproduces(row: dict[str, Any], rebuilt: dict[str, Any]) -> bool:
+    """Whether a rebuilt run scored exactly what the row it was trained again from recorded."""
+    return all(row.get(k) == rebuilt.get(k) for k in REPRODUCED)
+
+
 def with_rebuilt(rows: list[dict[str, Any]], rebuilt: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``rows`` with what they lack (``curves``, ``train_loss_end``: rows written before they carried them) taken
     from their rebuilt run, when that run reproduced the row's scores exactly; other rows unchanged."""
@@ -301,7 +306,7 @@ def with_rebuilt(rows: list[dict[str, Any]], rebuilt: list[dict[str, Any]]) -> l
     out = []
     for row in rows:
         twin = twins.get(row.get("cell"))
-        if twin is not None and all(row.get(k) == twin.get(k) for k in REPRODUCED):
+        if twin is not None and reproduces(row, twin):
             row = {**row, **{k: twin[k] for k in ("curves", "train_loss_end") if row.get(k) is None and twin.get(k)}}
         out.append(row)
     return out

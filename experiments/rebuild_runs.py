@@ -36,8 +36,6 @@ HERE = Path(__file__).resolve().parent
 ROOT, RESULTS = HERE.parent, HERE / "results"
 SOURCES = ("glue_select.jsonl", "glue_table.jsonl")
 OUT, SUMMARY = RESULTS / "glue_rebuilt.jsonl", RESULTS / "glue_rebuilt.json"
-SCORES = REPRODUCED
-"""Row fields compared between a recorded cell and its rebuild (dev at the selected step, validation, last step)."""
 
 
 def recorded_cells(tasks: list[str], methods: list[str], seeds: list[int]) -> list[dict[str, Any]]:
@@ -75,10 +73,10 @@ def comparison(recorded: list[dict[str, Any]]) -> dict[str, Any]:
         if new is None:
             continue
         diffs = {k: None if row.get(k) is None or new.get(k) is None else abs(float(new[k]) - float(row[k]))
-                 for k in SCORES}
+                 for k in REPRODUCED}
         cells.append({"cell": row["cell"], "task": row["config"]["task"], "method": row["config"]["method"],
                       "seed": row["config"]["seed"], "lr": row["config"]["lr"], "metric": row.get("metric"),
-                      "recorded": {k: row.get(k) for k in SCORES}, "rebuilt": {k: new.get(k) for k in SCORES},
+                      "recorded": {k: row.get(k) for k in REPRODUCED}, "rebuilt": {k: new.get(k) for k in REPRODUCED},
                       "abs_difference": diffs, "identical": all(d == 0.0 for d in diffs.values() if d is not None),
                       "recorded_versions": row.get("versions"), "rebuilt_versions": new.get("versions"),
                       "wall_time_s": new.get("wall_time_s")})

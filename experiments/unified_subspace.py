@@ -52,7 +52,6 @@ from controltune.sweep_spec import SweepSpec, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import (  # noqa: E402
-    REPRODUCED,
     add_sweep_arguments,
     choose_lrs,
     chosen_rows,
@@ -61,6 +60,7 @@ from rate_selection import (  # noqa: E402
     mean_std,
     observed_core_hours,
     rebuild_cells,
+    reproduces,
     select_then_tabulate,
     sweep_settings,
     task_method,
@@ -105,9 +105,8 @@ def glue_solutions(task: str, method: str) -> list[str]:
         if (row.get("status") == "done" and task_method(row) == (task, method)
                 and float(row["config"]["lr"]) == chosen and row.get("run_dir")
                 and int(row["config"]["seed"]) in SOURCE_SEEDS):
-            folder = ROOT / row["run_dir"]
-            if (folder / "deltas.safetensors").is_file():
-                runs.setdefault(int(row["config"]["seed"]), str(folder))
+            if (ROOT / row["run_dir"] / DELTAS).is_file():  # recorded relative to the root, as the rows have it
+                runs.setdefault(int(row["config"]["seed"]), str(row["run_dir"]))
     return [runs[s] for s in sorted(runs)]
 
 
@@ -251,8 +250,7 @@ def run_transfers(jobs: int, echo, sweep: dict[str, Any] | None = None) -> None:
         echo(f"{len(lost)} table runs have no deltas on this machine: training them again from their rows")
         for new in rebuild_cells(lost, REBUILT_OUT, sweep, ROOT, echo):
             old = next(r for r in lost if r["cell"] == new["cell"])
-            same = all(old.get(k) == new.get(k) for k in REPRODUCED)
-            echo(f"rebuilt {new['cell']}: " + ("reproduces its row" if same else
+            echo(f"rebuilt {new['cell']}: " + ("reproduces its row" if reproduces(old, new) else
                                                 f"dev {new.get('score_at_best_val')} against the row's "
                                                 f"{old.get('score_at_best_val')}"))
     todo = [r for r in rows if r["cell"] not in have and (ROOT / r["run_dir"] / DELTAS).is_file()]
