@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from controltune.results import append_jsonl, read_jsonl, stamp, write_json
-from controltune.sweep_spec import SweepSpec, parse_spec
+from controltune.sweep_spec import SweepSpec, expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import (  # noqa: E402
@@ -53,6 +53,7 @@ from rate_selection import (  # noqa: E402
     require_rates,
     select_then_tabulate,
     sweep_settings,
+    with_estimate,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -292,8 +293,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         planned = {(m, "arbitrary"): len(tasks) * (len(RATES) + len(BUDGETS) * len(DRAWS) * len(SEEDS) - 1)
                    for m in models}
         planned.update({(m, "full"): len(tasks) * len(SEEDS) for m in models})
-        est = observed_core_hours(planned, read_jsonl(SELECT_OUT) + read_jsonl(TABLE_OUT),
-                                  lambda r: (r["config"]["model"], r["config"]["method"]))
+        rows = read_jsonl(SELECT_OUT) + read_jsonl(TABLE_OUT)
+        kind = lambda c: (c["model"], c["method"])  # noqa: E731
+        est = observed_core_hours(planned, rows, lambda r: kind(r["config"]))
+        any_rate = {(m, t): {"lr": RATES[0]} for m in models for t in tasks}  # a rate does not change the time
+        cells = expand(selection_spec(models, tasks, [])) + expand(table_spec(models, tasks, any_rate))
+        est = with_estimate(est, planned, cells, kind, rows)
         print(describe_hours("cells", est))
         return est
     if args.summary_only:

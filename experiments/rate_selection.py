@@ -13,6 +13,7 @@ design table's baseline cell *is* the GLUE table's cell when the settings are eq
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,9 @@ from typing import Any
 from controltune.results import append_jsonl, read_jsonl
 from controltune.sweep import FINISHED
 from controltune.sweep_spec import SweepSpec, canonical_config, expand, parse_spec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cost_model import estimated_seconds  # noqa: E402
 
 Pair = tuple
 KeyFn = Callable[[dict[str, Any]], Pair]
@@ -268,8 +272,16 @@ def observed_core_hours(planned: dict[Any, int], rows: list[dict[str, Any]], key
 
 
 def describe_hours(name: str, est: dict[str, Any]) -> str:
-    """``approximations: 1.4 core-h spent, 0.0 to run (3 cells not timed yet)``."""
-    tail = f" ({est['unknown']} cells of kinds not timed yet)" if est["unknown"] else ""
+    """``cells: 1.4 core-h spent, ~0.5 core-h to run (3 cells of kinds not timed yet)``, and with an
+    ``estimated`` entry (:func:`sweep_hours`) ``(+ ~2.0 core-h for 3 cells of kinds not timed yet, estimated
+    from the GLUE table's step times)``."""
+    if not est["unknown"]:
+        tail = ""
+    elif est.get("estimated") is not None:
+        tail = (f" (+ ~{est['estimated']:.1f} core-h for {est['unknown']} cells of kinds not timed yet, "
+                "estimated from the GLUE table's step times)")
+    else:
+        tail = f" ({est['unknown']} cells of kinds not timed yet)"
     return f"{name}: {est['spent']:.1f} core-h spent, ~{est['remaining']:.1f} core-h to run{tail}"
 
 
@@ -278,16 +290,37 @@ def cell_kind(config: dict[str, Any]) -> str:
     return canonical_config({k: v for k, v in config.items() if k not in ("lr", "seed")})
 
 
+def with_estimate(est: dict[str, Any], planned: dict[Any, int], cells: list[dict[str, Any]],
+                  key: Callable[[dict[str, Any]], Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``est`` (:func:`observed_core_hours` of ``planned``) with ``estimated``: the core-hours of the planned cells
+    of kinds that have no finished row, each kind at the mean :func:`cost_model.estimated_seconds` of its
+    ``cells`` (configs; ``key(config)`` is the kind); None, with ``estimate_error``, if the cost model cannot time
+    one of them (a model, task or method it has no step times for)."""
+    finished = {key(r["config"]) for r in rows
+                if "config" in r and r.get("status", "done") in FINISHED and r.get("wall_time_s")}
+    per_kind: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for cell in cells:
+        per_kind[key(cell)].append(cell)
+    try:
+        seconds = sum(n * sum(map(estimated_seconds, per_kind[k])) / len(per_kind[k])
+                      for k, n in planned.items() if k not in finished)
+    except (ValueError, KeyError, OSError, ZeroDivisionError) as err:
+        return {**est, "estimated": None, "estimate_error": str(err)}
+    return {**est, "estimated": seconds / 3600}
+
+
 def sweep_hours(cells: list[dict[str, Any]], rows: list[dict[str, Any]], seeds_after: int = 0) -> dict[str, Any]:
     """:func:`observed_core_hours` of a sweep's expanded ``cells`` (plus ``seeds_after`` table cells per kind:
-    the further seeds at the chosen rate), timed by the finished ``rows`` of the same kind (copied rows excluded)."""
+    the further seeds at the chosen rate), timed by the finished ``rows`` of the same kind (copied rows excluded),
+    :func:`with_estimate` for the kinds not timed yet."""
     planned: dict[str, int] = defaultdict(int)
     for cell in cells:
         planned[cell_kind(cell)] += 1
     for kind in list(planned):
         planned[kind] += seeds_after
-    return observed_core_hours(dict(planned), [r for r in rows if not r.get("copied_from") and "config" in r],
-                               lambda r: cell_kind(r["config"]))
+    timed = [r for r in rows if not r.get("copied_from") and "config" in r]
+    est = observed_core_hours(dict(planned), timed, lambda r: cell_kind(r["config"]))
+    return with_estimate(est, dict(planned), cells, cell_kind, timed)
 
 
 REPRODUCED = ("score_at_best_val", "val_score", "score")

@@ -261,3 +261,24 @@ def test_a_row_takes_curves_only_from_a_rebuild_that_reproduced_it():
     a, b = with_rebuilt(rows, rebuilt)
     assert a["curves"] == {"val": [1]} and a["train_loss_end"] == 0.3
     assert "curves" not in b and "train_loss_end" not in b
+
+
+def test_the_cost_model_counts_steps_and_scored_rows_and_scales_the_reference_step(monkeypatch):
+    from experiments import cost_model as cm
+
+    monkeypatch.setattr(cm, "_split_size", lambda task, split: {"train": 1000, "dev": 300}[split])
+    monkeypatch.setattr(cm, "reference_step_seconds", lambda: {("cola", "lora"): 0.2, ("cola", "prompt"): 0.4})
+    monkeypatch.setattr(cm, "model_factors", lambda: {"minilm": {"*": 1.0}, "smollm2": {"lora": 10.0, "*": 8.0}})
+    cfg = {"model": "minilm", "task": "cola", "method": "lora", "batch_size": 16, "epochs": 2, "train_size": None,
+           "val_size": 0.1, "eval_every": 50, "dev_size": None}
+    assert cm.cell_steps(cfg) == 2 * 57  # ceil(900 / 16) per epoch
+    assert cm.scored_rows(cfg) == (114 // 50 + 1) * 100 + 2 * 300  # validation at 2 evaluations and the end; dev twice
+    assert cm.estimated_seconds(cfg) == 0.2 * 0.5 * (114 + 900 / 96)
+    no_val = {**cfg, "val_size": None}
+    assert cm.scored_rows(no_val) == (2 * 63 // 50 + 1) * 300  # without validation rows every evaluation scores dev
+    sequential = {**cfg, "method": "prompt+lora", "sequential": True}
+    assert cm.cell_steps(sequential) == 2 * 114
+    assert cm.step_seconds(sequential) == 0.4 * 0.5  # a combination costs its dearest part
+    assert cm.step_seconds({**cfg, "model": "smollm2", "method": "gramian_lora"}) == 0.2 * 0.5 * 8.0
+    with pytest.raises(ValueError, match="no GLUE rows"):
+        cm.step_seconds({**cfg, "method": "nonesuch"})

@@ -1,0 +1,161 @@
+"""What a cell that has never run will cost, from the step times measured on cells that have.
+
+A study's ``--plan`` times each kind of cell by the finished rows of that kind
+(:func:`rate_selection.observed_core_hours`); a kind with no finished row had no estimate, so a grid could not
+be sized to an issue's budget before it ran.  This module estimates those cells from the GLUE table's rows
+(MiniLM, batch 32, length 128; the four tasks, six methods) with a two-term model of a cell's wall time at one
+thread:
+
+    T ≈ s_{task,m} · (batch/32) · (steps + E/96) · f_model,m
+
+- ``steps`` training steps (``steps``, or ⌈n_train/batch⌉ · epochs, times the stages of a sequential cell);
+- ``E`` rows scored without a backward pass: the validation rows at every evaluation and at the end, dev twice
+  at the end (last and best-on-validation deltas), and the training rows scored for the generalisation gap.
+  A row forward costs about a third of a row's forward and backward: 96 scored rows ≈ one step of 32;
+- ``s_{task,m}`` the median over the GLUE rows of (task, m) of ``wall / (steps + E/96)``, where ``m`` is the
+  method itself or the GLUE method whose cost it resembles (:data:`RESEMBLES`; a combination: its dearest part);
+- ``f_model,m`` the ratio of SmolLM2's step time to MiniLM's for m at batch 8 (``efficiency.jsonl``; the median
+  over methods where m was not measured), 1 for MiniLM.
+
+Truncation below 128 tokens and other models are not modelled: for SmolLM2 at length 64 the estimate errs
+high.  The model is checked against cells that ran in :func:`calibration`.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from controltune.data import load_split, resolve_task
+from controltune.results import read_jsonl
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REFERENCE_ROWS = ("glue_table.jsonl", "glue_select.jsonl", "glue_gaps.jsonl")
+SCORED_PER_STEP = 96
+"""Rows scored forward-only that cost about one training step of 32 rows."""
+
+RESEMBLES = {"last_layer": "bitfit", "selective": "bitfit", "arbitrary": "bitfit", "layernorm": "bitfit",
+             "unipelt": "adapter", "pfeiffer": "adapter", "houlsby": "adapter", "unified_subspace": "lora",
+             "peft_lora": "lora", "costate_lora": "lora", "gramian_lora": "lora", "recommended_lora": "lora",
+             "riccati_feedback": "adapter", "closed_loop_prefix": "prefix", "parallel_control": "adapter",
+             "subspace": "lora", "fastfood": "lora"}
+"""A method that is not in the GLUE table -> the GLUE method whose step it costs about as much as (its
+backward runs through the whole network in every case: what differs is the cost of the delta itself)."""
+
+
+@cache
+def _split_size(task: str, split: str) -> int:
+    return len(load_split(resolve_task(task), split))
+
+
+def _rows(size: float | int | None, n: int) -> int:
+    """``train_size``/``val_size``/``dev_size`` as a row count out of ``n`` (a fraction, a count, or None: all)."""
+    if size is None:
+        return n
+    return min(n, round(size * n)) if isinstance(size, float) and size < 1 else min(n, int(size))
+
+
+def _parts(config: dict[str, Any]) -> list[str]:
+    return str(config["method"]).split("+")
+
+
+def cell_steps(config: dict[str, Any]) -> int:
+    """Training steps of a cell (every stage of a sequential one)."""
+    if config.get("steps"):
+        per_stage = int(config["steps"])
+    else:
+        n = _rows(config.get("train_size"), _split_size(config["task"], "train"))
+        n_train = n - (_rows(config.get("val_size"), n) if config.get("val_size") else 0)
+        per_stage = math.ceil(n_train / config["batch_size"]) * int(config.get("epochs") or 1)
+    return per_stage * (len(_parts(config)) if config.get("sequential") else 1)
+
+
+def scored_rows(config: dict[str, Any], steps: int | None = None) -> int:
+    """Rows scored without a backward pass: validation at every evaluation and the end, dev twice (without
+    validation rows: dev at every evaluation and the end), and the training rows of the generalisation gap."""
+    steps = cell_steps(config) if steps is None else steps
+    stages = len(_parts(config)) if config.get("sequential") else 1
+    n = _rows(config.get("train_size"), _split_size(config["task"], "train"))
+    n_val = _rows(config.get("val_size"), n) if config.get("val_size") else 0
+    evals = (steps // config["eval_every"] if config.get("eval_every") else 0) + stages
+    n_dev = _rows(config.get("dev_size"), _split_size(config["task"], "dev"))
+    if not n_val:  # without validation rows every evaluation scores dev
+        return evals * n_dev + int(config.get("train_score_size") or 0)
+    return evals * n_val + 2 * stages * n_dev + int(config.get("train_score_size") or 0)
+
+
+def reference_method(method: str) -> str:
+    """The GLUE method whose step cost stands for ``method``'s (a combination: its dearest part, see
+    :func:`step_seconds`)."""
+    return RESEMBLES.get(method, method)
+
+
+@cache
+def reference_step_seconds() -> dict[tuple[str, str], float]:
+    """(task, GLUE method) -> s: seconds per training step of 32 rows at one thread, evaluations included at
+    one step per 96 scored rows; the median over the GLUE rows (MiniLM)."""
+    per: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for name in REFERENCE_ROWS:
+        for row in read_jsonl(RESULTS / name):
+            c = row.get("config") or {}
+            if row.get("status") != "done" or row.get("copied_from") or c.get("model") != "minilm" \
+                    or (row.get("threads") or 1) != 1 or not row.get("wall_time_s"):
+                continue
+            steps = int(row["total_steps"])
+            units = (steps + scored_rows(c, steps) / SCORED_PER_STEP) * c["batch_size"] / 32
+            per[(c["task"], c["method"])].append(row["wall_time_s"] / units)
+    return {k: statistics.median(v) for k, v in per.items()}
+
+
+@cache
+def model_factors() -> dict[str, dict[str, float]]:
+    """model -> method -> its step time over MiniLM's at batch 8 (``efficiency.jsonl``); ``"*"``: the median."""
+    step = {(r["model"], r["method"], r["batch"]): r["step_s"] for r in read_jsonl(RESULTS / "efficiency.jsonl")
+            if r.get("status", "done") == "done"}
+    out: dict[str, dict[str, float]] = {"minilm": {"*": 1.0}}
+    for (model, method, batch), s in step.items():
+        if model != "minilm" and batch == 8:
+            base = step.get(("minilm", method, 8)) or step.get(("minilm", reference_method(method), 8))
+            if base:
+                out.setdefault(model, {})[method] = s / base
+    for factors in out.values():
+        factors.setdefault("*", statistics.median(factors.values()))
+    return out
+
+
+def step_seconds(config: dict[str, Any]) -> float:
+    """s_{task,m} · (batch/32) · f_model,m for one cell (m: the dearest part of a combination)."""
+    ref, factors = reference_step_seconds(), model_factors()
+    if config["model"] not in factors:
+        raise ValueError(f"no step times of model {config['model']!r} in efficiency.jsonl: "
+                         f"estimates cover {sorted(factors)}")
+    per_model = factors[config["model"]]
+    costs = []
+    for part in _parts(config):
+        key = (config["task"], reference_method(part))
+        if key not in ref:
+            raise ValueError(f"no GLUE rows of {key} to time method {part!r} on: "
+                             f"RESEMBLES maps a method to one of {sorted({m for _, m in ref})}")
+        costs.append(ref[key] * per_model.get(part, per_model["*"]))
+    return max(costs) * config["batch_size"] / 32
+
+
+def estimated_seconds(config: dict[str, Any]) -> float:
+    """T ≈ s · (steps + E/96): a cell's wall time at one thread, before it has run."""
+    steps = cell_steps(config)
+    return step_seconds(config) * (steps + scored_rows(config, steps) / SCORED_PER_STEP)
+
+
+def calibration(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Measured over estimated wall time of finished one-thread rows of kinds the model was not fit on:
+    ``{n, median, min, max}`` of the ratio (1: exact)."""
+    ratios = [r["wall_time_s"] / estimated_seconds(r["config"]) for r in rows
+              if r.get("status") == "done" and not r.get("copied_from") and (r.get("threads") or 1) == 1
+              and r.get("wall_time_s") and "config" in r]
+    if not ratios:
+        return {"n": 0}
+    return {"n": len(ratios), "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
