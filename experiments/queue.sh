@@ -1,6 +1,6 @@
 #!/bin/sh
 # The background queue of the experiments that take hours: the GLUE table and its gap measurements
-# (issue 14), the unified subspace (16), then the other studies cheapest first (15, 16's APET), the
+# (issue 14), the unified subspace and APET (16), then the other studies cheapest first (15), the
 # design table (18) last.  Every step is resumable
 # (finished cells are skipped, a stopped cell resumes from its checkpoint), so after any stop
 # the same command continues where the queue stopped.  One step at a time: each sweep already
@@ -34,15 +34,18 @@ step convergence
 step glue_gaps --cpus-per-cell 2
 step rebuild_runs --methods lora,adapter,prefix --seeds 0  # the unified subspace's sources, where their folders are lost
 step unified_subspace
-# the cheaper studies first (a claim each within a session or two), the design table (~44 core-hours) last
+step apet  # with the unified subspace, the rest of issue 16 (~3 core-h estimated)
+# issue 15, the cheaper studies first; RTE last, where it is dearest (its pairs are the longest rows) and, at
+# MiniLM's scale, does not separate the methods (glue_table.json), so the other three tasks give the claims first
 step sequential
-step unipelt_low_resource
+step unipelt_low_resource --tasks sst2,cola,mrpc
+step composability --tasks sst2,cola,mrpc
 step scale
-step apet
-step composability
 step rebuild_runs  # every GLUE cell whose folder is gone: convergence's curves and transfer's deltas, and a reproduction check
 step convergence
 step transfer
+step unipelt_low_resource
+step composability
 step design_table --tasks cola,sst2  # the cheapest tasks, and those that separate methods most (RTE does not separate them)
 step design_table
 .venv/bin/controltune figures >> experiments/results/queue.log 2>&1  # every figure whose results now exist
