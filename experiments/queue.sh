@@ -35,6 +35,7 @@ step glue_gaps --cpus-per-cell 2
 step rebuild_runs --methods lora,adapter,prefix --seeds 0  # the unified subspace's sources, where their folders are lost
 step unified_subspace
 step apet  # with the unified subspace, the rest of issue 16 (~3 core-h estimated)
+step design_table --tasks cola  # issue 18's first verdicts, where the methods separate most and cells are cheapest (~4 core-h)
 # issue 15, the cheaper studies first; RTE last, where it is dearest (its pairs are the longest rows) and, at
 # MiniLM's scale, does not separate the methods (glue_table.json), so the other three tasks give the claims first
 step sequential
@@ -46,7 +47,7 @@ step convergence
 step transfer
 step unipelt_low_resource
 step composability
-step design_table --tasks cola,sst2  # the cheapest tasks, and those that separate methods most (RTE does not separate them)
+step design_table --tasks cola,sst2  # then SST-2 (RTE does not separate methods at MiniLM's scale)
 step design_table
 .venv/bin/controltune figures >> experiments/results/queue.log 2>&1  # every figure whose results now exist
 echo "$(date '+%F %T') queue: done"
