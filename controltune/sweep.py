@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .divergence import TrainingDiverged
+from .resources import peak_memory_mb, peak_rss_mb, reset_peak_rss, using_threads
 from .results import append_jsonl, read_jsonl, stamp
 from .sweep_spec import (
     OPTIONAL_SETTINGS,
@@ -39,7 +40,7 @@ from .sweep_spec import (
     expand,
     varying_keys,
 )
-from .train import TrainConfig, peak_memory_mb, train, using_threads
+from .train import TrainConfig, train
 
 __all__ = ["FINISHED", "finished_configs", "run_cell", "run_cells", "run_sweep", "train_loss_end"]
 
@@ -115,28 +116,6 @@ def _train_cell(config: dict[str, Any], threads: int, out: Path | None) -> dict[
     results = train_stages(system, controller, train_ex, dev_ex, spec, configs, tokenizer=loaded.tokenizer,
                            reuse_finished=True)
     return {**results[-1], "metric": spec.metric, "stages": results}
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's peak resident memory (Linux ``clear_refs``); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb() -> float | None:
-    """Peak resident memory since the last reset (``VmHWM``), or None where /proc is absent."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def train_loss_end(losses: list[float], share: float = 0.1) -> float | None:

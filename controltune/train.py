@@ -18,7 +18,7 @@ memory and, with ``token_cache``, on disk); training batches are grouped by leng
 (``group_by_length``: similar lengths in a batch, batches in random order) and padded to
 their longest sequence; evaluation runs in length order; ``threads`` sets torch's
 intra-op threads for the run and restores them after (None: torch's own setting, which is
-every core, or ``$OMP_NUM_THREADS``; :func:`default_threads` says that number).
+every core, or ``$OMP_NUM_THREADS``; :func:`~controltune.resources.default_threads` says that number).
 
 Model selection on held-out training rows, never on dev: with ``val_size`` (or
 ``val_examples``) a seeded part of the training rows is held out (:func:`validation_split`,
@@ -56,13 +56,9 @@ with validation rows only), ``checkpoint.pt`` (resume state) and the lock file
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import resource
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +72,7 @@ from .data import Example
 from .divergence import TrainingDiverged, control_names, describe_nonfinite, nonfinite
 from .evaluation import evaluate, to_device, validation_split
 from .fingerprint import n_base_parameters
+from .resources import peak_memory_mb, using_threads
 from .results import stamp, write_json
 from .run_folder import (
     BEST_DELTAS,
@@ -219,38 +216,6 @@ def training_mode(system, dropout: bool) -> None:
     """
     system.train(dropout)
     system.controllers.train(True)
-
-
-def default_threads() -> int:
-    """Threads a run uses when not told: ``$OMP_NUM_THREADS`` if set to a positive integer, else every core
-    this process may run on."""
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.strip().isdigit() and int(env) >= 1:
-        return int(env)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def using_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(threads)`` (None: unchanged); the old setting is restored."""
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(int(threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this run: CUDA allocator peak, or the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 
 
 def finalize(system, budget: float | None = None) -> list[str]:

@@ -50,10 +50,10 @@ from .controllers.unified import UnifiedSubspace, method_layout
 from .data import Example, load_split, resolve_task
 from .evaluation import evaluate
 from .fingerprint import fingerprint
+from .resources import using_threads
 from .run_folder import reported_deltas
 from .subspace_projections import Layout, ProjectionFileError, UnifiedProjections
 from .system import ResidualSystem
-from .train import using_threads
 
 RECON_WEIGHT = 1.0
 """Default λ_rec (the paper's single-task script used 0.1 with an unsquared distance)."""

@@ -37,9 +37,10 @@ from controltune import ResidualSystem, load_model
 from controltune.batching import clear_token_cache, encode
 from controltune.controllers import build
 from controltune.data import load_split, resolve_task
+from controltune.resources import default_threads
 from controltune.results import stamp, write_json
 from controltune.schedule import epoch_batches
-from controltune.train import TrainConfig, default_threads, train
+from controltune.train import TrainConfig, train
 from controltune.zoo import minilm_path
 
 OUT = Path(__file__).resolve().parent / "results" / "bench_train.json"

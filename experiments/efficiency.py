@@ -63,7 +63,7 @@ def measure(model: str, method: str, options: dict[str, Any], batch_size: int) -
     from controltune.batching import Collator
     from controltune.controllers.spec import build_spec
     from controltune.data import load_split, resolve_task
-    from controltune.sweep import peak_rss_mb, reset_peak_rss
+    from controltune.resources import peak_rss_mb, reset_peak_rss
 
     torch.set_num_threads(1)
     before = _rss_mb()

@@ -20,8 +20,9 @@ from controltune.batching import (
     shuffled_batches,
 )
 from controltune.data import Example, load_split, resolve_task
+from controltune.resources import default_threads, using_threads
 from controltune.schedule import batch_order, epoch_batches
-from controltune.train import TrainConfig, default_threads, train, using_threads
+from controltune.train import TrainConfig, train
 from controltune.zoo import offline_tokenizer
 
 WORDS = ["good", "bad", "film", "plot", "dull", "superb", "acting", "moving", "thin", "a", "the", "extraordinarily"]
