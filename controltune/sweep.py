@@ -175,6 +175,7 @@ def run_cell(config: dict[str, Any], threads: int = 1, runs_dir: str | None = No
     curves = (result or {}).get("curves") or {}
     row["curves"] = {k: curves[k] for k in ("val", "dev") if curves.get(k)} or None
     row["train_loss_end"] = train_loss_end(curves.get("train_loss") or [])
+    row["designs"] = (result or {}).get("designs")  # a designed controller's sites, ranks and start, per cell
     if row["status"] == "done" and (result or {}).get("stages"):
         row["stages"] = [{"stage": i, "method": r.get("config", {}).get("extra", {}).get("stage_method"),
                           "val_score": (r.get("best_val") or {}).get(metric),

@@ -226,6 +226,13 @@ def finalize(system, budget: float | None = None) -> list[str]:
     return [c.method for c in system.controllers if c.finalize(budget)]
 
 
+def design_reports(system) -> dict[str, Any] | None:
+    """What each designed controller recorded of its design (chosen sites and ranks, the start's step and its
+    trust-region trials, the fitted feedback), by method; None when no controller designed anything."""
+    reports = {c.method: c.report for c in system.controllers if getattr(c, "report", None)}
+    return reports or None
+
+
 # --- the loop --------------------------------------------------------------------------------
 def train(system, train_examples: Sequence[Example], dev_examples: Sequence[Example] | None, task_spec,
           config: TrainConfig, tokenizer=None, val_examples: Sequence[Example] | None = None) -> dict[str, Any]:
@@ -325,6 +332,7 @@ def _train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exa
                     "loss": "J = mean CE + sum of running costs R (AdamW decoupled weight decay is not part of J)",
                     **({"n_val": len(val_examples)} if validating else {})})
     selection = _selection(task_spec, config, val_examples)
+    designs = design_reports(system)  # designed at attachment, before the first step
 
     def report(status: str) -> dict[str, Any]:
         dev = log["dev"]
@@ -343,7 +351,7 @@ def _train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exa
                 "selection": selection, "diverged": log.get("diverged"),
                 "train_scores": log.get("train_scores") if scored else None,
                 "config_changes": log.get("config_changes", []), "finalized": log.get("finalized", []),
-                "wall_time_s": log["wall_time_s"], "peak_memory_mb": peak_memory_mb(device)}
+                "designs": designs, "wall_time_s": log["wall_time_s"], "peak_memory_mb": peak_memory_mb(device)}
 
     cache_dir = token_cache_dir() if config.token_cache else None
 

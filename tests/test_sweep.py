@@ -231,3 +231,18 @@ def test_a_lost_run_folder_is_rebuilt_from_its_row_and_reproduces_it(task, tmp_p
     assert rebuild_runs.main([*argv, "--plan"])["todo"] == []  # nothing left to train
     with pytest.raises(SystemExit):
         rebuild_runs.main(["--methods", "nope"])
+
+
+def test_a_designed_cell_records_its_design_in_its_row(task):
+    config = sweep_spec.expand(sweep_spec.parse_spec({
+        "name": "designed", "grid": {"model": "random:bert", "method": ["recommended_lora", "lora"], "task": str(task),
+                                     "lr": 1e-2},
+        "per_method": {"recommended_lora": {"options": {"task": str(task), "n_design": 8, "budget": 600,
+                                                        "max_rank": 2}},
+                       "lora": {"options": {"rank": 2}}},
+        "train": {"steps": 2, "batch_size": 8, "max_length": 16}}))
+    designed, plain = (sweep.run_cell(c) for c in sorted(config, key=lambda c: c["method"] != "recommended_lora"))
+    assert designed["status"] == "done", designed.get("reason")
+    report = designed["designs"]["recommended_lora"]
+    assert 0 < report["used"] <= 600 and report["ranks"] and "accepted" in report["trust_region"]
+    assert plain["status"] == "done" and plain["designs"] is None  # LoRA designs nothing
