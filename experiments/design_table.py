@@ -16,7 +16,8 @@ rate chosen on validation rows (grids continued at their edge, :mod:`rate_select
 at the chosen rate; a designed controller designs on its cell's task (training rows).  LoRA at ``b74k``
 is the GLUE table's own LoRA cell: those rows are copied, not rerun.
 
-``results/design_table.json`` rows ``{design, baseline, task, budget, mean, std, n_seeds, verdict}``:
+``results/design_table.json`` rows ``{design, baseline, task, budget, mean, std, n_seeds, verdict}``, and per cell
+each seed's design (``designs``: sites, ranks, the start's step; :func:`compact_design`);
 ``verdict`` by the two-standard-error rule on the difference of the means (win: above ``2·se``, loss:
 below ``−2·se``, tie otherwise, ``se = (s_d²/n_d + s_b²/n_b)^{1/2}``; none below two seeds each).
 
@@ -164,6 +165,27 @@ def verdict(d: dict[str, Any], b: dict[str, Any]) -> tuple[str | None, float | N
     return (None if sign is None else {1: "win", -1: "loss", 0: "tie"}[sign]), diff, se
 
 
+def compact_design(report: Any, depth: int = 0) -> Any:
+    """A design report (a row's ``designs``) without its bulky parts: numbers, strings, short lists and the
+    sites' ranks stay; per-site score tables, trial lists and plans are dropped (they stay in the rows)."""
+    if isinstance(report, dict):
+        if depth and len(report) > 64:
+            return None
+        kept = {k: compact_design(v, depth + 1) for k, v in report.items()
+                if k not in ("scores", "top_sigma2", "trials", "plan_norm")}
+        return {k: v for k, v in kept.items() if v is not None}
+    if isinstance(report, list):
+        return report if len(report) <= 8 and all(not isinstance(x, (dict, list)) for x in report) else None
+    return report
+
+
+def _designs(rows: list[dict[str, Any]], method: str) -> list[Any] | None:
+    """Each seed's compacted design report of ``method`` (None for a method that designs nothing)."""
+    by_seed = sorted(rows, key=lambda r: r["config"]["seed"])
+    reports = [compact_design((r.get("designs") or {}).get(method)) for r in by_seed]
+    return reports if any(reports) else None
+
+
 def summary(tasks, budgets) -> dict[str, Any]:
     select_rows, table_rows = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
     chosen = choose_lrs(select_rows, pair_key)
@@ -174,7 +196,8 @@ def summary(tasks, budgets) -> dict[str, Any]:
         mean, std = mean_std([r["score_at_best_val"] for r in done])
         cells[pair] = {"task": pair[0], "budget": pair[1], "method": pair[2], "lr": info["lr"], "mean": mean,
                        "std": std, "n_seeds": len(done), "trainable": done[0]["n_trainable"] if done else None,
-                       "metric": done[0]["metric"] if done else None}
+                       "metric": done[0]["metric"] if done else None,
+                       "designs": _designs(done, pair_where(pair)["method"])}
     rows = []
     for (task, budget, label), d in sorted(cells.items()):
         if label not in DESIGNS:

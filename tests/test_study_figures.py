@@ -131,11 +131,16 @@ def test_design_table(tmp_path, monkeypatch):
             for seed in (0, 1, 2):
                 row = _row({"task": task, "method": method, "options": options, "lr": 1e-3, "seed": seed},
                            0.7 + better.get(label, 0.0) + 0.001 * seed)
+                if method == "recommended_lora":
+                    row["designs"] = {method: {"used": 73000 + seed, "ranks": {"0_v": 2},
+                                               "scores": {"0_v": 1.0}, "trust_region": {"eta": 0.5, "trials": [{}]}}}
                 if seed == 0:
                     append_jsonl(design_table.SELECT_OUT, row)
                 append_jsonl(design_table.TABLE_OUT, row)
     out = design_table.summary(("rte", "cola"), ("b74k",))
     assert out["wins"] == 4  # two designs x two tasks beat LoRA
+    rec = next(c for c in out["cells"] if c["method"] == "recommended_lora" and c["task"] == "cola")
+    assert rec["designs"] == [{"used": 73000 + s, "ranks": {"0_v": 2}, "trust_region": {"eta": 0.5}} for s in (0, 1, 2)]
     caption = _caption("design_table", tmp_path, tmp_path / "f")
     assert "parallel_control: wins cola/b74k (+0.050), rte/b74k (+0.050)" in caption
     assert "costate_lora: wins none, ties 0, losses cola/b74k (-0.050), rte/b74k (-0.050)" in caption
