@@ -47,6 +47,13 @@ RESEMBLES = {"last_layer": "bitfit", "selective": "bitfit", "arbitrary": "bitfit
 backward runs through the whole network in every case: what differs is the cost of the delta itself)."""
 
 
+def cell_seconds(row: dict[str, Any]) -> float | None:
+    """A finished cell's whole time: the run's own clock, which a resumed run carries over its stops
+    (``train_time_s``), or the row's wall time when that is longer (loading the model and data)."""
+    times = [float(t) for t in (row.get("train_time_s"), row.get("wall_time_s")) if t]
+    return max(times) if times else None
+
+
 @cache
 def _split_size(task: str, split: str) -> int:
     return len(load_split(resolve_task(task), split))
@@ -103,11 +110,11 @@ def reference_step_seconds() -> dict[tuple[str, str], float]:
         for row in read_jsonl(RESULTS / name):
             c = row.get("config") or {}
             if row.get("status") != "done" or row.get("copied_from") or c.get("model") != "minilm" \
-                    or (row.get("threads") or 1) != 1 or not row.get("wall_time_s"):
+                    or (row.get("threads") or 1) != 1 or not cell_seconds(row):
                 continue
             steps = int(row["total_steps"])
             units = (steps + scored_rows(c, steps) / SCORED_PER_STEP) * c["batch_size"] / 32
-            per[(c["task"], c["method"])].append(row["wall_time_s"] / units)
+            per[(c["task"], c["method"])].append(cell_seconds(row) / units)
     return {k: statistics.median(v) for k, v in per.items()}
 
 
@@ -153,9 +160,37 @@ def estimated_seconds(config: dict[str, Any]) -> float:
 def calibration(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Measured over estimated wall time of finished one-thread rows of kinds the model was not fit on:
     ``{n, median, min, max}`` of the ratio (1: exact)."""
-    ratios = [r["wall_time_s"] / estimated_seconds(r["config"]) for r in rows
+    ratios = [cell_seconds(r) / estimated_seconds(r["config"]) for r in rows
               if r.get("status") == "done" and not r.get("copied_from") and (r.get("threads") or 1) == 1
-              and r.get("wall_time_s") and "config" in r]
+              and cell_seconds(r) and "config" in r]
     if not ratios:
         return {"n": 0}
     return {"n": len(ratios), "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Write ``results/cost_model.json``: the reference step times, the model factors, and the calibration of
+    the estimate on every committed sweep whose rows were not used to fit it."""
+    import argparse
+
+    from controltune.results import stamp, write_json
+
+    p = argparse.ArgumentParser(description="the cost model's references and its calibration on other sweeps")
+    p.add_argument("--check", nargs="*", default=["unified_select.jsonl", "unified_table.jsonl"],
+                   help="sweep JSONL files (in experiments/results) to calibrate on")
+    args = p.parse_args(argv)
+    checks = {name: calibration(read_jsonl(RESULTS / name)) for name in args.check if (RESULTS / name).exists()}
+    payload = {**stamp({"reference_rows": list(REFERENCE_ROWS), "scored_per_step": SCORED_PER_STEP,
+                        "resembles": RESEMBLES, "command": "python experiments/cost_model.py"}),
+               "step_seconds": [{"task": t, "method": m, "seconds": s}
+                                for (t, m), s in sorted(reference_step_seconds().items())],
+               "model_factors": model_factors(), "calibration": checks}
+    write_json(RESULTS / "cost_model.json", payload)
+    for name, c in checks.items():
+        print(f"{name}: {c['n']} cells" + (f", measured/estimated median {c['median']:.2f} "
+                                          f"(range {c['min']:.2f}-{c['max']:.2f})" if c["n"] else ""))
+    return payload
+
+
+if __name__ == "__main__":
+    main()

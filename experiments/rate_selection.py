@@ -24,7 +24,7 @@ from controltune.sweep import FINISHED
 from controltune.sweep_spec import SweepSpec, canonical_config, expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cost_model import estimated_seconds  # noqa: E402
+from cost_model import cell_seconds, estimated_seconds  # noqa: E402
 
 Pair = tuple
 KeyFn = Callable[[dict[str, Any]], Pair]
@@ -247,7 +247,7 @@ def progress_echo(refresh: Callable[[], Any]) -> Callable[[str], None]:
 
 
 def observed_core_hours(planned: dict[Any, int], rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], Any],
-                        seconds: Callable[[dict[str, Any]], float | None] = lambda r: r.get("wall_time_s"),
+                        seconds: Callable[[dict[str, Any]], float | None] = cell_seconds,
                         done: dict[Any, int] | None = None) -> dict[str, Any]:
     """A study's time from its own finished rows: ``planned`` counts the cells of each kind (``key`` of a row's
     config or row); a kind's cells still to run take the mean time of its finished rows.  ``done``: how many of
@@ -297,7 +297,7 @@ def with_estimate(est: dict[str, Any], planned: dict[Any, int], cells: list[dict
     ``cells`` (configs; ``key(config)`` is the kind); None, with ``estimate_error``, if the cost model cannot time
     one of them (a model, task or method it has no step times for)."""
     finished = {key(r["config"]) for r in rows
-                if "config" in r and r.get("status", "done") in FINISHED and r.get("wall_time_s")}
+                if "config" in r and r.get("status", "done") in FINISHED and cell_seconds(r)}
     per_kind: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for cell in cells:
         per_kind[key(cell)].append(cell)
