@@ -12,7 +12,9 @@ For each target task T of SST-2, MRPC, RTE and CoLA and each dimension d in ``DI
 2. **Optimisation**: the ``unified_subspace`` controller (z ∈ R^d and a fresh head) trained on T through each
    method's up-projection, as sweep cells with the GLUE table's harness (validation rows, evaluation cadence,
    warm-up and decay) but at most ``STAGE2_STEPS`` steps; the rate of z chosen on validation rows from
-   ``Z_RATES`` (grid continued at its edge), then seeds 0, 1, 2.
+   ``Z_RATES`` (grid continued at its edge), then seeds 0, 1, 2.  Beside them, per target, the control run
+   ``HEAD_ONLY``: z frozen at 0 through LoRA, only the head trains (a linear probe of the frozen model in the
+   same harness): a subspace score says what z adds only against it.
 3. **Transfer**: each stage-2 run's z (and head) decoded by the two other methods, scored on T's dev set
    (``results/unified_transfer.jsonl``).
 4. **Landscape**: every method's dev score (256 rows) on SST-2 over the plane through the intrinsic vectors of
@@ -82,6 +84,11 @@ APPROX = {"steps": 300, "lr": 1.0e-2, "recon_weight": 1.0, "batch_size": 16, "tr
           "max_length": 128, "init": "aligned"}
 SOURCE_SEEDS = (0,)
 Z_RATES = [3.0e-3, 3.0e-2]
+HEAD_ONLY = {"delta": "lora", "frozen_z": True}
+"""The control run of stage 2, per target: z frozen at 0 through LoRA (whose θ⁰ adds nothing), so only the fresh
+head trains — a linear probe of the frozen model in the same harness, at rates chosen from the same grid.  What
+training z adds is the subspace score minus this one."""
+HEAD = "head_only"
 STAGE2_STEPS = 250
 STAGE2_EVAL_EVERY = 50
 LANDSCAPE = {"projections_of": "rte", "task": "sst2", "dim": 4, "grid": [-0.5 + 0.25 * i for i in range(9)],
@@ -179,13 +186,15 @@ def run_approximations(targets, jobs: int, echo) -> list[tuple[str, int]]:
 
 # --- stage 2: sweep cells ------------------------------------------------------------------------
 def pair_key(row: dict[str, Any]) -> tuple[str, str, str]:
-    """(task, delta, projections file): one rate each."""
+    """(task, delta or ``head_only``, projections file): one rate each."""
     options = row["config"]["options"]
-    return str(row["config"]["task"]), str(options["delta"]), str(options["projections"])
+    return (str(row["config"]["task"]), HEAD if options.get("frozen_z") else str(options["delta"]),
+            str(options["projections"]))
 
 
 def pair_where(pair: tuple[str, str, str]) -> dict[str, Any]:
-    return {"task": pair[0], "options": {"projections": pair[2], "delta": pair[1]}}
+    options = {"projections": pair[2], **HEAD_ONLY} if pair[1] == HEAD else {"projections": pair[2], "delta": pair[1]}
+    return {"task": pair[0], "options": options}
 
 
 def spec_data(ready: list[tuple[str, int]], seeds: list[int], name: str, out: str) -> dict[str, Any]:
@@ -197,6 +206,8 @@ def spec_data(ready: list[tuple[str, int]], seeds: list[int], name: str, out: st
     for target in targets:
         options = [{"projections": str(projections_path(target, d)), "delta": m}
                    for d in DIMS if (target, d) in ready for m in METHODS]
+        if (target, DIMS[0]) in ready:
+            options.append({"projections": str(projections_path(target, DIMS[0])), **HEAD_ONLY})
         overrides.append({"where": {"task": target}, "set": {"options": options}})
     return {"name": name, "out": out, "grid": {"model": "minilm", "task": targets, "method": ["unified_subspace"],
                                                "seed": seeds, "lr": Z_RATES},
@@ -243,7 +254,8 @@ def _transfer(row: dict[str, Any]) -> list[dict[str, Any]]:
 def run_transfers(jobs: int, echo, sweep: dict[str, Any] | None = None) -> None:
     """Decode every table run's z by the two other methods; a run whose folder is gone (trained on another
     machine) is trained again from its row first (``results/unified_rebuilt.jsonl``, compared with its row)."""
-    rows = [r for r in read_jsonl(TABLE_OUT) if r.get("status") == "done" and r.get("run_dir")]
+    rows = [r for r in read_jsonl(TABLE_OUT) if r.get("status") == "done" and r.get("run_dir")
+            and not r["config"]["options"].get("frozen_z")]  # a head-only run has no z to transfer
     have = {r["cell"] for r in read_jsonl(TRANSFER_OUT)}
     lost = [r for r in rows if r["cell"] not in have and not (ROOT / r["run_dir"] / DELTAS).is_file()]
     if lost and sweep is not None:
@@ -327,9 +339,15 @@ def majority_of(task: str) -> float | None:
 
 
 def summary() -> dict[str, Any]:
-    cells = []
-    for (task, delta, proj), (lr, done) in sorted(chosen_rows(read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT),
-                                                              pair_key).items()):
+    cells, head = [], {}
+    chosen = chosen_rows(read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT), pair_key)
+    for (task, delta, _), (lr, done) in chosen.items():
+        if delta == HEAD:
+            mean, std = mean_std([r["score_at_best_val"] for r in done.values()])
+            head[task] = {"mean": mean, "std": std, "n_seeds": len(done), "lr": lr}
+    for (task, delta, proj), (lr, done) in sorted(chosen.items()):
+        if delta == HEAD:
+            continue
         scores = [r["score_at_best_val"] for r in done.values()]
         mean, std = mean_std(scores)
         original = _glue_cell(task, delta)
@@ -338,7 +356,8 @@ def summary() -> dict[str, Any]:
                       "n_seeds": len(scores), "metric": next(iter(done.values()))["metric"] if done else None,
                       "original": None if original is None else {k: original.get(k) for k in
                                                                  ("mean", "std", "n_seeds", "lr", "stage")},
-                      "trainable": next(iter(done.values()))["n_trainable"] if done else None})
+                      "trainable": next(iter(done.values()))["n_trainable"] if done else None,
+                      "head_only": head.get(task)})
     transfers = []
     for row in read_jsonl(TRANSFER_OUT):
         # the diagonal is the stage-2 score itself (the z decoded by the method it was trained with)
@@ -361,7 +380,7 @@ def summary() -> dict[str, Any]:
     payload = {**stamp({"tasks": list(TASKS), "methods": list(METHODS), "dims": list(DIMS), "approx": APPROX,
                         "z_rates": Z_RATES, "stage2_steps": STAGE2_STEPS, "landscape": LANDSCAPE,
                         "command": "python experiments/unified_subspace.py"}),
-               "cells": cells, "transfer": matrix, "approximations": approx,
+               "cells": cells, "head_only": head, "transfer": matrix, "approximations": approx,
                "majority": {t: majority_of(t) for t in TASKS}}
     if LANDSCAPE_OUT.is_file():
         import json
@@ -381,7 +400,7 @@ def plan_hours(targets: tuple[str, ...]) -> dict[str, Any]:
     kept = {t: len({r["dim"] for r in rows if r["target"] == t and (ROOT / r["path"]).is_file()}) for t in targets}
     approx = observed_core_hours({t: len(DIMS) for t in targets}, rows, lambda r: r["target"],
                                  lambda r: r["info"]["seconds"], done=kept)
-    stage2 = observed_core_hours({t: per_task * (len(Z_RATES) + 2) for t in targets},
+    stage2 = observed_core_hours({t: (per_task + 1) * (len(Z_RATES) + 2) for t in targets},
                                  read_jsonl(SELECT_OUT) + read_jsonl(TABLE_OUT), lambda r: r["config"]["task"])
     for name, est in (("approximations", approx), ("stage-2 cells", stage2)):
         print(describe_hours(name, est))
@@ -408,9 +427,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             runs, missing = sources_of(t)
             print(f"{t}: {len(runs)} source runs" + (f"; waiting for {missing} ({lost_hint(missing)})"
                                                       if missing else ""))
-        n = len(targets) * len(DIMS) * len(METHODS)
+        n = len(targets) * (len(DIMS) * len(METHODS) + 1)  # and one head-only control per target
         print(f"{len(targets) * len(DIMS)} approximations, {n * len(Z_RATES)} selection cells (+ edge rates), "
-              f"{2 * n} table cells of seeds 1, 2, {2 * 3 * n // 3} transfers")
+              f"{2 * n} table cells of seeds 1, 2 (head-only controls included), "
+              f"{2 * len(targets) * len(DIMS) * len(METHODS)} transfers")
         return plan_hours(targets)
     if args.summary_only:
         return summary()

@@ -313,3 +313,16 @@ def test_span_coordinates_keep_a_weak_but_real_direction():
     z, condition = span_coordinates(w, w @ z_true)
     assert z.dtype == torch.float32 and condition == pytest.approx(252 / 0.55, rel=1e-3)
     assert torch.allclose(z, z_true, rtol=0, atol=1e-4)
+
+
+def test_a_frozen_z_leaves_only_the_head_and_through_lora_at_zero_is_a_linear_probe(loaded):
+    """The stage-2 control run: z fixed at 0 through LoRA (B = 0 at θ⁰) is the frozen model plus its head."""
+    proj = untrained(loaded)
+    system = ResidualSystem(copy.deepcopy(loaded))
+    c = build("unified_subspace", system, projections=proj, delta="lora", frozen_z=True)
+    assert c.controls() == [] and not c.z.requires_grad
+    assert [x.name for x in system.controls()] == ["head.weight", "head.bias"]
+    probe = ResidualSystem(copy.deepcopy(loaded))
+    probe.readout.head.load_state_dict(system.readout.head.state_dict())
+    batch = make_batch(loaded.tokenizer, n=3)
+    assert torch.equal(system(batch), probe(batch))

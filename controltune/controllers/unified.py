@@ -75,7 +75,9 @@ class UnifiedSubspace(Controller):
     Options: ``projections`` (a projections file, or a :class:`UnifiedProjections` from Python),
     ``delta`` (which of its methods drives the model; optional when it holds one), ``z_init`` ``zero`` (θ⁰: the
     method's own initialisation) or ``mean`` (the mean intrinsic vector of the source solutions),
-    ``weight_decay`` λ on z.  Control: ``unified.z`` (d,), kind ``shared``.
+    ``weight_decay`` λ on z, ``frozen_z`` (z stays at ``z_init`` and is no control: only the head trains — the
+    control run of the subspace; at ``z_init=zero`` through LoRA, whose θ⁰ adds nothing, a linear probe of the
+    frozen model).  Control: ``unified.z`` (d,), kind ``shared`` (none with ``frozen_z``).
     """
 
     method = "unified_subspace"
@@ -83,11 +85,11 @@ class UnifiedSubspace(Controller):
     form = "θ_m -> θ_m⁰ + W_m z: every control of method m is its block of a learned up-projection of z ∈ R^d"
 
     def __init__(self, projections: str | Path | UnifiedProjections | None = None, delta: str | None = None,
-                 z_init: str = "zero", weight_decay: float = 0.0) -> None:
+                 z_init: str = "zero", weight_decay: float = 0.0, frozen_z: bool = False) -> None:
         super().__init__(weight_decay)
         if z_init not in Z_INITS:
             raise ValueError(f"{self.method}: z_init={z_init!r}; accepted: {', '.join(Z_INITS)}")
-        self.source, self.chosen, self.z_init = projections, delta, z_init
+        self.source, self.chosen, self.z_init, self.frozen_z = projections, delta, z_init, bool(frozen_z)
         self.z: nn.Parameter | None = None
         self.projection: MethodProjection | None = None
         self.inner: Controller | None = None
@@ -136,7 +138,7 @@ class UnifiedSubspace(Controller):
                 raise ProjectionFileError(f"{self.method}: z_init=mean needs the source intrinsic vectors, and the "
                                           "projections hold none (untrained?)")
             init = torch.cat(list(projections.intrinsic.values())).mean(0)
-        self.z = nn.Parameter(init.to(device=like.device, dtype=like.dtype))
+        self.z = nn.Parameter(init.to(device=like.device, dtype=like.dtype), requires_grad=not self.frozen_z)
         offsets = layout.offsets()
         controls = {c.name: c for c in inner.controls()}
         self._targets: list[tuple[str, nn.Module, str]] = []
@@ -175,7 +177,7 @@ class UnifiedSubspace(Controller):
         return self.inner.initial_state(x0, attention_mask)
 
     def controls(self) -> list[Control]:
-        if self.z is None:
+        if self.z is None or self.frozen_z:
             return []
         return [Control("unified.z", self.z, "shared", self._layers)]
 
