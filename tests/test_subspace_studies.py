@@ -169,3 +169,4 @@ def test_unified_summary_and_figures(unified_results, tmp_path):
     assert "rte: 0.550 (head-only)" in caption
     transfer = (tmp_path / "figs" / "subspace_transfer.caption.md").read_text()
     assert "12 of 12 off-diagonal" in transfer and "Jaccard 0.111" in transfer
+    assert "0 of 12 above the head-only control" in transfer  # every transferred entry ties the control at 0.55

@@ -200,8 +200,13 @@ def caption_transfer(results_dir: Path) -> str:
     off = [t for t in payload["transfer"] if t["from"] != t["to"]]
     majority = payload.get("majority", {})
     above = [t for t in off if majority.get(t["task"]) is not None and t["mean"] > majority[t["task"]]]
+    heads = payload.get("head_only") or {}
+    with_head = [t for t in off if (heads.get(t["task"]) or {}).get("mean") is not None]
+    above_head = [t for t in with_head if t["mean"] > heads[t["task"]]["mean"]]
     transfer = (f"{len(above)} of {len(off)} off-diagonal (dim, from, to, task) entries score above the "
-                "majority-class level" if off else "no transfer yet")
+                "majority-class level" + (f", {len(above_head)} of {len(with_head)} above the head-only control "
+                                          "(a linear probe: the bar a transferred z must clear to have done "
+                                          "anything)" if with_head else "") if off else "no transfer yet")
     overlap = payload.get("landscape_overlap")
     land = (f"landscape: each method's good region (at least halfway from the majority level to its best point) "
             f"covers {overlap['good']} of {overlap['n_points']} points; {overlap['shared']} are good for all "
