@@ -32,9 +32,7 @@ step() {
 step glue_table --cpus-per-cell 1
 step convergence
 step glue_gaps --cpus-per-cell 2
-step rebuild_runs --methods lora,adapter,prefix --seeds 0  # the unified subspace's sources, where their folders are lost
-step unified_subspace
-step apet  # with the unified subspace, the rest of issue 16 (~3 core-h estimated)
+step apet  # with the unified subspace (its rows are complete), the rest of issue 16 (~3 core-h estimated)
 step design_table --tasks cola  # issue 18's first verdicts, where the methods separate most and cells are cheapest (~4 core-h)
 # issue 15, the cheaper studies first; RTE last, where it is dearest (its pairs are the longest rows) and, at
 # MiniLM's scale, does not separate the methods (glue_table.json), so the other three tasks give the claims first
@@ -43,6 +41,7 @@ step unipelt_low_resource --tasks sst2,cola,mrpc
 step composability --tasks sst2,cola,mrpc
 step scale
 step rebuild_runs  # every GLUE cell whose folder is gone: convergence's curves and transfer's deltas, and a reproduction check
+step unified_subspace  # complete in its rows; rebuilds its projections (the sources above) where the folders are lost
 step convergence
 step transfer
 step unipelt_low_resource
