@@ -8,8 +8,10 @@ Grid: MiniLM (22M) and SmolLM2 (135M) × SST-2 and CoLA × B in ``BUDGETS`` × d
 full fine-tuning (seeds 0, 1, 2 at one rate per model, ``FULL_RATE``, not selected) as the reference.  One
 harness for both models (``TRAIN``: 2,000 training rows, 200 of them held out as validation rows, 100 steps of
 batch 16, max length 48, 500 dev rows; AdamW, warm-up and linear decay) — cut to fit SmolLM2 into the budget.
-The rate of the Δ is chosen per (model, task) on validation rows, at draw 0, seed 0 and the budget ``SELECT_AT``,
-from ``RATES`` (continued at its edge), and used at every budget.
+The rate of the Δ is chosen per (model, task, budget) on validation rows, at draw 0 and seed 0, from ``RATES``
+(continued at its edge), and used for every draw and seed of that budget: one rate for every budget (chosen at
+B = 10,000) left the 100,000-scalar cells of MiniLM on SST-2 at the majority class (training loss ln 2 at the
+end), a rate too large for that many tuned scalars, not a property of their positions.
 
 Then, per (model, task, budget, draw), :func:`controltune.design.gramian.control_set_scores` on 64 training
 rows at Δ = 0: the co-state energy ``Σ‖∂J/∂u‖²`` and the GN-weighted controllability Gramian ``tr(CᵀHC)/S`` of
@@ -66,7 +68,6 @@ BUDGETS = (100, 1000, 10000, 100000)
 DRAWS = (0, 1, 2)
 SEEDS = (0, 1, 2)
 RATES = [1.0e-3, 1.0e-2]
-SELECT_AT = 10000
 FULL_RATE = {"minilm": 5.0e-5, "smollm2": 2.0e-5}
 TRAIN = {"dtype": "float32", "batch_size": 16, "eval_batch_size": 64, "max_length": 48, "warmup": 0.06,
          "schedule": "linear", "weight_decay": 0.0, "grad_clip": 1.0, "data_seed": 0, "val_seed": 0,
@@ -76,9 +77,13 @@ BOOTSTRAP = 2000
 
 
 # --- the sweeps ------------------------------------------------------------------------------------
-def pair_key(row: dict[str, Any]) -> tuple[str, str]:
-    """One rate per (model, task)."""
-    return str(row["config"]["model"]), str(row["config"]["task"])
+Pair = tuple[str, str, int]
+
+
+def pair_key(row: dict[str, Any]) -> Pair:
+    """One rate per (model, task, budget)."""
+    c = row["config"]
+    return str(c["model"]), str(c["task"]), int((c.get("options") or {}).get("budget", 0))
 
 
 def pooling_overrides(models) -> list[dict[str, Any]]:
@@ -86,22 +91,23 @@ def pooling_overrides(models) -> list[dict[str, Any]]:
     return [{"where": {"model": m}, "set": {"pooling": POOLING[m]}} for m in models if POOLING[m] != "mean"]
 
 
-def pair_where(pair: tuple[str, str]) -> dict[str, Any]:
-    return {"model": pair[0], "task": pair[1], "method": "arbitrary"}
+def pair_where(pair: Pair, draw: int = 0) -> dict[str, Any]:
+    """The cells of one (model, task, budget) and one position draw (selection runs draw 0 only)."""
+    return {"model": pair[0], "task": pair[1], "method": "arbitrary", "options": {"budget": pair[2], "seed": draw}}
 
 
 def selection_spec(models, tasks, rows) -> SweepSpec:
     data = {"name": "apet_select", "out": SELECT_OUT.name,
             "grid": {"model": list(models), "task": list(tasks), "method": ["arbitrary"], "seed": [0],
-                     "options": [{"budget": SELECT_AT, "seed": 0}], "lr": RATES},
+                     "options": [{"budget": b, "seed": 0} for b in BUDGETS], "lr": RATES},
             "train": TRAIN, "overrides": pooling_overrides(models)}
     return extended_spec(data, rows or [], key=pair_key, where=pair_where, folder=RESULTS)
 
 
 def table_spec(models, tasks, chosen: dict) -> SweepSpec:
-    require_rates(chosen, [(m, t) for m in models for t in tasks])
-    overrides = [{"where": pair_where(p), "set": {"lr": chosen[p]["lr"]}} for p in sorted(chosen)
-                 if p in {(m, t) for m in models for t in tasks}]
+    pairs = [(m, t, b) for m in models for t in tasks for b in BUDGETS]
+    require_rates(chosen, pairs)
+    overrides = [{"where": pair_where(p, d), "set": {"lr": chosen[p]["lr"]}} for p in pairs for d in DRAWS]
     overrides += [{"where": {"model": m, "method": "full"}, "set": {"lr": FULL_RATE[m]}} for m in models]
     overrides += pooling_overrides(models)
     data = {"name": "apet_table", "out": TABLE_OUT.name,
@@ -219,8 +225,8 @@ def summary(models, tasks) -> dict[str, Any]:
             ft = [r["score_at_best_val"] for r in done if r["config"]["method"] == "full"
                   and (r["config"]["model"], r["config"]["task"]) == (model, task)]
             full[(model, task)] = mean_std(ft) + (len(ft),)
-            lr = chosen.get((model, task), {}).get("lr")
             for budget in BUDGETS:
+                lr = chosen.get((model, task, budget), {}).get("lr")
                 per_draw = {}
                 for draw in DRAWS:
                     vals = {r["config"]["seed"]: r["score_at_best_val"] for r in done
@@ -256,18 +262,24 @@ def summary(models, tasks) -> dict[str, Any]:
             if len(pts) >= 2:
                 groups.append(pts)
         predictors[key] = within_group_correlation(groups) if groups else None
+    heads = {}  # the classification head trains in every cell, beside the B scalars of Δ
+    for row in done:
+        c = row["config"]
+        if c["method"] == "arbitrary" and row.get("n_trainable") is not None:
+            heads.setdefault(c["model"], int(row["n_trainable"]) - int(c["options"]["budget"]))
     smallest = {}
     for model in models:
         for task in tasks:
             ok = [c["budget"] for c in cells if (c["model"], c["task"]) == (model, task) and c["beats_majority"]]
             smallest[f"{model}/{task}"] = min(ok) if ok else None
     payload = {**stamp({"models": list(models), "tasks": list(tasks), "budgets": list(BUDGETS), "draws": list(DRAWS),
-                        "seeds": list(SEEDS), "rates": RATES, "select_at": SELECT_AT, "full_rate": FULL_RATE,
+                        "seeds": list(SEEDS), "rates": RATES, "full_rate": FULL_RATE,
+                        "select": "per (model, task, budget), draw 0, seed 0",
                         "train": TRAIN, "command": "python experiments/apet.py"}),
                "cells": cells, "majority": majority,
                "full": [{"model": m, "task": t, "mean": v[0], "std": v[1], "n_seeds": v[2]}
                         for (m, t), v in full.items()],
-               "smallest_budget_beating_majority": smallest, "predictors": predictors}
+               "smallest_budget_beating_majority": smallest, "head_scalars": heads, "predictors": predictors}
     write_json(SUMMARY, payload)
     return payload
 
@@ -285,18 +297,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if any(m not in MODELS for m in models) or any(t not in TASKS for t in tasks):
         raise SystemExit(f"models must be among {MODELS}, tasks among {TASKS}")
     if args.plan:
-        n_sel = len(models) * len(tasks) * len(RATES)
+        n_sel = len(models) * len(tasks) * len(BUDGETS) * len(RATES)
         n_tab = len(models) * len(tasks) * (len(BUDGETS) * len(DRAWS) + 1) * len(SEEDS)
-        print(f"{n_sel} selection cells (+ edge rates), {n_tab} table cells (one of them a copy per pair), "
+        print(f"{n_sel} selection cells (+ edge rates), {n_tab} table cells (one per (model, task, budget) a copy "
+              "of its selection cell), "
               f"{len(models) * len(tasks) * len(BUDGETS) * len(DRAWS)} draw scores")
         # a cell's time depends on the model and on whether it is full fine-tuning (fixed steps and length)
-        planned = {(m, "arbitrary"): len(tasks) * (len(RATES) + len(BUDGETS) * len(DRAWS) * len(SEEDS) - 1)
+        planned = {(m, "arbitrary"): len(tasks) * len(BUDGETS) * (len(RATES) + len(DRAWS) * len(SEEDS) - 1)
                    for m in models}
         planned.update({(m, "full"): len(tasks) * len(SEEDS) for m in models})
         rows = read_jsonl(SELECT_OUT) + read_jsonl(TABLE_OUT)
         kind = lambda c: (c["model"], c["method"])  # noqa: E731
         est = observed_core_hours(planned, rows, lambda r: kind(r["config"]))
-        any_rate = {(m, t): {"lr": RATES[0]} for m in models for t in tasks}  # a rate does not change the time
+        # a rate does not change the time
+        any_rate = {(m, t, b): {"lr": RATES[0]} for m in models for t in tasks for b in BUDGETS}
         cells = expand(selection_spec(models, tasks, [])) + expand(table_spec(models, tasks, any_rate))
         est = with_estimate(est, planned, cells, kind, rows)
         print(describe_hours("cells", est))

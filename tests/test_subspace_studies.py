@@ -43,10 +43,11 @@ def apet_results(tmp_path, monkeypatch):
         return 0.5 + 0.02 * apet.BUDGETS.index(budget) + 0.01 * draw * (1 - 10 * gain) + gain
 
     for model, gain in (("minilm", 0.0), ("smollm2", 0.05)):
-        for lr, val in ((1e-3, 0.5), (1e-2, score(10000, 0, gain))):
-            # the selection cell at the chosen rate is the table's seed-0 cell (same configuration, same row)
-            append_jsonl(apet.SELECT_OUT, _row({"model": model, "task": "sst2", "method": "arbitrary", "lr": lr,
-                                                "seed": 0, "options": {"budget": 10000, "seed": 0}}, val, val))
+        for budget in apet.BUDGETS:  # one rate per budget; the largest budget prefers the smaller rate
+            for lr, val in ((1e-3, 0.6 if budget == apet.BUDGETS[-1] else 0.4), (1e-2, score(budget, 0, gain))):
+                # the selection cell at the chosen rate is the table's seed-0 cell (same configuration, same row)
+                append_jsonl(apet.SELECT_OUT, _row({"model": model, "task": "sst2", "method": "arbitrary", "lr": lr,
+                                                    "seed": 0, "options": {"budget": budget, "seed": 0}}, val, val))
         for seed in (0, 1, 2):
             append_jsonl(apet.TABLE_OUT, _row({"model": model, "task": "sst2", "method": "full", "lr": 5e-5,
                                                "seed": seed, "options": {}}, 0.9 + gain, 0.9))
@@ -68,6 +69,9 @@ def test_apet_summary_and_figures(apet_results, tmp_path):
     out = apet.summary(("minilm", "smollm2"), ("sst2",))
     cells = {(c["model"], c["budget"]): c for c in out["cells"]}
     assert cells[("minilm", 100)]["lr"] == 1e-2 and cells[("minilm", 100)]["n_runs"] == 9
+    # the largest budget's rate is its own choice: its table rows at 1e-2 are not read, only its selection cell at
+    # 1e-3 (draw 0, seed 0), which is the table's cell of that rate
+    assert cells[("minilm", apet.BUDGETS[-1])]["lr"] == 1e-3 and cells[("minilm", apet.BUDGETS[-1])]["n_runs"] == 1
     assert cells[("minilm", 100)]["position_spread"] == pytest.approx(0.01)
     assert cells[("smollm2", 100)]["position_spread"] == pytest.approx(0.005)
     assert out["predictors"]["costate_energy"]["rho"] == pytest.approx(1.0)
@@ -80,7 +84,7 @@ def test_apet_summary_and_figures(apet_results, tmp_path):
         caption = paths[2].read_text()
         assert "Command: `python experiments/apet.py`" in caption
     positions = (tmp_path / "figs" / "apet_positions.caption.md").read_text()
-    assert "smaller for smollm2 than for minilm in 4 of 4" in positions and "holds here" in positions
+    assert "smaller for smollm2 than for minilm in 3 of 3" in positions and "holds here" in positions
     assert "costate_energy: ρ = 1.000" in positions
 
 

@@ -79,26 +79,44 @@ def _fmt(x: float | None) -> str:
 
 
 def spread_claim(payload: dict[str, Any]) -> str:
-    """Positions matter less in the larger model: its spread across draws is smaller at more budgets."""
+    """Positions matter less in the larger model: its spread across draws is smaller at more budgets.
+
+    A (task, budget) where neither model's cell beats the majority class is left out (and named): draws that
+    learned nothing differ by noise, not by their positions."""
     models = list(dict.fromkeys(c["model"] for c in payload["cells"]))
     if len(models) < 2:
         return "inconclusive: one model"
     small, large = models[0], models[-1]
-    pairs = []
+    pairs, idle = [], []
     for c in payload["cells"]:
         if c["model"] != small or c["position_spread"] is None:
             continue
         other = next((o for o in payload["cells"] if (o["model"], o["task"], o["budget"]) ==
                       (large, c["task"], c["budget"]) and o["position_spread"] is not None), None)
-        if other:
-            pairs.append((c["task"], c["budget"], c["position_spread"], other["position_spread"]))
+        if not other:
+            continue
+        if not (c.get("beats_majority") or other.get("beats_majority")):
+            idle.append(f"{c['task']} B={c['budget']}")
+            continue
+        pairs.append((c["task"], c["budget"], c["position_spread"], other["position_spread"]))
+    left_out = f"; left out, neither model above the majority class: {', '.join(idle)}" if idle else ""
     if not pairs:
-        return "inconclusive: no (task, budget) with both models' draws"
+        return f"inconclusive: no (task, budget) with both models' draws above the majority class{left_out}"
     smaller = sum(1 for *_, a, b in pairs if b < a)
     verdict = "holds" if smaller > len(pairs) / 2 else "does not hold"
     detail = ", ".join(f"{t} B={b}: {a:.3f} vs {o:.3f}" for t, b, a, o in pairs)
     return (f"the spread across position draws (std of the draws' seed means) is smaller for {large} than for "
-            f"{small} in {smaller} of {len(pairs)} (task, budget) pairs ({detail}) — the claim {verdict} here")
+            f"{small} in {smaller} of {len(pairs)} (task, budget) pairs ({detail}) — the claim {verdict} here"
+            f"{left_out}")
+
+
+def _head_line(payload: dict[str, Any]) -> str:
+    heads = payload.get("head_scalars") or {}
+    if not heads:
+        return ""
+    return ("Every cell also trains the classification head (" + ", ".join(f"{m}: {n:,} scalars"
+                                                                         for m, n in heads.items())
+            + "), not counted in B, so the smallest budget's score is mostly the head's. ")
 
 
 def caption_positions(results_dir: Path) -> str:
@@ -113,8 +131,9 @@ def caption_positions(results_dir: Path) -> str:
         f"(models {', '.join(cfg['models'])}; tasks {', '.join(cfg['tasks'])}; B in {cfg['budgets']}; position "
         f"draws {cfg['draws']}; seeds {cfg['seeds']}; {cfg['train']['steps']} AdamW steps of batch "
         f"{cfg['train']['batch_size']} on {cfg['train']['train_size']} training rows, max length "
-        f"{cfg['train']['max_length']}, {cfg['train']['dev_size']} dev rows; the rate chosen per (model, task) on "
-        f"validation rows at B={cfg['select_at']}). Each point is one draw's mean dev score over seeds. Claim (Su "
+        f"{cfg['train']['max_length']}, {cfg['train']['dev_size']} dev rows; the rate chosen "
+        f"{cfg.get('select', 'per (model, task) at B=' + str(cfg.get('select_at')))} on validation rows). "
+        f"{_head_line(payload)}Each point is one draw's mean dev score over seeds. Claim (Su "
         f"et al. 2023, positions matter less as models grow): {spread_claim(payload)}. Do control-theoretic scores "
         f"of a draw (at Δ = 0, 64 training rows) predict which draws train better? Pooled within-(model, task, "
         f"budget) Spearman correlation of the score with the dev score: {preds or 'not computed yet'}. Cut to fit: "
