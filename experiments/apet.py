@@ -5,7 +5,9 @@ control-theoretic scores of a draw predict how well it trains?
 The ``arbitrary`` controller tunes exactly B scalars at seeded random positions of the blocks' parameters
 (``options.seed`` is the position draw; the cell seed is the training seed: head initialisation and batch order).
 Grid: MiniLM (22M) and SmolLM2 (135M) × SST-2 and CoLA × B in ``BUDGETS`` × draws 0, 1, 2 × seeds 0, 1, 2, plus
-full fine-tuning (seeds 0, 1, 2 at one rate per model, ``FULL_RATE``, not selected) as the reference.  One
+full fine-tuning (seeds 0, 1, 2 at one rate per model, ``FULL_RATE``, not selected) as the reference above and
+the linear probe (``linear_probe``: B = 0, only the classification head trains, as it does beside every budget;
+seeds 0, 1, 2, its rate chosen like a budget's) as the reference below.  One
 harness for both models (``TRAIN``: 2,000 training rows, 200 of them held out as validation rows, 100 steps of
 batch 16, max length 48, 500 dev rows; AdamW, warm-up and linear decay) — cut to fit SmolLM2 into the budget.
 The rate of the Δ is chosen per (model, task, budget) on validation rows, at draw 0 and seed 0, from ``RATES``
@@ -21,7 +23,8 @@ over groups, says whether the scores predict the better draws.
 
 ``results/apet.json``: per (model, task, budget) the mean dev score, the spread across draws (std of the draws'
 seed means) and across seeds, the majority-class level, whether the budget beats it (mean − 2·se above it), the
-full fine-tuning score; the predictor correlations.  Figures ``apet_positions`` and ``apet_scale``.
+full fine-tuning and linear-probe scores and the smallest budget that beats each lower level; the predictor
+correlations.  Figures ``apet_positions`` and ``apet_scale``.
 
     .venv/bin/python experiments/apet.py --plan
     nohup .venv/bin/python experiments/apet.py > experiments/results/apet.log 2>&1 &
@@ -92,26 +95,31 @@ def pooling_overrides(models) -> list[dict[str, Any]]:
 
 
 def pair_where(pair: Pair, draw: int = 0) -> dict[str, Any]:
-    """The cells of one (model, task, budget) and one position draw (selection runs draw 0 only)."""
+    """The cells of one (model, task, budget) and one position draw (selection runs draw 0 only); budget 0 is the
+    linear probe (only the head trains)."""
+    if pair[2] == 0:
+        return {"model": pair[0], "task": pair[1], "method": "linear_probe"}
     return {"model": pair[0], "task": pair[1], "method": "arbitrary", "options": {"budget": pair[2], "seed": draw}}
 
 
 def selection_spec(models, tasks, rows) -> SweepSpec:
     data = {"name": "apet_select", "out": SELECT_OUT.name,
-            "grid": {"model": list(models), "task": list(tasks), "method": ["arbitrary"], "seed": [0],
-                     "options": [{"budget": b, "seed": 0} for b in BUDGETS], "lr": RATES},
+            "grid": {"model": list(models), "task": list(tasks), "method": ["arbitrary", "linear_probe"],
+                     "seed": [0], "lr": RATES},
+            "per_method": {"arbitrary": {"options": [{"budget": b, "seed": 0} for b in BUDGETS]}},
             "train": TRAIN, "overrides": pooling_overrides(models)}
     return extended_spec(data, rows or [], key=pair_key, where=pair_where, folder=RESULTS)
 
 
 def table_spec(models, tasks, chosen: dict) -> SweepSpec:
-    pairs = [(m, t, b) for m in models for t in tasks for b in BUDGETS]
+    pairs = [(m, t, b) for m in models for t in tasks for b in (0, *BUDGETS)]
     require_rates(chosen, pairs)
-    overrides = [{"where": pair_where(p, d), "set": {"lr": chosen[p]["lr"]}} for p in pairs for d in DRAWS]
+    overrides = [{"where": pair_where(p, d), "set": {"lr": chosen[p]["lr"]}} for p in pairs
+                 for d in (DRAWS if p[2] else (0,))]
     overrides += [{"where": {"model": m, "method": "full"}, "set": {"lr": FULL_RATE[m]}} for m in models]
     overrides += pooling_overrides(models)
     data = {"name": "apet_table", "out": TABLE_OUT.name,
-            "grid": {"model": list(models), "task": list(tasks), "method": ["arbitrary", "full"],
+            "grid": {"model": list(models), "task": list(tasks), "method": ["arbitrary", "full", "linear_probe"],
                      "seed": list(SEEDS), "lr": 0.0},
             "per_method": {"arbitrary": {"options": [{"budget": b, "seed": d} for b in BUDGETS for d in DRAWS]}},
             "train": TRAIN, "overrides": overrides}
@@ -219,12 +227,17 @@ def summary(models, tasks) -> dict[str, Any]:
     chosen = choose_lrs(select, key=pair_key)
     majority = majority_levels(tasks)
     done = [r for r in table + select if r.get("status") == "done"]
-    cells, full = [], {}
+    cells, full, probe = [], {}, {}
     for model in models:
         for task in tasks:
             ft = [r["score_at_best_val"] for r in done if r["config"]["method"] == "full"
                   and (r["config"]["model"], r["config"]["task"]) == (model, task)]
             full[(model, task)] = mean_std(ft) + (len(ft),)
+            probe_lr = chosen.get((model, task, 0), {}).get("lr")
+            lp = {r["config"]["seed"]: r["score_at_best_val"] for r in done if r["config"]["method"] == "linear_probe"
+                  and (r["config"]["model"], r["config"]["task"]) == (model, task)
+                  and float(r["config"]["lr"]) == probe_lr}
+            probe[(model, task)] = mean_std(list(lp.values())) + (len(lp), probe_lr)
             for budget in BUDGETS:
                 lr = chosen.get((model, task, budget), {}).get("lr")
                 per_draw = {}
@@ -247,6 +260,9 @@ def summary(models, tasks) -> dict[str, Any]:
                               "position_spread": statistics.stdev(draw_means) if len(draw_means) > 1 else None,
                               "seed_spread": statistics.fmean(seed_stds) if seed_stds else None,
                               "majority": level, "beats_majority": None if se is None else mean - 2 * se > level,
+                              "probe": probe[(model, task)][0],
+                              "beats_probe": None if se is None or probe[(model, task)][0] is None
+                              else mean - 2 * se > probe[(model, task)][0],
                               "full": full[(model, task)][0]})
     scores = [r for r in read_jsonl(SCORES_OUT) if _current(r)]
     predictors = {}
@@ -272,6 +288,11 @@ def summary(models, tasks) -> dict[str, Any]:
         for task in tasks:
             ok = [c["budget"] for c in cells if (c["model"], c["task"]) == (model, task) and c["beats_majority"]]
             smallest[f"{model}/{task}"] = min(ok) if ok else None
+    beyond_probe = {}
+    for model in models:
+        for task in tasks:
+            ok = [c["budget"] for c in cells if (c["model"], c["task"]) == (model, task) and c["beats_probe"]]
+            beyond_probe[f"{model}/{task}"] = min(ok) if ok else None
     payload = {**stamp({"models": list(models), "tasks": list(tasks), "budgets": list(BUDGETS), "draws": list(DRAWS),
                         "seeds": list(SEEDS), "rates": RATES, "full_rate": FULL_RATE,
                         "select": "per (model, task, budget), draw 0, seed 0",
@@ -279,7 +300,10 @@ def summary(models, tasks) -> dict[str, Any]:
                "cells": cells, "majority": majority,
                "full": [{"model": m, "task": t, "mean": v[0], "std": v[1], "n_seeds": v[2]}
                         for (m, t), v in full.items()],
-               "smallest_budget_beating_majority": smallest, "head_scalars": heads, "predictors": predictors}
+               "linear_probe": [{"model": m, "task": t, "mean": v[0], "std": v[1], "n_seeds": v[2], "lr": v[3]}
+                                for (m, t), v in probe.items()],
+               "smallest_budget_beating_majority": smallest, "smallest_budget_beating_probe": beyond_probe,
+               "head_scalars": heads, "predictors": predictors}
     write_json(SUMMARY, payload)
     return payload
 
@@ -297,8 +321,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if any(m not in MODELS for m in models) or any(t not in TASKS for t in tasks):
         raise SystemExit(f"models must be among {MODELS}, tasks among {TASKS}")
     if args.plan:
-        n_sel = len(models) * len(tasks) * len(BUDGETS) * len(RATES)
-        n_tab = len(models) * len(tasks) * (len(BUDGETS) * len(DRAWS) + 1) * len(SEEDS)
+        n_sel = len(models) * len(tasks) * (len(BUDGETS) + 1) * len(RATES)
+        n_tab = len(models) * len(tasks) * (len(BUDGETS) * len(DRAWS) + 2) * len(SEEDS)
         print(f"{n_sel} selection cells (+ edge rates), {n_tab} table cells (one per (model, task, budget) a copy "
               "of its selection cell), "
               f"{len(models) * len(tasks) * len(BUDGETS) * len(DRAWS)} draw scores")
@@ -306,11 +330,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         planned = {(m, "arbitrary"): len(tasks) * len(BUDGETS) * (len(RATES) + len(DRAWS) * len(SEEDS) - 1)
                    for m in models}
         planned.update({(m, "full"): len(tasks) * len(SEEDS) for m in models})
+        planned.update({(m, "linear_probe"): len(tasks) * (len(RATES) + len(SEEDS) - 1) for m in models})
         rows = read_jsonl(SELECT_OUT) + read_jsonl(TABLE_OUT)
         kind = lambda c: (c["model"], c["method"])  # noqa: E731
         est = observed_core_hours(planned, rows, lambda r: kind(r["config"]))
         # a rate does not change the time
-        any_rate = {(m, t, b): {"lr": RATES[0]} for m in models for t in tasks for b in BUDGETS}
+        any_rate = {(m, t, b): {"lr": RATES[0]} for m in models for t in tasks for b in (0, *BUDGETS)}
         cells = expand(selection_spec(models, tasks, [])) + expand(table_spec(models, tasks, any_rate))
         est = with_estimate(est, planned, cells, kind, rows)
         print(describe_hours("cells", est))

@@ -457,3 +457,21 @@ def test_subspace_per_block_vjps_sum_to_the_gradient(family, which):
 
 def _owner(system, delta):
     return next(m for m in system.modules() if getattr(m, "delta", None) is delta).base_layer
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_linear_probe_leaves_the_trajectory_and_trains_only_the_head(family):
+    system = make_system(family)
+    batch = make_batch()
+    before = system(batch).detach()
+    probe = build("linear_probe", system)
+    assert probe.controls() == [] and probe.n_trainable() == 0
+    head = {id(p) for p in system.readout.head.parameters()}
+    assert {id(c.param) for c in system.controls()} == head  # the optimiser sees the head alone
+    torch.testing.assert_close(system(batch), before, rtol=0, atol=0)  # no Δ anywhere in the rollout
+    blocks = {n: p.detach().clone() for n, p in system.model.named_parameters()}
+    opt = torch.optim.SGD([c.param for c in system.controls()], lr=0.5)
+    system.cost(batch).backward()
+    opt.step()
+    assert not torch.allclose(system(batch), before)  # the head moved the logits
+    assert all(torch.equal(p, blocks[n]) for n, p in system.model.named_parameters())

@@ -48,7 +48,13 @@ def apet_results(tmp_path, monkeypatch):
                 # the selection cell at the chosen rate is the table's seed-0 cell (same configuration, same row)
                 append_jsonl(apet.SELECT_OUT, _row({"model": model, "task": "sst2", "method": "arbitrary", "lr": lr,
                                                     "seed": 0, "options": {"budget": budget, "seed": 0}}, val, val))
+        for lr, val in ((1e-3, 0.4), (1e-2, 0.52)):  # the linear probe (B = 0): its rate chosen like a budget's
+            append_jsonl(apet.SELECT_OUT, _row({"model": model, "task": "sst2", "method": "linear_probe", "lr": lr,
+                                                "seed": 0, "options": {}}, val, val))
         for seed in (0, 1, 2):
+            if seed:
+                append_jsonl(apet.TABLE_OUT, _row({"model": model, "task": "sst2", "method": "linear_probe",
+                                                   "lr": 1e-2, "seed": seed, "options": {}}, 0.52, 0.52))
             append_jsonl(apet.TABLE_OUT, _row({"model": model, "task": "sst2", "method": "full", "lr": 5e-5,
                                                "seed": seed, "options": {}}, 0.9 + gain, 0.9))
             for budget in apet.BUDGETS:
@@ -77,6 +83,9 @@ def test_apet_summary_and_figures(apet_results, tmp_path):
     assert out["predictors"]["costate_energy"]["rho"] == pytest.approx(1.0)
     assert out["predictors"]["gramian"]["rho"] == pytest.approx(-1.0)
     assert out["smallest_budget_beating_majority"]["minilm/sst2"] == 100
+    # the head alone scores 0.52: B = 100 (mean 0.511) does not beat it, B = 1000 (0.531 ± 0.003) does
+    assert {f["model"]: f["mean"] for f in out["linear_probe"]}["minilm"] == pytest.approx(0.52)
+    assert out["smallest_budget_beating_probe"]["minilm/sst2"] == 1000
     assert {f["model"]: f["mean"] for f in out["full"]} == {"minilm": pytest.approx(0.9),
                                                             "smollm2": pytest.approx(0.95)}
     for name in ("apet_positions", "apet_scale"):

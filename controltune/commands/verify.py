@@ -138,6 +138,9 @@ def verify_method(loaded, method: str, batch: dict, args: argparse.Namespace) ->
     except Exception as err:  # noqa: BLE001  (a method being written must not stop the others)
         return {**row, "status": "failed", "reason": f"build: {type(err).__name__}: {err}", "passed": False}
     built = time.perf_counter()
+    if not system.controls():
+        return {**row, "status": "skipped", "passed": None,
+                "reason": f"{method} has no controls: no co-state or control gradient to check"}
     system.eval()
     try:
         perturb(system.controls(), args.perturb, args.seed)

@@ -12,6 +12,7 @@ from .base import ALIASES, REGISTRY, Control, Controller, UnsupportedMethodError
 _MODULES = (
     "lora", "adapter", "prefix", "prompt", "ia3", "unipelt",                     # addition / reparam.
     "specification", "diff_pruning", "masking", "subspace", "unified", "full",   # specification / reference
+    "linear_probe",
     "composition",                                                               # combination
     "designed",                                                                  # control-designed deltas
     "peft_lora",                                                                 # peft's own LoRA layers

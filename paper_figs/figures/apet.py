@@ -65,9 +65,12 @@ def draw_scale(results_dir: Path):
             full = next((f for f in payload["full"] if (f["model"], f["task"]) == (model, task)), None)
             if full and full["mean"] is not None:
                 ax.axhline(full["mean"], color=colour, linestyle="--", linewidth=0.9)
+            lp = next((f for f in payload.get("linear_probe", []) if (f["model"], f["task"]) == (model, task)), None)
+            if lp and lp["mean"] is not None:
+                ax.axhline(lp["mean"], color=colour, linestyle="-.", linewidth=0.9)
         ax.axhline(payload["majority"][task]["level"], color="k", linestyle=":", linewidth=0.8)
         ax.set(xscale="log", xlabel="tuned scalars (budget)", ylabel=payload["majority"][task]["metric"],
-               title=f"{task} (dashed: full FT, dotted: majority)")
+               title=f"{task} (dashed: full FT, dash-dot: head only)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=6.5, frameon=False)
     fig.suptitle("Score against the number of tuned parameters, per model size", fontsize=9)
@@ -154,18 +157,31 @@ def caption_scale(results_dir: Path) -> str:
         if best:
             reach.append(f"{f['model']}/{f['task']}: best budget {sci(best['budget'], 0)} reaches "
                          f"{best['mean'] / f['mean']:.2f} of full FT" if f["mean"] else "")
-    per_task: dict[str, set] = {}
-    for key, budget in smallest.items():
-        per_task.setdefault(key.split("/")[0], set()).add(budget)
-    similar = ", ".join(f"{m}: {sorted(b, key=lambda x: (x is None, x))}" for m, b in per_task.items())
+    probes = "; ".join(f"{f['model']}/{f['task']} {_fmt(f['mean'])} ± {_fmt(f['std'])} (n={f['n_seeds']})"
+                       for f in payload.get("linear_probe", []))
     return (
         "Mean dev score (± std over 3 draws × 3 seeds) against the number of tuned scalars, per model; dashed: full "
-        f"fine-tuning of that model (3 seeds at one rate, not selected), dotted: the majority class. {fulls}. "
-        "Claims (Su et al. 2023): fewer tuned parameters reach full fine-tuning in the larger model — "
-        f"{'; '.join(r for r in reach if r) or 'inconclusive'}; across tasks a similar number of parameters is "
-        f"needed to beat random guessing — the smallest budget beating the majority level (mean − 2·se above it) per "
-        f"model across tasks: {similar}. Command: `python experiments/apet.py` ({versions_line(payload)})."
+        f"fine-tuning of that model (3 seeds at one rate, not selected), dotted: the majority class, dash-dot: the "
+        f"linear probe (B = 0: the head alone, rate chosen on validation rows; {probes or 'not run yet'}). "
+        f"{_head_line(payload)}{fulls}. Claims (Su et al. 2023): fewer tuned parameters reach full fine-tuning in the "
+        f"larger model — {'; '.join(r for r in reach if r) or 'inconclusive'}; across tasks a similar number of "
+        "parameters is needed to beat random guessing — the smallest budget whose mean beats the level by two "
+        f"standard errors, per model across tasks: above the majority class {_per_model(smallest)}; above the "
+        f"linear probe (what the B scalars add to the head) "
+        f"{_per_model(payload.get('smallest_budget_beating_probe') or {})}. "
+        f"Command: `python experiments/apet.py` ({versions_line(payload)})."
     )
+
+
+def _per_model(smallest: dict[str, int | None]) -> str:
+    """``{"model/task": budget}`` as ``model: {task: budget, ...}`` (None: no budget beats the level)."""
+    if not smallest:
+        return "not computed yet"
+    per: dict[str, list[str]] = {}
+    for key, budget in smallest.items():
+        model, task = key.split("/")
+        per.setdefault(model, []).append(f"{task} {sci(budget, 0) if budget else 'none'}")
+    return "; ".join(f"{m}: {', '.join(v)}" for m, v in per.items())
 
 
 RECOMPUTE = (("python", "experiments/apet.py"),)
