@@ -7,9 +7,10 @@
 # uses every core (one torch thread per cell), and two sweeps side by side would oversubscribe them.
 #
 #   nohup sh experiments/queue.sh > experiments/results/queue.log 2>&1 &
-#   pkill -TERM -f experiments/queue.sh; pkill -INT -f 'experiments/[a-z_]*\.py'; sleep 10; pkill -f 'ray::'  # pause
-# (TERM for the queue: a shell started in the background ignores SIGINT; the step's driver takes
-# SIGINT and stops its sweep, its cells resume from their checkpoints.)
+#   pkill -TERM -f experiments/queue.sh; pkill -TERM -f 'experiments/[a-z_]*\.py'; sleep 8; .venv/bin/ray stop --force  # pause
+# (TERM for both: a process started in the background ignores SIGINT, so a driver never sees it; TERM
+# ends the driver at once, its finished rows are on disk and its running cells resume from their
+# checkpoints; `ray stop` ends the cell workers.)
 #
 # Each step's own output goes to experiments/results/<step>.log; this log has one line per step.
 set -u
