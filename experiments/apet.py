@@ -5,9 +5,10 @@ control-theoretic scores of a draw predict how well it trains?
 The ``arbitrary`` controller tunes exactly B scalars at seeded random positions of the blocks' parameters
 (``options.seed`` is the position draw; the cell seed is the training seed: head initialisation and batch order).
 Grid: MiniLM (22M) and SmolLM2 (135M) × SST-2 and CoLA × B in ``BUDGETS`` × draws 0, 1, 2 × seeds 0, 1, 2, plus
-full fine-tuning (seeds 0, 1, 2 at one rate per model, ``FULL_RATE``, not selected) as the reference above and
-the linear probe (``linear_probe``: B = 0, only the classification head trains, as it does beside every budget;
-seeds 0, 1, 2, its rate chosen like a budget's) as the reference below.  One
+full fine-tuning as the reference above and the linear probe (``linear_probe``: B = 0, only the classification
+head trains, as it does beside every budget) as the reference below, seeds 0, 1, 2 each, their rates chosen like a
+budget's (full fine-tuning from ``FULL_RATES``: at one unselected rate, 5e-5, MiniLM's 100 steps on CoLA had
+stayed at MCC 0, which made the reference the majority class).  One
 harness for both models (``TRAIN``: 2,000 training rows, 200 of them held out as validation rows, 100 steps of
 batch 16, max length 48, 500 dev rows; AdamW, warm-up and linear decay) — cut to fit SmolLM2 into the budget.
 The rate of the Δ is chosen per (model, task, budget) on validation rows, at draw 0 and seed 0, from ``RATES``
@@ -71,7 +72,9 @@ BUDGETS = (100, 1000, 10000, 100000)
 DRAWS = (0, 1, 2)
 SEEDS = (0, 1, 2)
 RATES = [1.0e-3, 1.0e-2]
-FULL_RATE = {"minilm": 5.0e-5, "smollm2": 2.0e-5}
+FULL_RATES = [2.0e-5, 1.0e-4]
+PROBE, FULL = 0, -1
+"""The "budget" of a rate pair for the two references: the linear probe (no Δ) and full fine-tuning (every one)."""
 TRAIN = {"dtype": "float32", "batch_size": 16, "eval_batch_size": 64, "max_length": 48, "warmup": 0.06,
          "schedule": "linear", "weight_decay": 0.0, "grad_clip": 1.0, "data_seed": 0, "val_seed": 0,
          "train_size": 2000, "val_size": 200, "dev_size": 500, "steps": 100, "eval_every": 25}
@@ -84,9 +87,11 @@ Pair = tuple[str, str, int]
 
 
 def pair_key(row: dict[str, Any]) -> Pair:
-    """One rate per (model, task, budget)."""
+    """One rate per (model, task, budget); the references' budgets are ``PROBE`` and ``FULL``."""
     c = row["config"]
-    return str(c["model"]), str(c["task"]), int((c.get("options") or {}).get("budget", 0))
+    if c["method"] == "full":
+        return str(c["model"]), str(c["task"]), FULL
+    return str(c["model"]), str(c["task"]), int((c.get("options") or {}).get("budget", PROBE))
 
 
 def pooling_overrides(models) -> list[dict[str, Any]]:
@@ -95,28 +100,28 @@ def pooling_overrides(models) -> list[dict[str, Any]]:
 
 
 def pair_where(pair: Pair, draw: int = 0) -> dict[str, Any]:
-    """The cells of one (model, task, budget) and one position draw (selection runs draw 0 only); budget 0 is the
-    linear probe (only the head trains)."""
-    if pair[2] == 0:
-        return {"model": pair[0], "task": pair[1], "method": "linear_probe"}
+    """The cells of one (model, task, budget) and one position draw (selection runs draw 0 only), or of a
+    reference (``PROBE``: the linear probe, ``FULL``: full fine-tuning)."""
+    if pair[2] in (PROBE, FULL):
+        return {"model": pair[0], "task": pair[1], "method": "linear_probe" if pair[2] == PROBE else "full"}
     return {"model": pair[0], "task": pair[1], "method": "arbitrary", "options": {"budget": pair[2], "seed": draw}}
 
 
 def selection_spec(models, tasks, rows) -> SweepSpec:
     data = {"name": "apet_select", "out": SELECT_OUT.name,
-            "grid": {"model": list(models), "task": list(tasks), "method": ["arbitrary", "linear_probe"],
+            "grid": {"model": list(models), "task": list(tasks), "method": ["arbitrary", "linear_probe", "full"],
                      "seed": [0], "lr": RATES},
-            "per_method": {"arbitrary": {"options": [{"budget": b, "seed": 0} for b in BUDGETS]}},
+            "per_method": {"arbitrary": {"options": [{"budget": b, "seed": 0} for b in BUDGETS]},
+                           "full": {"lr": FULL_RATES}},
             "train": TRAIN, "overrides": pooling_overrides(models)}
     return extended_spec(data, rows or [], key=pair_key, where=pair_where, folder=RESULTS)
 
 
 def table_spec(models, tasks, chosen: dict) -> SweepSpec:
-    pairs = [(m, t, b) for m in models for t in tasks for b in (0, *BUDGETS)]
+    pairs = [(m, t, b) for m in models for t in tasks for b in (PROBE, FULL, *BUDGETS)]
     require_rates(chosen, pairs)
     overrides = [{"where": pair_where(p, d), "set": {"lr": chosen[p]["lr"]}} for p in pairs
-                 for d in (DRAWS if p[2] else (0,))]
-    overrides += [{"where": {"model": m, "method": "full"}, "set": {"lr": FULL_RATE[m]}} for m in models]
+                 for d in (DRAWS if p[2] > 0 else (0,))]
     overrides += pooling_overrides(models)
     data = {"name": "apet_table", "out": TABLE_OUT.name,
             "grid": {"model": list(models), "task": list(tasks), "method": ["arbitrary", "full", "linear_probe"],
@@ -230,10 +235,12 @@ def summary(models, tasks) -> dict[str, Any]:
     cells, full, probe = [], {}, {}
     for model in models:
         for task in tasks:
-            ft = [r["score_at_best_val"] for r in done if r["config"]["method"] == "full"
-                  and (r["config"]["model"], r["config"]["task"]) == (model, task)]
-            full[(model, task)] = mean_std(ft) + (len(ft),)
-            probe_lr = chosen.get((model, task, 0), {}).get("lr")
+            full_lr = chosen.get((model, task, FULL), {}).get("lr")
+            ft = {r["config"]["seed"]: r["score_at_best_val"] for r in done if r["config"]["method"] == "full"
+                  and (r["config"]["model"], r["config"]["task"]) == (model, task)
+                  and float(r["config"]["lr"]) == full_lr}
+            full[(model, task)] = mean_std(list(ft.values())) + (len(ft), full_lr)
+            probe_lr = chosen.get((model, task, PROBE), {}).get("lr")
             lp = {r["config"]["seed"]: r["score_at_best_val"] for r in done if r["config"]["method"] == "linear_probe"
                   and (r["config"]["model"], r["config"]["task"]) == (model, task)
                   and float(r["config"]["lr"]) == probe_lr}
@@ -294,11 +301,11 @@ def summary(models, tasks) -> dict[str, Any]:
             ok = [c["budget"] for c in cells if (c["model"], c["task"]) == (model, task) and c["beats_probe"]]
             beyond_probe[f"{model}/{task}"] = min(ok) if ok else None
     payload = {**stamp({"models": list(models), "tasks": list(tasks), "budgets": list(BUDGETS), "draws": list(DRAWS),
-                        "seeds": list(SEEDS), "rates": RATES, "full_rate": FULL_RATE,
+                        "seeds": list(SEEDS), "rates": RATES, "full_rates": FULL_RATES,
                         "select": "per (model, task, budget), draw 0, seed 0",
                         "train": TRAIN, "command": "python experiments/apet.py"}),
                "cells": cells, "majority": majority,
-               "full": [{"model": m, "task": t, "mean": v[0], "std": v[1], "n_seeds": v[2]}
+               "full": [{"model": m, "task": t, "mean": v[0], "std": v[1], "n_seeds": v[2], "lr": v[3]}
                         for (m, t), v in full.items()],
                "linear_probe": [{"model": m, "task": t, "mean": v[0], "std": v[1], "n_seeds": v[2], "lr": v[3]}
                                 for (m, t), v in probe.items()],
@@ -321,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if any(m not in MODELS for m in models) or any(t not in TASKS for t in tasks):
         raise SystemExit(f"models must be among {MODELS}, tasks among {TASKS}")
     if args.plan:
-        n_sel = len(models) * len(tasks) * (len(BUDGETS) + 1) * len(RATES)
+        n_sel = len(models) * len(tasks) * ((len(BUDGETS) + 1) * len(RATES) + len(FULL_RATES))
         n_tab = len(models) * len(tasks) * (len(BUDGETS) * len(DRAWS) + 2) * len(SEEDS)
         print(f"{n_sel} selection cells (+ edge rates), {n_tab} table cells (one per (model, task, budget) a copy "
               "of its selection cell), "
@@ -329,13 +336,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # a cell's time depends on the model and on whether it is full fine-tuning (fixed steps and length)
         planned = {(m, "arbitrary"): len(tasks) * len(BUDGETS) * (len(RATES) + len(DRAWS) * len(SEEDS) - 1)
                    for m in models}
-        planned.update({(m, "full"): len(tasks) * len(SEEDS) for m in models})
+        planned.update({(m, "full"): len(tasks) * (len(FULL_RATES) + len(SEEDS) - 1) for m in models})
         planned.update({(m, "linear_probe"): len(tasks) * (len(RATES) + len(SEEDS) - 1) for m in models})
         rows = read_jsonl(SELECT_OUT) + read_jsonl(TABLE_OUT)
         kind = lambda c: (c["model"], c["method"])  # noqa: E731
         est = observed_core_hours(planned, rows, lambda r: kind(r["config"]))
         # a rate does not change the time
-        any_rate = {(m, t, b): {"lr": RATES[0]} for m in models for t in tasks for b in (0, *BUDGETS)}
+        any_rate = {(m, t, b): {"lr": RATES[0]} for m in models for t in tasks for b in (PROBE, FULL, *BUDGETS)}
         cells = expand(selection_spec(models, tasks, [])) + expand(table_spec(models, tasks, any_rate))
         est = with_estimate(est, planned, cells, kind, rows)
         print(describe_hours("cells", est))

@@ -161,8 +161,8 @@ def caption_scale(results_dir: Path) -> str:
                        for f in payload.get("linear_probe", []))
     return (
         "Mean dev score (± std over 3 draws × 3 seeds) against the number of tuned scalars, per model; dashed: full "
-        f"fine-tuning of that model (3 seeds at one rate, not selected), dotted: the majority class, dash-dot: the "
-        f"linear probe (B = 0: the head alone, rate chosen on validation rows; {probes or 'not run yet'}). "
+        "fine-tuning of that model (3 seeds, rate chosen on validation rows), dotted: the majority class, dash-dot: "
+        f"the linear probe (B = 0: the head alone, rate chosen on validation rows; {probes or 'not run yet'}). "
         f"{_head_line(payload)}{fulls}. Claims (Su et al. 2023): fewer tuned parameters reach full fine-tuning in the "
         f"larger model — {'; '.join(r for r in reach if r) or 'inconclusive'}; across tasks a similar number of "
         "parameters is needed to beat random guessing — the smallest budget whose mean beats the level by two "
