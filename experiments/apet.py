@@ -40,11 +40,13 @@ import math
 import random
 import statistics
 import sys
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from controltune.results import append_jsonl, read_jsonl, stamp, write_json
-from controltune.sweep_spec import SweepSpec, expand, parse_spec
+from controltune.sweep import FINISHED
+from controltune.sweep_spec import SweepSpec, canonical_config, expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import (  # noqa: E402
@@ -80,6 +82,8 @@ TRAIN = {"dtype": "float32", "batch_size": 16, "eval_batch_size": 64, "max_lengt
          "train_size": 2000, "val_size": 200, "dev_size": 500, "steps": 100, "eval_every": 25}
 SCORE_ROWS = 64
 BOOTSTRAP = 2000
+UNCHOSEN = 1e-30
+"""A rate no cell has: the planned cells of a pair whose rate is not chosen yet match no finished row."""
 
 
 # --- the sweeps ------------------------------------------------------------------------------------
@@ -315,6 +319,24 @@ def summary(models, tasks) -> dict[str, Any]:
     return payload
 
 
+def cells_done(models, tasks, select: list[dict[str, Any]], rows: list[dict[str, Any]], kind) -> dict[Any, int]:
+    """Per kind, the finished ``rows`` that are cells of the plan as it stands, given the ``select`` rows: rows at a
+    rate no longer chosen, or of a pair whose rate is not chosen yet, will not be read and do not count."""
+    chosen = choose_lrs(select, key=pair_key)
+    rates = {(m, t, b): {"lr": chosen.get((m, t, b), {}).get("lr") or UNCHOSEN}
+             for m in models for t in tasks for b in (PROBE, FULL, *BUDGETS)}
+    wanted = {canonical_config(c) for c in expand(selection_spec(models, tasks, select))
+              + expand(table_spec(models, tasks, rates))}
+    seen: set[str] = set()
+    done: dict[Any, int] = defaultdict(int)
+    for row in rows:
+        key = canonical_config(row["config"])
+        if row.get("status") in FINISHED and key in wanted and key not in seen:
+            seen.add(key)
+            done[kind(row["config"])] += 1
+    return done
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS))
@@ -340,7 +362,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         planned.update({(m, "linear_probe"): len(tasks) * (len(RATES) + len(SEEDS) - 1) for m in models})
         rows = read_jsonl(SELECT_OUT) + read_jsonl(TABLE_OUT)
         kind = lambda c: (c["model"], c["method"])  # noqa: E731
-        est = observed_core_hours(planned, rows, lambda r: kind(r["config"]))
+        est = observed_core_hours(planned, rows, lambda r: kind(r["config"]),
+                                  done=cells_done(models, tasks, read_jsonl(SELECT_OUT), rows, kind))
         # a rate does not change the time
         any_rate = {(m, t, b): {"lr": RATES[0]} for m in models for t in tasks for b in (PROBE, FULL, *BUDGETS)}
         cells = expand(selection_spec(models, tasks, [])) + expand(table_spec(models, tasks, any_rate))

@@ -38,7 +38,9 @@ REFERENCE_ROWS = ("glue_table.jsonl", "glue_select.jsonl", "glue_gaps.jsonl")
 SCORED_PER_STEP = 96
 """Rows scored forward-only that cost about one training step of 32 rows."""
 
+# linear_probe: no backward through the blocks, so bitfit's step time bounds it from above
 RESEMBLES = {"last_layer": "bitfit", "selective": "bitfit", "arbitrary": "bitfit", "layernorm": "bitfit",
+             "linear_probe": "bitfit",
              "unipelt": "adapter", "pfeiffer": "adapter", "houlsby": "adapter", "unified_subspace": "lora",
              "peft_lora": "lora", "costate_lora": "lora", "gramian_lora": "lora", "recommended_lora": "lora",
              "riccati_feedback": "adapter", "closed_loop_prefix": "prefix", "parallel_control": "adapter",
