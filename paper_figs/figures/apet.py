@@ -109,7 +109,8 @@ def spread_claim(payload: dict[str, Any]) -> str:
     verdict = "holds" if smaller > len(pairs) / 2 else "does not hold"
     detail = ", ".join(f"{t} B={b}: {a:.3f} vs {o:.3f}" for t, b, a, o in pairs)
     return (f"the spread across position draws (std of the draws' seed means) is smaller for {large} than for "
-            f"{small} in {smaller} of {len(pairs)} (task, budget) pairs ({detail}) — the claim {verdict} here"
+            f"{small} in {smaller} of {len(pairs)} (task, budget) pairs ({detail}) — the claim {verdict} here, by "
+            f"count (each spread is the std of {len(payload['config']['draws'])} draw means: no significance test)"
             f"{left_out}")
 
 
