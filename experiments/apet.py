@@ -304,6 +304,14 @@ def summary(models, tasks) -> dict[str, Any]:
         for task in tasks:
             ok = [c["budget"] for c in cells if (c["model"], c["task"]) == (model, task) and c["beats_probe"]]
             beyond_probe[f"{model}/{task}"] = min(ok) if ok else None
+    reach_full = {}  # not below full fine-tuning by two standard errors of the budget's mean
+    for model in models:
+        for task in tasks:
+            top = full[(model, task)][0]
+            ok = [c["budget"] for c in cells if (c["model"], c["task"]) == (model, task) and top is not None
+                  and c["mean"] is not None and c["std"] is not None and c["n_runs"] > 1
+                  and c["mean"] + 2 * c["std"] / math.sqrt(c["n_runs"]) >= top]
+            reach_full[f"{model}/{task}"] = min(ok) if ok else None
     payload = {**stamp({"models": list(models), "tasks": list(tasks), "budgets": list(BUDGETS), "draws": list(DRAWS),
                         "seeds": list(SEEDS), "rates": RATES, "full_rates": FULL_RATES,
                         "select": "per (model, task, budget), draw 0, seed 0",
@@ -314,6 +322,7 @@ def summary(models, tasks) -> dict[str, Any]:
                "linear_probe": [{"model": m, "task": t, "mean": v[0], "std": v[1], "n_seeds": v[2], "lr": v[3]}
                                 for (m, t), v in probe.items()],
                "smallest_budget_beating_majority": smallest, "smallest_budget_beating_probe": beyond_probe,
+               "smallest_budget_reaching_full": reach_full,
                "head_scalars": heads, "predictors": predictors}
     write_json(SUMMARY, payload)
     return payload

@@ -93,6 +93,8 @@ def test_apet_summary_and_figures(apet_results, tmp_path):
     # the head alone scores 0.52: B = 100 (mean 0.511) does not beat it, B = 1000 (0.531 ± 0.003) does
     assert {f["model"]: f["mean"] for f in out["linear_probe"]}["minilm"] == pytest.approx(0.52)
     assert out["smallest_budget_beating_probe"]["minilm/sst2"] == 1000
+    # full FT scores 0.9 (minilm) and 0.95 (smollm2); no budget comes within two standard errors of either
+    assert out["smallest_budget_reaching_full"] == {"minilm/sst2": None, "smollm2/sst2": None}
     assert {f["model"]: f["mean"] for f in out["full"]} == {"minilm": pytest.approx(0.9),
                                                             "smollm2": pytest.approx(0.95)}
     for name in ("apet_positions", "apet_scale"):
@@ -102,6 +104,19 @@ def test_apet_summary_and_figures(apet_results, tmp_path):
     positions = (tmp_path / "figs" / "apet_positions.caption.md").read_text()
     assert "smaller for smollm2 than for minilm in 3 of 3" in positions and "holds here" in positions
     assert "costate_energy: ρ = 1.000" in positions
+    scale = (tmp_path / "figs" / "apet_scale.caption.md").read_text()
+    assert "sst2: open (no budget reaches full FT in minilm)" in scale
+
+
+def test_reaching_full_fine_tuning_with_fewer_parameters_in_the_larger_model():
+    from paper_figs.figures.apet import _reach_verdict
+
+    payload = {"smallest_budget_reaching_full": {"minilm/sst2": 10000, "minilm/cola": 1000, "minilm/rte": None,
+                                                 "smollm2/sst2": 1000, "smollm2/cola": 10000, "smollm2/rte": 100}}
+    text = _reach_verdict(payload)
+    assert "sst2: minilm needs 1e+4, smollm2 1e+3 — holds" in text
+    assert "cola: minilm needs 1e+3, smollm2 1e+4 — does not hold" in text
+    assert "rte: open (no budget reaches full FT in minilm)" in text
 
 
 def test_the_recovered_gain_leaves_out_cells_whose_original_space_does_not_rise_above_the_base():

@@ -165,13 +165,33 @@ def caption_scale(results_dir: Path) -> str:
         "fine-tuning of that model (3 seeds, rate chosen on validation rows), dotted: the majority class, dash-dot: "
         f"the linear probe (B = 0: the head alone, rate chosen on validation rows; {probes or 'not run yet'}). "
         f"{_head_line(payload)}{fulls}. Claims (Su et al. 2023): fewer tuned parameters reach full fine-tuning in the "
-        f"larger model — {'; '.join(r for r in reach if r) or 'inconclusive'}; across tasks a similar number of "
+        f"larger model — {_reach_verdict(payload)} ({'; '.join(r for r in reach if r) or 'no cells yet'}); "
+        "across tasks a similar number of "
         "parameters is needed to beat random guessing — the smallest budget whose mean beats the level by two "
         f"standard errors, per model across tasks: above the majority class {_per_model(smallest)}; above the "
         f"linear probe (what the B scalars add to the head) "
         f"{_per_model(payload.get('smallest_budget_beating_probe') or {})}. "
         f"Command: `python experiments/apet.py` ({versions_line(payload)})."
     )
+
+
+def _reach_verdict(payload: dict[str, Any]) -> str:
+    """Per task, the smallest budget not below full fine-tuning by two standard errors, per model; the claim holds
+    where the larger model's is smaller, fails where it is larger, and is open where either model has none."""
+    reach = payload.get("smallest_budget_reaching_full") or {}
+    models = list(dict.fromkeys(k.split("/")[0] for k in reach))
+    if len(models) < 2:
+        return "inconclusive: one model"
+    small, large = models[0], models[-1]
+    verdicts = []
+    for task in dict.fromkeys(k.split("/")[1] for k in reach):
+        a, b = reach.get(f"{small}/{task}"), reach.get(f"{large}/{task}")
+        if a is None or b is None:
+            verdicts.append(f"{task}: open (no budget reaches full FT in {small if a is None else large})")
+        else:
+            word = "holds" if b < a else "does not hold" if b > a else "tie"
+            verdicts.append(f"{task}: {small} needs {sci(a, 0)}, {large} {sci(b, 0)} — {word}")
+    return "smallest budget within two standard errors of full FT: " + "; ".join(verdicts)
 
 
 def _per_model(smallest: dict[str, int | None]) -> str:
