@@ -231,6 +231,14 @@ def majority_levels(tasks) -> dict[str, dict[str, Any]]:
     return out
 
 
+def beats(mean: float | None, std: float | None, n: int, level: float) -> bool | None:
+    """Whether a mean over ``n`` seeds lies above ``level`` by two standard errors: ``mean − 2·std/√n > level``
+    (None below two seeds)."""
+    if mean is None or std is None or n < 2:
+        return None
+    return mean - 2 * std / math.sqrt(n) > level
+
+
 def summary(models, tasks) -> dict[str, Any]:
     select, table = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
     chosen = choose_lrs(select, key=pair_key)
@@ -317,7 +325,8 @@ def summary(models, tasks) -> dict[str, Any]:
                         "select": "per (model, task, budget), draw 0, seed 0",
                         "train": TRAIN, "command": "python experiments/apet.py"}),
                "cells": cells, "majority": majority,
-               "full": [{"model": m, "task": t, "mean": v[0], "std": v[1], "n_seeds": v[2], "lr": v[3]}
+               "full": [{"model": m, "task": t, "mean": v[0], "std": v[1], "n_seeds": v[2], "lr": v[3],
+                         "beats_majority": beats(v[0], v[1], v[2], majority[t]["level"])}
                         for (m, t), v in full.items()],
                "linear_probe": [{"model": m, "task": t, "mean": v[0], "std": v[1], "n_seeds": v[2], "lr": v[3]}
                                 for (m, t), v in probe.items()],

@@ -108,6 +108,12 @@ def test_apet_summary_and_figures(apet_results, tmp_path):
     assert "sst2: open (no budget reaches full FT in minilm)" in scale
 
 
+def test_a_mean_beats_a_level_by_two_standard_errors_or_is_not_judged():
+    assert apet.beats(0.60, 0.05, 4, 0.5) is True  # 0.60 − 2·0.025 = 0.55 > 0.5
+    assert apet.beats(0.55, 0.05, 4, 0.5) is False  # 0.50, not above
+    assert apet.beats(0.9, None, 1, 0.5) is None and apet.beats(None, None, 0, 0.5) is None
+
+
 def test_reaching_full_fine_tuning_with_fewer_parameters_in_the_larger_model():
     from paper_figs.figures.apet import _reach_verdict
 
@@ -117,6 +123,9 @@ def test_reaching_full_fine_tuning_with_fewer_parameters_in_the_larger_model():
     assert "sst2: minilm needs 1e+4, smollm2 1e+3 — holds" in text
     assert "cola: minilm needs 1e+3, smollm2 1e+4 — does not hold" in text
     assert "rte: open (no budget reaches full FT in minilm)" in text
+    payload["full"] = [{"model": "minilm", "task": "cola", "mean": -0.013, "beats_majority": False},
+                       {"model": "smollm2", "task": "cola", "mean": 0.17, "beats_majority": True}]
+    assert "cola: not a test (full FT does not beat the majority class in minilm: -0.013" in _reach_verdict(payload)
 
 
 def test_the_recovered_gain_leaves_out_cells_whose_original_space_does_not_rise_above_the_base():

@@ -177,16 +177,23 @@ def caption_scale(results_dir: Path) -> str:
 
 def _reach_verdict(payload: dict[str, Any]) -> str:
     """Per task, the smallest budget not below full fine-tuning by two standard errors, per model; the claim holds
-    where the larger model's is smaller, fails where it is larger, and is open where either model has none."""
+    where the larger model's is smaller, fails where it is larger, and is open where either model has none.  A task
+    where full fine-tuning does not beat the majority class in a model is not a test: any budget 'reaches' chance."""
     reach = payload.get("smallest_budget_reaching_full") or {}
     models = list(dict.fromkeys(k.split("/")[0] for k in reach))
     if len(models) < 2:
         return "inconclusive: one model"
     small, large = models[0], models[-1]
+    at_chance = {(f["model"], f["task"]): f["mean"] for f in payload.get("full", [])
+                 if f.get("beats_majority") is False}
     verdicts = []
     for task in dict.fromkeys(k.split("/")[1] for k in reach):
         a, b = reach.get(f"{small}/{task}"), reach.get(f"{large}/{task}")
-        if a is None or b is None:
+        weak = [m for m in (small, large) if (m, task) in at_chance]
+        if weak:
+            verdicts.append(f"{task}: not a test (full FT does not beat the majority class in "
+                            + ", ".join(f"{m}: {_fmt(at_chance[(m, task)])}" for m in weak) + ")")
+        elif a is None or b is None:
             verdicts.append(f"{task}: open (no budget reaches full FT in {small if a is None else large})")
         else:
             word = "holds" if b < a else "does not hold" if b > a else "tie"
