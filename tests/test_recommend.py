@@ -166,3 +166,38 @@ def test_a_designed_controller_designs_on_the_task_it_is_trained_on():
     assert "task" not in controller_spec("lora", {}, 0, task="cola")[1]  # LoRA designs nothing
     parts = controller_spec("lora+costate_lora", {}, 0, task="mrpc")[1]["parts"]
     assert "task" not in parts[0][1] and parts[1][1]["task"] == "mrpc"
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_training_the_peft_folder_in_plain_peft_follows_the_system_step_for_step(task, family, tmp_path):
+    """The design table trains ``recommended_lora`` in the system; this is the claim that its rows stand for the
+    recommender trained through plain peft: the same AdamW steps on the same batches from the written folder give the
+    same logits (float64) in peft as in the system, because the folder holds the same parameters in the same
+    parameterisation (B A scaled by α_W/r_W, the sequence head in ``modules_to_save``)."""
+    from peft import PeftModel
+
+    loaded, system = _classifier(family)
+    build("recommended_lora", system, task=task, n_design=32, budget=3000, max_rank=4)
+    out = to_peft(system, tmp_path / "adapter")
+    base = load_model(f"random:{family}", dtype="float64", head="sequence_classification").model
+    if loaded.family.prepare is not None:
+        loaded.family.prepare(base)
+    model = PeftModel.from_pretrained(base, str(out), is_trainable=True)
+    ours = [p for p in system.parameters() if p.requires_grad]
+    theirs = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in ours) == sum(p.numel() for p in theirs)
+    batches = [make_batch(loaded.tokenizer, n) for n in (4, 3, 5)]
+    system.train(False), model.train(False)  # dropout off in both: the comparison is of the optimisation
+    with torch.no_grad():
+        before = system(batches[0])
+    opt_a, opt_b = torch.optim.AdamW(ours, lr=1e-2), torch.optim.AdamW(theirs, lr=1e-2)
+    for batch in batches:
+        for opt, logits in ((opt_a, lambda b: system(b)), (opt_b, lambda b: model(**_hf_inputs(b)).logits)):
+            loss = torch.nn.functional.cross_entropy(logits(batch), batch["labels"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        a, b = system(batches[0]), model(**_hf_inputs(batches[0])).logits
+    assert (a - before).abs().max() > 1e-3  # the steps moved the logits: the agreement is not of two idle models
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
