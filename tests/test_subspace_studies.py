@@ -106,6 +106,7 @@ def test_apet_summary_and_figures(apet_results, tmp_path):
     assert "costate_energy: ρ = 1.000" in positions
     scale = (tmp_path / "figs" / "apet_scale.caption.md").read_text()
     assert "sst2: open (no budget reaches full FT in minilm)" in scale
+    assert "minilm/sst2: best budget" in scale and "of full FT's gain over the majority class" in scale
 
 
 def test_a_mean_beats_a_level_by_two_standard_errors_or_is_not_judged():

@@ -155,9 +155,14 @@ def caption_scale(results_dir: Path) -> str:
         cells = [c for c in payload["cells"] if (c["model"], c["task"]) == (f["model"], f["task"])
                  and c["mean"] is not None and f["mean"] is not None]
         best = max(cells, key=lambda c: c["mean"]) if cells else None
-        if best:
-            reach.append(f"{f['model']}/{f['task']}: best budget {sci(best['budget'], 0)} reaches "
-                         f"{best['mean'] / f['mean']:.2f} of full FT" if f["mean"] else "")
+        level = payload["majority"][f["task"]]["level"]
+        if best and f["mean"] > level:  # a share of full FT's gain over chance; below chance a share means nothing
+            reach.append(f"{f['model']}/{f['task']}: best budget {sci(best['budget'], 0)} recovers "
+                         f"{(best['mean'] - level) / (f['mean'] - level):.2f} of full FT's gain over the majority "
+                         "class")
+        elif best:
+            reach.append(f"{f['model']}/{f['task']}: full FT {_fmt(f['mean'])} is not above the majority class "
+                         f"({_fmt(level)}), best budget {sci(best['budget'], 0)} {_fmt(best['mean'])}")
     probes = "; ".join(f"{f['model']}/{f['task']} {_fmt(f['mean'])} ± {_fmt(f['std'])} (n={f['n_seeds']})"
                        for f in payload.get("linear_probe", []))
     return (
