@@ -61,6 +61,7 @@ from rate_selection import (  # noqa: E402
     require_rates,
     select_then_tabulate,
     sweep_settings,
+    two_se,
     with_estimate,
 )
 
@@ -239,6 +240,26 @@ def beats(mean: float | None, std: float | None, n: int, level: float) -> bool |
     return mean - 2 * std / math.sqrt(n) > level
 
 
+def _above(values: list[float], reference: tuple) -> bool | None:
+    """Whether the runs' mean lies above a reference cell ``(mean, std, n_seeds, lr)`` by two standard errors of the
+    difference, ``se = (s²/n + s_r²/n_r)^{1/2}`` (both sides vary by seed); None below two runs on either side."""
+    mean, std = mean_std(values)
+    if mean is None or reference[0] is None:
+        return None
+    sign = two_se({"mean": reference[0], "std": reference[1], "n_seeds": reference[2]},
+                  {"mean": mean, "std": std, "n_seeds": len(values)})[0]
+    return None if sign is None else sign == 1
+
+
+def _not_below(cell: dict[str, Any], ref: dict[str, Any]) -> bool:
+    """A budget's cell is not below the reference ``{mean, std, n_seeds}`` by two standard errors of the difference
+    (False when either side has fewer than two runs: no verdict, no reach)."""
+    if ref["mean"] is None or cell["mean"] is None:
+        return False
+    sign = two_se(ref, {"mean": cell["mean"], "std": cell["std"], "n_seeds": cell["n_runs"]})[0]
+    return sign is not None and sign >= 0
+
+
 def summary(models, tasks) -> dict[str, Any]:
     select, table = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
     chosen = choose_lrs(select, key=pair_key)
@@ -280,8 +301,7 @@ def summary(models, tasks) -> dict[str, Any]:
                               "seed_spread": statistics.fmean(seed_stds) if seed_stds else None,
                               "majority": level, "beats_majority": None if se is None else mean - 2 * se > level,
                               "probe": probe[(model, task)][0],
-                              "beats_probe": None if se is None or probe[(model, task)][0] is None
-                              else mean - 2 * se > probe[(model, task)][0],
+                              "beats_probe": _above(allv, probe[(model, task)]),
                               "full": full[(model, task)][0]})
     scores = [r for r in read_jsonl(SCORES_OUT) if _current(r)]
     predictors = {}
@@ -312,13 +332,12 @@ def summary(models, tasks) -> dict[str, Any]:
         for task in tasks:
             ok = [c["budget"] for c in cells if (c["model"], c["task"]) == (model, task) and c["beats_probe"]]
             beyond_probe[f"{model}/{task}"] = min(ok) if ok else None
-    reach_full = {}  # not below full fine-tuning by two standard errors of the budget's mean
+    reach_full = {}  # not below full fine-tuning by two standard errors of the difference (both sides vary)
     for model in models:
         for task in tasks:
-            top = full[(model, task)][0]
-            ok = [c["budget"] for c in cells if (c["model"], c["task"]) == (model, task) and top is not None
-                  and c["mean"] is not None and c["std"] is not None and c["n_runs"] > 1
-                  and c["mean"] + 2 * c["std"] / math.sqrt(c["n_runs"]) >= top]
+            ref = dict(zip(("mean", "std", "n_seeds"), full[(model, task)][:3]))
+            ok = [c["budget"] for c in cells if (c["model"], c["task"]) == (model, task)
+                  and _not_below(c, ref)]
             reach_full[f"{model}/{task}"] = min(ok) if ok else None
     payload = {**stamp({"models": list(models), "tasks": list(tasks), "budgets": list(BUDGETS), "draws": list(DRAWS),
                         "seeds": list(SEEDS), "rates": RATES, "full_rates": FULL_RATES,

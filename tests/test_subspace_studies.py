@@ -115,6 +115,16 @@ def test_a_mean_beats_a_level_by_two_standard_errors_or_is_not_judged():
     assert apet.beats(0.9, None, 1, 0.5) is None and apet.beats(None, None, 0, 0.5) is None
 
 
+def test_reaching_full_fine_tuning_counts_the_reference_seeds_spread_too():
+    cell = {"mean": 0.810, "std": 0.008, "n_runs": 9}
+    # full FT 0.821 ± 0.024 over 3 seeds: se of the difference 0.014, the budget is within two of it
+    assert apet._not_below(cell, {"mean": 0.821, "std": 0.024, "n_seeds": 3})
+    assert not apet._not_below(cell, {"mean": 0.821, "std": 0.001, "n_seeds": 3})  # a tight reference: below
+    assert not apet._not_below(cell, {"mean": 0.80, "std": None, "n_seeds": 1})  # one seed: no verdict
+    assert apet._above([0.77, 0.76, 0.78], (0.762, 0.017, 3, 0.01)) is False  # the probe's spread counts
+    assert apet._above([0.80, 0.81, 0.79], (0.762, 0.005, 3, 0.01)) is True
+
+
 def test_reaching_full_fine_tuning_with_fewer_parameters_in_the_larger_model():
     from paper_figs.figures.apet import _reach_verdict
 
