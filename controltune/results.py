@@ -138,6 +138,29 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     return atomic_write_bytes(path, (to_strict_json(payload, indent=2) + "\n").encode())
 
 
+STAMP_KEYS = ("created", "versions")
+
+
+def write_json_unless_same(path: str | Path, payload: dict[str, Any]) -> Path:
+    """:func:`write_json` for a summary rebuilt from rows: when the file already holds the same results (everything
+    but :data:`STAMP_KEYS`), it is left as it is, stamp included — a rebuild that changes nothing is not a new
+    result, and rewriting only the stamp would make every resumed study look changed."""
+    path = Path(path)
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = None
+        new = json.loads(to_strict_json(payload))
+        if isinstance(old, dict) and _results_part(old) == _results_part(new):
+            return path
+    return write_json(path, payload)
+
+
+def _results_part(payload: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in payload.items() if k not in STAMP_KEYS}
+
+
 # --- JSONL ---------------------------------------------------------------------------------
 def _repair_torn_tail(fd: int, path: Path) -> None:
     """Before an append: end the file with a newline, so a new row is never glued onto a torn one.

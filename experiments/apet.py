@@ -44,7 +44,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from controltune.results import append_jsonl, read_jsonl, stamp, write_json
+from controltune.results import append_jsonl, read_jsonl, stamp, write_json_unless_same
 from controltune.sweep import FINISHED
 from controltune.sweep_spec import SweepSpec, canonical_config, expand, parse_spec
 
@@ -352,7 +352,7 @@ def summary(models, tasks) -> dict[str, Any]:
                "smallest_budget_beating_majority": smallest, "smallest_budget_beating_probe": beyond_probe,
                "smallest_budget_reaching_full": reach_full,
                "head_scalars": heads, "predictors": predictors}
-    write_json(SUMMARY, payload)
+    write_json_unless_same(SUMMARY, payload)
     return payload
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from controltune.results import read_jsonl, stamp, write_json
+from controltune.results import read_jsonl, stamp, write_json_unless_same
 from controltune.sweep_spec import SweepSpec, expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -147,7 +147,7 @@ def summary(tasks) -> dict[str, Any]:
                         "harness": "experiments/glue_select.yaml settings", "command":
                             "python experiments/composability.py"}),
                "cells": list(cells.values()), "effects": effects}
-    write_json(SUMMARY, payload)
+    write_json_unless_same(SUMMARY, payload)
     return payload
 
 

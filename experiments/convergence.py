@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from controltune.results import read_jsonl, stamp, write_json
+from controltune.results import read_jsonl, stamp, write_json_unless_same
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from glue_table import METHODS, TASKS  # noqa: E402
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "here (rows written before rows carried curves, and no run folder on this machine): "
                          "rebuild their run folders with experiments/rebuild_runs.py, or pass --allow-missing "
                          f"to summarise fewer seeds; {OUT.name} is left as it was")
-    write_json(OUT, payload)
+    write_json_unless_same(OUT, payload)
     for r in payload["rows"]:
         print(f"{r['task']:<5} {r['method']:<8} n={r['n_seeds']} own level at step {r['steps_to_own']}, "
               f"common level at step {r['steps_to_common']} of {r['steps'][-1]}")

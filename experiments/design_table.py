@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from controltune.results import read_jsonl, stamp, write_json
+from controltune.results import read_jsonl, stamp, write_json_unless_same
 from controltune.sweep_spec import SweepSpec, canonical_config, expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the experiments' shared modules, run or imported
@@ -216,7 +216,7 @@ def summary(tasks, budgets) -> dict[str, Any]:
                         "command": "python experiments/design_table.py"}),
                "cells": list(cells.values()), "rows": rows,
                "wins": sum(r["verdict"] == "win" and r["baseline"] == "lora" for r in rows)}
-    write_json(SUMMARY, payload)
+    write_json_unless_same(SUMMARY, payload)
     return payload
 
 

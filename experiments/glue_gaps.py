@@ -38,7 +38,7 @@ import yaml
 from scipy import stats
 
 from controltune.data import load_split, resolve_task
-from controltune.results import read_jsonl, stamp, write_json
+from controltune.results import read_jsonl, stamp, write_json_unless_same
 from controltune.sweep import run_sweep
 from controltune.sweep_spec import expand, parse_spec
 
@@ -211,7 +211,7 @@ def rte_fit() -> list[dict[str, Any]]:
 def summary() -> dict[str, Any]:
     payload = {**stamp({"command": "python experiments/glue_gaps.py", "sizes": list(SIZES), "goals": GOALS}),
                "sst2_budget": sst2_budget(), "rte_resolution": rte_resolution()}
-    write_json(SUMMARY, payload)
+    write_json_unless_same(SUMMARY, payload)
     return payload
 
 

@@ -62,7 +62,7 @@ from typing import Any
 
 from controltune.data import load_split, resolve_task
 from controltune.metrics import majority_baseline
-from controltune.results import read_jsonl, stamp, write_json
+from controltune.results import read_jsonl, stamp, write_json_unless_same
 from controltune.sweep import FINISHED, finished_configs, run_sweep, train_loss_end
 from controltune.sweep_spec import SweepSpec, canonical_config, expand, load_spec, parse_spec
 
@@ -382,7 +382,7 @@ def write_summary(select: SweepSpec, table: SweepSpec, out: Path = SUMMARY) -> d
                             "observed": observed_estimate(select, table, select_rows, table_rows_in)},
                "complete": bool(rows) and len(rows) == len(TASKS) * len(METHODS)
                            and all(r["stage"] == "table" and r["n_seeds"] == 3 for r in rows)}
-    write_json(out, payload)
+    write_json_unless_same(out, payload)
     return payload
 
 

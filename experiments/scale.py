@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from controltune.results import read_jsonl, stamp, write_json
+from controltune.results import read_jsonl, stamp, write_json_unless_same
 from controltune.sweep_spec import SweepSpec, expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -122,7 +122,7 @@ def summary(models, tasks) -> dict[str, Any]:
     payload = {**stamp({"models": list(models), "tasks": list(tasks), "methods": METHODS, "grid": GRID,
                         "harness": HARNESS, "dev_size": DEV_SIZE, "command": "python experiments/scale.py"}),
                "cells": list(cells.values()), "gains": gains, "selective_vs_last_layer": selective}
-    write_json(SUMMARY, payload)
+    write_json_unless_same(SUMMARY, payload)
     return payload
 
 

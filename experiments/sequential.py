@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from controltune.results import read_jsonl, stamp, write_json
+from controltune.results import read_jsonl, stamp, write_json_unless_same
 from controltune.sweep import run_sweep
 from controltune.sweep_spec import SweepSpec, expand, parse_spec
 
@@ -97,7 +97,7 @@ def summary() -> dict[str, Any]:
     payload = {**stamp({"task": TASK, "parts": PARTS, "harness": HARNESS, "stage_rates": stage_rates(),
                         "command": "python experiments/sequential.py"}),
                "orders": orders, "steps": steps, "best_order": best["order"] if best else None}
-    write_json(SUMMARY, payload)
+    write_json_unless_same(SUMMARY, payload)
     return payload
 
 

@@ -25,7 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from controltune.results import append_jsonl, read_jsonl, stamp, write_json
+from controltune.results import append_jsonl, read_jsonl, stamp, write_json_unless_same
 from controltune.run_folder import DELTAS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -137,7 +137,7 @@ def summary() -> dict[str, Any]:
                         "command": "python experiments/transfer.py"}),
                "matrix": matrix, "kinds": kinds,
                "claim_holds": None if same is None or cross is None else same > cross}
-    write_json(SUMMARY, payload)
+    write_json_unless_same(SUMMARY, payload)
     return payload
 
 

@@ -48,7 +48,7 @@ from typing import Any
 
 import yaml
 
-from controltune.results import append_jsonl, read_jsonl, stamp, write_json
+from controltune.results import append_jsonl, read_jsonl, stamp, write_json, write_json_unless_same
 from controltune.run_folder import DELTAS
 from controltune.sweep_spec import SweepSpec, parse_spec
 
@@ -388,7 +388,7 @@ def summary() -> dict[str, Any]:
         land = json.loads(LANDSCAPE_OUT.read_text())
         level = majority_of(land["task"])
         payload["landscape_overlap"] = None if level is None else landscape_overlap(land, level)
-    write_json(SUMMARY, payload)
+    write_json_unless_same(SUMMARY, payload)
     return payload
 
 

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from controltune.results import read_jsonl, stamp, write_json
+from controltune.results import read_jsonl, stamp, write_json_unless_same
 from controltune.sweep_spec import SweepSpec, expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -116,7 +116,7 @@ def summary(tasks) -> dict[str, Any]:
     payload = {**stamp({"tasks": list(tasks), "ks": list(KS), "methods": METHODS, "grid": GRID, "epochs": EPOCHS,
                         "harness": HARNESS, "command": "python experiments/unipelt_low_resource.py"}),
                "cells": list(cells.values()), "comparisons": comparisons, "counts": counts}
-    write_json(SUMMARY, payload)
+    write_json_unless_same(SUMMARY, payload)
     return payload
 
 
