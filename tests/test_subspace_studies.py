@@ -225,3 +225,17 @@ def test_unified_summary_and_figures(unified_results, tmp_path):
     transfer = (tmp_path / "figs" / "subspace_transfer.caption.md").read_text()
     assert "12 of 12 off-diagonal" in transfer and "Jaccard 0.111" in transfer
     assert "0 of 12 above the head-only control" in transfer  # every transferred entry ties the control at 0.55
+
+
+def test_the_spread_claim_leaves_out_budgets_that_add_nothing_to_the_head():
+    from paper_figs.figures.apet import spread_claim
+
+    def cell(model, budget, spread, beats):
+        return {"model": model, "task": "cola", "budget": budget, "position_spread": spread, "beats_probe": beats}
+
+    payload = {"config": {"draws": [0, 1, 2]},
+               "cells": [cell("minilm", 100, 0.004, False), cell("smollm2", 100, 0.0, False),  # the probe's score
+                         cell("minilm", 1000, 0.003, False), cell("smollm2", 1000, 0.035, True)]}
+    text = spread_claim(payload)
+    assert "in 0 of 1 (task, budget) pairs" in text and "does not hold" in text
+    assert "left out, neither model above the linear probe: cola B=100" in text
