@@ -260,6 +260,22 @@ def _not_below(cell: dict[str, Any], ref: dict[str, Any]) -> bool:
     return sign is not None and sign >= 0
 
 
+def _predictor(cells: list[dict[str, Any]], scores: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
+    """Pooled within-cell Spearman correlation of a draw's score ``key`` with its mean dev score, over ``cells``
+    (:func:`within_group_correlation`; a cell counts with two or more scored draws)."""
+    groups = []
+    for c in cells:
+        pts = []
+        for draw, dev in c["draw_means"].items():
+            s = next((r[key] for r in scores if (r["model"], r["task"], r["budget"], r["draw"])
+                      == (c["model"], c["task"], c["budget"], int(draw))), None)
+            if s is not None:
+                pts.append((s, dev))
+        if len(pts) >= 2:
+            groups.append(pts)
+    return within_group_correlation(groups) if groups else None
+
+
 def summary(models, tasks) -> dict[str, Any]:
     select, table = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
     chosen = choose_lrs(select, key=pair_key)
@@ -304,19 +320,10 @@ def summary(models, tasks) -> dict[str, Any]:
                               "beats_probe": _above(allv, probe[(model, task)]),
                               "full": full[(model, task)][0]})
     scores = [r for r in read_jsonl(SCORES_OUT) if _current(r)]
-    predictors = {}
-    for key in ("costate_energy", "gramian"):
-        groups = []
-        for c in cells:
-            pts = []
-            for draw, dev in c["draw_means"].items():
-                s = next((r[key] for r in scores if (r["model"], r["task"], r["budget"], r["draw"])
-                          == (c["model"], c["task"], c["budget"], int(draw))), None)
-                if s is not None:
-                    pts.append((s, dev))
-            if len(pts) >= 2:
-                groups.append(pts)
-        predictors[key] = within_group_correlation(groups) if groups else None
+    predictors = {key: _predictor(cells, scores, key) for key in ("costate_energy", "gramian")}
+    # where a budget adds nothing beyond the head, its draws train alike (same seed, same score): nothing to predict
+    acting = [c for c in cells if c["beats_probe"]]
+    predictors_acting = {key: _predictor(acting, scores, key) for key in ("costate_energy", "gramian")}
     heads = {}  # the classification head trains in every cell, beside the B scalars of Δ
     for row in done:
         c = row["config"]
@@ -351,7 +358,8 @@ def summary(models, tasks) -> dict[str, Any]:
                                 for (m, t), v in probe.items()],
                "smallest_budget_beating_majority": smallest, "smallest_budget_beating_probe": beyond_probe,
                "smallest_budget_reaching_full": reach_full,
-               "head_scalars": heads, "predictors": predictors}
+               "head_scalars": heads, "predictors": predictors,
+               "predictors_beyond_probe": predictors_acting}
     write_json_unless_same(SUMMARY, payload)
     return payload
 

@@ -89,6 +89,10 @@ def test_apet_summary_and_figures(apet_results, tmp_path):
     assert cells[("smollm2", 100)]["position_spread"] == pytest.approx(0.005)
     assert out["predictors"]["costate_energy"]["rho"] == pytest.approx(1.0)
     assert out["predictors"]["gramian"]["rho"] == pytest.approx(-1.0)
+    # only the cells beyond the probe (B = 100 is not): fewer cells, the same within-cell orderings
+    beyond = out["predictors_beyond_probe"]
+    assert beyond["costate_energy"]["n_groups"] < out["predictors"]["costate_energy"]["n_groups"]
+    assert beyond["costate_energy"]["rho"] == pytest.approx(1.0) and beyond["gramian"]["rho"] == pytest.approx(-1.0)
     assert out["smallest_budget_beating_majority"]["minilm/sst2"] == 100
     # the head alone scores 0.52: B = 100 (mean 0.511) does not beat it, B = 1000 (0.531 ± 0.003) does
     assert {f["model"]: f["mean"] for f in out["linear_probe"]}["minilm"] == pytest.approx(0.52)

@@ -124,13 +124,20 @@ def _head_line(payload: dict[str, Any]) -> str:
             + "), not counted in B, so the smallest budget's score is mostly the head's. ")
 
 
+def _predictors_text(pred: dict[str, Any]) -> str:
+    return "; ".join(f"{k}: ρ = {_fmt(v['rho'])}, 95 % interval "
+                     f"{[round(x, 2) for x in v['ci95']] if v['ci95'] else '–'} over {v['n_groups']} groups"
+                     for k, v in pred.items() if v)
+
+
 def caption_positions(results_dir: Path) -> str:
     payload = load_json(results_dir, SOURCE)
     cfg = payload["config"]
-    pred = payload.get("predictors", {})
-    preds = "; ".join(f"{k}: ρ = {_fmt(v['rho'])}, 95 % interval "
-                      f"{[round(x, 2) for x in v['ci95']] if v['ci95'] else '–'} over {v['n_groups']} groups"
-                      for k, v in pred.items() if v)
+    preds = _predictors_text(payload.get("predictors") or {})
+    acting = payload.get("predictors_beyond_probe")
+    if acting is not None:
+        preds += ("; over the cells whose budget beats the linear probe only (elsewhere draws of one seed train "
+                  f"alike): {_predictors_text(acting) or 'no such cell'}")
     return (
         f"The arbitrary controller tunes exactly B scalars at seeded random positions of every block parameter "
         f"(models {', '.join(cfg['models'])}; tasks {', '.join(cfg['tasks'])}; B in {cfg['budgets']}; position "
