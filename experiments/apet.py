@@ -40,7 +40,7 @@ import math
 import random
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -364,14 +364,21 @@ def summary(models, tasks) -> dict[str, Any]:
     return payload
 
 
-def cells_done(models, tasks, select: list[dict[str, Any]], rows: list[dict[str, Any]], kind) -> dict[Any, int]:
-    """Per kind, the finished ``rows`` that are cells of the plan as it stands, given the ``select`` rows: rows at a
-    rate no longer chosen, or of a pair whose rate is not chosen yet, will not be read and do not count."""
+def plan_cells(models, tasks, select: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The cells of the plan as it stands, given the ``select`` rows: the selection cells with the edge rates they
+    led to, and the table cells (a pair whose rate is not chosen yet at a placeholder rate: it will run, once)."""
     chosen = choose_lrs(select, key=pair_key)
     rates = {(m, t, b): {"lr": chosen.get((m, t, b), {}).get("lr") or UNCHOSEN}
              for m in models for t in tasks for b in (PROBE, FULL, *BUDGETS)}
-    wanted = {canonical_config(c) for c in expand(selection_spec(models, tasks, select))
-              + expand(table_spec(models, tasks, rates))}
+    cells = expand(selection_spec(models, tasks, select)) + expand(table_spec(models, tasks, rates))
+    unique = {canonical_config(c): c for c in cells}  # a table cell at its selection cell's rate is that cell
+    return list(unique.values())
+
+
+def cells_done(models, tasks, select: list[dict[str, Any]], rows: list[dict[str, Any]], kind) -> dict[Any, int]:
+    """Per kind, the finished ``rows`` that are cells of the plan as it stands, given the ``select`` rows: rows at a
+    rate no longer chosen, or of a pair whose rate is not chosen yet, will not be read and do not count."""
+    wanted = {canonical_config(c) for c in plan_cells(models, tasks, select)}
     seen: set[str] = set()
     done: dict[Any, int] = defaultdict(int)
     for row in rows:
@@ -400,15 +407,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{n_sel} selection cells (+ edge rates), {n_tab} table cells (one per (model, task, budget) a copy "
               "of its selection cell), "
               f"{len(models) * len(tasks) * len(BUDGETS) * len(DRAWS)} draw scores")
-        # a cell's time depends on the model and on whether it is full fine-tuning (fixed steps and length)
-        planned = {(m, "arbitrary"): len(tasks) * len(BUDGETS) * (len(RATES) + len(DRAWS) * len(SEEDS) - 1)
-                   for m in models}
-        planned.update({(m, "full"): len(tasks) * (len(FULL_RATES) + len(SEEDS) - 1) for m in models})
-        planned.update({(m, "linear_probe"): len(tasks) * (len(RATES) + len(SEEDS) - 1) for m in models})
-        rows = read_jsonl(SELECT_OUT) + read_jsonl(TABLE_OUT)
+        # a cell's time depends on the model and on whether it is full fine-tuning (fixed steps and length);
+        # counted on the plan as it stands, edge rates included (counting the grid alone while the edge rates'
+        # rows counted as done had made 21 SmolLM2 cells look like 0.7 core-hours instead of ~2.4)
         kind = lambda c: (c["model"], c["method"])  # noqa: E731
+        select = read_jsonl(SELECT_OUT)
+        planned = dict(Counter(kind(c) for c in plan_cells(models, tasks, select)))
+        rows = select + read_jsonl(TABLE_OUT)
         est = observed_core_hours(planned, rows, lambda r: kind(r["config"]),
-                                  done=cells_done(models, tasks, read_jsonl(SELECT_OUT), rows, kind))
+                                  done=cells_done(models, tasks, select, rows, kind))
         # a rate does not change the time
         any_rate = {(m, t, b): {"lr": RATES[0]} for m in models for t in tasks for b in (PROBE, FULL, *BUDGETS)}
         cells = expand(selection_spec(models, tasks, [])) + expand(table_spec(models, tasks, any_rate))

@@ -243,3 +243,20 @@ def test_the_spread_claim_leaves_out_budgets_that_add_nothing_to_the_head():
     text = spread_claim(payload)
     assert "in 0 of 1 (task, budget) pairs" in text and "does not hold" in text
     assert "left out, neither model above the linear probe: cola B=100" in text
+
+
+def test_the_plan_counts_the_edge_rates_it_will_run_and_every_cell_it_counts_as_done(apet_results):
+    from collections import Counter
+
+    from controltune.results import read_jsonl
+
+    select = read_jsonl(apet.SELECT_OUT)
+    rows = select + read_jsonl(apet.TABLE_OUT)
+    kind = lambda c: (c["model"], c["method"])  # noqa: E731
+    planned = Counter(kind(c) for c in apet.plan_cells(("minilm", "smollm2"), ("sst2",), select))
+    done = apet.cells_done(("minilm", "smollm2"), ("sst2",), select, rows, kind)
+    assert all(n <= planned[k] for k, n in done.items())  # else cells still to run vanish from the estimate
+    grid = len(apet.BUDGETS) * (len(apet.RATES) + len(apet.DRAWS) * len(apet.SEEDS) - 1)
+    # a two-rate grid's choice is always at an edge: every budget runs one more rate beyond it (the largest below,
+    # the others above), which the grid alone does not count
+    assert planned[("minilm", "arbitrary")] == grid + len(apet.BUDGETS)
