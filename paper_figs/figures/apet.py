@@ -164,7 +164,8 @@ def caption_scale(results_dir: Path) -> str:
                  and c["mean"] is not None and f["mean"] is not None]
         best = max(cells, key=lambda c: c["mean"]) if cells else None
         level = payload["majority"][f["task"]]["level"]
-        if best and f["mean"] > level:  # a share of full FT's gain over chance; below chance a share means nothing
+        above = f["mean"] > level if f.get("beats_majority") is None else f["beats_majority"]
+        if best and above:  # a share of full FT's gain over chance; at chance a share means nothing
             reach.append(f"{f['model']}/{f['task']}: best budget {sci(best['budget'], 0)} recovers "
                          f"{(best['mean'] - level) / (f['mean'] - level):.2f} of full FT's gain over the majority "
                          "class")
@@ -208,11 +209,30 @@ def _reach_verdict(payload: dict[str, Any]) -> str:
             verdicts.append(f"{task}: not a test (full FT does not beat the majority class in "
                             + ", ".join(f"{m}: {_fmt(at_chance[(m, task)])}" for m in weak) + ")")
         elif a is None or b is None:
-            verdicts.append(f"{task}: open (no budget reaches full FT in {small if a is None else large})")
+            top = sci(max(payload["config"]["budgets"]), 0)
+            if not _task_complete(payload, task):
+                verdicts.append(f"{task}: open (no budget reaches full FT in {small if a is None else large} yet)")
+            elif a is None and b is None:
+                verdicts.append(f"{task}: inconclusive (neither model reaches full FT at any budget up to {top})")
+            elif b is None:
+                verdicts.append(f"{task}: {small} needs {sci(a, 0)}, {large} reaches it at no budget up to {top}"
+                                " — does not hold")
+            else:
+                verdicts.append(f"{task}: {small} reaches it at no budget up to {top}, {large} needs {sci(b, 0)}"
+                                " — holds")
         else:
             word = "holds" if b < a else "does not hold" if b > a else "tie"
             verdicts.append(f"{task}: {small} needs {sci(a, 0)}, {large} {sci(b, 0)} — {word}")
     return "smallest budget within two standard errors of full FT: " + "; ".join(verdicts)
+
+
+def _task_complete(payload: dict[str, Any], task: str) -> bool:
+    """Whether every (model, budget) cell of ``task`` has all its draws × seeds: a budget missing from a partial
+    table may still reach full fine-tuning, so "none" is a verdict only on a complete one."""
+    config = payload["config"]
+    want = len(config["draws"]) * len(config["seeds"])
+    runs = {(c["model"], c["budget"]): c["n_runs"] for c in payload.get("cells", []) if c["task"] == task}
+    return all(runs.get((m, b), 0) >= want for m in config["models"] for b in config["budgets"])
 
 
 def _per_model(smallest: dict[str, int | None]) -> str:
