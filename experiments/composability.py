@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if any(t not in TASKS for t in tasks):
         raise SystemExit(f"unknown task(s) in {tasks}; accepted: {', '.join(TASKS)}")
     if args.plan:
-        cells = expand(selection_spec(tasks))
+        cells = expand(selection_spec(tasks, read_jsonl(SELECT_OUT)))  # with its edge rates so far
         print(f"{len(cells)} selection cells ({len(tasks)} tasks x {len(SUBSETS)} subsets; the single-method ones are "
               f"GLUE table cells), then {2 * len(tasks) * len(SUBSETS)} table cells of seeds 1 and 2")
         glue = read_jsonl(RESULTS / "glue_select.jsonl") + read_jsonl(RESULTS / "glue_table.jsonl")  # the singles

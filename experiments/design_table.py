@@ -235,10 +235,10 @@ def plan(tasks, budgets) -> list[dict[str, Any]]:
             trainable = sum(c.param.numel() for c in system.controls() if c.kind != "term")  # the head aside
             out.append({"budget": budget, "label": label, "method": method, "grid": list(grid),
                         "trainable": trainable})
-    cells = expand(selection_spec(tasks, budgets))
+    cells = expand(selection_spec(tasks, budgets, read_jsonl(SELECT_OUT)))  # with its edge rates so far
     n_select = len(cells)
     n_pairs = len(tasks) * sum(len(BUDGETS[b]) for b in budgets)
-    print(f"{n_pairs} (task, budget, method) pairs: {n_select} selection cells before edge rates, "
+    print(f"{n_pairs} (task, budget, method) pairs: {n_select} selection cells (edge rates so far included), "
           f"{2 * n_pairs} table cells of seeds 1 and 2 (seed 0 is the selection cell)")
     for row in out:
         print(f"{row['budget']:<5} {row['label']:<20} {row['method']:<20} {row['trainable']:>8,}  lr {row['grid']}")

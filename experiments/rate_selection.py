@@ -312,14 +312,37 @@ def with_estimate(est: dict[str, Any], planned: dict[Any, int], cells: list[dict
 def sweep_hours(cells: list[dict[str, Any]], rows: list[dict[str, Any]], seeds_after: int = 0) -> dict[str, Any]:
     """:func:`observed_core_hours` of a sweep's expanded ``cells`` (plus ``seeds_after`` table cells per kind:
     the further seeds at the chosen rate), timed by the finished ``rows`` of the same kind (copied rows excluded),
-    :func:`with_estimate` for the kinds not timed yet."""
+    :func:`with_estimate` for the kinds not timed yet.
+
+    ``cells`` should be the selection as it stands (:func:`extended_spec` of the selection rows): only rows that
+    are cells of the plan count as done, each once (a copied row and its source are one cell), and at most
+    ``seeds_after`` further-seed rows per kind.  Counting every finished row of a kind as done while planning
+    only the grid made edge rates' rows hide cells still to run (APET's ``--plan`` had said 0.7 core-hours for
+    ~2.4)."""
     planned: dict[str, int] = defaultdict(int)
     for cell in cells:
         planned[cell_kind(cell)] += 1
     for kind in list(planned):
         planned[kind] += seeds_after
+    wanted = {canonical_config(c) for c in cells}
+    seen: set[str] = set()
+    done: dict[str, int] = defaultdict(int)
+    further: dict[str, int] = defaultdict(int)
+    for row in rows:
+        if "config" not in row or row.get("status") not in FINISHED:
+            continue
+        key, kind = canonical_config(row["config"]), cell_kind(row["config"])
+        if key in seen or kind not in planned:
+            continue
+        seen.add(key)
+        if key in wanted:
+            done[kind] += 1
+        elif row["config"].get("seed", 0) != 0:
+            further[kind] += 1
+    for kind, n in further.items():
+        done[kind] += min(n, seeds_after)
     timed = [r for r in rows if not r.get("copied_from") and "config" in r]
-    est = observed_core_hours(dict(planned), timed, lambda r: cell_kind(r["config"]))
+    est = observed_core_hours(dict(planned), timed, lambda r: cell_kind(r["config"]), done=dict(done))
     return with_estimate(est, dict(planned), cells, cell_kind, timed)
 
 

@@ -139,8 +139,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if any(m not in MODELS for m in models) or any(t not in TASKS for t in tasks):
         raise SystemExit(f"models must be among {list(MODELS)}, tasks among {TASKS}")
     if args.plan:
-        cells = expand(selection_spec(models, tasks, []))
-        print(f"{len(cells)} selection cells, then {2 * len(models) * len(tasks) * len(METHODS)} table cells of seeds "
+        cells = expand(selection_spec(models, tasks, read_jsonl(SELECT_OUT)))  # with its edge rates so far
+        print(f"{len(cells)} selection cells (edge rates so far included), then "
+              f"{2 * len(models) * len(tasks) * len(METHODS)} table cells of seeds "
               "1 and 2")
         est = sweep_hours(cells, read_jsonl(SELECT_OUT) + read_jsonl(TABLE_OUT), seeds_after=2)
         print(describe_hours("cells", est))

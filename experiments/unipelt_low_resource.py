@@ -131,8 +131,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if any(t not in TASKS for t in tasks):
         raise SystemExit(f"unknown task(s) in {tasks}; accepted: {', '.join(TASKS)}")
     if args.plan:
-        cells = expand(selection_spec(tasks, []))
-        print(f"{len(cells)} selection cells, then {2 * len(tasks) * len(KS) * len(METHODS)} table cells of seeds "
+        cells = expand(selection_spec(tasks, read_jsonl(SELECT_OUT)))  # with its edge rates so far
+        print(f"{len(cells)} selection cells (edge rates so far included), then "
+              f"{2 * len(tasks) * len(KS) * len(METHODS)} table cells of seeds "
               "1 and 2")
         est = sweep_hours(cells, read_jsonl(SELECT_OUT) + read_jsonl(TABLE_OUT), seeds_after=2)
         print(describe_hours("cells", est))

@@ -254,6 +254,23 @@ def test_observed_core_hours_times_each_kind_by_its_own_finished_rows():
                                             "(3 cells of kinds not timed yet)")
 
 
+def test_sweep_hours_counts_as_done_only_the_rows_that_are_cells_of_the_plan():
+    from experiments.rate_selection import sweep_hours
+
+    def cfg(lr, seed=0):
+        return {"task": "cola", "method": "lora", "lr": lr, "seed": seed}
+
+    cells = [cfg(lr) for lr in (1e-4, 1e-3, 1e-2, 1e-1)]  # the grid and the edge rate it led to
+    rows = [{"config": cfg(lr), "status": "done", "wall_time_s": 3600.0} for lr in (1e-4, 1e-3, 1e-2)]
+    rows += [{"config": cfg(5.0), "status": "done", "wall_time_s": 3600.0},  # a rate no longer planned
+             {"config": cfg(1e-3), "status": "done", "wall_time_s": 3600.0, "copied_from": "glue"},  # one cell
+             {"config": cfg(1e-3, seed=1), "status": "done", "wall_time_s": 3600.0}]
+    est = sweep_hours(cells, rows, seeds_after=2)
+    # planned 4 + 2; done 3 selection cells + 1 further seed: the edge rate and seed 2 are left, at 1 h each
+    assert est["remaining"] == pytest.approx(2.0) and est["unknown"] == 0
+    assert est["spent"] == pytest.approx(5.0)  # every timed row of the kind, the copy aside
+
+
 def test_a_row_takes_curves_only_from_a_rebuild_that_reproduced_it():
     from experiments.rate_selection import with_rebuilt
 
