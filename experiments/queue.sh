@@ -1,7 +1,7 @@
 #!/bin/sh
 # The background queue of the experiments that take hours: the GLUE table and its gap measurements
-# (issue 14), the unified subspace and APET (16), then the other studies cheapest first (15), the
-# design table (18) last.  Every step is resumable
+# (issue 14) and APET (16; complete, as is the unified subspace, which needs no step), then the other
+# studies cheapest first (15), the design table (18) last.  Every step is resumable
 # (finished cells are skipped, a stopped cell resumes from its checkpoint), so after any stop
 # the same command continues where the queue stopped.  One step at a time: each sweep already
 # uses every core (one torch thread per cell), and two sweeps side by side would oversubscribe them.
@@ -41,10 +41,12 @@ step sequential
 step unipelt_low_resource --tasks sst2,cola,mrpc
 step composability --tasks sst2,cola,mrpc
 step scale
-step rebuild_runs  # every GLUE cell whose folder is gone: convergence's curves and transfer's deltas, and a reproduction check
-step unified_subspace  # complete in its rows; rebuilds its projections (the sources above) where the folders are lost
-step convergence
+# run folders stay on the machine that trained them: transfer trains each lost GLUE run again from its row and
+# scores it at once (its rebuilt row, curve included, goes to glue_rebuilt.jsonl), so its progress outlives the
+# machine; rebuild_runs then rebuilds any GLUE cell still without a rebuilt row, for convergence's curves
 step transfer
+step rebuild_runs
+step convergence
 step unipelt_low_resource
 step composability
 step design_table --tasks cola,sst2  # then SST-2 (RTE does not separate methods at MiniLM's scale)

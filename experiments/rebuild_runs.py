@@ -10,9 +10,12 @@ recorded and the rebuilt dev scores and their difference.  The cells are seeded 
 on the same software a rebuilt run is expected to match its row exactly; a difference is reported, never
 hidden, and the rebuilt folder is the one the studies then read.
 
-Only cells whose folder lacks its deltas are trained (resumable: a stop leaves the others rebuilt).
+Only cells with no rebuilt row yet are trained (resumable: a stop leaves the others rebuilt, and their rows, curves
+included, are what the convergence study needs); ``--deltas`` trains every cell whose folder lacks its deltas on
+this machine, rebuilt before or not (a folder is lost with the machine; ``transfer.py`` rebuilds the runs it
+scores itself, one source at a time, so that its progress outlives the machine).
 
-    .venv/bin/python experiments/rebuild_runs.py --methods lora,adapter,prefix --seeds 0   # the unified sources
+    .venv/bin/python experiments/rebuild_runs.py --methods lora,adapter,prefix --seeds 0 --deltas  # the unified sources
     .venv/bin/python experiments/rebuild_runs.py --plan                                   # cells and core-hours
 """
 
@@ -64,6 +67,12 @@ def missing(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if not (ROOT / r["run_dir"] / DELTAS).is_file()]
 
 
+def not_rebuilt(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with no finished rebuild recorded in ``glue_rebuilt.jsonl`` and no deltas on this machine."""
+    rebuilt = {r["cell"] for r in read_jsonl(OUT) if r.get("status") == "done"}
+    return [r for r in missing(rows) if r["cell"] not in rebuilt]
+
+
 def comparison(recorded: list[dict[str, Any]]) -> dict[str, Any]:
     """Recorded against rebuilt scores of every cell rebuilt so far (the latest rebuild of each)."""
     rebuilt = {r["cell"]: r for r in read_jsonl(OUT) if r.get("status") == "done"}
@@ -91,6 +100,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {','.join(TASKS)}")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {','.join(METHODS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--deltas", action="store_true", help="rebuild every cell whose deltas are not on this machine, "
+                                                         "also those rebuilt before (their rows are recorded)")
     p.add_argument("--plan", action="store_true", help="list the cells to rebuild and their recorded time; train none")
     args = p.parse_args(argv)
     tasks, methods = args.tasks.split(","), args.methods.split(",")
@@ -98,10 +109,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if unknown := sorted(set(given) - set(known)):
             p.error(f"unknown {name} {unknown}; known: {', '.join(known)}")
     recorded = recorded_cells(tasks, methods, args.seeds)
-    todo = missing(recorded)
+    todo = missing(recorded) if args.deltas else not_rebuilt(recorded)
     hours = sum(float(r.get("wall_time_s") or 0.0) for r in todo) / 3600
-    print(f"{len(recorded)} recorded cells, {len(todo)} without their deltas here "
-          f"({hours:.1f} core-hours by their recorded wall times)", flush=True)
+    print(f"{len(recorded)} recorded cells, {len(todo)} to rebuild "
+          + ("(deltas not on this machine) " if args.deltas else "(no rebuilt row yet, deltas not on this machine) ")
+          + f"({hours:.1f} core-hours by their recorded wall times)", flush=True)
     if args.plan:
         for r in todo:
             c = r["config"]

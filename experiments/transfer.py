@@ -13,7 +13,15 @@ target's has its two head rows swapped (``LABEL_MAP``).  Kinds: single-sentence 
 of mean dev scores, each entry also relative to the target's own in-task score of that method (the diagonal is 1),
 and the mean relative transfer within and across kinds.
 
+Run folders stay on the machine that trained them.  A source run whose deltas are not here is trained again from
+its row first (:func:`rate_selection.rebuild_cells`, into its own folder; the new row goes to
+``results/glue_rebuilt.jsonl``, where the convergence study also reads its curve) and scored at once, ``--jobs``
+sources at a time, so a stop loses at most the sources in hand: the scores already written stay, and the next
+start goes on with the sources that have none.  Each row says whether its source was rebuilt and whether the
+rebuild reproduced the recorded dev and validation scores exactly.
+
     nohup .venv/bin/python experiments/transfer.py > experiments/results/transfer.log 2>&1 &
+    .venv/bin/python experiments/transfer.py --plan           # sources, scores to compute, runs to rebuild
     .venv/bin/python experiments/transfer.py --summary-only
 """
 
@@ -29,11 +37,19 @@ from controltune.results import append_jsonl, read_jsonl, stamp, write_json_unle
 from controltune.run_folder import DELTAS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rate_selection import choose_lrs, mean_std, task_method  # noqa: E402
+from rate_selection import (  # noqa: E402
+    choose_lrs,
+    mean_std,
+    rebuild_cells,
+    reproduces,
+    task_method,
+)
 
 HERE = Path(__file__).resolve().parent
 ROOT, RESULTS = HERE.parent, HERE / "results"
 OUT, SUMMARY = RESULTS / "transfer.jsonl", RESULTS / "transfer.json"
+REBUILT_OUT = RESULTS / "glue_rebuilt.jsonl"
+"""Where rebuilt source runs' rows go: shared with ``rebuild_runs.py``, read by ``convergence.py`` for curves."""
 TASKS = ("sst2", "mrpc", "rte", "cola")
 METHODS = ("full", "lora", "adapter", "prefix", "prompt", "bitfit")
 LABEL_MAP = {"sst2": 1, "cola": 1, "mrpc": 1, "rte": 0}
@@ -41,22 +57,26 @@ LABEL_MAP = {"sst2": 1, "cola": 1, "mrpc": 1, "rte": 0}
 KIND = {"sst2": "single", "cola": "single", "mrpc": "pair", "rte": "pair"}
 
 
-def source_rows(lost: list[str] | None = None) -> list[dict[str, Any]]:
-    """Finished GLUE cells at their pair's chosen rate, with their deltas on disk (one per seed); the cells whose
-    deltas are not on this machine are appended to ``lost`` (``experiments/rebuild_runs.py`` makes them again)."""
+def source_rows() -> list[dict[str, Any]]:
+    """Finished GLUE cells at their pair's chosen rate (one per seed; a copied row is its source's cell), whether or
+    not their deltas are on this machine."""
     select = read_jsonl(RESULTS / "glue_select.jsonl")
     chosen = choose_lrs(select)
     out = {}
     for row in select + read_jsonl(RESULTS / "glue_table.jsonl"):
         pair = task_method(row)
-        if (row.get("status") != "done" or pair[1] not in METHODS or not row.get("run_dir")
-                or float(row["config"]["lr"]) != chosen.get(pair, {}).get("lr")):
-            continue
-        if (ROOT / row["run_dir"] / DELTAS).is_file():
+        if (row.get("status") == "done" and pair[1] in METHODS and row.get("run_dir")
+                and float(row["config"]["lr"]) == chosen.get(pair, {}).get("lr")):
             out.setdefault(row["cell"], row)
-        elif lost is not None and row["cell"] not in lost:
-            lost.append(row["cell"])
     return list(out.values())
+
+
+def has_deltas(row: dict[str, Any]) -> bool:
+    return (ROOT / row["run_dir"] / DELTAS).is_file()
+
+
+def targets_of(row: dict[str, Any]) -> list[str]:
+    return [t for t in TASKS if t != row["config"]["task"]]
 
 
 def swapped(source: str, target: str) -> bool:
@@ -94,20 +114,39 @@ def _score(job: tuple[dict[str, Any], str]) -> dict[str, Any]:
             "labels_swapped": swapped(cfg["task"], target)}
 
 
-def run(jobs: int) -> None:
+def pending(sources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The sources with a target not scored yet."""
     have = {(r["cell"], r["target"]) for r in read_jsonl(OUT)}
-    lost: list[str] = []
-    todo = [(row, t) for row in source_rows(lost) for t in TASKS if t != row["config"]["task"]
-            and (row["cell"], t) not in have]
-    print(f"{len(todo)} (source run, target) scores to compute", flush=True)
-    if lost:
-        print(f"{len(lost)} finished GLUE runs have no deltas on this machine and are not scored: "
-              "python experiments/rebuild_runs.py makes them again", flush=True)
-    with ProcessPoolExecutor(max(1, jobs)) as pool:
-        for out in pool.map(_score, todo):
-            append_jsonl(OUT, {**stamp({"label_map": LABEL_MAP}), **out})
-            print(f"{out['method']} {out['source']} seed {out['seed']} -> {out['target']}: {out['metric']} "
-                  f"{out['score']:.4f}", flush=True)
+    return [row for row in sources if any((row["cell"], t) not in have for t in targets_of(row))]
+
+
+def run(jobs: int, sweep: dict[str, Any]) -> None:
+    """Score every pending source on its targets, ``jobs`` sources at a time, rebuilding a source first where its
+    deltas are not on this machine."""
+    have = {(r["cell"], r["target"]) for r in read_jsonl(OUT)}
+    todo = pending(source_rows())
+    lost = sum(not has_deltas(r) for r in todo)
+    print(f"{len(todo)} source runs to score on the other tasks, {lost} of them to train again first", flush=True)
+    jobs = max(1, jobs)
+    with ProcessPoolExecutor(jobs) as pool:
+        for start in range(0, len(todo), jobs):
+            chunk = todo[start:start + jobs]
+            rebuilt: dict[str, bool] = {}
+            if missing := [r for r in chunk if not has_deltas(r)]:
+                for new in rebuild_cells(missing, REBUILT_OUT, sweep, ROOT):
+                    old = next(r for r in missing if r["cell"] == new["cell"])
+                    rebuilt[new["cell"]] = reproduces(old, new)
+                    print(f"rebuilt {new['cell']} ({old['config']['method']} {old['config']['task']} seed "
+                          f"{old['config']['seed']}): " + ("reproduces its row" if rebuilt[new["cell"]] else
+                                                          f"dev {new.get('score_at_best_val')} against the row's "
+                                                          f"{old.get('score_at_best_val')}"), flush=True)
+            jobs_here = [(row, t) for row in chunk if has_deltas(row) for t in targets_of(row)
+                         if (row["cell"], t) not in have]
+            for out in pool.map(_score, jobs_here):
+                out |= {"source_rebuilt": out["cell"] in rebuilt, "source_reproduces": rebuilt.get(out["cell"])}
+                append_jsonl(OUT, {**stamp({"label_map": LABEL_MAP}), **out})
+                print(f"{out['method']} {out['source']} seed {out['seed']} -> {out['target']}: {out['metric']} "
+                      f"{out['score']:.4f}", flush=True)
 
 
 def summary() -> dict[str, Any]:
@@ -143,11 +182,25 @@ def summary() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--jobs", type=int, default=2, help="worker processes, one thread each")
+    p.add_argument("--jobs", type=int, default=2, help="sources in hand at a time: scoring worker processes and "
+                                                       "cells rebuilt side by side, one thread each")
+    p.add_argument("--executor", default="auto", choices=["auto", "ray", "local"], help="for the rebuilt cells")
+    p.add_argument("--address", default=None, help="an existing Ray cluster, for the rebuilt cells")
+    p.add_argument("--plan", action="store_true", help="count what would run; run nothing")
     p.add_argument("--summary-only", action="store_true")
     args = p.parse_args(argv)
+    if args.plan:
+        sources = source_rows()
+        todo = pending(sources)
+        lost = [r for r in todo if not has_deltas(r)]
+        hours = sum(float(r.get("wall_time_s") or 0.0) for r in lost) / 3600
+        print(f"{len(sources)} source runs, {len(todo)} with scores to compute; {len(lost)} of those to train again "
+              f"first ({hours:.1f} core-hours by their recorded wall times, scoring aside)")
+        return {"sources": len(sources), "pending": len(todo), "rebuild": len(lost), "rebuild_core_hours": hours}
     if not args.summary_only:
-        run(args.jobs)
+        # rebuilt cells go back to the folders their rows name, ``jobs`` side by side with one thread each
+        run(args.jobs, {"cpus_per_cell": 1, "cpus": max(1, args.jobs), "executor": args.executor,
+                        "address": args.address})
     return summary()
 
 

@@ -50,7 +50,8 @@ import yaml
 
 from controltune.results import append_jsonl, read_jsonl, stamp, write_json, write_json_unless_same
 from controltune.run_folder import DELTAS
-from controltune.sweep_spec import SweepSpec, parse_spec
+from controltune.sweep import FINISHED
+from controltune.sweep_spec import SweepSpec, canonical_config, expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import (  # noqa: E402
@@ -126,7 +127,7 @@ def lost_hint(missing: list[tuple[str, str]]) -> str:
         return "run experiments/glue_table.py"
     methods = sorted({m for _, m in lost}, key=METHODS.index)
     return (f"{len(lost)} of them finished on a machine whose run folders are not here: "
-            f"python experiments/rebuild_runs.py --methods {','.join(methods)} --seeds "
+            f"python experiments/rebuild_runs.py --methods {','.join(methods)} --deltas --seeds "
             + " ".join(str(s) for s in SOURCE_SEEDS))
 
 
@@ -235,6 +236,32 @@ def table_spec(ready, chosen: dict) -> SweepSpec:
     data["overrides"] += [{"where": pair_where(pair), "set": {"lr": info["lr"]}}
                           for pair, info in sorted(chosen.items()) if info["lr"] is not None]
     return parse_spec(data, "unified_table", RESULTS)
+
+
+def nothing_to_run(targets) -> bool:
+    """Whether every row the study needs for ``targets`` is recorded: both approximations of each target, the
+    selection cells with every edge rate they call for, the table cells at the chosen rates, a transfer of each
+    table run, and the landscape.  Then nothing is remade: the projections and source runs stay on the machine
+    that made them, and remaking them (~2 core-hours) would only reproduce recorded rows."""
+    ready = [(t, d) for t in targets for d in DIMS]
+    if not set(ready) <= {(r["target"], r["dim"]) for r in read_jsonl(APPROX_OUT)}:
+        return False
+
+    def finished(rows: list[dict[str, Any]]) -> set[str]:
+        return {canonical_config(r["config"]) for r in rows if "config" in r and r.get("status") in FINISHED}
+
+    select, table = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
+    if not {canonical_config(c) for c in expand(selection_spec(ready, select))} <= finished(select):
+        return False
+    chosen = choose_lrs(select, key=pair_key)
+    if any(info["lr"] is None for info in chosen.values()):
+        return False
+    if not {canonical_config(c) for c in expand(table_spec(ready, chosen))} <= finished(table):
+        return False
+    transferred = {r["cell"] for r in read_jsonl(TRANSFER_OUT)}
+    runs = [r for r in table if r.get("status") == "done" and r.get("run_dir")
+            and not r["config"]["options"].get("frozen_z") and r["config"]["task"] in targets]
+    return all(r["cell"] in transferred for r in runs) and LANDSCAPE_OUT.is_file()
 
 
 # --- stage 3 and the landscape -------------------------------------------------------------------
@@ -438,6 +465,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def echo(line: str) -> None:
         print(line, flush=True)
 
+    if nothing_to_run(targets):
+        echo("every cell, transfer and the landscape are recorded: nothing to run (projections not remade)")
+        return summary()
     ready = [(t, d) for t, d in run_approximations(targets, args.jobs, echo) if t in targets]
     if ready:
         select_then_tabulate(lambda rows: selection_spec(ready, rows), SELECT_OUT,

@@ -273,3 +273,24 @@ def test_the_plan_counts_the_edge_rates_it_will_run_and_every_cell_it_counts_as_
     # a two-rate grid's choice is always at an edge: every budget runs one more rate beyond it (the largest below,
     # the others above), which the grid alone does not count
     assert planned[("minilm", "arbitrary")] == grid + len(apet.BUDGETS)
+
+
+def test_a_complete_unified_study_remakes_nothing_and_a_missing_row_is_work(tmp_path, monkeypatch):
+    """On the committed rows the study is complete (a fresh machine need not remake its projections); one transfer
+    or the landscape missing is work again."""
+    import shutil
+
+    results = ROOT / "experiments" / "results"
+    for name in ("APPROX_OUT", "SELECT_OUT", "TABLE_OUT", "TRANSFER_OUT", "LANDSCAPE_OUT"):
+        path = getattr(unified_subspace, name)
+        shutil.copy(results / path.name, tmp_path / path.name)
+        monkeypatch.setattr(unified_subspace, name, tmp_path / path.name)
+    monkeypatch.setattr(unified_subspace, "RESULTS", tmp_path)  # the specs' outputs, never written here
+    assert unified_subspace.nothing_to_run(unified_subspace.TASKS)
+    transfers = (tmp_path / "unified_transfer.jsonl").read_text().splitlines()
+    (tmp_path / "unified_transfer.jsonl").write_text("\n".join(transfers[1:]) + "\n")
+    assert not unified_subspace.nothing_to_run(unified_subspace.TASKS)
+    (tmp_path / "unified_transfer.jsonl").write_text("\n".join(transfers) + "\n")
+    assert unified_subspace.nothing_to_run(unified_subspace.TASKS)
+    (tmp_path / "unified_landscape.json").unlink()
+    assert not unified_subspace.nothing_to_run(unified_subspace.TASKS)

@@ -206,19 +206,26 @@ def test_a_sequential_cell_trains_stage_by_stage_and_continues_at_the_stage_it_s
     assert "one part" in read_jsonl(tmp_path / "bad.jsonl")[0]["reason"]
 
 
+def _lost_glue_run(task, tmp_path):
+    """A finished GLUE-style selection cell (BitFit on random BERT, 3 steps) in ``tmp_path/glue_select.jsonl``
+    whose run folder has lost its deltas, as on a machine that did not train it; its row and the runs folder."""
+    spec = sweep_spec.parse_spec({"name": "glue_select",
+                                  "grid": {"model": "random:bert", "method": "bitfit", "task": str(task), "lr": 1e-2},
+                                  "train": {"steps": 3, "batch_size": 8, "max_length": 16, "val_size": 0.25,
+                                            "eval_every": 1}})
+    runs = tmp_path / "runs" / "glue_table"
+    sweep.run_sweep(spec, tmp_path / "glue_select.jsonl", executor="local", runs_dir=runs, echo=lambda _: None)
+    row = read_jsonl(tmp_path / "glue_select.jsonl")[0]
+    (runs / row["cell"] / "deltas.safetensors").unlink()
+    return row, runs
+
+
 def test_a_lost_run_folder_is_rebuilt_from_its_row_and_reproduces_it(task, tmp_path, monkeypatch):
     """``experiments/rebuild_runs.py``: the recorded cell is trained again into its folder, scores identical."""
     from experiments import rebuild_runs
 
-    spec = sweep_spec.parse_spec({"name": "glue_select",
-                             "grid": {"model": "random:bert", "method": "bitfit", "task": str(task), "lr": 1e-2},
-                             "train": {"steps": 3, "batch_size": 8, "max_length": 16, "val_size": 0.25,
-                                       "eval_every": 1}})
-    runs = tmp_path / "runs" / "glue_table"
-    sweep.run_sweep(spec, tmp_path / "glue_select.jsonl", executor="local", runs_dir=runs, echo=lambda _: None)
-    row = read_jsonl(tmp_path / "glue_select.jsonl")[0]
+    row, runs = _lost_glue_run(task, tmp_path)
     assert row["curves"]["val"] and row["curves"]["dev"]  # rows carry their curves: folders are not committed
-    (runs / row["cell"] / "deltas.safetensors").unlink()
     for name, value in (("RESULTS", tmp_path), ("OUT", tmp_path / "rebuilt.jsonl"),
                         ("SUMMARY", tmp_path / "rebuilt.json"), ("TASKS", [str(task)]), ("METHODS", ["bitfit"])):
         monkeypatch.setattr(rebuild_runs, name, value)
@@ -229,8 +236,44 @@ def test_a_lost_run_folder_is_rebuilt_from_its_row_and_reproduces_it(task, tmp_p
     assert payload["n_rebuilt"] == payload["n_identical"] == 1 and payload["max_abs_difference"] == 0.0
     assert payload["cells"][0]["rebuilt"]["score_at_best_val"] == row["score_at_best_val"] is not None
     assert rebuild_runs.main([*argv, "--plan"])["todo"] == []  # nothing left to train
+    # the machine is gone again: its rebuilt row (curves included) is recorded, so by default nothing is trained;
+    # --deltas trains it again for a study that needs the folder
+    (runs / row["cell"] / "deltas.safetensors").unlink()
+    assert rebuild_runs.main([*argv, "--plan"])["todo"] == []
+    assert rebuild_runs.main([*argv, "--deltas", "--plan"])["todo"] == [row["cell"]]
     with pytest.raises(SystemExit):
         rebuild_runs.main(["--methods", "nope"])
+
+
+def test_transfer_rebuilds_a_lost_source_run_and_scores_it_at_once(task, tmp_path, monkeypatch):
+    """``experiments/transfer.py`` on a machine without the GLUE run folders: each source is trained again from its
+    row (the rebuilt row recorded, as the convergence study reads it) and scored before the next, so its scores
+    outlive the machine; a second start has nothing to do."""
+    import shutil
+
+    from experiments import transfer
+
+    other = tmp_path / "other"
+    shutil.copytree(task, other)
+    tasks = (str(task), str(other))
+    row, runs = _lost_glue_run(task, tmp_path)
+    for name, value in (("RESULTS", tmp_path), ("OUT", tmp_path / "transfer.jsonl"),
+                        ("SUMMARY", tmp_path / "transfer.json"), ("REBUILT_OUT", tmp_path / "rebuilt.jsonl"),
+                        ("TASKS", tasks), ("METHODS", ("bitfit",)), ("LABEL_MAP", dict.fromkeys(tasks, 1)),
+                        ("KIND", dict.fromkeys(tasks, "single"))):
+        monkeypatch.setattr(transfer, name, value)
+    assert [r["cell"] for r in transfer.pending(transfer.source_rows())] == [row["cell"]]
+    local = {"cpus_per_cell": 1, "cpus": 1, "executor": "local", "address": None}
+    transfer.run(1, local)
+    assert (runs / row["cell"] / "deltas.safetensors").is_file()
+    rebuilt = read_jsonl(tmp_path / "rebuilt.jsonl")
+    assert [r["cell"] for r in rebuilt] == [row["cell"]] and rebuilt[0]["curves"]["val"]
+    scored = read_jsonl(tmp_path / "transfer.jsonl")
+    assert [(r["source"], r["target"]) for r in scored] == [tasks]
+    assert scored[0]["source_rebuilt"] is True and scored[0]["source_reproduces"] is True
+    assert scored[0]["score"] is not None
+    transfer.run(1, local)  # nothing pending: no new rows, nothing trained
+    assert len(read_jsonl(tmp_path / "transfer.jsonl")) == 1 and len(read_jsonl(tmp_path / "rebuilt.jsonl")) == 1
 
 
 def test_a_designed_cell_records_its_design_in_its_row(task):
