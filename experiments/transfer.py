@@ -10,8 +10,10 @@ target's has its two head rows swapped (``LABEL_MAP``).  Kinds: single-sentence 
 (MRPC, RTE) tasks.
 
 ``results/transfer.jsonl``: one row per (source run, target task); ``results/transfer.json``: per method the matrix
-of mean dev scores, each entry also relative to the target's own in-task score of that method (the diagonal is 1),
-and the mean relative transfer within and across kinds.
+of mean dev scores, each entry with whether it beats the target's majority class (two standard errors over seeds)
+and its *gain share* ``(score − majority) / (in-task − majority)``: how much of the target's own gain over chance the
+transferred delta keeps (None where the method does not learn the target in-task: no test).  The claim is judged
+on the gain shares pooled within and across kinds, by two standard errors of their difference.
 
 Run folders stay on the machine that trained them.  A source run whose deltas are not here is trained again from
 its row first (:func:`rate_selection.rebuild_cells`, into its own folder; the new row goes to
@@ -43,6 +45,7 @@ from rate_selection import (  # noqa: E402
     rebuild_cells,
     reproduces,
     task_method,
+    two_se,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -149,33 +152,91 @@ def run(jobs: int, sweep: dict[str, Any]) -> None:
                       f"{out['score']:.4f}", flush=True)
 
 
+def majority_levels() -> dict[str, float]:
+    """Each task's dev score of the constant majority-class prediction (the GLUE table's, on the same full dev
+    sets), the chance level a transferred score is measured from."""
+    import json
+
+    payload = json.loads((RESULTS / "glue_table.json").read_text())
+    return {r["task"]: float(r["mean"]) for r in payload.get("majority", []) if r["task"] in TASKS}
+
+
+def gain_share(mean: float | None, own: dict[str, Any], level: float) -> float | None:
+    """``(mean − level) / (own − level)``: the share of the target's in-task gain over the majority class that a
+    transferred score keeps; None where the in-task score does not beat the level by two standard errors (a
+    target the method does not learn is no test of transfer to it: any chance-level predictor keeps "all" of it).
+
+    A ratio of raw scores is no measure here: a constant "equivalent" prediction scores MRPC F1 0.81 against
+    in-task scores near 0.86, and RTE's in-task accuracies sit at its majority level."""
+    if mean is None or own.get("mean") is None or not _beats(own, level):
+        return None
+    return (mean - level) / (own["mean"] - level)
+
+
+def _beats(cell: dict[str, Any], level: float) -> bool | None:
+    """``mean − 2·std/√n > level`` over the cell's seeds (None below two)."""
+    if cell.get("std") is None or cell.get("n_seeds", 0) < 2:
+        return None
+    return cell["mean"] - 2 * cell["std"] / cell["n_seeds"] ** 0.5 > level
+
+
+def _pooled(shares: list[float]) -> dict[str, Any]:
+    mean, std = mean_std(shares)
+    return {"mean": mean, "std": std, "n": len(shares)}
+
+
 def summary() -> dict[str, Any]:
     rows = read_jsonl(OUT)
-    own: dict[tuple[str, str], list[float]] = {}
+    levels = majority_levels()
+    own_scores: dict[tuple[str, str], list[float]] = {}
     for row in source_rows():
-        own.setdefault(task_method(row)[::-1], []).append(row["score_at_best_val"])
-    matrix, relative = [], {"same kind": [], "cross kind": []}
+        own_scores.setdefault(task_method(row)[::-1], []).append(row["score_at_best_val"])
+    own = {key: dict(zip(("mean", "std"), mean_std(v)), n_seeds=len(v)) for key, v in own_scores.items()}
+    matrix = []
+    shares: dict[str, list[float]] = {"same kind": [], "cross kind": []}
+    above: dict[str, list[bool]] = {"same kind": [], "cross kind": []}
     for method in METHODS:
         for source in TASKS:
             for target in TASKS:
                 if source == target:
-                    vals = own.get((method, source), [])
+                    vals = own_scores.get((method, source), [])
                 else:
                     vals = [r["score"] for r in rows if (r["method"], r["source"], r["target"]) ==
                             (method, source, target)]
                 mean, std = mean_std(vals)
-                base = mean_std(own.get((method, target), []))[0]
-                rel = mean / base if mean is not None and base else None
-                matrix.append({"method": method, "source": source, "target": target, "mean": mean, "std": std,
-                               "n_seeds": len(vals), "relative": rel})
-                if source != target and rel is not None:
-                    relative["same kind" if KIND[source] == KIND[target] else "cross kind"].append(rel)
-    kinds = {k: {"mean": mean_std(v)[0], "n": len(v)} for k, v in relative.items()}
-    same, cross = kinds["same kind"]["mean"], kinds["cross kind"]["mean"]
+                cell = {"mean": mean, "std": std, "n_seeds": len(vals)}
+                level = levels.get(target)
+                target_own = own.get((method, target), {})
+                share = None if level is None else gain_share(mean, target_own, level)
+                base = target_own.get("mean")
+                entry = {"method": method, "source": source, "target": target, **cell,
+                         "relative": mean / base if mean is not None and base else None,
+                         "majority": level, "beats_majority": None if level is None or mean is None
+                         else _beats(cell, level), "gain_share": share}
+                matrix.append(entry)
+                if source != target:
+                    kind = "same kind" if KIND[source] == KIND[target] else "cross kind"
+                    if share is not None:
+                        shares[kind].append(share)
+                    if entry["beats_majority"] is not None:
+                        above[kind].append(entry["beats_majority"])
+    kinds = {k: {**_pooled(v), "beats_majority": sum(above[k]), "judged": len(above[k])}
+             for k, v in shares.items()}
+    same, cross = kinds["same kind"], kinds["cross kind"]
+    holds = None
+    if same["std"] is not None and cross["std"] is not None:
+        sign, diff, se = two_se({**cross, "n_seeds": cross["n"]}, {**same, "n_seeds": same["n"]})
+        holds = None if sign in (None, 0) else sign > 0
+        kinds["difference"] = {"same_minus_cross": diff, "se": se}
+    untested = sorted({(m["method"], m["target"]) for m in matrix if m["source"] != m["target"]
+                       and m["gain_share"] is None and m["mean"] is not None})
     payload = {**stamp({"tasks": list(TASKS), "methods": list(METHODS), "label_map": LABEL_MAP, "kind": KIND,
-                        "command": "python experiments/transfer.py"}),
+                        "majority": levels, "command": "python experiments/transfer.py"}),
                "matrix": matrix, "kinds": kinds,
-               "claim_holds": None if same is None or cross is None else same > cross}
+               "targets_not_learnt": [{"method": m, "target": t} for m, t in untested],
+               "sources_rebuilt": len({r["cell"] for r in rows if r.get("source_rebuilt")}),
+               "sources_not_reproduced": sorted({r["cell"] for r in rows if r.get("source_reproduces") is False}),
+               "claim_holds": holds}
     write_json_unless_same(SUMMARY, payload)
     return payload
 

@@ -84,20 +84,39 @@ def test_unipelt(tmp_path, monkeypatch):
 def test_transfer(tmp_path, monkeypatch):
     monkeypatch.setattr(transfer, "OUT", tmp_path / "transfer.jsonl")
     monkeypatch.setattr(transfer, "SUMMARY", tmp_path / "transfer.json")
-    sources = [_row({"task": t, "method": m, "seed": s, "lr": 1e-3}, 0.8) for t in transfer.TASKS
-               for m in ("lora", "prompt") for s in (0, 1)]
+    monkeypatch.setattr(transfer, "majority_levels", lambda: dict.fromkeys(transfer.TASKS, 0.5))
+
+    def own(task, method, seed):  # prompt does not learn RTE: no test of transfer to it
+        return 0.5 + 0.01 * seed if (task, method) == ("rte", "prompt") else 0.8 + 0.01 * seed
+
+    sources = [_row({"task": t, "method": m, "seed": s, "lr": 1e-3}, own(t, m, s)) for t in transfer.TASKS
+               for m in ("lora", "prompt") for s in (0, 1, 2)]
     monkeypatch.setattr(transfer, "source_rows", lambda: sources)
     for row in sources:
         for target in transfer.TASKS:
             if target != row["config"]["task"]:
                 same = transfer.KIND[target] == transfer.KIND[row["config"]["task"]]
+                seed = row["config"]["seed"]
                 append_jsonl(transfer.OUT, {"cell": row["cell"], "method": row["config"]["method"],
-                                            "source": row["config"]["task"], "target": target,
-                                            "seed": row["config"]["seed"], "score": 0.6 if same else 0.4})
+                                            "source": row["config"]["task"], "target": target, "seed": seed,
+                                            "score": (0.65 if same else 0.5) + 0.004 * seed * (-1) ** seed})
     assert transfer.swapped("rte", "mrpc") and not transfer.swapped("sst2", "cola")
     out = transfer.summary()
-    assert out["kinds"]["same kind"]["mean"] == pytest.approx(0.75) and out["claim_holds"] is True
-    assert "within-kind mean above cross-kind mean" in _caption("transfer", tmp_path, tmp_path / "f")
+    entry = next(m for m in out["matrix"] if (m["method"], m["source"], m["target"]) == ("lora", "sst2", "cola"))
+    assert entry["gain_share"] == pytest.approx((entry["mean"] - 0.5) / (0.81 - 0.5)) and entry["beats_majority"]
+    assert out["targets_not_learnt"] == [{"method": "prompt", "target": "rte"}]
+    assert out["kinds"]["same kind"]["mean"] > 0.4 and abs(out["kinds"]["cross kind"]["mean"]) < 0.05
+    assert out["claim_holds"] is True
+    caption = _caption("transfer", tmp_path, tmp_path / "f")
+    assert "holds here" in caption and "no test: prompt/rte" in caption
+
+
+def test_a_transferred_score_counts_only_its_gain_over_chance():
+    # a constant "equivalent" prediction on MRPC scores F1 0.812, the majority level: it keeps none of the gain,
+    # though its raw ratio to an in-task 0.86 is 0.94
+    assert transfer.gain_share(0.812, {"mean": 0.86, "std": 0.01, "n_seeds": 3}, 0.812) == pytest.approx(0.0)
+    # an in-task score at chance (RTE 0.53 ± 0.02 against 0.527) is no test of transfer to it
+    assert transfer.gain_share(0.53, {"mean": 0.53, "std": 0.02, "n_seeds": 3}, 0.527) is None
 
 
 def test_composability_and_generalization_gap(tmp_path, monkeypatch):

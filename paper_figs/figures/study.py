@@ -175,38 +175,60 @@ def caption_sequential(results_dir: Path) -> str:
 
 # --- transfer -----------------------------------------------------------------------------------------
 def draw_transfer(results_dir: Path):
-    """Per method: the source × target matrix of dev scores relative to the target's in-task score."""
+    """Per method: the source × target matrix of gain shares over the majority class (blank: target not learnt)."""
     payload = load_json(results_dir, "transfer.json")
     methods = list(dict.fromkeys(m["method"] for m in payload["matrix"]))
-    fig = new_figure(2.0 * len(methods), 2.4)
+    fig = new_figure(2.0 * len(methods), 2.5)
     axes = fig.subplots(1, len(methods), squeeze=False)[0]
+    image = None
     for ax, method in zip(axes, methods):
         grid = [[float("nan")] * len(TASKS) for _ in TASKS]
         for m in payload["matrix"]:
-            if m["method"] == method and m["relative"] is not None:
-                grid[TASKS.index(m["source"])][TASKS.index(m["target"])] = m["relative"]
-        ax.imshow(grid, vmin=0, vmax=1.1, cmap="viridis")
+            if m["method"] == method and m.get("gain_share") is not None:
+                grid[TASKS.index(m["source"])][TASKS.index(m["target"])] = m["gain_share"]
+        image = ax.imshow(grid, vmin=-0.2, vmax=1.0, cmap="viridis")
+        for m in payload["matrix"]:
+            if m["method"] == method and m["source"] != m["target"] and m.get("beats_majority"):
+                ax.text(TASKS.index(m["target"]), TASKS.index(m["source"]), "*", ha="center", va="center",
+                        color="white", fontsize=8)
         ax.set_xticks(range(len(TASKS)), TASKS, fontsize=6)
         ax.set_yticks(range(len(TASKS)), TASKS, fontsize=6)
         ax.set(title=method, xlabel="target")
     axes[0].set_ylabel("source")
-    fig.suptitle("Zero-shot transfer (score relative to the target's in-task score)", fontsize=9)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), shrink=0.8, label="share of in-task gain")
+    fig.suptitle("Zero-shot transfer: share of the target's in-task gain over the majority class kept "
+                 "(*: above the majority class by 2 se)", fontsize=8)
     return fig
 
 
 def caption_transfer(results_dir: Path) -> str:
     payload = load_json(results_dir, "transfer.json")
     k = payload["kinds"]
+    levels = payload["config"].get("majority", {})
+    diff = k.get("difference")
+    not_learnt = ", ".join(f"{e['method']}/{e['target']}" for e in payload.get("targets_not_learnt", [])) or "none"
+    rebuilt = payload.get("sources_rebuilt", 0)
+    odd = payload.get("sources_not_reproduced", [])
     return (
         "Every GLUE table run (MiniLM, each method at its chosen rate, seeds 0, 1, 2) scored with its own head on the "
         "other tasks' dev sets, no training; labels mapped by each task's affirming class (SST-2 positive = 1, CoLA "
         "acceptable = 1, MRPC equivalent = 1, RTE entailment = 0; a source whose affirming class sits at another "
-        "index has its head rows swapped). Entries are relative to the target task's in-task score of the same "
-        f"method. Mean relative transfer within a kind (single-sentence SST-2/CoLA, pairs MRPC/RTE): "
-        f"{_fmt(k['same kind']['mean'])} over {k['same kind']['n']} entries; across kinds: "
-        f"{_fmt(k['cross kind']['mean'])} over {k['cross kind']['n']}. Claim (Ding et al. 2023): deltas transfer to "
-        f"tasks of the same kind, poorly across kinds — {_verdict(payload['claim_holds'])} (criterion: within-kind "
-        f"mean above cross-kind mean). Command: `python experiments/transfer.py` ({versions_line(payload)})."
+        "index has its head rows swapped). Each entry is the share of the target's in-task gain over the majority "
+        "class that the transferred delta keeps, (score − majority) / (in-task − majority); majority levels "
+        + ", ".join(f"{t} {_fmt(v)}" for t, v in levels.items())
+        + f". Blank where the method does not beat the majority class in-task on the target (no test: {not_learnt}). "
+        f"Within a kind (single-sentence SST-2/CoLA, pairs MRPC/RTE): mean share {_fmt(k['same kind']['mean'])} over "
+        f"{k['same kind']['n']} entries, {k['same kind']['beats_majority']} of {k['same kind']['judged']} above the "
+        f"majority class; across kinds: {_fmt(k['cross kind']['mean'])} over {k['cross kind']['n']}, "
+        f"{k['cross kind']['beats_majority']} of {k['cross kind']['judged']} above it"
+        + (f" (difference {_fmt(diff['same_minus_cross'])}, se {_fmt(diff['se'])})" if diff else "")
+        + ". Claim (Ding et al. 2023): deltas transfer to tasks of the same kind, poorly across kinds — "
+        f"{_verdict(payload['claim_holds'])} (criterion: the within-kind mean share above the cross-kind one by two "
+        f"standard errors). {rebuilt} source runs were trained again from their rows on this machine"
+        + (f", {len(odd)} of them not reproducing their recorded scores exactly ({', '.join(odd)})" if odd else
+           (", each reproducing its recorded scores exactly" if rebuilt else ""))
+        + f". Command: `python experiments/transfer.py` ({versions_line(payload)})."
     )
 
 
