@@ -25,7 +25,7 @@ from controltune.results import read_jsonl, stamp, write_json_unless_same
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from glue_table import METHODS, TASKS  # noqa: E402
-from rate_selection import choose_lrs, with_rebuilt  # noqa: E402
+from rate_selection import choose_lrs, glue_majority, with_rebuilt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"
@@ -62,11 +62,6 @@ def reach(steps: list[int], scores: list[float], floor: float, best: float, frac
     return next((s for s, v in zip(steps, scores) if v >= target), None)
 
 
-def _majority_levels() -> dict[str, float]:
-    payload = json.loads((RESULTS / "glue_table.json").read_text())
-    return {r["task"]: float(r["mean"]) for r in payload.get("majority", [])}
-
-
 def _ranked(rows: list[dict[str, Any]], key: str) -> list[str]:
     """Methods by ``key`` (fastest first); those that never reach the level after, by the share of full
     fine-tuning's gain they do reach."""
@@ -75,7 +70,7 @@ def _ranked(rows: list[dict[str, Any]], key: str) -> list[str]:
 
 
 def summary() -> dict[str, Any]:
-    floors = _majority_levels()
+    floors = glue_majority(RESULTS)
     rebuilt = read_jsonl(RESULTS / "glue_rebuilt.jsonl")
     select = with_rebuilt(read_jsonl(RESULTS / "glue_select.jsonl"), rebuilt)
     table = with_rebuilt(read_jsonl(RESULTS / "glue_table.jsonl"), rebuilt)

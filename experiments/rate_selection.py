@@ -202,6 +202,26 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
+def glue_majority(results: Path | None = None) -> dict[str, float]:
+    """Each GLUE task's dev score (its main metric) of the constant majority-class prediction, from
+    ``glue_table.json`` (the full dev sets; empty when the table has not been summarised): the chance level of
+    every study scored on the same dev sets."""
+    import json
+
+    path = (results or Path(__file__).resolve().parent / "results") / "glue_table.json"
+    if not path.is_file():
+        return {}
+    return {r["task"]: float(r["mean"]) for r in json.loads(path.read_text()).get("majority", [])}
+
+
+def beats_level(cell: dict[str, Any], level: float | None) -> bool | None:
+    """Whether a cell ``{mean, std, n_seeds}`` lies above ``level`` by two standard errors,
+    ``mean − 2·std/√n > level`` (None below two seeds or without a level)."""
+    if level is None or cell.get("mean") is None or cell.get("std") is None or cell.get("n_seeds", 0) < 2:
+        return None
+    return cell["mean"] - 2 * cell["std"] / cell["n_seeds"] ** 0.5 > level
+
+
 def two_se(a: dict[str, Any], b: dict[str, Any]) -> tuple[int | None, float | None, float | None]:
     """``(sign, b − a, se)`` by the two-standard-error rule on cells ``{mean, std, n_seeds}``: sign 1 when
     ``b − a > 2·se``, −1 when below ``−2·se``, 0 otherwise, ``se = (s_a²/n_a + s_b²/n_b)^{1/2}``; None below two

@@ -40,7 +40,9 @@ from controltune.run_folder import DELTAS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import (  # noqa: E402
+    beats_level,
     choose_lrs,
+    glue_majority,
     mean_std,
     rebuild_cells,
     reproduces,
@@ -153,12 +155,8 @@ def run(jobs: int, sweep: dict[str, Any]) -> None:
 
 
 def majority_levels() -> dict[str, float]:
-    """Each task's dev score of the constant majority-class prediction (the GLUE table's, on the same full dev
-    sets), the chance level a transferred score is measured from."""
-    import json
-
-    payload = json.loads((RESULTS / "glue_table.json").read_text())
-    return {r["task"]: float(r["mean"]) for r in payload.get("majority", []) if r["task"] in TASKS}
+    """Each task's chance level: the GLUE table's majority-class score on the same full dev sets."""
+    return {t: v for t, v in glue_majority(RESULTS).items() if t in TASKS}
 
 
 def gain_share(mean: float | None, own: dict[str, Any], level: float) -> float | None:
@@ -168,16 +166,9 @@ def gain_share(mean: float | None, own: dict[str, Any], level: float) -> float |
 
     A ratio of raw scores is no measure here: a constant "equivalent" prediction scores MRPC F1 0.81 against
     in-task scores near 0.86, and RTE's in-task accuracies sit at its majority level."""
-    if mean is None or own.get("mean") is None or not _beats(own, level):
+    if mean is None or own.get("mean") is None or not beats_level(own, level):
         return None
     return (mean - level) / (own["mean"] - level)
-
-
-def _beats(cell: dict[str, Any], level: float) -> bool | None:
-    """``mean − 2·std/√n > level`` over the cell's seeds (None below two)."""
-    if cell.get("std") is None or cell.get("n_seeds", 0) < 2:
-        return None
-    return cell["mean"] - 2 * cell["std"] / cell["n_seeds"] ** 0.5 > level
 
 
 def _pooled(shares: list[float]) -> dict[str, Any]:
@@ -212,7 +203,7 @@ def summary() -> dict[str, Any]:
                 entry = {"method": method, "source": source, "target": target, **cell,
                          "relative": mean / base if mean is not None and base else None,
                          "majority": level, "beats_majority": None if level is None or mean is None
-                         else _beats(cell, level), "gain_share": share}
+                         else beats_level(cell, level), "gain_share": share}
                 matrix.append(entry)
                 if source != target:
                     kind = "same kind" if KIND[source] == KIND[target] else "cross kind"

@@ -60,6 +60,7 @@ from rate_selection import (  # noqa: E402
     chosen_rows,
     describe_hours,
     extended_spec,
+    glue_majority,
     mean_std,
     observed_core_hours,
     rebuild_cells,
@@ -356,15 +357,6 @@ def landscape_overlap(payload: dict[str, Any], majority: float) -> dict[str, Any
             "good": {m: len(v) for m, v in good.items()}, "shared": len(inter)}
 
 
-def majority_of(task: str) -> float | None:
-    import json
-
-    path = RESULTS / "glue_table.json"
-    if not path.is_file():
-        return None
-    return next((r["mean"] for r in json.loads(path.read_text()).get("majority", []) if r["task"] == task), None)
-
-
 def summary() -> dict[str, Any]:
     cells, head = [], {}
     chosen = chosen_rows(read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT), pair_key)
@@ -408,12 +400,12 @@ def summary() -> dict[str, Any]:
                         "z_rates": Z_RATES, "stage2_steps": STAGE2_STEPS, "landscape": LANDSCAPE,
                         "command": "python experiments/unified_subspace.py"}),
                "cells": cells, "head_only": head, "transfer": matrix, "approximations": approx,
-               "majority": {t: majority_of(t) for t in TASKS}}
+               "majority": {t: glue_majority(RESULTS).get(t) for t in TASKS}}
     if LANDSCAPE_OUT.is_file():
         import json
 
         land = json.loads(LANDSCAPE_OUT.read_text())
-        level = majority_of(land["task"])
+        level = glue_majority(RESULTS).get(land["task"])
         payload["landscape_overlap"] = None if level is None else landscape_overlap(land, level)
     write_json_unless_same(SUMMARY, payload)
     return payload

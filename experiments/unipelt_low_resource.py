@@ -32,10 +32,12 @@ from controltune.sweep_spec import SweepSpec, expand, parse_spec
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import (  # noqa: E402
     add_sweep_arguments,
+    beats_level,
     choose_lrs,
     chosen_rows,
     describe_hours,
     extended_spec,
+    glue_majority,
     mean_std,
     progress_echo,
     require_rates,
@@ -101,6 +103,7 @@ def summary(tasks) -> dict[str, Any]:
         mean, std = mean_std(scores)
         cells[pair] = {"task": pair[0], "k": pair[1], "method": pair[2], "lr": lr, "mean": mean, "std": std,
                        "n_seeds": len(scores), "metric": next(iter(done.values()))["metric"] if done else None}
+    levels = glue_majority(RESULTS)  # the same full dev sets
     comparisons = []
     for task in tasks:
         for k in KS:
@@ -110,9 +113,14 @@ def summary(tasks) -> dict[str, Any]:
                 if not uni or not other or uni["mean"] is None or other["mean"] is None:
                     continue
                 sign, diff, _ = two_se(other, uni)
+                verdict = None if sign is None else {1: "win", -1: "loss", 0: "tie"}[sign]
+                above = [beats_level(c, levels.get(task)) for c in (uni, other)]
+                if verdict is not None and above == [False, False]:
+                    verdict = "not a test"  # both at the majority class: K rows taught neither anything
                 comparisons.append({"task": task, "k": k, "part": part, "unipelt_minus_part": diff,
-                                    "verdict": None if sign is None else {1: "win", -1: "loss", 0: "tie"}[sign]})
-    counts = {v: sum(1 for c in comparisons if c["verdict"] == v) for v in ("win", "tie", "loss")}
+                                    "majority": levels.get(task), "unipelt_above_majority": above[0],
+                                    "part_above_majority": above[1], "verdict": verdict})
+    counts = {v: sum(1 for c in comparisons if c["verdict"] == v) for v in ("win", "tie", "loss", "not a test")}
     payload = {**stamp({"tasks": list(tasks), "ks": list(KS), "methods": METHODS, "grid": GRID, "epochs": EPOCHS,
                         "harness": HARNESS, "command": "python experiments/unipelt_low_resource.py"}),
                "cells": list(cells.values()), "comparisons": comparisons, "counts": counts}

@@ -178,7 +178,7 @@ def unified_results(tmp_path, monkeypatch):
         monkeypatch.setattr(unified_subspace, name, tmp_path / getattr(unified_subspace, name).name)
     monkeypatch.setattr(unified_subspace, "LANDSCAPE_OUT", tmp_path / "unified_landscape.json")
     monkeypatch.setattr(unified_subspace, "SUMMARY", tmp_path / "unified_subspace.json")
-    monkeypatch.setattr(unified_subspace, "majority_of", lambda task: 0.5)
+    monkeypatch.setattr(unified_subspace, "glue_majority", lambda _: dict.fromkeys(unified_subspace.TASKS, 0.5))
     monkeypatch.setattr(unified_subspace, "_glue_cell",
                         lambda task, method: {"mean": 0.8, "std": 0.01, "n_seeds": 3, "lr": 1e-3, "stage": "table"})
     for dim in unified_subspace.DIMS:
