@@ -55,6 +55,7 @@ from rate_selection import (  # noqa: E402
     choose_lrs,
     describe_hours,
     extended_spec,
+    majority_level,
     mean_std,
     observed_core_hours,
     progress_echo,
@@ -221,14 +222,11 @@ def _centred_ranks(v: list[float]) -> list[float]:
 
 
 def majority_levels(tasks) -> dict[str, dict[str, Any]]:
-    from controltune.data import load_split, resolve_task
-    from controltune.metrics import majority_baseline
-
+    """Per task ``{metric, level}``: the majority class on the study's dev rows."""
     out = {}
     for task in tasks:
-        spec = resolve_task(task, holdout_seed=TRAIN["data_seed"])
-        dev = load_split(spec, "dev", n=TRAIN["dev_size"], seed=TRAIN["data_seed"])
-        out[task] = {"metric": spec.metric, "level": majority_baseline(spec, [ex.label for ex in dev])[spec.metric]}
+        metric, level = majority_level(task, TRAIN["dev_size"], TRAIN["data_seed"])
+        out[task] = {"metric": metric, "level": level}
     return out
 
 

@@ -41,10 +41,12 @@ from controltune.sweep_spec import SweepSpec, expand, parse_spec
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import (  # noqa: E402
     add_sweep_arguments,
+    beats_level,
     choose_lrs,
     chosen_rows,
     describe_hours,
     extended_spec,
+    glue_majority,
     mean_std,
     progress_echo,
     require_rates,
@@ -129,6 +131,7 @@ def summary(tasks) -> dict[str, Any]:
         mean, std = mean_std(dev)
         cells[(task, subset)] = {"task": task, "subset": subset, "lr": lr, "mean": mean, "std": std,
                                  "n_seeds": len(dev), "gap_mean": mean_std(gaps)[0], "n_gap": len(gaps)}
+    levels = glue_majority(RESULTS)  # the GLUE harness's full dev sets
     effects = []
     for part in PARTS:
         for task in tasks:
@@ -140,8 +143,11 @@ def summary(tasks) -> dict[str, Any]:
                 sign, diff, _ = two_se(a, b) if a and b else (None, None, None)
                 if sign is None:
                     continue
+                verdict = {1: "helps", -1: "hurts", 0: "no effect"}[sign]
+                if [beats_level(c, levels.get(task)) for c in (a, b)] == [False, False]:
+                    verdict = "not a test"  # with and without the part at the majority class
                 effects.append({"part": part, "task": task, "without": subset, "with": with_part, "difference": diff,
-                                "verdict": {1: "helps", -1: "hurts", 0: "no effect"}[sign]})
+                                "majority": levels.get(task), "verdict": verdict})
     payload = {**stamp({"tasks": list(tasks), "parts": PARTS, "combo_factors": COMBO_FACTORS,
                         "part_rates": {f"{t}/{p}": r for (t, p), r in part_rates(tasks).items()},
                         "harness": "experiments/glue_select.yaml settings", "command":

@@ -214,6 +214,18 @@ def glue_majority(results: Path | None = None) -> dict[str, float]:
     return {r["task"]: float(r["mean"]) for r in json.loads(path.read_text()).get("majority", [])}
 
 
+def majority_level(task: str, dev_size: int | None = None, seed: int = 0) -> tuple[str, float]:
+    """``(metric, score)`` of the constant majority-class prediction on the dev rows a study scores: all of them
+    (``dev_size`` None, as :func:`glue_majority`) or its seeded draw of ``dev_size`` (the ``load_split`` draw the
+    cells make with ``data_seed`` = ``seed``)."""
+    from controltune.data import load_split, resolve_task
+    from controltune.metrics import majority_baseline
+
+    spec = resolve_task(task, holdout_seed=seed)
+    dev = load_split(spec, "dev", n=dev_size, seed=seed)
+    return spec.metric, majority_baseline(spec, [ex.label for ex in dev])[spec.metric]
+
+
 def beats_level(cell: dict[str, Any], level: float | None) -> bool | None:
     """Whether a cell ``{mean, std, n_seeds}`` lies above ``level`` by two standard errors,
     ``mean − 2·std/√n > level`` (None below two seeds or without a level)."""

@@ -33,10 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import (  # noqa: E402
     POOLING,
     add_sweep_arguments,
+    beats_level,
     choose_lrs,
     chosen_rows,
     describe_hours,
     extended_spec,
+    majority_level,
     mean_std,
     progress_echo,
     require_rates,
@@ -95,6 +97,11 @@ def table_spec(models, tasks, chosen: dict) -> SweepSpec:
     return parse_spec(data, "scale_table", RESULTS)
 
 
+def majority_levels(tasks) -> dict[str, float]:
+    """Each task's majority-class score on the dev rows the cells score (SST-2: their seeded 500)."""
+    return {t: majority_level(t, DEV_SIZE[t], HARNESS["data_seed"])[1] for t in tasks}
+
+
 def summary(models, tasks) -> dict[str, Any]:
     cells = {}
     for pair, (lr, done) in chosen_rows(read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT), pair_key).items():
@@ -104,23 +111,33 @@ def summary(models, tasks) -> dict[str, Any]:
                        "std": std, "n_seeds": len(scores),
                        "trainable": next(iter(done.values()))["n_trainable"] if done else None}
     small, large = list(MODELS)[0], list(MODELS)[-1]
+    levels = majority_levels(tasks)
     gains, selective = [], []
+
+    def judged(sign: int | None, words: dict[int, str], a: dict, b: dict, task: str) -> str | None:
+        """The two-standard-error verdict, or "not a test" where both cells sit at the majority class."""
+        if sign is None:
+            return None
+        at_chance = [beats_level(c, levels[task]) for c in (a, b)] == [False, False]
+        return "not a test" if at_chance else words[sign]
+
     for task in tasks:
         for method in METHODS:
             a, b = cells.get((small, task, method)), cells.get((large, task, method))
             if a and b and a["mean"] is not None and b["mean"] is not None:
                 sign, diff, _ = two_se(a, b)
                 gains.append({"task": task, "method": method, "gain": b["mean"] - a["mean"],
-                              "verdict": None if sign is None else {1: "improves", -1: "worsens", 0: "tie"}[sign]})
+                              "verdict": judged(sign, {1: "improves", -1: "worsens", 0: "tie"}, a, b, task)})
         for model in models:
             a, b = cells.get((model, task, "last_layer")), cells.get((model, task, "selective"))
             if a and b and a["mean"] is not None and b["mean"] is not None:
                 sign, diff, _ = two_se(a, b)
+                words = {1: "selective better", -1: "last-layer better", 0: "tie"}
                 selective.append({"model": model, "task": task, "selective_minus_last_layer": diff,
-                                  "verdict": None if sign is None else
-                                  {1: "selective better", -1: "last-layer better", 0: "tie"}[sign]})
+                                  "verdict": judged(sign, words, a, b, task)})
     payload = {**stamp({"models": list(models), "tasks": list(tasks), "methods": METHODS, "grid": GRID,
-                        "harness": HARNESS, "dev_size": DEV_SIZE, "command": "python experiments/scale.py"}),
+                        "harness": HARNESS, "dev_size": DEV_SIZE, "majority": levels,
+                        "command": "python experiments/scale.py"}),
                "cells": list(cells.values()), "gains": gains, "selective_vs_last_layer": selective}
     write_json_unless_same(SUMMARY, payload)
     return payload

@@ -59,11 +59,19 @@ def test_scale(tmp_path, monkeypatch):
             append_jsonl(scale.SELECT_OUT if seed == 0 else scale.TABLE_OUT,
                          _row({"model": model, "task": task, "method": method, "lr": 1e-3, "seed": seed},
                               base + gain + 0.002 * seed))
+    levels = {"sst2": 0.5, "mrpc": 0.5}
+    monkeypatch.setattr(scale, "majority_levels", lambda tasks: {t: levels[t] for t in tasks})
     out = scale.summary(tuple(scale.MODELS), scale.TASKS)
     assert len(out["cells"]) == 28 and all(g["verdict"] == "improves" for g in out["gains"])
     assert all(s["verdict"] == "selective better" for s in out["selective_vs_last_layer"])
     caption = _caption("scale", tmp_path, tmp_path / "figs")
     assert "14 of 14" in caption and "largest mean gain: prompt (holds here)" in caption
+    levels["mrpc"] = 0.95  # every MRPC cell at chance: no test of either claim there
+    out = scale.summary(tuple(scale.MODELS), scale.TASKS)
+    assert all(g["verdict"] == "not a test" for g in out["gains"] if g["task"] == "mrpc")
+    caption = _caption("scale", tmp_path, tmp_path / "figs")
+    assert "7 of 7 (task, method) pairs improve by the two-standard-error rule (7 more not a test" in caption
+    assert "in 2 of 2 (model, task) pairs (2 more not a test" in caption
 
 
 def test_unipelt(tmp_path, monkeypatch):
@@ -135,9 +143,12 @@ def test_composability_and_generalization_gap(tmp_path, monkeypatch):
             append_jsonl(composability.SELECT_OUT if seed == 0 else composability.TABLE_OUT,
                          _row({"task": task, "method": subset, "lr": 1e-3, "seed": seed}, score + 0.001 * seed,
                               train_scores={"accuracy": score + 0.02 * len(parts)}))
+    # RTE's level above every score: adding a part there is no test
+    monkeypatch.setattr(composability, "glue_majority", lambda _: {"sst2": 0.5, "mrpc": 0.5, "cola": 0.0, "rte": 0.9})
     composability.summary(composability.TASKS)
     caption = _caption("composability", tmp_path, tmp_path / "f")
-    assert "adapter helps in 12 of 12" in caption and "prompt hurts in 12 of 12" in caption
+    assert "adapter helps in 9 of 9" in caption and "prompt hurts in 9 of 9" in caption
+    assert "3 more not a test, both at the majority class" in caption
     glue = {"rows": [{"task": t, "method": m, "generalization_gap": g} for t in ("sst2", "rte")
                      for m, g in (("full", 0.2), ("lora", 0.05), ("prompt", 0.01), ("adapter", 0.03))]}
     write_json(tmp_path / "glue_table.json", glue)

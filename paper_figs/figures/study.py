@@ -48,10 +48,11 @@ def draw_composability(results_dir: Path):
 
 
 def part_effects(payload: dict[str, Any]) -> dict[str, dict[str, int]]:
-    """Per part: how many (task, subset without it) pairs adding it helped, hurt or left alone."""
+    """Per part: how many (task, subset without it) pairs adding it helped, hurt or left alone, and how many were
+    not a test (with and without it at the majority class)."""
     out: dict[str, dict[str, int]] = {}
     for e in payload["effects"]:
-        out.setdefault(e["part"], {"helps": 0, "hurts": 0, "no effect": 0})[e["verdict"]] += 1
+        out.setdefault(e["part"], {"helps": 0, "hurts": 0, "no effect": 0, "not a test": 0})[e["verdict"]] += 1
     return out
 
 
@@ -59,16 +60,20 @@ def caption_composability(results_dir: Path) -> str:
     payload = load_json(results_dir, "composability.json")
     eff = part_effects(payload)
 
+    def tests(e: dict[str, int]) -> int:
+        return e["helps"] + e["hurts"] + e["no effect"]
+
     def share(part: str, what: str) -> str:
         e = eff.get(part)
-        if not e or not sum(e.values()):
-            return f"{part}: no comparison yet"
-        n = sum(e.values())
-        return f"{part} {what} in {e[what]} of {n} (helps {e['helps']}, no effect {e['no effect']}, hurts {e['hurts']})"
+        if not e or not tests(e):
+            return f"{part}: no comparison yet" + (f" ({e['not a test']} not a test)" if e else "")
+        untested = f"; {e['not a test']} more not a test, both at the majority class" if e["not a test"] else ""
+        return (f"{part} {what} in {e[what]} of {tests(e)} (helps {e['helps']}, no effect {e['no effect']}, "
+                f"hurts {e['hurts']}{untested})")
 
     def held(part: str, what: str, most: float) -> bool | None:
         e = eff.get(part)
-        return None if not e or not sum(e.values()) else e[what] >= most * sum(e.values())
+        return None if not e or not tests(e) else e[what] >= most * tests(e)
 
     return (
         "MiniLM on the GLUE table's harness (per-task epochs, validation rows held out of train, rates chosen on them; "
@@ -259,27 +264,37 @@ def draw_scale(results_dir: Path):
 
 def caption_scale(results_dir: Path) -> str:
     payload = load_json(results_dir, "scale.json")
-    gains = payload["gains"]
+    untested = [g for g in payload["gains"] if g["verdict"] == "not a test"]  # both models at chance
+    gains = [g for g in payload["gains"] if g["verdict"] != "not a test"]
     improved = [g for g in gains if g["verdict"] == "improves"]
     by_method: dict[str, list[float]] = {}
     for g in gains:
         by_method.setdefault(g["method"], []).append(g["gain"])
     mean_gain = {m: sum(v) / len(v) for m, v in by_method.items()}
     top = max(mean_gain, key=mean_gain.get) if mean_gain else None
-    sel = payload["selective_vs_last_layer"]
+    sel_untested = [s for s in payload["selective_vs_last_layer"] if s["verdict"] == "not a test"]
+    sel = [s for s in payload["selective_vs_last_layer"] if s["verdict"] != "not a test"]
     sel_better = sum(1 for s in sel if s["verdict"] == "selective better")
     h = payload["config"]["harness"]
+    levels = payload["config"].get("majority") or {}
+
+    def left_out(items: list[dict], key: str) -> str:
+        return (f" ({len(items)} more not a test, both at the majority class: "
+                + ", ".join(f"{i['task']}/{i[key]}" for i in items) + ")") if items else ""
+
     return (
         f"One harness for both models ({h['train_size']} seeded training rows, {h['val_size']} held out as validation "
         f"rows, {h['epochs']} epoch of batch {h['batch_size']}, max length {h['max_length']}; rates chosen on the "
-        "validation rows; seeds 0, 1, 2). Mean gain of SmolLM2 over MiniLM: "
+        "validation rows; seeds 0, 1, 2); majority class "
+        + ", ".join(f"{t} {_fmt(v)}" for t, v in levels.items())
+        + ". Mean gain of SmolLM2 over MiniLM: "
         + ", ".join(f"{m} {_fmt(v)}" for m, v in mean_gain.items())
         + f". Claims (Ding et al. 2023): every method improves with model size — {len(improved)} of {len(gains)} "
-        f"(task, method) pairs improve by the two-standard-error rule, "
+        f"(task, method) pairs improve by the two-standard-error rule{left_out(untested, 'method')}, "
         f"{_verdict(None if not gains else len(improved) == len(gains))}; prompt tuning improves most — largest mean "
         f"gain: {top or '–'} ({_verdict(None if top is None else top == 'prompt')}); selective-module tuning beats "
-        f"last-layer tuning at the same budget — in {sel_better} of {len(sel)} (model, task) pairs "
-        f"({_verdict(None if not sel else sel_better > len(sel) / 2)}). "
+        f"last-layer tuning at the same budget — in {sel_better} of {len(sel)} (model, task) pairs"
+        f"{left_out(sel_untested, 'model')} ({_verdict(None if not sel else sel_better > len(sel) / 2)}). "
         f"Command: `python experiments/scale.py` ({versions_line(payload)})."
     )
 
