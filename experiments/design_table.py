@@ -43,9 +43,11 @@ from controltune.sweep_spec import SweepSpec, canonical_config, expand, parse_sp
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the experiments' shared modules, run or imported
 from rate_selection import (  # noqa: E402
     add_sweep_arguments,
+    beats_level,
     choose_lrs,
     describe_hours,
     extended_spec,
+    glue_majority,
     mean_std,
     progress_echo,
     select_then_tabulate,
@@ -198,6 +200,7 @@ def summary(tasks, budgets) -> dict[str, Any]:
                        "std": std, "n_seeds": len(done), "trainable": done[0]["n_trainable"] if done else None,
                        "metric": done[0]["metric"] if done else None,
                        "designs": _designs(done, pair_where(pair)["method"])}
+    levels = glue_majority(RESULTS)  # the GLUE harness's full dev sets
     rows = []
     for (task, budget, label), d in sorted(cells.items()):
         if label not in DESIGNS:
@@ -210,7 +213,9 @@ def summary(tasks, budgets) -> dict[str, Any]:
             rows.append({"design": label, "baseline": base, "task": task, "budget": budget, "metric": d["metric"],
                          "mean": d["mean"], "std": d["std"], "n_seeds": d["n_seeds"], "baseline_mean": b["mean"],
                          "baseline_std": b["std"], "baseline_n_seeds": b["n_seeds"], "difference": diff, "se": se,
-                         "verdict": v, "trainable": d["trainable"], "baseline_trainable": b["trainable"]})
+                         "verdict": v, "trainable": d["trainable"], "baseline_trainable": b["trainable"],
+                         # a tie where neither beats the majority class says nothing of the design
+                         "at_chance": [beats_level(c, levels.get(task)) for c in (d, b)] == [False, False]})
     payload = {**stamp({"tasks": list(tasks), "budgets": list(budgets), "budgets_options": BUDGETS,
                         "harness": "experiments/glue_select.yaml settings", "seeds": [0, 1, 2],
                         "command": "python experiments/design_table.py"}),

@@ -172,14 +172,18 @@ def test_design_table(tmp_path, monkeypatch):
                 if seed == 0:
                     append_jsonl(design_table.SELECT_OUT, row)
                 append_jsonl(design_table.TABLE_OUT, row)
+    # RTE's level above every score: a tie there has both at chance
+    monkeypatch.setattr(design_table, "glue_majority", lambda _: {"rte": 0.9, "cola": 0.0})
     out = design_table.summary(("rte", "cola"), ("b74k",))
     assert out["wins"] == 4  # two designs x two tasks beat LoRA
+    assert all(r["at_chance"] == (r["task"] == "rte") for r in out["rows"])
     rec = next(c for c in out["cells"] if c["method"] == "recommended_lora" and c["task"] == "cola")
     assert rec["designs"] == [{"used": 73000 + s, "ranks": {"0_v": 2}, "trust_region": {"eta": 0.5}} for s in (0, 1, 2)]
     caption = _caption("design_table", tmp_path, tmp_path / "f")
     assert "parallel_control: wins cola/b74k (+0.050), rte/b74k (+0.050)" in caption
     assert "costate_lora: wins none, ties 0, losses cola/b74k (-0.050), rte/b74k (-0.050)" in caption
     assert "4 wins, met" in caption
+    assert "gramian_lora: wins none, ties 2 (1 of them with both at the majority class), losses none" in caption
 
 
 def test_glue_gaps_summary(tmp_path, monkeypatch):

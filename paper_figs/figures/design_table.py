@@ -64,8 +64,11 @@ def caption(results_dir: Path) -> str:
     payload = load_json(results_dir, SOURCE)
     v = verdicts(payload)
     wins = sum(len(x["win"]) for x in v.values())
-    lines = "; ".join(f"{d}: wins {', '.join(x['win']) or 'none'}, ties {len(x['tie'])}, losses "
-                      f"{', '.join(x['loss']) or 'none'}" for d, x in v.items())
+    chance = {d: sum(1 for r in payload["rows"] if r["design"] == d and r["baseline"] == "lora"
+                     and r["verdict"] == "tie" and r.get("at_chance")) for d in v}
+    lines = "; ".join(f"{d}: wins {', '.join(x['win']) or 'none'}, ties {len(x['tie'])}"
+                      + (f" ({chance[d]} of them with both at the majority class)" if chance[d] else "")
+                      + f", losses {', '.join(x['loss']) or 'none'}" for d, x in v.items())
     others = [r for r in payload["rows"] if r["baseline"] != "lora" and r["verdict"] is not None]
     other_counts = {k: sum(1 for r in others if r["verdict"] == k) for k in ("win", "tie", "loss")}
     goal = ("met" if wins >= GOAL_WINS else "not met") if v else "not measurable yet (fewer than two seeds per cell)"
