@@ -259,7 +259,7 @@ def test_convergence_reads_curves_from_rows_and_keeps_its_summary_when_curves_ar
 
     monkeypatch.setattr(convergence, "RESULTS", tmp_path)
     monkeypatch.setattr(convergence, "OUT", tmp_path / "convergence.json")
-    write_json(tmp_path / "glue_table.json", {"majority": [{"task": "sst2", "mean": 0.5}]})
+    monkeypatch.setattr(convergence, "validation_majority", lambda config: 0.5)
 
     def cfg(method, seed):
         return {"task": "sst2", "method": method, "lr": 1e-3, "seed": seed}
@@ -272,6 +272,8 @@ def test_convergence_reads_curves_from_rows_and_keeps_its_summary_when_curves_ar
     rows = {r["method"]: r for r in payload["rows"]}
     assert rows["lora"]["n_seeds"] == 2 and rows["lora"]["mean_val"] == [0.7, 0.9]
     assert rows["lora"]["seconds_per_step"] == 0.5 and payload["cells_without_curves"] == []
+    # two seeds of full FT at 0.9 (no spread) over a level of 0.5: a test of the order
+    assert rows["full"]["beats_majority"] is True and payload["orders"][0]["test"] is True
     before = (tmp_path / "convergence.json").read_text()
     append_jsonl(tmp_path / "glue_table.jsonl", _row(cfg("lora", 2), 0.9, run_dir="runs/gone"))  # no curve, no folder
     with pytest.raises(SystemExit, match="1 finished GLUE cells have no validation curve"):
@@ -343,3 +345,15 @@ def test_the_cost_model_counts_steps_and_scored_rows_and_scales_the_reference_st
     assert cm.step_seconds({**cfg, "model": "smollm2", "method": "gramian_lora"}) == 0.2 * 0.5 * 8.0
     with pytest.raises(ValueError, match="no GLUE rows"):
         cm.step_seconds({**cfg, "method": "nonesuch"})
+
+
+def test_convergence_on_a_task_full_fine_tuning_does_not_learn_is_not_a_test(tmp_path):
+    from paper_figs.figures.convergence import caption
+
+    rows = [{"task": "rte", "method": m, "n_seeds": 3, "steps_to_common": s} for m, s in (("full", 10), ("lora", 20))]
+    write_json(tmp_path / "convergence.json", {"rows": rows, "orders": [
+        {"task": "rte", "test": False, "by_steps_to_common": ["full", "lora"], "never_reached": [],
+         "claimed": ["full", "lora"]}]})
+    text = caption(tmp_path)
+    assert "rte: level reached by full at step 10, lora at step 20 — not a test" in text
+    assert "provisional" not in text  # every cell has its 3 seeds' curves

@@ -55,7 +55,10 @@ def caption(results_dir: Path) -> str:
         shown = ", ".join(f"{m} at step {steps[m]}" for m in reached) or "none"
         never = f"; never: {', '.join(o['never_reached'])}" if o["never_reached"] else ""
         tied = len({steps[m] for m in reached}) < len(reached)
-        if len(reached) < 2:
+        if o.get("test") is False:
+            verdict = ("not a test (full fine-tuning's best validation score does not beat the majority class by "
+                       "two standard errors: 90 % of no gain is reached by anything)")
+        elif len(reached) < 2:
             verdict = "inconclusive (fewer than two methods reach the level)"
         elif tied:
             verdict = "inconclusive (methods reach it at the same evaluation: ~2 per epoch do not separate them)"
@@ -64,16 +67,19 @@ def caption(results_dir: Path) -> str:
             verdict = "as claimed" if reached == claimed else f"not as claimed (claimed {' > '.join(claimed)})"
         parts.append(f"{o['task']}: level reached by {shown}{never} — {verdict}")
     seeds = sorted({r["n_seeds"] for r in payload["rows"]})
+    provisional = (" Some cells have fewer than 3 seeds' curves, so these orders are provisional."
+                   if seeds and min(seeds) < 3 else "")
     return (
         "Validation score (the task's metric on rows held out of train, ~2 evaluations per epoch) against "
         "training step, per method at the learning rate chosen on those rows, mean over the seeds whose run "
         f"folders were found (n = {', '.join(map(str, seeds))}); no new training: the curves are the GLUE table's "
         "runs (all-MiniLM-L6-v2, batch 32, AdamW with warm-up and linear decay; see the glue_table figure). "
-        "Dotted: the dev set's majority-class level m; dashed: m + 0.9·(full fine-tuning's best − m), the level "
+        "Dotted: the majority-class level m of the validation rows; dashed: m + 0.9·(full fine-tuning's best − m), "
+        "the level "
         "used to order methods by speed (a method that never reaches it is ordered after, by the share of full "
         "fine-tuning's gain it reaches). Claim (Ding et al. 2023): full fine-tuning converges fastest, then "
-        f"adapter ≈ LoRA, then prefix, prompt tuning far slower. Here: {'; '.join(parts) or 'no task yet'}. "
-        "The table is partial while its sweep runs, so these orders are provisional. "
+        f"adapter ≈ LoRA, then prefix, prompt tuning far slower. Here: {'; '.join(parts) or 'no task yet'}."
+        f"{provisional} "
         f"Command: `python experiments/convergence.py` ({versions_line(payload)})."
     )
 
