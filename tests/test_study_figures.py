@@ -357,3 +357,22 @@ def test_convergence_on_a_task_full_fine_tuning_does_not_learn_is_not_a_test(tmp
     text = caption(tmp_path)
     assert "rte: level reached by full at step 10, lora at step 20 — not a test" in text
     assert "provisional" not in text  # every cell has its 3 seeds' curves
+
+
+def test_more_trainable_parameters_against_score_counts_pairs_by_two_standard_errors():
+    from paper_figs.figures.glue_table import parameters_and_score
+
+    def row(task, method, trainable, mean, std=0.01):
+        return {"task": task, "method": method, "trainable": trainable, "mean": mean, "std": std, "n_seeds": 3}
+
+    payload = {"rows": [row("sst2", "full", 1000, 0.90), row("sst2", "lora", 100, 0.85),
+                        row("sst2", "prompt", 10, 0.86),  # fewer parameters, better than LoRA
+                        row("rte", "full", 1000, 0.52), row("rte", "lora", 100, 0.51)],  # both at chance
+               "majority": [{"task": "sst2", "mean": 0.5}, {"task": "rte", "mean": 0.53}]}
+    out = parameters_and_score(payload)
+    # sst2: full > lora, full > prompt (more wins twice); lora vs prompt: 0.01 apart, se 0.008, a tie
+    assert (out["larger"], out["smaller"], out["tie"], out["not_a_test"]) == (2, 0, 1, 1)
+    assert out["holds"] is False
+    payload["rows"][2]["mean"] = 0.95  # prompt now beats both by more than two standard errors
+    out = parameters_and_score(payload)
+    assert out["fewer_won"] == ["sst2: prompt over full", "sst2: prompt over lora"] and out["holds"] is True

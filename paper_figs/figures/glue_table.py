@@ -112,6 +112,56 @@ def _gaps(results_dir: Path) -> str:
             if parts else "")
 
 
+def parameters_and_score(payload: dict[str, Any]) -> dict[str, Any]:
+    """The claim "more trainable parameters do not mean better" (Ding et al. 2023) on the table: every pair of
+    methods of one task with different trainable counts, judged by the two-standard-error rule on the difference
+    of their dev means.  Returns ``{larger, smaller, tie, not_a_test, holds}``: how many pairs the method with more
+    parameters wins, the one with fewer wins, neither; ``not_a_test`` counts pairs with both within two standard
+    errors of the majority class (no method learnt the task); the claim holds when the larger method does not win
+    a majority of the judged pairs."""
+    import math
+
+    def above(r: dict[str, Any], level: float) -> bool:
+        return r["mean"] - 2 * (r["std"] or 0.0) / math.sqrt(r["n_seeds"]) > level
+
+    counts = {"larger": 0, "smaller": 0, "tie": 0, "not_a_test": 0}
+    fewer_won: list[str] = []
+    for task, _ in TASKS:
+        rows = [r for m in METHODS if (r := _row(payload, task, m)) and r.get("trainable") and r["n_seeds"] >= 2
+                and r["std"] is not None]
+        level = (_majority(payload, task) or {}).get("mean")
+        for i, a in enumerate(rows):
+            for b in rows[i + 1:]:
+                if a["trainable"] == b["trainable"]:
+                    continue
+                big, small = (a, b) if a["trainable"] > b["trainable"] else (b, a)
+                if level is not None and not above(big, level) and not above(small, level):
+                    counts["not_a_test"] += 1
+                    continue
+                diff = big["mean"] - small["mean"]
+                se = math.sqrt(big["std"] ** 2 / big["n_seeds"] + small["std"] ** 2 / small["n_seeds"])
+                counts["larger" if diff > 2 * se else "smaller" if diff < -2 * se else "tie"] += 1
+                if diff < -2 * se:
+                    fewer_won.append(f"{task}: {small['method']} over {big['method']}")
+    judged = counts["larger"] + counts["smaller"] + counts["tie"]
+    return {**counts, "fewer_won": fewer_won, "holds": None if not judged else counts["larger"] <= judged / 2}
+
+
+def _parameters_sentence(payload: dict[str, Any]) -> str:
+    c = parameters_and_score(payload)
+    judged = c["larger"] + c["smaller"] + c["tie"]
+    if not judged:
+        return ""
+    verdict = "holds here" if c["holds"] else "does not hold here"
+    return (f" Claim (Ding et al. 2023): more trainable parameters do not mean better — of {judged} pairs of methods "
+            f"on one task with different trainable counts, the one with more parameters scores higher by two "
+            f"standard errors in {c['larger']}, the one with fewer in {c['smaller']}"
+            + (f" ({'; '.join(c['fewer_won'])})" if c["fewer_won"] else "")
+            + f", neither in {c['tie']} "
+            f"({c['not_a_test']} more pairs not a test, both at the majority class): {verdict} (criterion: more "
+            "parameters do not win a majority of the pairs).")
+
+
 def caption(results_dir: Path) -> str:
     payload = load_json(results_dir, SOURCE)
     lines = []
@@ -136,6 +186,7 @@ def caption(results_dir: Path) -> str:
         "sets. A seeded part of each training set is held out as validation rows; they choose the checkpoint "
         "(best of ~2 evaluations per epoch) and the learning rate (seed 0, a small grid per method); bars are the "
         f"dev score of the chosen checkpoint, mean ± std over seeds. Table {status}. " + " ".join(lines)
+        + _parameters_sentence(payload)
         + f" Full fine-tuning goals: {goals}.{_gaps(results_dir)} Time: planned {planned:.1f} h on 2 cores for "
         f"{planned_cells} cells (from measured epoch times); "
         "re-estimated from the "
@@ -156,4 +207,4 @@ FIGURES = [
     ),
 ]
 
-__all__ = ["FIGURES", "caption", "draw"]
+__all__ = ["FIGURES", "caption", "draw", "parameters_and_score"]
