@@ -169,8 +169,9 @@ def _method_row(task: str, method: str, rows: list[dict[str, Any]], lr: float | 
             "val_mean": mean_std([r["val_score"] for r in done])[0],
             "train_mean": mean_std([r["train_scores"][metric] for r in done if r.get("train_scores")])[0],
             "n_train_scored": sum(bool(r.get("train_scores")) for r in done),
-            "generalization_gap": mean_std([r["train_scores"][metric] - r["score_at_best_val"] for r in done
-                                             if r.get("train_scores")])[0],
+            "generalization_gap": mean_std(gaps := [r["train_scores"][metric] - r["score_at_best_val"]
+                                                    for r in done if r.get("train_scores")])[0],
+            "generalization_gap_std": mean_std(gaps)[1],
             "last_step_mean": mean_std([r["score"] for r in done])[0],
             "best_val_steps": [r["best_val"]["step"] for r in done],
             "total_steps": done[0].get("total_steps") if done else None,

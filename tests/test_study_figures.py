@@ -149,11 +149,17 @@ def test_composability_and_generalization_gap(tmp_path, monkeypatch):
     caption = _caption("composability", tmp_path, tmp_path / "f")
     assert "adapter helps in 9 of 9" in caption and "prompt hurts in 9 of 9" in caption
     assert "3 more not a test, both at the majority class" in caption
-    glue = {"rows": [{"task": t, "method": m, "generalization_gap": g} for t in ("sst2", "rte")
+    glue = {"rows": [{"task": t, "method": m, "generalization_gap": g, "generalization_gap_std": 0.01,
+                      "n_train_scored": 3} for t in ("sst2", "rte")
                      for m, g in (("full", 0.2), ("lora", 0.05), ("prompt", 0.01), ("adapter", 0.03))]}
     write_json(tmp_path / "glue_table.json", glue)
     gap = _caption("generalization_gap", tmp_path, tmp_path / "f")
-    assert "smaller than full fine-tuning's — holds here" in gap and "smallest here: prompt (holds here)" in gap
+    assert "smaller in 6 of 6 (task, method) pairs, holds here" in gap
+    assert "prompt in 2 of 2 tasks (holds here)" in gap
+    glue["rows"][1]["generalization_gap"] = 0.19  # sst2 LoRA within two standard errors of full FT: a tie
+    write_json(tmp_path / "glue_table.json", glue)
+    gap = _caption("generalization_gap", tmp_path, tmp_path / "f")
+    assert "smaller in 5 of 6 (task, method) pairs (not smaller: sst2/lora tie), inconclusive" in gap
 
 
 def test_design_table(tmp_path, monkeypatch):
@@ -318,11 +324,11 @@ def test_a_row_takes_curves_only_from_a_rebuild_that_reproduced_it():
     rows = [{"cell": "a", "score_at_best_val": 0.8, "val_score": 0.9, "score": 0.8},
             {"cell": "b", "score_at_best_val": 0.7, "val_score": 0.9, "score": 0.7}]
     rebuilt = [{"cell": "a", "status": "done", "score_at_best_val": 0.8, "val_score": 0.9, "score": 0.8,
-                "curves": {"val": [1]}, "train_loss_end": 0.3},
+                "curves": {"val": [1]}, "train_loss_end": 0.3, "train_scores": {"accuracy": 0.95}},
                {"cell": "b", "status": "done", "score_at_best_val": 0.71, "val_score": 0.9, "score": 0.7,
                 "curves": {"val": [2]}, "train_loss_end": 0.4}]  # not the same run: its curve is not the row's
     a, b = with_rebuilt(rows, rebuilt)
-    assert a["curves"] == {"val": [1]} and a["train_loss_end"] == 0.3
+    assert a["curves"] == {"val": [1]} and a["train_loss_end"] == 0.3 and a["train_scores"] == {"accuracy": 0.95}
     assert "curves" not in b and "train_loss_end" not in b
 
 
