@@ -130,7 +130,8 @@ def summary(tasks) -> dict[str, Any]:
         gaps = [r["train_scores"][r["metric"]] - r["score_at_best_val"] for r in done.values() if r.get("train_scores")]
         mean, std = mean_std(dev)
         cells[(task, subset)] = {"task": task, "subset": subset, "lr": lr, "mean": mean, "std": std,
-                                 "n_seeds": len(dev), "gap_mean": mean_std(gaps)[0], "n_gap": len(gaps)}
+                                 "n_seeds": len(dev), "gap_mean": mean_std(gaps)[0], "gap_std": mean_std(gaps)[1],
+                                 "n_gap": len(gaps)}
     levels = glue_majority(RESULTS)  # the GLUE harness's full dev sets
     effects = []
     for part in PARTS:

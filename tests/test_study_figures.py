@@ -160,6 +160,14 @@ def test_composability_and_generalization_gap(tmp_path, monkeypatch):
     write_json(tmp_path / "glue_table.json", glue)
     gap = _caption("generalization_gap", tmp_path, tmp_path / "f")
     assert "smaller in 5 of 6 (task, method) pairs (not smaller: sst2/lora tie), inconclusive" in gap
+    # prompt+adapter's gap 0.039 ± 0.001 against the adapter's 0.03 alone (BitFit has no GLUE row here): within two
+    # standard errors while the adapter's spread is 0.01, wider once it is 0.001
+    assert "wider in 0 of 2 (task, combination) pairs, tie 2, narrower 0" in gap
+    for row in glue["rows"]:
+        row["generalization_gap_std"] = 0.001
+    write_json(tmp_path / "glue_table.json", glue)
+    gap = _caption("generalization_gap", tmp_path, tmp_path / "f")
+    assert "wider in 2 of 2 (task, combination) pairs, tie 0, narrower 0: holds here" in gap
 
 
 def test_design_table(tmp_path, monkeypatch):
