@@ -35,18 +35,21 @@ step convergence
 step glue_gaps --cpus-per-cell 2
 step apet  # with the unified subspace (its rows are complete), the rest of issue 16 (~3 core-h estimated)
 step design_table --tasks cola  # issue 18's first verdicts, where the methods separate most and cells are cheapest (~4 core-h)
-# issue 15, the cheaper studies first; RTE last, where it is dearest (its pairs are the longest rows) and, at
-# MiniLM's scale, does not separate the methods (glue_table.json), so the other three tasks give the claims first
+# issue 15, most claims per core-hour first; RTE last, where it is dearest (its pairs are the longest rows) and,
+# at MiniLM's scale, does not separate the methods (glue_table.json), so the other three tasks give the claims first
 step sequential
-step unipelt_low_resource --tasks sst2,cola,mrpc
-step composability --tasks sst2,cola,mrpc
-step scale
 # run folders stay on the machine that trained them: transfer trains each lost GLUE run again from its row and
-# scores it at once (its rebuilt row, curve included, goes to glue_rebuilt.jsonl), so its progress outlives the
-# machine; rebuild_runs then rebuilds any GLUE cell still without a rebuilt row, for convergence's curves
+# scores it at once (its rebuilt row, curve and training-row scores included, goes to glue_rebuilt.jsonl), so its
+# progress outlives the machine; one step (~9.5 core-h) serves three claims: transfer, convergence's seeds 1
+# and 2, and the generalisation gap's missing seeds; rebuild_runs then rebuilds any GLUE cell still without a
+# rebuilt row
 step transfer
 step rebuild_runs
 step convergence
+step glue_table --summary-only  # its summary takes the rebuilt rows' training-row scores
+step unipelt_low_resource --tasks sst2,cola,mrpc
+step composability --tasks sst2,cola,mrpc
+step scale
 step unipelt_low_resource
 step composability
 step design_table --tasks cola,sst2  # then SST-2 (RTE does not separate methods at MiniLM's scale)
