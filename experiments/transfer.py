@@ -129,7 +129,10 @@ def run(jobs: int, sweep: dict[str, Any]) -> None:
     """Score every pending source on its targets, ``jobs`` sources at a time, rebuilding a source first where its
     deltas are not on this machine."""
     have = {(r["cell"], r["target"]) for r in read_jsonl(OUT)}
-    todo = pending(source_rows())
+    recorded = {r["cell"] for r in read_jsonl(REBUILT_OUT) if r.get("status") == "done"}
+    # sources never rebuilt first (their rebuilt rows also give convergence its curves and the gap its training-row
+    # scores), and by recorded time, so the two cells in hand take about as long as each other
+    todo = sorted(pending(source_rows()), key=lambda r: (r["cell"] in recorded, float(r.get("wall_time_s") or 0)))
     lost = sum(not has_deltas(r) for r in todo)
     print(f"{len(todo)} source runs to score on the other tasks, {lost} of them to train again first", flush=True)
     jobs = max(1, jobs)
