@@ -157,6 +157,17 @@ def summary() -> dict[str, Any]:
             "rows": rows, "orders": orders, "cells_without_curves": sorted(set(absent))}
 
 
+def fewer_seeds_than_before(payload: dict[str, Any]) -> list[str]:
+    """The (task, method) pairs whose curves the written summary averages over more seeds than ``payload``, or
+    that it has and ``payload`` lacks: writing ``payload`` would lose them (a machine without the run folders
+    reads fewer curves than the one that wrote the summary)."""
+    if not OUT.is_file():
+        return []
+    before = {(r["task"], r["method"]): r["n_seeds"] for r in json.loads(OUT.read_text()).get("rows", [])}
+    now = {(r["task"], r["method"]): r["n_seeds"] for r in payload["rows"]}
+    return [f"{t}/{m}" for (t, m), n in before.items() if now.get((t, m), 0) < n]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--allow-missing", action="store_true",
@@ -168,6 +179,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "here (rows written before rows carried curves, and no run folder on this machine): "
                          "rebuild their run folders with experiments/rebuild_runs.py, or pass --allow-missing "
                          f"to summarise fewer seeds; {OUT.name} is left as it was")
+    if lost := fewer_seeds_than_before(payload):
+        raise SystemExit(f"{OUT.name} has more seeds' curves than this machine can read for {', '.join(lost)}: it is "
+                         "left as it was (rebuild the runs with experiments/rebuild_runs.py, or delete it to start "
+                         "over)")
     write_json_unless_same(OUT, payload)
     for r in payload["rows"]:
         print(f"{r['task']:<5} {r['method']:<8} n={r['n_seeds']} own level at step {r['steps_to_own']}, "

@@ -294,6 +294,13 @@ def test_convergence_reads_curves_from_rows_and_keeps_its_summary_when_curves_ar
         convergence.main([])
     assert (tmp_path / "convergence.json").read_text() == before
     assert convergence.main(["--allow-missing"])["cells_without_curves"] == [_row(cfg("lora", 2), 0.9)["cell"]]
+    # a machine that reads fewer curves than the summary holds leaves it as it was, even with --allow-missing
+    before = (tmp_path / "convergence.json").read_text()
+    lines = (tmp_path / "glue_table.jsonl").read_text().splitlines()
+    (tmp_path / "glue_table.jsonl").write_text("\n".join(line for line in lines if '"seed": 1' not in line) + "\n")
+    with pytest.raises(SystemExit, match="has more seeds' curves than this machine can read for sst2/full, sst2/lora"):
+        convergence.main(["--allow-missing"])
+    assert (tmp_path / "convergence.json").read_text() == before
 
 
 def test_observed_core_hours_times_each_kind_by_its_own_finished_rows():
