@@ -16,7 +16,8 @@ given as its name (``"positive"``) or as its id written as a string (``"1"``).
 
 The built-in names ``sst2``, ``mrpc``, ``rte`` and ``cola`` (case-insensitive,
 ``-``/``_`` ignored, so ``SST-2`` works) resolve to the GLUE copies under a
-``shared/data`` folder; see :func:`resolve_task` for the search order.
+``shared/data`` folder; see :func:`resolve_task` for the search order.  The row format and its checks live
+in :mod:`controltune.jsonl_examples`.
 """
 
 from __future__ import annotations
@@ -25,12 +26,11 @@ import json
 import os
 import random
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import closing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from .jsonl_examples import DataError, Example, nonblank_lines, read_examples, schema_name, sniff_is_pair
 from .metrics import metrics_for_classes
 
 __all__ = [
@@ -54,10 +54,6 @@ ACCEPTED_TASKS = (
 )
 
 
-class DataError(ValueError):
-    """A task name, task file or example line that cannot be used."""
-
-
 @dataclass(frozen=True)
 class _Builtin:
     folder: str
@@ -72,15 +68,6 @@ BUILTIN_TASKS: dict[str, _Builtin] = {
     "rte": _Builtin("RTE", "accuracy", ("accuracy",)),
     "cola": _Builtin("CoLA", "mcc", ("mcc",)),
 }
-
-
-@dataclass(frozen=True)
-class Example:
-    """One labelled example; ``text_b`` is None for single-sentence tasks."""
-
-    text_a: str
-    text_b: str | None
-    label: int
 
 
 @dataclass(frozen=True)
@@ -220,7 +207,7 @@ def _spec_from_folder(name: str, folder: Path, metric: str, metrics: tuple[str, 
 def _spec_from_file(path: Path, holdout_seed: int) -> TaskSpec:
     label_names = _label_names_for(path.parent, [path])
     is_pair = _common_schema([path])
-    n_rows = sum(1 for _ in _nonblank_lines(path))
+    n_rows = sum(1 for _ in nonblank_lines(path))
     if n_rows < 2:
         raise DataError(
             f"{path} has only {n_rows} example; a single-file task needs at least 2, since "
@@ -263,7 +250,7 @@ def _label_names_for(folder: Path, files: Sequence[Path]) -> list[str]:
     if names is not None:
         return names
     largest = max(
-        (ex.label for f in files for ex in _read_examples(f, None, None)),
+        (ex.label for f in files for ex in read_examples(f, None, None)),
         default=0,
     )
     # A split may lack the top class (or be all zeros); a classifier still
@@ -299,29 +286,15 @@ def _common_schema(files: Sequence[Path]) -> bool:
     """is_pair shared by all files, judged from each file's first example."""
     seen: dict[Path, bool] = {}
     for path in files:
-        is_pair = _sniff_is_pair(path)
+        is_pair = sniff_is_pair(path)
         if is_pair is not None:
             seen[path] = is_pair
     if not seen:
         raise DataError(f"no examples in {', '.join(map(str, files))}")
     if len(set(seen.values())) > 1:
-        detail = ", ".join(f"{p} is {_schema_name(v)}" for p, v in seen.items())
+        detail = ", ".join(f"{p} is {schema_name(v)}" for p, v in seen.items())
         raise DataError(f"mixed single/pair schema across splits: {detail}")
     return next(iter(seen.values()))
-
-
-def _sniff_is_pair(path: Path) -> bool | None:
-    # closing() so the file is released right after the first line.
-    with closing(_nonblank_lines(path)) as lines:
-        first = next(lines, None)
-    if first is None:
-        return None
-    lineno, text = first
-    return _parse_line(text, path, lineno)[1] is not None
-
-
-def _schema_name(is_pair: bool) -> str:
-    return "pair (text_a/text_b)" if is_pair else "single (text)"
 
 
 # ------------------------------------------------------------------ loading
@@ -379,7 +352,7 @@ def load_split(
     if n is not None and n < 0:
         raise DataError(f"n must be >= 0 or None, got {n}")
     path = split_path(spec, split)
-    examples = _read_examples(path, _read_label_names(path.parent), spec.num_labels)
+    examples = read_examples(path, _read_label_names(path.parent), spec.num_labels)
     if not examples:
         raise DataError(f"{path}: contains no examples")
     if spec.file is not None:
@@ -387,8 +360,8 @@ def load_split(
     is_pair = examples[0].text_b is not None
     if is_pair != spec.is_pair:
         raise DataError(
-            f"{path}: examples are {_schema_name(is_pair)} but task "
-            f"{spec.name!r} is {_schema_name(spec.is_pair)}"
+            f"{path}: examples are {schema_name(is_pair)} but task "
+            f"{spec.name!r} is {schema_name(spec.is_pair)}"
         )
     if n is None or n >= len(examples):
         return examples
@@ -405,112 +378,3 @@ def _cut_single_file(examples: list[Example], split: str, holdout_seed: int) -> 
     return [ex for i, ex in enumerate(examples) if (i in held_out) == want_dev]
 
 
-def _nonblank_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """Yield ``(1-based line number, decoded line)`` for non-blank lines."""
-    try:
-        handle = path.open("rb")
-    except OSError as exc:
-        raise DataError(f"cannot open {path}: {exc.strerror}") from exc
-    with handle:
-        for lineno, raw in enumerate(handle, start=1):
-            # utf-8-sig on line 1 tolerates files saved with a BOM.
-            codec = "utf-8-sig" if lineno == 1 else "utf-8"
-            try:
-                text = raw.decode(codec)
-            except UnicodeDecodeError as exc:
-                raise _line_error(path, lineno, f"not valid UTF-8 ({exc.reason})") from exc
-            if text.strip():
-                yield lineno, text
-
-
-def _read_examples(
-    path: Path, label_names: list[str] | None, num_labels: int | None
-) -> list[Example]:
-    """Parse every line; ``num_labels`` None means no upper bound on ids."""
-    examples: list[Example] = []
-    first: tuple[bool, int] | None = None  # (is_pair, line) of first example
-    for lineno, text in _nonblank_lines(path):
-        text_a, text_b, raw_label = _parse_line(text, path, lineno)
-        is_pair = text_b is not None
-        if first is None:
-            first = (is_pair, lineno)
-        elif is_pair != first[0]:
-            raise _line_error(
-                path,
-                lineno,
-                f"mixed single/pair schema: this line is {_schema_name(is_pair)} "
-                f"but line {first[1]} is {_schema_name(first[0])}",
-            )
-        label = _label_id(raw_label, label_names, num_labels, path, lineno)
-        examples.append(Example(text_a, text_b, label))
-    return examples
-
-
-def _line_error(path: Path, lineno: int, problem: str) -> DataError:
-    return DataError(f"{path}, line {lineno}: {problem}")
-
-
-def _parse_line(text: str, path: Path, lineno: int) -> tuple[str, str | None, Any]:
-    """Return ``(text_a, text_b or None, raw label)`` of one JSONL line."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise _line_error(path, lineno, f"invalid JSON ({exc.msg} at column {exc.colno})") from exc
-    if not isinstance(obj, dict):
-        raise _line_error(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
-    has_single = "text" in obj
-    has_pair = "text_a" in obj or "text_b" in obj
-    if has_single and has_pair:
-        raise _line_error(path, lineno, "has both 'text' and 'text_a'/'text_b'; use one schema")
-    keys = ("text_a", "text_b") if has_pair else ("text",)
-    for key in (*keys, "label"):
-        if key not in obj:
-            hint = " (or 'text_a' and 'text_b')" if key == "text" else ""
-            raise _line_error(path, lineno, f"missing key {key!r}{hint}")
-    for key in keys:
-        if not isinstance(obj[key], str):
-            raise _line_error(
-                path, lineno, f"{key!r} must be a string, got {type(obj[key]).__name__}"
-            )
-    if has_pair:
-        return obj["text_a"], obj["text_b"], obj["label"]
-    return obj["text"], None, obj["label"]
-
-
-def _label_id(
-    raw: Any,
-    label_names: list[str] | None,
-    num_labels: int | None,
-    path: Path,
-    lineno: int,
-) -> int:
-    """Map a raw JSON label to its int id, validating range and names."""
-    if isinstance(raw, str):
-        if label_names is None:
-            raise _line_error(
-                path,
-                lineno,
-                f"label {raw!r} is a string but there is no labels.json in {path.parent}",
-            )
-        if raw in label_names:
-            return label_names.index(raw)
-        if raw.isascii() and raw.isdigit() and int(raw) < len(label_names):
-            label = int(raw)
-        else:
-            raise _line_error(
-                path,
-                lineno,
-                f"label {raw!r} not in {path.parent / 'labels.json'} "
-                f"(names: {', '.join(label_names)})",
-            )
-    # bool is an int subclass, but true/false labels are almost surely a mistake.
-    elif isinstance(raw, int) and not isinstance(raw, bool):
-        label = raw
-    else:
-        raise _line_error(path, lineno, f"label must be an int, got {json.dumps(raw)}")
-    upper = len(label_names) if label_names is not None else num_labels
-    if label < 0 or (upper is not None and label >= upper):
-        bound = f"0..{upper - 1}" if upper is not None else ">= 0"
-        where = f" (from {path.parent / 'labels.json'})" if label_names is not None else ""
-        raise _line_error(path, lineno, f"label {label} out of range {bound}{where}")
-    return label
