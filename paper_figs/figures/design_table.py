@@ -38,6 +38,10 @@ def draw(results_dir: Path):
             cells = {c["method"]: c for c in payload["cells"] if (c["budget"], c["task"]) == (budget, task)
                      and c["mean"] is not None}
             xs = [m for m in methods if m in cells]
+            if not xs:
+                ax.text(0.5, 0.5, "not run yet", ha="center", va="center", transform=ax.transAxes, color="0.4")
+                ax.set(title=f"{task}, {budget}", xticks=[], yticks=[])
+                continue
             ax.bar(range(len(xs)), [cells[m]["mean"] for m in xs], yerr=[cells[m]["std"] or 0 for m in xs],
                    color=["tab:orange" if m in designs else "tab:gray" for m in xs])
             if "lora" in cells:
