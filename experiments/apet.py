@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import (  # noqa: E402
     POOLING,
     add_sweep_arguments,
+    beats_level,
     choose_lrs,
     describe_hours,
     extended_spec,
@@ -233,9 +234,7 @@ def majority_levels(tasks) -> dict[str, dict[str, Any]]:
 def beats(mean: float | None, std: float | None, n: int, level: float) -> bool | None:
     """Whether a mean over ``n`` seeds lies above ``level`` by two standard errors: ``mean − 2·std/√n > level``
     (None below two seeds)."""
-    if mean is None or std is None or n < 2:
-        return None
-    return mean - 2 * std / math.sqrt(n) > level
+    return beats_level({"mean": mean, "std": std, "n_seeds": n}, level)
 
 
 def _above(values: list[float], reference: tuple) -> bool | None:

@@ -41,7 +41,7 @@ from controltune.sweep_spec import SweepSpec, expand, parse_spec
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import (  # noqa: E402
     add_sweep_arguments,
-    beats_level,
+    both_at_chance,
     choose_lrs,
     chosen_rows,
     describe_hours,
@@ -129,9 +129,9 @@ def summary(tasks) -> dict[str, Any]:
         dev = [r["score_at_best_val"] for r in done.values()]
         gaps = [r["train_scores"][r["metric"]] - r["score_at_best_val"] for r in done.values() if r.get("train_scores")]
         mean, std = mean_std(dev)
+        gap_mean, gap_std = mean_std(gaps)
         cells[(task, subset)] = {"task": task, "subset": subset, "lr": lr, "mean": mean, "std": std,
-                                 "n_seeds": len(dev), "gap_mean": mean_std(gaps)[0], "gap_std": mean_std(gaps)[1],
-                                 "n_gap": len(gaps)}
+                                 "n_seeds": len(dev), "gap_mean": gap_mean, "gap_std": gap_std, "n_gap": len(gaps)}
     levels = glue_majority(RESULTS)  # the GLUE harness's full dev sets
     effects = []
     for part in PARTS:
@@ -145,7 +145,7 @@ def summary(tasks) -> dict[str, Any]:
                 if sign is None:
                     continue
                 verdict = {1: "helps", -1: "hurts", 0: "no effect"}[sign]
-                if [beats_level(c, levels.get(task)) for c in (a, b)] == [False, False]:
+                if both_at_chance(a, b, levels.get(task)):
                     verdict = "not a test"  # with and without the part at the majority class
                 effects.append({"part": part, "task": task, "without": subset, "with": with_part, "difference": diff,
                                 "majority": levels.get(task), "verdict": verdict})

@@ -43,7 +43,7 @@ from controltune.sweep_spec import SweepSpec, canonical_config, expand, parse_sp
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the experiments' shared modules, run or imported
 from rate_selection import (  # noqa: E402
     add_sweep_arguments,
-    beats_level,
+    both_at_chance,
     choose_lrs,
     describe_hours,
     extended_spec,
@@ -215,7 +215,7 @@ def summary(tasks, budgets) -> dict[str, Any]:
                          "baseline_std": b["std"], "baseline_n_seeds": b["n_seeds"], "difference": diff, "se": se,
                          "verdict": v, "trainable": d["trainable"], "baseline_trainable": b["trainable"],
                          # a tie where neither beats the majority class says nothing of the design
-                         "at_chance": [beats_level(c, levels.get(task)) for c in (d, b)] == [False, False]})
+                         "at_chance": both_at_chance(d, b, levels.get(task))})
     payload = {**stamp({"tasks": list(tasks), "budgets": list(budgets), "budgets_options": BUDGETS,
                         "harness": "experiments/glue_select.yaml settings", "seeds": [0, 1, 2],
                         "command": "python experiments/design_table.py"}),

@@ -162,6 +162,8 @@ def _method_row(task: str, method: str, rows: list[dict[str, Any]], lr: float | 
     for name in (n for n in names if n not in ("step", "loss")):
         m, s = mean_std([r["dev_at_best_val"][name] for r in done])
         all_metrics[name] = {"mean": m, "std": s}
+    gap_mean, gap_std = mean_std([r["train_scores"][metric] - r["score_at_best_val"] for r in done
+                                  if r.get("train_scores")])
     return {"task": task, "method": method, "metric": metric, "mean": mean, "std": std, "n_seeds": len(done),
             "seeds": [r["config"]["seed"] for r in done], "scores": selected,
             "trainable": done[0]["n_trainable"] if done else None,
@@ -169,9 +171,7 @@ def _method_row(task: str, method: str, rows: list[dict[str, Any]], lr: float | 
             "val_mean": mean_std([r["val_score"] for r in done])[0],
             "train_mean": mean_std([r["train_scores"][metric] for r in done if r.get("train_scores")])[0],
             "n_train_scored": sum(bool(r.get("train_scores")) for r in done),
-            "generalization_gap": mean_std(gaps := [r["train_scores"][metric] - r["score_at_best_val"]
-                                                    for r in done if r.get("train_scores")])[0],
-            "generalization_gap_std": mean_std(gaps)[1],
+            "generalization_gap": gap_mean, "generalization_gap_std": gap_std,
             "last_step_mean": mean_std([r["score"] for r in done])[0],
             "best_val_steps": [r["best_val"]["step"] for r in done],
             "total_steps": done[0].get("total_steps") if done else None,

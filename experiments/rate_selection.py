@@ -234,6 +234,12 @@ def beats_level(cell: dict[str, Any], level: float | None) -> bool | None:
     return cell["mean"] - 2 * cell["std"] / cell["n_seeds"] ** 0.5 > level
 
 
+def both_at_chance(a: dict[str, Any], b: dict[str, Any], level: float | None) -> bool:
+    """Whether neither cell beats ``level`` by two standard errors (:func:`beats_level`): a comparison of two cells
+    at the majority class is no test of a claim about them."""
+    return beats_level(a, level) is False and beats_level(b, level) is False
+
+
 def two_se(a: dict[str, Any], b: dict[str, Any]) -> tuple[int | None, float | None, float | None]:
     """``(sign, b − a, se)`` by the two-standard-error rule on cells ``{mean, std, n_seeds}``: sign 1 when
     ``b − a > 2·se``, −1 when below ``−2·se``, 0 otherwise, ``se = (s_a²/n_a + s_b²/n_b)^{1/2}``; None below two

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import (  # noqa: E402
     POOLING,
     add_sweep_arguments,
-    beats_level,
+    both_at_chance,
     choose_lrs,
     chosen_rows,
     describe_hours,
@@ -118,8 +118,7 @@ def summary(models, tasks) -> dict[str, Any]:
         """The two-standard-error verdict, or "not a test" where both cells sit at the majority class."""
         if sign is None:
             return None
-        at_chance = [beats_level(c, levels[task]) for c in (a, b)] == [False, False]
-        return "not a test" if at_chance else words[sign]
+        return "not a test" if both_at_chance(a, b, levels[task]) else words[sign]
 
     for task in tasks:
         for method in METHODS:

@@ -119,20 +119,24 @@ def _score(job: tuple[dict[str, Any], str]) -> dict[str, Any]:
             "labels_swapped": swapped(cfg["task"], target)}
 
 
-def pending(sources: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The sources with a target not scored yet."""
-    have = {(r["cell"], r["target"]) for r in read_jsonl(OUT)}
+def scored() -> set[tuple[str, str]]:
+    """The (source cell, target) pairs with a row in ``transfer.jsonl``."""
+    return {(r["cell"], r["target"]) for r in read_jsonl(OUT)}
+
+
+def pending(sources: list[dict[str, Any]], have: set[tuple[str, str]]) -> list[dict[str, Any]]:
+    """The sources with a target not in ``have`` (:func:`scored`)."""
     return [row for row in sources if any((row["cell"], t) not in have for t in targets_of(row))]
 
 
 def run(jobs: int, sweep: dict[str, Any]) -> None:
     """Score every pending source on its targets, ``jobs`` sources at a time, rebuilding a source first where its
     deltas are not on this machine."""
-    have = {(r["cell"], r["target"]) for r in read_jsonl(OUT)}
+    have = scored()
     recorded = {r["cell"] for r in read_jsonl(REBUILT_OUT) if r.get("status") == "done"}
     # sources never rebuilt first (their rebuilt rows also give convergence its curves and the gap its training-row
     # scores), and by recorded time, so the two cells in hand take about as long as each other
-    todo = sorted(pending(source_rows()), key=lambda r: (r["cell"] in recorded, float(r.get("wall_time_s") or 0)))
+    todo = sorted(pending(source_rows(), have), key=lambda r: (r["cell"] in recorded, float(r.get("wall_time_s") or 0)))
     lost = sum(not has_deltas(r) for r in todo)
     print(f"{len(todo)} source runs to score on the other tasks, {lost} of them to train again first", flush=True)
     jobs = max(1, jobs)
@@ -246,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     if args.plan:
         sources = source_rows()
-        todo = pending(sources)
+        todo = pending(sources, scored())
         lost = [r for r in todo if not has_deltas(r)]
         hours = sum(float(r.get("wall_time_s") or 0.0) for r in lost) / 3600
         print(f"{len(sources)} source runs, {len(todo)} with scores to compute; {len(lost)} of those to train again "

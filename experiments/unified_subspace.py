@@ -50,7 +50,7 @@ import yaml
 
 from controltune.results import append_jsonl, read_jsonl, stamp, write_json, write_json_unless_same
 from controltune.run_folder import DELTAS
-from controltune.sweep import FINISHED
+from controltune.sweep import finished_configs
 from controltune.sweep_spec import SweepSpec, canonical_config, expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -248,16 +248,13 @@ def nothing_to_run(targets) -> bool:
     if not set(ready) <= {(r["target"], r["dim"]) for r in read_jsonl(APPROX_OUT)}:
         return False
 
-    def finished(rows: list[dict[str, Any]]) -> set[str]:
-        return {canonical_config(r["config"]) for r in rows if "config" in r and r.get("status") in FINISHED}
-
     select, table = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
-    if not {canonical_config(c) for c in expand(selection_spec(ready, select))} <= finished(select):
+    if not {canonical_config(c) for c in expand(selection_spec(ready, select))} <= finished_configs(select):
         return False
     chosen = choose_lrs(select, key=pair_key)
     if any(info["lr"] is None for info in chosen.values()):
         return False
-    if not {canonical_config(c) for c in expand(table_spec(ready, chosen))} <= finished(table):
+    if not {canonical_config(c) for c in expand(table_spec(ready, chosen))} <= finished_configs(table):
         return False
     transferred = {r["cell"] for r in read_jsonl(TRANSFER_OUT)}
     runs = [r for r in table if r.get("status") == "done" and r.get("run_dir")

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import (  # noqa: E402
     add_sweep_arguments,
     beats_level,
+    both_at_chance,
     choose_lrs,
     chosen_rows,
     describe_hours,
@@ -115,7 +116,7 @@ def summary(tasks) -> dict[str, Any]:
                 sign, diff, _ = two_se(other, uni)
                 verdict = None if sign is None else {1: "win", -1: "loss", 0: "tie"}[sign]
                 above = [beats_level(c, levels.get(task)) for c in (uni, other)]
-                if verdict is not None and above == [False, False]:
+                if verdict is not None and both_at_chance(uni, other, levels.get(task)):
                     verdict = "not a test"  # both at the majority class: K rows taught neither anything
                 comparisons.append({"task": task, "k": k, "part": part, "unipelt_minus_part": diff,
                                     "majority": levels.get(task), "unipelt_above_majority": above[0],

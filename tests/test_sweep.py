@@ -262,7 +262,7 @@ def test_transfer_rebuilds_a_lost_source_run_and_scores_it_at_once(task, tmp_pat
                         ("TASKS", tasks), ("METHODS", ("bitfit",)), ("LABEL_MAP", dict.fromkeys(tasks, 1)),
                         ("KIND", dict.fromkeys(tasks, "single"))):
         monkeypatch.setattr(transfer, name, value)
-    assert [r["cell"] for r in transfer.pending(transfer.source_rows())] == [row["cell"]]
+    assert [r["cell"] for r in transfer.pending(transfer.source_rows(), transfer.scored())] == [row["cell"]]
     local = {"cpus_per_cell": 1, "cpus": 1, "executor": "local", "address": None}
     transfer.run(1, local)
     assert (runs / row["cell"] / "deltas.safetensors").is_file()

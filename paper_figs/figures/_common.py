@@ -55,3 +55,15 @@ def versions_line(payload: Mapping[str, Any]) -> str:
     """``torch 2.13.0+cpu, transformers 5.23.0`` from a result's ``versions`` stamp."""
     v = payload.get("versions", {})
     return ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "controltune") if k in v)
+
+
+def two_se_sign(a: tuple[float, float | None, int], b: tuple[float, float | None, int]) -> int | None:
+    """The sign of ``b − a`` by the two-standard-error rule on ``(mean, std, n)`` over seeds: 1 when
+    ``b − a > 2·se``, −1 when below ``−2·se``, 0 within, ``se = (s_a²/n_a + s_b²/n_b)^{1/2}``; None when either
+    has fewer than two seeds or no spread recorded."""
+    (ma, sa, na), (mb, sb, nb) = a, b
+    if sa is None or sb is None or na < 2 or nb < 2:
+        return None
+    se = math.sqrt(sa**2 / na + sb**2 / nb)
+    diff = mb - ma
+    return 1 if diff > 2 * se else -1 if diff < -2 * se else 0

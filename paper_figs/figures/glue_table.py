@@ -9,12 +9,13 @@ bar is labelled with its number of seeds, and a pair still in its rate selection
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from controltune.figures import FigureSpec, new_figure
 
-from ._common import load_json, versions_line
+from ._common import load_json, two_se_sign, versions_line
 
 SOURCE = "glue_table.json"
 TASKS = (("sst2", "SST-2"), ("mrpc", "MRPC"), ("rte", "RTE"), ("cola", "CoLA"))
@@ -119,10 +120,11 @@ def parameters_and_score(payload: dict[str, Any]) -> dict[str, Any]:
     parameters wins, the one with fewer wins, neither; ``not_a_test`` counts pairs with both within two standard
     errors of the majority class (no method learnt the task); the claim holds when the larger method does not win
     a majority of the judged pairs."""
-    import math
+    def cell(r: dict[str, Any]) -> tuple[float, float | None, int]:
+        return r["mean"], r["std"], r["n_seeds"]
 
     def above(r: dict[str, Any], level: float) -> bool:
-        return r["mean"] - 2 * (r["std"] or 0.0) / math.sqrt(r["n_seeds"]) > level
+        return r["mean"] - 2 * r["std"] / math.sqrt(r["n_seeds"]) > level
 
     counts = {"larger": 0, "smaller": 0, "tie": 0, "not_a_test": 0}
     fewer_won: list[str] = []
@@ -138,10 +140,9 @@ def parameters_and_score(payload: dict[str, Any]) -> dict[str, Any]:
                 if level is not None and not above(big, level) and not above(small, level):
                     counts["not_a_test"] += 1
                     continue
-                diff = big["mean"] - small["mean"]
-                se = math.sqrt(big["std"] ** 2 / big["n_seeds"] + small["std"] ** 2 / small["n_seeds"])
-                counts["larger" if diff > 2 * se else "smaller" if diff < -2 * se else "tie"] += 1
-                if diff < -2 * se:
+                sign = two_se_sign(cell(small), cell(big))
+                counts[{1: "larger", -1: "smaller", 0: "tie"}[sign]] += 1
+                if sign == -1:
                     fewer_won.append(f"{task}: {small['method']} over {big['method']}")
     judged = counts["larger"] + counts["smaller"] + counts["tie"]
     return {**counts, "fewer_won": fewer_won, "holds": None if not judged else counts["larger"] <= judged / 2}

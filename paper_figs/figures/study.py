@@ -13,7 +13,7 @@ from typing import Any
 
 from controltune.figures import FigureSpec, new_figure
 
-from ._common import load_json, versions_line
+from ._common import load_json, two_se_sign, versions_line
 
 TASKS = ("sst2", "mrpc", "rte", "cola")
 SINGLE = ("lora", "adapter", "prefix", "prompt", "bitfit")
@@ -145,11 +145,8 @@ def gaps_per_task(results_dir: Path) -> dict[str, dict[str, dict[str, Any]]]:
 
 def _against_full(m: dict[str, Any], full: dict[str, Any]) -> str:
     """"smaller" / "larger" when the gaps differ by two standard errors, "tie" within, "–" below two seeds."""
-    if m["std"] is None or full["std"] is None or m["n"] < 2 or full["n"] < 2:
-        return "–"
-    se = (m["std"] ** 2 / m["n"] + full["std"] ** 2 / full["n"]) ** 0.5
-    diff = m["gap"] - full["gap"]
-    return "smaller" if diff < -2 * se else "larger" if diff > 2 * se else "tie"
+    sign = two_se_sign((full["gap"], full["std"], full["n"]), (m["gap"], m["std"], m["n"]))
+    return {None: "–", -1: "smaller", 1: "larger", 0: "tie"}[sign]
 
 
 def combination_widening(results_dir: Path, per_task: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -164,11 +161,8 @@ def combination_widening(results_dir: Path, per_task: dict[str, dict[str, dict[s
         if "+" not in c["subset"] or c.get("gap_mean") is None or None in parts:
             continue
         top = max(parts, key=lambda g: g["gap"])
-        verdict = "–"
-        if c.get("gap_std") is not None and top["std"] is not None and c["n_gap"] >= 2 and top["n"] >= 2:
-            se = (c["gap_std"] ** 2 / c["n_gap"] + top["std"] ** 2 / top["n"]) ** 0.5
-            diff = c["gap_mean"] - top["gap"]
-            verdict = "wider" if diff > 2 * se else "narrower" if diff < -2 * se else "tie"
+        sign = two_se_sign((top["gap"], top["std"], top["n"]), (c["gap_mean"], c.get("gap_std"), c["n_gap"]))
+        verdict = {None: "–", 1: "wider", -1: "narrower", 0: "tie"}[sign]
         out.append({"task": c["task"], "combination": c["subset"], "gap": c["gap_mean"], "parts_max": top["gap"],
                     "verdict": verdict})
     return out
