@@ -44,8 +44,37 @@ def test_sequential(tmp_path, monkeypatch):
     out = sequential.summary()
     assert len(out["orders"]) == 6 and all(o["n_seeds"] == 3 for o in out["orders"])
     assert len(out["steps"]) == 12 and all(s["verdict"] == "helps" for s in out["steps"])
+    assert out["claims"] == {"keeps_improving": True, "no_best_order": True} and out["collapsed"] == []
+    assert len(out["improving_orders"]) == 6 and out["best_vs_single"]["verdict"] == "above"
     caption = _caption("sequential", tmp_path, tmp_path / "figs")
-    assert "helped in 12 of 12" in caption and "holds here" in caption
+    assert "helped in 12, hurt in 0" in caption and "6 of 6 orders keep improving" in caption
+
+
+def test_sequential_flags_a_collapsed_stage_and_a_dominant_order(tmp_path, monkeypatch):
+    """A stage that leaves a run at SST-2's majority class (0.509 on 872 dev rows) is named; an order that beats
+    the other five by two standard errors means "no order is best" did not hold; stages that only lose keep
+    no order improving."""
+    monkeypatch.setattr(sequential, "OUT", tmp_path / "sequential.jsonl")
+    monkeypatch.setattr(sequential, "SUMMARY", tmp_path / "sequential.json")
+    monkeypatch.setattr(sequential, "stage_rates", lambda: {"prompt": 1e-2, "bitfit": 5e-3, "adapter": 2e-3})
+    monkeypatch.setattr(sequential, "_majority_rows",
+                        lambda: [{"task": "sst2", "mean": 0.5091743119266054, "n_dev": 872}])
+    for order in sequential.ORDERS:
+        for seed in sequential.SEEDS:
+            top = 0.9 if order == sequential.ORDERS[0] else 0.8
+            scores = [top + 0.001 * seed, top - 0.01 + 0.001 * seed, top - 0.02 + 0.001 * seed]
+            if order == sequential.ORDERS[1] and seed == 0:
+                scores[2] = 0.52  # within 2 binomial se (0.034) of 0.509
+            stages = [{"stage": i, "method": p, "score_at_best_val": scores[i]} for i, p in enumerate(order.split("+"))]
+            append_jsonl(sequential.OUT, _row({"method": order, "seed": seed}, scores[2], stages=stages))
+    out = sequential.summary()
+    assert out["collapsed"] == [{"order": sequential.ORDERS[1], "seed": 0, "stage": 2,
+                                 "part": sequential.ORDERS[1].split("+")[2], "score": 0.52}]
+    assert out["best_order"] == sequential.ORDERS[0] and len(out["beaten_by_best"]) == 5
+    assert out["claims"] == {"keeps_improving": False, "no_best_order": False}
+    assert sequential.at_chance(0.542, 0.509, 872) and not sequential.at_chance(0.545, 0.509, 872)
+    caption = _caption("sequential", tmp_path, tmp_path / "figs")
+    assert "does not hold here" in caption and f"{sequential.ORDERS[1]} seed 0 after" in caption
 
 
 def test_scale(tmp_path, monkeypatch):
