@@ -41,6 +41,7 @@ from controltune.results import read_jsonl, stamp, write_json_unless_same
 from controltune.sweep_spec import SweepSpec, canonical_config, expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the experiments' shared modules, run or imported
+from cost_model import cell_seconds  # noqa: E402
 from rate_selection import (  # noqa: E402
     add_sweep_arguments,
     both_at_chance,
@@ -250,7 +251,7 @@ def plan(tasks, budgets) -> list[dict[str, Any]]:
     print(describe_hours("cells", sweep_hours(cells, read_jsonl(SELECT_OUT) + read_jsonl(TABLE_OUT), seeds_after=2)))
     glue = [r for r in read_jsonl(RESULTS / "glue_table.jsonl") if r.get("status") == "done"
             and r["config"]["method"] == "lora" and not r.get("copied_from")]
-    per_task = {t: statistics.fmean(float(r["wall_time_s"]) for r in glue if r["config"]["task"] == t) for t in tasks
+    per_task = {t: statistics.fmean(cell_seconds(r) or 0.0 for r in glue if r["config"]["task"] == t) for t in tasks
                 if any(r["config"]["task"] == t for r in glue)}
     if len(per_task) == len(tasks):
         n = {t: sum(c["task"] == t for c in cells) for t in tasks}

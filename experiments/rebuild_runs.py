@@ -32,6 +32,7 @@ from controltune.run_folder import DELTAS
 from controltune.sweep_spec import cell_id
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cost_model import cell_seconds  # noqa: E402
 from glue_table import METHODS, TASKS  # noqa: E402
 from rate_selection import REPRODUCED, add_sweep_arguments, choose_lrs, rebuild_cells, sweep_settings  # noqa: E402
 
@@ -110,14 +111,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             p.error(f"unknown {name} {unknown}; known: {', '.join(known)}")
     recorded = recorded_cells(tasks, methods, args.seeds)
     todo = missing(recorded) if args.deltas else not_rebuilt(recorded)
-    hours = sum(float(r.get("wall_time_s") or 0.0) for r in todo) / 3600
+    hours = sum(cell_seconds(r) or 0.0 for r in todo) / 3600
     print(f"{len(recorded)} recorded cells, {len(todo)} to rebuild "
           + ("(deltas not on this machine) " if args.deltas else "(no rebuilt row yet, deltas not on this machine) ")
-          + f"({hours:.1f} core-hours by their recorded wall times)", flush=True)
+          + f"({hours:.1f} core-hours by their recorded times)", flush=True)
     if args.plan:
         for r in todo:
             c = r["config"]
-            print(f"  {c['task']:<5} {c['method']:<8} seed {c['seed']} lr {c['lr']:g}: {r['wall_time_s']:.0f} s")
+            print(f"  {c['task']:<5} {c['method']:<8} seed {c['seed']} lr {c['lr']:g}: {cell_seconds(r) or 0.0:.0f} s")
         return {"todo": [r["cell"] for r in todo], "core_hours": hours}
     if todo:
         rebuild_cells(todo, OUT, sweep_settings(args), ROOT)

@@ -39,6 +39,7 @@ from controltune.results import append_jsonl, read_jsonl, stamp, write_json_unle
 from controltune.run_folder import DELTAS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cost_model import cell_seconds  # noqa: E402
 from rate_selection import (  # noqa: E402
     beats_level,
     choose_lrs,
@@ -136,7 +137,7 @@ def run(jobs: int, sweep: dict[str, Any]) -> None:
     recorded = {r["cell"] for r in read_jsonl(REBUILT_OUT) if r.get("status") == "done"}
     # sources never rebuilt first (their rebuilt rows also give convergence its curves and the gap its training-row
     # scores), and by recorded time, so the two cells in hand take about as long as each other
-    todo = sorted(pending(source_rows(), have), key=lambda r: (r["cell"] in recorded, float(r.get("wall_time_s") or 0)))
+    todo = sorted(pending(source_rows(), have), key=lambda r: (r["cell"] in recorded, cell_seconds(r) or 0.0))
     lost = sum(not has_deltas(r) for r in todo)
     print(f"{len(todo)} source runs to score on the other tasks, {lost} of them to train again first", flush=True)
     jobs = max(1, jobs)
@@ -252,9 +253,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sources = source_rows()
         todo = pending(sources, scored())
         lost = [r for r in todo if not has_deltas(r)]
-        hours = sum(float(r.get("wall_time_s") or 0.0) for r in lost) / 3600
+        hours = sum(cell_seconds(r) or 0.0 for r in lost) / 3600
         print(f"{len(sources)} source runs, {len(todo)} with scores to compute; {len(lost)} of those to train again "
-              f"first ({hours:.1f} core-hours by their recorded wall times, scoring aside)")
+              f"first ({hours:.1f} core-hours by their recorded times, scoring aside)")
         return {"sources": len(sources), "pending": len(todo), "rebuild": len(lost), "rebuild_core_hours": hours}
     if not args.summary_only:
         # rebuilt cells go back to the folders their rows name, ``jobs`` side by side with one thread each
