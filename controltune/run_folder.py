@@ -28,7 +28,7 @@ from .data import Example
 from .results import atomic_file, to_strict_json
 
 if TYPE_CHECKING:
-    from .train import TrainConfig
+    from .train_config import TrainConfig
 
 try:
     import fcntl

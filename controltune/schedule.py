@@ -15,7 +15,7 @@ import torch
 from .batching import length_grouped_batches, shuffled_batches
 
 if TYPE_CHECKING:
-    from .train import TrainConfig
+    from .train_config import TrainConfig
 
 
 def total_steps(config: TrainConfig, n_train: int) -> tuple[int, int]:

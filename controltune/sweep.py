@@ -40,7 +40,8 @@ from .sweep_spec import (
     expand,
     varying_keys,
 )
-from .train import TrainConfig, train
+from .train import train
+from .train_config import TrainConfig
 
 __all__ = ["FINISHED", "finished_configs", "run_cell", "run_cells", "run_sweep", "train_loss_end"]
 

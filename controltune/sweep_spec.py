@@ -44,18 +44,18 @@ from pathlib import Path
 from typing import Any
 
 from .results import to_strict_json
-from .train import TrainConfig
+from .train_config import TrainConfig
 
 CELL_AXES = ("model", "task", "method", "options", "lr", "seed")
 """The axes every cell has (in the order cells are enumerated)."""
 TRAIN_SETTINGS = ("epochs", "steps", "batch_size", "eval_batch_size", "max_length", "warmup", "schedule",
                   "weight_decay", "grad_clip", "eval_every", "dropout", "budget", "group_by_length")
-""":class:`~controltune.train.TrainConfig` fields a spec may set (what a run computes)."""
+""":class:`~controltune.train_config.TrainConfig` fields a spec may set (what a run computes)."""
 RUN_SETTINGS = {"train_size": None, "data_seed": 0, "dev_size": None, "pooling": "mean", "dtype": "float32",
                 "device": "cpu"}
 """Data and model settings a spec may set, with their defaults."""
 OPTIONAL_SETTINGS = ("val_size", "val_seed", "part_lr_scales")
-""":class:`~controltune.train.TrainConfig` fields in a cell's configuration only when the spec sets them (so the
+""":class:`~controltune.train_config.TrainConfig` fields in a cell's configuration only when the spec sets them (so the
 cells of a spec without them are the cells they were before these settings existed).  ``part_lr_scales``, a
 list, is given as a one-value axis: ``[[25.0, 1.0]]``."""
 STAGE_SETTINGS = ("sequential", "stage_lrs")

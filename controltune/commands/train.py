@@ -174,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
     from ..divergence import TrainingDiverged
     from ..evaluation import validation_rows
     from ..system import ResidualSystem
-    from ..train import TrainConfig, check_output_folder, train, train_stages
+    from ..train import check_output_folder, train, train_stages
+    from ..train_config import TrainConfig
 
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out, the folder holding the run's checkpoint")
