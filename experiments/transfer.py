@@ -13,7 +13,10 @@ target's has its two head rows swapped (``LABEL_MAP``).  Kinds: single-sentence 
 of mean dev scores, each entry with whether it beats the target's majority class (two standard errors over seeds)
 and its *gain share* ``(score − majority) / (in-task − majority)``: how much of the target's own gain over chance the
 transferred delta keeps (None where the method does not learn the target in-task: no test).  The claim is judged
-on the gain shares pooled within and across kinds, by two standard errors of their difference.
+per (method, target) the method learns: the same-kind source's transferred score against the cross-kind sources'
+on that target, by two standard errors (:func:`paired_kinds`; one target shares its majority level and in-task
+gain on both sides, so no ratio's small denominator swings it), and held when the same-kind source wins in more
+than half of those pairs (:func:`kinds_verdict`), only once every source is scored.
 
 Run folders stay on the machine that trained them.  A source run whose deltas are not here is trained again from
 its row first (:func:`rate_selection.rebuild_cells`, into its own folder; the new row goes to
@@ -184,6 +187,53 @@ def _pooled(shares: list[float]) -> dict[str, Any]:
     return {"mean": mean, "std": std, "n": len(shares)}
 
 
+def _cell(values: list[float]) -> dict[str, Any]:
+    mean, std = mean_std(values)
+    return {"mean": mean, "std": std, "n_seeds": len(values)}
+
+
+def paired_kinds(rows: list[dict[str, Any]], own: dict[tuple[str, str], dict[str, Any]], levels: dict[str, float]
+                 ) -> list[dict[str, Any]]:
+    """Per (method, target) the target learns in-task: the same-kind source's transferred score against the
+    cross-kind sources' (per seed, the mean of the two), by the two-standard-error rule.
+
+    On one target both sides share the target's majority level and in-task gain, so the comparison needs no
+    ratio: a gain share divides by the in-task gain, which for a barely learnt target (MRPC F1 0.819 against a
+    majority 0.812) turns a small miss into a share of −3 that would swing a pooled mean."""
+    by: dict[tuple[str, str, str], dict[int, float]] = {}
+    for r in rows:
+        by.setdefault((r["method"], r["source"], r["target"]), {})[r["seed"]] = r["score"]
+    pairs = []
+    for method, target in sorted({(r["method"], r["target"]) for r in rows}):
+        level = levels.get(target)
+        if level is None or not beats_level(own.get((method, target), {}), level):
+            continue  # a target the method does not learn is no test of transfer to it
+        same = [s for s in TASKS if s != target and KIND[s] == KIND[target]]
+        cross = [s for s in TASKS if KIND[s] != KIND[target]]
+        same_vals = [v for s in same for v in by.get((method, s, target), {}).values()]
+        seeds = set.intersection(*(set(by.get((method, s, target), {})) for s in cross))
+        cross_vals = [mean_std([by[(method, s, target)][k] for s in cross])[0] for k in sorted(seeds)]
+        a, b = _cell(cross_vals), _cell(same_vals)
+        sign, diff, se = two_se(a, b) if a["n_seeds"] and b["n_seeds"] else (None, None, None)
+        pairs.append({"method": method, "target": target, "same_kind": {**b, "sources": same},
+                      "cross_kind": {**a, "sources": cross}, "difference": diff, "se": se,
+                      "verdict": {1: "same kind better", -1: "cross kind better", 0: "tie", None: None}[sign]})
+    return pairs
+
+
+def kinds_verdict(pairs: list[dict[str, Any]], complete: bool) -> bool | None:
+    """Deltas transfer within their kind and poorly across it: held when the same-kind source wins in more than
+    half of the judged (method, target) pairs, not held when the cross-kind sources win at least as often; None
+    otherwise, and before every source is scored."""
+    judged = [p["verdict"] for p in pairs if p["verdict"] is not None]
+    if not complete or not judged:
+        return None
+    wins, losses = judged.count("same kind better"), judged.count("cross kind better")
+    if wins > len(judged) / 2:
+        return True
+    return False if losses >= wins else None
+
+
 def summary() -> dict[str, Any]:
     rows = read_jsonl(OUT)
     levels = majority_levels()
@@ -202,15 +252,14 @@ def summary() -> dict[str, Any]:
                 else:
                     vals = [r["score"] for r in rows if (r["method"], r["source"], r["target"]) ==
                             (method, source, target)]
-                mean, std = mean_std(vals)
-                cell = {"mean": mean, "std": std, "n_seeds": len(vals)}
+                cell = _cell(vals)
                 level = levels.get(target)
                 target_own = own.get((method, target), {})
-                share = None if level is None else gain_share(mean, target_own, level)
+                share = None if level is None else gain_share(cell["mean"], target_own, level)
                 base = target_own.get("mean")
                 entry = {"method": method, "source": source, "target": target, **cell,
-                         "relative": mean / base if mean is not None and base else None,
-                         "majority": level, "beats_majority": None if level is None or mean is None
+                         "relative": cell["mean"] / base if cell["mean"] is not None and base else None,
+                         "majority": level, "beats_majority": None if level is None or cell["mean"] is None
                          else beats_level(cell, level), "gain_share": share}
                 matrix.append(entry)
                 if source != target:
@@ -221,21 +270,20 @@ def summary() -> dict[str, Any]:
                         above[kind].append(entry["beats_majority"])
     kinds = {k: {**_pooled(v), "beats_majority": sum(above[k]), "judged": len(above[k])}
              for k, v in shares.items()}
-    same, cross = kinds["same kind"], kinds["cross kind"]
-    holds = None
-    if same["std"] is not None and cross["std"] is not None:
-        sign, diff, se = two_se({**cross, "n_seeds": cross["n"]}, {**same, "n_seeds": same["n"]})
-        holds = None if sign in (None, 0) else sign > 0
-        kinds["difference"] = {"same_minus_cross": diff, "se": se}
+    sources = source_rows()
+    complete = bool(sources) and not pending(sources, scored())
+    pairs = paired_kinds(rows, own, levels)
     untested = sorted({(m["method"], m["target"]) for m in matrix if m["source"] != m["target"]
                        and m["gain_share"] is None and m["mean"] is not None})
     payload = {**stamp({"tasks": list(TASKS), "methods": list(METHODS), "label_map": LABEL_MAP, "kind": KIND,
                         "majority": levels, "command": "python experiments/transfer.py"}),
-               "matrix": matrix, "kinds": kinds,
+               "matrix": matrix, "kinds": kinds, "pairs": pairs,
+               "sources": len(sources), "sources_scored": len(sources) - len(pending(sources, scored())),
+               "complete": complete,
                "targets_not_learnt": [{"method": m, "target": t} for m, t in untested],
                "sources_rebuilt": len({r["cell"] for r in rows if r.get("source_rebuilt")}),
                "sources_not_reproduced": sorted({r["cell"] for r in rows if r.get("source_reproduces") is False}),
-               "claim_holds": holds}
+               "claim_holds": kinds_verdict(pairs, complete)}
     write_json_unless_same(SUMMARY, payload)
     return payload
 
