@@ -47,6 +47,7 @@ from rate_selection import (  # noqa: E402
     describe_hours,
     extended_spec,
     glue_majority,
+    grid_progress,
     mean_std,
     progress_echo,
     require_rates,
@@ -153,7 +154,8 @@ def summary(tasks) -> dict[str, Any]:
                         "part_rates": {f"{t}/{p}": r for (t, p), r in part_rates(tasks).items()},
                         "harness": "experiments/glue_select.yaml settings", "command":
                             "python experiments/composability.py"}),
-               "cells": list(cells.values()), "effects": effects}
+               "cells": list(cells.values()), "effects": effects,
+               "progress": grid_progress(list(cells.values()), len(TASKS) * len(SUBSETS))}
     write_json_unless_same(SUMMARY, payload)
     return payload
 

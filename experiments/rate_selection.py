@@ -240,6 +240,14 @@ def both_at_chance(a: dict[str, Any], b: dict[str, Any], level: float | None) ->
     return beats_level(a, level) is False and beats_level(b, level) is False
 
 
+def grid_progress(cells: list[dict[str, Any]], planned: int, seeds: int = 3) -> dict[str, Any]:
+    """How much of a study's grid has every seed: ``{planned, with_all_seeds, complete}``.  A study's verdicts
+    wait for ``complete``: counted over part of its grid (a sweep stopped halfway, or its first tasks only) they
+    would read as the claim's."""
+    full = sum(1 for c in cells if (c.get("n_seeds") or 0) >= seeds)
+    return {"planned": planned, "with_all_seeds": full, "complete": full >= planned}
+
+
 def two_se(a: dict[str, Any], b: dict[str, Any]) -> tuple[int | None, float | None, float | None]:
     """``(sign, b − a, se)`` by the two-standard-error rule on cells ``{mean, std, n_seeds}``: sign 1 when
     ``b − a > 2·se``, −1 when below ``−2·se``, 0 otherwise, ``se = (s_a²/n_a + s_b²/n_b)^{1/2}``; None below two

@@ -38,6 +38,7 @@ from rate_selection import (  # noqa: E402
     chosen_rows,
     describe_hours,
     extended_spec,
+    grid_progress,
     majority_level,
     mean_std,
     progress_echo,
@@ -137,7 +138,8 @@ def summary(models, tasks) -> dict[str, Any]:
     payload = {**stamp({"models": list(models), "tasks": list(tasks), "methods": METHODS, "grid": GRID,
                         "harness": HARNESS, "dev_size": DEV_SIZE, "majority": levels,
                         "command": "python experiments/scale.py"}),
-               "cells": list(cells.values()), "gains": gains, "selective_vs_last_layer": selective}
+               "cells": list(cells.values()), "gains": gains, "selective_vs_last_layer": selective,
+               "progress": grid_progress(list(cells.values()), len(MODELS) * len(TASKS) * len(METHODS))}
     write_json_unless_same(SUMMARY, payload)
     return payload
 

@@ -39,6 +39,7 @@ from rate_selection import (  # noqa: E402
     describe_hours,
     extended_spec,
     glue_majority,
+    grid_progress,
     mean_std,
     progress_echo,
     require_rates,
@@ -124,7 +125,8 @@ def summary(tasks) -> dict[str, Any]:
     counts = {v: sum(1 for c in comparisons if c["verdict"] == v) for v in ("win", "tie", "loss", "not a test")}
     payload = {**stamp({"tasks": list(tasks), "ks": list(KS), "methods": METHODS, "grid": GRID, "epochs": EPOCHS,
                         "harness": HARNESS, "command": "python experiments/unipelt_low_resource.py"}),
-               "cells": list(cells.values()), "comparisons": comparisons, "counts": counts}
+               "cells": list(cells.values()), "comparisons": comparisons, "counts": counts,
+               "progress": grid_progress(list(cells.values()), len(TASKS) * len(KS) * len(METHODS))}
     write_json_unless_same(SUMMARY, payload)
     return payload
 

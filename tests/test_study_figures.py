@@ -121,6 +121,15 @@ def test_unipelt(tmp_path, monkeypatch):
     assert all(c["verdict"] == "not a test" for c in out["comparisons"] if c["task"] == "cola")
     caption = _caption("unipelt_low_resource", tmp_path, tmp_path / "f")
     assert "wins 27, ties 0 and loses 0 (9 more are not a test" in caption and "holds here" in caption
+    assert out["progress"] == {"planned": 48, "with_all_seeds": 48, "complete": True}
+    # a table that has not run every seed (here the last task's seed 2) gives its counts and no verdict
+    kept = [r for r in unipelt_low_resource.read_jsonl(unipelt_low_resource.TABLE_OUT)
+            if not (r["config"]["task"] == "cola" and r["config"]["seed"] == 2)]
+    unipelt_low_resource.TABLE_OUT.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    out = unipelt_low_resource.summary(unipelt_low_resource.TASKS)
+    assert out["progress"] == {"planned": 48, "with_all_seeds": 36, "complete": False}
+    caption = _caption("unipelt_low_resource", tmp_path, tmp_path / "f")
+    assert "no verdict yet (36 of 48 cells have all 3 seeds)" in caption and "holds here" not in caption
 
 
 def test_transfer(tmp_path, monkeypatch):

@@ -27,6 +27,14 @@ def _verdict(held: bool | None) -> str:
     return "inconclusive" if held is None else ("holds here" if held else "does not hold here")
 
 
+def _gated(payload: dict[str, Any], held: bool | None) -> str:
+    """:func:`_verdict`, once the study's grid has every seed (its ``progress``); before, what is missing."""
+    prog = payload.get("progress")
+    if prog and not prog["complete"]:
+        return f"no verdict yet ({prog['with_all_seeds']} of {prog['planned']} cells have all 3 seeds)"
+    return _verdict(held)
+
+
 # --- composability --------------------------------------------------------------------------------
 def draw_composability(results_dir: Path):
     """Per task: dev score of each subset of {prompt, BitFit, adapter} (mean ± std over seeds)."""
@@ -82,9 +90,9 @@ def caption_composability(results_dir: Path) -> str:
         "chosen on validation rows (0.5, 1 or 2); single methods are GLUE table cells. Adding a part to a subset is "
         "judged by the two-standard-error rule. Claims (Ding et al. 2023): adapters almost always help — "
         f"{share('adapter', 'helps')}, "
-        f"{_verdict(held('adapter', 'helps', 0.75))} (criterion: helps in ≥ 75 %); prompt tuning usually hurts — "
-        f"{share('prompt', 'hurts')}, {_verdict(held('prompt', 'hurts', 0.5))} (≥ 50 %); BitFit usually helps — "
-        f"{share('bitfit', 'helps')}, {_verdict(held('bitfit', 'helps', 0.5))} (≥ 50 %). "
+        f"{_gated(payload, held('adapter', 'helps', 0.75))} (criterion: helps in ≥ 75 %); prompt tuning usually "
+        f"hurts — {share('prompt', 'hurts')}, {_gated(payload, held('prompt', 'hurts', 0.5))} (≥ 50 %); BitFit "
+        f"usually helps — {share('bitfit', 'helps')}, {_gated(payload, held('bitfit', 'helps', 0.5))} (≥ 50 %). "
         f"Command: `python experiments/composability.py` ({versions_line(payload)})."
     )
 
@@ -170,6 +178,7 @@ def combination_widening(results_dir: Path, per_task: dict[str, dict[str, dict[s
 
 def caption_gap(results_dir: Path) -> str:
     single, combos = gaps(results_dir)
+    combo_payload = load_json(results_dir, "composability.json") if combos else {}
     mean = {k: sum(v) / len(v) for k, v in {**single, **combos}.items()}
     per_task = gaps_per_task(results_dir)
     # per task, against full fine-tuning on the same task (the metrics differ across tasks: MCC gaps dwarf the others)
@@ -191,7 +200,8 @@ def caption_gap(results_dir: Path) -> str:
     w_counts = {k: sum(w["verdict"] == k for w in judged_w) for k in ("wider", "tie", "narrower")}
     combos_text = ("combinations widen it (a combination's gap above the largest of its parts' on the same task by "
                    f"two standard errors) — wider in {w_counts['wider']} of {len(judged_w)} (task, combination) "
-                   f"pairs, tie {w_counts['tie']}, narrower {w_counts['narrower']}: {_verdict(widen)} (criterion: "
+                   f"pairs, tie {w_counts['tie']}, narrower {w_counts['narrower']}: {_gated(combo_payload, widen)} "
+                   "(criterion: "
                    "wider in a majority)"
                    if combos else "combinations widen it — not run yet (`python experiments/composability.py`)")
     return (
@@ -393,10 +403,11 @@ def caption_scale(results_dir: Path) -> str:
         + ", ".join(f"{m} {_fmt(v)}" for m, v in mean_gain.items())
         + f". Claims (Ding et al. 2023): every method improves with model size — {len(improved)} of {len(gains)} "
         f"(task, method) pairs improve by the two-standard-error rule{left_out(untested, 'method')}, "
-        f"{_verdict(None if not gains else len(improved) == len(gains))}; prompt tuning improves most — largest mean "
-        f"gain: {top or '–'} ({_verdict(None if top is None else top == 'prompt')}); selective-module tuning beats "
-        f"last-layer tuning at the same budget — in {sel_better} of {len(sel)} (model, task) pairs"
-        f"{left_out(sel_untested, 'model')} ({_verdict(None if not sel else sel_better > len(sel) / 2)}). "
+        f"{_gated(payload, None if not gains else len(improved) == len(gains))}; prompt tuning improves most — "
+        f"largest mean gain: {top or '–'} ({_gated(payload, None if top is None else top == 'prompt')}); "
+        f"selective-module tuning beats last-layer tuning at the same budget — in {sel_better} of {len(sel)} "
+        f"(model, task) pairs{left_out(sel_untested, 'model')} "
+        f"({_gated(payload, None if not sel else sel_better > len(sel) / 2)}). "
         f"Command: `python experiments/scale.py` ({versions_line(payload)})."
     )
 
@@ -434,8 +445,9 @@ def caption_unipelt(results_dir: Path) -> str:
         f"parts at K = 100, 500, 1000 — over {n} (task, K, part) comparisons by the two-standard-error rule it wins "
         f"{c['win']}, ties {c['tie']} and loses {c['loss']}"
         + (f" ({untested} more are not a test: UniPELT and the part both at the majority class)" if untested else "")
-        + f": {_verdict(None if not n else c['win'] > n / 2 and c['loss'] == 0)} (criterion: wins a majority of the "
-        f"tests, loses none). Command: `python experiments/unipelt_low_resource.py` ({versions_line(payload)})."
+        + f": {_gated(payload, None if not n else c['win'] > n / 2 and c['loss'] == 0)} (criterion: wins a "
+        "majority of the tests, loses none). Command: `python experiments/unipelt_low_resource.py` "
+        f"({versions_line(payload)})."
     )
 
 
