@@ -153,7 +153,8 @@ def summary() -> dict[str, Any]:
                        "never_reached": sorted(r["method"] for r in mine if r["steps_to_common"] is None),
                        "claimed": [m for m in CLAIMED if m in by_steps]})
     return {**stamp({"source": "GLUE table runs (glue_select.jsonl, glue_table.jsonl, runs/glue_table/*/metrics.json)",
-                     "reach": REACH, "command": "python experiments/convergence.py"}),
+                     "reach": REACH, "majority_of": "validation rows",
+                     "command": "python experiments/convergence.py"}),
             "rows": rows, "orders": orders, "cells_without_curves": sorted(set(absent))}
 
 

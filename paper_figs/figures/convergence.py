@@ -67,6 +67,9 @@ def caption(results_dir: Path) -> str:
             verdict = "as claimed" if reached == claimed else f"not as claimed (claimed {' > '.join(claimed)})"
         parts.append(f"{o['task']}: level reached by {shown}{never} — {verdict}")
     seeds = sorted({r["n_seeds"] for r in payload["rows"]})
+    # summaries before 2026-12-04 measured the validation curves from the dev set's majority class
+    level_of = (payload["config"].get("majority_of")
+                or "dev set (this summary predates measuring it on the validation rows)")
     provisional = (" Some cells have fewer than 3 seeds' curves, so these orders are provisional."
                    if seeds and min(seeds) < 3 else "")
     return (
@@ -74,7 +77,7 @@ def caption(results_dir: Path) -> str:
         "training step, per method at the learning rate chosen on those rows, mean over the seeds whose run "
         f"folders were found (n = {', '.join(map(str, seeds))}); no new training: the curves are the GLUE table's "
         "runs (all-MiniLM-L6-v2, batch 32, AdamW with warm-up and linear decay; see the glue_table figure). "
-        "Dotted: the majority-class level m of the validation rows; dashed: m + 0.9·(full fine-tuning's best − m), "
+        f"Dotted: the majority-class level m of the {level_of}; dashed: m + 0.9·(full fine-tuning's best − m), "
         "the level "
         "used to order methods by speed (a method that never reaches it is ordered after, by the share of full "
         "fine-tuning's gain it reaches). Claim (Ding et al. 2023): full fine-tuning converges fastest, then "
