@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,6 +13,11 @@ import torch  # noqa: E402
 
 FAMILY_MODELS = ["random:bert", "random:roberta", "random:gpt2", "random:llama"]
 SENTENCES = ["a gripping , funny and moving film .", "dull", "the plot is thin but the acting is superb ."]
+
+
+needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None,
+                                reason="the peft extra is not installed (pip install -e '.[peft]')")
+"""Tests that load or train through peft itself (``make test`` installs the extra; ``.[test]`` alone does not)."""
 
 
 def make_batch(tokenizer, n: int = 3, labels: bool = True, family: str | None = None) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 
 import pytest
@@ -132,8 +133,12 @@ def test_threads_are_set_for_the_run_and_restored(monkeypatch):
     assert torch.get_num_threads() == before
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert default_threads() == 3
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert default_threads() >= 1
+    assert default_threads() == cores
+    for unusable in ("0", "x", " "):  # not a positive integer: every core this process may run on
+        monkeypatch.setenv("OMP_NUM_THREADS", unusable)
+        assert default_threads() == cores
     with pytest.raises(ValueError, match="threads=0"):
         TrainConfig(threads=0)
 

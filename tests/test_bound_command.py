@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,10 @@ def test_bound_prints_and_writes_every_bound(capsys, lora_run, tmp_path) -> None
     for row in result["rows"]:
         assert set(row["bounds"]) == {"certified", "global", "local", "sampled", "adjoint", "tangent", "costate_cs"}
         assert row["certified_holds"] and row["global_holds"]
+        costs = {k: b["cost"] for k, b in row["bounds"].items()}
+        assert all(math.isfinite(c) and c >= 0 for c in costs.values()), costs
+        # the two sound bounds, read from the numbers themselves (not only the flags the command computes)
+        assert costs["certified"] >= row["gap"] >= 0 and costs["global"] >= row["gap"]
 
 
 def test_full_reference_takes_its_targets(capsys, tmp_path, task) -> None:

@@ -25,7 +25,8 @@ from controltune.metrics import (
     matthews_corrcoef,
 )
 
-SHARED_DATA = Path("/work/shared/data")
+SHARED_DATA = Path(os.environ.get("CONTROLTUNE_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+"""The GLUE tasks as the README places them: ``$CONTROLTUNE_DATA``, else ``../shared/data`` beside the project."""
 
 
 def write_jsonl(path: Path, rows: list[object]) -> Path:

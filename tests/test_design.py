@@ -224,11 +224,34 @@ def test_costate_lora_init_is_top_r_svd_of_hamiltonian_gradient():
         assert float(expected.abs().max()) > 0
 
 
-def test_costate_lora_auto_step_does_not_increase_held_out_cost():
+def _twice(batch: dict) -> dict:
+    """The batch followed by itself: the held-out half of the step search is the design half again."""
+    return {k: torch.cat([v, v]) for k, v in batch.items()}
+
+
+def test_costate_lora_auto_step_lowers_the_held_out_cost_to_the_grid_minimum():
+    # the held-out half repeats the design half, so the gradient's direction lowers it for small enough steps
+    system = _system()
+    batch = _twice(_batch(3, 5, seed=6))
+    ctrl = build("costate_lora", system, rank=2, design_batch=batch)
+    r = ctrl.report
+    assert r["step"] > 0 and r["J_search"] < r["J0_search"]
+    assert r["J_search"] == min(j for j, _ in r["grid"]) and r["step"] == min(r["grid"])[1]
+    held_out = {k: v[3:] for k, v in batch.items()}
+    with torch.no_grad():
+        assert float(system.cost(held_out)) == pytest.approx(r["J_search"], rel=1e-12)  # the built system's
+
+
+def test_costate_lora_takes_the_smallest_step_when_no_step_lowers_the_held_out_cost():
+    """Random tokens with alternating labels: the design half's gradient does not generalise to the other half,
+    and every step of the grid raises its cost.  The factors still need a non-zero product to train, so the
+    smallest step is taken and its (higher) held-out cost reported."""
     system = _system()
     ctrl = build("costate_lora", system, rank=2, design_batch=_batch(6, 5, seed=6))
-    assert ctrl.report["step"] > 0
-    assert ctrl.report["J_search"] <= ctrl.report["J0_search"] or ctrl.report["step"] == ctrl.report["grid"][-1][1]
+    r = ctrl.report
+    assert all(j > r["J0_search"] for j, _ in r["grid"])
+    assert r["step"] == r["grid"][-1][1] == min(eta for _, eta in r["grid"]) > 0
+    assert r["J_search"] == r["grid"][-1][0]
 
 
 # --- closed-loop prefix ---------------------------------------------------------------------------------
@@ -280,7 +303,10 @@ def test_riccati_feedback_designs_a_trainable_low_rank_feedback():
     ctrl = build("riccati_feedback", system, rank=2, state_dim=6, design_batch=batch)
     assert ctrl.report["predicted_dJ"] < 0
     J = system.cost(batch)
-    assert float(J.detach()) != j0
+    # the designed feedback lowers the cost, by about what the linear-quadratic model of the blocks predicts
+    # (a second-order model of a nonlinear system: measured -0.228 against -0.214)
+    assert float(J.detach()) < j0
+    assert float(J.detach()) - j0 == pytest.approx(ctrl.report["predicted_dJ"], rel=0.25)
     J.backward()
     assert all(float(c.param.grad.abs().max()) > 0 for c in ctrl.controls())
     assert ctrl.n_trainable() == system.n_layers * (2 * system.d_model * 2 + 2)
@@ -325,21 +351,45 @@ def test_gramian_lora_stays_within_lora_budget():
 
 
 def test_closed_loop_prefix_survives_a_deep_copy():
-    """A float64 twin of a float32 system must use its own copy of the feedback, not the original's."""
+    """A float64 twin of a float32 system must use its own copy of the feedback, not the original's: with the
+    feedback switched on and the original's captured states left stale (another batch ran last), the twin's
+    output equals that of a system built afresh from the same parameters and cast to float64, to rounding
+    (a twin calling the original's float32 prefix, or reading its stale states, misses by about 1e-7 or more)."""
     import copy
 
     import controltune as ct
     from controltune.controllers import build
+    from controltune.controllers.designed.closed_loop_prefix import ClosedLoopPrefix
 
-    loaded = ct.load_model("random:bert", dtype="float32")
-    system = ct.ResidualSystem(loaded)
-    build("closed_loop_prefix", system)
-    batch = dict(loaded.tokenizer(["a fine film .", "dull"], padding=True, return_tensors="pt"))
-    twin = copy.deepcopy(system).to(torch.float64)
+    def built() -> ct.ResidualSystem:
+        loaded = ct.load_model("random:bert", dtype="float32")
+        system = ct.ResidualSystem(loaded)
+        build("closed_loop_prefix", system, rank=2)
+        return system
+
+    system = built()
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        out32, out64 = system(batch), twin(batch)
-    assert out64.dtype == torch.float64
-    assert torch.allclose(out32.double(), out64, atol=1e-5)
+        for name, param in system.named_parameters():
+            if ".U_" in name or ".P0_" in name:  # the feedback is zero at initialisation: switch it on
+                param.copy_(0.5 * torch.randn(param.shape, generator=gen, dtype=torch.float64).to(param.dtype))
+    tokenizer = ct.load_model("random:bert", dtype="float32").tokenizer
+    batch = dict(tokenizer(["a fine film .", "dull"], padding=True, return_tensors="pt"))
+    other = dict(tokenizer(["something else entirely , and longer", "no"], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        system(other)  # the original's captured states are now those of another batch
+    twin = copy.deepcopy(system).to(torch.float64)
+    fresh = built()
+    fresh.load_state_dict(system.state_dict())
+    fresh = fresh.to(torch.float64)
+    with torch.no_grad():
+        out64, expected = twin(batch), fresh(batch)
+        twin_ctrl = next(m for m in twin.modules() if isinstance(m, ClosedLoopPrefix))
+        key, value = twin_ctrl._prefix_for(0, 2)
+    assert out64.dtype == key.dtype == value.dtype == torch.float64
+    assert torch.allclose(out64, expected, rtol=0, atol=1e-12), float((out64 - expected).abs().max())
+    with torch.no_grad():
+        assert float((out64 - system(batch).double()).abs().max()) > 1e-9  # the float32 original: rounding
 
 
 @pytest.mark.parametrize("name", ["random:gpt2", "random:llama"])

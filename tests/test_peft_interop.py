@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-pytest.importorskip("peft")
+pytest.importorskip("peft", reason="the peft extra is not installed (pip install -e '.[peft]')")
 from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model  # noqa: E402
 
 from controltune import load_model  # noqa: E402

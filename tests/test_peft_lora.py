@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_batch, toy_task
+from conftest import make_batch, needs_peft, toy_task
 
 from controltune import ResidualSystem, load_model
 from controltune.controllers import UnsupportedMethodError, build
 from controltune.peft_export import to_peft
 from controltune.verification import verify
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), needs_peft]
 
 
 def _system(dtype: str = "float64", family: str = "bert") -> ResidualSystem:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_batch, toy_task
+from conftest import make_batch, needs_peft, toy_task
 
 from controltune import ResidualSystem, load_model
 from controltune.cli import main
@@ -83,6 +83,18 @@ def test_recommended_lora_allocates_the_budget_and_starts_inside_the_trust_regio
     assert all(t["ratio"] < 0.25 for t in tr["trials"][:-1])
     for d in ctrl.deltas.values():
         assert math.isclose(d.scale, 2.0) and float(d.B.detach().abs().max()) > 0
+    # the built system is the accepted trial: its held-out cost, and each map's step η·U_r Σ_r V_rᵀ
+    from controltune.controllers.designed.designed_lora import _design_batch, _half
+
+    with torch.no_grad():
+        held_out = float(system.cost(_half(_design_batch(ctrl, system), False)))
+    assert held_out == pytest.approx(tr["trials"][-1]["j"], rel=1e-12)
+    assert tr["eta"] == tr["trials"][-1]["eta"] > 0
+    for key, d in ctrl.deltas.items():
+        r = report["ranks"][key]
+        applied = torch.linalg.svdvals(d.scale * d.B.detach() @ d.A.detach())[:r]
+        sigma = torch.tensor(report["top_sigma2"][key][:r], dtype=torch.float64).sqrt()
+        assert torch.allclose(applied, tr["eta"] * sigma, rtol=1e-10, atol=0)
     standard = build("recommended_lora", _classifier(family)[1], task=task, n_design=32, budget=3000, max_rank=4,
                      init="standard")
     assert standard.report["ranks"] == report["ranks"]  # the same design rows, the same allocation
@@ -103,6 +115,7 @@ def test_recommended_lora_passes_verify(task):
     assert report.passed, report.failures()
 
 
+@needs_peft
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_the_peft_folder_loads_gives_the_same_logits_and_trains(task, family, tmp_path):
     from peft import PeftModel
@@ -133,6 +146,7 @@ def test_the_peft_folder_loads_gives_the_same_logits_and_trains(task, family, tm
     assert losses[-1] < losses[0]
 
 
+@needs_peft
 def test_to_peft_refuses_what_peft_cannot_hold(tmp_path):
     _, system = _classifier("bert")
     build("prefix", system, length=2)
@@ -144,6 +158,7 @@ def test_to_peft_refuses_what_peft_cannot_hold(tmp_path):
         to_peft(mean_pooled, tmp_path / "b")
 
 
+@needs_peft
 def test_the_recommend_command_writes_a_peft_folder(task, tmp_path, capsys):
     out = tmp_path / "rec"
     assert main(["recommend", "--model", "random:bert", "--task", task, "--budget", "2500", "--max-rank", "2",
@@ -168,6 +183,7 @@ def test_a_designed_controller_designs_on_the_task_it_is_trained_on():
     assert "task" not in parts[0][1] and parts[1][1]["task"] == "mrpc"
 
 
+@needs_peft
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_training_the_peft_folder_in_plain_peft_follows_the_system_step_for_step(task, family, tmp_path):
     """The design table trains ``recommended_lora`` in the system; this is the claim that its rows stand for the

@@ -1,3 +1,4 @@
+"""Result files: a summary rebuilt from unchanged results keeps its bytes and stamp."""
 
 
 def test_a_summary_rebuilt_with_the_same_results_keeps_its_file_and_stamp(tmp_path):

@@ -94,6 +94,18 @@ def test_a_one_percent_error_in_the_control_gradients_fails_forward_and_fd():
     assert max(report.costate_fd) <= 1e-6
 
 
+def test_a_planted_error_of_1e_5_fails_the_fd_leg_at_its_tolerance():
+    """An error of 1e-5 in every ∇_u H lies below the raw ceiling (1e-2, which alone fails any method) and
+    10x above the FD tolerance (1e-6): the FD leg itself must see it."""
+    system, batch = _system("random:bert", "lora")
+    report = verify(system, batch, solution=_planted(solve_costate(system, batch), factor=1 + 1e-5),
+                    n_state_directions=1)
+    assert not report.passed
+    fd = report.legs["fd"]
+    assert 1e-6 < fd["max_error"] and fd["max_raw_error"] < FD_RAW_CEILING
+    assert any("vs finite differences" in f for f in report.failures())
+
+
 def test_a_one_percent_error_in_the_costates_fails_forward_and_fd():
     system, batch = _system("random:gpt2", "lora")
     planted = _planted(solve_costate(system, batch), controls=False, costates=True)
