@@ -34,6 +34,7 @@ METHODS = {  # one controller of each kind of control, and the special cases of 
     "masking": {"targets": ["q"], "layers": [1]},          # a straight-through estimator
     "diff_pruning": {"layers": [0]},                      # saturated hard-concrete gates
     "bitfit": {},                                         # key biases: exactly zero derivatives
+    "closed_loop_prefix": {"n_prefix": 2, "rank": 2},     # state feedback the controller captures per rollout
 }
 
 
@@ -170,8 +171,9 @@ def test_legacy_mode_checks_one_direction_per_control():
         verify(system, batch, fd_mode="ladder")
 
 
-def test_float32_systems_run_forward_and_fd_on_the_float64_copy():
-    system, batch = _system("random:roberta", "lora", dtype="float32")
+@pytest.mark.parametrize("method", ["lora", "closed_loop_prefix"])  # the latter holds state the copy must own
+def test_float32_systems_run_forward_and_fd_on_the_float64_copy(method):
+    system, batch = _system("random:roberta", method, dtype="float32")
     report = verify(system, batch, n_state_directions=1)
     assert report.dtype == "float32" and report.tol_autograd == 1e-4
     assert report.tol_forward == 1e-10 and report.tol_fd == 1e-6
