@@ -122,8 +122,10 @@ def _steps(orders: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _keeps_improving(o: dict[str, Any], steps: list[dict[str, Any]]) -> bool | None:
     """An order keeps improving when its final score beats its first stage's by two standard errors and no
     added stage hurts (None before every stage has two seeds)."""
-    sign, _, _ = two_se(o["stages"][0], {"mean": o["mean"], "std": o["std"], "n_seeds": o["n_seeds"]}) \
-        if o["mean"] is not None and o["stages"][0]["mean"] is not None else (None, None, None)
+    first, final = o["stages"][0], {"mean": o["mean"], "std": o["std"], "n_seeds": o["n_seeds"]}
+    if first["mean"] is None or final["mean"] is None:
+        return None
+    sign = two_se(first, final)[0]
     mine = [s for s in steps if s["order"] == o["order"]]
     if sign is None or len(mine) < len(o["stages"]) - 1:
         return None
