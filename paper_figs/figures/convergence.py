@@ -68,7 +68,7 @@ def caption(results_dir: Path) -> str:
         parts.append(f"{o['task']}: level reached by {shown}{never} — {verdict}")
     seeds = sorted({r["n_seeds"] for r in payload["rows"]})
     # summaries before 2026-12-04 measured the validation curves from the dev set's majority class
-    level_of = (payload["config"].get("majority_of")
+    level_of = (payload.get("config", {}).get("majority_of")
                 or "dev set (this summary predates measuring it on the validation rows)")
     provisional = (" Some cells have fewer than 3 seeds' curves, so these orders are provisional."
                    if seeds and min(seeds) < 3 else "")
