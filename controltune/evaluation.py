@@ -15,7 +15,7 @@ import torch
 
 from .batching import encode, length_order
 from .data import Example
-from .metrics import compute_metrics
+from .metrics import compute_metrics, top_class_share
 
 
 def validation_split(examples: Sequence[Example], size: float, seed: int = 0) -> tuple[list[Example],
@@ -51,7 +51,8 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 @torch.no_grad()
 def evaluate(system, examples: Sequence[Example], task_spec, tokenizer, batch_size: int = 128,
              max_length: int = 128, cache_dir: str | Path | None = None) -> dict[str, float]:
-    """Dev metrics of the task (``compute_metrics``) and the mean terminal cost ``loss``.
+    """Dev metrics of the task (``compute_metrics``), the mean terminal cost ``loss`` and the share of rows given
+    the most predicted class ``top_class_share`` (1.0: one class for every row).
 
     The examples are tokenised once (:func:`~controltune.batching.encode`, cached; on disk
     too with ``cache_dir``) and batched in order of token length (padding to the longest in
@@ -76,4 +77,5 @@ def evaluate(system, examples: Sequence[Example], task_spec, tokenizer, batch_si
     labels = torch.tensor([ex.label for ex in examples])
     scores = compute_metrics(task_spec, preds, labels)
     scores["loss"] = loss_sum / len(examples)
+    scores["top_class_share"] = top_class_share(preds)
     return scores

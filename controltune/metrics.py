@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "AUXILIARY_KEYS",
     "METRICS",
     "accuracy",
     "compute_metrics",
@@ -22,6 +23,7 @@ __all__ = [
     "majority_baseline",
     "matthews_corrcoef",
     "metrics_for_classes",
+    "top_class_share",
 ]
 
 
@@ -129,6 +131,21 @@ METRICS: dict[str, Callable[[Any, Any], float]] = {
     "mcc": matthews_corrcoef,
 }
 """Metric names a task may ask for: accuracy, binary F1 of class 1 (2-class tasks only), macro-F1, MCC."""
+
+
+AUXILIARY_KEYS = ("step", "loss", "top_class_share")
+"""Keys of an evaluation's scores that are not task metrics: the step, the mean terminal cost, and
+:func:`top_class_share`."""
+
+
+def top_class_share(preds: Any) -> float:
+    """The share of rows predicted as the most predicted class, ``max_c #{i: ŷ_i = c} / n``: 1.0 when the model
+    predicts one class for every row (a run collapsed to a constant prediction scores the majority class's
+    level, or below, and says so here)."""
+    y = _as_ids(preds, "preds")
+    if y.size == 0:
+        raise ValueError("preds are empty")
+    return float(np.bincount(y).max() / y.size)
 
 
 def metrics_for_classes(num_labels: int, binary_f1: bool = False) -> tuple[str, ...]:

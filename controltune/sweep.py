@@ -161,8 +161,11 @@ def run_cell(config: dict[str, Any], threads: int = 1, runs_dir: str | None = No
     selected = {key: (result or {}).get(key) if row["status"] == "done" else None
                 for key in ("best_val", "dev_at_best_val")}
     metric = (result or {}).get("metric")
+    reported = selected["dev_at_best_val"] or scores or {}  # the dev scores of the deltas the row reports
+    share = reported.get("top_class_share")
     row.update(**selected, val_score=(selected["best_val"] or {}).get(metric),
                score_at_best_val=(selected["dev_at_best_val"] or {}).get(metric),
+               predicts_one_class=None if share is None else share == 1.0,
                train_scores=(result or {}).get("train_scores") if row["status"] == "done" else None)
     row.update(scores=scores, score=scores.get(result["metric"]) if scores else None,
                metric=(result or {}).get("metric"), best=(result or {}).get("best"),
@@ -249,7 +252,9 @@ def progress_line(i: int, n: int, row: Row, varying: list[str]) -> str:
     what = describe(row["config"], varying)
     if row["status"] == "done":
         detail = ", ".join(f"{k}={v:.4f}" for k, v in (row.get("scores") or {}).items()
-                           if isinstance(v, (int, float)))
+                           if isinstance(v, (int, float)) and k != "top_class_share")
+        if row.get("predicts_one_class"):
+            detail += " [predicts one class for every dev row]"
     else:
         detail = row.get("reason") or ""
     took = f" ({row['wall_time_s']:.1f} s)" if row.get("wall_time_s") is not None else ""

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from controltune.data import load_split, resolve_task
-from controltune.metrics import majority_baseline
+from controltune.metrics import AUXILIARY_KEYS, majority_baseline
 from controltune.results import read_jsonl, stamp, write_json_unless_same
 from controltune.sweep import FINISHED, finished_configs, run_sweep, train_loss_end
 from controltune.sweep_spec import SweepSpec, canonical_config, expand, load_spec, parse_spec
@@ -159,7 +159,7 @@ def _method_row(task: str, method: str, rows: list[dict[str, Any]], lr: float | 
     mean, std = mean_std(selected)
     names = list((done[0].get("dev_at_best_val") or {}) if done else [])
     all_metrics = {}
-    for name in (n for n in names if n not in ("step", "loss")):
+    for name in (n for n in names if n not in AUXILIARY_KEYS):
         m, s = mean_std([r["dev_at_best_val"][name] for r in done])
         all_metrics[name] = {"mean": m, "std": s}
     gap_mean, gap_std = mean_std([r["train_scores"][metric] - r["score_at_best_val"] for r in done

@@ -38,6 +38,7 @@ from controltune import ResidualSystem, load_model
 from controltune.controllers import REGISTRY, build
 from controltune.data import load_split, resolve_task
 from controltune.divergence import TrainingDiverged
+from controltune.metrics import AUXILIARY_KEYS
 from controltune.results import append_jsonl, read_jsonl, row_done, stamp, write_json
 from controltune.train import TrainConfig, train
 
@@ -120,7 +121,7 @@ def table(rows: list[dict]) -> dict:
     for (method, task, budget), rs in sorted(groups.items()):
         metrics = {}
         for name in rs[0]["final"]:
-            if name in ("step", "loss"):
+            if name in AUXILIARY_KEYS:
                 continue
             vals = [r["final"][name] for r in rs]
             metrics[name] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else None}

@@ -12,7 +12,14 @@ import pytest
 
 from controltune.cli import main
 from controltune.data import resolve_task
-from controltune.metrics import compute_metrics, f1_binary, f1_macro, majority_baseline, metrics_for_classes
+from controltune.metrics import (
+    compute_metrics,
+    f1_binary,
+    f1_macro,
+    majority_baseline,
+    metrics_for_classes,
+    top_class_share,
+)
 
 
 def _reference_macro_f1(p: list[int], y: list[int], classes: list[int]) -> float:
@@ -82,7 +89,8 @@ def test_a_three_class_jsonl_task_trains_end_to_end(tmp_path, capsys, one_thread
     assert "macro_f1=" in capsys.readouterr().out
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for key in ("final", "dev_at_best_val", "best_val"):
-        assert set(saved[key]) == {"step", "accuracy", "macro_f1", "loss"} and 0 <= saved[key]["macro_f1"] <= 1
+        assert set(saved[key]) == {"step", "accuracy", "macro_f1", "loss", "top_class_share"}
+        assert 0 <= saved[key]["macro_f1"] <= 1 and 1 / 3 <= saved[key]["top_class_share"] <= 1
     # a single 3-class file: dev held out of it, validation held out of the rest
     single = tmp_path / "three.jsonl"
     _write_three_class(single, 80, rng)
@@ -107,3 +115,41 @@ def test_a_two_class_task_that_asks_for_binary_f1_reports_it(tmp_path):
 
     # MRPC asks for binary F1 (checked on its registry entry: the GLUE copies may not be on this machine).
     assert BUILTIN_TASKS["mrpc"].metrics == ("accuracy", "f1")
+
+
+def test_top_class_share_counts_the_most_predicted_class():
+    assert top_class_share([1, 1, 1]) == 1.0 and top_class_share(np.array([0, 1, 1, 2])) == 0.5
+    with pytest.raises(ValueError, match="empty"):
+        top_class_share([])
+
+
+def test_a_run_that_predicts_one_class_says_so(tmp_path, capsys, one_thread):
+    """Training rows of one class teach the head to predict it everywhere: the dev score is the constant
+    prediction's, and the CLI and a sweep row both say that the deltas predict one class."""
+    folder = tmp_path / "one"
+    folder.mkdir()
+    words = (["bad", "awful", "sad"], ["good", "great", "fine"])
+    for split, labels in (("train", [0] * 40), ("dev", [0, 1] * 8)):
+        with (folder / f"{split}.jsonl").open("w") as fh:
+            for i, y in enumerate(labels):
+                fh.write(json.dumps({"text": f"{words[y][i % 3]} {words[y][(i + 1) % 3]}", "label": y}) + "\n")
+    args = ["train", "--task", str(folder), "--model", "random:bert", "--method", "lora", "--opt", "rank=2",
+            "--steps", "10", "--batch-size", "8", "--lr", "0.01", "--max-length", "8", "--no-progress",
+            "--json", str(tmp_path / "r.json")]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "predict one class for every dev row" in err
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["final"]["top_class_share"] == 1.0 and result["final"]["accuracy"] == 0.5
+
+    from controltune import sweep_spec
+    from controltune.sweep import progress_line, run_sweep
+
+    spec = sweep_spec.parse_spec({"grid": {"model": "random:bert", "method": "lora", "task": str(folder), "lr": 1e-2,
+                                           "options": {"rank": 2}},
+                                  "train": {"steps": 10, "batch_size": 8, "max_length": 8}})
+    out = tmp_path / "rows.jsonl"
+    run_sweep(spec, out, executor="local", runs_dir=tmp_path / "runs")
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["status"] == "done" and row["predicts_one_class"] is True
+    assert "[predicts one class for every dev row]" in progress_line(1, 1, row, [])

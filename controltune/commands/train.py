@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..controllers.spec import controller_spec, parse_options
 from ..data import load_split, resolve_task
+from ..metrics import AUXILIARY_KEYS
 
 
 def _part_scales(text: str | None) -> list[float] | None:
@@ -153,7 +154,7 @@ def check_max_length(loaded, max_length: int) -> None:
     check_length(loaded, max_length, "--max-length")
 
 
-def _scores(scores: dict | None, skip: tuple[str, ...] = ("step",)) -> str:
+def _scores(scores: dict | None, skip: tuple[str, ...] = ("step", "top_class_share")) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in (scores or {}).items() if k not in skip)
 
 
@@ -162,9 +163,19 @@ def _scores_text(result: dict) -> str:
     selected deltas first, then their validation scores and the last step's dev scores."""
     if "best_val" not in result:
         return _scores(result.get("final"))
-    best_val, at_best, skip = result["best_val"] or {}, result.get("dev_at_best_val"), ("step", "loss")
+    best_val, at_best, skip = result["best_val"] or {}, result.get("dev_at_best_val"), AUXILIARY_KEYS
     return (f"dev at best validation (step {best_val.get('step')}): {_scores(at_best, skip)} "
             f"[validation {_scores(best_val, skip)}]; dev after the last step: {_scores(result.get('final'), skip)}")
+
+
+def _one_class_warning(result: dict) -> str | None:
+    """A warning when the reported deltas give every dev row the same class (a collapse the score alone hides:
+    a constant prediction scores the majority class's level)."""
+    reported = result.get("dev_at_best_val") or result.get("final") or {}
+    if reported.get("top_class_share") == 1.0:
+        return ("warning: the reported deltas predict one class for every dev row (the score is that of a constant "
+                "prediction); try a smaller learning rate or more steps")
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -239,6 +250,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{label} on {spec.name} ({args.model}): {_scores_text(result)}; {result['n_trainable']:,} trainable "
               f"({100 * result['trainable_fraction']:.3f}% of base), {result['wall_time_s']:.1f} s, "
               f"peak {result['peak_memory_mb']:.0f} MB")
+        if warning := _one_class_warning(result):
+            print(f"{label}: {warning}", file=sys.stderr)
     result = results[-1] if not args.sequential else {**results[-1], "stages": results}
     if args.json:
         write_json(args.json, result)
