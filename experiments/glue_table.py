@@ -177,6 +177,10 @@ def _method_row(task: str, method: str, rows: list[dict[str, Any]], lr: float | 
             "total_steps": done[0].get("total_steps") if done else None,
             "all_metrics": all_metrics,
             "diverged_seeds": sorted(r["config"]["seed"] for r in rows if r.get("status") == "diverged"),
+            # seeds whose reported deltas give every dev row one class (known for rows written or rebuilt since
+            # evaluations report top_class_share)
+            "one_class_seeds": sorted(r["config"]["seed"] for r in done if r.get("predicts_one_class")),
+            "n_one_class_known": sum(r.get("predicts_one_class") is not None for r in done),
             "mean_train_time_s": mean_std([r["train_time_s"] for r in done if r.get("train_time_s")])[0],
             "stage": stage}
 
@@ -240,8 +244,10 @@ def carried_losses(rows: list[dict[str, Any]], previous: Path) -> None:
     """Keep the training losses an earlier summary measured when the run folders are gone from this machine.
 
     Rows written before 2026-12-03 do not carry their training loss; it was read from the run folders, which
-    are never committed.  A pair whose cells (rate and seeds) are the ones the earlier ``glue_table.json``
-    measured takes that summary's values, marked with its date; any other change leaves them None.
+    are never committed, and comes back only as their cells are rebuilt.  Each of a pair's two losses (its own
+    and full fine-tuning's) that is not measurable now takes the earlier ``glue_table.json``'s value when the
+    cells it was measured on (rate, seeds, scores) are the ones here, marked with that summary's date; the
+    reasons are then given again from the losses.  Any other change leaves them None.
     """
     if not previous.is_file():
         return
@@ -249,17 +255,26 @@ def carried_losses(rows: list[dict[str, Any]], previous: Path) -> None:
 
     before = json.loads(previous.read_text())
     old = {(r["task"], r["method"]): r for r in before.get("rows", [])}
+    now = {(r["task"], r["method"]): r for r in rows}
+
+    def same(key: tuple[str, str]) -> bool:
+        a, b = old.get(key), now.get(key)
+        return bool(a and b) and all(a[k] == b[k] for k in ("lr", "seeds", "scores"))
+
     for row in rows:
         reasons, then = row.get("gap_reasons"), old.get((row["task"], row["method"]))
-        if not reasons or reasons["train_loss_end"] is not None or not then or not then.get("gap_reasons"):
+        if not reasons or not then or not then.get("gap_reasons"):
             continue
-        same = then["lr"] == row["lr"] and then["seeds"] == row["seeds"] and then["scores"] == row["scores"]
-        if not same or then["gap_reasons"].get("train_loss_end") is None:
-            continue
-        kept = {k: then["gap_reasons"][k] for k in ("train_loss_end", "full_train_loss_end")}
-        source = then["gap_reasons"].get("train_loss_source") or f"glue_table.json of {before.get('created')}"
-        row["gap_reasons"] = {**reasons, **kept, "train_loss_source": source,
-                              "reasons": then["gap_reasons"]["reasons"]}
+        carried = {}
+        for key, cells in (("train_loss_end", (row["task"], row["method"])),
+                           ("full_train_loss_end", (row["task"], "full"))):
+            if reasons.get(key) is None and then["gap_reasons"].get(key) is not None and same(cells):
+                carried[key] = then["gap_reasons"][key]
+        if carried:
+            measures = {**reasons, **carried}
+            source = then["gap_reasons"].get("train_loss_source") or f"glue_table.json of {before.get('created')}"
+            row["gap_reasons"] = {**measures, "train_loss_source": source, "carried": sorted(carried),
+                                  "reasons": _reasons(row, measures)}
 
 
 def gap_reasons(row: dict[str, Any], cells: list[dict[str, Any]], full_cells: list[dict[str, Any]]) -> dict[str, Any]:
@@ -273,16 +288,22 @@ def gap_reasons(row: dict[str, Any], cells: list[dict[str, Any]], full_cells: li
     """
     grid = row["lr_grid"]
     at_end = [c["best_val"]["step"] == c["total_steps"] for c in cells if c.get("best_val") and c.get("total_steps")]
-    mine, full = _train_loss_end(cells), _train_loss_end(full_cells)
     measures = {"rate_at_grid_edge": bool(grid) and row["lr"] in (min(grid), max(grid)) and len(grid) > 1,
-                "best_val_at_last_step": f"{sum(at_end)}/{len(at_end)}", "train_loss_end": mine,
-                "full_train_loss_end": full}
-    reasons = []
+                "best_val_at_last_step": f"{sum(at_end)}/{len(at_end)}", "train_loss_end": _train_loss_end(cells),
+                "full_train_loss_end": _train_loss_end(full_cells)}
+    return {**measures, "reasons": _reasons(row, measures)}
+
+
+def _reasons(row: dict[str, Any], measures: dict[str, Any]) -> list[str]:
+    """The sentences :func:`gap_reasons` gives for its measures."""
+    grid, reasons = row["lr_grid"], []
     if measures["rate_at_grid_edge"]:
         side = "highest" if row["lr"] == max(grid) else "lowest"
         reasons.append(f"its rate {row['lr']:g} is the {side} tried ({', '.join(f'{g:g}' for g in grid)})")
-    if at_end and sum(at_end) * 2 > len(at_end):
+    done, n = map(int, measures["best_val_at_last_step"].split("/"))
+    if n and done * 2 > n:
         reasons.append("its validation score was still rising at the last evaluation (under-trained at this budget)")
+    mine, full = measures["train_loss_end"], measures["full_train_loss_end"]
     if mine is not None and full is not None:
         if mine >= 1.25 * full:
             reasons.append(f"it fits the training data less: final training loss {mine:.3f} against full "
@@ -290,7 +311,7 @@ def gap_reasons(row: dict[str, Any], cells: list[dict[str, Any]], full_cells: li
         else:
             reasons.append(f"it fits the training data about as well (final training loss {mine:.3f} against "
                            f"{full:.3f}) but scores lower on held-out data: a generalisation gap")
-    return {**measures, "reasons": reasons or ["no measure here explains it"]}
+    return reasons or ["no measure here explains it"]
 
 
 def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -402,16 +402,16 @@ def reproduces(row: dict[str, Any], rebuilt: dict[str, Any]) -> bool:
 
 
 def with_rebuilt(rows: list[dict[str, Any]], rebuilt: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``rows`` with what they lack (``curves``, ``train_loss_end``, ``train_scores``: rows written before they
-    carried them) taken from their rebuilt run, when that run reproduced the row's scores exactly; other rows
-    unchanged."""
+    """``rows`` with what they lack (``curves``, ``train_loss_end``, ``train_scores``, ``predicts_one_class``:
+    rows written before they carried them) taken from their rebuilt run, when that run reproduced the row's scores
+    exactly; other rows unchanged."""
     twins = {r["cell"]: r for r in rebuilt if r.get("status") == "done"}
     out = []
     for row in rows:
         twin = twins.get(row.get("cell"))
         if twin is not None and reproduces(row, twin):
-            row = {**row, **{k: twin[k] for k in ("curves", "train_loss_end", "train_scores")
-                           if row.get(k) is None and twin.get(k)}}
+            row = {**row, **{k: twin[k] for k in ("curves", "train_loss_end", "train_scores", "predicts_one_class")
+                           if row.get(k) is None and twin.get(k) not in (None, {}, [])}}
         out.append(row)
     return out
 

@@ -348,21 +348,38 @@ def test_glue_gaps_summary(tmp_path, monkeypatch):
 
 
 def test_glue_table_keeps_measured_losses_when_run_folders_are_gone(tmp_path):
-    """A pair whose cells are unchanged keeps the training losses an earlier summary read from run folders."""
+    """Each of a pair's two training losses (its own, full fine-tuning's) that cannot be measured now is kept from
+    an earlier summary when the cells it was measured on are unchanged, and the reasons are given again from
+    them; a loss measured now (a rebuilt run's) is not replaced."""
     from experiments import glue_table
 
-    def pair(loss, scores, source=None):
+    def pair(method, loss, full_loss, scores):
         reasons = {"rate_at_grid_edge": False, "best_val_at_last_step": "0/3", "train_loss_end": loss,
-                   "full_train_loss_end": None if loss is None else 0.2, "reasons": ["it fits the training data less"]}
-        return {"task": "cola", "method": "prompt", "lr": 2e-3, "seeds": [0, 1, 2], "scores": scores,
-                "gap_reasons": {**reasons, **({"train_loss_source": source} if source else {})}}
+                   "full_train_loss_end": full_loss, "reasons": ["no measure here explains it"]}
+        return {"task": "cola", "method": method, "lr": 2e-3, "seeds": [0, 1, 2], "scores": scores, "lr_grid": [2e-3],
+                "gap_reasons": reasons if method != "full" else None}
 
-    write_json(tmp_path / "glue_table.json", {"created": "then", "rows": [pair(0.57, [0.1, 0.2, 0.3])]})
-    same, changed = pair(None, [0.1, 0.2, 0.3]), pair(None, [0.1, 0.2, 0.4])
-    glue_table.carried_losses([same, changed], tmp_path / "glue_table.json")
-    assert same["gap_reasons"]["train_loss_end"] == 0.57 and same["gap_reasons"]["full_train_loss_end"] == 0.2
-    assert same["gap_reasons"]["train_loss_source"] == "glue_table.json of then"
-    assert changed["gap_reasons"]["train_loss_end"] is None  # other cells: nothing is carried over
+    full = {"task": "cola", "method": "full", "lr": 1e-4, "seeds": [0, 1, 2], "scores": [0.3, 0.3, 0.3]}
+    write_json(tmp_path / "glue_table.json", {"created": "then", "rows": [pair("prompt", 0.57, 0.2, [0.1, 0.2, 0.3]),
+                                                                           full]})
+    same = pair("prompt", None, None, [0.1, 0.2, 0.3])
+    glue_table.carried_losses([same, dict(full)], tmp_path / "glue_table.json")
+    g = same["gap_reasons"]
+    assert (g["train_loss_end"], g["full_train_loss_end"]) == (0.57, 0.2) and g["carried"] == ["full_train_loss_end",
+                                                                                                  "train_loss_end"]
+    assert g["train_loss_source"] == "glue_table.json of then"
+    assert g["reasons"] == ["it fits the training data less: final training loss 0.570 against full fine-tuning's "
+                            "0.200"]
+    # its own loss measured now (a rebuilt run): only full fine-tuning's is carried
+    rebuilt = pair("prompt", 0.21, None, [0.1, 0.2, 0.3])
+    glue_table.carried_losses([rebuilt, dict(full)], tmp_path / "glue_table.json")
+    assert rebuilt["gap_reasons"]["train_loss_end"] == 0.21 and rebuilt["gap_reasons"]["carried"] == [
+        "full_train_loss_end"]
+    assert "about as well" in rebuilt["gap_reasons"]["reasons"][0]
+    # other cells, its own or full fine-tuning's: that loss is not carried
+    changed = pair("prompt", None, None, [0.1, 0.2, 0.4])
+    glue_table.carried_losses([changed, {**full, "scores": [0.3, 0.3, 0.31]}], tmp_path / "glue_table.json")
+    assert changed["gap_reasons"]["train_loss_end"] is None and changed["gap_reasons"]["full_train_loss_end"] is None
 
 
 def test_convergence_reads_curves_from_rows_and_keeps_its_summary_when_curves_are_missing(tmp_path, monkeypatch):

@@ -163,6 +163,19 @@ def _parameters_sentence(payload: dict[str, Any]) -> str:
             "parameters do not win a majority of the pairs).")
 
 
+def _one_class_sentence(payload: dict) -> str:
+    """Which seeds' reported deltas give every dev row one class (a score that is the constant prediction's)."""
+    rows = [r for r in payload.get("rows", []) if r.get("method") != "majority"]
+    known = sum(r.get("n_one_class_known", 0) for r in rows)
+    if not known:
+        return ""
+    hits = [f"{r['task']} {r['method']} seed{'s' if len(r['one_class_seeds']) > 1 else ''} "
+            + ", ".join(map(str, r["one_class_seeds"])) for r in rows if r.get("one_class_seeds")]
+    return (f" Runs whose reported deltas predict one class for every dev row (known for {known} of "
+            f"{sum(r.get('n_seeds', 0) for r in rows)}, the runs trained or rebuilt since evaluations count it): "
+            + ("; ".join(hits) if hits else "none") + ".")
+
+
 def caption(results_dir: Path) -> str:
     payload = load_json(results_dir, SOURCE)
     lines = []
@@ -188,6 +201,7 @@ def caption(results_dir: Path) -> str:
         "(best of ~2 evaluations per epoch) and the learning rate (seed 0, a small grid per method); bars are the "
         f"dev score of the chosen checkpoint, mean ± std over seeds. Table {status}. " + " ".join(lines)
         + _parameters_sentence(payload)
+        + _one_class_sentence(payload)
         + f" Full fine-tuning goals: {goals}.{_gaps(results_dir)} Time: planned {planned:.1f} h on 2 cores for "
         f"{planned_cells} cells (from measured epoch times); "
         "re-estimated from the "
