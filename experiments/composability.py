@@ -49,6 +49,7 @@ from rate_selection import (  # noqa: E402
     glue_majority,
     grid_progress,
     mean_std,
+    one_class_seeds,
     progress_echo,
     require_rates,
     select_then_tabulate,
@@ -132,7 +133,8 @@ def summary(tasks) -> dict[str, Any]:
         mean, std = mean_std(dev)
         gap_mean, gap_std = mean_std(gaps)
         cells[(task, subset)] = {"task": task, "subset": subset, "lr": lr, "mean": mean, "std": std,
-                                 "n_seeds": len(dev), "gap_mean": gap_mean, "gap_std": gap_std, "n_gap": len(gaps)}
+                                 "n_seeds": len(dev), "gap_mean": gap_mean, "gap_std": gap_std, "n_gap": len(gaps),
+                                 "one_class_seeds": one_class_seeds(done.values())}
     levels = glue_majority(RESULTS)  # the GLUE harness's full dev sets
     effects = []
     for part in PARTS:

@@ -50,6 +50,7 @@ from rate_selection import (  # noqa: E402
     extended_spec,
     glue_majority,
     mean_std,
+    one_class_seeds,
     progress_echo,
     select_then_tabulate,
     sweep_hours,
@@ -199,6 +200,7 @@ def summary(tasks, budgets) -> dict[str, Any]:
         mean, std = mean_std([r["score_at_best_val"] for r in done])
         cells[pair] = {"task": pair[0], "budget": pair[1], "method": pair[2], "lr": info["lr"], "mean": mean,
                        "std": std, "n_seeds": len(done), "trainable": done[0]["n_trainable"] if done else None,
+                       "one_class_seeds": one_class_seeds(done),
                        "metric": done[0]["metric"] if done else None,
                        "designs": _designs(done, pair_where(pair)["method"])}
     levels = glue_majority(RESULTS)  # the GLUE harness's full dev sets

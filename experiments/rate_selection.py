@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +238,13 @@ def both_at_chance(a: dict[str, Any], b: dict[str, Any], level: float | None) ->
     """Whether neither cell beats ``level`` by two standard errors (:func:`beats_level`): a comparison of two cells
     at the majority class is no test of a claim about them."""
     return beats_level(a, level) is False and beats_level(b, level) is False
+
+
+def one_class_seeds(rows: Iterable[dict[str, Any]]) -> list[int]:
+    """The seeds of a cell's finished rows whose reported deltas predict one class for every dev row
+    (``predicts_one_class``, recorded since evaluations report ``top_class_share``): a score that is a constant
+    prediction's, named in a study's caption rather than averaged in silently."""
+    return sorted(int(r["config"]["seed"]) for r in rows if r.get("predicts_one_class"))
 
 
 def grid_progress(cells: list[dict[str, Any]], planned: int, seeds: int = 3) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from rate_selection import (  # noqa: E402
     grid_progress,
     majority_level,
     mean_std,
+    one_class_seeds,
     progress_echo,
     require_rates,
     select_then_tabulate,
@@ -109,7 +110,7 @@ def summary(models, tasks) -> dict[str, Any]:
         scores = [r["score_at_best_val"] for r in done.values()]
         mean, std = mean_std(scores)
         cells[pair] = {"model": pair[0], "task": pair[1], "method": pair[2], "lr": lr, "mean": mean,
-                       "std": std, "n_seeds": len(scores),
+                       "std": std, "n_seeds": len(scores), "one_class_seeds": one_class_seeds(done.values()),
                        "trainable": next(iter(done.values()))["n_trainable"] if done else None}
     small, large = list(MODELS)[0], list(MODELS)[-1]
     levels = majority_levels(tasks)

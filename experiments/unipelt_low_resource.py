@@ -41,6 +41,7 @@ from rate_selection import (  # noqa: E402
     glue_majority,
     grid_progress,
     mean_std,
+    one_class_seeds,
     progress_echo,
     require_rates,
     select_then_tabulate,
@@ -104,7 +105,8 @@ def summary(tasks) -> dict[str, Any]:
         scores = [r["score_at_best_val"] for r in done.values()]
         mean, std = mean_std(scores)
         cells[pair] = {"task": pair[0], "k": pair[1], "method": pair[2], "lr": lr, "mean": mean, "std": std,
-                       "n_seeds": len(scores), "metric": next(iter(done.values()))["metric"] if done else None}
+                       "n_seeds": len(scores), "metric": next(iter(done.values()))["metric"] if done else None,
+                       "one_class_seeds": one_class_seeds(done.values())}
     levels = glue_majority(RESULTS)  # the same full dev sets
     comparisons = []
     for task in tasks:

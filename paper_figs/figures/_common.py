@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +67,12 @@ def two_se_sign(a: tuple[float, float | None, int], b: tuple[float, float | None
     se = math.sqrt(sa**2 / na + sb**2 / nb)
     diff = mb - ma
     return 1 if diff > 2 * se else -1 if diff < -2 * se else 0
+
+
+def one_class_note(cells: Iterable[Mapping[str, Any]], label: Callable[[Mapping[str, Any]], str]) -> str:
+    """`` Runs whose reported deltas predict one class ...: <label> seeds 0, 2; ...`` for the cells with
+    ``one_class_seeds``, or ``""``: their scores are a constant prediction's, counted in the means shown."""
+    hits = [f"{label(c)} seed{'s' if len(c['one_class_seeds']) > 1 else ''} {', '.join(map(str, c['one_class_seeds']))}"
+            for c in cells if c.get("one_class_seeds")]
+    return (" Runs whose reported deltas predict one class for every dev row (a constant prediction's score, counted "
+            "in the means shown): " + "; ".join(hits) + ".") if hits else ""
