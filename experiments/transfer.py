@@ -194,15 +194,20 @@ def _cell(values: list[float]) -> dict[str, Any]:
 
 def paired_kinds(rows: list[dict[str, Any]], own: dict[tuple[str, str], dict[str, Any]], levels: dict[str, float]
                  ) -> list[dict[str, Any]]:
-    """Per (method, target) the target learns in-task: the same-kind source's transferred score against the
-    cross-kind sources' (per seed, the mean of the two), by the two-standard-error rule.
+    """Per (method, target) the target learns in-task: the same-kind source's transferred gain over the target's
+    majority class, ``max(0, score − majority)`` per run, against the cross-kind sources' (per seed, the mean of
+    the two), by the two-standard-error rule.
 
     On one target both sides share the target's majority level and in-task gain, so the comparison needs no
     ratio: a gain share divides by the in-task gain, which for a barely learnt target (MRPC F1 0.819 against a
-    majority 0.812) turns a small miss into a share of −3 that would swing a pooled mean."""
+    majority 0.812) turns a small miss into a share of −3 that would swing a pooled mean.  A score below the
+    majority class counts as no gain, as one at it: on MRPC's F1 a constant "equivalent" scores the majority
+    level, so a delta whose predictions carry the wrong task's signal would otherwise lose to a constant."""
     by: dict[tuple[str, str, str], dict[int, float]] = {}
     for r in rows:
-        by.setdefault((r["method"], r["source"], r["target"]), {})[r["seed"]] = r["score"]
+        level = levels.get(r["target"])
+        if level is not None:
+            by.setdefault((r["method"], r["source"], r["target"]), {})[r["seed"]] = max(0.0, r["score"] - level)
     pairs = []
     for method, target in sorted({(r["method"], r["target"]) for r in rows}):
         level = levels.get(target)

@@ -186,7 +186,8 @@ def _transfer_rows(tmp_path, monkeypatch, own, transferred):
 def test_transfer_is_judged_on_one_target_at_a_time(tmp_path, monkeypatch):
     """A barely learnt target (in-task 0.505-0.515 against 0.5) whose same-kind transfer misses by 0.1 has a gain
     share of about -10: it pulls the pooled same-kind mean below the cross-kind one, though the same-kind source
-    wins on every other target.  The paired rule counts it as one loss among 7 pairs: the claim holds."""
+    wins on every other target.  The paired rule counts it as one tie (no gain over chance on either side) among 8
+    pairs: the claim holds."""
     def own(task, method, seed):
         return 0.505 + 0.005 * seed if (task, method) == ("mrpc", "lora") else 0.8 + 0.01 * seed
 
@@ -200,7 +201,7 @@ def test_transfer_is_judged_on_one_target_at_a_time(tmp_path, monkeypatch):
     out = transfer.summary()
     assert out["kinds"]["same kind"]["mean"] < out["kinds"]["cross kind"]["mean"]  # the ratio's swing
     verdicts = {(p["method"], p["target"]): p["verdict"] for p in out["pairs"]}
-    assert verdicts.pop(("lora", "mrpc")) == "cross kind better"
+    assert verdicts.pop(("lora", "mrpc")) == "tie"  # below chance (0.4) and at it (0.5): no gain either side
     assert set(verdicts.values()) == {"same kind better"} and len(verdicts) == 7
     assert out["claim_holds"] is True
 
