@@ -45,6 +45,7 @@ from rate_selection import (  # noqa: E402
     choose_lrs,
     chosen_rows,
     describe_hours,
+    diverged_at_chosen,
     extended_spec,
     glue_majority,
     grid_progress,
@@ -127,14 +128,17 @@ def table_spec(tasks, chosen: dict) -> SweepSpec:
 
 def summary(tasks) -> dict[str, Any]:
     cells = {}
-    for (task, subset), (lr, done) in chosen_rows(read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)).items():
+    select_rows, table_rows = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
+    diverged = diverged_at_chosen(select_rows, table_rows)
+    for (task, subset), (lr, done) in chosen_rows(select_rows, table_rows).items():
         dev = [r["score_at_best_val"] for r in done.values()]
         gaps = [r["train_scores"][r["metric"]] - r["score_at_best_val"] for r in done.values() if r.get("train_scores")]
         mean, std = mean_std(dev)
         gap_mean, gap_std = mean_std(gaps)
         cells[(task, subset)] = {"task": task, "subset": subset, "lr": lr, "mean": mean, "std": std,
                                  "n_seeds": len(dev), "gap_mean": gap_mean, "gap_std": gap_std, "n_gap": len(gaps),
-                                 "one_class_seeds": one_class_seeds(done.values())}
+                                 "one_class_seeds": one_class_seeds(done.values()),
+                                 "diverged_seeds": diverged.get((task, subset), [])}
     levels = glue_majority(RESULTS)  # the GLUE harness's full dev sets
     effects = []
     for part in PARTS:

@@ -201,6 +201,9 @@ def summary(tasks, budgets) -> dict[str, Any]:
         cells[pair] = {"task": pair[0], "budget": pair[1], "method": pair[2], "lr": info["lr"], "mean": mean,
                        "std": std, "n_seeds": len(done), "trainable": done[0]["n_trainable"] if done else None,
                        "one_class_seeds": one_class_seeds(done),
+                       "diverged_seeds": sorted(int(r["config"]["seed"]) for r in table_rows
+                                                if r.get("status") == "diverged" and pair_key(r) == pair
+                                                and float(r["config"]["lr"]) == info["lr"]),
                        "metric": done[0]["metric"] if done else None,
                        "designs": _designs(done, pair_where(pair)["method"])}
     levels = glue_majority(RESULTS)  # the GLUE harness's full dev sets

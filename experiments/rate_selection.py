@@ -248,10 +248,10 @@ def one_class_seeds(rows: Iterable[dict[str, Any]]) -> list[int]:
 
 
 def grid_progress(cells: list[dict[str, Any]], planned: int, seeds: int = 3) -> dict[str, Any]:
-    """How much of a study's grid has every seed: ``{planned, with_all_seeds, complete}``.  A study's verdicts
-    wait for ``complete``: counted over part of its grid (a sweep stopped halfway, or its first tasks only) they
-    would read as the claim's."""
-    full = sum(1 for c in cells if (c.get("n_seeds") or 0) >= seeds)
+    """How much of a study's grid has every seed finished (scored, or diverged: ``diverged_seeds``):
+    ``{planned, with_all_seeds, complete}``.  A study's verdicts wait for ``complete``: counted over part of its
+    grid (a sweep stopped halfway, or its first tasks only) they would read as the claim's."""
+    full = sum(1 for c in cells if (c.get("n_seeds") or 0) + len(c.get("diverged_seeds") or []) >= seeds)
     return {"planned": planned, "with_all_seeds": full, "complete": full >= planned}
 
 
@@ -278,6 +278,19 @@ def chosen_rows(select_rows: list[dict[str, Any]], table_rows: list[dict[str, An
         rows = {r["config"]["seed"]: r for r in table_rows + select_rows if r.get("status") == "done"
                 and key(r) == pair and float(r["config"]["lr"]) == info["lr"]}
         out[pair] = (info["lr"], rows)
+    return out
+
+
+def diverged_at_chosen(select_rows: list[dict[str, Any]], table_rows: list[dict[str, Any]],
+                       key: KeyFn = task_method) -> dict[Pair, list[int]]:
+    """Per pair: the seeds whose run at the chosen rate diverged (finished without a score, so never run again):
+    a cell's grid is complete with them, and its caption names them."""
+    out: dict[Pair, list[int]] = {}
+    for pair, info in choose_lrs(select_rows, key).items():
+        seeds = sorted({int(r["config"]["seed"]) for r in table_rows + select_rows if r.get("status") == "diverged"
+                        and key(r) == pair and float(r["config"]["lr"]) == info["lr"]})
+        if seeds:
+            out[pair] = seeds
     return out
 
 

@@ -37,6 +37,7 @@ from rate_selection import (  # noqa: E402
     choose_lrs,
     chosen_rows,
     describe_hours,
+    diverged_at_chosen,
     extended_spec,
     grid_progress,
     majority_level,
@@ -106,11 +107,14 @@ def majority_levels(tasks) -> dict[str, float]:
 
 def summary(models, tasks) -> dict[str, Any]:
     cells = {}
-    for pair, (lr, done) in chosen_rows(read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT), pair_key).items():
+    select_rows, table_rows = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
+    diverged = diverged_at_chosen(select_rows, table_rows, pair_key)
+    for pair, (lr, done) in chosen_rows(select_rows, table_rows, pair_key).items():
         scores = [r["score_at_best_val"] for r in done.values()]
         mean, std = mean_std(scores)
         cells[pair] = {"model": pair[0], "task": pair[1], "method": pair[2], "lr": lr, "mean": mean,
                        "std": std, "n_seeds": len(scores), "one_class_seeds": one_class_seeds(done.values()),
+                       "diverged_seeds": diverged.get(pair, []),
                        "trainable": next(iter(done.values()))["n_trainable"] if done else None}
     small, large = list(MODELS)[0], list(MODELS)[-1]
     levels = majority_levels(tasks)

@@ -37,6 +37,7 @@ from rate_selection import (  # noqa: E402
     choose_lrs,
     chosen_rows,
     describe_hours,
+    diverged_at_chosen,
     extended_spec,
     glue_majority,
     grid_progress,
@@ -101,12 +102,14 @@ def table_spec(tasks, chosen: dict) -> SweepSpec:
 
 def summary(tasks) -> dict[str, Any]:
     cells = {}
-    for pair, (lr, done) in chosen_rows(read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT), pair_key).items():
+    select_rows, table_rows = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
+    diverged = diverged_at_chosen(select_rows, table_rows, pair_key)
+    for pair, (lr, done) in chosen_rows(select_rows, table_rows, pair_key).items():
         scores = [r["score_at_best_val"] for r in done.values()]
         mean, std = mean_std(scores)
         cells[pair] = {"task": pair[0], "k": pair[1], "method": pair[2], "lr": lr, "mean": mean, "std": std,
                        "n_seeds": len(scores), "metric": next(iter(done.values()))["metric"] if done else None,
-                       "one_class_seeds": one_class_seeds(done.values())}
+                       "one_class_seeds": one_class_seeds(done.values()), "diverged_seeds": diverged.get(pair, [])}
     levels = glue_majority(RESULTS)  # the same full dev sets
     comparisons = []
     for task in tasks:

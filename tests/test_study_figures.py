@@ -514,19 +514,23 @@ def test_more_trainable_parameters_against_score_counts_pairs_by_two_standard_er
     assert out["fewer_won"] == ["sst2: prompt over full", "sst2: prompt over lora"] and out["holds"] is True
 
 
-def test_a_cell_with_seeds_that_predict_one_class_is_named_in_its_caption(tmp_path, monkeypatch):
-    """A UniPELT cell whose seeds 0 and 2 predict one class for every dev row is named in the caption."""
+def _unipelt_grid(tmp_path, monkeypatch):
+    """UniPELT's summary writing to ``tmp_path``, chance at 0.5 on every task; yields every (task, K, method, seed)."""
     monkeypatch.setattr(unipelt_low_resource, "SELECT_OUT", tmp_path / "s.jsonl")
     monkeypatch.setattr(unipelt_low_resource, "TABLE_OUT", tmp_path / "t.jsonl")
     monkeypatch.setattr(unipelt_low_resource, "SUMMARY", tmp_path / "unipelt_low_resource.json")
     monkeypatch.setattr(unipelt_low_resource, "glue_majority", lambda _: dict.fromkeys(unipelt_low_resource.TASKS, 0.5))
-    for task, k, method in itertools.product(unipelt_low_resource.TASKS, unipelt_low_resource.KS,
-                                             unipelt_low_resource.METHODS):
-        for seed in (0, 1, 2):
-            collapsed = (task, k, method, seed) in {("rte", 100, "lora", 0), ("rte", 100, "lora", 2)}
-            append_jsonl(unipelt_low_resource.SELECT_OUT if seed == 0 else unipelt_low_resource.TABLE_OUT,
-                         _row({"task": task, "train_size": k, "method": method, "lr": 1e-3, "seed": seed},
-                              0.7 + 0.002 * seed, predicts_one_class=collapsed))
+    return itertools.product(unipelt_low_resource.TASKS, unipelt_low_resource.KS, unipelt_low_resource.METHODS,
+                             (0, 1, 2))
+
+
+def test_a_cell_with_seeds_that_predict_one_class_is_named_in_its_caption(tmp_path, monkeypatch):
+    """A UniPELT cell whose seeds 0 and 2 predict one class for every dev row is named in the caption."""
+    for task, k, method, seed in _unipelt_grid(tmp_path, monkeypatch):
+        collapsed = (task, k, method, seed) in {("rte", 100, "lora", 0), ("rte", 100, "lora", 2)}
+        append_jsonl(unipelt_low_resource.SELECT_OUT if seed == 0 else unipelt_low_resource.TABLE_OUT,
+                     _row({"task": task, "train_size": k, "method": method, "lr": 1e-3, "seed": seed},
+                          0.7 + 0.002 * seed, predicts_one_class=collapsed))
     out = unipelt_low_resource.summary(unipelt_low_resource.TASKS)
     cell = next(c for c in out["cells"] if (c["task"], c["k"], c["method"]) == ("rte", 100, "lora"))
     assert cell["one_class_seeds"] == [0, 2]
@@ -534,3 +538,21 @@ def test_a_cell_with_seeds_that_predict_one_class_is_named_in_its_caption(tmp_pa
     caption = _caption("unipelt_low_resource", tmp_path, tmp_path / "f")
     assert "predict one class for every dev row (a constant prediction's score, counted in the means shown): " \
            "rte K=100 lora seeds 0, 2." in caption
+
+
+def test_a_diverged_seed_completes_its_cell_and_is_named(tmp_path, monkeypatch):
+    """A seed that diverged at the chosen rate is finished (never run again): the grid is complete with it, the
+    verdicts are given on the other seeds, and the caption names it."""
+    for task, k, method, seed in _unipelt_grid(tmp_path, monkeypatch):
+        row = _row({"task": task, "train_size": k, "method": method, "lr": 1e-3, "seed": seed},
+                   (0.8 if method == "unipelt" else 0.7) + 0.002 * seed)
+        if (task, k, method, seed) == ("mrpc", 500, "unipelt", 2):
+            row.update(status="diverged", score_at_best_val=None, val_score=None)
+        append_jsonl(unipelt_low_resource.SELECT_OUT if seed == 0 else unipelt_low_resource.TABLE_OUT, row)
+    out = unipelt_low_resource.summary(unipelt_low_resource.TASKS)
+    cell = next(c for c in out["cells"] if (c["task"], c["k"], c["method"]) == ("mrpc", 500, "unipelt"))
+    assert cell["n_seeds"] == 2 and cell["diverged_seeds"] == [2]
+    assert out["progress"]["complete"]
+    caption = _caption("unipelt_low_resource", tmp_path, tmp_path / "f")
+    assert "holds here" in caption and "Runs that diverged (no score; the means are over the other seeds): " \
+                                       "mrpc K=500 unipelt seed 2." in caption

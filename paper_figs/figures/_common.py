@@ -69,10 +69,17 @@ def two_se_sign(a: tuple[float, float | None, int], b: tuple[float, float | None
     return 1 if diff > 2 * se else -1 if diff < -2 * se else 0
 
 
-def one_class_note(cells: Iterable[Mapping[str, Any]], label: Callable[[Mapping[str, Any]], str]) -> str:
-    """`` Runs whose reported deltas predict one class ...: <label> seeds 0, 2; ...`` for the cells with
-    ``one_class_seeds``, or ``""``: their scores are a constant prediction's, counted in the means shown."""
-    hits = [f"{label(c)} seed{'s' if len(c['one_class_seeds']) > 1 else ''} {', '.join(map(str, c['one_class_seeds']))}"
-            for c in cells if c.get("one_class_seeds")]
-    return (" Runs whose reported deltas predict one class for every dev row (a constant prediction's score, counted "
-            "in the means shown): " + "; ".join(hits) + ".") if hits else ""
+def flagged_runs_note(cells: Iterable[Mapping[str, Any]], label: Callable[[Mapping[str, Any]], str]) -> str:
+    """The cells' runs a mean does not show plainly: seeds whose reported deltas predict one class for every dev
+    row (``one_class_seeds``: a constant prediction's score, counted in the mean) and seeds that diverged
+    (``diverged_seeds``: no score, left out of it); ``""`` when there are none."""
+    def listing(key: str) -> list[str]:
+        return [f"{label(c)} seed{'s' if len(c[key]) > 1 else ''} {', '.join(map(str, c[key]))}"
+                for c in cells if c.get(key)]
+
+    cells = list(cells)
+    one, diverged = listing("one_class_seeds"), listing("diverged_seeds")
+    return ((" Runs whose reported deltas predict one class for every dev row (a constant prediction's score, "
+             "counted in the means shown): " + "; ".join(one) + "." if one else "")
+            + (" Runs that diverged (no score; the means are over the other seeds): " + "; ".join(diverged) + "."
+               if diverged else ""))

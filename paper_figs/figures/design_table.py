@@ -12,7 +12,7 @@ from typing import Any
 
 from controltune.figures import FigureSpec, new_figure
 
-from ._common import load_json, one_class_note, versions_line
+from ._common import flagged_runs_note, load_json, versions_line
 
 SOURCE = "design_table.json"
 TASKS = ("sst2", "mrpc", "rte", "cola")
@@ -85,7 +85,7 @@ def caption(results_dir: Path) -> str:
         f"the other baselines (adapter, prefix, PiSSA, OLoRA, LoRA-GA, EVA): {other_counts['win']} wins, "
         f"{other_counts['tie']} ties, {other_counts['loss']} losses. Goal (at least {GOAL_WINS} wins over LoRA at "
         f"equal parameters): {wins} wins, {goal}."
-        + one_class_note(payload.get("cells", []), lambda c: f"{c['task']}/{c['budget']} {c['method']}")
+        + flagged_runs_note(payload.get("cells", []), lambda c: f"{c['task']}/{c['budget']} {c['method']}")
         + " Command: `python experiments/design_table.py` "
         f"({versions_line(payload)})."
     )

@@ -13,7 +13,7 @@ from typing import Any
 
 from controltune.figures import FigureSpec, new_figure
 
-from ._common import load_json, one_class_note, two_se_sign, versions_line
+from ._common import flagged_runs_note, load_json, two_se_sign, versions_line
 
 TASKS = ("sst2", "mrpc", "rte", "cola")
 SINGLE = ("lora", "adapter", "prefix", "prompt", "bitfit")
@@ -93,7 +93,7 @@ def caption_composability(results_dir: Path) -> str:
         f"{_gated(payload, held('adapter', 'helps', 0.75))} (criterion: helps in ≥ 75 %); prompt tuning usually "
         f"hurts — {share('prompt', 'hurts')}, {_gated(payload, held('prompt', 'hurts', 0.5))} (≥ 50 %); BitFit "
         f"usually helps — {share('bitfit', 'helps')}, {_gated(payload, held('bitfit', 'helps', 0.5))} (≥ 50 %)."
-        + one_class_note(payload["cells"], lambda c: f"{c['task']} {c['subset']}") + " "
+        + flagged_runs_note(payload["cells"], lambda c: f"{c['task']} {c['subset']}") + " "
         f"Command: `python experiments/composability.py` ({versions_line(payload)})."
     )
 
@@ -410,7 +410,7 @@ def caption_scale(results_dir: Path) -> str:
         f"selective-module tuning beats last-layer tuning at the same budget — in {sel_better} of {len(sel)} "
         f"(model, task) pairs{left_out(sel_untested, 'model')} "
         f"({_gated(payload, None if not sel else sel_better > len(sel) / 2)})."
-        + one_class_note(payload["cells"], lambda c: f"{c['model']} {c['task']} {c['method']}") + " "
+        + flagged_runs_note(payload["cells"], lambda c: f"{c['model']} {c['task']} {c['method']}") + " "
         f"Command: `python experiments/scale.py` ({versions_line(payload)})."
     )
 
@@ -450,7 +450,7 @@ def caption_unipelt(results_dir: Path) -> str:
         + (f" ({untested} more are not a test: UniPELT and the part both at the majority class)" if untested else "")
         + f": {_gated(payload, None if not n else c['win'] > n / 2 and c['loss'] == 0)} (criterion: wins a "
         "majority of the tests, loses none)."
-        + one_class_note(payload["cells"], lambda c: f"{c['task']} K={c['k']} {c['method']}")
+        + flagged_runs_note(payload["cells"], lambda c: f"{c['task']} K={c['k']} {c['method']}")
         + " Command: `python experiments/unipelt_low_resource.py` "
         f"({versions_line(payload)})."
     )
