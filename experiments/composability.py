@@ -41,7 +41,6 @@ from controltune.sweep_spec import SweepSpec, expand, parse_spec
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import (  # noqa: E402
     add_sweep_arguments,
-    both_at_chance,
     choose_lrs,
     chosen_rows,
     describe_hours,
@@ -49,14 +48,16 @@ from rate_selection import (  # noqa: E402
     extended_spec,
     glue_majority,
     grid_progress,
+    judge,
     mean_std,
     one_class_seeds,
     progress_echo,
     require_rates,
+    required_levels,
     select_then_tabulate,
+    share_verdict,
     sweep_hours,
     sweep_settings,
-    two_se,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -126,6 +127,23 @@ def table_spec(tasks, chosen: dict) -> SweepSpec:
     return parse_spec(data, "composability_table", RESULTS)
 
 
+CLAIMS = {"adapter": ("helps", 0.75, False), "prompt": ("hurts", 0.5, True), "bitfit": ("helps", 0.5, True)}
+"""Per part, the paper's claim: adapters almost always help (in ≥ 75 % of the tests), prompt tuning usually hurts
+and BitFit usually helps (in more than half)."""
+
+
+def part_claims(effects: list[dict[str, Any]]) -> dict[str, bool | None]:
+    """Each part's claim (:data:`CLAIMS`) over its (task, subset) effects by :func:`rate_selection.share_verdict`:
+    "no effect" and too few seeds are absence of evidence, "not a test" is left out."""
+    out = {}
+    for part, (what, share, more_than) in CLAIMS.items():
+        v = [e["verdict"] for e in effects if e["part"] == part and e["verdict"] != "not a test"]
+        other = "hurts" if what == "helps" else "helps"
+        out[part] = share_verdict(v.count(what), v.count(other), len(v) - v.count(what) - v.count(other), share,
+                                  more_than)
+    return out
+
+
 def summary(tasks) -> dict[str, Any]:
     cells = {}
     select_rows, table_rows = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
@@ -139,7 +157,7 @@ def summary(tasks) -> dict[str, Any]:
                                  "n_seeds": len(dev), "gap_mean": gap_mean, "gap_std": gap_std, "n_gap": len(gaps),
                                  "one_class_seeds": one_class_seeds(done.values()),
                                  "diverged_seeds": diverged.get((task, subset), [])}
-    levels = glue_majority(RESULTS)  # the GLUE harness's full dev sets
+    levels = required_levels(glue_majority(RESULTS), tasks)  # the GLUE harness's full dev sets
     effects = []
     for part in PARTS:
         for task in tasks:
@@ -147,21 +165,20 @@ def summary(tasks) -> dict[str, Any]:
                 if part in subset.split("+"):
                     continue
                 with_part = "+".join(p for p in PARTS if p in subset.split("+") + [part])
-                a, b = cells.get((task, subset)), cells.get((task, with_part))
-                sign, diff, _ = two_se(a, b) if a and b else (None, None, None)
-                if sign is None:
+                # not a test: with and without the part at the majority class
+                verdict, diff = judge(cells.get((task, subset)), cells.get((task, with_part)), levels[task],
+                                      {1: "helps", -1: "hurts", 0: "no effect"})
+                if verdict is None:
                     continue
-                verdict = {1: "helps", -1: "hurts", 0: "no effect"}[sign]
-                if both_at_chance(a, b, levels.get(task)):
-                    verdict = "not a test"  # with and without the part at the majority class
                 effects.append({"part": part, "task": task, "without": subset, "with": with_part, "difference": diff,
-                                "majority": levels.get(task), "verdict": verdict})
+                                "majority": levels[task], "verdict": verdict})
+    progress = grid_progress(list(cells.values()), len(TASKS) * len(SUBSETS))
     payload = {**stamp({"tasks": list(tasks), "parts": PARTS, "combo_factors": COMBO_FACTORS,
                         "part_rates": {f"{t}/{p}": r for (t, p), r in part_rates(tasks).items()},
                         "harness": "experiments/glue_select.yaml settings", "command":
                             "python experiments/composability.py"}),
                "cells": list(cells.values()), "effects": effects,
-               "progress": grid_progress(list(cells.values()), len(TASKS) * len(SUBSETS))}
+               "claims": part_claims(effects) if progress["complete"] else dict.fromkeys(PARTS), "progress": progress}
     write_json_unless_same(SUMMARY, payload)
     return payload
 

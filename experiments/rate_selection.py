@@ -255,6 +255,51 @@ def grid_progress(cells: list[dict[str, Any]], planned: int, seeds: int = 3) -> 
     return {"planned": planned, "with_all_seeds": full, "complete": full >= planned}
 
 
+MIN_SEEDS = 3
+"""Scored seeds a cell needs before a study compares it (issue 15: 3 seeds per cell)."""
+
+TOO_FEW_SEEDS = "too few seeds"
+"""The verdict of a comparison whose cells do not both have :data:`MIN_SEEDS` scored seeds (seeds diverged)."""
+
+
+def judge(a: dict[str, Any] | None, b: dict[str, Any] | None, level: float | None,
+          words: dict[int, str]) -> tuple[str | None, float | None]:
+    """``(verdict, b − a)`` of two cells ``{mean, std, n_seeds}``: ``words[sign]`` by the two-standard-error rule
+    (:func:`two_se`); ``"not a test"`` when both sit at the majority class ``level``; :data:`TOO_FEW_SEEDS` when
+    a cell has fewer than :data:`MIN_SEEDS` scored seeds; None when a cell has no score yet."""
+    if not a or not b or a.get("mean") is None or b.get("mean") is None:
+        return None, None
+    diff = b["mean"] - a["mean"]
+    if min(a["n_seeds"], b["n_seeds"]) < MIN_SEEDS:
+        return TOO_FEW_SEEDS, diff
+    sign = two_se(a, b)[0]
+    return ("not a test" if both_at_chance(a, b, level) else words[sign]), diff
+
+
+def share_verdict(yes: int, no: int, ties: int, share: float, more_than: bool = False) -> bool | None:
+    """A claim that ``yes`` happens in at least (``more_than``: more than) ``share`` of the tests, ties being
+    absence of evidence: held when the ``yes`` alone reach it; not held when even every tie counted as ``yes``
+    does not; None in between, or with no test."""
+    n = yes + no + ties
+    if not n:
+        return None
+
+    def reaches(k: int) -> bool:
+        return k > share * n if more_than else k >= share * n
+
+    return True if reaches(yes) else (False if not reaches(yes + ties) else None)
+
+
+def required_levels(levels: dict[str, float], tasks) -> dict[str, float]:
+    """``levels`` for every task in ``tasks``, or a clear stop: without a task's majority level every comparison
+    at chance would pass for a test."""
+    missing = [t for t in tasks if levels.get(t) is None]
+    if missing:
+        raise SystemExit(f"no majority-class level for {missing}: summarise the GLUE table first "
+                         "(python experiments/glue_table.py --summary-only writes glue_table.json)")
+    return levels
+
+
 def two_se(a: dict[str, Any], b: dict[str, Any]) -> tuple[int | None, float | None, float | None]:
     """``(sign, b − a, se)`` by the two-standard-error rule on cells ``{mean, std, n_seeds}``: sign 1 when
     ``b − a > 2·se``, −1 when below ``−2·se``, 0 otherwise, ``se = (s_a²/n_a + s_b²/n_b)^{1/2}``; None below two

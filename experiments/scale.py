@@ -33,22 +33,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import (  # noqa: E402
     POOLING,
     add_sweep_arguments,
-    both_at_chance,
     choose_lrs,
     chosen_rows,
     describe_hours,
     diverged_at_chosen,
     extended_spec,
     grid_progress,
+    judge,
     majority_level,
     mean_std,
     one_class_seeds,
     progress_echo,
     require_rates,
     select_then_tabulate,
+    share_verdict,
     sweep_hours,
     sweep_settings,
-    two_se,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -105,6 +105,57 @@ def majority_levels(tasks) -> dict[str, float]:
     return {t: majority_level(t, DEV_SIZE[t], HARNESS["data_seed"])[1] for t in tasks}
 
 
+def _gain_se(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    """The standard error of a gain ``b − a`` of two cells, ``(s_a²/n_a + s_b²/n_b)^{1/2}``."""
+    if a["std"] is None or b["std"] is None or not a["n_seeds"] or not b["n_seeds"]:
+        return None
+    return (a["std"] ** 2 / a["n_seeds"] + b["std"] ** 2 / b["n_seeds"]) ** 0.5
+
+
+def prompt_against_others(gains: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per task, prompt tuning's gain with scale against each other method's on the same task (one metric), by two
+    standard errors of the difference of the two gains, ``se = (se_prompt² + se_other²)^{1/2}``; only gains that
+    are tests (both models' cells with every seed, not both at chance)."""
+    tested = {(g["task"], g["method"]): g for g in gains if g["verdict"] in ("improves", "worsens", "tie")}
+    out = []
+    for (task, method), g in sorted(tested.items()):
+        p = tested.get((task, "prompt"))
+        if method == "prompt" or p is None or p["se"] is None or g["se"] is None:
+            continue
+        diff, se = p["gain"] - g["gain"], (p["se"] ** 2 + g["se"] ** 2) ** 0.5
+        verdict = "prompt larger" if diff > 2 * se else "other larger" if diff < -2 * se else "tie"
+        out.append({"task": task, "method": method, "prompt_minus_other": diff, "se": se, "verdict": verdict})
+    return out
+
+
+def scale_claims(gains, prompt_vs, selective, do_well) -> dict[str, bool | None]:
+    """The claims' verdicts (:func:`rate_selection.share_verdict`: ties and cells with too few seeds are absence
+    of evidence, never a verdict's):
+
+    * every method improves with size: every tested (task, method) gain improves;
+    * prompt tuning improves most: on every task, no method's gain exceeds prompt's by 2 se and prompt's exceeds
+      at least one other's; not held where some method's gain exceeds prompt's;
+    * selective-module tuning beats last-layer tuning in more than half of the (model, task) pairs;
+    * last-layer and selective tuning do well: neither falls below full fine-tuning by 2 se anywhere."""
+    def count(items, yes, no):
+        v = [i["verdict"] for i in items if i["verdict"] != "not a test"]
+        return v.count(yes), v.count(no), len(v) - v.count(yes) - v.count(no)
+
+    per_task = {}
+    for task in sorted({c["task"] for c in prompt_vs}):
+        mine = [c["verdict"] for c in prompt_vs if c["task"] == task]
+        per_task[task] = False if "other larger" in mine else (True if "prompt larger" in mine else None)
+    most = None if not per_task else (False if False in per_task.values()
+                                      else True if all(per_task.values()) else None)
+    above, below, unsure = count(do_well, "above full FT", "below full FT")
+    ties = sum(1 for i in do_well if i["verdict"] == "tie with full FT")
+    return {"every_method_improves": share_verdict(*count(gains, "improves", "worsens"), 1.0),
+            "prompt_improves_most": most, "prompt_most_per_task": per_task,
+            "selective_beats_last_layer": share_verdict(*count(selective, "selective better", "last-layer better"),
+                                                        0.5, more_than=True),
+            "they_do_well": share_verdict(above + ties, below, unsure - ties, 1.0)}
+
+
 def summary(models, tasks) -> dict[str, Any]:
     cells = {}
     select_rows, table_rows = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
@@ -118,33 +169,35 @@ def summary(models, tasks) -> dict[str, Any]:
                        "trainable": next(iter(done.values()))["n_trainable"] if done else None}
     small, large = list(MODELS)[0], list(MODELS)[-1]
     levels = majority_levels(tasks)
-    gains, selective = [], []
-
-    def judged(sign: int | None, words: dict[int, str], a: dict, b: dict, task: str) -> str | None:
-        """The two-standard-error verdict, or "not a test" where both cells sit at the majority class."""
-        if sign is None:
-            return None
-        return "not a test" if both_at_chance(a, b, levels[task]) else words[sign]
-
+    gains, selective, do_well = [], [], []
     for task in tasks:
         for method in METHODS:
             a, b = cells.get((small, task, method)), cells.get((large, task, method))
-            if a and b and a["mean"] is not None and b["mean"] is not None:
-                sign, diff, _ = two_se(a, b)
-                gains.append({"task": task, "method": method, "gain": b["mean"] - a["mean"],
-                              "verdict": judged(sign, {1: "improves", -1: "worsens", 0: "tie"}, a, b, task)})
+            verdict, diff = judge(a, b, levels[task], {1: "improves", -1: "worsens", 0: "tie"})
+            if verdict is not None:
+                gains.append({"task": task, "method": method, "gain": diff, "verdict": verdict,
+                              "se": _gain_se(a, b)})
         for model in models:
-            a, b = cells.get((model, task, "last_layer")), cells.get((model, task, "selective"))
-            if a and b and a["mean"] is not None and b["mean"] is not None:
-                sign, diff, _ = two_se(a, b)
-                words = {1: "selective better", -1: "last-layer better", 0: "tie"}
+            verdict, diff = judge(cells.get((model, task, "last_layer")), cells.get((model, task, "selective")),
+                                  levels[task], {1: "selective better", -1: "last-layer better", 0: "tie"})
+            if verdict is not None:
                 selective.append({"model": model, "task": task, "selective_minus_last_layer": diff,
-                                  "verdict": judged(sign, words, a, b, task)})
+                                  "verdict": verdict})
+            for method in ("last_layer", "selective"):  # "do well": not below full fine-tuning
+                verdict, diff = judge(cells.get((model, task, "full")), cells.get((model, task, method)),
+                                      levels[task], {1: "above full FT", -1: "below full FT", 0: "tie with full FT"})
+                if verdict is not None:
+                    do_well.append({"model": model, "task": task, "method": method, "minus_full": diff,
+                                    "verdict": verdict})
+    prompt_vs = prompt_against_others(gains)
+    progress = grid_progress(list(cells.values()), len(MODELS) * len(TASKS) * len(METHODS))
+    claims = scale_claims(gains, prompt_vs, selective, do_well) if progress["complete"] else dict.fromkeys(
+        ("every_method_improves", "prompt_improves_most", "selective_beats_last_layer", "they_do_well"))
     payload = {**stamp({"models": list(models), "tasks": list(tasks), "methods": METHODS, "grid": GRID,
                         "harness": HARNESS, "dev_size": DEV_SIZE, "majority": levels,
                         "command": "python experiments/scale.py"}),
-               "cells": list(cells.values()), "gains": gains, "selective_vs_last_layer": selective,
-               "progress": grid_progress(list(cells.values()), len(MODELS) * len(TASKS) * len(METHODS))}
+               "cells": list(cells.values()), "gains": gains, "prompt_vs_others": prompt_vs,
+               "selective_vs_last_layer": selective, "against_full": do_well, "claims": claims, "progress": progress}
     write_json_unless_same(SUMMARY, payload)
     return payload
 

@@ -31,9 +31,9 @@ from controltune.sweep_spec import SweepSpec, expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rate_selection import (  # noqa: E402
+    TOO_FEW_SEEDS,
     add_sweep_arguments,
     beats_level,
-    both_at_chance,
     choose_lrs,
     chosen_rows,
     describe_hours,
@@ -41,14 +41,16 @@ from rate_selection import (  # noqa: E402
     extended_spec,
     glue_majority,
     grid_progress,
+    judge,
     mean_std,
     one_class_seeds,
     progress_echo,
     require_rates,
+    required_levels,
     select_then_tabulate,
+    share_verdict,
     sweep_hours,
     sweep_settings,
-    two_se,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -110,27 +112,32 @@ def summary(tasks) -> dict[str, Any]:
         cells[pair] = {"task": pair[0], "k": pair[1], "method": pair[2], "lr": lr, "mean": mean, "std": std,
                        "n_seeds": len(scores), "metric": next(iter(done.values()))["metric"] if done else None,
                        "one_class_seeds": one_class_seeds(done.values()), "diverged_seeds": diverged.get(pair, [])}
-    levels = glue_majority(RESULTS)  # the same full dev sets
+    levels = required_levels(glue_majority(RESULTS), tasks)  # the same full dev sets
     comparisons = []
     for task in tasks:
         for k in KS:
             uni = cells.get((task, k, "unipelt"))
             for part in PARTS:
                 other = cells.get((task, k, part))
-                if not uni or not other or uni["mean"] is None or other["mean"] is None:
+                # not a test: both at the majority class, K rows taught neither anything
+                verdict, diff = judge(other, uni, levels[task], {1: "win", -1: "loss", 0: "tie"})
+                if verdict is None:
                     continue
-                sign, diff, _ = two_se(other, uni)
-                verdict = None if sign is None else {1: "win", -1: "loss", 0: "tie"}[sign]
-                above = [beats_level(c, levels.get(task)) for c in (uni, other)]
-                if verdict is not None and both_at_chance(uni, other, levels.get(task)):
-                    verdict = "not a test"  # both at the majority class: K rows taught neither anything
+                above = [beats_level(c, levels[task]) for c in (uni, other)]
                 comparisons.append({"task": task, "k": k, "part": part, "unipelt_minus_part": diff,
-                                    "majority": levels.get(task), "unipelt_above_majority": above[0],
+                                    "majority": levels[task], "unipelt_above_majority": above[0],
                                     "part_above_majority": above[1], "verdict": verdict})
-    counts = {v: sum(1 for c in comparisons if c["verdict"] == v) for v in ("win", "tie", "loss", "not a test")}
+    kinds = ("win", "tie", "loss", "not a test", TOO_FEW_SEEDS)
+    counts = {v: sum(1 for c in comparisons if c["verdict"] == v) for v in kinds}
+    # the claim is about each K: UniPELT beats each of its parts at K = 100, at 500 and at 1000
+    per_k = {}
+    for k in KS:
+        mine = {v: sum(1 for c in comparisons if c["k"] == k and c["verdict"] == v) for v in kinds}
+        per_k[str(k)] = {**mine, "holds": share_verdict(mine["win"], mine["loss"], mine["tie"] + mine[TOO_FEW_SEEDS],
+                                                        1.0)}
     payload = {**stamp({"tasks": list(tasks), "ks": list(KS), "methods": METHODS, "grid": GRID, "epochs": EPOCHS,
                         "harness": HARNESS, "command": "python experiments/unipelt_low_resource.py"}),
-               "cells": list(cells.values()), "comparisons": comparisons, "counts": counts,
+               "cells": list(cells.values()), "comparisons": comparisons, "counts": counts, "per_k": per_k,
                "progress": grid_progress(list(cells.values()), len(TASKS) * len(KS) * len(METHODS))}
     write_json_unless_same(SUMMARY, payload)
     return payload

@@ -60,7 +60,8 @@ def part_effects(payload: dict[str, Any]) -> dict[str, dict[str, int]]:
     not a test (with and without it at the majority class)."""
     out: dict[str, dict[str, int]] = {}
     for e in payload["effects"]:
-        out.setdefault(e["part"], {"helps": 0, "hurts": 0, "no effect": 0, "not a test": 0})[e["verdict"]] += 1
+        out.setdefault(e["part"], {"helps": 0, "hurts": 0, "no effect": 0, "not a test": 0,
+                                   "too few seeds": 0})[e["verdict"]] += 1
     return out
 
 
@@ -69,19 +70,19 @@ def caption_composability(results_dir: Path) -> str:
     eff = part_effects(payload)
 
     def tests(e: dict[str, int]) -> int:
-        return e["helps"] + e["hurts"] + e["no effect"]
+        return e["helps"] + e["hurts"] + e["no effect"] + e["too few seeds"]
 
     def share(part: str, what: str) -> str:
         e = eff.get(part)
         if not e or not tests(e):
             return f"{part}: no comparison yet" + (f" ({e['not a test']} not a test)" if e else "")
         untested = f"; {e['not a test']} more not a test, both at the majority class" if e["not a test"] else ""
+        few = f", too few seeds {e['too few seeds']}" if e["too few seeds"] else ""
         return (f"{part} {what} in {e[what]} of {tests(e)} (helps {e['helps']}, no effect {e['no effect']}, "
-                f"hurts {e['hurts']}{untested})")
+                f"hurts {e['hurts']}{few}{untested})")
 
-    def held(part: str, what: str, most: float) -> bool | None:
-        e = eff.get(part)
-        return None if not e or not tests(e) else e[what] >= most * tests(e)
+    def held(part: str) -> bool | None:
+        return (payload.get("claims") or {}).get(part)
 
     return (
         "MiniLM on the GLUE table's harness (per-task epochs, validation rows held out of train, rates chosen on them; "
@@ -90,9 +91,11 @@ def caption_composability(results_dir: Path) -> str:
         "chosen on validation rows (0.5, 1 or 2); single methods are GLUE table cells. Adding a part to a subset is "
         "judged by the two-standard-error rule. Claims (Ding et al. 2023): adapters almost always help — "
         f"{share('adapter', 'helps')}, "
-        f"{_gated(payload, held('adapter', 'helps', 0.75))} (criterion: helps in ≥ 75 %); prompt tuning usually "
-        f"hurts — {share('prompt', 'hurts')}, {_gated(payload, held('prompt', 'hurts', 0.5))} (≥ 50 %); BitFit "
-        f"usually helps — {share('bitfit', 'helps')}, {_gated(payload, held('bitfit', 'helps', 0.5))} (≥ 50 %)."
+        f"{_gated(payload, held('adapter'))} (criterion: helps in ≥ 75 % of the tests); prompt tuning usually "
+        f"hurts — {share('prompt', 'hurts')}, {_gated(payload, held('prompt'))} (in more than half); BitFit "
+        f"usually helps — {share('bitfit', 'helps')}, {_gated(payload, held('bitfit'))} (in more than half; "
+        "ties and comparisons short of 3 scored seeds are absence of evidence: a claim holds when its count alone "
+        "reaches the share, and does not when even every tie counted for it would not)."
         + flagged_runs_note(payload["cells"], lambda c: f"{c['task']} {c['subset']}") + " "
         f"Command: `python experiments/composability.py` ({versions_line(payload)})."
     )
@@ -152,16 +155,40 @@ def gaps_per_task(results_dir: Path) -> dict[str, dict[str, dict[str, Any]]]:
     return out
 
 
+MIN_SEEDS = 3
+"""Scored seeds each side of a gap comparison needs (issue 15: 3 seeds per cell)."""
+
+
+def _gap_sign(a: dict[str, Any], b: dict[str, Any]) -> int | None:
+    """Sign of gap ``b`` − gap ``a`` by two standard errors; None unless both have :data:`MIN_SEEDS` scored
+    seeds."""
+    if min(a["n"], b["n"]) < MIN_SEEDS:
+        return None
+    return two_se_sign((a["gap"], a["std"], a["n"]), (b["gap"], b["std"], b["n"]))
+
+
 def _against_full(m: dict[str, Any], full: dict[str, Any]) -> str:
-    """"smaller" / "larger" when the gaps differ by two standard errors, "tie" within, "–" below two seeds."""
-    sign = two_se_sign((full["gap"], full["std"], full["n"]), (m["gap"], m["std"], m["n"]))
-    return {None: "–", -1: "smaller", 1: "larger", 0: "tie"}[sign]
+    """"smaller" / "larger" when the gaps differ by two standard errors, "tie" within, "too few seeds" below
+    :data:`MIN_SEEDS` scored seeds on either side."""
+    return {None: "too few seeds", -1: "smaller", 1: "larger", 0: "tie"}[_gap_sign(full, m)]
+
+
+def prompt_smallest(per_task: dict[str, dict[str, dict[str, Any]]]) -> dict[str, bool | None]:
+    """Per task: whether prompt tuning's gap is the smallest of the single methods — False when another's is
+    below it by two standard errors, True when none is and every comparison has its seeds, None otherwise."""
+    out = {}
+    for task, g in per_task.items():
+        if "prompt" not in g:
+            continue
+        signs = [_gap_sign(g["prompt"], g[m]) for m in SINGLE if m != "prompt" and m in g]
+        out[task] = False if -1 in signs else (None if None in signs or not signs else True)
+    return out
 
 
 def combination_widening(results_dir: Path, per_task: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     """Per (task, combination) of the composability study: its gap against the largest gap of its parts alone on
-    the same task (GLUE rows), "wider" / "narrower" by two standard errors over seeds, "tie" within, "–" below
-    two seeds."""
+    the same task (GLUE rows), "wider" / "narrower" by two standard errors over seeds, "tie" within, "too few
+    seeds" below :data:`MIN_SEEDS` scored seeds on either side."""
     if not (results_dir / "composability.json").is_file():
         return []
     out = []
@@ -170,55 +197,58 @@ def combination_widening(results_dir: Path, per_task: dict[str, dict[str, dict[s
         if "+" not in c["subset"] or c.get("gap_mean") is None or None in parts:
             continue
         top = max(parts, key=lambda g: g["gap"])
-        sign = two_se_sign((top["gap"], top["std"], top["n"]), (c["gap_mean"], c.get("gap_std"), c["n_gap"]))
-        verdict = {None: "–", 1: "wider", -1: "narrower", 0: "tie"}[sign]
+        sign = _gap_sign(top, {"gap": c["gap_mean"], "std": c.get("gap_std"), "n": c["n_gap"]})
+        verdict = {None: "too few seeds", 1: "wider", -1: "narrower", 0: "tie"}[sign]
         out.append({"task": c["task"], "combination": c["subset"], "gap": c["gap_mean"], "parts_max": top["gap"],
                     "verdict": verdict})
     return out
 
 
 def caption_gap(results_dir: Path) -> str:
-    single, combos = gaps(results_dir)
+    _, combos = gaps(results_dir)
     combo_payload = load_json(results_dir, "composability.json") if combos else {}
-    mean = {k: sum(v) / len(v) for k, v in {**single, **combos}.items()}
     per_task = gaps_per_task(results_dir)
     # per task, against full fine-tuning on the same task (the metrics differ across tasks: MCC gaps dwarf the others)
     pairs = [(t, m, _against_full(g[m], g["full"])) for t, g in per_task.items() if "full" in g
              for m in SINGLE if m in g]
-    count = {k: sum(v == k for *_, v in pairs) for k in ("smaller", "tie", "larger", "–")}
-    judged = count["smaller"] + count["tie"] + count["larger"]
-    smaller = None if not judged else (False if count["larger"] else True if count["smaller"] == judged else None)
-    not_smaller = ", ".join(f"{t}/{m} {v}" for t, m, v in pairs if v in ("tie", "larger"))
-    smallest = {t: min((m for m in SINGLE if m in g), key=lambda m: g[m]["gap"]) for t, g in per_task.items()
-                if any(m in g for m in SINGLE)}
-    prompt_smallest = sum(m == "prompt" for m in smallest.values())
+    count = {k: sum(v == k for *_, v in pairs) for k in ("smaller", "tie", "larger", "too few seeds")}
+    # ties and too few seeds are absence of evidence: held only when every pair is smaller
+    smaller = None if not pairs else (False if count["larger"] else True if count["smaller"] == len(pairs) else None)
+    not_smaller = ", ".join(f"{t}/{m} {v}" for t, m, v in pairs if v != "smaller")
+    smallest = prompt_smallest(per_task)
+    prompt_held = None if not smallest else (False if False in smallest.values()
+                                             else True if all(smallest.values()) else None)
     widening = combination_widening(results_dir, per_task)
-    judged_w = [w for w in widening if w["verdict"] != "–"]
-    widen = None if not judged_w else sum(w["verdict"] == "wider" for w in judged_w) > len(judged_w) / 2
-    listing = ", ".join(f"{k} {_fmt(v)} ({len(single.get(k) or combos.get(k))} tasks)" for k, v in mean.items())
-    fewer = [f"{t}/{m} {g['n']}" for t, gs in per_task.items() for m, g in gs.items() if g["n"] < 3]
+    w_counts = {k: sum(w["verdict"] == k for w in widening) for k in ("wider", "tie", "narrower", "too few seeds")}
+    widen = None if not widening else (True if w_counts["wider"] > len(widening) / 2 else
+                                       False if w_counts["wider"] + w_counts["tie"] + w_counts["too few seeds"]
+                                       <= len(widening) / 2 else None)
+    listing = "; ".join(f"{t}: " + ", ".join(f"{m} {_fmt(g[m]['gap'])}" for m in ("full", *SINGLE) if m in g)
+                        for t, g in per_task.items())
+    fewer = [f"{t}/{m} {g['n']}" for t, gs in per_task.items() for m, g in gs.items() if g["n"] < MIN_SEEDS]
     short = f"; scored seeds below 3: {', '.join(fewer)}" if fewer else ""
-    w_counts = {k: sum(w["verdict"] == k for w in judged_w) for k in ("wider", "tie", "narrower")}
-    combos_text = ("combinations widen it (a combination's gap above the largest of its parts' on the same task by "
-                   f"two standard errors) — wider in {w_counts['wider']} of {len(judged_w)} (task, combination) "
-                   f"pairs, tie {w_counts['tie']}, narrower {w_counts['narrower']}: {_gated(combo_payload, widen)} "
-                   "(criterion: "
-                   "wider in a majority)"
-                   if combos else "combinations widen it — not run yet (`python experiments/composability.py`)")
+    if widening:
+        combos_text = ("combinations widen it (a combination's gap above the largest of its parts' on the same task "
+                       f"by two standard errors) — wider in {w_counts['wider']} of {len(widening)} (task, "
+                       f"combination) pairs, tie {w_counts['tie']}, narrower {w_counts['narrower']}, too few seeds "
+                       f"{w_counts['too few seeds']}: {_gated(combo_payload, widen)} (criterion: wider in more than "
+                       "half)")
+    elif (results_dir / "composability.json").is_file():
+        combos_text = "combinations widen it — no combination has a scored gap yet"
+    else:
+        combos_text = "combinations widen it — not run yet (`python experiments/composability.py`)"
     return (
         "Generalisation gap: the task metric on 1,000 seeded training rows the reported deltas were trained on minus "
         "the dev score, averaged over the seeds that have it (runs from before training-row scores existed have "
-        f"none{short}). Mean over tasks: {listing}. Claims "
-        "(Ding et al. 2023): every single delta method's gap is smaller than full fine-tuning's — judged per task "
-        f"against full fine-tuning on the same task by two standard errors over seeds: smaller in {count['smaller']} "
-        f"of {judged} (task, method) pairs"
+        f"none{short}). Gaps per task (each task's own metric): {listing or '–'}. Claims (Ding et al. 2023), each "
+        "by two standard errors over seeds, with ties and pairs short of 3 scored seeds counted as absence of "
+        "evidence: every single delta method's gap is smaller than full fine-tuning's — judged per task against "
+        f"full fine-tuning on the same task: smaller in {count['smaller']} of {len(pairs)} (task, method) pairs"
         + (f" (not smaller: {not_smaller})" if not_smaller else "")
-        + (f", {count['–']} with fewer than two scored seeds" if count["–"] else "")
         + f", {_verdict(smaller)} (holds when every pair is smaller, does not hold when one is larger); prompt "
-        "tuning's is the smallest — smallest per task: "
-        + (", ".join(f"{t} {m}" for t, m in smallest.items()) or "–")
-        + f", prompt in {prompt_smallest} of {len(smallest)} tasks "
-        f"({_verdict(None if not smallest else prompt_smallest > len(smallest) / 2)}); {combos_text}. Commands: "
+        "tuning's is the smallest — per task, no single method's gap below prompt's by two standard errors: "
+        + (", ".join(f"{t} {_verdict(v)}" for t, v in smallest.items()) or "–")
+        + f" ({_verdict(prompt_held)}: held on every task, or not on one); {combos_text}. Commands: "
         "`python experiments/glue_table.py`, `python experiments/composability.py`."
     )
 
@@ -378,38 +408,40 @@ def draw_scale(results_dir: Path):
 
 def caption_scale(results_dir: Path) -> str:
     payload = load_json(results_dir, "scale.json")
-    untested = [g for g in payload["gains"] if g["verdict"] == "not a test"]  # both models at chance
-    gains = [g for g in payload["gains"] if g["verdict"] != "not a test"]
-    improved = [g for g in gains if g["verdict"] == "improves"]
-    by_method: dict[str, list[float]] = {}
-    for g in gains:
-        by_method.setdefault(g["method"], []).append(g["gain"])
-    mean_gain = {m: sum(v) / len(v) for m, v in by_method.items()}
-    top = max(mean_gain, key=mean_gain.get) if mean_gain else None
-    sel_untested = [s for s in payload["selective_vs_last_layer"] if s["verdict"] == "not a test"]
-    sel = [s for s in payload["selective_vs_last_layer"] if s["verdict"] != "not a test"]
-    sel_better = sum(1 for s in sel if s["verdict"] == "selective better")
+    claims = payload.get("claims") or {}
     h = payload["config"]["harness"]
     levels = payload["config"].get("majority") or {}
 
-    def left_out(items: list[dict], key: str) -> str:
-        return (f" ({len(items)} more not a test, both at the majority class: "
-                + ", ".join(f"{i['task']}/{i[key]}" for i in items) + ")") if items else ""
+    def tally(items: list[dict], *kinds: str) -> str:
+        return ", ".join(f"{k} {sum(1 for i in items if i['verdict'] == k)}" for k in kinds
+                         if any(i["verdict"] == k for i in items)) or "none yet"
 
+    per_task = "; ".join(f"{t}: " + ", ".join(f"{g['method']} {g['gain']:+.3f}" for g in payload["gains"]
+                                              if g["task"] == t) for t in dict.fromkeys(g["task"] for g in
+                                                                                        payload["gains"]))
+    most = ", ".join(f"{t} {_verdict(v)}" for t, v in (claims.get("prompt_most_per_task") or {}).items())
     return (
         f"One harness for both models ({h['train_size']} seeded training rows, {h['val_size']} held out as validation "
         f"rows, {h['epochs']} epoch of batch {h['batch_size']}, max length {h['max_length']}; rates chosen on the "
         "validation rows; seeds 0, 1, 2); majority class "
         + ", ".join(f"{t} {_fmt(v)}" for t, v in levels.items())
-        + ". Mean gain of SmolLM2 over MiniLM: "
-        + ", ".join(f"{m} {_fmt(v)}" for m, v in mean_gain.items())
-        + f". Claims (Ding et al. 2023): every method improves with model size — {len(improved)} of {len(gains)} "
-        f"(task, method) pairs improve by the two-standard-error rule{left_out(untested, 'method')}, "
-        f"{_gated(payload, None if not gains else len(improved) == len(gains))}; prompt tuning improves most — "
-        f"largest mean gain: {top or '–'} ({_gated(payload, None if top is None else top == 'prompt')}); "
-        f"selective-module tuning beats last-layer tuning at the same budget — in {sel_better} of {len(sel)} "
-        f"(model, task) pairs{left_out(sel_untested, 'model')} "
-        f"({_gated(payload, None if not sel else sel_better > len(sel) / 2)})."
+        + f". Gain of SmolLM2 over MiniLM per task (each task's own metric): {per_task or '–'}. Claims (Ding et al. "
+        "2023), each by the two-standard-error rule with ties and cells short of 3 scored seeds counted as absence "
+        "of evidence: every method improves with model size — (task, method) pairs "
+        + tally(payload["gains"], "improves", "tie", "worsens", "not a test", "too few seeds")
+        + f": {_gated(payload, claims.get('every_method_improves'))}; prompt tuning improves most — per task, "
+        "prompt's gain against each other method's (the difference of two gains against two standard errors): "
+        + tally(payload.get("prompt_vs_others", []), "prompt larger", "tie", "other larger")
+        + f" ({most or 'no task tested'}): {_gated(payload, claims.get('prompt_improves_most'))}; selective-module "
+        "tuning beats last-layer tuning at the same budget — (model, task) pairs "
+        + tally(payload["selective_vs_last_layer"], "selective better", "tie", "last-layer better", "not a test",
+                "too few seeds")
+        + f": {_gated(payload, claims.get('selective_beats_last_layer'))} (criterion: in more than half); "
+        "last-layer and selective tuning do well — judged as not falling below full fine-tuning by two standard "
+        "errors on any (model, task): "
+        + tally(payload.get("against_full", []), "above full FT", "tie with full FT", "below full FT", "not a test",
+                "too few seeds")
+        + f": {_gated(payload, claims.get('they_do_well'))}."
         + flagged_runs_note(payload["cells"], lambda c: f"{c['model']} {c['task']} {c['method']}") + " "
         f"Command: `python experiments/scale.py` ({versions_line(payload)})."
     )
@@ -438,21 +470,24 @@ def draw_unipelt(results_dir: Path):
 def caption_unipelt(results_dir: Path) -> str:
     payload = load_json(results_dir, "unipelt_low_resource.json")
     c = payload["counts"]
-    untested = c.get("not a test", 0)
-    n = c["win"] + c["tie"] + c["loss"]
+    per_k = payload.get("per_k") or {}
+    lines = "; ".join(f"K = {k}: wins {v['win']}, ties {v['tie']}, losses {v['loss']}"
+                      + (f", {v['not a test']} not a test" if v.get("not a test") else "")
+                      + (f", {v['too few seeds']} with too few seeds" if v.get("too few seeds") else "")
+                      + f" — {_gated(payload, v['holds'])}" for k, v in per_k.items())
+    overall = None if not per_k else (False if any(v["holds"] is False for v in per_k.values())
+                                      else True if all(v["holds"] for v in per_k.values()) else None)
     return (
         "MiniLM, K seeded training rows (the same for every method and seed; 20 % of them held out as validation "
         "rows), rates chosen on the validation rows, seeds 0, 1, 2; parts in UniPELT's own configurations (LoRA r=8 "
         "on q,v, prefix 10 through Li & Liang's MLP, the FFN adapter with bottleneck 64). Claim (Mao et al. 2022): "
-        "UniPELT beats each of its "
-        f"parts at K = 100, 500, 1000 — over {n} (task, K, part) comparisons by the two-standard-error rule it wins "
-        f"{c['win']}, ties {c['tie']} and loses {c['loss']}"
-        + (f" ({untested} more are not a test: UniPELT and the part both at the majority class)" if untested else "")
-        + f": {_gated(payload, None if not n else c['win'] > n / 2 and c['loss'] == 0)} (criterion: wins a "
-        "majority of the tests, loses none)."
+        "UniPELT beats each of its parts at K = 100, 500, 1000 — judged at each K over its (task, part) comparisons "
+        "by the two-standard-error rule (held at a K when UniPELT wins every test there, not held when it loses "
+        "one; ties, and cells short of 3 scored seeds, leave it open; comparisons with both at the majority class "
+        f"are not a test): {lines or 'no comparison yet'}. Over all K: "
+        f"{_gated(payload, overall)} (wins {c['win']}, ties {c['tie']}, losses {c['loss']})."
         + flagged_runs_note(payload["cells"], lambda c: f"{c['task']} K={c['k']} {c['method']}")
-        + " Command: `python experiments/unipelt_low_resource.py` "
-        f"({versions_line(payload)})."
+        + f" Command: `python experiments/unipelt_low_resource.py` ({versions_line(payload)})."
     )
 
 
