@@ -87,15 +87,17 @@ def next_edge_rate(candidates: list[dict[str, Any]], grid: list[float]) -> float
     pair's rates in the spec.  When every grid rate has finished and the best rate is the highest (lowest) tried,
     the grid continues geometrically one step up (down): ``r_top · r_top / r_next`` (``r_low · r_low / r_next``).
     Nothing once ``MAX_EDGE_RATES`` rates beyond the grid were tried, or when the edge rate itself diverged (the
-    way up is closed).  An optimum at the edge of a grid is a rate the grid did not reach; without this, a method
-    that wants a larger rate than the grid offers would show a gap to full fine-tuning that is the grid's.
+    way up is closed); when every rate tried diverged, one step down.  An optimum at the edge of a grid is a rate
+    the grid did not reach; without this, a method that wants a larger rate than the grid offers would show a gap
+    to full fine-tuning that is the grid's.
     """
     lrs = [c["lr"] for c in candidates]
     if len(lrs) < 2 or not set(grid) <= set(lrs) or len(set(lrs) - set(grid)) >= MAX_EDGE_RATES:
         return None
     scored = [c for c in candidates if c["status"] == "done" and c["val_score"] is not None]
-    if not scored:
-        return None
+    if not scored:  # every rate diverged: the way down is the only one left
+        return float(f"{lrs[0] * lrs[0] / lrs[1]:.3g}") if all(c["status"] == "diverged" for c in candidates) \
+            else None
     best = max(scored, key=lambda c: c["val_score"])["lr"]
     if best == lrs[-1]:
         return float(f"{lrs[-1] * lrs[-1] / lrs[-2]:.3g}")
