@@ -43,6 +43,8 @@ from controltune.sweep_spec import SweepSpec, canonical_config, expand, parse_sp
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the experiments' shared modules, run or imported
 from cost_model import cell_seconds  # noqa: E402
 from rate_selection import (  # noqa: E402
+    MIN_SEEDS,
+    TOO_FEW_SEEDS,
     add_sweep_arguments,
     both_at_chance,
     choose_lrs,
@@ -164,8 +166,11 @@ def table_spec(tasks, budgets, chosen: dict) -> SweepSpec:
 
 
 def verdict(d: dict[str, Any], b: dict[str, Any]) -> tuple[str | None, float | None, float | None]:
-    """``(verdict, difference, se)`` of design ``d`` against baseline ``b`` (:func:`rate_selection.two_se`)."""
+    """``(verdict, difference, se)`` of design ``d`` against baseline ``b`` (:func:`rate_selection.two_se`);
+    :data:`rate_selection.TOO_FEW_SEEDS` when either has fewer than 3 scored seeds (a seed diverged)."""
     sign, diff, se = two_se(b, d)
+    if sign is not None and min(d["n_seeds"], b["n_seeds"]) < MIN_SEEDS:
+        return TOO_FEW_SEEDS, diff, se
     return (None if sign is None else {1: "win", -1: "loss", 0: "tie"}[sign]), diff, se
 
 

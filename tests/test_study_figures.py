@@ -597,3 +597,10 @@ def test_a_diverged_seed_completes_its_cell_and_is_named(tmp_path, monkeypatch):
     assert "K = 500: wins 9, ties 0, losses 0, 3 with too few seeds — inconclusive" in caption
     assert "Over all K: inconclusive" in caption
     assert "Runs that diverged (no score; the means are over the other seeds): mrpc K=500 unipelt seed 2." in caption
+
+
+def test_a_design_cell_short_of_three_scored_seeds_is_not_judged():
+    lora = {"mean": 0.28, "std": 0.01, "n_seeds": 3}
+    assert design_table.verdict({"mean": 0.40, "std": 0.01, "n_seeds": 3}, lora)[0] == "win"
+    assert design_table.verdict({"mean": 0.40, "std": 0.01, "n_seeds": 2}, lora)[0] == "too few seeds"
+    assert design_table.verdict({"mean": 0.40, "std": None, "n_seeds": 1}, lora)[0] is None

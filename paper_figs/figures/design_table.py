@@ -54,12 +54,13 @@ def draw(results_dir: Path):
 
 
 def verdicts(payload: dict[str, Any], baseline: str = "lora") -> dict[str, dict[str, list[str]]]:
-    """Per design: the (task/budget) cells it wins, ties and loses against ``baseline``."""
+    """Per design: the (task/budget) cells it wins, ties and loses against ``baseline``, and those with too few
+    seeds (a seed diverged) to judge."""
     out: dict[str, dict[str, list[str]]] = {}
     for r in payload["rows"]:
         if r["baseline"] != baseline or r["verdict"] is None:
             continue
-        out.setdefault(r["design"], {"win": [], "tie": [], "loss": []})[r["verdict"]].append(
+        out.setdefault(r["design"], {"win": [], "tie": [], "loss": [], "too few seeds": []})[r["verdict"]].append(
             f"{r['task']}/{r['budget']} ({r['difference']:+.3f})")
     return out
 
@@ -72,7 +73,9 @@ def caption(results_dir: Path) -> str:
                      and r["verdict"] == "tie" and r.get("at_chance")) for d in v}
     lines = "; ".join(f"{d}: wins {', '.join(x['win']) or 'none'}, ties {len(x['tie'])}"
                       + (f" ({chance[d]} of them with both at the majority class)" if chance[d] else "")
-                      + f", losses {', '.join(x['loss']) or 'none'}" for d, x in v.items())
+                      + f", losses {', '.join(x['loss']) or 'none'}"
+                      + (f", too few seeds {', '.join(x['too few seeds'])}" if x["too few seeds"] else "")
+                      for d, x in v.items())
     others = [r for r in payload["rows"] if r["baseline"] != "lora" and r["verdict"] is not None]
     other_counts = {k: sum(1 for r in others if r["verdict"] == k) for k in ("win", "tie", "loss")}
     goal = ("met" if wins >= GOAL_WINS else "not met") if v else "not measurable yet (fewer than two seeds per cell)"
