@@ -183,8 +183,12 @@ def gain_share(mean: float | None, own: dict[str, Any], level: float) -> float |
 
 
 def _pooled(shares: list[float]) -> dict[str, Any]:
+    """Mean, std and median of gain shares; the median, since a barely learnt target's small denominator makes a
+    share of ±several that moves the mean."""
+    import statistics
+
     mean, std = mean_std(shares)
-    return {"mean": mean, "std": std, "n": len(shares)}
+    return {"mean": mean, "std": std, "median": statistics.median(shares) if shares else None, "n": len(shares)}
 
 
 def _cell(values: list[float]) -> dict[str, Any]:

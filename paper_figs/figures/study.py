@@ -363,9 +363,10 @@ def caption_transfer(results_dir: Path) -> str:
         "class that the transferred delta keeps, (score − majority) / (in-task − majority); majority levels "
         + ", ".join(f"{t} {_fmt(v)}" for t, v in levels.items())
         + f". Blank where the method does not beat the majority class in-task on the target (no test: {not_learnt}). "
-        f"Within a kind (single-sentence SST-2/CoLA, pairs MRPC/RTE): mean share {_fmt(k['same kind']['mean'])} over "
-        f"{k['same kind']['n']} entries, {k['same kind']['beats_majority']} of {k['same kind']['judged']} above the "
-        f"majority class; across kinds: {_fmt(k['cross kind']['mean'])} over {k['cross kind']['n']}, "
+        "Within a kind (single-sentence SST-2/CoLA, pairs MRPC/RTE): median share "
+        f"{_fmt(k['same kind'].get('median'))} over {k['same kind']['n']} entries, "
+        f"{k['same kind']['beats_majority']} of {k['same kind']['judged']} above the majority class; across kinds: "
+        f"{_fmt(k['cross kind'].get('median'))} over {k['cross kind']['n']}, "
         f"{k['cross kind']['beats_majority']} of {k['cross kind']['judged']} above it. "
         "Claim (Ding et al. 2023): deltas transfer to tasks of the same kind, poorly across kinds — "
         f"{_verdict(payload['claim_holds'])}: on each target a method learns, the same-kind source's transferred "
