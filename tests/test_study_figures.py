@@ -97,14 +97,14 @@ def test_scale(tmp_path, monkeypatch):
                              "prompt_most_per_task": {"mrpc": True, "sst2": True},
                              "selective_beats_last_layer": True, "they_do_well": True}
     caption = _caption("scale", tmp_path, tmp_path / "figs")
-    assert "(task, method) pairs improves 14: holds here" in caption and "prompt larger 12" in caption
+    assert "(task, method) pairs: improves 14 — holds here" in caption and "prompt larger 12" in caption
     levels["mrpc"] = 0.95  # every MRPC cell at chance: no test of either claim there
     out = scale.summary(tuple(scale.MODELS), scale.TASKS)
     assert all(g["verdict"] == "not a test" for g in out["gains"] if g["task"] == "mrpc")
     assert out["claims"]["prompt_most_per_task"] == {"sst2": True} and out["claims"]["every_method_improves"]
     caption = _caption("scale", tmp_path, tmp_path / "figs")
-    assert "(task, method) pairs improves 7, not a test 7: holds here" in caption
-    assert "(model, task) pairs selective better 2, not a test 2: holds here" in caption
+    assert "(task, method) pairs: improves 7, not a test 7 — holds here" in caption
+    assert "(model, task) pairs: selective better 2, not a test 2 — holds here" in caption
 
 
 def test_prompt_improves_most_is_judged_per_task_against_each_method(tmp_path, monkeypatch):

@@ -428,21 +428,21 @@ def caption_scale(results_dir: Path) -> str:
         + ", ".join(f"{t} {_fmt(v)}" for t, v in levels.items())
         + f". Gain of SmolLM2 over MiniLM per task (each task's own metric): {per_task or '–'}. Claims (Ding et al. "
         "2023), each by the two-standard-error rule with ties and cells short of 3 scored seeds counted as absence "
-        "of evidence: every method improves with model size — (task, method) pairs "
+        "of evidence: every method improves with model size — (task, method) pairs: "
         + tally(payload["gains"], "improves", "tie", "worsens", "not a test", "too few seeds")
-        + f": {_gated(payload, claims.get('every_method_improves'))}; prompt tuning improves most — per task, "
+        + f" — {_gated(payload, claims.get('every_method_improves'))}; prompt tuning improves most — per task, "
         "prompt's gain against each other method's (the difference of two gains against two standard errors): "
         + tally(payload.get("prompt_vs_others", []), "prompt larger", "tie", "other larger")
-        + f" ({most or 'no task tested'}): {_gated(payload, claims.get('prompt_improves_most'))}; selective-module "
-        "tuning beats last-layer tuning at the same budget — (model, task) pairs "
+        + f" ({most or 'no task tested'}) — {_gated(payload, claims.get('prompt_improves_most'))}; selective-module "
+        "tuning beats last-layer tuning at the same budget — (model, task) pairs: "
         + tally(payload["selective_vs_last_layer"], "selective better", "tie", "last-layer better", "not a test",
                 "too few seeds")
-        + f": {_gated(payload, claims.get('selective_beats_last_layer'))} (criterion: in more than half); "
+        + f" — {_gated(payload, claims.get('selective_beats_last_layer'))} (criterion: in more than half); "
         "last-layer and selective tuning do well — judged as not falling below full fine-tuning by two standard "
         "errors on any (model, task): "
         + tally(payload.get("against_full", []), "above full FT", "tie with full FT", "below full FT", "not a test",
                 "too few seeds")
-        + f": {_gated(payload, claims.get('they_do_well'))}."
+        + f" — {_gated(payload, claims.get('they_do_well'))}."
         + flagged_runs_note(payload["cells"], lambda c: f"{c['model']} {c['task']} {c['method']}") + " "
         f"Command: `python experiments/scale.py` ({versions_line(payload)})."
     )
