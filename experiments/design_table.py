@@ -49,6 +49,7 @@ from rate_selection import (  # noqa: E402
     both_at_chance,
     choose_lrs,
     describe_hours,
+    diverged_at_chosen,
     extended_spec,
     glue_majority,
     mean_std,
@@ -198,6 +199,7 @@ def _designs(rows: list[dict[str, Any]], method: str) -> list[Any] | None:
 def summary(tasks, budgets) -> dict[str, Any]:
     select_rows, table_rows = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
     chosen = choose_lrs(select_rows, pair_key)
+    diverged = diverged_at_chosen(select_rows, table_rows, pair_key)
     cells: dict[tuple, dict[str, Any]] = {}
     for pair, info in chosen.items():
         done = [r for r in table_rows if r.get("status") == "done" and pair_key(r) == pair
@@ -206,9 +208,7 @@ def summary(tasks, budgets) -> dict[str, Any]:
         cells[pair] = {"task": pair[0], "budget": pair[1], "method": pair[2], "lr": info["lr"], "mean": mean,
                        "std": std, "n_seeds": len(done), "trainable": done[0]["n_trainable"] if done else None,
                        "one_class_seeds": one_class_seeds(done),
-                       "diverged_seeds": sorted(int(r["config"]["seed"]) for r in table_rows
-                                                if r.get("status") == "diverged" and pair_key(r) == pair
-                                                and float(r["config"]["lr"]) == info["lr"]),
+                       "diverged_seeds": diverged.get(pair, []),
                        "metric": done[0]["metric"] if done else None,
                        "designs": _designs(done, pair_where(pair)["method"])}
     levels = glue_majority(RESULTS)  # the GLUE harness's full dev sets

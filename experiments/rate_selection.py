@@ -204,16 +204,20 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
+def glue_majority_rows(results: Path | None = None) -> list[dict[str, Any]]:
+    """The majority-class rows of ``glue_table.json`` (``{task, metric, mean, n_dev, ...}`` on the full dev sets;
+    empty when the table has not been summarised)."""
+    import json
+
+    path = (results or Path(__file__).resolve().parent / "results") / "glue_table.json"
+    return json.loads(path.read_text()).get("majority", []) if path.is_file() else []
+
+
 def glue_majority(results: Path | None = None) -> dict[str, float]:
     """Each GLUE task's dev score (its main metric) of the constant majority-class prediction, from
     ``glue_table.json`` (the full dev sets; empty when the table has not been summarised): the chance level of
     every study scored on the same dev sets."""
-    import json
-
-    path = (results or Path(__file__).resolve().parent / "results") / "glue_table.json"
-    if not path.is_file():
-        return {}
-    return {r["task"]: float(r["mean"]) for r in json.loads(path.read_text()).get("majority", [])}
+    return {r["task"]: float(r["mean"]) for r in glue_majority_rows(results)}
 
 
 def majority_level(task: str, dev_size: int | None = None, seed: int = 0) -> tuple[str, float]:

@@ -49,6 +49,7 @@ from rate_selection import (  # noqa: E402
     share_verdict,
     sweep_hours,
     sweep_settings,
+    two_se,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -103,13 +104,6 @@ def table_spec(models, tasks, chosen: dict) -> SweepSpec:
 def majority_levels(tasks) -> dict[str, float]:
     """Each task's majority-class score on the dev rows the cells score (SST-2: their seeded 500)."""
     return {t: majority_level(t, DEV_SIZE[t], HARNESS["data_seed"])[1] for t in tasks}
-
-
-def _gain_se(a: dict[str, Any], b: dict[str, Any]) -> float | None:
-    """The standard error of a gain ``b − a`` of two cells, ``(s_a²/n_a + s_b²/n_b)^{1/2}``."""
-    if a["std"] is None or b["std"] is None or not a["n_seeds"] or not b["n_seeds"]:
-        return None
-    return (a["std"] ** 2 / a["n_seeds"] + b["std"] ** 2 / b["n_seeds"]) ** 0.5
 
 
 def prompt_against_others(gains: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -176,7 +170,7 @@ def summary(models, tasks) -> dict[str, Any]:
             verdict, diff = judge(a, b, levels[task], {1: "improves", -1: "worsens", 0: "tie"})
             if verdict is not None:
                 gains.append({"task": task, "method": method, "gain": diff, "verdict": verdict,
-                              "se": _gain_se(a, b)})
+                              "se": two_se(a, b)[2]})
         for model in models:
             verdict, diff = judge(cells.get((model, task, "last_layer")), cells.get((model, task, "selective")),
                                   levels[task], {1: "selective better", -1: "last-layer better", 0: "tie"})

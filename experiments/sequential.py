@@ -39,6 +39,7 @@ from rate_selection import (  # noqa: E402
     add_sweep_arguments,
     choose_lrs,
     describe_hours,
+    glue_majority_rows,
     mean_std,
     sweep_hours,
     sweep_settings,
@@ -180,11 +181,8 @@ def summary() -> dict[str, Any]:
 
 
 def _majority_rows() -> list[dict[str, Any]]:
-    """The majority class's dev scores and dev sizes of the GLUE harness (``glue_table.json``; empty before it)."""
-    import json
-
-    path = RESULTS / "glue_table.json"
-    return json.loads(path.read_text()).get("majority", []) if path.is_file() else []
+    """The majority class's dev scores and dev sizes of the GLUE harness (:func:`rate_selection.glue_majority_rows`)."""
+    return glue_majority_rows(RESULTS)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
