@@ -19,16 +19,19 @@ A *spec* (YAML or JSON) names the grid::
         set: {train_size: 20000, epochs: 2}
       - where: {task: rte, method: full}
         set: {lr: [3e-5, 1e-4]}
+    exclude:                    # optional: cells matching any entry are not in the grid
+      - {task: rte, method: bitfit}
     out: glue.jsonl             # optional: the JSONL (relative to the spec's folder)
 
 Axes are ``model``, ``method`` (a registered controller, or several joined by ``+``),
 ``options`` (a dict of controller options, or a list of them), ``task``, ``seed``, ``lr``
 and any training setting of :data:`TRAIN_SETTINGS` or :data:`OPTIONAL_SETTINGS`; ``train`` holds
 settings shared by every cell; ``overrides`` (applied in order, each to the cells whose values
-match its ``where``) give settings per task, or per task and method.  A *cell* is one point of
-the grid with every setting filled in (:func:`expand`), and its configuration is what
-identifies it.  With ``val_size`` a cell holds out that many training rows (a fraction if < 1)
-and selects its deltas on them (:func:`controltune.train.train`); its row then carries
+match its ``where``) give settings per task, or per task and method; ``exclude`` drops the cells
+(after the overrides) whose values equal every entry of one of its mappings, e.g. a pair a study
+could not rate.  A *cell* is one point of the grid with every setting filled in (:func:`expand`),
+and its configuration is what identifies it.  With ``val_size`` a cell holds out that many
+training rows (a fraction if < 1) and selects its deltas on them (:func:`controltune.train.train`); its row then carries
 ``val_score`` (the selecting validation score) and ``score_at_best_val`` (the dev score of
 the selected deltas) besides ``score`` (dev after the last step).
 """
@@ -63,7 +66,7 @@ STAGE_SETTINGS = ("sequential", "stage_lrs")
 ``sequential: true`` trains the parts of ``method`` (``a+b+c``) one after another, each for the cell's
 ``epochs``/``steps``, frozen before the next is added, each in ``<run>/stage<i>-<part>``; ``stage_lrs`` gives
 each stage its own peak rate (default: the cell's ``lr`` for every stage)."""
-SPEC_KEYS = ("grid", "per_method", "overrides", "train", "out", "name")
+SPEC_KEYS = ("grid", "per_method", "overrides", "exclude", "train", "out", "name")
 
 
 @dataclass
@@ -77,6 +80,8 @@ class SweepSpec:
     name: str = "sweep"
     overrides: list[tuple[dict[str, Any], dict[str, list[Any]]]] = field(default_factory=list)
     """``(where, axes)`` pairs: a cell whose values equal every ``where`` entry takes ``axes``."""
+    exclude: list[dict[str, Any]] = field(default_factory=list)
+    """Mappings ``{axis: value}``: a cell (overrides applied) whose values equal every entry of one is dropped."""
 
 
 # --- the spec -------------------------------------------------------------------------------
@@ -131,6 +136,7 @@ def parse_spec(data: Any, source: str = "spec", folder: Path | None = None) -> S
         if needed not in grid:
             raise ValueError(f"{source}: the grid needs a {needed!r} axis")
     overrides = _parse_overrides(data.get("overrides"), source)
+    exclude = _parse_exclude(data.get("exclude"), source)
     lr_given = "lr" in grid or "lr" in train_in or any("lr" in axes for _, axes in overrides)
     if not lr_given and not all("lr" in per_method.get(m, {}) for m in grid["method"]):
         raise ValueError(f"{source}: give lr in the grid (or per method for every method, or in overrides)")
@@ -138,7 +144,7 @@ def parse_spec(data: Any, source: str = "spec", folder: Path | None = None) -> S
     out_path = None if out is None else (folder / out if folder is not None and not Path(out).is_absolute()
                                           else Path(out))
     return SweepSpec(grid=grid, per_method=per_method, train=dict(train_in), out=out_path,
-                     name=str(data.get("name", "sweep")), overrides=overrides)
+                     name=str(data.get("name", "sweep")), overrides=overrides, exclude=exclude)
 
 
 def _parse_overrides(entries: Any, source: str) -> list[tuple[dict[str, Any], dict[str, list[Any]]]]:
@@ -162,6 +168,21 @@ def _parse_overrides(entries: Any, source: str) -> list[tuple[dict[str, Any], di
             raise ValueError(f"{where_text}: set may not change the method or the task")
         parsed.append((dict(where), {a: _values(a, v, where_text) for a, v in axes.items()}))
     return parsed
+
+
+def _parse_exclude(entries: Any, source: str) -> list[dict[str, Any]]:
+    """``exclude``: a list of non-empty mappings ``{axis: value}``."""
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise ValueError(f"{source}: exclude must be a list of {{axis: value}} mappings")
+    for i, where in enumerate(entries):
+        if not isinstance(where, dict) or not where:
+            raise ValueError(f"{source}: exclude[{i}] must map axes to values")
+        for axis in where:
+            if axis not in _axes():
+                raise ValueError(f"{source}: exclude[{i}]: unknown axis {axis!r}; accepted: {', '.join(_axes())}")
+    return [dict(w) for w in entries]
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -215,6 +236,8 @@ def expand(spec: SweepSpec, defaults: dict[str, Any] | None = None) -> list[dict
         axes = {**spec.grid, **spec.per_method.get(method, {}), "method": [method]}
         for cell in _product(base, axes):
             for overridden in _apply_overrides(cell, spec.overrides):
+                if any(_matches(overridden, where) for where in spec.exclude):
+                    continue
                 if overridden.get("lr") is None:
                     raise ValueError(f"cell {overridden['method']} on {overridden['task']} has no lr")
                 key = canonical_config(overridden)

@@ -45,6 +45,7 @@ from rate_selection import (  # noqa: E402
     chosen_rows,
     describe_hours,
     diverged_at_chosen,
+    diverged_everywhere,
     extended_spec,
     glue_majority,
     grid_progress,
@@ -58,6 +59,7 @@ from rate_selection import (  # noqa: E402
     share_verdict,
     sweep_hours,
     sweep_settings,
+    table_pairs,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -120,10 +122,13 @@ def selection_spec(tasks, rows: list[dict[str, Any]] | None = None) -> SweepSpec
 
 
 def table_spec(tasks, chosen: dict) -> SweepSpec:
-    require_rates(chosen, [(t, s) for t in tasks for s in SUBSETS])
+    pairs = [(t, s) for t in tasks for s in SUBSETS]
+    skipped = table_pairs(chosen, pairs)
     data = spec_data(tasks, [0, 1, 2], "composability_table", TABLE_OUT.name)
     data["overrides"] = list(data["overrides"]) + [
-        {"where": {"task": t, "method": s}, "set": {"lr": chosen[(t, s)]["lr"]}} for t in tasks for s in SUBSETS]
+        {"where": {"task": t, "method": s}, "set": {"lr": chosen[(t, s)]["lr"]}} for t, s in pairs
+        if (t, s) not in skipped]
+    data["exclude"] = [{"task": t, "method": s} for t, s in skipped]
     return parse_spec(data, "composability_table", RESULTS)
 
 
@@ -148,6 +153,7 @@ def summary(tasks) -> dict[str, Any]:
     cells = {}
     select_rows, table_rows = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
     diverged = diverged_at_chosen(select_rows, table_rows)
+    everywhere = diverged_everywhere(choose_lrs(select_rows))
     for (task, subset), (lr, done) in chosen_rows(select_rows, table_rows).items():
         dev = [r["score_at_best_val"] for r in done.values()]
         gaps = [r["train_scores"][r["metric"]] - r["score_at_best_val"] for r in done.values() if r.get("train_scores")]
@@ -156,7 +162,8 @@ def summary(tasks) -> dict[str, Any]:
         cells[(task, subset)] = {"task": task, "subset": subset, "lr": lr, "mean": mean, "std": std,
                                  "n_seeds": len(dev), "gap_mean": gap_mean, "gap_std": gap_std, "n_gap": len(gaps),
                                  "one_class_seeds": one_class_seeds(done.values()),
-                                 "diverged_seeds": diverged.get((task, subset), [])}
+                                 "diverged_seeds": diverged.get((task, subset), []),
+                                 "diverged_every_rate": (task, subset) in everywhere}
     levels = required_levels(glue_majority(RESULTS), tasks)  # the GLUE harness's full dev sets
     effects = []
     for part in PARTS:

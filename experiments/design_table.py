@@ -50,6 +50,7 @@ from rate_selection import (  # noqa: E402
     choose_lrs,
     describe_hours,
     diverged_at_chosen,
+    diverged_everywhere,
     extended_spec,
     glue_majority,
     mean_std,
@@ -58,6 +59,7 @@ from rate_selection import (  # noqa: E402
     select_then_tabulate,
     sweep_hours,
     sweep_settings,
+    table_pairs,
     two_se,
 )
 
@@ -153,16 +155,13 @@ def selection_spec(tasks, budgets, rows: list[dict[str, Any]] | None = None) -> 
 
 
 def table_spec(tasks, budgets, chosen: dict) -> SweepSpec:
-    """Seeds 0, 1, 2 at each pair's chosen rate (every pair of ``tasks`` x ``budgets`` must have one)."""
-    missing = [pair for pair in ((t, b, label) for t in tasks for b in budgets for label in BUDGETS[b])
-               if chosen.get(pair, {}).get("lr") is None]
-    if missing:
-        raise SystemExit(f"no rate chosen for {missing} (selection unfinished, or every rate diverged); drop "
-                         "those tasks or budgets (--tasks, --budgets) to tabulate the rest")
+    """Seeds 0, 1, 2 at each pair's chosen rate (a pair that diverged at every rate is left out)."""
+    skipped = table_pairs(chosen, [(t, b, label) for t in tasks for b in budgets for label in BUDGETS[b]])
     data = spec_data(tasks, budgets, [0, 1, 2], "design_table", TABLE_OUT.name)
     data["overrides"] = list(data["overrides"]) + [
         {"where": pair_where(pair), "set": {"lr": info["lr"]}} for pair, info in sorted(chosen.items())
         if info["lr"] is not None]
+    data["exclude"] = [pair_where(pair) for pair in skipped]
     return parse_spec(data, "design_table", RESULTS)
 
 
@@ -200,6 +199,7 @@ def summary(tasks, budgets) -> dict[str, Any]:
     select_rows, table_rows = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
     chosen = choose_lrs(select_rows, pair_key)
     diverged = diverged_at_chosen(select_rows, table_rows, pair_key)
+    everywhere = diverged_everywhere(chosen)
     cells: dict[tuple, dict[str, Any]] = {}
     for pair, info in chosen.items():
         done = [r for r in table_rows if r.get("status") == "done" and pair_key(r) == pair
@@ -208,7 +208,7 @@ def summary(tasks, budgets) -> dict[str, Any]:
         cells[pair] = {"task": pair[0], "budget": pair[1], "method": pair[2], "lr": info["lr"], "mean": mean,
                        "std": std, "n_seeds": len(done), "trainable": done[0]["n_trainable"] if done else None,
                        "one_class_seeds": one_class_seeds(done),
-                       "diverged_seeds": diverged.get(pair, []),
+                       "diverged_seeds": diverged.get(pair, []), "diverged_every_rate": pair in everywhere,
                        "metric": done[0]["metric"] if done else None,
                        "designs": _designs(done, pair_where(pair)["method"])}
     levels = glue_majority(RESULTS)  # the GLUE harness's full dev sets
@@ -221,6 +221,8 @@ def summary(tasks, budgets) -> dict[str, Any]:
             if b is None:
                 continue
             v, diff, se = verdict(d, b)
+            if d["diverged_every_rate"] or b["diverged_every_rate"]:  # no score to compare: named, never a tie
+                v = f"{'design' if d['diverged_every_rate'] else 'baseline'} diverged at every rate"
             rows.append({"design": label, "baseline": base, "task": task, "budget": budget, "metric": d["metric"],
                          "mean": d["mean"], "std": d["std"], "n_seeds": d["n_seeds"], "baseline_mean": b["mean"],
                          "baseline_std": b["std"], "baseline_n_seeds": b["n_seeds"], "difference": diff, "se": se,

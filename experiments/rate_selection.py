@@ -189,6 +189,10 @@ def select_then_tabulate(selection: Callable[[list[dict[str, Any]]], SweepSpec],
             break
         run_sweep(spec, select_out, echo=echo, **sweep)
     rows = read_jsonl(select_out)
+    left = [c for c in expand(selection(rows)) if canonical_config(c) not in finished_configs(rows)]
+    if left:  # a failed cell, or edge rates beyond the rounds: a table now would tabulate a half-chosen rate
+        raise SystemExit(f"the selection has {len(left)} unfinished cell(s) after {MAX_EDGE_RATES + 1} rounds "
+                         f"(e.g. {left[0]['task']} {left[0]['method']} lr {left[0]['lr']}); run again to continue")
     spec = table(rows)
     copy_rows(rows + glue_table, spec, table_out, f"{select_out.name} / glue_table.jsonl")
     run_sweep(spec, table_out, echo=echo, **sweep)
@@ -254,10 +258,12 @@ def one_class_seeds(rows: Iterable[dict[str, Any]]) -> list[int]:
 
 
 def grid_progress(cells: list[dict[str, Any]], planned: int, seeds: int = 3) -> dict[str, Any]:
-    """How much of a study's grid has every seed finished (scored, or diverged: ``diverged_seeds``):
+    """How much of a study's grid has every seed finished (scored, or diverged: ``diverged_seeds``; a pair that
+    diverged at every rate tried, ``diverged_every_rate``, is finished with none):
     ``{planned, with_all_seeds, complete}``.  A study's verdicts wait for ``complete``: counted over part of its
     grid (a sweep stopped halfway, or its first tasks only) they would read as the claim's."""
-    full = sum(1 for c in cells if (c.get("n_seeds") or 0) + len(c.get("diverged_seeds") or []) >= seeds)
+    full = sum(1 for c in cells if c.get("diverged_every_rate")
+               or (c.get("n_seeds") or 0) + len(c.get("diverged_seeds") or []) >= seeds)
     return {"planned": planned, "with_all_seeds": full, "complete": full >= planned}
 
 
@@ -346,10 +352,30 @@ def diverged_at_chosen(select_rows: list[dict[str, Any]], table_rows: list[dict[
 
 
 def require_rates(chosen: dict[Pair, dict[str, Any]], pairs: list[Pair]) -> None:
-    """Stop (SystemExit naming them) when a pair of ``pairs`` has no chosen rate."""
+    """Stop (SystemExit naming them) when a pair of ``pairs`` has no chosen rate (where a rate is an input, e.g.
+    a part's own rate in a combination)."""
     missing = [p for p in pairs if chosen.get(p, {}).get("lr") is None]
     if missing:
         raise SystemExit(f"no rate chosen for {missing} (selection unfinished, or every rate diverged)")
+
+
+def diverged_everywhere(chosen: dict[Pair, dict[str, Any]]) -> set[Pair]:
+    """The pairs whose every finished selection cell diverged (:func:`choose_lrs` gives them no rate)."""
+    return {p for p, info in chosen.items()
+            if info["lr"] is None and info["candidates"] and all(c["status"] == "diverged" for c in info["candidates"])}
+
+
+def table_pairs(chosen: dict[Pair, dict[str, Any]], pairs: list[Pair]) -> list[Pair]:
+    """The pairs of ``pairs`` that diverged at every rate tried, which a table leaves out (its spec's ``exclude``)
+    and a summary counts as finished (``diverged_every_rate``) and names; a clear stop when a pair has no rate
+    otherwise (its selection has not finished).  Called after :func:`select_then_tabulate` has run the selection to
+    its end, edge rates included, so every rate there is to try was tried."""
+    missing = [p for p in pairs if chosen.get(p, {}).get("lr") is None]
+    everywhere = diverged_everywhere({p: chosen[p] for p in missing if p in chosen})
+    unfinished = [p for p in missing if p not in everywhere]
+    if unfinished:
+        raise SystemExit(f"no rate chosen for {unfinished}: their selection has not finished")
+    return [p for p in pairs if p in everywhere]
 
 
 def progress_echo(refresh: Callable[[], Any]) -> Callable[[str], None]:

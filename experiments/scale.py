@@ -37,6 +37,7 @@ from rate_selection import (  # noqa: E402
     chosen_rows,
     describe_hours,
     diverged_at_chosen,
+    diverged_everywhere,
     extended_spec,
     grid_progress,
     judge,
@@ -44,11 +45,11 @@ from rate_selection import (  # noqa: E402
     mean_std,
     one_class_seeds,
     progress_echo,
-    require_rates,
     select_then_tabulate,
     share_verdict,
     sweep_hours,
     sweep_settings,
+    table_pairs,
     two_se,
 )
 
@@ -95,9 +96,10 @@ def selection_spec(models, tasks, rows) -> SweepSpec:
 
 def table_spec(models, tasks, chosen: dict) -> SweepSpec:
     pairs = [(m, t, k) for m in models for t in tasks for k in METHODS]
-    require_rates(chosen, pairs)
+    skipped = table_pairs(chosen, pairs)
     data = spec_data(models, tasks, [0, 1, 2], "scale_table", TABLE_OUT.name)
-    data["overrides"] += [{"where": pair_where(p), "set": {"lr": chosen[p]["lr"]}} for p in pairs]
+    data["overrides"] += [{"where": pair_where(p), "set": {"lr": chosen[p]["lr"]}} for p in pairs if p not in skipped]
+    data["exclude"] = [pair_where(p) for p in skipped]
     return parse_spec(data, "scale_table", RESULTS)
 
 
@@ -154,12 +156,13 @@ def summary(models, tasks) -> dict[str, Any]:
     cells = {}
     select_rows, table_rows = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
     diverged = diverged_at_chosen(select_rows, table_rows, pair_key)
+    everywhere = diverged_everywhere(choose_lrs(select_rows, pair_key))
     for pair, (lr, done) in chosen_rows(select_rows, table_rows, pair_key).items():
         scores = [r["score_at_best_val"] for r in done.values()]
         mean, std = mean_std(scores)
         cells[pair] = {"model": pair[0], "task": pair[1], "method": pair[2], "lr": lr, "mean": mean,
                        "std": std, "n_seeds": len(scores), "one_class_seeds": one_class_seeds(done.values()),
-                       "diverged_seeds": diverged.get(pair, []),
+                       "diverged_seeds": diverged.get(pair, []), "diverged_every_rate": pair in everywhere,
                        "trainable": next(iter(done.values()))["n_trainable"] if done else None}
     small, large = list(MODELS)[0], list(MODELS)[-1]
     levels = majority_levels(tasks)

@@ -38,6 +38,7 @@ from rate_selection import (  # noqa: E402
     chosen_rows,
     describe_hours,
     diverged_at_chosen,
+    diverged_everywhere,
     extended_spec,
     glue_majority,
     grid_progress,
@@ -45,12 +46,12 @@ from rate_selection import (  # noqa: E402
     mean_std,
     one_class_seeds,
     progress_echo,
-    require_rates,
     required_levels,
     select_then_tabulate,
     share_verdict,
     sweep_hours,
     sweep_settings,
+    table_pairs,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -96,9 +97,10 @@ def selection_spec(tasks, rows) -> SweepSpec:
 
 def table_spec(tasks, chosen: dict) -> SweepSpec:
     pairs = [(t, k, m) for t in tasks for k in KS for m in METHODS]
-    require_rates(chosen, pairs)
+    skipped = table_pairs(chosen, pairs)
     data = spec_data(tasks, [0, 1, 2], "unipelt_table", TABLE_OUT.name)
-    data["overrides"] += [{"where": pair_where(p), "set": {"lr": chosen[p]["lr"]}} for p in pairs]
+    data["overrides"] += [{"where": pair_where(p), "set": {"lr": chosen[p]["lr"]}} for p in pairs if p not in skipped]
+    data["exclude"] = [pair_where(p) for p in skipped]
     return parse_spec(data, "unipelt_table", RESULTS)
 
 
@@ -106,12 +108,14 @@ def summary(tasks) -> dict[str, Any]:
     cells = {}
     select_rows, table_rows = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
     diverged = diverged_at_chosen(select_rows, table_rows, pair_key)
+    everywhere = diverged_everywhere(choose_lrs(select_rows, pair_key))
     for pair, (lr, done) in chosen_rows(select_rows, table_rows, pair_key).items():
         scores = [r["score_at_best_val"] for r in done.values()]
         mean, std = mean_std(scores)
         cells[pair] = {"task": pair[0], "k": pair[1], "method": pair[2], "lr": lr, "mean": mean, "std": std,
                        "n_seeds": len(scores), "metric": next(iter(done.values()))["metric"] if done else None,
-                       "one_class_seeds": one_class_seeds(done.values()), "diverged_seeds": diverged.get(pair, [])}
+                       "one_class_seeds": one_class_seeds(done.values()), "diverged_seeds": diverged.get(pair, []),
+                       "diverged_every_rate": pair in everywhere}
     levels = required_levels(glue_majority(RESULTS), tasks)  # the same full dev sets
     comparisons = []
     for task in tasks:

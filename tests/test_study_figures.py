@@ -599,6 +599,39 @@ def test_a_diverged_seed_completes_its_cell_and_is_named(tmp_path, monkeypatch):
     assert "Runs that diverged (no score; the means are over the other seeds): mrpc K=500 unipelt seed 2." in caption
 
 
+def test_a_cell_that_diverged_at_every_rate_completes_the_grid_and_is_named(tmp_path, monkeypatch):
+    """A pair whose every selection rate diverged has no rate and no table cells: its cell is finished with no
+    seed, left out of the comparisons, and named in the caption."""
+    for task, k, method, seed in _unipelt_grid(tmp_path, monkeypatch):
+        if (task, k, method) == ("mrpc", 500, "unipelt"):
+            if seed == 0:
+                for lr in (2.5e-4, 5e-4, 1e-3):
+                    append_jsonl(unipelt_low_resource.SELECT_OUT,
+                                 {**_row({"task": task, "train_size": k, "method": method, "lr": lr, "seed": 0}, 0.0),
+                                  "status": "diverged", "score_at_best_val": None, "val_score": None})
+            continue
+        row = _row({"task": task, "train_size": k, "method": method, "lr": 1e-3, "seed": seed},
+                   (0.8 if method == "unipelt" else 0.7) + 0.002 * seed)
+        append_jsonl(unipelt_low_resource.SELECT_OUT if seed == 0 else unipelt_low_resource.TABLE_OUT, row)
+    out = unipelt_low_resource.summary(unipelt_low_resource.TASKS)
+    cell = next(c for c in out["cells"] if (c["task"], c["k"], c["method"]) == ("mrpc", 500, "unipelt"))
+    assert cell["diverged_every_rate"] and cell["n_seeds"] == 0 and cell["lr"] is None
+    assert out["progress"]["complete"]
+    assert not [c for c in out["comparisons"] if (c["task"], c["k"]) == ("mrpc", 500)]
+    caption = _caption("unipelt_low_resource", tmp_path, tmp_path / "f")
+    assert "Diverged at every rate tried (no seed run at a chosen rate, left out of every comparison): " \
+           "mrpc K=500 unipelt." in caption
+    # the table leaves the pair out and runs every other pair's seeds
+    chosen = unipelt_low_resource.choose_lrs(unipelt_low_resource.read_jsonl(unipelt_low_resource.SELECT_OUT),
+                                             key=unipelt_low_resource.pair_key)
+    cells = unipelt_low_resource.expand(unipelt_low_resource.table_spec(unipelt_low_resource.TASKS, chosen))
+    assert len(cells) == 3 * (48 - 1)
+    assert not [c for c in cells if (c["task"], c["train_size"], c["method"]) == ("mrpc", 500, "unipelt")]
+    del chosen[("sst2", 100, "lora")]  # a pair whose selection has not run: a stop, never a silent gap
+    with pytest.raises(SystemExit, match=r"\('sst2', 100, 'lora'\).*has not finished"):
+        unipelt_low_resource.table_spec(unipelt_low_resource.TASKS, chosen)
+
+
 def test_a_design_cell_short_of_three_scored_seeds_is_not_judged():
     lora = {"mean": 0.28, "std": 0.01, "n_seeds": 3}
     assert design_table.verdict({"mean": 0.40, "std": 0.01, "n_seeds": 3}, lora)[0] == "win"

@@ -205,6 +205,14 @@ def test_sweep_overrides_and_validation_settings(task, tmp_path):
     assert all(c["val_size"] == 16 for c in cells)
     plain = expand(parse_spec({**data, "train": {"steps": 4}, "overrides": []}))
     assert all("val_size" not in c and "val_seed" not in c for c in plain)  # old cells keep their identity
+    kept = expand(parse_spec({**data, "exclude": [{"method": "bitfit", "lr": 3e-2, "seed": 1}]}))
+    assert sorted((c["method"], c["lr"], c["seed"]) for c in kept) == [
+        ("bitfit", 1e-2, 0), ("bitfit", 3e-2, 0), ("lora", 1e-2, 0)]  # matched after the overrides gave it
+    assert [c["method"] for c in expand(parse_spec({**data, "exclude": [{"method": "bitfit"}]}))] == ["lora"]
+    for bad, message in (({"method": "bitfit"}, "list of"), ([{}], "exclude\\[0\\] must map"),
+                         ([{"colour": 1}], "unknown axis 'colour'")):
+        with pytest.raises(ValueError, match=message):
+            parse_spec({**data, "exclude": bad})
     for bad, message in (([{"where": {"task": "x"}}], "exactly the keys"),
                          ([{"where": {"task": "x"}, "set": {"method": "lora"}}], "may not change"),
                          ([{"where": {"colour": 1}, "set": {"lr": 1}}], "unknown axis")):
@@ -382,3 +390,56 @@ def test_design_rows_never_include_a_runs_validation_rows(tmp_path):
     held = {(e.text_a, e.text_b, e.label) for e in val}
     kept = [e for e in train_rows if (e.text_a, e.text_b, e.label) not in held]
     assert torch.equal(batch["input_ids"], ids(kept))
+
+
+def test_select_then_tabulate_leaves_out_a_pair_that_diverged_at_every_rate_and_stops_on_a_failed_cell(
+        tmp_path, monkeypatch):
+    """Prompt tuning diverges at every rate: the selection steps down twice, the table runs LoRA's seeds only;
+    a failed selection cell (never finished) stops the driver before any table is built."""
+    import controltune.sweep as sweep_module
+    from controltune.results import append_jsonl
+    from experiments.rate_selection import MAX_EDGE_RATES, choose_lrs, extended_spec, select_then_tabulate, table_pairs
+
+    ran, fail = [], set()
+
+    def fake_sweep(spec, out, echo=None, **_):
+        have = {canonical_config(r["config"]) for r in read_jsonl(out) if r["status"] != "failed"}
+        for cell in expand(spec):
+            if canonical_config(cell) not in have:
+                ran.append((spec.name, cell["method"], cell["lr"], cell["seed"]))
+                status = "failed" if cell["lr"] in fail else "diverged" if cell["method"] == "prompt" else "done"
+                append_jsonl(out, {"config": cell, "status": status,
+                                   "val_score": -abs(cell["lr"] - 1.5e-3) if status == "done" else None})
+
+    monkeypatch.setattr(sweep_module, "run_sweep", fake_sweep)
+    data = {"name": "sel", "out": "sel.jsonl", "grid": {"model": "minilm", "task": "rte", "method": ["lora", "prompt"],
+                                                        "seed": 0},
+            "per_method": {"lora": {"lr": [1e-3, 2e-3]}, "prompt": {"lr": [1e-2, 5e-2]}}}
+    glue = tmp_path / "glue"
+    glue.mkdir()
+    for name in ("glue_select.jsonl", "glue_table.jsonl"):
+        (glue / name).write_text("")
+
+    def table(rows):
+        chosen = choose_lrs(rows)
+        skipped = table_pairs(chosen, [("rte", "lora"), ("rte", "prompt")])
+        spec = {**data, "name": "tab", "out": "tab.jsonl", "grid": {**data["grid"], "seed": [0, 1, 2]},
+                "overrides": [{"where": {"method": m}, "set": {"lr": chosen[("rte", m)]["lr"]}}
+                              for m in ("lora", "prompt") if ("rte", m) not in skipped],
+                "exclude": [{"task": t, "method": m} for t, m in skipped]}
+        return parse_spec(spec, "tab", tmp_path)
+
+    select_then_tabulate(lambda rows: extended_spec(data, rows, folder=tmp_path), tmp_path / "sel.jsonl", table,
+                         tmp_path / "tab.jsonl", glue, print, {})
+    prompt = [lr for name, m, lr, _ in ran if name == "sel" and m == "prompt"]
+    assert len(prompt) == 2 + MAX_EDGE_RATES and prompt[2:] == [2e-3, 4e-4][:MAX_EDGE_RATES]  # down, twice
+    assert [(m, seed) for name, m, _, seed in ran if name == "tab"] == [("lora", 1), ("lora", 2)]
+
+    (tmp_path / "sel.jsonl").unlink()
+    (tmp_path / "tab.jsonl").unlink()
+    ran.clear()
+    fail.add(2e-3)  # LoRA's grid rate and prompt's first step down
+    with pytest.raises(SystemExit, match=r"2 unfinished cell\(s\).*rte lora lr 0.002"):
+        select_then_tabulate(lambda rows: extended_spec(data, rows, folder=tmp_path), tmp_path / "sel.jsonl", table,
+                             tmp_path / "tab.jsonl", glue, print, {})
+    assert not [r for r in ran if r[0] == "tab"]
