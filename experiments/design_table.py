@@ -288,15 +288,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.plan:
         return {"plan": plan(tasks, budgets)}
     if args.summary_only:
-        return summary(tasks, budgets)
+        return summary(TASKS, tuple(BUDGETS))
     def chosen(rows: list[dict[str, Any]]) -> dict:
         return {pair: info for pair, info in choose_lrs(rows, pair_key).items()
                 if pair[0] in tasks and pair[1] in budgets}
 
     select_then_tabulate(lambda rows: selection_spec(tasks, budgets, rows), SELECT_OUT,
                          lambda rows: table_spec(tasks, budgets, chosen(rows)), TABLE_OUT, RESULTS,
-                         progress_echo(lambda: summary(tasks, budgets)), sweep_settings(args))
-    return summary(tasks, budgets)
+                         progress_echo(lambda: summary(TASKS, tuple(BUDGETS))), sweep_settings(args))
+    return summary(TASKS, tuple(BUDGETS))
 
 if __name__ == "__main__":
     main()

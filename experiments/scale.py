@@ -220,12 +220,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(describe_hours("cells", est))
         return {"hours": est}
     if args.summary_only:
-        return summary(models, tasks)
+        return summary(tuple(MODELS), TASKS)
 
     select_then_tabulate(lambda rows: selection_spec(models, tasks, rows), SELECT_OUT,
                          lambda rows: table_spec(models, tasks, choose_lrs(rows, key=pair_key)), TABLE_OUT, RESULTS,
-                         progress_echo(lambda: summary(models, tasks)), sweep_settings(args))
-    return summary(models, tasks)
+                         progress_echo(lambda: summary(tuple(MODELS), TASKS)), sweep_settings(args))
+    return summary(tuple(MODELS), TASKS)
 
 
 if __name__ == "__main__":

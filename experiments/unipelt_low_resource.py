@@ -166,12 +166,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(describe_hours("cells", est))
         return {"hours": est}
     if args.summary_only:
-        return summary(tasks)
+        return summary(TASKS)
 
     select_then_tabulate(lambda rows: selection_spec(tasks, rows), SELECT_OUT,
                          lambda rows: table_spec(tasks, choose_lrs(rows, key=pair_key)), TABLE_OUT, RESULTS,
-                         progress_echo(lambda: summary(tasks)), sweep_settings(args))
-    return summary(tasks)
+                         progress_echo(lambda: summary(TASKS)), sweep_settings(args))
+    return summary(TASKS)
 
 
 if __name__ == "__main__":
