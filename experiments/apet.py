@@ -49,22 +49,26 @@ from controltune.sweep import FINISHED
 from controltune.sweep_spec import SweepSpec, canonical_config, expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cost_model import (  # noqa: E402
+    describe_hours,
+    observed_core_hours,
+    with_estimate,
+)
 from rate_selection import (  # noqa: E402
     POOLING,
     add_sweep_arguments,
-    beats_level,
     choose_lrs,
-    describe_hours,
     extended_spec,
-    majority_level,
-    mean_std,
-    observed_core_hours,
     progress_echo,
     require_rates,
     select_then_tabulate,
     sweep_settings,
+)
+from verdicts import (  # noqa: E402
+    beats_level,
+    majority_level,
+    mean_std,
     two_se,
-    with_estimate,
 )
 
 HERE = Path(__file__).resolve().parent

@@ -39,27 +39,31 @@ from controltune.results import read_jsonl, stamp, write_json_unless_same
 from controltune.sweep_spec import SweepSpec, expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cost_model import (  # noqa: E402
+    describe_hours,
+    sweep_hours,
+)
 from rate_selection import (  # noqa: E402
     add_sweep_arguments,
     choose_lrs,
     chosen_rows,
-    describe_hours,
     diverged_at_chosen,
     diverged_everywhere,
     extended_spec,
+    progress_echo,
+    require_rates,
+    select_then_tabulate,
+    sweep_settings,
+    table_pairs,
+)
+from verdicts import (  # noqa: E402
     glue_majority,
     grid_progress,
     judge,
     mean_std,
     one_class_seeds,
-    progress_echo,
-    require_rates,
     required_levels,
-    select_then_tabulate,
     share_verdict,
-    sweep_hours,
-    sweep_settings,
-    table_pairs,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -138,7 +142,7 @@ and BitFit usually helps (in more than half)."""
 
 
 def part_claims(effects: list[dict[str, Any]]) -> dict[str, bool | None]:
-    """Each part's claim (:data:`CLAIMS`) over its (task, subset) effects by :func:`rate_selection.share_verdict`:
+    """Each part's claim (:data:`CLAIMS`) over its (task, subset) effects by :func:`verdicts.share_verdict`:
     "no effect" and too few seeds are absence of evidence, "not a test" is left out."""
     out = {}
     for part, (what, share, more_than) in CLAIMS.items():

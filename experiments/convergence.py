@@ -29,7 +29,14 @@ from controltune.results import read_jsonl, stamp, write_json_unless_same
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from glue_table import METHODS, TASKS  # noqa: E402
-from rate_selection import beats_level, choose_lrs, mean_std, with_rebuilt  # noqa: E402
+from rate_selection import (  # noqa: E402
+    choose_lrs,
+    with_rebuilt,
+)
+from verdicts import (  # noqa: E402
+    beats_level,
+    mean_std,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"

@@ -1,7 +1,7 @@
 """What a cell that has never run will cost, from the step times measured on cells that have.
 
 A study's ``--plan`` times each kind of cell by the finished rows of that kind
-(:func:`rate_selection.observed_core_hours`); a kind with no finished row had no estimate, so a grid could not
+(:func:`observed_core_hours`, :func:`sweep_hours`); a kind with no finished row had no estimate, so a grid could not
 be sized to an issue's budget before it ran.  This module estimates those cells from the GLUE table's rows
 (MiniLM, batch 32, length 128; the four tasks, six methods) with a two-term model of a cell's wall time at one
 thread:
@@ -26,12 +26,15 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from controltune.data import load_split, resolve_task
 from controltune.results import read_jsonl
+from controltune.sweep import FINISHED
+from controltune.sweep_spec import canonical_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REFERENCE_ROWS = ("glue_table.jsonl", "glue_select.jsonl", "glue_gaps.jsonl")
@@ -168,6 +171,107 @@ def calibration(rows: list[dict[str, Any]]) -> dict[str, float]:
     if not ratios:
         return {"n": 0}
     return {"n": len(ratios), "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
+# --- a study's core-hours: measured on its finished rows, estimated for the kinds not run yet ----------
+def observed_core_hours(planned: dict[Any, int], rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], Any],
+                        seconds: Callable[[dict[str, Any]], float | None] = cell_seconds,
+                        done: dict[Any, int] | None = None) -> dict[str, Any]:
+    """A study's time from its own finished rows: ``planned`` counts the cells of each kind (``key`` of a row's
+    config or row); a kind's cells still to run take the mean time of its finished rows.  ``done``: how many of
+    each kind need not run again (default: its finished rows; fewer when their outputs are gone).
+
+    Returns ``{spent, remaining, unknown}``: core-hours spent on the planned kinds, core-hours still to run for
+    the kinds that have a finished row, and the number of cells of kinds that have none (no estimate for them yet).
+    """
+    times: dict[Any, list[float]] = defaultdict(list)
+    for row in rows:
+        if row.get("status", "done") in FINISHED and (s := seconds(row)):
+            times[key(row)].append(float(s))
+    remaining, unknown = 0.0, 0
+    for kind, n in planned.items():
+        left = max(0, n - (len(times.get(kind, [])) if done is None else done.get(kind, 0)))
+        if times.get(kind):
+            remaining += left * sum(times[kind]) / len(times[kind])
+        else:
+            unknown += left
+    spent = sum(sum(v) for kind, v in times.items() if kind in planned)
+    return {"spent": spent / 3600, "remaining": remaining / 3600, "unknown": unknown}
+
+
+def describe_hours(name: str, est: dict[str, Any]) -> str:
+    """``cells: 1.4 core-h spent, ~0.5 core-h to run (3 cells of kinds not timed yet)``, and with an
+    ``estimated`` entry (:func:`sweep_hours`) ``(+ ~2.0 core-h for 3 cells of kinds not timed yet, estimated
+    from the GLUE table's step times)``."""
+    if not est["unknown"]:
+        tail = ""
+    elif est.get("estimated") is not None:
+        tail = (f" (+ ~{est['estimated']:.1f} core-h for {est['unknown']} cells of kinds not timed yet, "
+                "estimated from the GLUE table's step times)")
+    else:
+        tail = f" ({est['unknown']} cells of kinds not timed yet)"
+    return f"{name}: {est['spent']:.1f} core-h spent, ~{est['remaining']:.1f} core-h to run{tail}"
+
+
+def cell_kind(config: dict[str, Any]) -> str:
+    """A cell's configuration without its rate and seed: cells of one kind take about the same time."""
+    return canonical_config({k: v for k, v in config.items() if k not in ("lr", "seed")})
+
+
+def with_estimate(est: dict[str, Any], planned: dict[Any, int], cells: list[dict[str, Any]],
+                  key: Callable[[dict[str, Any]], Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``est`` (:func:`observed_core_hours` of ``planned``) with ``estimated``: the core-hours of the planned cells
+    of kinds that have no finished row, each kind at the mean :func:`cost_model.estimated_seconds` of its
+    ``cells`` (configs; ``key(config)`` is the kind); None, with ``estimate_error``, if the cost model cannot time
+    one of them (a model, task or method it has no step times for)."""
+    finished = {key(r["config"]) for r in rows
+                if "config" in r and r.get("status", "done") in FINISHED and cell_seconds(r)}
+    per_kind: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for cell in cells:
+        per_kind[key(cell)].append(cell)
+    try:
+        seconds = sum(n * sum(map(estimated_seconds, per_kind[k])) / len(per_kind[k])
+                      for k, n in planned.items() if k not in finished)
+    except (ValueError, KeyError, OSError, ZeroDivisionError) as err:
+        return {**est, "estimated": None, "estimate_error": str(err)}
+    return {**est, "estimated": seconds / 3600}
+
+
+def sweep_hours(cells: list[dict[str, Any]], rows: list[dict[str, Any]], seeds_after: int = 0) -> dict[str, Any]:
+    """:func:`observed_core_hours` of a sweep's expanded ``cells`` (plus ``seeds_after`` table cells per kind:
+    the further seeds at the chosen rate), timed by the finished ``rows`` of the same kind (copied rows excluded),
+    :func:`with_estimate` for the kinds not timed yet.
+
+    ``cells`` should be the selection as it stands (:func:`extended_spec` of the selection rows): only rows that
+    are cells of the plan count as done, each once (a copied row and its source are one cell), and at most
+    ``seeds_after`` further-seed rows per kind.  Counting every finished row of a kind as done while planning
+    only the grid made edge rates' rows hide cells still to run (APET's ``--plan`` had said 0.7 core-hours for
+    ~2.4)."""
+    planned: dict[str, int] = defaultdict(int)
+    for cell in cells:
+        planned[cell_kind(cell)] += 1
+    for kind in list(planned):
+        planned[kind] += seeds_after
+    wanted = {canonical_config(c) for c in cells}
+    seen: set[str] = set()
+    done: dict[str, int] = defaultdict(int)
+    further: dict[str, int] = defaultdict(int)
+    for row in rows:
+        if "config" not in row or row.get("status") not in FINISHED:
+            continue
+        key, kind = canonical_config(row["config"]), cell_kind(row["config"])
+        if key in seen or kind not in planned:
+            continue
+        seen.add(key)
+        if key in wanted:
+            done[kind] += 1
+        elif row["config"].get("seed", 0) != 0:
+            further[kind] += 1
+    for kind, n in further.items():
+        done[kind] += min(n, seeds_after)
+    timed = [r for r in rows if not r.get("copied_from") and "config" in r]
+    est = observed_core_hours(dict(planned), timed, lambda r: cell_kind(r["config"]), done=dict(done))
+    return with_estimate(est, dict(planned), cells, cell_kind, timed)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

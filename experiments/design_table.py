@@ -41,25 +41,29 @@ from controltune.results import read_jsonl, stamp, write_json_unless_same
 from controltune.sweep_spec import SweepSpec, canonical_config, expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the experiments' shared modules, run or imported
-from cost_model import cell_seconds  # noqa: E402
-from rate_selection import (  # noqa: E402
-    MIN_SEEDS,
-    TOO_FEW_SEEDS,
-    add_sweep_arguments,
-    both_at_chance,
-    choose_lrs,
+from cost_model import (  # noqa: E402
+    cell_seconds,  # noqa: E402
     describe_hours,
+    sweep_hours,
+)
+from rate_selection import (  # noqa: E402
+    add_sweep_arguments,
+    choose_lrs,
     diverged_at_chosen,
     diverged_everywhere,
     extended_spec,
+    progress_echo,
+    select_then_tabulate,
+    sweep_settings,
+    table_pairs,
+)
+from verdicts import (  # noqa: E402
+    MIN_SEEDS,
+    TOO_FEW_SEEDS,
+    both_at_chance,
     glue_majority,
     mean_std,
     one_class_seeds,
-    progress_echo,
-    select_then_tabulate,
-    sweep_hours,
-    sweep_settings,
-    table_pairs,
     two_se,
 )
 
@@ -166,8 +170,8 @@ def table_spec(tasks, budgets, chosen: dict) -> SweepSpec:
 
 
 def verdict(d: dict[str, Any], b: dict[str, Any]) -> tuple[str | None, float | None, float | None]:
-    """``(verdict, difference, se)`` of design ``d`` against baseline ``b`` (:func:`rate_selection.two_se`);
-    :data:`rate_selection.TOO_FEW_SEEDS` when either has fewer than 3 scored seeds (a seed diverged)."""
+    """``(verdict, difference, se)`` of design ``d`` against baseline ``b`` (:func:`verdicts.two_se`);
+    :data:`verdicts.TOO_FEW_SEEDS` when either has fewer than 3 scored seeds (a seed diverged)."""
     sign, diff, se = two_se(b, d)
     if sign is not None and min(d["n_seeds"], b["n_seeds"]) < MIN_SEEDS:
         return TOO_FEW_SEEDS, diff, se

@@ -43,7 +43,15 @@ from controltune.sweep import run_sweep
 from controltune.sweep_spec import expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rate_selection import add_sweep_arguments, choose_lrs, mean_std, progress_echo, sweep_settings  # noqa: E402
+from rate_selection import (  # noqa: E402
+    add_sweep_arguments,
+    choose_lrs,
+    progress_echo,
+    sweep_settings,
+)
+from verdicts import (  # noqa: E402
+    mean_std,
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

@@ -72,9 +72,11 @@ from rate_selection import (  # noqa: E402
     choose_lrs,
     copy_rows,
     extended_spec,
-    mean_std,
     task_method,
     with_rebuilt,
+)
+from verdicts import (  # noqa: E402
+    mean_std,
 )
 
 HERE = Path(__file__).resolve().parent

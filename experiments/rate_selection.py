@@ -13,18 +13,14 @@ design table's baseline cell *is* the GLUE table's cell when the settings are eq
 
 from __future__ import annotations
 
-import sys
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from controltune.results import append_jsonl, read_jsonl
 from controltune.sweep import FINISHED
 from controltune.sweep_spec import SweepSpec, canonical_config, expand, parse_spec
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cost_model import cell_seconds, estimated_seconds  # noqa: E402
 
 Pair = tuple
 KeyFn = Callable[[dict[str, Any]], Pair]
@@ -198,133 +194,6 @@ def select_then_tabulate(selection: Callable[[list[dict[str, Any]]], SweepSpec],
     run_sweep(spec, table_out, echo=echo, **sweep)
 
 
-# --- comparing two cells over seeds --------------------------------------------------------------
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    """``(mean, sample std)`` (std None below two values; both None for none)."""
-    import statistics
-
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def glue_majority_rows(results: Path | None = None) -> list[dict[str, Any]]:
-    """The majority-class rows of ``glue_table.json`` (``{task, metric, mean, n_dev, ...}`` on the full dev sets;
-    empty when the table has not been summarised)."""
-    import json
-
-    path = (results or Path(__file__).resolve().parent / "results") / "glue_table.json"
-    return json.loads(path.read_text()).get("majority", []) if path.is_file() else []
-
-
-def glue_majority(results: Path | None = None) -> dict[str, float]:
-    """Each GLUE task's dev score (its main metric) of the constant majority-class prediction, from
-    ``glue_table.json`` (the full dev sets; empty when the table has not been summarised): the chance level of
-    every study scored on the same dev sets."""
-    return {r["task"]: float(r["mean"]) for r in glue_majority_rows(results)}
-
-
-def majority_level(task: str, dev_size: int | None = None, seed: int = 0) -> tuple[str, float]:
-    """``(metric, score)`` of the constant majority-class prediction on the dev rows a study scores: all of them
-    (``dev_size`` None, as :func:`glue_majority`) or its seeded draw of ``dev_size`` (the ``load_split`` draw the
-    cells make with ``data_seed`` = ``seed``)."""
-    from controltune.data import load_split, resolve_task
-    from controltune.metrics import majority_baseline
-
-    spec = resolve_task(task, holdout_seed=seed)
-    dev = load_split(spec, "dev", n=dev_size, seed=seed)
-    return spec.metric, majority_baseline(spec, [ex.label for ex in dev])[spec.metric]
-
-
-def beats_level(cell: dict[str, Any], level: float | None) -> bool | None:
-    """Whether a cell ``{mean, std, n_seeds}`` lies above ``level`` by two standard errors,
-    ``mean − 2·std/√n > level`` (None below two seeds or without a level)."""
-    if level is None or cell.get("mean") is None or cell.get("std") is None or cell.get("n_seeds", 0) < 2:
-        return None
-    return cell["mean"] - 2 * cell["std"] / cell["n_seeds"] ** 0.5 > level
-
-
-def both_at_chance(a: dict[str, Any], b: dict[str, Any], level: float | None) -> bool:
-    """Whether neither cell beats ``level`` by two standard errors (:func:`beats_level`): a comparison of two cells
-    at the majority class is no test of a claim about them."""
-    return beats_level(a, level) is False and beats_level(b, level) is False
-
-
-def one_class_seeds(rows: Iterable[dict[str, Any]]) -> list[int]:
-    """The seeds of a cell's finished rows whose reported deltas predict one class for every dev row
-    (``predicts_one_class``, recorded since evaluations report ``top_class_share``): a score that is a constant
-    prediction's, named in a study's caption rather than averaged in silently."""
-    return sorted(int(r["config"]["seed"]) for r in rows if r.get("predicts_one_class"))
-
-
-def grid_progress(cells: list[dict[str, Any]], planned: int, seeds: int = 3) -> dict[str, Any]:
-    """How much of a study's grid has every seed finished (scored, or diverged: ``diverged_seeds``; a pair that
-    diverged at every rate tried, ``diverged_every_rate``, is finished with none):
-    ``{planned, with_all_seeds, complete}``.  A study's verdicts wait for ``complete``: counted over part of its
-    grid (a sweep stopped halfway, or its first tasks only) they would read as the claim's."""
-    full = sum(1 for c in cells if c.get("diverged_every_rate")
-               or (c.get("n_seeds") or 0) + len(c.get("diverged_seeds") or []) >= seeds)
-    return {"planned": planned, "with_all_seeds": full, "complete": full >= planned}
-
-
-MIN_SEEDS = 3
-"""Scored seeds a cell needs before a study compares it (issue 15: 3 seeds per cell)."""
-
-TOO_FEW_SEEDS = "too few seeds"
-"""The verdict of a comparison whose cells do not both have :data:`MIN_SEEDS` scored seeds (seeds diverged)."""
-
-
-def judge(a: dict[str, Any] | None, b: dict[str, Any] | None, level: float | None,
-          words: dict[int, str]) -> tuple[str | None, float | None]:
-    """``(verdict, b − a)`` of two cells ``{mean, std, n_seeds}``: ``words[sign]`` by the two-standard-error rule
-    (:func:`two_se`); ``"not a test"`` when both sit at the majority class ``level``; :data:`TOO_FEW_SEEDS` when
-    a cell has fewer than :data:`MIN_SEEDS` scored seeds; None when a cell has no score yet."""
-    if not a or not b or a.get("mean") is None or b.get("mean") is None:
-        return None, None
-    diff = b["mean"] - a["mean"]
-    if min(a["n_seeds"], b["n_seeds"]) < MIN_SEEDS:
-        return TOO_FEW_SEEDS, diff
-    sign = two_se(a, b)[0]
-    return ("not a test" if both_at_chance(a, b, level) else words[sign]), diff
-
-
-def share_verdict(yes: int, no: int, ties: int, share: float, more_than: bool = False) -> bool | None:
-    """A claim that ``yes`` happens in at least (``more_than``: more than) ``share`` of the tests, ties being
-    absence of evidence: held when the ``yes`` alone reach it; not held when even every tie counted as ``yes``
-    does not; None in between, or with no test."""
-    n = yes + no + ties
-    if not n:
-        return None
-
-    def reaches(k: int) -> bool:
-        return k > share * n if more_than else k >= share * n
-
-    return True if reaches(yes) else (False if not reaches(yes + ties) else None)
-
-
-def required_levels(levels: dict[str, float], tasks) -> dict[str, float]:
-    """``levels`` for every task in ``tasks``, or a clear stop: without a task's majority level every comparison
-    at chance would pass for a test."""
-    missing = [t for t in tasks if levels.get(t) is None]
-    if missing:
-        raise SystemExit(f"no majority-class level for {missing}: summarise the GLUE table first "
-                         "(python experiments/glue_table.py --summary-only writes glue_table.json)")
-    return levels
-
-
-def two_se(a: dict[str, Any], b: dict[str, Any]) -> tuple[int | None, float | None, float | None]:
-    """``(sign, b − a, se)`` by the two-standard-error rule on cells ``{mean, std, n_seeds}``: sign 1 when
-    ``b − a > 2·se``, −1 when below ``−2·se``, 0 otherwise, ``se = (s_a²/n_a + s_b²/n_b)^{1/2}``; None below two
-    seeds each."""
-    import math
-
-    if a["n_seeds"] < 2 or b["n_seeds"] < 2:
-        return None, None, None
-    diff = b["mean"] - a["mean"]
-    se = math.sqrt(a["std"] ** 2 / a["n_seeds"] + b["std"] ** 2 / b["n_seeds"])
-    return (1 if diff > 2 * se else -1 if diff < -2 * se else 0), diff, se
-
-
 # --- the chosen cells and the driver's progress ----------------------------------------------------
 def chosen_rows(select_rows: list[dict[str, Any]], table_rows: list[dict[str, Any]], key: KeyFn = task_method
                 ) -> dict[Pair, tuple[float | None, dict[int, dict[str, Any]]]]:
@@ -387,106 +256,6 @@ def progress_echo(refresh: Callable[[], Any]) -> Callable[[str], None]:
             refresh()
 
     return echo
-
-
-def observed_core_hours(planned: dict[Any, int], rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], Any],
-                        seconds: Callable[[dict[str, Any]], float | None] = cell_seconds,
-                        done: dict[Any, int] | None = None) -> dict[str, Any]:
-    """A study's time from its own finished rows: ``planned`` counts the cells of each kind (``key`` of a row's
-    config or row); a kind's cells still to run take the mean time of its finished rows.  ``done``: how many of
-    each kind need not run again (default: its finished rows; fewer when their outputs are gone).
-
-    Returns ``{spent, remaining, unknown}``: core-hours spent on the planned kinds, core-hours still to run for
-    the kinds that have a finished row, and the number of cells of kinds that have none (no estimate for them yet).
-    """
-    times: dict[Any, list[float]] = defaultdict(list)
-    for row in rows:
-        if row.get("status", "done") in FINISHED and (s := seconds(row)):
-            times[key(row)].append(float(s))
-    remaining, unknown = 0.0, 0
-    for kind, n in planned.items():
-        left = max(0, n - (len(times.get(kind, [])) if done is None else done.get(kind, 0)))
-        if times.get(kind):
-            remaining += left * sum(times[kind]) / len(times[kind])
-        else:
-            unknown += left
-    spent = sum(sum(v) for kind, v in times.items() if kind in planned)
-    return {"spent": spent / 3600, "remaining": remaining / 3600, "unknown": unknown}
-
-
-def describe_hours(name: str, est: dict[str, Any]) -> str:
-    """``cells: 1.4 core-h spent, ~0.5 core-h to run (3 cells of kinds not timed yet)``, and with an
-    ``estimated`` entry (:func:`sweep_hours`) ``(+ ~2.0 core-h for 3 cells of kinds not timed yet, estimated
-    from the GLUE table's step times)``."""
-    if not est["unknown"]:
-        tail = ""
-    elif est.get("estimated") is not None:
-        tail = (f" (+ ~{est['estimated']:.1f} core-h for {est['unknown']} cells of kinds not timed yet, "
-                "estimated from the GLUE table's step times)")
-    else:
-        tail = f" ({est['unknown']} cells of kinds not timed yet)"
-    return f"{name}: {est['spent']:.1f} core-h spent, ~{est['remaining']:.1f} core-h to run{tail}"
-
-
-def cell_kind(config: dict[str, Any]) -> str:
-    """A cell's configuration without its rate and seed: cells of one kind take about the same time."""
-    return canonical_config({k: v for k, v in config.items() if k not in ("lr", "seed")})
-
-
-def with_estimate(est: dict[str, Any], planned: dict[Any, int], cells: list[dict[str, Any]],
-                  key: Callable[[dict[str, Any]], Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """``est`` (:func:`observed_core_hours` of ``planned``) with ``estimated``: the core-hours of the planned cells
-    of kinds that have no finished row, each kind at the mean :func:`cost_model.estimated_seconds` of its
-    ``cells`` (configs; ``key(config)`` is the kind); None, with ``estimate_error``, if the cost model cannot time
-    one of them (a model, task or method it has no step times for)."""
-    finished = {key(r["config"]) for r in rows
-                if "config" in r and r.get("status", "done") in FINISHED and cell_seconds(r)}
-    per_kind: dict[Any, list[dict[str, Any]]] = defaultdict(list)
-    for cell in cells:
-        per_kind[key(cell)].append(cell)
-    try:
-        seconds = sum(n * sum(map(estimated_seconds, per_kind[k])) / len(per_kind[k])
-                      for k, n in planned.items() if k not in finished)
-    except (ValueError, KeyError, OSError, ZeroDivisionError) as err:
-        return {**est, "estimated": None, "estimate_error": str(err)}
-    return {**est, "estimated": seconds / 3600}
-
-
-def sweep_hours(cells: list[dict[str, Any]], rows: list[dict[str, Any]], seeds_after: int = 0) -> dict[str, Any]:
-    """:func:`observed_core_hours` of a sweep's expanded ``cells`` (plus ``seeds_after`` table cells per kind:
-    the further seeds at the chosen rate), timed by the finished ``rows`` of the same kind (copied rows excluded),
-    :func:`with_estimate` for the kinds not timed yet.
-
-    ``cells`` should be the selection as it stands (:func:`extended_spec` of the selection rows): only rows that
-    are cells of the plan count as done, each once (a copied row and its source are one cell), and at most
-    ``seeds_after`` further-seed rows per kind.  Counting every finished row of a kind as done while planning
-    only the grid made edge rates' rows hide cells still to run (APET's ``--plan`` had said 0.7 core-hours for
-    ~2.4)."""
-    planned: dict[str, int] = defaultdict(int)
-    for cell in cells:
-        planned[cell_kind(cell)] += 1
-    for kind in list(planned):
-        planned[kind] += seeds_after
-    wanted = {canonical_config(c) for c in cells}
-    seen: set[str] = set()
-    done: dict[str, int] = defaultdict(int)
-    further: dict[str, int] = defaultdict(int)
-    for row in rows:
-        if "config" not in row or row.get("status") not in FINISHED:
-            continue
-        key, kind = canonical_config(row["config"]), cell_kind(row["config"])
-        if key in seen or kind not in planned:
-            continue
-        seen.add(key)
-        if key in wanted:
-            done[kind] += 1
-        elif row["config"].get("seed", 0) != 0:
-            further[kind] += 1
-    for kind, n in further.items():
-        done[kind] += min(n, seeds_after)
-    timed = [r for r in rows if not r.get("copied_from") and "config" in r]
-    est = observed_core_hours(dict(planned), timed, lambda r: cell_kind(r["config"]), done=dict(done))
-    return with_estimate(est, dict(planned), cells, cell_kind, timed)
 
 
 REPRODUCED = ("score_at_best_val", "val_score", "score")

@@ -30,26 +30,30 @@ from controltune.results import read_jsonl, stamp, write_json_unless_same
 from controltune.sweep_spec import SweepSpec, expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cost_model import (  # noqa: E402
+    describe_hours,
+    sweep_hours,
+)
 from rate_selection import (  # noqa: E402
     POOLING,
     add_sweep_arguments,
     choose_lrs,
     chosen_rows,
-    describe_hours,
     diverged_at_chosen,
     diverged_everywhere,
     extended_spec,
+    progress_echo,
+    select_then_tabulate,
+    sweep_settings,
+    table_pairs,
+)
+from verdicts import (  # noqa: E402
     grid_progress,
     judge,
     majority_level,
     mean_std,
     one_class_seeds,
-    progress_echo,
-    select_then_tabulate,
     share_verdict,
-    sweep_hours,
-    sweep_settings,
-    table_pairs,
     two_se,
 )
 
@@ -125,7 +129,7 @@ def prompt_against_others(gains: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def scale_claims(gains, prompt_vs, selective, do_well) -> dict[str, bool | None]:
-    """The claims' verdicts (:func:`rate_selection.share_verdict`: ties and cells with too few seeds are absence
+    """The claims' verdicts (:func:`verdicts.share_verdict`: ties and cells with too few seeds are absence
     of evidence, never a verdict's):
 
     * every method improves with size: every tested (task, method) gain improves;

@@ -35,14 +35,18 @@ from controltune.sweep import run_sweep
 from controltune.sweep_spec import SweepSpec, expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cost_model import (  # noqa: E402
+    describe_hours,
+    sweep_hours,
+)
 from rate_selection import (  # noqa: E402
     add_sweep_arguments,
     choose_lrs,
-    describe_hours,
+    sweep_settings,
+)
+from verdicts import (  # noqa: E402
     glue_majority_rows,
     mean_std,
-    sweep_hours,
-    sweep_settings,
     two_se,
 )
 
@@ -181,7 +185,7 @@ def summary() -> dict[str, Any]:
 
 
 def _majority_rows() -> list[dict[str, Any]]:
-    """The majority class's dev scores and dev sizes of the GLUE harness (:func:`rate_selection.glue_majority_rows`)."""
+    """The majority class's dev scores and dev sizes of the GLUE harness (:func:`verdicts.glue_majority_rows`)."""
     return glue_majority_rows(RESULTS)
 
 

@@ -44,13 +44,15 @@ from controltune.run_folder import DELTAS
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cost_model import cell_seconds  # noqa: E402
 from rate_selection import (  # noqa: E402
-    beats_level,
     choose_lrs,
-    glue_majority,
-    mean_std,
     rebuild_cells,
     reproduces,
     task_method,
+)
+from verdicts import (  # noqa: E402
+    beats_level,
+    glue_majority,
+    mean_std,
     two_se,
 )
 

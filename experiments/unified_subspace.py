@@ -54,20 +54,24 @@ from controltune.sweep import finished_configs
 from controltune.sweep_spec import SweepSpec, canonical_config, expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cost_model import (  # noqa: E402
+    describe_hours,
+    observed_core_hours,
+)
 from rate_selection import (  # noqa: E402
     add_sweep_arguments,
     choose_lrs,
     chosen_rows,
-    describe_hours,
     extended_spec,
-    glue_majority,
-    mean_std,
-    observed_core_hours,
     rebuild_cells,
     reproduces,
     select_then_tabulate,
     sweep_settings,
     task_method,
+)
+from verdicts import (  # noqa: E402
+    glue_majority,
+    mean_std,
 )
 
 HERE = Path(__file__).resolve().parent

@@ -30,28 +30,32 @@ from controltune.results import read_jsonl, stamp, write_json_unless_same
 from controltune.sweep_spec import SweepSpec, expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cost_model import (  # noqa: E402
+    describe_hours,
+    sweep_hours,
+)
 from rate_selection import (  # noqa: E402
-    TOO_FEW_SEEDS,
     add_sweep_arguments,
-    beats_level,
     choose_lrs,
     chosen_rows,
-    describe_hours,
     diverged_at_chosen,
     diverged_everywhere,
     extended_spec,
+    progress_echo,
+    select_then_tabulate,
+    sweep_settings,
+    table_pairs,
+)
+from verdicts import (  # noqa: E402
+    TOO_FEW_SEEDS,
+    beats_level,
     glue_majority,
     grid_progress,
     judge,
     mean_std,
     one_class_seeds,
-    progress_echo,
     required_levels,
-    select_then_tabulate,
     share_verdict,
-    sweep_hours,
-    sweep_settings,
-    table_pairs,
 )
 
 HERE = Path(__file__).resolve().parent

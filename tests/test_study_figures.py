@@ -456,7 +456,7 @@ def test_convergence_reads_curves_from_rows_and_keeps_its_summary_when_curves_ar
 
 
 def test_observed_core_hours_times_each_kind_by_its_own_finished_rows():
-    from experiments.rate_selection import describe_hours, observed_core_hours
+    from experiments.cost_model import describe_hours, observed_core_hours
 
     rows = [{"config": {"task": "cola"}, "status": "done", "wall_time_s": 3600.0},
             {"config": {"task": "cola"}, "status": "done", "wall_time_s": 7200.0},
@@ -469,7 +469,7 @@ def test_observed_core_hours_times_each_kind_by_its_own_finished_rows():
 
 
 def test_sweep_hours_counts_as_done_only_the_rows_that_are_cells_of_the_plan():
-    from experiments.rate_selection import sweep_hours
+    from experiments.cost_model import sweep_hours
 
     def cfg(lr, seed=0):
         return {"task": "cola", "method": "lora", "lr": lr, "seed": seed}

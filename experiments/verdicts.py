@@ -1,0 +1,141 @@
+"""How a study judges a claim: cells compared over seeds, scores measured from chance, shares of tests.
+
+A *cell* is ``{mean, std, n_seeds}`` of one configuration's dev scores over seeds.  Two cells differ when their
+means are more than two standard errors of the difference apart (:func:`two_se`); a comparison needs
+:data:`MIN_SEEDS` scored seeds a side (:func:`judge`), and one whose cells both sit at the majority class is "not a
+test" (:func:`both_at_chance`, the level from :func:`glue_majority` or :func:`majority_level`).  A claim that
+something happens in a share of the tests counts ties and too-few-seeds comparisons as absence of evidence
+(:func:`share_verdict`), and waits for the whole grid (:func:`grid_progress`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """``(mean, sample std)`` (std None below two values; both None for none)."""
+    import statistics
+
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def glue_majority_rows(results: Path | None = None) -> list[dict[str, Any]]:
+    """The majority-class rows of ``glue_table.json`` (``{task, metric, mean, n_dev, ...}`` on the full dev sets;
+    empty when the table has not been summarised)."""
+    import json
+
+    path = (results or Path(__file__).resolve().parent / "results") / "glue_table.json"
+    return json.loads(path.read_text()).get("majority", []) if path.is_file() else []
+
+
+def glue_majority(results: Path | None = None) -> dict[str, float]:
+    """Each GLUE task's dev score (its main metric) of the constant majority-class prediction, from
+    ``glue_table.json`` (the full dev sets; empty when the table has not been summarised): the chance level of
+    every study scored on the same dev sets."""
+    return {r["task"]: float(r["mean"]) for r in glue_majority_rows(results)}
+
+
+def majority_level(task: str, dev_size: int | None = None, seed: int = 0) -> tuple[str, float]:
+    """``(metric, score)`` of the constant majority-class prediction on the dev rows a study scores: all of them
+    (``dev_size`` None, as :func:`glue_majority`) or its seeded draw of ``dev_size`` (the ``load_split`` draw the
+    cells make with ``data_seed`` = ``seed``)."""
+    from controltune.data import load_split, resolve_task
+    from controltune.metrics import majority_baseline
+
+    spec = resolve_task(task, holdout_seed=seed)
+    dev = load_split(spec, "dev", n=dev_size, seed=seed)
+    return spec.metric, majority_baseline(spec, [ex.label for ex in dev])[spec.metric]
+
+
+def beats_level(cell: dict[str, Any], level: float | None) -> bool | None:
+    """Whether a cell ``{mean, std, n_seeds}`` lies above ``level`` by two standard errors,
+    ``mean − 2·std/√n > level`` (None below two seeds or without a level)."""
+    if level is None or cell.get("mean") is None or cell.get("std") is None or cell.get("n_seeds", 0) < 2:
+        return None
+    return cell["mean"] - 2 * cell["std"] / cell["n_seeds"] ** 0.5 > level
+
+
+def both_at_chance(a: dict[str, Any], b: dict[str, Any], level: float | None) -> bool:
+    """Whether neither cell beats ``level`` by two standard errors (:func:`beats_level`): a comparison of two cells
+    at the majority class is no test of a claim about them."""
+    return beats_level(a, level) is False and beats_level(b, level) is False
+
+
+def one_class_seeds(rows: Iterable[dict[str, Any]]) -> list[int]:
+    """The seeds of a cell's finished rows whose reported deltas predict one class for every dev row
+    (``predicts_one_class``, recorded since evaluations report ``top_class_share``): a score that is a constant
+    prediction's, named in a study's caption rather than averaged in silently."""
+    return sorted(int(r["config"]["seed"]) for r in rows if r.get("predicts_one_class"))
+
+
+def grid_progress(cells: list[dict[str, Any]], planned: int, seeds: int = 3) -> dict[str, Any]:
+    """How much of a study's grid has every seed finished (scored, or diverged: ``diverged_seeds``; a pair that
+    diverged at every rate tried, ``diverged_every_rate``, is finished with none):
+    ``{planned, with_all_seeds, complete}``.  A study's verdicts wait for ``complete``: counted over part of its
+    grid (a sweep stopped halfway, or its first tasks only) they would read as the claim's."""
+    full = sum(1 for c in cells if c.get("diverged_every_rate")
+               or (c.get("n_seeds") or 0) + len(c.get("diverged_seeds") or []) >= seeds)
+    return {"planned": planned, "with_all_seeds": full, "complete": full >= planned}
+
+
+MIN_SEEDS = 3
+"""Scored seeds a cell needs before a study compares it (issue 15: 3 seeds per cell)."""
+
+TOO_FEW_SEEDS = "too few seeds"
+"""The verdict of a comparison whose cells do not both have :data:`MIN_SEEDS` scored seeds (seeds diverged)."""
+
+
+def judge(a: dict[str, Any] | None, b: dict[str, Any] | None, level: float | None,
+          words: dict[int, str]) -> tuple[str | None, float | None]:
+    """``(verdict, b − a)`` of two cells ``{mean, std, n_seeds}``: ``words[sign]`` by the two-standard-error rule
+    (:func:`two_se`); ``"not a test"`` when both sit at the majority class ``level``; :data:`TOO_FEW_SEEDS` when
+    a cell has fewer than :data:`MIN_SEEDS` scored seeds; None when a cell has no score yet."""
+    if not a or not b or a.get("mean") is None or b.get("mean") is None:
+        return None, None
+    diff = b["mean"] - a["mean"]
+    if min(a["n_seeds"], b["n_seeds"]) < MIN_SEEDS:
+        return TOO_FEW_SEEDS, diff
+    sign = two_se(a, b)[0]
+    return ("not a test" if both_at_chance(a, b, level) else words[sign]), diff
+
+
+def share_verdict(yes: int, no: int, ties: int, share: float, more_than: bool = False) -> bool | None:
+    """A claim that ``yes`` happens in at least (``more_than``: more than) ``share`` of the tests, ties being
+    absence of evidence: held when the ``yes`` alone reach it; not held when even every tie counted as ``yes``
+    does not; None in between, or with no test."""
+    n = yes + no + ties
+    if not n:
+        return None
+
+    def reaches(k: int) -> bool:
+        return k > share * n if more_than else k >= share * n
+
+    return True if reaches(yes) else (False if not reaches(yes + ties) else None)
+
+
+def required_levels(levels: dict[str, float], tasks) -> dict[str, float]:
+    """``levels`` for every task in ``tasks``, or a clear stop: without a task's majority level every comparison
+    at chance would pass for a test."""
+    missing = [t for t in tasks if levels.get(t) is None]
+    if missing:
+        raise SystemExit(f"no majority-class level for {missing}: summarise the GLUE table first "
+                         "(python experiments/glue_table.py --summary-only writes glue_table.json)")
+    return levels
+
+
+def two_se(a: dict[str, Any], b: dict[str, Any]) -> tuple[int | None, float | None, float | None]:
+    """``(sign, b − a, se)`` by the two-standard-error rule on cells ``{mean, std, n_seeds}``: sign 1 when
+    ``b − a > 2·se``, −1 when below ``−2·se``, 0 otherwise, ``se = (s_a²/n_a + s_b²/n_b)^{1/2}``; None below two
+    seeds each."""
+    import math
+
+    if a["n_seeds"] < 2 or b["n_seeds"] < 2:
+        return None, None, None
+    diff = b["mean"] - a["mean"]
+    se = math.sqrt(a["std"] ** 2 / a["n_seeds"] + b["std"] ** 2 / b["n_seeds"])
+    return (1 if diff > 2 * se else -1 if diff < -2 * se else 0), diff, se
