@@ -61,6 +61,7 @@ from verdicts import (  # noqa: E402
     grid_progress,
     judge,
     mean_std,
+    near_one_class_seeds,
     one_class_seeds,
     required_levels,
     share_verdict,
@@ -166,6 +167,7 @@ def summary(tasks) -> dict[str, Any]:
         cells[(task, subset)] = {"task": task, "subset": subset, "lr": lr, "mean": mean, "std": std,
                                  "n_seeds": len(dev), "gap_mean": gap_mean, "gap_std": gap_std, "n_gap": len(gaps),
                                  "one_class_seeds": one_class_seeds(done.values()),
+                                 "near_one_class_seeds": near_one_class_seeds(done.values()),
                                  "diverged_seeds": diverged.get((task, subset), []),
                                  "diverged_every_rate": (task, subset) in everywhere}
     levels = required_levels(glue_majority(RESULTS), tasks)  # the GLUE harness's full dev sets

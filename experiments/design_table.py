@@ -63,6 +63,7 @@ from verdicts import (  # noqa: E402
     both_at_chance,
     glue_majority,
     mean_std,
+    near_one_class_seeds,
     one_class_seeds,
     two_se,
 )
@@ -211,7 +212,7 @@ def summary(tasks, budgets) -> dict[str, Any]:
         mean, std = mean_std([r["score_at_best_val"] for r in done])
         cells[pair] = {"task": pair[0], "budget": pair[1], "method": pair[2], "lr": info["lr"], "mean": mean,
                        "std": std, "n_seeds": len(done), "trainable": done[0]["n_trainable"] if done else None,
-                       "one_class_seeds": one_class_seeds(done),
+                       "one_class_seeds": one_class_seeds(done), "near_one_class_seeds": near_one_class_seeds(done),
                        "diverged_seeds": diverged.get(pair, []), "diverged_every_rate": pair in everywhere,
                        "metric": done[0]["metric"] if done else None,
                        "designs": _designs(done, pair_where(pair)["method"])}

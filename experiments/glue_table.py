@@ -77,6 +77,8 @@ from rate_selection import (  # noqa: E402
 )
 from verdicts import (  # noqa: E402
     mean_std,
+    near_one_class_seeds,
+    one_class_seeds,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -181,7 +183,7 @@ def _method_row(task: str, method: str, rows: list[dict[str, Any]], lr: float | 
             "diverged_seeds": sorted(r["config"]["seed"] for r in rows if r.get("status") == "diverged"),
             # seeds whose reported deltas give every dev row one class (known for rows written or rebuilt since
             # evaluations report top_class_share)
-            "one_class_seeds": sorted(r["config"]["seed"] for r in done if r.get("predicts_one_class")),
+            "one_class_seeds": one_class_seeds(done), "near_one_class_seeds": near_one_class_seeds(done),
             "n_one_class_known": sum(r.get("predicts_one_class") is not None for r in done),
             "mean_train_time_s": mean_std([r["train_time_s"] for r in done if r.get("train_time_s")])[0],
             "stage": stage}

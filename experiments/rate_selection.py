@@ -268,9 +268,9 @@ def reproduces(row: dict[str, Any], rebuilt: dict[str, Any]) -> bool:
 
 
 def with_rebuilt(rows: list[dict[str, Any]], rebuilt: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``rows`` with what they lack (``curves``, ``train_loss_end``, ``train_scores``, ``predicts_one_class``:
-    rows written before they carried them) taken from their rebuilt run, when that run reproduced the row's scores
-    exactly; other rows unchanged."""
+    """``rows`` with what they lack (``curves``, ``train_loss_end``, ``train_scores``, ``predicts_one_class``, and
+    the ``top_class_share`` of ``dev_at_best_val`` and ``scores``: rows written before they carried them) taken from
+    their rebuilt run, when that run reproduced the row's scores exactly; other rows unchanged."""
     twins = {r["cell"]: r for r in rebuilt if r.get("status") == "done"}
     out = []
     for row in rows:
@@ -278,6 +278,10 @@ def with_rebuilt(rows: list[dict[str, Any]], rebuilt: list[dict[str, Any]]) -> l
         if twin is not None and reproduces(row, twin):
             row = {**row, **{k: twin[k] for k in ("curves", "train_loss_end", "train_scores", "predicts_one_class")
                            if row.get(k) is None and twin.get(k) not in (None, {}, [])}}
+            for k in ("dev_at_best_val", "scores"):
+                mine, theirs = row.get(k), twin.get(k) or {}
+                if isinstance(mine, dict) and "top_class_share" not in mine and "top_class_share" in theirs:
+                    row[k] = {**mine, "top_class_share": theirs["top_class_share"]}
         out.append(row)
     return out
 

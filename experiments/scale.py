@@ -52,6 +52,7 @@ from verdicts import (  # noqa: E402
     judge,
     majority_level,
     mean_std,
+    near_one_class_seeds,
     one_class_seeds,
     share_verdict,
     two_se,
@@ -166,6 +167,7 @@ def summary(models, tasks) -> dict[str, Any]:
         mean, std = mean_std(scores)
         cells[pair] = {"model": pair[0], "task": pair[1], "method": pair[2], "lr": lr, "mean": mean,
                        "std": std, "n_seeds": len(scores), "one_class_seeds": one_class_seeds(done.values()),
+                       "near_one_class_seeds": near_one_class_seeds(done.values()),
                        "diverged_seeds": diverged.get(pair, []), "diverged_every_rate": pair in everywhere,
                        "trainable": next(iter(done.values()))["n_trainable"] if done else None}
     small, large = list(MODELS)[0], list(MODELS)[-1]

@@ -53,6 +53,7 @@ from verdicts import (  # noqa: E402
     grid_progress,
     judge,
     mean_std,
+    near_one_class_seeds,
     one_class_seeds,
     required_levels,
     share_verdict,
@@ -118,7 +119,9 @@ def summary(tasks) -> dict[str, Any]:
         mean, std = mean_std(scores)
         cells[pair] = {"task": pair[0], "k": pair[1], "method": pair[2], "lr": lr, "mean": mean, "std": std,
                        "n_seeds": len(scores), "metric": next(iter(done.values()))["metric"] if done else None,
-                       "one_class_seeds": one_class_seeds(done.values()), "diverged_seeds": diverged.get(pair, []),
+                       "one_class_seeds": one_class_seeds(done.values()),
+                       "near_one_class_seeds": near_one_class_seeds(done.values()),
+                       "diverged_seeds": diverged.get(pair, []),
                        "diverged_every_rate": pair in everywhere}
     levels = required_levels(glue_majority(RESULTS), tasks)  # the same full dev sets
     comparisons = []

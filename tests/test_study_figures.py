@@ -488,15 +488,19 @@ def test_sweep_hours_counts_as_done_only_the_rows_that_are_cells_of_the_plan():
 def test_a_row_takes_curves_only_from_a_rebuild_that_reproduced_it():
     from experiments.rate_selection import with_rebuilt
 
-    rows = [{"cell": "a", "score_at_best_val": 0.8, "val_score": 0.9, "score": 0.8},
-            {"cell": "b", "score_at_best_val": 0.7, "val_score": 0.9, "score": 0.7}]
+    dev = {"step": 5, "accuracy": 0.8}
+    rows = [{"cell": "a", "score_at_best_val": 0.8, "val_score": 0.9, "score": 0.8, "dev_at_best_val": dev},
+            {"cell": "b", "score_at_best_val": 0.7, "val_score": 0.9, "score": 0.7, "dev_at_best_val": dev}]
     rebuilt = [{"cell": "a", "status": "done", "score_at_best_val": 0.8, "val_score": 0.9, "score": 0.8,
-                "curves": {"val": [1]}, "train_loss_end": 0.3, "train_scores": {"accuracy": 0.95}},
+                "curves": {"val": [1]}, "train_loss_end": 0.3, "train_scores": {"accuracy": 0.95},
+                "dev_at_best_val": {**dev, "top_class_share": 0.97}},
                {"cell": "b", "status": "done", "score_at_best_val": 0.71, "val_score": 0.9, "score": 0.7,
-                "curves": {"val": [2]}, "train_loss_end": 0.4}]  # not the same run: its curve is not the row's
+                "curves": {"val": [2]}, "train_loss_end": 0.4,  # not the same run: nothing of it is the row's
+                "dev_at_best_val": {**dev, "top_class_share": 0.97}}]
     a, b = with_rebuilt(rows, rebuilt)
     assert a["curves"] == {"val": [1]} and a["train_loss_end"] == 0.3 and a["train_scores"] == {"accuracy": 0.95}
-    assert "curves" not in b and "train_loss_end" not in b
+    assert a["dev_at_best_val"] == {**dev, "top_class_share": 0.97} and "top_class_share" not in dev
+    assert "curves" not in b and "train_loss_end" not in b and b["dev_at_best_val"] == dev
 
 
 def test_the_cost_model_counts_steps_and_scored_rows_and_scales_the_reference_step(monkeypatch):
@@ -565,16 +569,25 @@ def test_a_cell_with_seeds_that_predict_one_class_is_named_in_its_caption(tmp_pa
     """A UniPELT cell whose seeds 0 and 2 predict one class for every dev row is named in the caption."""
     for task, k, method, seed in _unipelt_grid(tmp_path, monkeypatch):
         collapsed = (task, k, method, seed) in {("rte", 100, "lora", 0), ("rte", 100, "lora", 2)}
+        # the reported deltas' share of the most predicted class: 1.0 collapsed, 0.97 nearly, 0.949 not flagged
+        share = 1.0 if collapsed else {("mrpc", 500, "prefix", 1): 0.97, ("mrpc", 500, "prefix", 2): 0.949}.get(
+            (task, k, method, seed), 0.6)
         append_jsonl(unipelt_low_resource.SELECT_OUT if seed == 0 else unipelt_low_resource.TABLE_OUT,
                      _row({"task": task, "train_size": k, "method": method, "lr": 1e-3, "seed": seed},
-                          0.7 + 0.002 * seed, predicts_one_class=collapsed))
+                          0.7 + 0.002 * seed, predicts_one_class=collapsed,
+                          dev_at_best_val={"step": 10, "accuracy": 0.7, "top_class_share": share}))
     out = unipelt_low_resource.summary(unipelt_low_resource.TASKS)
     cell = next(c for c in out["cells"] if (c["task"], c["k"], c["method"]) == ("rte", 100, "lora"))
-    assert cell["one_class_seeds"] == [0, 2]
+    assert cell["one_class_seeds"] == [0, 2] and cell["near_one_class_seeds"] == []
     assert sum(bool(c["one_class_seeds"]) for c in out["cells"]) == 1
+    near = [(c["task"], c["k"], c["method"], c["near_one_class_seeds"]) for c in out["cells"]
+            if c["near_one_class_seeds"]]
+    assert near == [("mrpc", 500, "prefix", [1])]
     caption = _caption("unipelt_low_resource", tmp_path, tmp_path / "f")
     assert "predict one class for every dev row (a constant prediction's score, counted in the means shown): " \
            "rte K=100 lora seeds 0, 2." in caption
+    assert "give one class to at least 95 % of dev rows (nearly a constant prediction, counted in the means " \
+           "shown): mrpc K=500 prefix seed 1." in caption
 
 
 def test_a_diverged_seed_completes_its_cell_and_is_named(tmp_path, monkeypatch):

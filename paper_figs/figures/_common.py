@@ -71,7 +71,8 @@ def two_se_sign(a: tuple[float, float | None, int], b: tuple[float, float | None
 
 def flagged_runs_note(cells: Iterable[Mapping[str, Any]], label: Callable[[Mapping[str, Any]], str]) -> str:
     """The cells' runs a mean does not show plainly: seeds whose reported deltas predict one class for every dev
-    row (``one_class_seeds``: a constant prediction's score, counted in the mean) and seeds that diverged
+    row (``one_class_seeds``: a constant prediction's score, counted in the mean) or to at least 95 % of them
+    (``near_one_class_seeds``, :data:`verdicts.NEAR_ONE_CLASS`), seeds that diverged
     (``diverged_seeds``: no score, left out of it), and cells that diverged at every rate tried
     (``diverged_every_rate``: no seed run, no comparison); ``""`` when there are none."""
     def listing(key: str) -> list[str]:
@@ -79,10 +80,12 @@ def flagged_runs_note(cells: Iterable[Mapping[str, Any]], label: Callable[[Mappi
                 for c in cells if c.get(key)]
 
     cells = list(cells)
-    one, diverged = listing("one_class_seeds"), listing("diverged_seeds")
+    one, diverged, near = listing("one_class_seeds"), listing("diverged_seeds"), listing("near_one_class_seeds")
     everywhere = [label(c) for c in cells if c.get("diverged_every_rate")]
     return ((" Runs whose reported deltas predict one class for every dev row (a constant prediction's score, "
              "counted in the means shown): " + "; ".join(one) + "." if one else "")
+            + (" Runs whose reported deltas give one class to at least 95 % of dev rows (nearly a constant "
+               "prediction, counted in the means shown): " + "; ".join(near) + "." if near else "")
             + (" Runs that diverged (no score; the means are over the other seeds): " + "; ".join(diverged) + "."
                if diverged else "")
             + (" Diverged at every rate tried (no seed run at a chosen rate, left out of every comparison): "

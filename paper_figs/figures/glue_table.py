@@ -164,16 +164,20 @@ def _parameters_sentence(payload: dict[str, Any]) -> str:
 
 
 def _one_class_sentence(payload: dict) -> str:
-    """Which seeds' reported deltas give every dev row one class (a score that is the constant prediction's)."""
+    """Which seeds' reported deltas give every dev row one class (a score that is the constant prediction's), and
+    which give one class to at least 95 % of them."""
     rows = [r for r in payload.get("rows", []) if r.get("method") != "majority"]
     known = sum(r.get("n_one_class_known", 0) for r in rows)
     if not known:
         return ""
     hits = [f"{r['task']} {r['method']} seed{'s' if len(r['one_class_seeds']) > 1 else ''} "
             + ", ".join(map(str, r["one_class_seeds"])) for r in rows if r.get("one_class_seeds")]
+    near = [f"{r['task']} {r['method']} seed{'s' if len(r['near_one_class_seeds']) > 1 else ''} "
+            + ", ".join(map(str, r["near_one_class_seeds"])) for r in rows if r.get("near_one_class_seeds")]
     return (f" Runs whose reported deltas predict one class for every dev row (known for {known} of "
             f"{sum(r.get('n_seeds', 0) for r in rows)}, the runs trained or rebuilt since evaluations count it): "
-            + ("; ".join(hits) if hits else "none") + ".")
+            + ("; ".join(hits) if hits else "none") + "; for at least 95 % of dev rows (nearly a constant "
+            "prediction): " + ("; ".join(near) if near else "none") + ".")
 
 
 def caption(results_dir: Path) -> str:
