@@ -43,6 +43,7 @@ from cost_model import (  # noqa: E402
     describe_hours,
     sweep_hours,
 )
+from generalization_gap import summary as gap_summary  # noqa: E402
 from rate_selection import (  # noqa: E402
     add_sweep_arguments,
     choose_lrs,
@@ -193,6 +194,7 @@ def summary(tasks) -> dict[str, Any]:
                "cells": list(cells.values()), "effects": effects,
                "claims": part_claims(effects) if progress["complete"] else dict.fromkeys(PARTS), "progress": progress}
     write_json_unless_same(SUMMARY, payload)
+    gap_summary(SUMMARY.parent)  # its combinations' gaps against their parts'
     return payload
 
 

@@ -67,6 +67,7 @@ from controltune.sweep import FINISHED, finished_configs, run_sweep, train_loss_
 from controltune.sweep_spec import SweepSpec, canonical_config, expand, load_spec, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the experiments' shared modules, run or imported
+from generalization_gap import summary as gap_summary  # noqa: E402
 from rate_selection import (  # noqa: E402
     MAX_EDGE_RATES,
     choose_lrs,
@@ -409,6 +410,7 @@ def write_summary(select: SweepSpec, table: SweepSpec, out: Path = SUMMARY) -> d
                "complete": bool(rows) and len(rows) == len(TASKS) * len(METHODS)
                            and all(r["stage"] == "table" and r["n_seeds"] == 3 for r in rows)}
     write_json_unless_same(out, payload)
+    gap_summary(out.parent)  # its single methods' gaps are this table's
     return payload
 
 

@@ -10,7 +10,15 @@ import pytest
 
 from controltune.figures import registry, render
 from controltune.results import append_jsonl, write_json
-from experiments import composability, design_table, scale, sequential, transfer, unipelt_low_resource
+from experiments import (
+    composability,
+    design_table,
+    generalization_gap,
+    scale,
+    sequential,
+    transfer,
+    unipelt_low_resource,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -287,12 +295,14 @@ def test_composability_and_generalization_gap(tmp_path, monkeypatch):
                       "n_train_scored": 3} for t in ("sst2", "rte")
                      for m, g in (("full", 0.2), ("lora", 0.05), ("prompt", 0.01), ("adapter", 0.03))]}
     write_json(tmp_path / "glue_table.json", glue)
+    generalization_gap.summary(tmp_path)  # what the GLUE table's summary calls
     gap = _caption("generalization_gap", tmp_path, tmp_path / "f")
     assert "smaller in 6 of 6 (task, method) pairs, holds here" in gap
     assert "two standard errors: sst2 holds here, rte holds here (holds here: held on every task" in gap
     assert "Gaps per task (each task's own metric): sst2: full 0.200, lora 0.050, adapter 0.030, prompt 0.010" in gap
     glue["rows"][1]["generalization_gap"] = 0.19  # sst2 LoRA within two standard errors of full FT: a tie
     write_json(tmp_path / "glue_table.json", glue)
+    generalization_gap.summary(tmp_path)  # what the GLUE table's summary calls
     gap = _caption("generalization_gap", tmp_path, tmp_path / "f")
     assert "smaller in 5 of 6 (task, method) pairs (not smaller: sst2/lora tie), inconclusive" in gap
     # prompt+adapter's gap 0.039 ± 0.001 against the adapter's 0.03 alone (BitFit has no GLUE row here): within two
@@ -301,6 +311,7 @@ def test_composability_and_generalization_gap(tmp_path, monkeypatch):
     for row in glue["rows"]:
         row["generalization_gap_std"] = 0.001
     write_json(tmp_path / "glue_table.json", glue)
+    generalization_gap.summary(tmp_path)  # what the GLUE table's summary calls
     gap = _caption("generalization_gap", tmp_path, tmp_path / "f")
     assert "wider in 2 of 2 (task, combination) pairs, tie 0, narrower 0, too few seeds 0: holds here" in gap
 

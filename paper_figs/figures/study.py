@@ -13,7 +13,7 @@ from typing import Any
 
 from controltune.figures import FigureSpec, new_figure
 
-from ._common import flagged_runs_note, load_json, two_se_sign, versions_line
+from ._common import flagged_runs_note, load_json, versions_line
 
 TASKS = ("sst2", "mrpc", "rte", "cola")
 SINGLE = ("lora", "adapter", "prefix", "prompt", "bitfit")
@@ -102,40 +102,20 @@ def caption_composability(results_dir: Path) -> str:
 
 
 # --- generalisation gap ----------------------------------------------------------------------------
-def gaps(results_dir: Path) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Train − dev gaps per single method (GLUE table rows) and per combination (composability cells, once that
-    study has run)."""
-    glue = load_json(results_dir, "glue_table.json")
-    combo = load_json(results_dir, "composability.json") if (results_dir / "composability.json").is_file() else None
-    single: dict[str, list[float]] = {}
-    for row in glue["rows"]:
-        if row.get("generalization_gap") is not None:
-            single.setdefault(row["method"], []).append(row["generalization_gap"])
-    combos: dict[str, list[float]] = {}
-    for c in (combo or {}).get("cells", []):
-        if "+" in c["subset"] and c.get("gap_mean") is not None:
-            combos.setdefault(c["subset"], []).append(c["gap_mean"])
-    return single, combos
-
-
 def draw_gap(results_dir: Path):
     """Per task: the train − dev gap of full fine-tuning, each single method (± std over seeds) and, once the
     composability study has run, each combination (the metrics differ across tasks, so no mean over them)."""
-    per_task = gaps_per_task(results_dir)
-    combo = load_json(results_dir, "composability.json") if (results_dir / "composability.json").is_file() else None
-    combos: dict[str, dict[str, float]] = {}
-    for c in (combo or {}).get("cells", []):
-        if "+" in c["subset"] and c.get("gap_mean") is not None:
-            combos.setdefault(c["task"], {})[c["subset"]] = c["gap_mean"]
-    tasks = list(per_task)
+    payload = load_json(results_dir, "generalization_gap.json")
+    single, combos = payload["single"], payload["combinations"]
+    tasks = list(single)
     fig = new_figure(max(3.2 * len(tasks), 5.0), 2.9)
     axes = fig.subplots(1, max(len(tasks), 1), squeeze=False)[0]
     for ax, task in zip(axes, tasks):
-        names = [m for m in ("full", *SINGLE) if m in per_task[task]] + list(combos.get(task, {}))
-        values = [per_task[task][n]["gap"] if n in per_task[task] else combos[task][n] for n in names]
-        errors = [(per_task[task][n]["std"] or 0.0) if n in per_task[task] else 0.0 for n in names]
-        ax.bar(range(len(names)), values, yerr=errors, capsize=2,
-               color=["tab:gray" if n == "full" else "tab:blue" if "+" not in n else "tab:purple" for n in names])
+        cells = {**{m: single[task][m] for m in ("full", *SINGLE) if m in single[task]}, **combos.get(task, {})}
+        names = list(cells)
+        ax.bar(range(len(names)), [cells[n]["mean"] for n in names], yerr=[cells[n]["std"] or 0.0 for n in names],
+               capsize=2, color=["tab:gray" if n == "full" else "tab:blue" if "+" not in n else "tab:purple"
+                                 for n in names])
         ax.set_xticks(range(len(names)), [n.replace("+", "\n+") for n in names], fontsize=6, rotation=60)
         ax.set(title=task, ylabel="train − dev (task metric)" if ax is axes[0] else None)
         ax.grid(True, axis="y", alpha=0.3)
@@ -143,97 +123,24 @@ def draw_gap(results_dir: Path):
     return fig
 
 
-def gaps_per_task(results_dir: Path) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{task: {method: {gap, std, n}}}`` of the GLUE table's single methods and full fine-tuning (over the seeds
-    whose training rows were scored)."""
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for row in load_json(results_dir, "glue_table.json")["rows"]:
-        if row.get("generalization_gap") is not None:
-            out.setdefault(row["task"], {})[row["method"]] = {
-                "gap": row["generalization_gap"], "std": row.get("generalization_gap_std"),
-                "n": row.get("n_train_scored", 0)}
-    return out
-
-
-MIN_SEEDS = 3
-"""Scored seeds each side of a gap comparison needs (issue 15: 3 seeds per cell)."""
-
-
-def _gap_sign(a: dict[str, Any], b: dict[str, Any]) -> int | None:
-    """Sign of gap ``b`` − gap ``a`` by two standard errors; None unless both have :data:`MIN_SEEDS` scored
-    seeds."""
-    if min(a["n"], b["n"]) < MIN_SEEDS:
-        return None
-    return two_se_sign((a["gap"], a["std"], a["n"]), (b["gap"], b["std"], b["n"]))
-
-
-def _against_full(m: dict[str, Any], full: dict[str, Any]) -> str:
-    """"smaller" / "larger" when the gaps differ by two standard errors, "tie" within, "too few seeds" below
-    :data:`MIN_SEEDS` scored seeds on either side."""
-    return {None: "too few seeds", -1: "smaller", 1: "larger", 0: "tie"}[_gap_sign(full, m)]
-
-
-def prompt_smallest(per_task: dict[str, dict[str, dict[str, Any]]]) -> dict[str, bool | None]:
-    """Per task: whether prompt tuning's gap is the smallest of the single methods — False when another's is
-    below it by two standard errors, True when none is and every comparison has its seeds, None otherwise."""
-    out = {}
-    for task, g in per_task.items():
-        if "prompt" not in g:
-            continue
-        signs = [_gap_sign(g["prompt"], g[m]) for m in SINGLE if m != "prompt" and m in g]
-        out[task] = False if -1 in signs else (None if None in signs or not signs else True)
-    return out
-
-
-def combination_widening(results_dir: Path, per_task: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per (task, combination) of the composability study: its gap against the largest gap of its parts alone on
-    the same task (GLUE rows), "wider" / "narrower" by two standard errors over seeds, "tie" within, "too few
-    seeds" below :data:`MIN_SEEDS` scored seeds on either side."""
-    if not (results_dir / "composability.json").is_file():
-        return []
-    out = []
-    for c in load_json(results_dir, "composability.json")["cells"]:
-        parts = [per_task.get(c["task"], {}).get(p) for p in c["subset"].split("+")]
-        if "+" not in c["subset"] or c.get("gap_mean") is None or None in parts:
-            continue
-        top = max(parts, key=lambda g: g["gap"])
-        sign = _gap_sign(top, {"gap": c["gap_mean"], "std": c.get("gap_std"), "n": c["n_gap"]})
-        verdict = {None: "too few seeds", 1: "wider", -1: "narrower", 0: "tie"}[sign]
-        out.append({"task": c["task"], "combination": c["subset"], "gap": c["gap_mean"], "parts_max": top["gap"],
-                    "verdict": verdict})
-    return out
-
-
 def caption_gap(results_dir: Path) -> str:
-    _, combos = gaps(results_dir)
-    combo_payload = load_json(results_dir, "composability.json") if combos else {}
-    per_task = gaps_per_task(results_dir)
-    # per task, against full fine-tuning on the same task (the metrics differ across tasks: MCC gaps dwarf the others)
-    pairs = [(t, m, _against_full(g[m], g["full"])) for t, g in per_task.items() if "full" in g
-             for m in SINGLE if m in g]
-    count = {k: sum(v == k for *_, v in pairs) for k in ("smaller", "tie", "larger", "too few seeds")}
-    # ties and too few seeds are absence of evidence: held only when every pair is smaller
-    smaller = None if not pairs else (False if count["larger"] else True if count["smaller"] == len(pairs) else None)
-    not_smaller = ", ".join(f"{t}/{m} {v}" for t, m, v in pairs if v != "smaller")
-    smallest = prompt_smallest(per_task)
-    prompt_held = None if not smallest else (False if False in smallest.values()
-                                             else True if all(smallest.values()) else None)
-    widening = combination_widening(results_dir, per_task)
-    w_counts = {k: sum(w["verdict"] == k for w in widening) for k in ("wider", "tie", "narrower", "too few seeds")}
-    widen = None if not widening else (True if w_counts["wider"] > len(widening) / 2 else
-                                       False if w_counts["wider"] + w_counts["tie"] + w_counts["too few seeds"]
-                                       <= len(widening) / 2 else None)
-    listing = "; ".join(f"{t}: " + ", ".join(f"{m} {_fmt(g[m]['gap'])}" for m in ("full", *SINGLE) if m in g)
-                        for t, g in per_task.items())
-    fewer = [f"{t}/{m} {g['n']}" for t, gs in per_task.items() for m, g in gs.items() if g["n"] < MIN_SEEDS]
+    payload = load_json(results_dir, "generalization_gap.json")
+    single, claims = payload["single"], payload["claims"]
+    pairs, count = payload["against_full"], payload["against_full_counts"]
+    not_smaller = ", ".join(f"{p['task']}/{p['method']} {p['verdict']}" for p in pairs if p["verdict"] != "smaller")
+    listing = "; ".join(f"{t}: " + ", ".join(f"{m} {_fmt(g[m]['mean'])}" for m in ("full", *SINGLE) if m in g)
+                        for t, g in single.items())
+    fewer = [f"{t}/{m} {g['n_seeds']}" for t, gs in single.items() for m, g in gs.items() if g["n_seeds"] < 3]
     short = f"; scored seeds below 3: {', '.join(fewer)}" if fewer else ""
+    widening, w_counts = payload["widening"], payload["widening_counts"]
+    progress = payload.get("composability_progress")
     if widening:
         combos_text = ("combinations widen it (a combination's gap above the largest of its parts' on the same task "
                        f"by two standard errors) — wider in {w_counts['wider']} of {len(widening)} (task, "
                        f"combination) pairs, tie {w_counts['tie']}, narrower {w_counts['narrower']}, too few seeds "
-                       f"{w_counts['too few seeds']}: {_gated(combo_payload, widen)} (criterion: wider in more than "
-                       "half)")
-    elif (results_dir / "composability.json").is_file():
+                       f"{w_counts['too few seeds']}: {_gated({'progress': progress}, claims['combinations_widen'])} "
+                       "(criterion: wider in more than half)")
+    elif progress is not None:
         combos_text = "combinations widen it — no combination has a scored gap yet"
     else:
         combos_text = "combinations widen it — not run yet (`python experiments/composability.py`)"
@@ -245,11 +152,13 @@ def caption_gap(results_dir: Path) -> str:
         "evidence: every single delta method's gap is smaller than full fine-tuning's — judged per task against "
         f"full fine-tuning on the same task: smaller in {count['smaller']} of {len(pairs)} (task, method) pairs"
         + (f" (not smaller: {not_smaller})" if not_smaller else "")
-        + f", {_verdict(smaller)} (holds when every pair is smaller, does not hold when one is larger); prompt "
-        "tuning's is the smallest — per task, no single method's gap below prompt's by two standard errors: "
-        + (", ".join(f"{t} {_verdict(v)}" for t, v in smallest.items()) or "–")
-        + f" ({_verdict(prompt_held)}: held on every task, or not on one); {combos_text}. Commands: "
-        "`python experiments/glue_table.py`, `python experiments/composability.py`."
+        + f", {_verdict(claims['single_smaller_than_full'])} (holds when every pair is smaller, does not hold when "
+        "one is larger); prompt tuning's is the smallest — per task, no single method's gap below prompt's by two "
+        "standard errors: "
+        + (", ".join(f"{t} {_verdict(v)}" for t, v in payload["prompt_smallest"].items()) or "–")
+        + f" ({_verdict(claims['prompt_smallest'])}: held on every task, or not on one); {combos_text}. Commands: "
+        "`python experiments/generalization_gap.py` (from the rows of `python experiments/glue_table.py` and "
+        f"`python experiments/composability.py`; {versions_line(payload)})."
     )
 
 
@@ -497,9 +406,8 @@ FIGURES = [
                sources=("composability.json",), draw=draw_composability, caption=caption_composability,
                recompute=(("python", "experiments/composability.py"),)),
     FigureSpec(name="generalization_gap", title="Generalisation gap of single delta methods, full fine-tuning and "
-                                                "combinations", sources=("glue_table.json",),  # combinations: optional
-               draw=draw_gap, caption=caption_gap,
-               recompute=(("python", "experiments/glue_table.py"), ("python", "experiments/composability.py"))),
+                                                "combinations", sources=("generalization_gap.json",),
+               draw=draw_gap, caption=caption_gap, recompute=(("python", "experiments/generalization_gap.py"),)),
     FigureSpec(name="sequential", title="Sequential combination of prompt tuning, BitFit and the adapter, all 6 orders",
                sources=("sequential.json",), draw=draw_sequential, caption=caption_sequential,
                recompute=(("python", "experiments/sequential.py"),)),
@@ -513,4 +421,4 @@ FIGURES = [
                recompute=(("python", "experiments/unipelt_low_resource.py"),)),
 ]
 
-__all__ = ["FIGURES", "gaps", "part_effects"]
+__all__ = ["FIGURES", "part_effects"]
