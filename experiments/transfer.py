@@ -16,7 +16,8 @@ transferred delta keeps (None where the method does not learn the target in-task
 per (method, target) the method learns: the same-kind source's transferred score against the cross-kind sources'
 on that target, by two standard errors (:func:`paired_kinds`; one target shares its majority level and in-task
 gain on both sides, so no ratio's small denominator swings it), and held when the same-kind source wins in more
-than half of those pairs (:func:`kinds_verdict`), only once every source is scored.
+than half of those pairs (:func:`kinds_verdict`; a pair where it keeps no gain at all counts against), only once
+every source is scored.
 
 Run folders stay on the machine that trained them.  A source run whose deltas are not here is trained again from
 its row first (:func:`rate_selection.rebuild_cells`, into its own folder; the new row goes to
@@ -50,9 +51,12 @@ from rate_selection import (  # noqa: E402
     task_method,
 )
 from verdicts import (  # noqa: E402
+    MIN_SEEDS,
+    TOO_FEW_SEEDS,
     beats_level,
     glue_majority,
     mean_std,
+    share_verdict,
     two_se,
 )
 
@@ -198,6 +202,11 @@ def _cell(values: list[float]) -> dict[str, Any]:
     return {"mean": mean, "std": std, "n_seeds": len(values)}
 
 
+NO_TRANSFER = "no transfer within kind"
+"""A pair whose same-kind source keeps no gain over the target's majority class by two standard errors: the claim's
+first half (deltas transfer within their kind) fails there, whatever the cross-kind sources do."""
+
+
 def paired_kinds(rows: list[dict[str, Any]], own: dict[tuple[str, str], dict[str, Any]], levels: dict[str, float]
                  ) -> list[dict[str, Any]]:
     """Per (method, target) the target learns in-task: the same-kind source's transferred gain over the target's
@@ -208,7 +217,9 @@ def paired_kinds(rows: list[dict[str, Any]], own: dict[tuple[str, str], dict[str
     ratio: a gain share divides by the in-task gain, which for a barely learnt target (MRPC F1 0.819 against a
     majority 0.812) turns a small miss into a share of −3 that would swing a pooled mean.  A score below the
     majority class counts as no gain, as one at it: on MRPC's F1 a constant "equivalent" scores the majority
-    level, so a delta whose predictions carry the wrong task's signal would otherwise lose to a constant."""
+    level, so a delta whose predictions carry the wrong task's signal would otherwise lose to a constant.
+    Verdicts: :data:`NO_TRANSFER` when the same-kind gain does not beat 0 by two standard errors, else "same kind
+    better" / "cross kind better" / "tie"; :data:`verdicts.TOO_FEW_SEEDS` below 3 seeds a side."""
     by: dict[tuple[str, str, str], dict[int, float]] = {}
     for r in rows:
         level = levels.get(r["target"])
@@ -226,23 +237,30 @@ def paired_kinds(rows: list[dict[str, Any]], own: dict[tuple[str, str], dict[str
         cross_vals = [mean_std([by[(method, s, target)][k] for s in cross])[0] for k in sorted(seeds)]
         a, b = _cell(cross_vals), _cell(same_vals)
         sign, diff, se = two_se(a, b) if a["n_seeds"] and b["n_seeds"] else (None, None, None)
+        if sign is None:
+            verdict = None
+        elif min(a["n_seeds"], b["n_seeds"]) < MIN_SEEDS:
+            verdict = TOO_FEW_SEEDS
+        elif not beats_level(b, 0.0):  # the claim's first half: within its kind a delta keeps some gain
+            verdict = NO_TRANSFER
+        else:
+            verdict = {1: "same kind better", -1: "cross kind better", 0: "tie"}[sign]
         pairs.append({"method": method, "target": target, "same_kind": {**b, "sources": same},
-                      "cross_kind": {**a, "sources": cross}, "difference": diff, "se": se,
-                      "verdict": {1: "same kind better", -1: "cross kind better", 0: "tie", None: None}[sign]})
+                      "cross_kind": {**a, "sources": cross}, "difference": diff, "se": se, "verdict": verdict})
     return pairs
 
 
 def kinds_verdict(pairs: list[dict[str, Any]], complete: bool) -> bool | None:
-    """Deltas transfer within their kind and poorly across it: held when the same-kind source wins in more than
-    half of the judged (method, target) pairs, not held when the cross-kind sources win at least as often; None
-    otherwise, and before every source is scored."""
+    """Deltas transfer within their kind and poorly across it, by :func:`verdicts.share_verdict` over the judged
+    (method, target) pairs: for it, "same kind better"; against it, "cross kind better" and :data:`NO_TRANSFER`
+    (nothing kept within the kind); ties and too few seeds are absence of evidence.  Held when the pairs for it are
+    more than half; None before every source is scored."""
     judged = [p["verdict"] for p in pairs if p["verdict"] is not None]
     if not complete or not judged:
         return None
-    wins, losses = judged.count("same kind better"), judged.count("cross kind better")
-    if wins > len(judged) / 2:
-        return True
-    return False if losses >= wins else None
+    wins = judged.count("same kind better")
+    losses = judged.count("cross kind better") + judged.count(NO_TRANSFER)
+    return share_verdict(wins, losses, len(judged) - wins - losses, 0.5, more_than=True)
 
 
 def summary() -> dict[str, Any]:

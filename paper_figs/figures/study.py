@@ -260,7 +260,8 @@ def caption_transfer(results_dir: Path) -> str:
     rebuilt = payload.get("sources_rebuilt", 0)
     odd = payload.get("sources_not_reproduced", [])
     pairs = [p for p in payload.get("pairs", []) if p["verdict"] is not None]
-    count = {v: sum(p["verdict"] == v for p in pairs) for v in ("same kind better", "tie", "cross kind better")}
+    count = {v: sum(p["verdict"] == v for p in pairs) for v in ("same kind better", "tie", "cross kind better",
+                                                                  "no transfer within kind", "too few seeds")}
     running = "" if payload.get("complete") else (
         f" Still running: {payload.get('sources_scored', 0)} of {payload.get('sources', 0)} source runs scored, "
         "so no verdict yet.")
@@ -282,9 +283,13 @@ def caption_transfer(results_dir: Path) -> str:
         "gain over the majority class (a score below it counted as no gain) beats the cross-kind sources' (per "
         "seed, their mean) by two standard errors in "
         f"{count['same kind better']} of {len(pairs)} (method, target) pairs, ties in {count['tie']}, loses in "
-        f"{count['cross kind better']} (criterion: wins in more than half; not held when it loses at least as often "
-        "as it wins; compared on one target, not through the shares, whose denominator is small where a target is "
-        f"barely learnt).{running} {rebuilt} source runs were trained again from their rows on this machine"
+        f"{count['cross kind better']}, and keeps no gain over the majority class by two standard errors in "
+        f"{count['no transfer within kind']}" + (f", {count['too few seeds']} with too few seeds"
+                                                 if count["too few seeds"] else "")
+        + " (criterion: wins in more than half, the pairs where it loses or keeps no gain counting against and "
+        "ties as absence of evidence; compared on one target, not through the shares, whose denominator is small "
+        f"where a target is barely learnt).{running} {rebuilt} source runs were trained again from their rows on "
+        "this machine"
         + (f", {len(odd)} of them not reproducing their recorded scores exactly ({', '.join(odd)})" if odd else
            (", each reproducing its recorded scores exactly" if rebuilt else ""))
         + f". Command: `python experiments/transfer.py` ({versions_line(payload)})."
