@@ -42,7 +42,7 @@ from controltune.sweep_spec import SweepSpec, canonical_config, expand, parse_sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the experiments' shared modules, run or imported
 from cost_model import (  # noqa: E402
-    cell_seconds,  # noqa: E402
+    cell_seconds,
     describe_hours,
     sweep_hours,
 )
