@@ -155,14 +155,36 @@ def summary() -> dict[str, Any]:
             continue
         by_steps, by_time = _ranked(mine, "steps_to_common"), _ranked(mine, "seconds_to_common")
         full = next((r for r in mine if r["method"] == "full"), None)
-        orders.append({"task": task, "by_steps_to_common": by_steps, "by_seconds_to_common": by_time,
-                       "test": None if full is None else full["beats_majority"],
-                       "never_reached": sorted(r["method"] for r in mine if r["steps_to_common"] is None),
-                       "claimed": [m for m in CLAIMED if m in by_steps]})
+        order = {"task": task, "by_steps_to_common": by_steps, "by_seconds_to_common": by_time,
+                 "test": None if full is None else full["beats_majority"],
+                 "never_reached": sorted(r["method"] for r in mine if r["steps_to_common"] is None),
+                 "claimed": [m for m in CLAIMED if m in by_steps]}
+        orders.append({**order, **order_verdict(order, {r["method"]: r["steps_to_common"] for r in mine})})
     return {**stamp({"source": "GLUE table runs (glue_select.jsonl, glue_table.jsonl, runs/glue_table/*/metrics.json)",
                      "reach": REACH, "majority_of": "validation rows",
                      "command": "python experiments/convergence.py"}),
             "rows": rows, "orders": orders, "cells_without_curves": sorted(set(absent))}
+
+
+def order_verdict(order: dict[str, Any], steps: dict[str, int | None]) -> dict[str, str]:
+    """``{verdict, reason}`` of one task's order against the claimed one (:data:`CLAIMED`, fastest first):
+    "not a test" when full fine-tuning does not beat the majority class (90 % of no gain is reached by anything);
+    "inconclusive" when fewer than two methods reach the level, or two reach it at the same evaluation (about two
+    per epoch do not separate them); else "as claimed" when the methods that reach it do so in the claimed order,
+    "not as claimed" otherwise.  ``steps``: each method's first step at the level (None: never)."""
+    reached = [m for m in order["by_steps_to_common"] if steps.get(m) is not None]
+    if order["test"] is False:
+        return {"verdict": "not a test", "reason": "full fine-tuning's best validation score does not beat the "
+                "majority class by two standard errors: 90 % of no gain is reached by anything"}
+    if len(reached) < 2:
+        return {"verdict": "inconclusive", "reason": "fewer than two methods reach the level"}
+    if len({steps[m] for m in reached}) < len(reached):
+        return {"verdict": "inconclusive",
+                "reason": "methods reach it at the same evaluation: ~2 per epoch do not separate them"}
+    claimed = [m for m in order["claimed"] if m in reached]
+    if reached == claimed:
+        return {"verdict": "as claimed", "reason": ""}
+    return {"verdict": "not as claimed", "reason": f"claimed {' > '.join(claimed)}"}
 
 
 def fewer_seeds_than_before(payload: dict[str, Any]) -> list[str]:

@@ -540,12 +540,25 @@ def test_the_cost_model_counts_steps_and_scored_rows_and_scales_the_reference_st
 
 
 def test_convergence_on_a_task_full_fine_tuning_does_not_learn_is_not_a_test(tmp_path):
+    from experiments.convergence import order_verdict
     from paper_figs.figures.convergence import caption
 
+    steps = {"full": 10, "adapter": 20, "lora": 20, "prompt": None}
+    order = {"task": "rte", "test": False, "by_steps_to_common": ["full", "adapter", "lora", "prompt"],
+             "never_reached": ["prompt"], "claimed": ["full", "adapter", "lora", "prompt"]}
+    assert order_verdict(order, steps)["verdict"] == "not a test"
+    assert order_verdict({**order, "test": True}, steps)["reason"].startswith("methods reach it at the same")
+    assert order_verdict({**order, "test": True}, {**steps, "lora": 30})["verdict"] == "as claimed"
+    swapped = {**order, "test": True, "by_steps_to_common": ["adapter", "full", "lora", "prompt"]}
+    assert order_verdict(swapped, {**steps, "full": 15, "adapter": 10, "lora": 30}) == {
+        "verdict": "not as claimed", "reason": "claimed full > adapter > lora"}
+    assert order_verdict({**order, "test": True}, {"full": 10})["verdict"] == "inconclusive"
+
     rows = [{"task": "rte", "method": m, "n_seeds": 3, "steps_to_common": s} for m, s in (("full", 10), ("lora", 20))]
+    two = {"task": "rte", "test": False, "by_steps_to_common": ["full", "lora"], "never_reached": [],
+           "claimed": ["full", "lora"]}
     write_json(tmp_path / "convergence.json", {"rows": rows, "orders": [
-        {"task": "rte", "test": False, "by_steps_to_common": ["full", "lora"], "never_reached": [],
-         "claimed": ["full", "lora"]}]})
+        {**two, **order_verdict(two, {"full": 10, "lora": 20})}]})
     text = caption(tmp_path)
     assert "rte: level reached by full at step 10, lora at step 20 — not a test" in text
     assert "provisional" not in text  # every cell has its 3 seeds' curves

@@ -54,17 +54,8 @@ def caption(results_dir: Path) -> str:
         reached = [m for m in o["by_steps_to_common"] if steps.get(m) is not None]
         shown = ", ".join(f"{m} at step {steps[m]}" for m in reached) or "none"
         never = f"; never: {', '.join(o['never_reached'])}" if o["never_reached"] else ""
-        tied = len({steps[m] for m in reached}) < len(reached)
-        if o.get("test") is False:
-            verdict = ("not a test (full fine-tuning's best validation score does not beat the majority class by "
-                       "two standard errors: 90 % of no gain is reached by anything)")
-        elif len(reached) < 2:
-            verdict = "inconclusive (fewer than two methods reach the level)"
-        elif tied:
-            verdict = "inconclusive (methods reach it at the same evaluation: ~2 per epoch do not separate them)"
-        else:
-            claimed = [m for m in o["claimed"] if m in reached]
-            verdict = "as claimed" if reached == claimed else f"not as claimed (claimed {' > '.join(claimed)})"
+        verdict = (o.get("verdict", "no verdict in this summary (python experiments/convergence.py recomputes it)")
+                   + (f" ({o['reason']})" if o.get("reason") else ""))
         parts.append(f"{o['task']}: level reached by {shown}{never} — {verdict}")
     seeds = sorted({r["n_seeds"] for r in payload["rows"]})
     # summaries before 2026-12-04 measured the validation curves from the dev set's majority class
