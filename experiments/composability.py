@@ -46,6 +46,7 @@ from cost_model import (  # noqa: E402
 from generalization_gap import summary as gap_summary  # noqa: E402
 from rate_selection import (  # noqa: E402
     add_sweep_arguments,
+    at_chosen_rates,
     choose_lrs,
     chosen_rows,
     diverged_at_chosen,
@@ -55,7 +56,6 @@ from rate_selection import (  # noqa: E402
     require_rates,
     select_then_tabulate,
     sweep_settings,
-    table_pairs,
 )
 from verdicts import (  # noqa: E402
     glue_majority,
@@ -128,14 +128,9 @@ def selection_spec(tasks, rows: list[dict[str, Any]] | None = None) -> SweepSpec
 
 
 def table_spec(tasks, chosen: dict) -> SweepSpec:
-    pairs = [(t, s) for t in tasks for s in SUBSETS]
-    skipped = table_pairs(chosen, pairs)
     data = spec_data(tasks, [0, 1, 2], "composability_table", TABLE_OUT.name)
-    data["overrides"] = list(data["overrides"]) + [
-        {"where": {"task": t, "method": s}, "set": {"lr": chosen[(t, s)]["lr"]}} for t, s in pairs
-        if (t, s) not in skipped]
-    data["exclude"] = [{"task": t, "method": s} for t, s in skipped]
-    return parse_spec(data, "composability_table", RESULTS)
+    return parse_spec(at_chosen_rates(data, chosen, [(t, s) for t in tasks for s in SUBSETS]), "composability_table",
+                      RESULTS)
 
 
 CLAIMS = {"adapter": ("helps", 0.75, False), "prompt": ("hurts", 0.5, True), "bitfit": ("helps", 0.5, True)}

@@ -48,6 +48,7 @@ from cost_model import (  # noqa: E402
 )
 from rate_selection import (  # noqa: E402
     add_sweep_arguments,
+    at_chosen_rates,
     choose_lrs,
     diverged_at_chosen,
     diverged_everywhere,
@@ -55,7 +56,6 @@ from rate_selection import (  # noqa: E402
     progress_echo,
     select_then_tabulate,
     sweep_settings,
-    table_pairs,
 )
 from verdicts import (  # noqa: E402
     MIN_SEEDS,
@@ -161,13 +161,9 @@ def selection_spec(tasks, budgets, rows: list[dict[str, Any]] | None = None) -> 
 
 def table_spec(tasks, budgets, chosen: dict) -> SweepSpec:
     """Seeds 0, 1, 2 at each pair's chosen rate (a pair that diverged at every rate is left out)."""
-    skipped = table_pairs(chosen, [(t, b, label) for t in tasks for b in budgets for label in BUDGETS[b]])
+    pairs = [(t, b, label) for t in tasks for b in budgets for label in BUDGETS[b]]
     data = spec_data(tasks, budgets, [0, 1, 2], "design_table", TABLE_OUT.name)
-    data["overrides"] = list(data["overrides"]) + [
-        {"where": pair_where(pair), "set": {"lr": info["lr"]}} for pair, info in sorted(chosen.items())
-        if info["lr"] is not None]
-    data["exclude"] = [pair_where(pair) for pair in skipped]
-    return parse_spec(data, "design_table", RESULTS)
+    return parse_spec(at_chosen_rates(data, chosen, pairs, pair_where), "design_table", RESULTS)
 
 
 def verdict(d: dict[str, Any], b: dict[str, Any]) -> tuple[str | None, float | None, float | None]:

@@ -114,9 +114,9 @@ def _count(items: list[dict[str, Any]], kinds: tuple[str, ...]) -> dict[str, int
     return {k: sum(i["verdict"] == k for i in items) for k in kinds}
 
 
-def summary(results: Path = RESULTS, out: Path | None = None) -> dict[str, Any] | None:
-    """Write ``generalization_gap.json`` (beside its inputs unless ``out``) from ``glue_table.json`` and, when it
-    exists, ``composability.json``; None (nothing written) before the GLUE table has a summary."""
+def summary(results: Path = RESULTS) -> dict[str, Any] | None:
+    """Write ``generalization_gap.json`` beside its inputs, ``glue_table.json`` and, when it exists,
+    ``composability.json`` (in ``results``); None (nothing written) before the GLUE table has a summary."""
     glue = _load(results, "glue_table.json")
     if glue is None:
         return None
@@ -141,7 +141,7 @@ def summary(results: Path = RESULTS, out: Path | None = None) -> dict[str, Any] 
                "single": single, "combinations": combos, "against_full": pairs, "against_full_counts": c_pairs,
                "prompt_smallest": smallest, "widening": wide, "widening_counts": c_wide,
                "composability_progress": progress, "claims": claims}
-    write_json_unless_same(out or results / SUMMARY.name, payload)
+    write_json_unless_same(results / SUMMARY.name, payload)
     return payload
 
 

@@ -247,6 +247,17 @@ def table_pairs(chosen: dict[Pair, dict[str, Any]], pairs: list[Pair]) -> list[P
     return [p for p in pairs if p in everywhere]
 
 
+def at_chosen_rates(data: dict[str, Any], chosen: dict[Pair, dict[str, Any]], pairs: list[Pair],
+                    where: WhereFn = task_method_where) -> dict[str, Any]:
+    """A table spec's ``data`` with each pair of ``pairs`` at its chosen rate (one override each) and the pairs that
+    diverged at every rate tried excluded (:func:`table_pairs`, which stops on a pair without a rate otherwise)."""
+    skipped = table_pairs(chosen, pairs)
+    data["overrides"] = list(data.get("overrides") or []) + [
+        {"where": where(p), "set": {"lr": chosen[p]["lr"]}} for p in pairs if p not in skipped]
+    data["exclude"] = [where(p) for p in skipped]
+    return data
+
+
 def progress_echo(refresh: Callable[[], Any]) -> Callable[[str], None]:
     """A sweep's ``echo``: print each line, and after every finished cell (its line starts with ``[``) rewrite the
     study's summary with ``refresh()``, so a partial result is always on disk."""

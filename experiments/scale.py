@@ -37,6 +37,7 @@ from cost_model import (  # noqa: E402
 from rate_selection import (  # noqa: E402
     POOLING,
     add_sweep_arguments,
+    at_chosen_rates,
     choose_lrs,
     chosen_rows,
     diverged_at_chosen,
@@ -45,7 +46,6 @@ from rate_selection import (  # noqa: E402
     progress_echo,
     select_then_tabulate,
     sweep_settings,
-    table_pairs,
 )
 from verdicts import (  # noqa: E402
     grid_progress,
@@ -101,11 +101,8 @@ def selection_spec(models, tasks, rows) -> SweepSpec:
 
 def table_spec(models, tasks, chosen: dict) -> SweepSpec:
     pairs = [(m, t, k) for m in models for t in tasks for k in METHODS]
-    skipped = table_pairs(chosen, pairs)
     data = spec_data(models, tasks, [0, 1, 2], "scale_table", TABLE_OUT.name)
-    data["overrides"] += [{"where": pair_where(p), "set": {"lr": chosen[p]["lr"]}} for p in pairs if p not in skipped]
-    data["exclude"] = [pair_where(p) for p in skipped]
-    return parse_spec(data, "scale_table", RESULTS)
+    return parse_spec(at_chosen_rates(data, chosen, pairs, pair_where), "scale_table", RESULTS)
 
 
 def majority_levels(tasks) -> dict[str, float]:

@@ -36,6 +36,7 @@ from cost_model import (  # noqa: E402
 )
 from rate_selection import (  # noqa: E402
     add_sweep_arguments,
+    at_chosen_rates,
     choose_lrs,
     chosen_rows,
     diverged_at_chosen,
@@ -44,7 +45,6 @@ from rate_selection import (  # noqa: E402
     progress_echo,
     select_then_tabulate,
     sweep_settings,
-    table_pairs,
 )
 from verdicts import (  # noqa: E402
     TOO_FEW_SEEDS,
@@ -102,11 +102,8 @@ def selection_spec(tasks, rows) -> SweepSpec:
 
 def table_spec(tasks, chosen: dict) -> SweepSpec:
     pairs = [(t, k, m) for t in tasks for k in KS for m in METHODS]
-    skipped = table_pairs(chosen, pairs)
     data = spec_data(tasks, [0, 1, 2], "unipelt_table", TABLE_OUT.name)
-    data["overrides"] += [{"where": pair_where(p), "set": {"lr": chosen[p]["lr"]}} for p in pairs if p not in skipped]
-    data["exclude"] = [pair_where(p) for p in skipped]
-    return parse_spec(data, "unipelt_table", RESULTS)
+    return parse_spec(at_chosen_rates(data, chosen, pairs, pair_where), "unipelt_table", RESULTS)
 
 
 def summary(tasks) -> dict[str, Any]:

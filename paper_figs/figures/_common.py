@@ -69,18 +69,22 @@ def two_se_sign(a: tuple[float, float | None, int], b: tuple[float, float | None
     return 1 if diff > 2 * se else -1 if diff < -2 * se else 0
 
 
+def seed_listing(cells: Iterable[Mapping[str, Any]], key: str, label: Callable[[Mapping[str, Any]], str]
+                 ) -> list[str]:
+    """``["<label> seed 2", "<label> seeds 0, 1", ...]`` for the cells whose ``key`` lists seeds."""
+    return [f"{label(c)} seed{'s' if len(c[key]) > 1 else ''} {', '.join(map(str, c[key]))}"
+            for c in cells if c.get(key)]
+
+
 def flagged_runs_note(cells: Iterable[Mapping[str, Any]], label: Callable[[Mapping[str, Any]], str]) -> str:
     """The cells' runs a mean does not show plainly: seeds whose reported deltas predict one class for every dev
     row (``one_class_seeds``: a constant prediction's score, counted in the mean) or to at least 95 % of them
     (``near_one_class_seeds``, :data:`verdicts.NEAR_ONE_CLASS`), seeds that diverged
     (``diverged_seeds``: no score, left out of it), and cells that diverged at every rate tried
     (``diverged_every_rate``: no seed run, no comparison); ``""`` when there are none."""
-    def listing(key: str) -> list[str]:
-        return [f"{label(c)} seed{'s' if len(c[key]) > 1 else ''} {', '.join(map(str, c[key]))}"
-                for c in cells if c.get(key)]
-
     cells = list(cells)
-    one, diverged, near = listing("one_class_seeds"), listing("diverged_seeds"), listing("near_one_class_seeds")
+    one, diverged, near = (seed_listing(cells, k, label)
+                           for k in ("one_class_seeds", "diverged_seeds", "near_one_class_seeds"))
     everywhere = [label(c) for c in cells if c.get("diverged_every_rate")]
     return ((" Runs whose reported deltas predict one class for every dev row (a constant prediction's score, "
              "counted in the means shown): " + "; ".join(one) + "." if one else "")

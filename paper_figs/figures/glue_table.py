@@ -15,7 +15,7 @@ from typing import Any
 
 from controltune.figures import FigureSpec, new_figure
 
-from ._common import load_json, two_se_sign, versions_line
+from ._common import load_json, seed_listing, two_se_sign, versions_line
 
 SOURCE = "glue_table.json"
 TASKS = (("sst2", "SST-2"), ("mrpc", "MRPC"), ("rte", "RTE"), ("cola", "CoLA"))
@@ -170,10 +170,8 @@ def _one_class_sentence(payload: dict) -> str:
     known = sum(r.get("n_one_class_known", 0) for r in rows)
     if not known:
         return ""
-    hits = [f"{r['task']} {r['method']} seed{'s' if len(r['one_class_seeds']) > 1 else ''} "
-            + ", ".join(map(str, r["one_class_seeds"])) for r in rows if r.get("one_class_seeds")]
-    near = [f"{r['task']} {r['method']} seed{'s' if len(r['near_one_class_seeds']) > 1 else ''} "
-            + ", ".join(map(str, r["near_one_class_seeds"])) for r in rows if r.get("near_one_class_seeds")]
+    hits, near = (seed_listing(rows, k, lambda r: f"{r['task']} {r['method']}")
+                  for k in ("one_class_seeds", "near_one_class_seeds"))
     return (f" Runs whose reported deltas predict one class for every dev row (known for {known} of "
             f"{sum(r.get('n_seeds', 0) for r in rows)}, the runs trained or rebuilt since evaluations count it): "
             + ("; ".join(hits) if hits else "none") + "; for at least 95 % of dev rows (nearly a constant "
