@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from controltune.results import read_jsonl, stamp, write_json
+from controltune.results import read_jsonl, stamp, write_json_unless_same
 from controltune.run_folder import DELTAS
 from controltune.sweep_spec import cell_id
 
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if payload["cells"]:
         times = [c["wall_time_s"] for c in payload["cells"] if c["wall_time_s"]]
         payload["mean_wall_time_s"] = statistics.fmean(times) if times else None
-    write_json(SUMMARY, payload)
+    write_json_unless_same(SUMMARY, payload)
     print(f"rebuilt {payload['n_rebuilt']} cells, {payload['n_identical']} identical to their rows; largest score "
           f"difference {payload['max_abs_difference']}", flush=True)
     return payload
