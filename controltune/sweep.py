@@ -22,6 +22,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,8 @@ from .sweep_spec import (
 from .train import train
 from .train_config import TrainConfig
 
-__all__ = ["FINISHED", "finished_configs", "run_cell", "run_cells", "run_sweep", "train_loss_end"]
+__all__ = ["FINISHED", "CellSetup", "build_cell", "finished_configs", "run_cell", "run_cells", "run_sweep",
+           "train_loss_end"]
 
 FINISHED = ("done", "diverged")
 """Row statuses of a cell that is not run again (a ``failed`` cell is)."""
@@ -77,14 +79,25 @@ def _stage_lrs(config: dict[str, Any], n: int) -> list[float]:
     return [float(r) for r in rates]
 
 
-def _train_cell(config: dict[str, Any], threads: int, out: Path | None) -> dict[str, Any]:
-    """Load data and model, attach the method and train; returns :func:`~controltune.train.train`'s result (for a
-    sequential cell: the last stage's, with every stage's under ``stages``)."""
+@dataclass
+class CellSetup:
+    """What a cell trains: its task, rows, loaded model and the system with the method attached."""
+
+    spec: Any
+    train_examples: list
+    dev_examples: list
+    loaded: Any
+    system: Any
+    controller: Any
+
+
+def build_cell(config: dict[str, Any]) -> CellSetup:
+    """Load a cell's data and model and attach its method, exactly as its training does (a control-designed
+    method designs on the cell's training rows with its validation rows withheld); nothing is trained."""
     from .data import load_split, resolve_task
     from .design.linearize import withheld_from_design
     from .evaluation import validation_rows
     from .system import ResidualSystem
-    from .train import train_stages
     from .zoo import check_length, load_model
 
     spec = resolve_task(config["task"], holdout_seed=config["data_seed"])
@@ -93,10 +106,20 @@ def _train_cell(config: dict[str, Any], threads: int, out: Path | None) -> dict[
     loaded = load_model(config["model"], dtype=config["dtype"], device=config["device"], seed=config["seed"])
     check_length(loaded, config["max_length"], "max_length")
     system = ResidualSystem(loaded, num_labels=spec.num_labels, pooling=config["pooling"], seed=config["seed"])
-    sequential = bool(config.get("sequential"))
     with withheld_from_design(validation_rows(train_ex, config.get("val_size"), config.get("val_seed", 0))):
         controller = build_method(system, config["method"], config["options"], config["seed"], config["task"],
-                                  sequential)
+                                  bool(config.get("sequential")))
+    return CellSetup(spec, train_ex, dev_ex, loaded, system, controller)
+
+
+def _train_cell(config: dict[str, Any], threads: int, out: Path | None) -> dict[str, Any]:
+    """Build the cell (:func:`build_cell`) and train; returns :func:`~controltune.train.train`'s result (for a
+    sequential cell: the last stage's, with every stage's under ``stages``)."""
+    from .train import train_stages
+
+    cell = build_cell(config)
+    spec, system = cell.spec, cell.system
+    sequential = bool(config.get("sequential"))
     settings = {k: config[k] for k in TRAIN_SETTINGS + OPTIONAL_SETTINGS if k in config}
     extra = {k: config[k] for k in ("model", "method", "options", "task", *RUN_SETTINGS, *STAGE_SETTINGS)
              if k in config}
@@ -108,14 +131,14 @@ def _train_cell(config: dict[str, Any], threads: int, out: Path | None) -> dict[
                            overwrite=where is not None and not resume, extra={**extra, **more})
 
     if not sequential:
-        result = train(system, train_ex, dev_ex, spec, train_config(float(config["lr"]), out),
-                       tokenizer=loaded.tokenizer)
+        result = train(system, cell.train_examples, cell.dev_examples, spec,
+                       train_config(float(config["lr"]), out), tokenizer=cell.loaded.tokenizer)
         return {**result, "metric": spec.metric}
-    parts = [s.method for s in controller.stages]
+    parts = [s.method for s in cell.controller.stages]
     configs = [train_config(lr, None if out is None else out / f"stage{i}-{part}", stage=i, stage_method=part)
                for i, (part, lr) in enumerate(zip(parts, _stage_lrs(config, len(parts))))]
-    results = train_stages(system, controller, train_ex, dev_ex, spec, configs, tokenizer=loaded.tokenizer,
-                           reuse_finished=True)
+    results = train_stages(system, cell.controller, cell.train_examples, cell.dev_examples, spec, configs,
+                           tokenizer=cell.loaded.tokenizer, reuse_finished=True)
     return {**results[-1], "metric": spec.metric, "stages": results}
 
 

@@ -56,6 +56,7 @@ from rate_selection import (  # noqa: E402
     progress_echo,
     select_then_tabulate,
     sweep_settings,
+    with_rescored,
 )
 from verdicts import (  # noqa: E402
     MIN_SEEDS,
@@ -197,7 +198,9 @@ def _designs(rows: list[dict[str, Any]], method: str) -> list[Any] | None:
 
 
 def summary(tasks, budgets) -> dict[str, Any]:
-    select_rows, table_rows = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
+    # rows written before evaluations reported top_class_share take it from their exact rescore
+    select_rows = read_jsonl(SELECT_OUT)
+    table_rows = with_rescored(read_jsonl(TABLE_OUT), read_jsonl(RESULTS / "rescored.jsonl"))
     chosen = choose_lrs(select_rows, pair_key)
     diverged = diverged_at_chosen(select_rows, table_rows, pair_key)
     everywhere = diverged_everywhere(chosen)

@@ -297,6 +297,29 @@ def with_rebuilt(rows: list[dict[str, Any]], rebuilt: list[dict[str, Any]]) -> l
     return out
 
 
+def rescored_lacks(row: dict[str, Any]) -> bool:
+    """Whether a finished row's reported dev scores lack ``top_class_share`` (rows written before evaluations
+    reported it): what ``experiments/rescore_runs.py`` measures again from the run folder."""
+    reported = row.get("dev_at_best_val") or row.get("scores")
+    return row.get("status") == "done" and isinstance(reported, dict) and "top_class_share" not in reported
+
+
+def with_rescored(rows: list[dict[str, Any]], rescored: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` lacking ``top_class_share`` (:func:`rescored_lacks`) completed from their rescore
+    (``results/rescored.jsonl``): the reported dev scores' ``top_class_share`` and ``predicts_one_class``, only
+    when the rescore reproduced the row's recorded score exactly; other rows unchanged."""
+    twins = {r["cell"]: r for r in rescored if r.get("reproduces")}
+    out = []
+    for row in rows:
+        twin = twins.get(row.get("cell"))
+        if twin is not None and rescored_lacks(row):
+            share = twin["scores"]["top_class_share"]
+            key = "dev_at_best_val" if row.get("dev_at_best_val") else "scores"
+            row = {**row, key: {**row[key], "top_class_share": share}, "predicts_one_class": share == 1.0}
+        out.append(row)
+    return out
+
+
 def rebuild_cells(rows: list[dict[str, Any]], out: Path, settings: dict[str, Any], root: Path,
                   echo: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Train the cells of finished ``rows`` again from their recorded configurations into the run folders the

@@ -245,6 +245,42 @@ def test_a_lost_run_folder_is_rebuilt_from_its_row_and_reproduces_it(task, tmp_p
         rebuild_runs.main(["--methods", "nope"])
 
 
+def test_an_old_row_is_rescored_from_its_run_folder_and_takes_top_class_share_only_when_identical(task, tmp_path,
+                                                                                                   monkeypatch):
+    """``experiments/rescore_runs.py``: a row written before evaluations reported ``top_class_share`` is rebuilt
+    without training (:func:`sweep.build_cell`), its folder's reported deltas scored on dev again, the score
+    compared exactly; ``rate_selection.with_rescored`` completes the row from an identical rescore only."""
+    from experiments import rescore_runs
+    from experiments.rate_selection import rescored_lacks, with_rescored
+
+    spec = sweep_spec.parse_spec({"name": "old", "grid": {"model": "random:bert", "method": "lora", "task": str(task),
+                                                          "lr": 1e-2, "options": {"rank": 2}},
+                                  "train": {"steps": 3, "batch_size": 8, "max_length": 16, "val_size": 0.25,
+                                            "eval_every": 1}})
+    sweep.run_sweep(spec, tmp_path / "fresh.jsonl", executor="local", runs_dir=tmp_path / "runs" / "old",
+                    echo=lambda _: None)
+    fresh = read_jsonl(tmp_path / "fresh.jsonl")[0]
+    share = fresh["dev_at_best_val"]["top_class_share"]
+    old = {k: v for k, v in fresh.items() if k != "predicts_one_class"}
+    old["dev_at_best_val"] = {k: v for k, v in fresh["dev_at_best_val"].items() if k != "top_class_share"}
+    assert rescored_lacks(old) and not rescored_lacks(fresh)
+    (tmp_path / "old.jsonl").write_text(json.dumps(old) + "\n")
+    for name, value in (("ROOT", tmp_path), ("RESULTS", tmp_path), ("OUT", tmp_path / "rescored.jsonl")):
+        monkeypatch.setattr(rescore_runs, name, value)
+    assert rescore_runs.main(["--rows", "old.jsonl", "--plan"]) == []
+    [again] = rescore_runs.main(["--rows", "old.jsonl"])
+    assert again["reproduces"] is True and again["difference"] == 0.0
+    assert again["scores"]["top_class_share"] == share
+    assert rescore_runs.main(["--rows", "old.jsonl"]) == []  # resumable: rescored rows are skipped
+    [merged] = with_rescored([old], read_jsonl(tmp_path / "rescored.jsonl"))
+    assert merged["dev_at_best_val"] == fresh["dev_at_best_val"]
+    assert merged["predicts_one_class"] == fresh["predicts_one_class"]
+    [kept] = with_rescored([old], [{**again, "reproduces": False}])  # a rescore that differs is never merged
+    assert kept == old
+    with pytest.raises(SystemExit):
+        rescore_runs.main(["--rows", "nonesuch.jsonl"])
+
+
 def test_transfer_rebuilds_a_lost_source_run_and_scores_it_at_once(task, tmp_path, monkeypatch):
     """``experiments/transfer.py`` on a machine without the GLUE run folders: each source is trained again from its
     row (the rebuilt row recorded, as the convergence study reads it) and scored before the next, so its scores
