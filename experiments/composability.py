@@ -49,6 +49,7 @@ from rate_selection import (  # noqa: E402
     at_chosen_rates,
     choose_lrs,
     chosen_rows,
+    completed_rows,
     diverged_at_chosen,
     diverged_everywhere,
     extended_spec,
@@ -152,7 +153,7 @@ def part_claims(effects: list[dict[str, Any]]) -> dict[str, bool | None]:
 
 def summary(tasks) -> dict[str, Any]:
     cells = {}
-    select_rows, table_rows = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
+    select_rows, table_rows = completed_rows(SELECT_OUT), completed_rows(TABLE_OUT)  # old rows completed
     diverged = diverged_at_chosen(select_rows, table_rows)
     everywhere = diverged_everywhere(choose_lrs(select_rows))
     for (task, subset), (lr, done) in chosen_rows(select_rows, table_rows).items():

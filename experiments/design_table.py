@@ -50,13 +50,13 @@ from rate_selection import (  # noqa: E402
     add_sweep_arguments,
     at_chosen_rates,
     choose_lrs,
+    completed_rows,
     diverged_at_chosen,
     diverged_everywhere,
     extended_spec,
     progress_echo,
     select_then_tabulate,
     sweep_settings,
-    with_rescored,
 )
 from verdicts import (  # noqa: E402
     MIN_SEEDS,
@@ -198,9 +198,7 @@ def _designs(rows: list[dict[str, Any]], method: str) -> list[Any] | None:
 
 
 def summary(tasks, budgets) -> dict[str, Any]:
-    # rows written before evaluations reported top_class_share take it from their exact rescore
-    select_rows = read_jsonl(SELECT_OUT)
-    table_rows = with_rescored(read_jsonl(TABLE_OUT), read_jsonl(RESULTS / "rescored.jsonl"))
+    select_rows, table_rows = completed_rows(SELECT_OUT), completed_rows(TABLE_OUT)  # old rows completed
     chosen = choose_lrs(select_rows, pair_key)
     diverged = diverged_at_chosen(select_rows, table_rows, pair_key)
     everywhere = diverged_everywhere(chosen)

@@ -320,6 +320,15 @@ def with_rescored(rows: list[dict[str, Any]], rescored: list[dict[str, Any]]) ->
     return out
 
 
+def completed_rows(path: Path) -> list[dict[str, Any]]:
+    """A study's rows (``path``, a JSONL under ``experiments/results``) completed from what was measured for them
+    later: the rebuilds of GLUE cells copied into it (``glue_rebuilt.jsonl``, :func:`with_rebuilt`) and rescores of
+    its old rows (``rescored.jsonl``, :func:`with_rescored`), each taken only where it reproduced the row exactly."""
+    folder = path.parent
+    return with_rescored(with_rebuilt(read_jsonl(path), read_jsonl(folder / "glue_rebuilt.jsonl")),
+                         read_jsonl(folder / "rescored.jsonl"))
+
+
 def rebuild_cells(rows: list[dict[str, Any]], out: Path, settings: dict[str, Any], root: Path,
                   echo: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Train the cells of finished ``rows`` again from their recorded configurations into the run folders the

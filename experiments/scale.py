@@ -40,6 +40,7 @@ from rate_selection import (  # noqa: E402
     at_chosen_rates,
     choose_lrs,
     chosen_rows,
+    completed_rows,
     diverged_at_chosen,
     diverged_everywhere,
     extended_spec,
@@ -156,7 +157,7 @@ def scale_claims(gains, prompt_vs, selective, do_well) -> dict[str, bool | None]
 
 def summary(models, tasks) -> dict[str, Any]:
     cells = {}
-    select_rows, table_rows = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
+    select_rows, table_rows = completed_rows(SELECT_OUT), completed_rows(TABLE_OUT)  # old rows completed
     diverged = diverged_at_chosen(select_rows, table_rows, pair_key)
     everywhere = diverged_everywhere(choose_lrs(select_rows, pair_key))
     for pair, (lr, done) in chosen_rows(select_rows, table_rows, pair_key).items():

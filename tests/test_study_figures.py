@@ -518,6 +518,28 @@ def test_a_row_takes_curves_only_from_a_rebuild_that_reproduced_it():
     assert "curves" not in b and "train_loss_end" not in b and b["dev_at_best_val"] == dev
 
 
+def test_a_study_reads_its_rows_completed_from_exact_rebuilds_and_rescores(tmp_path):
+    from experiments.rate_selection import completed_rows
+
+    dev = {"step": 5, "mcc": 0.2}
+    old = {"status": "done", "score_at_best_val": 0.2, "val_score": 0.3, "score": 0.2, "dev_at_best_val": dev}
+    rows = [{**old, "cell": "glue"}, {**old, "cell": "own"}, {**old, "cell": "other"}]
+    def write_jsonl(path: Path, items: list[dict]) -> None:
+        for item in items:
+            append_jsonl(path, item)
+
+    write_jsonl(tmp_path / "study.jsonl", rows)
+    write_jsonl(tmp_path / "glue_rebuilt.jsonl", [{**old, "cell": "glue", "train_scores": {"mcc": 0.5},
+                                                    "dev_at_best_val": {**dev, "top_class_share": 1.0}}])
+    write_jsonl(tmp_path / "rescored.jsonl", [{"cell": "own", "reproduces": True, "scores": {"top_class_share": 0.9}},
+                                              {"cell": "other", "reproduces": False,
+                                               "scores": {"top_class_share": 0.99}}])
+    glue, own, other = completed_rows(tmp_path / "study.jsonl")
+    assert glue["train_scores"] == {"mcc": 0.5} and glue["dev_at_best_val"]["top_class_share"] == 1.0
+    assert own["dev_at_best_val"]["top_class_share"] == 0.9 and own["predicts_one_class"] is False
+    assert other == rows[2]  # its rescore did not reproduce the row: nothing taken from it
+
+
 def test_the_cost_model_counts_steps_and_scored_rows_and_scales_the_reference_step(monkeypatch):
     from experiments import cost_model as cm
 
