@@ -51,10 +51,10 @@ from rate_selection import (  # noqa: E402
     task_method,
 )
 from verdicts import (  # noqa: E402
-    MIN_SEEDS,
     TOO_FEW_SEEDS,
     beats_level,
     glue_majority,
+    judge,
     mean_std,
     share_verdict,
     two_se,
@@ -236,15 +236,10 @@ def paired_kinds(rows: list[dict[str, Any]], own: dict[tuple[str, str], dict[str
         seeds = set.intersection(*(set(by.get((method, s, target), {})) for s in cross))
         cross_vals = [mean_std([by[(method, s, target)][k] for s in cross])[0] for k in sorted(seeds)]
         a, b = _cell(cross_vals), _cell(same_vals)
-        sign, diff, se = two_se(a, b) if a["n_seeds"] and b["n_seeds"] else (None, None, None)
-        if sign is None:
-            verdict = None
-        elif min(a["n_seeds"], b["n_seeds"]) < MIN_SEEDS:
-            verdict = TOO_FEW_SEEDS
-        elif not beats_level(b, 0.0):  # the claim's first half: within its kind a delta keeps some gain
-            verdict = NO_TRANSFER
-        else:
-            verdict = {1: "same kind better", -1: "cross kind better", 0: "tie"}[sign]
+        verdict, diff = judge(a, b, None, {1: "same kind better", -1: "cross kind better", 0: "tie"})
+        if verdict not in (None, TOO_FEW_SEEDS) and not beats_level(b, 0.0):
+            verdict = NO_TRANSFER  # the claim's first half: within its kind a delta keeps some gain
+        se = two_se(a, b)[2] if min(a["n_seeds"], b["n_seeds"]) >= 2 else None
         pairs.append({"method": method, "target": target, "same_kind": {**b, "sources": same},
                       "cross_kind": {**a, "sources": cross}, "difference": diff, "se": se, "verdict": verdict})
     return pairs
