@@ -141,8 +141,9 @@ def summary(tasks) -> dict[str, Any]:
     per_k = {}
     for k in KS:
         mine = {v: sum(1 for c in comparisons if c["k"] == k and c["verdict"] == v) for v in kinds}
-        per_k[str(k)] = {**mine, "holds": share_verdict(mine["win"], mine["loss"], mine["tie"] + mine[TOO_FEW_SEEDS],
-                                                        1.0)}
+        holds = share_verdict(mine["win"], mine["loss"], mine["tie"] + mine[TOO_FEW_SEEDS], 1.0)
+        # a loss is between two cells with every seed (judge), so no cell still to run can undo it: decided early
+        per_k[str(k)] = {**mine, "holds": holds, "decided_early": holds is False}
     payload = {**stamp({"tasks": list(tasks), "ks": list(KS), "methods": METHODS, "grid": GRID, "epochs": EPOCHS,
                         "harness": HARNESS, "command": "python experiments/unipelt_low_resource.py"}),
                "cells": list(cells.values()), "comparisons": comparisons, "counts": counts, "per_k": per_k,

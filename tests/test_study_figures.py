@@ -174,6 +174,19 @@ def test_unipelt(tmp_path, monkeypatch):
     assert out["progress"] == {"planned": 48, "with_all_seeds": 36, "complete": False}
     caption = _caption("unipelt_low_resource", tmp_path, tmp_path / "f")
     assert "no verdict yet (36 of 48 cells have all 3 seeds)" in caption and "holds here" not in caption
+    # a loss between two cells with all their seeds decides its K (the claim needs every test won) before the rest
+    for path in (unipelt_low_resource.SELECT_OUT, unipelt_low_resource.TABLE_OUT):
+        rows = unipelt_low_resource.read_jsonl(path)
+        path.write_text("".join(json.dumps({**r, "score_at_best_val": 0.6} if (
+            r["config"]["task"], r["config"]["train_size"], r["config"]["method"]) == ("sst2", 1000, "unipelt")
+            else r) + "\n" for r in rows))
+    out = unipelt_low_resource.summary(unipelt_low_resource.TASKS)
+    assert out["per_k"]["1000"]["holds"] is False and out["per_k"]["1000"]["decided_early"] is True
+    assert out["per_k"]["100"]["decided_early"] is False
+    caption = _caption("unipelt_low_resource", tmp_path, tmp_path / "f")
+    assert "K = 1000: wins 6, ties 0, losses 3, 3 with too few seeds — does not hold here (decided" in caption
+    assert "K = 100: wins 9, ties 0, losses 0, 3 with too few seeds — no verdict yet" in caption
+    assert "Over all K: does not hold here (decided" in caption
 
 
 def test_transfer(tmp_path, monkeypatch):

@@ -27,9 +27,13 @@ def _verdict(held: bool | None) -> str:
     return "inconclusive" if held is None else ("holds here" if held else "does not hold here")
 
 
-def _gated(payload: dict[str, Any], held: bool | None) -> str:
-    """:func:`_verdict`, once the study's grid has every seed (its ``progress``); before, what is missing."""
+def _gated(payload: dict[str, Any], held: bool | None, decided_early: bool = False) -> str:
+    """:func:`_verdict`, once the study's grid has every seed (its ``progress``) or the verdict is decided by cells
+    that have (``decided_early``: a loss where the claim needs every test won); before, what is missing."""
     prog = payload.get("progress")
+    if decided_early and prog and not prog["complete"]:
+        return f"{_verdict(held)} (decided: a loss between cells with all their seeds, which no cell still to run " \
+               "can undo)"
     if prog and not prog["complete"]:
         return f"no verdict yet ({prog['with_all_seeds']} of {prog['planned']} cells have all 3 seeds)"
     return _verdict(held)
@@ -389,9 +393,10 @@ def caption_unipelt(results_dir: Path) -> str:
     lines = "; ".join(f"K = {k}: wins {v['win']}, ties {v['tie']}, losses {v['loss']}"
                       + (f", {v['not a test']} not a test" if v.get("not a test") else "")
                       + (f", {v['too few seeds']} with too few seeds" if v.get("too few seeds") else "")
-                      + f" — {_gated(payload, v['holds'])}" for k, v in per_k.items())
+                      + f" — {_gated(payload, v['holds'], bool(v.get('decided_early')))}" for k, v in per_k.items())
     overall = None if not per_k else (False if any(v["holds"] is False for v in per_k.values())
                                       else True if all(v["holds"] for v in per_k.values()) else None)
+    overall_early = any(v.get("decided_early") for v in per_k.values())  # the claim needs every K
     return (
         "MiniLM, K seeded training rows (the same for every method and seed; 20 % of them held out as validation "
         "rows), rates chosen on the validation rows, seeds 0, 1, 2; parts in UniPELT's own configurations (LoRA r=8 "
@@ -400,7 +405,7 @@ def caption_unipelt(results_dir: Path) -> str:
         "by the two-standard-error rule (held at a K when UniPELT wins every test there, not held when it loses "
         "one; ties, and cells short of 3 scored seeds, leave it open; comparisons with both at the majority class "
         f"are not a test): {lines or 'no comparison yet'}. Over all K: "
-        f"{_gated(payload, overall)} (wins {c['win']}, ties {c['tie']}, losses {c['loss']})."
+        f"{_gated(payload, overall, overall_early)} (wins {c['win']}, ties {c['tie']}, losses {c['loss']})."
         + flagged_runs_note(payload["cells"], lambda c: f"{c['task']} K={c['k']} {c['method']}")
         + f" Command: `python experiments/unipelt_low_resource.py` ({versions_line(payload)})."
     )
