@@ -606,9 +606,11 @@ def test_convergence_judges_the_order_seed_by_seed_and_a_task_full_fine_tuning_d
     two = {"task": "rte", "test": False, "by_steps_to_common": ["full", "lora"], "never_reached": [],
            "claimed": ["full", "lora"]}
     write_json(tmp_path / "convergence.json", {"rows": rows, "orders": [
-        {**two, **order_verdict(two, {r["method"]: r["seed_steps_to_common"] for r in rows})}]})
+        {**two, **order_verdict(two, {r["method"]: r["seed_steps_to_common"] for r in rows}),
+         "pairs_by_seconds": [{"faster": "full", "slower": "lora", "measured": "second"}]}]})
     text = caption(tmp_path)
     assert "rte: seeds reach the level at step full 10/10/20, lora 20/never/30 — not a test" in text
+    assert "every seed separates: rte: lora before full." in text
     assert "provisional" not in text  # every cell has its 3 seeds' curves
 
 

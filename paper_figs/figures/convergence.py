@@ -63,6 +63,17 @@ def caption(results_dir: Path) -> str:
         verdict = (o.get("verdict", "no verdict in this summary (python experiments/convergence.py recomputes it)")
                    + (f" ({o['reason']})" if o.get("reason") else ""))
         parts.append(f"{o['task']}: {reached} — {verdict}")
+    timed = []
+    for o in payload.get("orders", []):
+        if "pairs_by_seconds" not in o:  # summaries before 2026-12-04 did not time the seeds
+            continue
+        pairs = [f"{p['faster']} before {p['slower']}" if p["measured"] == "first" else
+                 f"{p['slower']} before {p['faster']}" for p in o["pairs_by_seconds"]
+                 if p["measured"] in ("first", "second")]
+        timed.append(f"{o['task']}: {', '.join(pairs) or 'no pair separates'}")
+    wall = (" By wall time (each seed's step at the level times its own seconds per step; reported, not judged: "
+            "the claim is about steps, and a step's cost differs by method), every seed separates: "
+            + "; ".join(timed) + "." if timed else "")
     seeds = sorted({r["n_seeds"] for r in payload["rows"]})
     # summaries before 2026-12-04 measured the validation curves from the dev set's majority class
     level_of = (payload.get("config", {}).get("majority_of")
@@ -83,7 +94,7 @@ def caption(results_dir: Path) -> str:
         "as claimed when all separate the claimed way, not as claimed when one separates the other way, "
         "inconclusive otherwise. Claim (Ding et al. 2023): full fine-tuning converges fastest, then "
         f"adapter ≈ LoRA, then prefix, prompt tuning far slower. Here: {'; '.join(parts) or 'no task yet'}."
-        f"{provisional} "
+        f"{wall}{provisional} "
         f"Command: `python experiments/convergence.py` ({versions_line(payload)})."
     )
 
