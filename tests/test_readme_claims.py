@@ -1,0 +1,135 @@
+"""The README's claims section says what the committed results say.
+
+Each verdict a study's summary decides (``experiments/results/*.json``) must appear in the README row of its claim,
+so a result that changes (a study completing, a rule refined) fails here until the README follows.  Verdict words:
+a claim held reads "held"/"holds", one not held "did not hold", an open one "inconclusive" or "no verdict yet".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "experiments" / "results"
+
+
+def _claims_table() -> dict[str, str]:
+    """``{claim cell: verdict cell}`` of the README's claims table."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Claims of the founding papers", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and not set(cells[0]) <= {"-", " "} and cells[0] != "claim (paper)":
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def _row(start: str) -> str:
+    found = [here for claim, here in _claims_table().items() if claim.startswith(start)]
+    assert len(found) == 1, f"the README's claims table has {len(found)} rows starting {start!r}"
+    return found[0]
+
+
+def _bold(text: str) -> list[str]:
+    return re.findall(r"\*\*(.+?)\*\*", text)
+
+
+def _load(name: str) -> dict:
+    path = RESULTS / name
+    if not path.is_file():
+        pytest.skip(f"{name} is not committed")
+    return json.loads(path.read_text())
+
+
+WORDS = {True: "held", False: "did not hold", None: "inconclusive"}
+
+
+def _says(verdict: bool | None, text: str) -> bool:
+    """Whether ``text`` (a bold phrase) states ``verdict``: "did not hold" is not "held"."""
+    text = text.lower()
+    if verdict is False:
+        return text.startswith("did not hold")
+    if verdict is True:
+        return text.startswith(("held", "holds"))
+    return text.startswith(("inconclusive", "no verdict yet"))
+
+
+def test_transfer_row_states_the_transfer_verdict():
+    payload = _load("transfer.json")
+    row = _row("transfer within a kind")
+    if not payload["complete"]:
+        assert "no verdict yet" in row
+        return
+    assert _says(payload["claim_holds"], _bold(row)[0]), (payload["claim_holds"], _bold(row))
+
+
+def test_generalisation_gap_row_states_each_decided_claim():
+    claims = _load("generalization_gap.json")["claims"]
+    row = _row("the generalisation gap")
+    bold = _bold(row)
+    assert _says(claims["single_smaller_than_full"], bold[0])
+    assert _says(claims["prompt_smallest"], bold[1])
+    if claims["combinations_widen"] is None:
+        assert "Combinations: no verdict yet" in row or "Combinations: **inconclusive**" in row
+    else:
+        assert any(_says(claims["combinations_widen"], b) for b in bold[2:])
+
+
+def test_convergence_row_states_the_verdict_over_its_tasks():
+    """Held when every task that is a test is as claimed, not held when one is not as claimed (one task's
+    contradiction breaks an ordering claimed in general), inconclusive otherwise."""
+    verdicts = [o["verdict"] for o in _load("convergence.json")["orders"] if o["verdict"] != "not a test"]
+    overall = (False if "not as claimed" in verdicts else True if verdicts and set(verdicts) == {"as claimed"}
+               else None)
+    row = _row("convergence")
+    assert _says(overall, _bold(row)[0]), (verdicts, _bold(row))
+    held = [t for t, v in _conv_tasks() if v == "as claimed"]
+    if held:
+        assert f"as claimed on {', '.join(held)}" in row
+
+
+def _conv_tasks() -> list[tuple[str, str]]:
+    names = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "cola": "CoLA"}
+    return [(names[o["task"]], o["verdict"]) for o in _load("convergence.json")["orders"]]
+
+
+def test_sequential_row_states_both_claims():
+    claims = _load("sequential.json")["claims"]
+    bold = _bold(_row("sequential combination"))
+    assert _says(claims["keeps_improving"], next(b for b in bold if "orders" in b))
+    assert _says(claims["no_best_order"], next(b for b in bold if "task" in b))
+
+
+def test_unipelt_row_states_each_decided_k():
+    payload = _load("unipelt_low_resource.json")
+    row = _row("UniPELT beats each of its parts")
+    undecided = set()
+    for k, v in payload["per_k"].items():
+        if (payload["progress"]["complete"] or v.get("decided_early")) and v["holds"] is not None:
+            assert f"**{WORDS[v['holds']]} at K = {k}**" in row, k
+        else:
+            undecided.add(k)
+    if undecided:  # "K = 100 and 500 open until ..."
+        match = re.search(r"K = ([\d ,and]+?) open", row)
+        assert match and set(re.findall(r"\d+", match.group(1))) == undecided, (undecided, row[:200])
+
+
+def test_efficiency_row_states_the_memory_claim():
+    claims = _load("efficiency.json")["claims"]
+    held = all(c["up_to_three_quarters_at_small"] and c["at_least_one_third_at_large"] for c in claims)
+    row = _row("delta tuning saves up to 3/4")
+    assert row.startswith("held") if held else row.startswith(("did not hold", "**did not hold"))
+
+
+def test_rows_of_studies_without_a_complete_grid_say_so():
+    row = _row("composability")
+    for name in ("composability.json", "scale.json"):
+        path = RESULTS / name
+        payload = json.loads(path.read_text()) if path.is_file() else None
+        if payload is None or not payload["progress"]["complete"]:
+            assert row.startswith("no verdict yet"), f"{name} has no complete grid, the row says: {row[:80]}"
