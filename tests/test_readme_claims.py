@@ -133,3 +133,14 @@ def test_rows_of_studies_without_a_complete_grid_say_so():
         payload = json.loads(path.read_text()) if path.is_file() else None
         if payload is None or not payload["progress"]["complete"]:
             assert row.startswith("no verdict yet"), f"{name} has no complete grid, the row says: {row[:80]}"
+
+
+def test_parameters_row_states_the_glue_tables_pair_counts_and_verdict():
+    from paper_figs.figures.glue_table import parameters_and_score
+
+    counts = parameters_and_score(_load("glue_table.json"))
+    row = _row("more trainable parameters do not mean better")
+    assert _says(counts["holds"], _bold(row)[0])
+    judged = counts["larger"] + counts["smaller"] + counts["tie"]
+    assert (f"of {judged} pairs" in row and f"higher by two standard errors in {counts['larger']}" in row
+            and f"the one with fewer in {counts['smaller']}" in row and f"neither in {counts['tie']}" in row), row[:300]
