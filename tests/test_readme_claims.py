@@ -144,3 +144,20 @@ def test_parameters_row_states_the_glue_tables_pair_counts_and_verdict():
     judged = counts["larger"] + counts["smaller"] + counts["tie"]
     assert (f"of {judged} pairs" in row and f"higher by two standard errors in {counts['larger']}" in row
             and f"the one with fewer in {counts['smaller']}" in row and f"neither in {counts['tie']}" in row), row[:300]
+
+
+def test_design_table_row_states_the_wins_over_lora_of_each_complete_task():
+    payload = _load("design_table.json")
+    text = (ROOT / "README.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| the design table:"))
+    names = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "cola": "CoLA"}
+    for task, name in names.items():
+        mine = [r for r in payload["rows"] if r["task"] == task and r["baseline"] == "lora"]
+        if not mine or any(r["n_seeds"] < 3 or r["baseline_n_seeds"] < 3 for r in mine):
+            continue  # a task still running: no statement to check
+        wins = sorted({r["design"] for r in mine if r["verdict"] == "win"})
+        assert f"{name} complete" in row, name
+        if not wins:
+            assert "no design wins" in row.split(f"{name} complete", 1)[1], name
+        else:
+            assert all(w in row for w in wins), (name, wins)
