@@ -110,7 +110,7 @@ def test_unipelt_row_states_each_decided_k():
     row = _row("UniPELT beats each of its parts")
     undecided = set()
     for k, v in payload["per_k"].items():
-        if (payload["progress"]["complete"] or v.get("decided_early")) and v["holds"] is not None:
+        if payload["progress"]["complete"] or (v.get("decided_early") and v["holds"] is not None):
             assert f"**{WORDS[v['holds']]} at K = {k}**" in row, k
         else:
             undecided.add(k)
