@@ -124,6 +124,9 @@ def test_efficiency_row_states_the_memory_claim():
     held = all(c["up_to_three_quarters_at_small"] and c["at_least_one_third_at_large"] for c in claims)
     row = _row("delta tuning saves up to 3/4")
     assert row.startswith("held") if held else row.startswith(("did not hold", "**did not hold"))
+    for c in claims:  # the savings quoted, in whole percent (the large-batch one rounded down: "at least")
+        small, large = round(100 * c["largest_saving_small_batch"]), int(100 * c["smallest_saving_large_batch"])
+        assert f"{small} %" in row and f"{large} %" in row, (c["model"], small, large, row)
 
 
 def test_rows_of_studies_without_a_complete_grid_say_so():
