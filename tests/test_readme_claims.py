@@ -164,3 +164,19 @@ def test_design_table_row_states_the_wins_over_lora_of_each_complete_task():
             assert "no design wins" in row.split(f"{name} complete", 1)[1], name
         else:
             assert all(w in row for w in wins), (name, wins)
+
+
+def test_apet_row_states_the_positions_and_reach_verdicts():
+    from paper_figs.figures.apet import _reach_verdict, spread_claim
+
+    payload = _load("apet.json")
+    row = _row("positions of tuned parameters matter less")
+    spread = spread_claim(payload)
+    positions = False if "does not hold here" in spread else True if "holds here" in spread else None
+    assert _says(positions, row.split("Positions: ", 1)[1].split("**")[1])
+    names = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "cola": "CoLA"}
+    for part in _reach_verdict(payload).split(": ", 1)[1].split("; "):
+        task, verdict = part.split(": ", 1)
+        said = "not a test" if verdict.startswith("not a test") else (
+            "did not hold" if verdict.endswith("does not hold") else "held" if verdict.endswith("holds") else "open")
+        assert f"**{said} on {names[task]}**" in row or (said == "open" and f"open on {names[task]}" in row), part
