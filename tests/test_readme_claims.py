@@ -180,3 +180,15 @@ def test_apet_row_states_the_positions_and_reach_verdicts():
         said = "not a test" if verdict.startswith("not a test") else (
             "did not hold" if verdict.endswith("does not hold") else "held" if verdict.endswith("holds") else "open")
         assert f"**{said} on {names[task]}**" in row or (said == "open" and f"open on {names[task]}" in row), part
+
+
+def test_unified_subspace_row_states_the_recovered_share_per_dimension():
+    from paper_figs.figures.unified_subspace import NEAR, recovered
+
+    shares, _ = recovered(_load("unified_subspace.json"))
+    row = _row("optimisation in a unified subspace")
+    means = {dim: sum(v) / len(v) for dim, v in shares.items()}
+    held = all(m >= NEAR for m in means.values()) if means else None
+    assert _says(held, row.split("optimisation: ", 1)[1].split("**")[1])
+    for dim, mean in means.items():  # "recovers −0.24 (d = 4)", the minus sign typeset
+        assert f"{mean:.2f} (d = {dim})".replace("-", "−") in row, (dim, mean)
