@@ -66,6 +66,12 @@ def test_transfer_row_states_the_transfer_verdict():
         assert "no verdict yet" in row
         return
     assert _says(payload["claim_holds"], _bold(row)[0]), (payload["claim_holds"], _bold(row))
+    verdicts = [p["verdict"] for p in payload["pairs"] if p["verdict"] is not None]
+    n = len(verdicts)
+    assert f"in {verdicts.count('no transfer within kind')} of {n} pairs the same-kind source keeps no gain" in row
+    assert f"in the other {verdicts.count('tie')}" in row or verdicts.count("tie") == 0
+    better = verdicts.count("same kind better")
+    assert (f"it beats them in {better}" if better else "it beats them in none") in row
 
 
 def test_generalisation_gap_row_states_each_decided_claim():
@@ -73,6 +79,11 @@ def test_generalisation_gap_row_states_each_decided_claim():
     row = _row("the generalisation gap")
     bold = _bold(row)
     assert _says(claims["single_smaller_than_full"], bold[0])
+    counts = _load("generalization_gap.json")["against_full_counts"]
+    n = sum(counts.values())
+    assert (f"smaller in {counts.get('smaller', 0)} of {n} (task, method) pairs" in row
+            and f"a tie in {counts.get('tie', 0)}" in row
+            and f"larger in {counts.get('larger', 0) or 'none'}" in row), (counts, row[:400])
     assert _says(claims["prompt_smallest"], bold[1])
     if claims["combinations_widen"] is None:
         assert "Combinations: no verdict yet" in row or "Combinations: **inconclusive**" in row
