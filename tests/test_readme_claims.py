@@ -203,3 +203,25 @@ def test_unified_subspace_row_states_the_recovered_share_per_dimension():
     assert _says(held, row.split("optimisation: ", 1)[1].split("**")[1])
     for dim, mean in means.items():  # "recovers −0.24 (d = 4)", the minus sign typeset
         assert f"{mean:.2f} (d = {dim})".replace("-", "−") in row, (dim, mean)
+
+
+def test_performance_order_row_states_the_mean_ranks_and_scores():
+    from paper_figs.figures.glue_table import performance_order
+
+    order = performance_order(_load("glue_table.json"))
+    row = _row("FT > LoRA > adapter > prefix > prompt on average")
+    if order is None:
+        assert row.startswith("no verdict yet")
+        return
+    assert row.startswith("holds on average" if order["holds"] else "does not hold on average")
+    names = {"full": "FT", "lora": "LoRA", "adapter": "adapter", "prefix": "prefix", "bitfit": "BitFit",
+             "prompt": "prompt"}
+    scores = row.split("mean score ", 1)[1].split(";", 1)[0]
+    ranks = row.split("mean rank ", 1)[1].split(" (", 1)[0]
+    for method, name in names.items():
+        assert f"{name} {order['mean_score'][method]:.3f}" in scores, (method, scores)
+        said = re.search(rf"\b{name} ([\d.]+)", ranks)
+        assert said and float(said.group(1)) == order["mean_rank"][method], (method, ranks)
+    tasks = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "cola": "CoLA"}
+    for task in order["tasks_in_claimed_order"]:
+        assert f"{tasks[task]}" in row.split("(the paper's order)", 1)[0].rsplit(";", 1)[-1], task

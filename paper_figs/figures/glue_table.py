@@ -148,6 +148,48 @@ def parameters_and_score(payload: dict[str, Any]) -> dict[str, Any]:
     return {**counts, "fewer_won": fewer_won, "holds": None if not judged else counts["larger"] <= judged / 2}
 
 
+CLAIMED_ORDER = ("full", "lora", "adapter", "prefix", "prompt")
+"""Ding et al. (2023): FT > LoRA > adapter > prefix > prompt on average over tasks."""
+
+
+def performance_order(payload: dict[str, Any]) -> dict[str, Any] | None:
+    """The claim "FT > LoRA > adapter > prefix > prompt on average": per method its mean rank over the tasks
+    (1 = the best mean dev score on a task) and its mean dev score over them (accuracy, F1 and MCC averaged, as
+    the paper averages its tasks' metrics), over the methods with 3 seeds on every task; ``holds`` when the
+    claimed methods' mean ranks are in the claimed order (strictly).  A description of the table, not a
+    significance test: per task the methods' differences are judged by two standard errors elsewhere.  None before
+    every cell has 3 seeds."""
+    rows = {(t, m): _row(payload, t, m) for t, _ in TASKS for m in METHODS}
+    if any(r is None or r["n_seeds"] < 3 for r in rows.values()):
+        return None
+    ranks: dict[str, list[int]] = {m: [] for m in METHODS}
+    for task, _ in TASKS:
+        for i, m in enumerate(sorted(METHODS, key=lambda m: -rows[(task, m)]["mean"]), 1):
+            ranks[m].append(i)
+    mean_rank = {m: sum(r) / len(r) for m, r in ranks.items()}
+    mean_score = {m: sum(rows[(t, m)]["mean"] for t, _ in TASKS) / len(TASKS) for m in METHODS}
+    claimed = [mean_rank[m] for m in CLAIMED_ORDER]
+    per_task = {t: [m for m in sorted(CLAIMED_ORDER, key=lambda m: -rows[(t, m)]["mean"])] == list(CLAIMED_ORDER)
+                for t, _ in TASKS}
+    return {"mean_rank": mean_rank, "mean_score": mean_score, "holds": all(a < b for a, b in zip(claimed, claimed[1:])),
+            "tasks_in_claimed_order": [t for t, ok in per_task.items() if ok]}
+
+
+def _order_sentence(payload: dict[str, Any]) -> str:
+    o = performance_order(payload)
+    if o is None:
+        return ""
+    by_rank = sorted(METHODS, key=lambda m: o["mean_rank"][m])
+    names = dict(TASKS)
+    return (" Claim (Ding et al. 2023): FT > LoRA > adapter > prefix > prompt on average — mean rank over the 4 "
+            "tasks (1 = best): " + ", ".join(f"{m} {o['mean_rank'][m]:g}" for m in by_rank)
+            + "; mean dev score over them (accuracy, F1 and MCC averaged, as the paper does): "
+            + ", ".join(f"{m} {o['mean_score'][m]:.3f}" for m in by_rank)
+            + f": {'holds' if o['holds'] else 'does not hold'} here by mean rank (a description, no significance "
+            "test); the claimed methods are in the claimed order on "
+            + (", ".join(names[t] for t in o["tasks_in_claimed_order"]) or "no task") + " alone.")
+
+
 def _parameters_sentence(payload: dict[str, Any]) -> str:
     c = parameters_and_score(payload)
     judged = c["larger"] + c["smaller"] + c["tie"]
@@ -202,6 +244,7 @@ def caption(results_dir: Path) -> str:
         "sets. A seeded part of each training set is held out as validation rows; they choose the checkpoint "
         "(best of ~2 evaluations per epoch) and the learning rate (seed 0, a small grid per method); bars are the "
         f"dev score of the chosen checkpoint, mean ± std over seeds. Table {status}. " + " ".join(lines)
+        + _order_sentence(payload)
         + _parameters_sentence(payload)
         + _one_class_sentence(payload)
         + f" Full fine-tuning goals: {goals}.{_gaps(results_dir)} Time: planned {planned:.1f} h on 2 cores for "
@@ -224,4 +267,4 @@ FIGURES = [
     ),
 ]
 
-__all__ = ["FIGURES", "caption", "draw", "parameters_and_score"]
+__all__ = ["FIGURES", "caption", "draw", "parameters_and_score", "performance_order"]
