@@ -225,3 +225,12 @@ def test_performance_order_row_states_the_mean_ranks_and_scores():
     tasks = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "cola": "CoLA"}
     for task in order["tasks_in_claimed_order"]:
         assert f"{tasks[task]}" in row.split("(the paper's order)", 1)[0].rsplit(";", 1)[-1], task
+
+
+def test_sequential_row_states_its_counts():
+    payload = _load("sequential.json")
+    row = _row("sequential combination")
+    steps = [s["verdict"] for s in payload["steps"]]
+    assert f"**held in {len(payload['improving_orders'])} of {len(payload['orders'])} orders**" in row
+    assert (f"of the {len(steps)} (order, added stage) steps, {steps.count('helps')} helped" in row
+            and f"{steps.count('hurts')} hurt" in row and f"{steps.count('no effect')} made no difference" in row)
