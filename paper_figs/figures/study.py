@@ -100,7 +100,10 @@ def caption_composability(results_dir: Path) -> str:
         f"usually helps — {share('bitfit', 'helps')}, {_gated(payload, held('bitfit'))} (in more than half; "
         "ties and comparisons short of 3 scored seeds are absence of evidence: a claim holds when its count alone "
         "reaches the share, and does not when even every tie counted for it would not)."
-        + flagged_runs_note(payload["cells"], lambda c: f"{c['task']} {c['subset']}") + " "
+        + flagged_runs_note(payload["cells"], lambda c: f"{c['task']} {c['subset']}")
+        + " What was cut to fit: a combination's parts are not tuned jointly (one common factor on their own rates, "
+        "three values, instead of a grid per part); one model (MiniLM, 22.7M) and the GLUE table's harness (SST-2 a "
+        "seeded 20k-row subsample); three seeds. "
         f"Command: `python experiments/composability.py` ({versions_line(payload)})."
     )
 
@@ -361,7 +364,10 @@ def caption_scale(results_dir: Path) -> str:
         + tally(payload.get("against_full", []), "above full FT", "tie with full FT", "below full FT", "not a test",
                 "too few seeds")
         + f" — {_gated(payload, claims.get('they_do_well'))}."
-        + flagged_runs_note(payload["cells"], lambda c: f"{c['model']} {c['task']} {c['method']}") + " "
+        + flagged_runs_note(payload["cells"], lambda c: f"{c['model']} {c['task']} {c['method']}")
+        + " What was cut to fit (SmolLM2 on two CPU cores): two models only, a training subsample of "
+        f"{h['train_size']} rows for one epoch, sequences cut at {h['max_length']} tokens, a seeded part of SST-2's "
+        "dev set, two rates per method (continued at the edge of the grid). "
         f"Command: `python experiments/scale.py` ({versions_line(payload)})."
     )
 
@@ -407,6 +413,9 @@ def caption_unipelt(results_dir: Path) -> str:
         f"are not a test): {lines or 'no comparison yet'}. Over all K: "
         f"{_gated(payload, overall, overall_early)} (wins {c['win']}, ties {c['tie']}, losses {c['loss']})."
         + flagged_runs_note(payload["cells"], lambda c: f"{c['task']} K={c['k']} {c['method']}")
+        + " What was cut to fit: MiniLM (22.7M) in place of BERT-base, one seeded draw of the K rows (the seeds vary "
+        "the training, not the rows), 100–250 steps per run (20, 10 and 5 epochs at K = 100, 500, 1000), two rates "
+        "per method (continued at the edge of the grid)."
         + f" Command: `python experiments/unipelt_low_resource.py` ({versions_line(payload)})."
     )
 
