@@ -183,7 +183,7 @@ def summary(tasks) -> dict[str, Any]:
                 effects.append({"part": part, "task": task, "without": subset, "with": with_part, "difference": diff,
                                 "majority": levels[task], "verdict": verdict})
     progress = grid_progress(list(cells.values()), len(TASKS) * len(SUBSETS))
-    payload = {**stamp({"tasks": list(tasks), "parts": PARTS, "combo_factors": COMBO_FACTORS,
+    payload = {**stamp({"tasks": list(tasks), "parts": PARTS, "combo_factors": COMBO_FACTORS, "majority": levels,
                         "part_rates": {f"{t}/{p}": r for (t, p), r in part_rates(tasks).items()},
                         "harness": "experiments/glue_select.yaml settings", "command":
                             "python experiments/composability.py"}),

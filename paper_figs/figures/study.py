@@ -40,22 +40,35 @@ def _gated(payload: dict[str, Any], held: bool | None, decided_early: bool = Fal
 
 
 # --- composability --------------------------------------------------------------------------------
+SHORT = {"prompt": "P", "bitfit": "B", "adapter": "A"}
+"""Tick labels of the subsets: P prompt, B BitFit, A adapter."""
+
+
 def draw_composability(results_dir: Path):
-    """Per task: dev score of each subset of {prompt, BitFit, adapter} (mean ± std over seeds)."""
+    """Per task with cells: dev score of each subset of {prompt, BitFit, adapter} (mean ± std over seeds, the
+    number of seeds above each bar), the majority class dotted."""
     payload = load_json(results_dir, "composability.json")
     subsets = list(dict.fromkeys(c["subset"] for c in payload["cells"]))
-    fig = new_figure(10.0, 2.8)
-    axes = fig.subplots(1, len(TASKS), squeeze=False)[0]
-    for ax, task in zip(axes, TASKS):
+    levels = {**{e["task"]: e["majority"] for e in payload.get("effects", [])},
+              **((payload.get("config") or {}).get("majority") or {})}
+    tasks = [t for t in TASKS if any(c["task"] == t and c["mean"] is not None for c in payload["cells"])]
+    fig = new_figure(2.6 * max(len(tasks), 1) + 0.4, 2.8)
+    axes = fig.subplots(1, max(len(tasks), 1), squeeze=False)[0]
+    for ax, task in zip(axes, tasks):
         cells = {c["subset"]: c for c in payload["cells"] if c["task"] == task and c["mean"] is not None}
         xs = [s for s in subsets if s in cells]
-        ax.bar(range(len(xs)), [cells[s]["mean"] for s in xs], yerr=[cells[s]["std"] or 0 for s in xs],
-               color=["tab:orange" if "adapter" in s else "tab:gray" for s in xs])
-        ax.set_xticks(range(len(xs)), [s.replace("+", "\n+") for s in xs], fontsize=5.5)
+        bars = ax.bar(range(len(xs)), [cells[s]["mean"] for s in xs], yerr=[cells[s]["std"] or 0 for s in xs],
+                      color=["tab:orange" if "adapter" in s else "tab:gray" for s in xs], capsize=2)
+        for bar, s in zip(bars, xs):
+            ax.annotate(f"n={cells[s]['n_seeds']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=5)
+        if levels.get(task) is not None:
+            ax.axhline(levels[task], color="black", linestyle=":", linewidth=0.8)
+        ax.set_xticks(range(len(xs)), ["+".join(SHORT[p] for p in s.split("+")) for s in xs], fontsize=6.5)
         ax.set(title=task)
         ax.grid(True, axis="y", alpha=0.3)
-    fig.suptitle("Simultaneous combinations of prompt tuning, BitFit and the adapter (orange: with the adapter)",
-                 fontsize=9)
+    fig.suptitle("Simultaneous combinations of prompt tuning (P), BitFit (B) and the adapter (A); orange: with the "
+                 "adapter, dotted: majority class", fontsize=8)
     return fig
 
 
