@@ -387,20 +387,24 @@ def caption_scale(results_dir: Path) -> str:
 
 # --- UniPELT -----------------------------------------------------------------------------------------
 def draw_unipelt(results_dir: Path):
-    """Per task: dev score against K for UniPELT and its parts."""
+    """Per task with cells: dev score against K for UniPELT and its parts, the majority class dotted."""
     payload = load_json(results_dir, "unipelt_low_resource.json")
-    fig = new_figure(10.0, 2.7)
-    axes = fig.subplots(1, len(TASKS), squeeze=False)[0]
-    for ax, task in zip(axes, TASKS):
+    levels = {c["task"]: c["majority"] for c in payload.get("comparisons", [])}
+    tasks = [t for t in TASKS if any(c["task"] == t and c["mean"] is not None for c in payload["cells"])]
+    fig = new_figure(2.5 * max(len(tasks), 1) + 0.5, 2.7)
+    axes = fig.subplots(1, max(len(tasks), 1), squeeze=False)[0]
+    for ax, task in zip(axes, tasks):
         for method in ("unipelt", "lora", "prefix", "pfeiffer"):
             cells = sorted((c for c in payload["cells"] if (c["task"], c["method"]) == (task, method)
                             and c["mean"] is not None), key=lambda c: c["k"])
             if cells:
                 ax.errorbar([c["k"] for c in cells], [c["mean"] for c in cells], yerr=[c["std"] or 0 for c in cells],
                             marker="o", capsize=2, label=method, linewidth=2.0 if method == "unipelt" else 1.0)
+        if levels.get(task) is not None:
+            ax.axhline(levels[task], color="black", linestyle=":", linewidth=0.8, label="majority class")
         ax.set(title=task, xscale="log", xlabel="K training examples")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=6, frameon=False)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right center", fontsize=6, frameon=False)
     fig.suptitle("UniPELT against its parts in low-resource settings", fontsize=9)
     return fig
 
