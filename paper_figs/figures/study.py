@@ -136,10 +136,12 @@ def draw_gap(results_dir: Path):
         ax.bar(range(len(names)), [cells[n]["mean"] for n in names], yerr=[cells[n]["std"] or 0.0 for n in names],
                capsize=2, color=["tab:gray" if n == "full" else "tab:blue" if "+" not in n else "tab:purple"
                                  for n in names])
-        ax.set_xticks(range(len(names)), [n.replace("+", "\n+") for n in names], fontsize=6, rotation=60)
+        ax.set_xticks(range(len(names)), ["+".join(SHORT[p] for p in n.split("+")) if "+" in n else n
+                                          for n in names], fontsize=6, rotation=60)
         ax.set(title=task, ylabel="train − dev (task metric)" if ax is axes[0] else None)
         ax.grid(True, axis="y", alpha=0.3)
-    fig.suptitle("Generalisation gap per task (grey: full FT, blue: single methods, purple: combinations)", fontsize=9)
+    fig.suptitle("Generalisation gap per task (grey: full FT, blue: single methods, purple: combinations of prompt P, "
+                 "BitFit B, adapter A)", fontsize=9)
     return fig
 
 
