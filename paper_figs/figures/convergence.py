@@ -34,15 +34,18 @@ def draw(results_dir: Path):
         rows = _rows(payload, task)
         for r in rows:
             ax.plot(r["steps"], r["mean_val"], marker="o", markersize=2.5, color=COLOURS.get(r["method"], "black"),
-                    linewidth=2.0 if r["method"] == "full" else 1.2, label=f"{r['method']} (n={r['n_seeds']})")
+                    linewidth=2.0 if r["method"] == "full" else 1.2, label=r["method"])
         ax.axhline(rows[0]["majority"], color="black", linestyle=":", linewidth=0.8, label="majority class")
         common = next((r.get("common_level") for r in rows if r.get("common_level") is not None), None)
         if common is not None:
             ax.axhline(common, color="black", linestyle="--", linewidth=0.8, label="90 % of full FT's gain")
-        ax.set(title=name, xlabel="training step", ylabel="validation score" if task == tasks[0][0] else None)
+        seeds = sorted({r["n_seeds"] for r in rows})
+        ax.set(title=f"{name} (n = {', '.join(map(str, seeds))} seeds)", xlabel="training step",
+               ylabel="validation score" if task == tasks[0][0] else None)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=6, frameon=False)
-    fig.suptitle("Convergence on held-out training rows (GLUE table runs, MiniLM)", fontsize=9)
+    if tasks:
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right center", fontsize=6, frameon=False)
+    fig.suptitle("Convergence on held-out training rows (GLUE table runs, MiniLM; mean over seeds)", fontsize=9)
     return fig
 
 
