@@ -67,6 +67,7 @@ from verdicts import (  # noqa: E402
     one_class_seeds,
     required_levels,
     share_verdict,
+    share_verdict_early,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -151,6 +152,25 @@ def part_claims(effects: list[dict[str, Any]]) -> dict[str, bool | None]:
     return out
 
 
+def planned_effects(part: str) -> int:
+    """How many (task, subset without ``part``) comparisons the full grid judges for ``part``."""
+    return len(TASKS) * sum(1 for s in SUBSETS if part not in s.split("+"))
+
+
+def part_claims_early(effects: list[dict[str, Any]]) -> dict[str, bool | None]:
+    """Each part's claim before the grid is complete (:func:`verdicts.share_verdict_early`): comparisons short of
+    their seeds, and those whose cells have not run, are untested; a claim is decided only where no outcome of
+    them can change it."""
+    out = {}
+    for part, (what, share, more_than) in CLAIMS.items():
+        mine = [e["verdict"] for e in effects if e["part"] == part]
+        other = "hurts" if what == "helps" else "helps"
+        untested = planned_effects(part) - sum(mine.count(v) for v in (what, other, "no effect", "not a test"))
+        out[part] = share_verdict_early(mine.count(what), mine.count(other), mine.count("no effect"), untested,
+                                        share, more_than)
+    return out
+
+
 def summary(tasks) -> dict[str, Any]:
     cells = {}
     select_rows, table_rows = completed_rows(SELECT_OUT), completed_rows(TABLE_OUT)  # old rows completed
@@ -188,7 +208,10 @@ def summary(tasks) -> dict[str, Any]:
                         "harness": "experiments/glue_select.yaml settings", "command":
                             "python experiments/composability.py"}),
                "cells": list(cells.values()), "effects": effects,
-               "claims": part_claims(effects) if progress["complete"] else dict.fromkeys(PARTS), "progress": progress}
+               "claims": part_claims(effects) if progress["complete"] else part_claims_early(effects),
+               "decided_early": dict.fromkeys(PARTS, False) if progress["complete"] else {
+                   p: v is not None for p, v in part_claims_early(effects).items()},
+               "progress": progress}
     write_json_unless_same(SUMMARY, payload)
     gap_summary(SUMMARY.parent)  # its combinations' gaps against their parts'
     return payload

@@ -135,6 +135,27 @@ def share_verdict(yes: int, no: int, ties: int, share: float, more_than: bool = 
     return True if reaches(yes) else (False if not reaches(yes + ties) else None)
 
 
+def share_verdict_early(yes: int, no: int, ties: int, untested: int, share: float, more_than: bool = False
+                        ) -> bool | None:
+    """:func:`share_verdict` before every test has run, decided only where no outcome of the ``untested``
+    comparisons (cells still short of their seeds: each may become a test for, against, a tie, or no test) can
+    change it: held when the ``yes`` reach the share even if every untested one became a test against it; not
+    held when even every tie and every untested one counted for it would not reach it; None otherwise.  With
+    ``untested = 0`` it is :func:`share_verdict`."""
+    total = yes + no + ties + untested
+    if not total:
+        return None
+
+    def reaches(k: int, n: int) -> bool:
+        return k > share * n if more_than else k >= share * n
+
+    if yes and reaches(yes, total):
+        return True
+    if not reaches(yes + ties + untested, total):
+        return False
+    return None
+
+
 def required_levels(levels: dict[str, float], tasks) -> dict[str, float]:
     """``levels`` for every task in ``tasks``, or a clear stop: without a task's majority level every comparison
     at chance would pass for a test."""

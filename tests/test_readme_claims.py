@@ -146,7 +146,11 @@ def test_rows_of_studies_without_a_complete_grid_say_so():
         path = RESULTS / name
         payload = json.loads(path.read_text()) if path.is_file() else None
         if payload is None or not payload["progress"]["complete"]:
-            assert row.startswith("no verdict yet"), f"{name} has no complete grid, the row says: {row[:80]}"
+            early = {k: payload["claims"][k] for k, v in (payload or {}).get("decided_early", {}).items() if v}
+            if not early:
+                assert row.startswith("no verdict yet"), f"{name} has no complete grid, the row says: {row[:80]}"
+            for claim, held in early.items():  # decided before the grid completes: the row must say it
+                assert f"{claim}: **{WORDS[held]}** (decided before the grid is complete" in row, (name, claim)
 
 
 def test_parameters_row_states_the_glue_tables_pair_counts_and_verdict():

@@ -291,6 +291,17 @@ def test_a_transferred_score_counts_only_its_gain_over_chance():
     assert transfer.gain_share(0.53, {"mean": 0.53, "std": 0.02, "n_seeds": 3}, 0.527) is None
 
 
+def test_a_share_claim_is_decided_early_only_when_no_untested_outcome_can_change_it():
+    from experiments.verdicts import share_verdict, share_verdict_early
+
+    assert share_verdict_early(3, 1, 2, 0, 0.5) == share_verdict(3, 1, 2, 0.5)  # nothing untested: the same rule
+    assert share_verdict_early(7, 0, 1, 4, 0.5) is True  # 7 of 12 even if the 4 untested all go against
+    assert share_verdict_early(6, 0, 1, 5, 0.5, more_than=True) is None  # 6 of 12 is not more than half
+    assert share_verdict_early(1, 6, 1, 4, 0.75) is False  # 1 + 1 + 4 of 12 cannot reach 75 %
+    assert share_verdict_early(2, 2, 0, 8, 0.75) is None  # 10 of 12 still could
+    assert share_verdict_early(0, 0, 0, 0, 0.5) is None
+
+
 def test_composability_and_generalization_gap(tmp_path, monkeypatch):
     monkeypatch.setattr(composability, "SELECT_OUT", tmp_path / "s.jsonl")
     monkeypatch.setattr(composability, "TABLE_OUT", tmp_path / "t.jsonl")
@@ -308,6 +319,24 @@ def test_composability_and_generalization_gap(tmp_path, monkeypatch):
     caption = _caption("composability", tmp_path, tmp_path / "f")
     assert "adapter helps in 9 of 9" in caption and "prompt hurts in 9 of 9" in caption
     assert "3 more not a test, both at the majority class" in caption
+    # before the grid is complete (CoLA's seed 2 missing): decided where the missing comparisons cannot change it
+    whole = composability.TABLE_OUT.read_text()
+    kept = [r for r in composability.read_jsonl(composability.TABLE_OUT)
+            if not (r["config"]["task"] == "cola" and r["config"]["seed"] == 2)]
+    composability.TABLE_OUT.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    out = composability.summary(composability.TASKS)
+    assert not out["progress"]["complete"]
+    # of 9 tests (RTE's 3 are none), 3 wait for CoLA: prompt hurts in 6, more than half whatever they give; the
+    # adapter helps in 6, and the 3 could still bring it to 75 %; BitFit ties 6, and 3 helps would still not decide it
+    assert out["claims"] == {"prompt": True, "bitfit": None, "adapter": None}
+    assert out["decided_early"] == {"prompt": True, "bitfit": False, "adapter": False}
+    caption = _caption("composability", tmp_path, tmp_path / "f")
+    assert "prompt hurts in 6 of 9 (helps 0, no effect 0, hurts 6, too few seeds 3; 3 more not a test, both at the " \
+           "majority class), holds here (decided before the grid is complete" in caption
+    assert "adapter helps in 6 of 9 (helps 6, no effect 0, hurts 0, too few seeds 3; 3 more not a test, both at " \
+           "the majority class), no verdict yet" in caption
+    composability.TABLE_OUT.write_text(whole)
+    composability.summary(composability.TASKS)
     glue = {"rows": [{"task": t, "method": m, "generalization_gap": g, "generalization_gap_std": 0.01,
                       "n_train_scored": 3} for t in ("sst2", "rte")
                      for m, g in (("full", 0.2), ("lora", 0.05), ("prompt", 0.01), ("adapter", 0.03))]}

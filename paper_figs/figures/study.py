@@ -32,8 +32,7 @@ def _gated(payload: dict[str, Any], held: bool | None, decided_early: bool = Fal
     that have (``decided_early``: a loss where the claim needs every test won); before, what is missing."""
     prog = payload.get("progress")
     if decided_early and prog and not prog["complete"]:
-        return f"{_verdict(held)} (decided: a loss between cells with all their seeds, which no cell still to run " \
-               "can undo)"
+        return f"{_verdict(held)} (decided before the grid is complete: no comparison still to run can change it)"
     if prog and not prog["complete"]:
         return f"no verdict yet ({prog['with_all_seeds']} of {prog['planned']} cells have all 3 seeds)"
     return _verdict(held)
@@ -101,6 +100,9 @@ def caption_composability(results_dir: Path) -> str:
     def held(part: str) -> bool | None:
         return (payload.get("claims") or {}).get(part)
 
+    def verdict(part: str) -> str:
+        return _gated(payload, held(part), bool((payload.get("decided_early") or {}).get(part)))
+
     return (
         "MiniLM on the GLUE table's harness (per-task epochs, validation rows held out of train, rates chosen on them; "
         "seeds 0, 1, 2): the 7 non-empty subsets of {prompt (20 tokens), BitFit, adapter (bottleneck 64)} trained "
@@ -108,9 +110,9 @@ def caption_composability(results_dir: Path) -> str:
         "chosen on validation rows (0.5, 1 or 2); single methods are GLUE table cells. Adding a part to a subset is "
         "judged by the two-standard-error rule. Claims (Ding et al. 2023): adapters almost always help — "
         f"{share('adapter', 'helps')}, "
-        f"{_gated(payload, held('adapter'))} (criterion: helps in ≥ 75 % of the tests); prompt tuning usually "
-        f"hurts — {share('prompt', 'hurts')}, {_gated(payload, held('prompt'))} (in more than half); BitFit "
-        f"usually helps — {share('bitfit', 'helps')}, {_gated(payload, held('bitfit'))} (in more than half; "
+        f"{verdict('adapter')} (criterion: helps in ≥ 75 % of the tests); prompt tuning usually "
+        f"hurts — {share('prompt', 'hurts')}, {verdict('prompt')} (in more than half); BitFit "
+        f"usually helps — {share('bitfit', 'helps')}, {verdict('bitfit')} (in more than half; "
         "ties and comparisons short of 3 scored seeds are absence of evidence: a claim holds when its count alone "
         "reaches the share, and does not when even every tie counted for it would not)."
         + flagged_runs_note(payload["cells"], lambda c: f"{c['task']} {c['subset']}")
