@@ -56,6 +56,7 @@ from verdicts import (  # noqa: E402
     near_one_class_seeds,
     one_class_seeds,
     share_verdict,
+    share_verdict_early,
     two_se,
 )
 
@@ -155,6 +156,23 @@ def scale_claims(gains, prompt_vs, selective, do_well) -> dict[str, bool | None]
             "they_do_well": share_verdict(above + ties, below, unsure - ties, 1.0)}
 
 
+def scale_claims_early(gains, selective, do_well, models, tasks) -> dict[str, bool | None]:
+    """The share claims of :func:`scale_claims` before the grid is complete (:func:`verdicts.share_verdict_early`):
+    decided only where no comparison still to run (a cell short of its seeds, or not run) can change them; "prompt
+    tuning improves most" waits for the whole grid (it compares gains that need four cells each)."""
+    def early(items, yes, no, planned, share, more_than=False, tie="tie"):
+        v = [i["verdict"] for i in items]
+        untested = planned - sum(v.count(k) for k in (yes, no, tie, "not a test"))
+        return share_verdict_early(v.count(yes), v.count(no), v.count(tie), untested, share, more_than)
+
+    above = [{**i, "verdict": "ok"} if i["verdict"] in ("above full FT", "tie with full FT") else i for i in do_well]
+    return {"every_method_improves": early(gains, "improves", "worsens", len(tasks) * len(METHODS), 1.0),
+            "prompt_improves_most": None,
+            "selective_beats_last_layer": early(selective, "selective better", "last-layer better",
+                                                len(models) * len(tasks), 0.5, more_than=True),
+            "they_do_well": early(above, "ok", "below full FT", 2 * len(models) * len(tasks), 1.0)}
+
+
 def summary(models, tasks) -> dict[str, Any]:
     cells = {}
     select_rows, table_rows = completed_rows(SELECT_OUT), completed_rows(TABLE_OUT)  # old rows completed
@@ -192,13 +210,15 @@ def summary(models, tasks) -> dict[str, Any]:
                                     "verdict": verdict})
     prompt_vs = prompt_against_others(gains)
     progress = grid_progress(list(cells.values()), len(MODELS) * len(TASKS) * len(METHODS))
-    claims = scale_claims(gains, prompt_vs, selective, do_well) if progress["complete"] else dict.fromkeys(
-        ("every_method_improves", "prompt_improves_most", "selective_beats_last_layer", "they_do_well"))
+    early = None if progress["complete"] else scale_claims_early(gains, selective, do_well, models, tasks)
+    claims = scale_claims(gains, prompt_vs, selective, do_well) if early is None else early
     payload = {**stamp({"models": list(models), "tasks": list(tasks), "methods": METHODS, "grid": GRID,
                         "harness": HARNESS, "dev_size": DEV_SIZE, "majority": levels,
                         "command": "python experiments/scale.py"}),
                "cells": list(cells.values()), "gains": gains, "prompt_vs_others": prompt_vs,
-               "selective_vs_last_layer": selective, "against_full": do_well, "claims": claims, "progress": progress}
+               "selective_vs_last_layer": selective, "against_full": do_well, "claims": claims,
+               "decided_early": {k: early is not None and v is not None for k, v in claims.items()},
+               "progress": progress}
     write_json_unless_same(SUMMARY, payload)
     return payload
 

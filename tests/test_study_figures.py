@@ -113,6 +113,26 @@ def test_scale(tmp_path, monkeypatch):
     caption = _caption("scale", tmp_path, tmp_path / "figs")
     assert "(task, method) pairs: improves 7, not a test 7 — holds here" in caption
     assert "(model, task) pairs: selective better 2, not a test 2 — holds here" in caption
+    # before the grid is complete (SmolLM2's MRPC full FT lacks seed 2), a worsening between complete cells already
+    # decides "every method improves", and the selective pairs, whose cells are all complete, decide theirs
+    levels["mrpc"] = 0.5
+
+    def edit(path):
+        rows = [r for r in scale.read_jsonl(path) if not (path == scale.TABLE_OUT and r["config"]["seed"] == 2 and (
+            r["config"]["model"], r["config"]["task"], r["config"]["method"]) == ("smollm2", "mrpc", "full"))]
+        path.write_text("".join(json.dumps({**r, "score_at_best_val": r["score_at_best_val"] - 0.2} if (
+            r["config"]["model"], r["config"]["task"], r["config"]["method"]) == ("smollm2", "sst2", "lora")
+            else r) + "\n" for r in rows))
+
+    edit(scale.SELECT_OUT)
+    edit(scale.TABLE_OUT)
+    out = scale.summary(tuple(scale.MODELS), scale.TASKS)
+    assert not out["progress"]["complete"]
+    assert out["claims"]["every_method_improves"] is False and out["decided_early"]["every_method_improves"]
+    assert out["claims"]["selective_beats_last_layer"] is True  # 4 of 4 selective better, nothing left to run
+    assert out["claims"]["prompt_improves_most"] is None and not out["decided_early"]["prompt_improves_most"]
+    caption = _caption("scale", tmp_path, tmp_path / "figs")
+    assert "worsens 1" in caption and "does not hold here (decided before the grid is complete" in caption
 
 
 def test_prompt_improves_most_is_judged_per_task_against_each_method(tmp_path, monkeypatch):

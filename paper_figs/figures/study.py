@@ -349,6 +349,11 @@ def caption_scale(results_dir: Path) -> str:
     payload = load_json(results_dir, "scale.json")
     claims = payload.get("claims") or {}
     h = payload["config"]["harness"]
+    early = payload.get("decided_early") or {}
+
+    def said(claim: str) -> str:
+        return _gated(payload, claims.get(claim), bool(early.get(claim)))
+
     levels = payload["config"].get("majority") or {}
 
     def tally(items: list[dict], *kinds: str) -> str:
@@ -368,19 +373,19 @@ def caption_scale(results_dir: Path) -> str:
         "2023), each by the two-standard-error rule with ties and cells short of 3 scored seeds counted as absence "
         "of evidence: every method improves with model size — (task, method) pairs: "
         + tally(payload["gains"], "improves", "tie", "worsens", "not a test", "too few seeds")
-        + f" — {_gated(payload, claims.get('every_method_improves'))}; prompt tuning improves most — per task, "
+        + f" — {said('every_method_improves')}; prompt tuning improves most — per task, "
         "prompt's gain against each other method's (the difference of two gains against two standard errors): "
         + tally(payload.get("prompt_vs_others", []), "prompt larger", "tie", "other larger")
-        + f" ({most or 'no task tested'}) — {_gated(payload, claims.get('prompt_improves_most'))}; selective-module "
+        + f" ({most or 'no task tested'}) — {said('prompt_improves_most')}; selective-module "
         "tuning beats last-layer tuning at the same budget — (model, task) pairs: "
         + tally(payload["selective_vs_last_layer"], "selective better", "tie", "last-layer better", "not a test",
                 "too few seeds")
-        + f" — {_gated(payload, claims.get('selective_beats_last_layer'))} (criterion: in more than half); "
+        + f" — {said('selective_beats_last_layer')} (criterion: in more than half); "
         "last-layer and selective tuning do well — judged as not falling below full fine-tuning by two standard "
         "errors on any (model, task): "
         + tally(payload.get("against_full", []), "above full FT", "tie with full FT", "below full FT", "not a test",
                 "too few seeds")
-        + f" — {_gated(payload, claims.get('they_do_well'))}."
+        + f" — {said('they_do_well')}."
         + flagged_runs_note(payload["cells"], lambda c: f"{c['model']} {c['task']} {c['method']}")
         + " What was cut to fit (SmolLM2 on two CPU cores): two models only, a training subsample of "
         f"{h['train_size']} rows for one epoch, sequences cut at {h['max_length']} tokens, a seeded part of SST-2's "
