@@ -30,12 +30,14 @@ from typing import Any
 from controltune.results import stamp, write_json_unless_same
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from verdicts import TOO_FEW_SEEDS, judge, share_verdict  # noqa: E402
+from verdicts import TOO_FEW_SEEDS, judge, share_verdict, share_verdict_early  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SUMMARY = RESULTS / "generalization_gap.json"
 SINGLE = ("lora", "adapter", "prefix", "prompt", "bitfit")
 """The GLUE table's single delta methods (full fine-tuning is the reference)."""
+PLANNED_COMBINATIONS = 4 * 4
+"""(task, combination) pairs of the complete composability grid: 4 tasks × the 4 subsets of two or three parts."""
 
 
 def _load(results: Path, name: str) -> dict[str, Any] | None:
@@ -132,15 +134,20 @@ def summary(results: Path = RESULTS) -> dict[str, Any] | None:
                                                   c_pairs["tie"] + c_pairs[TOO_FEW_SEEDS], 1.0),
         "prompt_smallest": (None if not smallest else False if False in smallest.values()
                             else True if all(smallest.values()) else None),
-        # judged once every combination cell has its seeds: a partial grid's count would read as the claim's
+        # judged once every combination cell has its seeds, or earlier where the (task, combination) pairs still
+        # to run cannot change it: a partial grid's count alone would read as the claim's
         "combinations_widen": share_verdict(c_wide["wider"], c_wide["narrower"],
                                             c_wide["tie"] + c_wide[TOO_FEW_SEEDS], 0.5, more_than=True)
-        if combos_complete else None}
+        if combos_complete else share_verdict_early(
+            c_wide["wider"], c_wide["narrower"], c_wide["tie"],
+            PLANNED_COMBINATIONS - c_wide["wider"] - c_wide["narrower"] - c_wide["tie"], 0.5, more_than=True)}
     payload = {**stamp({"sources": ["glue_table.json", "composability.json"], "single": list(SINGLE),
                         "command": "python experiments/generalization_gap.py"}),
                "single": single, "combinations": combos, "against_full": pairs, "against_full_counts": c_pairs,
                "prompt_smallest": smallest, "widening": wide, "widening_counts": c_wide,
-               "composability_progress": progress, "claims": claims}
+               "composability_progress": progress, "claims": claims,
+               "decided_early": {"combinations_widen": not combos_complete
+                                 and claims["combinations_widen"] is not None}}
     write_json_unless_same(results / SUMMARY.name, payload)
     return payload
 

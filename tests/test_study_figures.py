@@ -380,6 +380,16 @@ def test_composability_and_generalization_gap(tmp_path, monkeypatch):
     generalization_gap.summary(tmp_path)  # what the GLUE table's summary calls
     gap = _caption("generalization_gap", tmp_path, tmp_path / "f")
     assert "wider in 2 of 2 (task, combination) pairs, tie 0, narrower 0, too few seeds 0: holds here" in gap
+    # the same two pairs before the grid is complete: decided only when the pairs still to run cannot change it
+    combo = json.loads((tmp_path / "composability.json").read_text())
+    write_json(tmp_path / "composability.json", {**combo, "progress": {**combo["progress"], "complete": False}})
+    for planned, held in ((3, True), (4, None)):  # 2 of 3 is more than half whatever the third; 2 of 4 is not yet
+        monkeypatch.setattr(generalization_gap, "PLANNED_COMBINATIONS", planned)
+        out = generalization_gap.summary(tmp_path)
+        assert out["claims"]["combinations_widen"] is held
+        assert out["decided_early"] == {"combinations_widen": held is not None}
+    gap = _caption("generalization_gap", tmp_path, tmp_path / "f")
+    assert "too few seeds 0: no verdict yet" in gap
 
 
 def test_design_table(tmp_path, monkeypatch):

@@ -158,11 +158,13 @@ def caption_gap(results_dir: Path) -> str:
     short = f"; scored seeds below 3: {', '.join(fewer)}" if fewer else ""
     widening, w_counts = payload["widening"], payload["widening_counts"]
     progress = payload.get("composability_progress")
+    early = bool((payload.get("decided_early") or {}).get("combinations_widen"))
+    widen_verdict = _gated({"progress": progress}, claims["combinations_widen"], early)
     if widening:
         combos_text = ("combinations widen it (a combination's gap above the largest of its parts' on the same task "
                        f"by two standard errors) — wider in {w_counts['wider']} of {len(widening)} (task, "
                        f"combination) pairs, tie {w_counts['tie']}, narrower {w_counts['narrower']}, too few seeds "
-                       f"{w_counts['too few seeds']}: {_gated({'progress': progress}, claims['combinations_widen'])} "
+                       f"{w_counts['too few seeds']}: {widen_verdict} "
                        "(criterion: wider in more than half)")
     elif progress is not None:
         combos_text = "combinations widen it — no combination has a scored gap yet"
