@@ -57,6 +57,7 @@ from verdicts import (  # noqa: E402
     one_class_seeds,
     required_levels,
     share_verdict,
+    share_verdict_early,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -139,11 +140,15 @@ def summary(tasks) -> dict[str, Any]:
     counts = {v: sum(1 for c in comparisons if c["verdict"] == v) for v in kinds}
     # the claim is about each K: UniPELT beats each of its parts at K = 100, at 500 and at 1000
     per_k = {}
+    complete = grid_progress(list(cells.values()), len(TASKS) * len(KS) * len(METHODS))["complete"]
     for k in KS:
         mine = {v: sum(1 for c in comparisons if c["k"] == k and c["verdict"] == v) for v in kinds}
-        holds = share_verdict(mine["win"], mine["loss"], mine["tie"] + mine[TOO_FEW_SEEDS], 1.0)
-        # a loss is between two cells with every seed (judge), so no cell still to run can undo it: decided early
-        per_k[str(k)] = {**mine, "holds": holds, "decided_early": holds is False}
+        # before the grid is complete, decided only where no comparison still to run can change it (a loss: the
+        # claim needs every test won); the planned comparisons: every task's UniPELT against each part
+        untested = len(TASKS) * len(PARTS) - mine["win"] - mine["loss"] - mine["tie"] - mine["not a test"]
+        holds = (share_verdict(mine["win"], mine["loss"], mine["tie"] + mine[TOO_FEW_SEEDS], 1.0) if complete
+                 else share_verdict_early(mine["win"], mine["loss"], mine["tie"], untested, 1.0))
+        per_k[str(k)] = {**mine, "holds": holds, "decided_early": not complete and holds is not None}
     payload = {**stamp({"tasks": list(tasks), "ks": list(KS), "methods": METHODS, "grid": GRID, "epochs": EPOCHS,
                         "harness": HARNESS, "command": "python experiments/unipelt_low_resource.py"}),
                "cells": list(cells.values()), "comparisons": comparisons, "counts": counts, "per_k": per_k,
