@@ -59,6 +59,7 @@ from rate_selection import (  # noqa: E402
     sweep_settings,
 )
 from verdicts import (  # noqa: E402
+    early_verdict,
     glue_majority,
     grid_progress,
     judge,
@@ -67,7 +68,6 @@ from verdicts import (  # noqa: E402
     one_class_seeds,
     required_levels,
     share_verdict,
-    share_verdict_early,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -158,16 +158,14 @@ def planned_effects(part: str) -> int:
 
 
 def part_claims_early(effects: list[dict[str, Any]]) -> dict[str, bool | None]:
-    """Each part's claim before the grid is complete (:func:`verdicts.share_verdict_early`): comparisons short of
-    their seeds, and those whose cells have not run, are untested; a claim is decided only where no outcome of
-    them can change it."""
+    """Each part's claim before the grid is complete (:func:`verdicts.early_verdict`): comparisons short of their
+    seeds, and those whose cells have not run, are untested; a claim is decided only where no outcome of them can
+    change it."""
     out = {}
     for part, (what, share, more_than) in CLAIMS.items():
         mine = [e["verdict"] for e in effects if e["part"] == part]
         other = "hurts" if what == "helps" else "helps"
-        untested = planned_effects(part) - sum(mine.count(v) for v in (what, other, "no effect", "not a test"))
-        out[part] = share_verdict_early(mine.count(what), mine.count(other), mine.count("no effect"), untested,
-                                        share, more_than)
+        out[part] = early_verdict(mine, what, other, "no effect", planned_effects(part), share, more_than)
     return out
 
 
@@ -203,14 +201,14 @@ def summary(tasks) -> dict[str, Any]:
                 effects.append({"part": part, "task": task, "without": subset, "with": with_part, "difference": diff,
                                 "majority": levels[task], "verdict": verdict})
     progress = grid_progress(list(cells.values()), len(TASKS) * len(SUBSETS))
+    early = None if progress["complete"] else part_claims_early(effects)
+    claims = part_claims(effects) if early is None else early
     payload = {**stamp({"tasks": list(tasks), "parts": PARTS, "combo_factors": COMBO_FACTORS, "majority": levels,
                         "part_rates": {f"{t}/{p}": r for (t, p), r in part_rates(tasks).items()},
                         "harness": "experiments/glue_select.yaml settings", "command":
                             "python experiments/composability.py"}),
                "cells": list(cells.values()), "effects": effects,
-               "claims": part_claims(effects) if progress["complete"] else part_claims_early(effects),
-               "decided_early": dict.fromkeys(PARTS, False) if progress["complete"] else {
-                   p: v is not None for p, v in part_claims_early(effects).items()},
+               "claims": claims, "decided_early": {p: early is not None and v is not None for p, v in claims.items()},
                "progress": progress}
     write_json_unless_same(SUMMARY, payload)
     gap_summary(SUMMARY.parent)  # its combinations' gaps against their parts'

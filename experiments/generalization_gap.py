@@ -30,7 +30,7 @@ from typing import Any
 from controltune.results import stamp, write_json_unless_same
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from verdicts import TOO_FEW_SEEDS, judge, share_verdict, share_verdict_early  # noqa: E402
+from verdicts import TOO_FEW_SEEDS, early_verdict, judge, share_verdict  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SUMMARY = RESULTS / "generalization_gap.json"
@@ -138,9 +138,8 @@ def summary(results: Path = RESULTS) -> dict[str, Any] | None:
         # to run cannot change it: a partial grid's count alone would read as the claim's
         "combinations_widen": share_verdict(c_wide["wider"], c_wide["narrower"],
                                             c_wide["tie"] + c_wide[TOO_FEW_SEEDS], 0.5, more_than=True)
-        if combos_complete else share_verdict_early(
-            c_wide["wider"], c_wide["narrower"], c_wide["tie"],
-            PLANNED_COMBINATIONS - c_wide["wider"] - c_wide["narrower"] - c_wide["tie"], 0.5, more_than=True)}
+        if combos_complete else early_verdict([w["verdict"] for w in wide], "wider", "narrower", "tie",
+                                              PLANNED_COMBINATIONS, 0.5, more_than=True)}
     payload = {**stamp({"sources": ["glue_table.json", "composability.json"], "single": list(SINGLE),
                         "command": "python experiments/generalization_gap.py"}),
                "single": single, "combinations": combos, "against_full": pairs, "against_full_counts": c_pairs,

@@ -49,6 +49,7 @@ from rate_selection import (  # noqa: E402
     sweep_settings,
 )
 from verdicts import (  # noqa: E402
+    early_verdict,
     grid_progress,
     judge,
     majority_level,
@@ -56,7 +57,6 @@ from verdicts import (  # noqa: E402
     near_one_class_seeds,
     one_class_seeds,
     share_verdict,
-    share_verdict_early,
     two_se,
 )
 
@@ -160,10 +160,8 @@ def scale_claims_early(gains, selective, do_well, models, tasks) -> dict[str, bo
     """The share claims of :func:`scale_claims` before the grid is complete (:func:`verdicts.share_verdict_early`):
     decided only where no comparison still to run (a cell short of its seeds, or not run) can change them; "prompt
     tuning improves most" waits for the whole grid (it compares gains that need four cells each)."""
-    def early(items, yes, no, planned, share, more_than=False, tie="tie"):
-        v = [i["verdict"] for i in items]
-        untested = planned - sum(v.count(k) for k in (yes, no, tie, "not a test"))
-        return share_verdict_early(v.count(yes), v.count(no), v.count(tie), untested, share, more_than)
+    def early(items, yes, no, planned, share, more_than=False):
+        return early_verdict([i["verdict"] for i in items], yes, no, "tie", planned, share, more_than)
 
     above = [{**i, "verdict": "ok"} if i["verdict"] in ("above full FT", "tie with full FT") else i for i in do_well]
     return {"every_method_improves": early(gains, "improves", "worsens", len(tasks) * len(METHODS), 1.0),

@@ -239,7 +239,7 @@ def paired_kinds(rows: list[dict[str, Any]], own: dict[tuple[str, str], dict[str
         verdict, diff = judge(a, b, None, {1: "same kind better", -1: "cross kind better", 0: "tie"})
         if verdict not in (None, TOO_FEW_SEEDS) and not beats_level(b, 0.0):
             verdict = NO_TRANSFER  # the claim's first half: within its kind a delta keeps some gain
-        se = two_se(a, b)[2] if min(a["n_seeds"], b["n_seeds"]) >= 2 else None
+        se = two_se(a, b)[2]
         pairs.append({"method": method, "target": target, "same_kind": {**b, "sources": same},
                       "cross_kind": {**a, "sources": cross}, "difference": diff, "se": se, "verdict": verdict})
     return pairs

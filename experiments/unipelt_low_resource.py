@@ -49,6 +49,7 @@ from rate_selection import (  # noqa: E402
 from verdicts import (  # noqa: E402
     TOO_FEW_SEEDS,
     beats_level,
+    early_verdict,
     glue_majority,
     grid_progress,
     judge,
@@ -57,7 +58,6 @@ from verdicts import (  # noqa: E402
     one_class_seeds,
     required_levels,
     share_verdict,
-    share_verdict_early,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -142,12 +142,12 @@ def summary(tasks) -> dict[str, Any]:
     per_k = {}
     complete = grid_progress(list(cells.values()), len(TASKS) * len(KS) * len(METHODS))["complete"]
     for k in KS:
-        mine = {v: sum(1 for c in comparisons if c["k"] == k and c["verdict"] == v) for v in kinds}
+        verdicts = [c["verdict"] for c in comparisons if c["k"] == k]
+        mine = {v: verdicts.count(v) for v in kinds}
         # before the grid is complete, decided only where no comparison still to run can change it (a loss: the
         # claim needs every test won); the planned comparisons: every task's UniPELT against each part
-        untested = len(TASKS) * len(PARTS) - mine["win"] - mine["loss"] - mine["tie"] - mine["not a test"]
         holds = (share_verdict(mine["win"], mine["loss"], mine["tie"] + mine[TOO_FEW_SEEDS], 1.0) if complete
-                 else share_verdict_early(mine["win"], mine["loss"], mine["tie"], untested, 1.0))
+                 else early_verdict(verdicts, "win", "loss", "tie", len(TASKS) * len(PARTS), 1.0))
         per_k[str(k)] = {**mine, "holds": holds, "decided_early": not complete and holds is not None}
     payload = {**stamp({"tasks": list(tasks), "ks": list(KS), "methods": METHODS, "grid": GRID, "epochs": EPOCHS,
                         "harness": HARNESS, "command": "python experiments/unipelt_low_resource.py"}),

@@ -156,6 +156,16 @@ def share_verdict_early(yes: int, no: int, ties: int, untested: int, share: floa
     return None
 
 
+def early_verdict(verdicts: list[str], yes: str, no: str, tie: str, planned: int, share: float,
+                  more_than: bool = False) -> bool | None:
+    """:func:`share_verdict_early` over a partial grid's comparison ``verdicts``: those saying ``yes``, ``no`` or
+    ``tie`` are tests, "not a test" is none, and every other of the ``planned`` comparisons (too few seeds, or not
+    run yet) is untested."""
+    counted = sum(verdicts.count(k) for k in (yes, no, tie, "not a test"))
+    return share_verdict_early(verdicts.count(yes), verdicts.count(no), verdicts.count(tie), planned - counted,
+                               share, more_than)
+
+
 def required_levels(levels: dict[str, float], tasks) -> dict[str, float]:
     """``levels`` for every task in ``tasks``, or a clear stop: without a task's majority level every comparison
     at chance would pass for a test."""
