@@ -54,22 +54,14 @@ def caption(results_dir: Path) -> str:
     parts = []
     for o in payload.get("orders", []):
         rows = {r["method"]: r for r in _rows(payload, o["task"])}
-        if all(r.get("seed_steps_to_common") is not None for r in rows.values()):
-            shown = ", ".join(f"{m} {'/'.join('never' if s is None else str(s) for s in r['seed_steps_to_common'])}"
-                              for m, r in rows.items() if m in o["claimed"])
-            reached = f"seeds reach the level at step {shown}"
-        else:  # summaries before 2026-12-04 judged the mean curves
-            steps = {m: r["steps_to_common"] for m, r in rows.items()}
-            hit = [m for m in o["by_steps_to_common"] if steps.get(m) is not None]
-            never = f"; never: {', '.join(o['never_reached'])}" if o["never_reached"] else ""
-            reached = f"level reached by {', '.join(f'{m} at step {steps[m]}' for m in hit) or 'none'}{never}"
+        shown = ", ".join(f"{m} {'/'.join('never' if s is None else str(s) for s in r['seed_steps_to_common'])}"
+                          for m, r in rows.items() if m in o["claimed"])
+        reached = f"seeds reach the level at step {shown}"
         verdict = (o.get("verdict", "no verdict in this summary (python experiments/convergence.py recomputes it)")
                    + (f" ({o['reason']})" if o.get("reason") else ""))
         parts.append(f"{o['task']}: {reached} — {verdict}")
     timed = []
     for o in payload.get("orders", []):
-        if "pairs_by_seconds" not in o:  # summaries before 2026-12-04 did not time the seeds
-            continue
         pairs = [f"{p['faster']} before {p['slower']}" if p["measured"] == "first" else
                  f"{p['slower']} before {p['faster']}" for p in o["pairs_by_seconds"]
                  if p["measured"] in ("first", "second")]

@@ -169,7 +169,7 @@ def performance_order(payload: dict[str, Any]) -> dict[str, Any] | None:
     mean_rank = {m: sum(r) / len(r) for m, r in ranks.items()}
     mean_score = {m: sum(rows[(t, m)]["mean"] for t, _ in TASKS) / len(TASKS) for m in METHODS}
     claimed = [mean_rank[m] for m in CLAIMED_ORDER]
-    per_task = {t: [m for m in sorted(CLAIMED_ORDER, key=lambda m: -rows[(t, m)]["mean"])] == list(CLAIMED_ORDER)
+    per_task = {t: sorted(CLAIMED_ORDER, key=lambda m: -rows[(t, m)]["mean"]) == list(CLAIMED_ORDER)
                 for t, _ in TASKS}
     return {"mean_rank": mean_rank, "mean_score": mean_score, "holds": all(a < b for a, b in zip(claimed, claimed[1:])),
             "tasks_in_claimed_order": [t for t, ok in per_task.items() if ok]}

@@ -28,8 +28,9 @@ def _verdict(held: bool | None) -> str:
 
 
 def _gated(payload: dict[str, Any], held: bool | None, decided_early: bool = False) -> str:
-    """:func:`_verdict`, once the study's grid has every seed (its ``progress``) or the verdict is decided by cells
-    that have (``decided_early``: a loss where the claim needs every test won); before, what is missing."""
+    """:func:`_verdict`, once the study's grid has every seed (its ``progress``) or the summary decided it early
+    (``decided_early``: no comparison still to run can change it, :func:`verdicts.early_verdict`); before, what is
+    missing."""
     prog = payload.get("progress")
     if decided_early and prog and not prog["complete"]:
         return f"{_verdict(held)} (decided before the grid is complete: no comparison still to run can change it)"
@@ -48,8 +49,7 @@ def draw_composability(results_dir: Path):
     number of seeds above each bar), the majority class dotted."""
     payload = load_json(results_dir, "composability.json")
     subsets = list(dict.fromkeys(c["subset"] for c in payload["cells"]))
-    levels = {**{e["task"]: e["majority"] for e in payload.get("effects", [])},
-              **((payload.get("config") or {}).get("majority") or {})}
+    levels = payload["config"].get("majority") or {}
     tasks = [t for t in TASKS if any(c["task"] == t and c["mean"] is not None for c in payload["cells"])]
     fig = new_figure(2.6 * max(len(tasks), 1) + 0.4, 2.8)
     axes = fig.subplots(1, max(len(tasks), 1), squeeze=False)[0]
