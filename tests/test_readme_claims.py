@@ -140,17 +140,22 @@ def test_efficiency_row_states_the_memory_claim():
         assert f"{small} %" in row and f"{large} %" in row, (c["model"], small, large, row)
 
 
-def test_rows_of_studies_without_a_complete_grid_say_so():
+def test_composability_and_scale_rows_state_what_their_summaries_decide():
+    """A complete grid decides every claim and the row states each; before that the row says "no verdict yet"
+    unless some claim is decided early, which the row then states as such."""
     row = _row("composability")
     for name in ("composability.json", "scale.json"):
         path = RESULTS / name
         payload = json.loads(path.read_text()) if path.is_file() else None
-        if payload is None or not payload["progress"]["complete"]:
-            early = {k: payload["claims"][k] for k, v in (payload or {}).get("decided_early", {}).items() if v}
-            if not early:
-                assert row.startswith("no verdict yet"), f"{name} has no complete grid, the row says: {row[:80]}"
-            for claim, held in early.items():  # decided before the grid completes: the row must say it
-                assert f"{claim}: **{WORDS[held]}** (decided before the grid is complete" in row, (name, claim)
+        if payload is not None and payload["progress"]["complete"]:
+            for claim, held in payload["claims"].items():
+                assert f"{claim}: **{WORDS[held]}**" in row, f"{name}'s complete grid decides {claim}: {WORDS[held]}"
+            continue
+        early = {k: payload["claims"][k] for k, v in (payload or {}).get("decided_early", {}).items() if v}
+        if not early:
+            assert row.startswith("no verdict yet"), f"{name} has no complete grid, the row says: {row[:80]}"
+        for claim, held in early.items():
+            assert f"{claim}: **{WORDS[held]}** (decided before the grid is complete" in row, (name, claim)
 
 
 def test_parameters_row_states_the_glue_tables_pair_counts_and_verdict():
