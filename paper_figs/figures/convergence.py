@@ -25,26 +25,31 @@ def _rows(payload: dict[str, Any], task: str) -> list[dict[str, Any]]:
 
 
 def draw(results_dir: Path):
-    """One panel per task with curves: validation score against step, the majority and common levels dashed."""
+    """Two rows of panels, one column per task with curves: validation score against training step (top) and
+    against wall time (bottom: each evaluation's step times the method's mean seconds per step over its seeds),
+    the majority and common levels as horizontal lines."""
     payload = load_json(results_dir, SOURCE)
     tasks = [(t, name) for t, name in TASKS if _rows(payload, t)]
-    fig = new_figure(3.6 * max(len(tasks), 1), 3.2)
-    axes = fig.subplots(1, max(len(tasks), 1), squeeze=False)[0]
-    for ax, (task, name) in zip(axes, tasks):
+    fig = new_figure(3.6 * max(len(tasks), 1), 5.8)
+    axes = fig.subplots(2, max(len(tasks), 1), squeeze=False)
+    for column, (task, name) in enumerate(tasks):
         rows = _rows(payload, task)
-        for r in rows:
-            ax.plot(r["steps"], r["mean_val"], marker="o", markersize=2.5, color=COLOURS.get(r["method"], "black"),
-                    linewidth=2.0 if r["method"] == "full" else 1.2, label=r["method"])
-        ax.axhline(rows[0]["majority"], color="black", linestyle=":", linewidth=0.8, label="majority class")
-        common = next((r.get("common_level") for r in rows if r.get("common_level") is not None), None)
-        if common is not None:
-            ax.axhline(common, color="black", linestyle="--", linewidth=0.8, label="90 % of full FT's gain")
         seeds = sorted({r["n_seeds"] for r in rows})
-        ax.set(title=f"{name} (n = {', '.join(map(str, seeds))} seeds)", xlabel="training step",
-               ylabel="validation score" if task == tasks[0][0] else None)
-        ax.grid(True, alpha=0.3)
+        common = next((r.get("common_level") for r in rows if r.get("common_level") is not None), None)
+        for ax, seconds in ((axes[0][column], False), (axes[1][column], True)):
+            for r in rows:
+                x = [s * r["seconds_per_step"] for s in r["steps"]] if seconds else r["steps"]
+                ax.plot(x, r["mean_val"], marker="o", markersize=2.5, color=COLOURS.get(r["method"], "black"),
+                        linewidth=2.0 if r["method"] == "full" else 1.2, label=r["method"])
+            ax.axhline(rows[0]["majority"], color="black", linestyle=":", linewidth=0.8, label="majority class")
+            if common is not None:
+                ax.axhline(common, color="black", linestyle="--", linewidth=0.8, label="90 % of full FT's gain")
+            ax.set(xlabel="wall time (s)" if seconds else "training step",
+                   ylabel="validation score" if column == 0 else None)
+            ax.grid(True, alpha=0.3)
+        axes[0][column].set_title(f"{name} (n = {', '.join(map(str, seeds))} seeds)")
     if tasks:
-        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right center", fontsize=6, frameon=False)
+        fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right center", fontsize=6, frameon=False)
     fig.suptitle("Convergence on held-out training rows (GLUE table runs, MiniLM; mean over seeds)", fontsize=9)
     return fig
 
@@ -77,7 +82,9 @@ def caption(results_dir: Path) -> str:
                    if seeds and min(seeds) < 3 else "")
     return (
         "Validation score (the task's metric on rows held out of train, ~2 evaluations per epoch) against "
-        "training step, per method at the learning rate chosen on those rows, mean over the seeds whose run "
+        "training step (top) and against wall time (bottom: step × the method's seconds per step, a run's training "
+        "time with its evaluations over its steps, mean over seeds; one torch thread per run, two runs side by side "
+        "on a shared 2-core CPU), per method at the learning rate chosen on those rows, mean over the seeds whose run "
         f"folders were found (n = {', '.join(map(str, seeds))}); no new training: the curves are the GLUE table's "
         "runs (all-MiniLM-L6-v2, batch 32, AdamW with warm-up and linear decay; see the glue_table figure). "
         f"Dotted: the majority-class level m of the {level_of}; dashed: m + 0.9·(full fine-tuning's best − m), "
