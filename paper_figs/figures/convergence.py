@@ -62,8 +62,7 @@ def caption(results_dir: Path) -> str:
         shown = ", ".join(f"{m} {'/'.join('never' if s is None else str(s) for s in r['seed_steps_to_common'])}"
                           for m, r in rows.items() if m in o["claimed"])
         reached = f"seeds reach the level at step {shown}"
-        verdict = (o.get("verdict", "no verdict in this summary (python experiments/convergence.py recomputes it)")
-                   + (f" ({o['reason']})" if o.get("reason") else ""))
+        verdict = o["verdict"] + (f" ({o['reason']})" if o.get("reason") else "")
         parts.append(f"{o['task']}: {reached} — {verdict}")
     timed = []
     for o in payload.get("orders", []):
@@ -75,9 +74,7 @@ def caption(results_dir: Path) -> str:
             "the claim is about steps, and a step's cost differs by method), every seed separates: "
             + "; ".join(timed) + "." if timed else "")
     seeds = sorted({r["n_seeds"] for r in payload["rows"]})
-    # summaries before 2026-12-04 measured the validation curves from the dev set's majority class
-    level_of = (payload.get("config", {}).get("majority_of")
-                or "dev set (this summary predates measuring it on the validation rows)")
+    level_of = payload["config"]["majority_of"]
     provisional = (" Some cells have fewer than 3 seeds' curves, so these orders are provisional."
                    if seeds and min(seeds) < 3 else "")
     return (
