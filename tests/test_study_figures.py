@@ -664,7 +664,7 @@ def test_convergence_judges_the_order_seed_by_seed_and_a_task_full_fine_tuning_d
             for m, s in (("full", [10, 10, 20]), ("lora", [20, None, 30]))]
     two = {"task": "rte", "test": False, "by_steps_to_common": ["full", "lora"], "never_reached": [],
            "claimed": ["full", "lora"]}
-    write_json(tmp_path / "convergence.json", {"rows": rows, "orders": [
+    write_json(tmp_path / "convergence.json", {"config": {"majority_of": "validation rows"}, "rows": rows, "orders": [
         {**two, **order_verdict(two, {r["method"]: r["seed_steps_to_common"] for r in rows}),
          "pairs_by_seconds": [{"faster": "full", "slower": "lora", "measured": "second"}]}]})
     text = caption(tmp_path)
