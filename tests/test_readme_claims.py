@@ -89,6 +89,9 @@ def test_generalisation_gap_row_states_each_decided_claim():
         assert "Combinations: no verdict yet" in row or "Combinations: **inconclusive**" in row
     else:
         assert any(_says(claims["combinations_widen"], b) for b in bold[2:])
+        if _load("generalization_gap.json")["decided_early"]["combinations_widen"]:
+            word = WORDS[claims["combinations_widen"]]
+            assert f"Combinations: **{word}** (decided before the grid is complete" in row
 
 
 def test_convergence_row_states_the_verdict_over_its_tasks():
