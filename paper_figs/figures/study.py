@@ -59,8 +59,9 @@ def draw_composability(results_dir: Path):
         bars = ax.bar(range(len(xs)), [cells[s]["mean"] for s in xs], yerr=[cells[s]["std"] or 0 for s in xs],
                       color=["tab:orange" if "adapter" in s else "tab:gray" for s in xs], capsize=2)
         for bar, s in zip(bars, xs):
-            ax.annotate(f"n={cells[s]['n_seeds']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=5)
+            top = bar.get_height() + (cells[s]["std"] or 0)  # above the error bar, which it would otherwise cross
+            ax.annotate(f"n={cells[s]['n_seeds']}", (bar.get_x() + bar.get_width() / 2, top), xytext=(0, 1),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=5)
         if levels.get(task) is not None:
             ax.axhline(levels[task], color="black", linestyle=":", linewidth=0.8)
         ax.set_xticks(range(len(xs)), ["+".join(SHORT[p] for p in s.split("+")) for s in xs], fontsize=6.5)
