@@ -249,8 +249,12 @@ def start_ray(address: str | None, cpus: int | None) -> Any:
 
 
 def ray_rows(ray: Any, cells: list[Cell], cpus_per_cell: int, runs_dir: str | None) -> Iterator[Row]:
-    """Submit every cell as a Ray task of ``cpus_per_cell`` CPUs; yield rows as they finish."""
-    remote = ray.remote(num_cpus=cpus_per_cell)(run_cell)
+    """Submit every cell as a Ray task of ``cpus_per_cell`` CPUs; yield rows as they finish.
+
+    Each cell runs in a fresh worker process (``max_calls=1``): a reused worker kept what earlier cells loaded, and
+    two SmolLM2 cells after a run of MiniLM cells reached 10–11 GB each and were killed by Ray's memory monitor.
+    """
+    remote = ray.remote(num_cpus=cpus_per_cell, max_calls=1)(run_cell)
     pending = {remote.remote(cell, cpus_per_cell, runs_dir): cell for cell in cells}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
