@@ -251,8 +251,9 @@ def start_ray(address: str | None, cpus: int | None) -> Any:
 def ray_rows(ray: Any, cells: list[Cell], cpus_per_cell: int, runs_dir: str | None) -> Iterator[Row]:
     """Submit every cell as a Ray task of ``cpus_per_cell`` CPUs; yield rows as they finish.
 
-    Each cell runs in a fresh worker process (``max_calls=1``): a reused worker kept what earlier cells loaded, and
-    two SmolLM2 cells after a run of MiniLM cells reached 10–11 GB each and were killed by Ray's memory monitor.
+    Each cell runs in a fresh worker process (``max_calls=1``), so no cell inherits what earlier cells left in
+    memory: in reused workers that had run 14 MiniLM cells each, two SmolLM2 cells reached 10–11 GB and Ray's
+    memory monitor killed one, while a fresh worker running the retried cell held 2.9 GB.
     """
     remote = ray.remote(num_cpus=cpus_per_cell, max_calls=1)(run_cell)
     pending = {remote.remote(cell, cpus_per_cell, runs_dir): cell for cell in cells}

@@ -157,7 +157,7 @@ def scale_claims(gains, prompt_vs, selective, do_well) -> dict[str, bool | None]
 
 
 def scale_claims_early(gains, selective, do_well, models, tasks) -> dict[str, bool | None]:
-    """The share claims of :func:`scale_claims` before the grid is complete (:func:`verdicts.share_verdict_early`):
+    """The share claims of :func:`scale_claims` before the grid is complete (:func:`verdicts.early_verdict`):
     decided only where no comparison still to run (a cell short of its seeds, or not run) can change them; "prompt
     tuning improves most" waits for the whole grid (it compares gains that need four cells each)."""
     def early(items, yes, no, planned, share, more_than=False):

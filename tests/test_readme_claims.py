@@ -75,11 +75,12 @@ def test_transfer_row_states_the_transfer_verdict():
 
 
 def test_generalisation_gap_row_states_each_decided_claim():
-    claims = _load("generalization_gap.json")["claims"]
+    gap = _load("generalization_gap.json")
+    claims = gap["claims"]
     row = _row("the generalisation gap")
     bold = _bold(row)
     assert _says(claims["single_smaller_than_full"], bold[0])
-    counts = _load("generalization_gap.json")["against_full_counts"]
+    counts = gap["against_full_counts"]
     n = sum(counts.values())
     assert (f"smaller in {counts.get('smaller', 0)} of {n} (task, method) pairs" in row
             and f"a tie in {counts.get('tie', 0)}" in row
@@ -89,7 +90,10 @@ def test_generalisation_gap_row_states_each_decided_claim():
         assert "Combinations: no verdict yet" in row or "Combinations: **inconclusive**" in row
     else:
         assert any(_says(claims["combinations_widen"], b) for b in bold[2:])
-        if _load("generalization_gap.json")["decided_early"]["combinations_widen"]:
+        wide = gap["widening_counts"]
+        assert (f"in {wide['wider']} of {sum(wide.values())} (task, combination) pairs" in row
+                and f"narrower in {wide['narrower']}" in row), (wide, row[-600:])
+        if gap["decided_early"]["combinations_widen"]:
             word = WORDS[claims["combinations_widen"]]
             assert f"Combinations: **{word}** (decided before the grid is complete" in row
 
