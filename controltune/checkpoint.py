@@ -94,7 +94,7 @@ def _checked_header(blob: bytes, source: str, verify: bool = True) -> dict[str, 
     header = json.loads(text)
     expected = header.get("payload_sha256")
     if verify and expected is not None:  # files written before checksums were added have none: still loadable
-        actual = hashlib.sha256(blob[start:]).hexdigest()
+        actual = hashlib.sha256(memoryview(blob)[start:]).hexdigest()
         if actual != expected:
             raise CorruptCheckpointError(f"{source} is corrupt: checksum mismatch of its tensor payload (sha256 "
                                          f"{actual[:16]}…, header says {expected[:16]}…)")
@@ -114,10 +114,12 @@ def to_bytes(system, spec: dict[str, Any] | None = None) -> bytes:
         "controls": {c.name: {"kind": c.kind, "layers": list(c.layers)} for c in controls},
     }
     # The payload bytes do not depend on the metadata, so it is serialised once to checksum it,
-    # then again with the checksum in the header.
+    # then again with the checksum in the header.  The draft is hashed through a view and dropped
+    # before the second pass: with full fine-tuning each copy is the size of the model.
     draft = save_bytes(tensors, metadata={"controltune": json.dumps(header)})
     _, start = _payload_bounds(draft, "the serialised deltas")
-    header["payload_sha256"] = hashlib.sha256(draft[start:]).hexdigest()
+    header["payload_sha256"] = hashlib.sha256(memoryview(draft)[start:]).hexdigest()
+    del draft
     return save_bytes(tensors, metadata={"controltune": json.dumps(header)})
 
 

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -199,14 +200,32 @@ def save_state(path: Path, system, optimizer, scheduler, step: int, log: dict[st
     rest so a resumed run selects among every evaluation of the uninterrupted one.
     """
     state = {"format": STATE_FORMAT, "config": config, "step": step, "log": log,
-             "deltas": checkpoint.to_bytes(system, spec), "optimizer": optimizer.state_dict(),
+             "deltas": _as_tensor(checkpoint.to_bytes(system, spec)), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
     if best_deltas is not None:
-        state["best_deltas"] = best_deltas
+        state["best_deltas"] = _as_tensor(best_deltas)
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     with atomic_file(path) as fh:
         torch.save(state, fh)
+
+
+def _as_tensor(blob: bytes) -> torch.Tensor:
+    """``blob`` as a uint8 tensor sharing its memory (no copy).
+
+    ``torch.save`` writes a tensor's storage straight into the file but pickles a ``bytes``
+    object into an in-memory buffer first: with full fine-tuning on SmolLM2 the two delta files
+    of a state made writing it cost ~12× the deltas' size in transient memory
+    (``experiments/bench_checkpoint_memory.py``).
+    """
+    with warnings.catch_warnings():  # the buffer is read-only and the tensor is only ever read
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(blob, dtype=torch.uint8) if blob else torch.empty(0, dtype=torch.uint8)
+
+
+def _as_bytes(value: bytes | torch.Tensor | None) -> bytes | None:
+    """A delta file held in a state: a uint8 tensor (now) or ``bytes`` (states written before)."""
+    return value.numpy().tobytes() if isinstance(value, torch.Tensor) else value
 
 
 def _read_state(path: Path) -> dict[str, Any]:
@@ -247,7 +266,7 @@ def load_state(path: Path, system, optimizer, scheduler, config: TrainConfig, cu
     step, log = int(state["step"]), state["log"]
     changes = _config_changes(path, state["config"], current, config.allow_config_change, step)
     log["config_changes"] = log.get("config_changes", []) + changes
-    checkpoint.load_bytes(system, state["deltas"], f"{path} (deltas)")
+    checkpoint.load_bytes(system, _as_bytes(state["deltas"]), f"{path} (deltas)")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scales = [group.get("lr_scale", 1.0) for group in optimizer.param_groups]
@@ -257,7 +276,7 @@ def load_state(path: Path, system, optimizer, scheduler, config: TrainConfig, cu
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return step, log, state.get("best_deltas")
+    return step, log, _as_bytes(state.get("best_deltas"))
 
 
 def checkpoint_due(config: TrainConfig, step: int, last_saved: float) -> bool:

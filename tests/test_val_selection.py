@@ -17,7 +17,7 @@ from controltune.controllers import build
 from controltune.divergence import TrainingDiverged
 from controltune.evaluation import evaluate, validation_split
 from controltune.results import read_jsonl
-from controltune.run_folder import BEST_DELTAS
+from controltune.run_folder import BEST_DELTAS, CHECKPOINT
 from controltune.sweep import run_sweep
 from controltune.sweep_spec import canonical_config, expand, parse_spec
 from controltune.train import TrainConfig, train
@@ -164,6 +164,33 @@ def test_resume_keeps_the_best_deltas_of_before_the_stop(task, tmp_path, scored_
     resumed = train(resumed_system, tr, dev, spec, _config(tmp_path / "b", resume=True))
     assert resumed["best_val"]["step"] == 4  # chosen before the stop, kept in checkpoint.pt
     assert resumed["curves"]["val"] == reference["curves"]["val"]
+    assert resumed["dev_at_best_val"] == reference["dev_at_best_val"] and resumed["final"] == reference["final"]
+    a, b = (ckpt.read_header(p / BEST_DELTAS) for p in (tmp_path / "a", tmp_path / "b"))
+    assert a["payload_sha256"] == b["payload_sha256"]
+
+
+@pytest.mark.parametrize("written_as", ["tensors", "bytes"])
+def test_a_state_holds_its_delta_files_as_tensors_and_one_of_before_still_resumes(task, tmp_path, scored_by_norm,
+                                                                                  written_as):
+    """The state keeps both delta files as uint8 tensors (torch.save streams them; bytes were pickled in memory
+    first); a state whose delta files are ``bytes``, as written before, resumes to the same result."""
+    spec, tr, dev = task
+    _, begin = scored_by_norm
+    first = _system()
+    begin(first)
+    reference = train(first, tr, dev, spec, _config(tmp_path / "a"))
+    stopped = _system()
+    fails_after(stopped, 9)
+    with pytest.raises(KeyboardInterrupt):
+        train(stopped, tr, dev, spec, _config(tmp_path / "b"))
+    path = tmp_path / "b" / CHECKPOINT
+    state = torch.load(path, weights_only=False)
+    assert all(state[k].dtype == torch.uint8 and state[k].dim() == 1 for k in ("deltas", "best_deltas"))
+    if written_as == "bytes":
+        state.update({k: state[k].numpy().tobytes() for k in ("deltas", "best_deltas")})
+        torch.save(state, path)
+    resumed = train(_system(), tr, dev, spec, _config(tmp_path / "b", resume=True))
+    assert resumed["best_val"]["step"] == 4
     assert resumed["dev_at_best_val"] == reference["dev_at_best_val"] and resumed["final"] == reference["final"]
     a, b = (ckpt.read_header(p / BEST_DELTAS) for p in (tmp_path / "a", tmp_path / "b"))
     assert a["payload_sha256"] == b["payload_sha256"]
