@@ -324,27 +324,41 @@ def caption_transfer(results_dir: Path) -> str:
 
 
 # --- scale ----------------------------------------------------------------------------------------------
+METRIC = {"sst2": "accuracy", "mrpc": "F1", "rte": "accuracy", "cola": "MCC"}
+"""Each GLUE task's dev metric (the one every study reports)."""
+
+
 def draw_scale(results_dir: Path):
-    """Per task: each method's dev score on both models."""
+    """Per task: each method's dev score on both models (mean ± std over seeds, the number of seeds beside each
+    point), the majority class dotted."""
     payload = load_json(results_dir, "scale.json")
+    levels = payload["config"].get("majority") or {}
     tasks = list(dict.fromkeys(c["task"] for c in payload["cells"]))
     models = list(dict.fromkeys(c["model"] for c in payload["cells"]))
     methods = list(dict.fromkeys(c["method"] for c in payload["cells"]))
-    fig = new_figure(max(4.5 * len(tasks), 5.0), 2.9)
+    fig = new_figure(max(3.6 * len(tasks), 4.0) + 0.9, 2.9)
     axes = fig.subplots(1, max(len(tasks), 1), squeeze=False)[0]
-    width = 0.8 / max(len(models), 1)
+    step = 0.5 / max(len(models) - 1, 1)  # the models' points side by side around each method's tick
     for ax, task in zip(axes, tasks):
         for j, model in enumerate(models):
             cells = {c["method"]: c for c in payload["cells"] if (c["task"], c["model"]) == (task, model)
                      and c["mean"] is not None}
             xs = [i for i, m in enumerate(methods) if m in cells]
-            ax.bar([x + j * width for x in xs], [cells[methods[x]]["mean"] for x in xs], width,
-                   yerr=[cells[methods[x]]["std"] or 0 for x in xs], label=model)
-        ax.set_xticks([i + width / 2 for i in range(len(methods))], methods, fontsize=6, rotation=30)
-        ax.set(title=task)
+            offset = (j - (len(models) - 1) / 2) * step
+            ax.errorbar([x + offset for x in xs], [cells[methods[x]]["mean"] for x in xs],
+                        yerr=[cells[methods[x]]["std"] or 0 for x in xs], fmt="o", markersize=3.5, capsize=2,
+                        color=f"C{j}", label=model)
+            for x in xs:
+                ax.annotate(str(cells[methods[x]]["n_seeds"]), (x + offset, cells[methods[x]]["mean"]),
+                            xytext=(3, 0), textcoords="offset points", fontsize=4.5, va="center", color=f"C{j}")
+        if levels.get(task) is not None:
+            ax.axhline(levels[task], color="black", linestyle=":", linewidth=0.8, label="majority class")
+        ax.set_xticks(range(len(methods)), methods, fontsize=6, rotation=30, ha="right", rotation_mode="anchor")
+        ax.set(title=task, ylabel=f"dev {METRIC.get(task, 'score')}")
         ax.grid(True, axis="y", alpha=0.3)
-    axes[0].legend(fontsize=6.5, frameon=False)
-    fig.suptitle("The power of scale: MiniLM (22.7M) against SmolLM2 (134.5M)", fontsize=9)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right center", fontsize=6.5, frameon=False)
+    fig.suptitle("The power of scale: MiniLM (22.7M) against SmolLM2 (134.5M); small numbers: seeds per point",
+                 fontsize=9)
     return fig
 
 
