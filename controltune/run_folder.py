@@ -294,6 +294,28 @@ def reported_deltas(out: str | Path) -> Path:
     return best if best.is_file() else Path(out) / DELTAS
 
 
+def drop_resume_state(out: str | Path) -> int:
+    """Delete the resume state (``checkpoint.pt``) of the finished run in ``out`` and of its stages' folders
+    (``out/<stage>/``, a sequential run's); returns the bytes freed.
+
+    A finished run (``metrics.json`` status ``done`` or ``diverged``) is never resumed: what is read
+    afterwards is its ``metrics.json`` and delta files, which stay.  Its state is the largest file it
+    leaves (deltas, best deltas and AdamW's two moments: ~4× the trainable parameters' bytes, 2.7 GB
+    for full fine-tuning of SmolLM2).  A folder whose run did not finish keeps its state.
+    """
+    folder = Path(out)
+    freed = 0
+    for path in [folder / CHECKPOINT, *sorted(folder.glob(f"*/{CHECKPOINT}"))]:
+        try:
+            status = json.loads((path.parent / "metrics.json").read_text()).get("status")
+        except (OSError, ValueError):
+            continue  # no readable metrics: nothing says the run finished
+        if status in ("done", "diverged") and path.is_file():
+            freed += path.stat().st_size
+            path.unlink()
+    return freed
+
+
 def finished_run(out: str | Path | None) -> dict[str, Any] | None:
     """The result in ``out/metrics.json`` when that run finished (status ``done`` and its reported deltas saved),
     else None."""

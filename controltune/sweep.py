@@ -11,7 +11,8 @@ this process, with a notice.  As each cell ends, the driver alone appends its ro
 spec skips the cells with a ``done`` or ``diverged`` row (matched by their full
 configuration), so a stopped sweep continues where it stopped; ``failed`` cells are
 tried again.  With ``runs_dir`` every cell also writes its run folder (metrics, deltas,
-checkpoints) and a cell stopped midway resumes from its checkpoint.
+checkpoints) and a cell stopped midway resumes from its checkpoint; once a finished cell's row is
+written, its resume state is deleted (its metrics and deltas stay) unless ``keep_checkpoints``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 from .divergence import TrainingDiverged
 from .resources import peak_memory_mb, peak_rss_mb, reset_peak_rss, using_threads
 from .results import append_jsonl, read_jsonl, stamp
+from .run_folder import drop_resume_state
 from .sweep_spec import (
     OPTIONAL_SETTINGS,
     RUN_SETTINGS,
@@ -311,7 +313,8 @@ def _open_executor(executor: str, address: str | None, cpus: int | None,
 
 def run_sweep(spec: SweepSpec, out: str | Path, *, address: str | None = None, cpus_per_cell: int = 1,
               cpus: int | None = None, executor: str = "auto", runs_dir: str | Path | None = None,
-              defaults: dict[str, Any] | None = None, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+              defaults: dict[str, Any] | None = None, echo: Callable[[str], None] | None = None,
+              keep_checkpoints: bool = False) -> dict[str, Any]:
     """Run the cells of ``spec`` not finished in ``out`` (a JSONL); append a row per cell as it ends.
 
     Args:
@@ -324,17 +327,20 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, address: str | None = None, c
         runs_dir: if given, each cell's run folder ``runs_dir/<cell id>`` (metrics, deltas, checkpoints).
         defaults: settings every cell takes unless the spec sets them (e.g. ``dtype``).
         echo: where progress lines go (default: stdout).
+        keep_checkpoints: keep the resume state (``checkpoint.pt``) of finished cells' run folders; by default
+            it is deleted once the cell's row is appended (:func:`~controltune.run_folder.drop_resume_state`).
 
     Returns:
         ``{cells, skipped, ran, done, diverged, failed, executor, out}``.
     """
     return run_cells(expand(spec, defaults), out, name=spec.name, address=address, cpus_per_cell=cpus_per_cell,
-                     cpus=cpus, executor=executor, runs_dir=runs_dir, echo=echo)
+                     cpus=cpus, executor=executor, runs_dir=runs_dir, echo=echo, keep_checkpoints=keep_checkpoints)
 
 
 def run_cells(cells: list[Cell], out: str | Path, *, name: str, address: str | None = None, cpus_per_cell: int = 1,
               cpus: int | None = None, executor: str = "auto", runs_dir: str | Path | None = None,
-              echo: Callable[[str], None] | None = None, skip_finished: bool = True) -> dict[str, Any]:
+              echo: Callable[[str], None] | None = None, skip_finished: bool = True,
+              keep_checkpoints: bool = False) -> dict[str, Any]:
     """Run expanded ``cells`` (:func:`expand`) as :func:`run_sweep` does, appending their rows to ``out``.
 
     ``skip_finished=False`` runs every cell even if ``out`` has a finished row of it (to rebuild a run
@@ -361,6 +367,8 @@ def run_cells(cells: list[Cell], out: str | Path, *, name: str, address: str | N
     try:
         for i, row in enumerate(rows, 1):
             append_jsonl(out, row)
+            if not keep_checkpoints and row["status"] in FINISHED and row.get("run_dir"):
+                drop_resume_state(row["run_dir"])  # after the row is on disk: the cell is never resumed now
             summary["ran"] += 1
             summary[row["status"]] += 1
             say(progress_line(summary["skipped"] + i, len(cells), row, varying))

@@ -63,6 +63,7 @@ from typing import Any
 from controltune.data import load_split, resolve_task
 from controltune.metrics import AUXILIARY_KEYS, majority_baseline
 from controltune.results import read_jsonl, stamp, write_json_unless_same
+from controltune.run_folder import drop_resume_state
 from controltune.sweep import FINISHED, finished_configs, run_sweep, train_loss_end
 from controltune.sweep_spec import SweepSpec, canonical_config, expand, load_spec, parse_spec
 
@@ -415,10 +416,11 @@ def write_summary(select: SweepSpec, table: SweepSpec, out: Path = SUMMARY) -> d
 
 
 def prune_checkpoints(rows: list[dict[str, Any]]) -> None:
-    """Delete ``checkpoint.pt`` of finished cells' run folders (never resumed again; their deltas stay)."""
+    """Delete the resume state of finished cells' run folders, those of rows written before the sweep did so
+    itself included (:func:`controltune.run_folder.drop_resume_state`; their deltas stay)."""
     for row in rows:
         if row.get("status") in FINISHED and row.get("run_dir"):
-            (Path(row["run_dir"]) / "checkpoint.pt").unlink(missing_ok=True)
+            drop_resume_state(row["run_dir"])
 
 
 def _echo(select: SweepSpec, table: SweepSpec, jsonl: Path, keep: bool):
@@ -461,7 +463,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         finished = finished_configs(read_jsonl(select.out))
         if all(canonical_config(c) in finished for c in expand(select)):
             break
-        run_sweep(select, select.out, echo=_echo(select, table, select.out, args.keep_checkpoints), **sweep)
+        run_sweep(select, select.out, echo=_echo(select, table, select.out, args.keep_checkpoints), **sweep,
+                  keep_checkpoints=args.keep_checkpoints)
     chosen = choose_lrs(read_jsonl(select.out))
     ready = [pair for pair, info in sorted(chosen.items()) if info["lr"] is not None]
     missing = [f"{t}/{m}" for t in TASKS for m in METHODS if (t, m) not in ready]
@@ -472,7 +475,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         spec = table_spec(args.table, {p: chosen[p] for p in pairs}, pairs if missing else None)
         copied = copy_selected_rows(read_jsonl(select.out), spec, table.out)
         print(f"copied {copied} seed-0 selection rows into {table.out}", flush=True)
-        run_sweep(spec, table.out, echo=_echo(select, spec, table.out, args.keep_checkpoints), **sweep)
+        run_sweep(spec, table.out, echo=_echo(select, spec, table.out, args.keep_checkpoints), **sweep,
+                  keep_checkpoints=args.keep_checkpoints)
     return write_summary(select, table)
 
 

@@ -158,11 +158,13 @@ def add_sweep_arguments(parser, runs: str) -> None:
     parser.add_argument("--executor", default="auto", choices=["auto", "ray", "local"])
     parser.add_argument("--address", default=None, help="an existing Ray cluster")
     parser.add_argument("--runs", type=_Path, default=_Path(runs), help="run folders of the cells (resumable)")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep finished cells' resume states (checkpoint.pt; deleted by default)")
 
 
 def sweep_settings(args) -> dict[str, Any]:
     return {"cpus_per_cell": args.cpus_per_cell, "cpus": args.cpus, "executor": args.executor,
-            "address": args.address, "runs_dir": args.runs}
+            "address": args.address, "runs_dir": args.runs, "keep_checkpoints": args.keep_checkpoints}
 
 
 def select_then_tabulate(selection: Callable[[list[dict[str, Any]]], SweepSpec], select_out: Path,

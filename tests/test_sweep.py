@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import random
+from pathlib import Path
 
 import pytest
 
 from controltune import sweep, sweep_spec
 from controltune.cli import main
 from controltune.results import read_jsonl
+from controltune.run_folder import drop_resume_state
 
 
 @pytest.fixture(scope="module")
@@ -161,15 +163,40 @@ def test_cells_keep_their_run_folders_and_resume_from_them(task, tmp_path):
     spec = sweep_spec.parse_spec({"grid": {"model": "random:bert", "method": "bitfit", "task": str(task), "lr": 1e-2},
                              "train": {"steps": 2, "batch_size": 8, "max_length": 16}})
     out, runs = tmp_path / "rows.jsonl", tmp_path / "runs"
-    sweep.run_sweep(spec, out, executor="local", runs_dir=runs, echo=lambda _: None)
+    sweep.run_sweep(spec, out, executor="local", runs_dir=runs, echo=lambda _: None, keep_checkpoints=True)
     row = read_jsonl(out)[0]
     folder = runs / row["cell"]
     assert row["run_dir"] == str(folder) and (folder / "deltas.safetensors").is_file()
+    assert (folder / "checkpoint.pt").is_file()
     assert json.loads((folder / "metrics.json").read_text())["final"]["accuracy"] == row["score"]
     out.unlink()  # the row was lost (a stop before the driver wrote it): the cell resumes from its checkpoint
     sweep.run_sweep(spec, out, executor="local", runs_dir=runs, echo=lambda _: None)
     again = read_jsonl(out)[0]
     assert again["status"] == "done" and again["score"] == row["score"] and again["step"] == 2
+
+
+def test_a_finished_cell_loses_its_resume_state_once_its_row_is_written_and_an_unfinished_run_keeps_it(task,
+                                                                                                      tmp_path):
+    spec = sweep_spec.parse_spec({"grid": {"model": "random:bert", "method": "bitfit", "task": str(task),
+                                           "lr": [1e-2, 1e30]},
+                                  "train": {"steps": 2, "batch_size": 8, "max_length": 16}})
+    out, runs = tmp_path / "rows.jsonl", tmp_path / "runs"
+    sweep.run_sweep(spec, out, executor="local", runs_dir=runs, echo=lambda _: None)
+    rows = read_jsonl(out)
+    assert sorted(r["status"] for r in rows) == ["diverged", "done"]
+    for row in rows:  # done and diverged are both finished: neither is resumed, neither keeps its state
+        folder = Path(row["run_dir"])
+        assert not (folder / "checkpoint.pt").exists() and (folder / "metrics.json").is_file()
+    done = next(r for r in rows if r["status"] == "done")
+    assert (Path(done["run_dir"]) / "deltas.safetensors").is_file()
+    # a folder whose run is still running keeps its state, whatever is asked
+    running = tmp_path / "running"
+    running.mkdir()
+    (running / "metrics.json").write_text(json.dumps({"status": "running"}))
+    (running / "checkpoint.pt").write_bytes(b"state")
+    assert drop_resume_state(running) == 0 and (running / "checkpoint.pt").is_file()
+    (running / "metrics.json").write_text(json.dumps({"status": "done"}))
+    assert drop_resume_state(running) == len(b"state") and not (running / "checkpoint.pt").exists()
 
 
 def test_a_sequential_cell_trains_stage_by_stage_and_continues_at_the_stage_it_stopped_in(task, tmp_path):

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", default=None, metavar="DIR",
                         help="also keep each cell's run folder (metrics, deltas, checkpoints) under DIR; "
                              "a cell stopped midway then resumes from its checkpoint")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep finished cells' resume states (checkpoint.pt) under --runs; by default each is "
+                             "deleted once the cell's row is written (its metrics and deltas stay)")
     parser.add_argument("--dry-run", action="store_true", help="list the cells and whether each is finished")
 
 
@@ -73,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(spec, out, defaults)
     summary = run_sweep(spec, out, address=args.address, cpus_per_cell=args.cpus_per_cell, cpus=args.cpus,
-                        executor=args.executor, runs_dir=args.runs, defaults=defaults)
+                        executor=args.executor, runs_dir=args.runs, defaults=defaults,
+                        keep_checkpoints=args.keep_checkpoints)
     print(f"sweep {spec.name}: {summary['ran']} ran ({summary['done']} done, {summary['diverged']} diverged, "
           f"{summary['failed']} failed), {summary['skipped']} skipped -> {out}")
     if args.json:
