@@ -17,6 +17,8 @@ from ._common import flagged_runs_note, load_json, versions_line
 
 TASKS = ("sst2", "mrpc", "rte", "cola")
 SINGLE = ("lora", "adapter", "prefix", "prompt", "bitfit")
+METRIC = {"sst2": "accuracy", "mrpc": "F1", "rte": "accuracy", "cola": "MCC"}
+"""Each GLUE task's dev metric (the one every study reports)."""
 
 
 def _fmt(x: float | None) -> str:
@@ -324,10 +326,6 @@ def caption_transfer(results_dir: Path) -> str:
 
 
 # --- scale ----------------------------------------------------------------------------------------------
-METRIC = {"sst2": "accuracy", "mrpc": "F1", "rte": "accuracy", "cola": "MCC"}
-"""Each GLUE task's dev metric (the one every study reports)."""
-
-
 def draw_scale(results_dir: Path):
     """Per task: each method's dev score on both models (mean ± std over seeds, the number of seeds beside each
     point), the majority class dotted."""
@@ -419,16 +417,19 @@ def draw_unipelt(results_dir: Path):
     tasks = [t for t in TASKS if any(c["task"] == t and c["mean"] is not None for c in payload["cells"])]
     fig = new_figure(2.5 * max(len(tasks), 1) + 0.5, 2.7)
     axes = fig.subplots(1, max(len(tasks), 1), squeeze=False)[0]
+    methods = ("unipelt", "lora", "prefix", "pfeiffer")
     for ax, task in zip(axes, tasks):
-        for method in ("unipelt", "lora", "prefix", "pfeiffer"):
+        for j, method in enumerate(methods):
             cells = sorted((c for c in payload["cells"] if (c["task"], c["method"]) == (task, method)
                             and c["mean"] is not None), key=lambda c: c["k"])
+            dodge = 1.06 ** (j - (len(methods) - 1) / 2)  # side by side at each K (log axis), error bars apart
             if cells:
-                ax.errorbar([c["k"] for c in cells], [c["mean"] for c in cells], yerr=[c["std"] or 0 for c in cells],
-                            marker="o", capsize=2, label=method, linewidth=2.0 if method == "unipelt" else 1.0)
+                ax.errorbar([c["k"] * dodge for c in cells], [c["mean"] for c in cells],
+                            yerr=[c["std"] or 0 for c in cells], marker="o", markersize=4, capsize=2, label=method,
+                            linewidth=2.0 if method == "unipelt" else 1.0)
         if levels.get(task) is not None:
             ax.axhline(levels[task], color="black", linestyle=":", linewidth=0.8, label="majority class")
-        ax.set(title=task, xscale="log", xlabel="K training examples")
+        ax.set(title=task, xscale="log", xlabel="K training examples", ylabel=f"dev {METRIC.get(task, 'score')}")
         ax.grid(True, which="both", alpha=0.3)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right center", fontsize=6, frameon=False)
     fig.suptitle("UniPELT against its parts in low-resource settings", fontsize=9)
