@@ -48,7 +48,7 @@ SHORT = {"prompt": "P", "bitfit": "B", "adapter": "A"}
 
 def draw_composability(results_dir: Path):
     """Per task with cells: dev score of each subset of {prompt, BitFit, adapter} (mean ± std over seeds, the
-    number of seeds above each bar), the majority class dotted."""
+    number of seeds above each point), the majority class dotted."""
     payload = load_json(results_dir, "composability.json")
     subsets = list(dict.fromkeys(c["subset"] for c in payload["cells"]))
     levels = payload["config"].get("majority") or {}
@@ -58,16 +58,16 @@ def draw_composability(results_dir: Path):
     for ax, task in zip(axes, tasks):
         cells = {c["subset"]: c for c in payload["cells"] if c["task"] == task and c["mean"] is not None}
         xs = [s for s in subsets if s in cells]
-        bars = ax.bar(range(len(xs)), [cells[s]["mean"] for s in xs], yerr=[cells[s]["std"] or 0 for s in xs],
-                      color=["tab:orange" if "adapter" in s else "tab:gray" for s in xs], capsize=2)
-        for bar, s in zip(bars, xs):
-            top = bar.get_height() + (cells[s]["std"] or 0)  # above the error bar, which it would otherwise cross
-            ax.annotate(f"n={cells[s]['n_seeds']}", (bar.get_x() + bar.get_width() / 2, top), xytext=(0, 1),
+        for x, sub in enumerate(xs):  # points, not bars from 0, which hid differences of a few hundredths
+            c = cells[sub]
+            ax.errorbar([x], [c["mean"]], yerr=[c["std"] or 0], fmt="o", markersize=4, capsize=2,
+                        color="tab:orange" if "adapter" in sub else "tab:gray")
+            ax.annotate(f"n={c['n_seeds']}", (x, c["mean"] + (c["std"] or 0)), xytext=(0, 1),
                         textcoords="offset points", ha="center", va="bottom", fontsize=5)
         if levels.get(task) is not None:
             ax.axhline(levels[task], color="black", linestyle=":", linewidth=0.8)
         ax.set_xticks(range(len(xs)), ["+".join(SHORT[p] for p in s.split("+")) for s in xs], fontsize=6.5)
-        ax.set(title=task)
+        ax.set(title=task, ylabel=f"dev {METRIC.get(task, 'score')}")
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle("Simultaneous combinations of prompt tuning (P), BitFit (B) and the adapter (A); orange: with the "
                  "adapter, dotted: majority class", fontsize=8)
