@@ -58,13 +58,23 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_mb() -> float | None:
-    """Peak resident memory since the last reset (``VmHWM``), or None where /proc is absent."""
+def _status_mb(field: str) -> float | None:
+    """The ``field`` line of ``/proc/self/status`` in MB, or None where /proc is absent."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory since the last reset (``VmHWM``), or None where /proc is absent."""
+    return _status_mb("VmHWM")
+
+
+def rss_mb() -> float | None:
+    """Resident memory now (``VmRSS``), or None where /proc is absent."""
+    return _status_mb("VmRSS")

@@ -220,7 +220,7 @@ def _as_tensor(blob: bytes) -> torch.Tensor:
     """
     with warnings.catch_warnings():  # the buffer is read-only and the tensor is only ever read
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        return torch.frombuffer(blob, dtype=torch.uint8) if blob else torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer(blob, dtype=torch.uint8)
 
 
 def _as_bytes(value: bytes | torch.Tensor | None) -> bytes | None:

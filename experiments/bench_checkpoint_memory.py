@@ -45,14 +45,6 @@ METHODS = {"full": {}, "lora": {"rank": 8, "alpha": 16, "targets": ["q", "v"]}}
 BATCH, MAX_LENGTH = 16, 64
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("/proc/self/status has no VmRSS")
-
-
 def measure(model: str, method: str, options: dict[str, Any]) -> dict[str, Any]:
     """One cell, in this process (call it in a fresh one): see the module docstring."""
     import torch
@@ -62,7 +54,7 @@ def measure(model: str, method: str, options: dict[str, Any]) -> dict[str, Any]:
     from controltune.batching import Collator
     from controltune.controllers.spec import build_spec
     from controltune.data import load_split, resolve_task
-    from controltune.resources import peak_rss_mb, reset_peak_rss
+    from controltune.resources import peak_rss_mb, reset_peak_rss, rss_mb
     from controltune.run_folder import save_state
 
     torch.set_num_threads(1)
@@ -83,7 +75,7 @@ def measure(model: str, method: str, options: dict[str, Any]) -> dict[str, Any]:
 
     def phase(fn) -> tuple[Any, float, float]:
         """(fn's value, peak above the resident memory before it in MB, seconds)."""
-        before = _rss_mb()
+        before = rss_mb()
         reset_peak_rss()
         start = time.perf_counter()
         value = fn()

@@ -47,14 +47,6 @@ BATCHES = (1, 8, 32)
 WARMUP, STEPS, MAX_LENGTH = 2, 5, 64
 
 
-def _rss_mb(field: str = "VmRSS") -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def measure(model: str, method: str, options: dict[str, Any], batch_size: int) -> dict[str, Any]:
     """One cell, in this process (call it in a fresh one): see the module docstring."""
     import torch
@@ -63,10 +55,10 @@ def measure(model: str, method: str, options: dict[str, Any], batch_size: int) -
     from controltune.batching import Collator
     from controltune.controllers.spec import build_spec
     from controltune.data import load_split, resolve_task
-    from controltune.resources import peak_rss_mb, reset_peak_rss
+    from controltune.resources import peak_rss_mb, reset_peak_rss, rss_mb
 
     torch.set_num_threads(1)
-    before = _rss_mb()
+    before = rss_mb()
     loaded = load_model(model)
     system = ResidualSystem(loaded, num_labels=2)
     build_spec(system, method, options, 0, "sst2")

@@ -63,7 +63,6 @@ from typing import Any
 from controltune.data import load_split, resolve_task
 from controltune.metrics import AUXILIARY_KEYS, majority_baseline
 from controltune.results import read_jsonl, stamp, write_json_unless_same
-from controltune.run_folder import drop_resume_state
 from controltune.sweep import FINISHED, finished_configs, run_sweep, train_loss_end
 from controltune.sweep_spec import SweepSpec, canonical_config, expand, load_spec, parse_spec
 
@@ -71,9 +70,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the experiments' sha
 from generalization_gap import summary as gap_summary  # noqa: E402
 from rate_selection import (  # noqa: E402
     MAX_EDGE_RATES,
+    add_sweep_arguments,
     choose_lrs,
     copy_rows,
     extended_spec,
+    sweep_settings,
     task_method,
     with_rebuilt,
 )
@@ -415,20 +416,10 @@ def write_summary(select: SweepSpec, table: SweepSpec, out: Path = SUMMARY) -> d
     return payload
 
 
-def prune_checkpoints(rows: list[dict[str, Any]]) -> None:
-    """Delete the resume state of finished cells' run folders, those of rows written before the sweep did so
-    itself included (:func:`controltune.run_folder.drop_resume_state`; their deltas stay)."""
-    for row in rows:
-        if row.get("status") in FINISHED and row.get("run_dir"):
-            drop_resume_state(row["run_dir"])
-
-
-def _echo(select: SweepSpec, table: SweepSpec, jsonl: Path, keep: bool):
+def _echo(select: SweepSpec, table: SweepSpec):
     def say(line: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
         if line.startswith("["):
-            if not keep:
-                prune_checkpoints(read_jsonl(jsonl))
             write_summary(select, table)
     return say
 
@@ -437,13 +428,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--select", type=Path, default=SELECT_SPEC, help="the selection sweep spec")
     p.add_argument("--table", type=Path, default=TABLE_SPEC, help="the table sweep spec (rates added here)")
-    p.add_argument("--cpus-per-cell", type=int, default=1, help="CPUs (and torch threads) per cell")
-    p.add_argument("--cpus", type=int, default=None, help="CPUs of the embedded Ray (default: every core)")
-    p.add_argument("--executor", default="auto", choices=["auto", "ray", "local"])
-    p.add_argument("--address", default=None, help="an existing Ray cluster")
-    p.add_argument("--runs", type=Path, default=Path("runs/glue_table"),
-                   help="run folders of the cells (a stopped cell resumes from its checkpoint)")
-    p.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoint.pt of finished cells")
+    add_sweep_arguments(p, "runs/glue_table")
     p.add_argument("--summary-only", action="store_true", help="only rewrite glue_table.json from the rows")
     return p.parse_args(argv)
 
@@ -455,16 +440,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table = table_spec(args.table, {})  # the table's settings; rates come after the selection
     if args.summary_only:
         return write_summary(select, table)
-    sweep = {"cpus_per_cell": args.cpus_per_cell, "cpus": args.cpus, "executor": args.executor,
-             "address": args.address, "runs_dir": args.runs}
+    sweep = sweep_settings(args)
     write_summary(select, table)
     for _ in range(MAX_EDGE_RATES + 1):  # the grid, then at most MAX_EDGE_RATES edge steps
         select = selection_spec(args.select, read_jsonl(select.out))
         finished = finished_configs(read_jsonl(select.out))
         if all(canonical_config(c) in finished for c in expand(select)):
             break
-        run_sweep(select, select.out, echo=_echo(select, table, select.out, args.keep_checkpoints), **sweep,
-                  keep_checkpoints=args.keep_checkpoints)
+        run_sweep(select, select.out, echo=_echo(select, table), **sweep)
     chosen = choose_lrs(read_jsonl(select.out))
     ready = [pair for pair, info in sorted(chosen.items()) if info["lr"] is not None]
     missing = [f"{t}/{m}" for t in TASKS for m in METHODS if (t, m) not in ready]
@@ -475,8 +458,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         spec = table_spec(args.table, {p: chosen[p] for p in pairs}, pairs if missing else None)
         copied = copy_selected_rows(read_jsonl(select.out), spec, table.out)
         print(f"copied {copied} seed-0 selection rows into {table.out}", flush=True)
-        run_sweep(spec, table.out, echo=_echo(select, spec, table.out, args.keep_checkpoints), **sweep,
-                  keep_checkpoints=args.keep_checkpoints)
+        run_sweep(spec, table.out, echo=_echo(select, spec), **sweep)
     return write_summary(select, table)
 
 
