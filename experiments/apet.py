@@ -60,6 +60,7 @@ from rate_selection import (  # noqa: E402
     choose_lrs,
     extended_spec,
     progress_echo,
+    rate_at_edge,
     require_rates,
     select_then_tabulate,
     sweep_settings,
@@ -357,6 +358,8 @@ def summary(models, tasks) -> dict[str, Any]:
                         for (m, t), v in full.items()],
                "linear_probe": [{"model": m, "task": t, "mean": v[0], "std": v[1], "n_seeds": v[2], "lr": v[3]}
                                 for (m, t), v in probe.items()],
+               "rates_at_edge": [{"model": m, "task": t, "budget": b, "lr": info["lr"], "rate_at_edge": True}
+                                 for (m, t, b), info in sorted(chosen.items(), key=str) if rate_at_edge(info)],
                "smallest_budget_beating_majority": smallest, "smallest_budget_beating_probe": beyond_probe,
                "smallest_budget_reaching_full": reach_full,
                "head_scalars": heads, "predictors": predictors,

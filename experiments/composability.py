@@ -54,6 +54,7 @@ from rate_selection import (  # noqa: E402
     diverged_everywhere,
     extended_spec,
     progress_echo,
+    rate_at_edge,
     require_rates,
     select_then_tabulate,
     sweep_settings,
@@ -173,7 +174,8 @@ def summary(tasks) -> dict[str, Any]:
     cells = {}
     select_rows, table_rows = completed_rows(SELECT_OUT), completed_rows(TABLE_OUT)  # old rows completed
     diverged = diverged_at_chosen(select_rows, table_rows)
-    everywhere = diverged_everywhere(choose_lrs(select_rows))
+    chosen = choose_lrs(select_rows)
+    everywhere = diverged_everywhere(chosen)
     for (task, subset), (lr, done) in chosen_rows(select_rows, table_rows).items():
         dev = [r["score_at_best_val"] for r in done.values()]
         gaps = [r["train_scores"][r["metric"]] - r["score_at_best_val"] for r in done.values() if r.get("train_scores")]
@@ -184,7 +186,8 @@ def summary(tasks) -> dict[str, Any]:
                                  "one_class_seeds": one_class_seeds(done.values()),
                                  "near_one_class_seeds": near_one_class_seeds(done.values()),
                                  "diverged_seeds": diverged.get((task, subset), []),
-                                 "diverged_every_rate": (task, subset) in everywhere}
+                                 "diverged_every_rate": (task, subset) in everywhere,
+                                 "rate_at_edge": rate_at_edge(chosen[(task, subset)])}
     levels = required_levels(glue_majority(RESULTS), tasks)  # the GLUE harness's full dev sets
     effects = []
     for part in PARTS:

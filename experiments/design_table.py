@@ -55,6 +55,7 @@ from rate_selection import (  # noqa: E402
     diverged_everywhere,
     extended_spec,
     progress_echo,
+    rate_at_edge,
     select_then_tabulate,
     sweep_settings,
 )
@@ -211,6 +212,7 @@ def summary(tasks, budgets) -> dict[str, Any]:
                        "std": std, "n_seeds": len(done), "trainable": done[0]["n_trainable"] if done else None,
                        "one_class_seeds": one_class_seeds(done), "near_one_class_seeds": near_one_class_seeds(done),
                        "diverged_seeds": diverged.get(pair, []), "diverged_every_rate": pair in everywhere,
+                       "rate_at_edge": rate_at_edge(info),
                        "metric": done[0]["metric"] if done else None,
                        "designs": _designs(done, pair_where(pair)["method"])}
     levels = glue_majority(RESULTS)  # the GLUE harness's full dev sets

@@ -74,6 +74,7 @@ from rate_selection import (  # noqa: E402
     choose_lrs,
     copy_rows,
     extended_spec,
+    rate_at_edge,
     sweep_settings,
     task_method,
     with_rebuilt,
@@ -211,7 +212,8 @@ def table_rows(select_rows: list[dict[str, Any]], table_rows_in: list[dict[str, 
             at_lr = [r for r in select_rows if _rate_key(r) == pair and float(r["config"]["lr"]) == lr]
             stage = "table" if in_table else "selection"
             used[pair] = [r for r in in_table or at_lr if r.get("status") == "done"]
-            out.append(_method_row(task, method, in_table or at_lr, lr, stage, sorted(set(grids[pair]))))
+            out.append({**_method_row(task, method, in_table or at_lr, lr, stage, sorted(set(grids[pair]))),
+                        "rate_at_edge": rate_at_edge(info)})
     for task in TASKS:
         full = next((r for r in out if r["task"] == task and r["method"] == "full"), None)
         for row in out:

@@ -102,6 +102,15 @@ def next_edge_rate(candidates: list[dict[str, Any]], grid: list[float]) -> float
     return None
 
 
+def rate_at_edge(info: dict[str, Any]) -> bool:
+    """Whether a pair's chosen rate (``info``: :func:`choose_lrs`'s) is the highest or the lowest of the rates it
+    finished (two or more).  Once its selection is complete, with the grid continued ``MAX_EDGE_RATES`` steps past
+    its edge, such a pair's optimum is not bracketed by the rates tried: its score may be the grid's rather than
+    the method's, and a caption names it (``flagged_runs_note``)."""
+    lrs = [c["lr"] for c in info["candidates"]]
+    return info["lr"] is not None and len(lrs) >= 2 and info["lr"] in (lrs[0], lrs[-1])
+
+
 def extended_spec(spec: Path | dict[str, Any], select_rows: list[dict[str, Any]], key: KeyFn = task_method,
                   where: WhereFn = task_method_where, folder: Path | None = None) -> SweepSpec:
     """The selection spec (a YAML path, or its data with ``out`` relative to ``folder``) plus, per pair, the rates

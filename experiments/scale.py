@@ -45,6 +45,7 @@ from rate_selection import (  # noqa: E402
     diverged_everywhere,
     extended_spec,
     progress_echo,
+    rate_at_edge,
     select_then_tabulate,
     sweep_settings,
 )
@@ -175,7 +176,8 @@ def summary(models, tasks) -> dict[str, Any]:
     cells = {}
     select_rows, table_rows = completed_rows(SELECT_OUT), completed_rows(TABLE_OUT)  # old rows completed
     diverged = diverged_at_chosen(select_rows, table_rows, pair_key)
-    everywhere = diverged_everywhere(choose_lrs(select_rows, pair_key))
+    chosen = choose_lrs(select_rows, pair_key)
+    everywhere = diverged_everywhere(chosen)
     for pair, (lr, done) in chosen_rows(select_rows, table_rows, pair_key).items():
         scores = [r["score_at_best_val"] for r in done.values()]
         mean, std = mean_std(scores)
@@ -183,6 +185,7 @@ def summary(models, tasks) -> dict[str, Any]:
                        "std": std, "n_seeds": len(scores), "one_class_seeds": one_class_seeds(done.values()),
                        "near_one_class_seeds": near_one_class_seeds(done.values()),
                        "diverged_seeds": diverged.get(pair, []), "diverged_every_rate": pair in everywhere,
+                       "rate_at_edge": rate_at_edge(chosen[pair]),
                        "trainable": next(iter(done.values()))["n_trainable"] if done else None}
     small, large = list(MODELS)[0], list(MODELS)[-1]
     levels = majority_levels(tasks)

@@ -43,6 +43,7 @@ from rate_selection import (  # noqa: E402
     diverged_everywhere,
     extended_spec,
     progress_echo,
+    rate_at_edge,
     select_then_tabulate,
     sweep_settings,
 )
@@ -111,7 +112,8 @@ def summary(tasks) -> dict[str, Any]:
     cells = {}
     select_rows, table_rows = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
     diverged = diverged_at_chosen(select_rows, table_rows, pair_key)
-    everywhere = diverged_everywhere(choose_lrs(select_rows, pair_key))
+    chosen = choose_lrs(select_rows, pair_key)
+    everywhere = diverged_everywhere(chosen)
     for pair, (lr, done) in chosen_rows(select_rows, table_rows, pair_key).items():
         scores = [r["score_at_best_val"] for r in done.values()]
         mean, std = mean_std(scores)
@@ -120,7 +122,7 @@ def summary(tasks) -> dict[str, Any]:
                        "one_class_seeds": one_class_seeds(done.values()),
                        "near_one_class_seeds": near_one_class_seeds(done.values()),
                        "diverged_seeds": diverged.get(pair, []),
-                       "diverged_every_rate": pair in everywhere}
+                       "diverged_every_rate": pair in everywhere, "rate_at_edge": rate_at_edge(chosen[pair])}
     levels = required_levels(glue_majority(RESULTS), tasks)  # the same full dev sets
     comparisons = []
     for task in tasks:

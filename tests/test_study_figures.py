@@ -782,6 +782,28 @@ def test_a_cell_that_diverged_at_every_rate_completes_the_grid_and_is_named(tmp_
         unipelt_low_resource.table_spec(unipelt_low_resource.TASKS, chosen)
 
 
+def test_a_cell_whose_chosen_rate_is_the_edge_of_the_rates_tried_is_named(tmp_path, monkeypatch):
+    """A chosen rate that is the highest (or lowest) rate tried does not bracket the pair's optimum: the summary
+    flags the cell and the caption names it with its rate; a rate between two worse ones is not named."""
+    for task, k, method, seed in _unipelt_grid(tmp_path, monkeypatch):
+        row = _row({"task": task, "train_size": k, "method": method, "lr": 1e-3, "seed": seed}, 0.7 + 0.002 * seed)
+        append_jsonl(unipelt_low_resource.SELECT_OUT if seed == 0 else unipelt_low_resource.TABLE_OUT, row)
+        if seed == 0 and (task, k, method) == ("sst2", 100, "lora"):  # 1e-3 beats the lower rate: the top edge
+            append_jsonl(unipelt_low_resource.SELECT_OUT,
+                         _row({"task": task, "train_size": k, "method": method, "lr": 5e-4, "seed": 0}, 0.6))
+        if seed == 0 and (task, k, method) == ("cola", 100, "lora"):  # 1e-3 between two worse rates: bracketed
+            for lr in (5e-4, 2e-3):
+                append_jsonl(unipelt_low_resource.SELECT_OUT,
+                             _row({"task": task, "train_size": k, "method": method, "lr": lr, "seed": 0}, 0.6))
+    out = unipelt_low_resource.summary(unipelt_low_resource.TASKS)
+    flagged = {(c["task"], c["k"], c["method"]) for c in out["cells"] if c["rate_at_edge"]}
+    assert flagged == {("sst2", 100, "lora")}
+    caption = _caption("unipelt_low_resource", tmp_path, tmp_path / "f")
+    assert "(the optimum is not bracketed; the score may be the grid's, not the method's): sst2 K=100 lora " \
+           "(rate 0.001)." in caption
+    assert "cola K=100 lora (rate" not in caption
+
+
 def test_a_design_cell_short_of_three_scored_seeds_is_not_judged():
     lora = {"mean": 0.28, "std": 0.01, "n_seeds": 3}
     assert design_table.verdict({"mean": 0.40, "std": 0.01, "n_seeds": 3}, lora)[0] == "win"

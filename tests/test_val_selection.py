@@ -316,6 +316,23 @@ def test_the_glue_driver_continues_a_grid_whose_best_rate_is_at_its_edge(tmp_pat
     assert len([c for c in expand(selection_spec(spec, rows)) if c["task"] == "cola"]) == 2 + MAX_EDGE_RATES
 
 
+def test_a_chosen_rate_at_the_edge_of_the_rates_tried_is_flagged():
+    from experiments.rate_selection import choose_lrs, rate_at_edge
+
+    def row(lr, val, status="done"):
+        return {"config": {"task": "cola", "method": "lora", "lr": lr, "seed": 0}, "status": status, "val_score": val}
+
+    def flagged(rows):
+        return rate_at_edge(choose_lrs(rows)[("cola", "lora")])
+
+    assert flagged([row(5e-4, 0.1), row(2e-3, 0.2)])  # the top
+    assert flagged([row(5e-4, 0.3), row(2e-3, 0.2), row(1.25e-4, 0.1)]) is False  # bracketed
+    assert flagged([row(5e-4, 0.1), row(2e-3, 0.2), row(8e-3, None, "diverged")]) is False  # the way up diverged
+    assert flagged([row(3.12e-5, 0.4), row(1.25e-4, 0.3), row(5e-4, 0.2)])  # the bottom
+    assert flagged([row(5e-4, 0.1)]) is False  # one rate: nothing to bracket
+    assert flagged([row(5e-4, None, "diverged"), row(2e-3, None, "diverged")]) is False  # no rate chosen
+
+
 def test_the_design_table_shares_the_glue_harness_and_judges_by_two_standard_errors():
     from controltune.sweep_spec import canonical_config, load_spec
     from experiments.design_table import BUDGETS, label_of, selection_spec, verdict

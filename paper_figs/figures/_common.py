@@ -81,7 +81,8 @@ def flagged_runs_note(cells: Iterable[Mapping[str, Any]], label: Callable[[Mappi
     row (``one_class_seeds``: a constant prediction's score, counted in the mean) or to at least 95 % of them
     (``near_one_class_seeds``, :data:`verdicts.NEAR_ONE_CLASS`), seeds that diverged
     (``diverged_seeds``: no score, left out of it), and cells that diverged at every rate tried
-    (``diverged_every_rate``: no seed run, no comparison); ``""`` when there are none."""
+    (``diverged_every_rate``: no seed run, no comparison), and cells whose chosen rate is the edge of the rates
+    tried (:func:`edge_rate_note`); ``""`` when there are none."""
     cells = list(cells)
     one, diverged, near = (seed_listing(cells, k, label)
                            for k in ("one_class_seeds", "diverged_seeds", "near_one_class_seeds"))
@@ -93,4 +94,15 @@ def flagged_runs_note(cells: Iterable[Mapping[str, Any]], label: Callable[[Mappi
             + (" Runs that diverged (no score; the means are over the other seeds): " + "; ".join(diverged) + "."
                if diverged else "")
             + (" Diverged at every rate tried (no seed run at a chosen rate, left out of every comparison): "
-               + "; ".join(everywhere) + "." if everywhere else ""))
+               + "; ".join(everywhere) + "." if everywhere else "")
+            + edge_rate_note(cells, label))
+
+
+def edge_rate_note(cells: Iterable[Mapping[str, Any]], label: Callable[[Mapping[str, Any]], str]) -> str:
+    """The cells whose chosen rate is the highest or the lowest rate tried (``rate_at_edge``, set by the study's
+    summary; the studies' ``rate_selection.next_edge_rate`` continues a grid past its edge a few steps): the rates
+    tried do not bracket their optimum, so their score may be the grid's rather than the method's; ``""`` when
+    there are none."""
+    edge = [f"{label(c)} (rate {c['lr']:.3g})" for c in cells if c.get("rate_at_edge")]
+    return (" Rate chosen at the highest or lowest rate tried, the grid's edge rates included (the optimum is not "
+            "bracketed; the score may be the grid's, not the method's): " + "; ".join(edge) + "." if edge else "")

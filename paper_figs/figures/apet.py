@@ -12,7 +12,7 @@ from typing import Any
 
 from controltune.figures import FigureSpec, new_figure
 
-from ._common import load_json, sci, versions_line
+from ._common import edge_rate_note, load_json, sci, versions_line
 
 SOURCE = "apet.json"
 COLOURS = {"minilm": "tab:blue", "smollm2": "tab:red"}
@@ -149,8 +149,9 @@ def caption_positions(results_dir: Path) -> str:
         f"et al. 2023, positions matter less as models grow): {spread_claim(payload)}. Do control-theoretic scores "
         f"of a draw (at Δ = 0, 64 training rows) predict which draws train better? Pooled within-(model, task, "
         f"budget) Spearman correlation of the score with the dev score: {preds or 'not computed yet'}. Cut to fit: "
-        "100 steps, 2,000 training rows, two tasks. "
-        f"Command: `python experiments/apet.py` ({versions_line(payload)})."
+        "100 steps, 2,000 training rows, two tasks."
+        + edge_rate_note(payload.get("rates_at_edge", []), lambda c: f"{c['model']} {c['task']} B={c['budget']}")
+        + f" Command: `python experiments/apet.py` ({versions_line(payload)})."
     )
 
 
