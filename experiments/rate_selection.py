@@ -76,19 +76,20 @@ def pair_rates(rows: list[dict[str, Any]], key: KeyFn = task_method) -> dict[Pai
     return {pair: sorted(r) for pair, r in rates.items()}
 
 
-def next_edge_rate(candidates: list[dict[str, Any]], grid: list[float]) -> float | None:
+def next_edge_rate(candidates: list[dict[str, Any]], grid: list[float], max_edge_rates: int = MAX_EDGE_RATES
+                   ) -> float | None:
     """The next rate to try for a pair whose best validation score is at the edge of the rates tried, else None.
 
     ``candidates``: ``[{lr, status, val_score}]`` of every finished cell of the pair (sorted by lr), ``grid``: the
     pair's rates in the spec.  When every grid rate has finished and the best rate is the highest (lowest) tried,
     the grid continues geometrically one step up (down): ``r_top · r_top / r_next`` (``r_low · r_low / r_next``).
-    Nothing once ``MAX_EDGE_RATES`` rates beyond the grid were tried, or when the edge rate itself diverged (the
+    Nothing once ``max_edge_rates`` rates beyond the grid were tried, or when the edge rate itself diverged (the
     way up is closed); when every rate tried diverged, one step down.  An optimum at the edge of a grid is a rate
     the grid did not reach; without this, a method that wants a larger rate than the grid offers would show a gap
     to full fine-tuning that is the grid's.
     """
     lrs = [c["lr"] for c in candidates]
-    if len(lrs) < 2 or not set(grid) <= set(lrs) or len(set(lrs) - set(grid)) >= MAX_EDGE_RATES:
+    if len(lrs) < 2 or not set(grid) <= set(lrs) or len(set(lrs) - set(grid)) >= max_edge_rates:
         return None
     scored = [c for c in candidates if c["status"] == "done" and c["val_score"] is not None]
     if not scored:  # every rate diverged: the way down is the only one left
@@ -112,9 +113,10 @@ def rate_at_edge(info: dict[str, Any]) -> bool:
 
 
 def extended_spec(spec: Path | dict[str, Any], select_rows: list[dict[str, Any]], key: KeyFn = task_method,
-                  where: WhereFn = task_method_where, folder: Path | None = None) -> SweepSpec:
+                  where: WhereFn = task_method_where, folder: Path | None = None,
+                  max_edge_rates: int = MAX_EDGE_RATES) -> SweepSpec:
     """The selection spec (a YAML path, or its data with ``out`` relative to ``folder``) plus, per pair, the rates
-    beyond its grid tried so far and the next edge rate.
+    beyond its grid tried so far and the next edge rate (at most ``max_edge_rates`` beyond the grid).
 
     Derived from the rows alone, so a resumed driver rebuilds the same cells: one override
     ``{where: where(pair), set: {lr: [grid..., extra...]}}`` per extended pair.
@@ -133,7 +135,7 @@ def extended_spec(spec: Path | dict[str, Any], select_rows: list[dict[str, Any]]
     extra = []
     for pair, rates in sorted(grid.items(), key=lambda item: canonical_config({"p": list(item[0])})):
         have = sorted(set(rates) | set(tried.get(pair, [])))
-        step = next_edge_rate(chosen[pair]["candidates"], rates) if pair in chosen else None
+        step = next_edge_rate(chosen[pair]["candidates"], rates, max_edge_rates) if pair in chosen else None
         if step is not None:
             have = sorted({*have, step})
         if have != rates:
@@ -178,8 +180,10 @@ def sweep_settings(args) -> dict[str, Any]:
 
 def select_then_tabulate(selection: Callable[[list[dict[str, Any]]], SweepSpec], select_out: Path,
                          table: Callable[[list[dict[str, Any]]], SweepSpec], table_out: Path,
-                         glue_results: Path, echo: Callable[[str], None], sweep: dict[str, Any]) -> None:
-    """Run the selection sweep (with its edge rates, at most ``MAX_EDGE_RATES`` rounds), then the table sweep.
+                         glue_results: Path, echo: Callable[[str], None], sweep: dict[str, Any],
+                         max_edge_rates: int = MAX_EDGE_RATES) -> None:
+    """Run the selection sweep (with its edge rates, at most ``max_edge_rates`` rounds: the one ``selection``
+    builds its spec with), then the table sweep.
 
     ``selection(rows)`` / ``table(selection rows)`` build the specs; finished GLUE table rows that are cells of
     either (same settings) are copied into their JSONL first (``glue_results``: the folder of
@@ -189,7 +193,7 @@ def select_then_tabulate(selection: Callable[[list[dict[str, Any]]], SweepSpec],
 
     glue_select = read_jsonl(glue_results / "glue_select.jsonl")
     glue_table = read_jsonl(glue_results / "glue_table.jsonl")
-    for _ in range(MAX_EDGE_RATES + 1):
+    for _ in range(max_edge_rates + 1):
         spec = selection(read_jsonl(select_out))
         copy_rows(glue_select, spec, select_out, "glue_select.jsonl")
         if all(canonical_config(c) in finished_configs(read_jsonl(select_out)) for c in expand(spec)):
@@ -198,7 +202,7 @@ def select_then_tabulate(selection: Callable[[list[dict[str, Any]]], SweepSpec],
     rows = read_jsonl(select_out)
     left = [c for c in expand(selection(rows)) if canonical_config(c) not in finished_configs(rows)]
     if left:  # a failed cell, or edge rates beyond the rounds: a table now would tabulate a half-chosen rate
-        raise SystemExit(f"the selection has {len(left)} unfinished cell(s) after {MAX_EDGE_RATES + 1} rounds "
+        raise SystemExit(f"the selection has {len(left)} unfinished cell(s) after {max_edge_rates + 1} rounds "
                          f"(e.g. {left[0]['task']} {left[0]['method']} lr {left[0]['lr']}); run again to continue")
     spec = table(rows)
     copy_rows(rows + glue_table, spec, table_out, f"{select_out.name} / glue_table.jsonl")

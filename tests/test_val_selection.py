@@ -294,6 +294,7 @@ def test_the_glue_driver_continues_a_grid_whose_best_rate_is_at_its_edge(tmp_pat
     assert next_edge_rate([cand(5e-4, 0.5), cand(2e-3, 0.6), cand(8e-3, None, "diverged")], grid) is None
     beyond = [cand(5e-4, 0.5), cand(2e-3, 0.6), cand(8e-3, 0.7), cand(3.2e-2, 0.8)]
     assert len(beyond) - len(grid) == MAX_EDGE_RATES and next_edge_rate(beyond, grid) is None
+    assert next_edge_rate(beyond, grid, max_edge_rates=3) == 0.128  # a study that allows a third step
     # every rate diverged: one step down (no chosen rate would otherwise stop the study at its table), twice at most
     assert next_edge_rate([cand(5e-4, None, "diverged"), cand(2e-3, None, "diverged")], grid) == 1.25e-4
     down = [cand(3.12e-5, None, "diverged"), cand(1.25e-4, None, "diverged"), cand(5e-4, None, "diverged"),
