@@ -63,6 +63,7 @@ from rate_selection import (  # noqa: E402
     choose_lrs,
     chosen_rows,
     extended_spec,
+    rate_at_edge,
     rebuild_cells,
     reproduces,
     select_then_tabulate,
@@ -360,11 +361,15 @@ def landscape_overlap(payload: dict[str, Any], majority: float) -> dict[str, Any
 
 def summary() -> dict[str, Any]:
     cells, head = [], {}
-    chosen = chosen_rows(read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT), pair_key)
-    for (task, delta, _), (lr, done) in chosen.items():
+    select = read_jsonl(SELECT_OUT)
+    chosen = chosen_rows(select, read_jsonl(TABLE_OUT), pair_key)
+    infos = choose_lrs(select, key=pair_key)
+    edge = {pair: rate_at_edge(info) for pair, info in infos.items()}
+    for (task, delta, proj), (lr, done) in chosen.items():
         if delta == HEAD:
             mean, std = mean_std([r["score_at_best_val"] for r in done.values()])
-            head[task] = {"mean": mean, "std": std, "n_seeds": len(done), "lr": lr}
+            head[task] = {"mean": mean, "std": std, "n_seeds": len(done), "lr": lr,
+                          "rate_at_edge": edge.get((task, delta, proj), False)}
     for (task, delta, proj), (lr, done) in sorted(chosen.items()):
         if delta == HEAD:
             continue
@@ -377,7 +382,8 @@ def summary() -> dict[str, Any]:
                       "original": None if original is None else {k: original.get(k) for k in
                                                                  ("mean", "std", "n_seeds", "lr", "stage")},
                       "trainable": next(iter(done.values()))["n_trainable"] if done else None,
-                      "head_only": head.get(task)})
+                      "head_only": head.get(task),
+                      "rate_at_edge": edge.get((task, delta, proj), False)})
     transfers = []
     for row in read_jsonl(TRANSFER_OUT):
         # the diagonal is the stage-2 score itself (the z decoded by the method it was trained with)

@@ -185,7 +185,10 @@ def unified_results(tmp_path, monkeypatch):
         proj = str(unified_subspace.projections_path("rte", dim))
         for method in unified_subspace.METHODS:
             options = {"projections": proj, "delta": method}
-            for lr, dev, val in ((3e-3, 0.6, 0.6), (3e-2, 0.72, 0.65)):  # the chosen one is the table's seed 0
+            rates = ((3e-3, 0.6, 0.6), (3e-2, 0.72, 0.65))  # the chosen one is the table's seed 0
+            if method == "adapter":  # bracketed by a worse rate above it; the others' 3e-2 is the top edge
+                rates += ((3e-1, 0.6, 0.55),)
+            for lr, dev, val in rates:
                 append_jsonl(unified_subspace.SELECT_OUT, _row({"model": "minilm", "task": "rte", "lr": lr, "seed": 0,
                                                                 "method": "unified_subspace", "options": options},
                                                                dev, val))
@@ -224,7 +227,9 @@ def test_unified_summary_and_figures(unified_results, tmp_path):
     out = unified_subspace.summary()
     cells = {(c["method"], c["dim"]): c for c in out["cells"]}
     assert len(cells) == 6 and cells[("lora", 4)]["lr"] == 3e-2 and cells[("lora", 4)]["n_seeds"] == 3
-    assert out["head_only"]["rte"] == {"mean": pytest.approx(0.55), "std": 0.0, "n_seeds": 3, "lr": 3e-3}
+    assert out["head_only"]["rte"] == {"mean": pytest.approx(0.55), "std": 0.0, "n_seeds": 3, "lr": 3e-3,
+                                       "rate_at_edge": True}  # the lowest of its two rates
+    assert {k for k, c in cells.items() if not c["rate_at_edge"]} == {("adapter", 4), ("adapter", 32)}
     assert cells[("adapter", 32)]["head_only"]["mean"] == pytest.approx(0.55)
     assert cells[("lora", 4)]["mean"] == pytest.approx(0.73)
     diag = [t for t in out["transfer"] if t["from"] == t["to"]]
@@ -239,6 +244,10 @@ def test_unified_summary_and_figures(unified_results, tmp_path):
     # (0.73 − 0.55) / (0.8 − 0.55) = 0.72 of the original space's gain over the head-only control
     assert "recovers 0.72 of the original space's gain" in caption and "the claim does not hold here" in caption
     assert "rte: 0.550 (head-only)" in caption
+    assert ("the score may be the grid's, not the method's): rte/lora d=32 (rate 0.03); rte/lora d=4 (rate 0.03); "
+            in caption)
+    assert "rte/adapter" not in caption.split("not the method's)")[1]
+    assert "rte/prefix d=4 (rate 0.03); rte/head-only control (rate 0.003)." in caption
     transfer = (tmp_path / "figs" / "subspace_transfer.caption.md").read_text()
     assert "12 of 12 off-diagonal" in transfer and "Jaccard 0.111" in transfer
     assert "0 of 12 above the head-only control" in transfer  # every transferred entry ties the control at 0.55

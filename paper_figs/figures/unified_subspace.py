@@ -13,7 +13,7 @@ from typing import Any
 
 from controltune.figures import FigureSpec, new_figure
 
-from ._common import load_json, versions_line
+from ._common import edge_rate_note, load_json, versions_line
 
 SOURCE, LANDSCAPE = "unified_subspace.json", "unified_landscape.json"
 METHODS = ("lora", "adapter", "prefix")
@@ -183,9 +183,17 @@ def caption_unified(results_dir: Path) -> str:
         "the head trains, a linear probe of the frozen model in the same harness, rate chosen the same way). A "
         "gain is measured from the base level (the head-only control where it ran, else the majority class): "
         f"{bases}. Claim (Yi et al. 2022, optimisation in the subspace nearly matches the original space): "
-        f"{claim}. Cells: {cells}. Cut to fit: one approximation per (target, d) (seed 0). "
+        f"{claim}. Cells: {cells}.{_edge_note(payload)} Cut to fit: one approximation per (target, d) (seed 0). "
         f"Command: `python experiments/unified_subspace.py` ({versions_line(payload)})."
     )
+
+
+def _edge_note(payload: dict[str, Any]) -> str:
+    """The cells and head-only controls whose chosen rate of z is the edge of the rates tried."""
+    heads = [{"task": t, "method": "head-only control", **h}
+             for t, h in sorted((payload.get("head_only") or {}).items()) if h]
+    return edge_rate_note([*_cells(payload), *heads],
+                          lambda c: f"{c['task']}/{c['method']}" + (f" d={c['dim']}" if "dim" in c else ""))
 
 
 def _start(approx: dict[str, Any]) -> str:
