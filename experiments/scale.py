@@ -139,8 +139,9 @@ def scale_claims(gains, prompt_vs, selective, do_well) -> dict[str, bool | None]
     of evidence, never a verdict's):
 
     * every method improves with size: every tested (task, method) gain improves;
-    * prompt tuning improves most: on every task, no method's gain exceeds prompt's by 2 se and prompt's exceeds
-      at least one other's; not held where some method's gain exceeds prompt's;
+    * prompt tuning improves most: on every task, prompt's gain is itself an improvement and exceeds every other
+      tested method's gain by 2 se; not held where some method's gain exceeds prompt's by 2 se; open otherwise
+      (a tie with any method leaves "most" unshown, however many others prompt's gain exceeds);
     * selective-module tuning beats last-layer tuning in more than half of the (model, task) pairs;
     * last-layer and selective tuning do well: neither falls below full fine-tuning by 2 se anywhere."""
     def count(items, yes, no):
@@ -148,9 +149,11 @@ def scale_claims(gains, prompt_vs, selective, do_well) -> dict[str, bool | None]
         return v.count(yes), v.count(no), len(v) - v.count(yes) - v.count(no)
 
     per_task = {}
+    prompt_improves = {g["task"] for g in gains if g["method"] == "prompt" and g["verdict"] == "improves"}
     for task in sorted({c["task"] for c in prompt_vs}):
         mine = [c["verdict"] for c in prompt_vs if c["task"] == task]
-        per_task[task] = False if "other larger" in mine else (True if "prompt larger" in mine else None)
+        per_task[task] = False if "other larger" in mine else (
+            True if task in prompt_improves and all(v == "prompt larger" for v in mine) else None)
     most = None if not per_task else (False if False in per_task.values()
                                       else True if all(per_task.values()) else None)
     above, below, unsure = count(do_well, "above full FT", "below full FT")

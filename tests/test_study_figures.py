@@ -163,6 +163,25 @@ def test_prompt_improves_most_is_judged_per_task_against_each_method(tmp_path, m
     assert out["claims"]["prompt_most_per_task"] == {"sst2": False} and out["claims"]["prompt_improves_most"] is False
     out = write(0.05)
     assert out["claims"]["prompt_most_per_task"] == {"sst2": None} and out["claims"]["prompt_improves_most"] is None
+    out = write(0.08)  # larger than every other method's +0.05 by 2 se (the seeds' spread is shared): shown
+    assert out["claims"]["prompt_most_per_task"] == {"sst2": True} and out["claims"]["prompt_improves_most"] is True
+
+
+def test_prompt_improves_most_is_open_while_it_ties_any_method(tmp_path, monkeypatch):
+    """Scale's SST-2 pattern: prompt's gain beats one method's (which worsens) and ties the others'. Exceeding
+    one method does not show it improves most: open, not held."""
+    gains = [{"task": "sst2", "method": "prompt", "gain": 0.012, "se": 0.019, "verdict": "tie"},
+             {"task": "sst2", "method": "prefix", "gain": -0.078, "se": 0.009, "verdict": "worsens"},
+             {"task": "sst2", "method": "lora", "gain": 0.038, "se": 0.005, "verdict": "improves"}]
+    prompt_vs = scale.prompt_against_others(gains)
+    assert [c["verdict"] for c in prompt_vs] == ["tie", "prompt larger"]
+    claims = scale.scale_claims(gains, prompt_vs, [], [])
+    assert claims["prompt_most_per_task"] == {"sst2": None} and claims["prompt_improves_most"] is None
+    # larger than both, but its own gain not above zero: it does not improve, so it cannot improve most
+    gains[2] = {**gains[2], "gain": -0.05, "verdict": "worsens"}
+    prompt_vs = scale.prompt_against_others(gains)
+    assert [c["verdict"] for c in prompt_vs] == ["prompt larger", "prompt larger"]
+    assert scale.scale_claims(gains, prompt_vs, [], [])["prompt_most_per_task"] == {"sst2": None}
 
 
 def test_unipelt(tmp_path, monkeypatch):
