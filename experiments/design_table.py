@@ -12,7 +12,9 @@ every method's options at each budget are in :data:`BUDGETS` and ``--plan`` prin
 The harness is the GLUE table's (``experiments/glue_table.py``): MiniLM, float32, the training settings
 of ``glue_select.yaml`` (batch 32, length 128, AdamW, warm-up and linear decay, the per-task epochs,
 validation rows and evaluation cadence), seed 0 on each (task, method, options)'s grid of rates with the
-rate chosen on validation rows (grids continued at their edge, :mod:`rate_selection`), then seeds 0, 1, 2
+rate chosen on validation rows (grids continued at their edge, and on CoLA, SST-2 and MRPC the bracket around an
+interior best narrowed to a factor of 2 by the geometric midpoints on both sides: :mod:`rate_selection`,
+:data:`REFINE_TASKS`), then seeds 0, 1, 2
 at the chosen rate; a designed controller designs on its cell's task (training rows).  LoRA at ``b74k``
 is the GLUE table's own LoRA cell: those rows are copied, not rerun.
 
@@ -78,6 +80,15 @@ TASKS = ("sst2", "mrpc", "rte", "cola")
 QV = ["q", "v"]
 LORA_LIKE = (5.0e-4, 2.0e-3)
 PREFIX_LIKE = (3.0e-3, 1.0e-2)
+REFINE_ROUNDS = 2
+"""Selection rounds for the midpoints around an interior best: one halves a factor-4 bracket (LoRA-like grids, and
+their edge steps), the second serves a bracket wider than 2.5 after the first (none on these grids)."""
+REFINE_TASKS = ("cola", "sst2", "mrpc")
+"""The tasks whose brackets are narrowed to a factor of 2.  Not RTE: at MiniLM's scale no two methods separate on it
+(``glue_table.json``: every difference within two standard errors, the dev set's 277 rows giving one score a
+binomial standard error of 0.030), so a rate known to a factor of 2 instead of 4 cannot turn a tie into a verdict,
+and its midpoints would cost ~12 core-hours (2 selection cells per pair at its long rows, and the table cells of
+the pairs whose rate moves)."""
 
 BUDGETS: dict[str, dict[str, tuple[str, dict[str, Any], tuple[float, ...]]]] = {
     "b74k": {
@@ -156,9 +167,11 @@ def spec_data(tasks: tuple[str, ...], budgets: tuple[str, ...], seeds: list[int]
 
 
 def selection_spec(tasks, budgets, rows: list[dict[str, Any]] | None = None) -> SweepSpec:
-    """Seed 0 on every pair's grid, plus the edge rates the rows call for."""
+    """Seed 0 on every pair's grid, plus the edge rates the rows call for and, once a pair's best rate is interior,
+    the midpoints that narrow its bracket to a factor of 2 (:func:`rate_selection.refine_rates`; tasks of
+    :data:`REFINE_TASKS`)."""
     data = spec_data(tasks, budgets, [0], "design_select", SELECT_OUT.name)
-    return extended_spec(data, rows or [], pair_key, pair_where, RESULTS)
+    return extended_spec(data, rows or [], pair_key, pair_where, RESULTS, refine=lambda pair: pair[0] in REFINE_TASKS)
 
 
 def table_spec(tasks, budgets, chosen: dict) -> SweepSpec:
@@ -299,7 +312,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     select_then_tabulate(lambda rows: selection_spec(tasks, budgets, rows), SELECT_OUT,
                          lambda rows: table_spec(tasks, budgets, chosen(rows)), TABLE_OUT, RESULTS,
-                         progress_echo(lambda: summary(TASKS, tuple(BUDGETS))), sweep_settings(args))
+                         progress_echo(lambda: summary(TASKS, tuple(BUDGETS))), sweep_settings(args),
+                         refine_rounds=REFINE_ROUNDS)
     return summary(TASKS, tuple(BUDGETS))
 
 if __name__ == "__main__":

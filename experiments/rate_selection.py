@@ -4,7 +4,8 @@ A *pair* is what gets one rate: (task, method) in the GLUE table, (task, method,
 design table (a method at two budgets is two pairs); ``key(row) -> pair`` says which.  The
 selection sweep runs seed 0 on each pair's grid of rates; :func:`choose_lrs` takes the rate with
 the highest validation score (rows held out of train; dev is never read), :func:`next_edge_rate`
-continues a grid whose best rate sits at its edge, and :func:`extended_spec` rebuilds the
+continues a grid whose best rate sits at its edge, :func:`refine_rates` narrows a coarse bracket around
+an interior best (where a study asks for it), and :func:`extended_spec` rebuilds the
 selection spec with those extra rates from the rows alone (a resumed driver rebuilds the same
 cells).  :func:`copy_rows` carries finished rows whose configuration is a cell of another sweep
 into that sweep's JSONL (the seed-0 table cell *is* the selection cell at the chosen rate; a
@@ -103,6 +104,35 @@ def next_edge_rate(candidates: list[dict[str, Any]], grid: list[float], max_edge
     return None
 
 
+REFINE_RATIO = 2.5
+"""A best interior rate whose tried neighbour is farther than this ratio gets the geometric midpoint between them
+(:func:`refine_rates`): a factor-4 grid ends known to a factor of 2, a factor-10 one to 1.78 after two rounds."""
+
+
+def refine_rates(candidates: list[dict[str, Any]], grid: list[float], min_ratio: float = REFINE_RATIO
+                 ) -> list[float]:
+    """The rates that narrow the bracket around a pair's best interior rate, ``[]`` when none is due.
+
+    ``candidates``: ``[{lr, status, val_score}]`` of every finished cell of the pair (sorted by lr), ``grid``: the
+    pair's rates in the spec.  Once every grid rate has finished and the best validation score is at ``r*`` with
+    tried neighbours ``r_lo < r* < r_hi`` (a diverged neighbour counts: the optimum may sit just below divergence),
+    each side whose ratio exceeds ``min_ratio`` gets its geometric midpoint, ``(r_lo·r*)^{1/2}`` and
+    ``(r*·r_hi)^{1/2}`` (3 significant digits).  Both sides: the three scores bracket a maximum but do not say on
+    which side of ``r*`` it lies.  A best rate at the edge of the rates tried is :func:`next_edge_rate`'s to
+    continue, not this one's; the midpoints are interior, so they never put the best at an edge.
+    """
+    lrs = [c["lr"] for c in candidates]
+    scored = [c for c in candidates if c["status"] == "done" and c["val_score"] is not None]
+    if len(lrs) < 3 or not set(grid) <= set(lrs) or not scored:
+        return []
+    best = max(scored, key=lambda c: c["val_score"])["lr"]
+    i = lrs.index(best)
+    if i in (0, len(lrs) - 1):
+        return []
+    sides = (lrs[i - 1], lrs[i + 1])
+    return [float(f"{(best * r) ** 0.5:.3g}") for r in sides if max(best, r) / min(best, r) > min_ratio]
+
+
 def rate_at_edge(info: dict[str, Any]) -> bool:
     """Whether a pair's chosen rate (``info``: :func:`choose_lrs`'s) is the highest or the lowest of the rates it
     finished (two or more).  Once its selection is complete, with the grid continued ``MAX_EDGE_RATES`` steps past
@@ -114,9 +144,12 @@ def rate_at_edge(info: dict[str, Any]) -> bool:
 
 def extended_spec(spec: Path | dict[str, Any], select_rows: list[dict[str, Any]], key: KeyFn = task_method,
                   where: WhereFn = task_method_where, folder: Path | None = None,
-                  max_edge_rates: int = MAX_EDGE_RATES) -> SweepSpec:
+                  max_edge_rates: int = MAX_EDGE_RATES,
+                  refine: bool | Callable[[Pair], bool] = False) -> SweepSpec:
     """The selection spec (a YAML path, or its data with ``out`` relative to ``folder``) plus, per pair, the rates
-    beyond its grid tried so far and the next edge rate (at most ``max_edge_rates`` beyond the grid).
+    beyond its grid tried so far and the next edge rate (at most ``max_edge_rates`` beyond the grid); with
+    ``refine`` (every pair, or the pairs a predicate accepts), once a pair's best rate is interior, the midpoints
+    of :func:`refine_rates` around it.
 
     Derived from the rows alone, so a resumed driver rebuilds the same cells: one override
     ``{where: where(pair), set: {lr: [grid..., extra...]}}`` per extended pair.
@@ -138,6 +171,8 @@ def extended_spec(spec: Path | dict[str, Any], select_rows: list[dict[str, Any]]
         step = next_edge_rate(chosen[pair]["candidates"], rates, max_edge_rates) if pair in chosen else None
         if step is not None:
             have = sorted({*have, step})
+        elif pair in chosen and (refine(pair) if callable(refine) else refine):
+            have = sorted({*have, *refine_rates(chosen[pair]["candidates"], rates)})
         if have != rates:
             extra.append({"where": where(pair), "set": {"lr": have}})
     data["overrides"] = list(data.get("overrides") or []) + extra
@@ -181,9 +216,10 @@ def sweep_settings(args) -> dict[str, Any]:
 def select_then_tabulate(selection: Callable[[list[dict[str, Any]]], SweepSpec], select_out: Path,
                          table: Callable[[list[dict[str, Any]]], SweepSpec], table_out: Path,
                          glue_results: Path, echo: Callable[[str], None], sweep: dict[str, Any],
-                         max_edge_rates: int = MAX_EDGE_RATES) -> None:
+                         max_edge_rates: int = MAX_EDGE_RATES, refine_rounds: int = 0) -> None:
     """Run the selection sweep (with its edge rates, at most ``max_edge_rates`` rounds: the one ``selection``
-    builds its spec with), then the table sweep.
+    builds its spec with, and ``refine_rounds`` more for the midpoints of a spec built with ``refine``), then the
+    table sweep.
 
     ``selection(rows)`` / ``table(selection rows)`` build the specs; finished GLUE table rows that are cells of
     either (same settings) are copied into their JSONL first (``glue_results``: the folder of
@@ -193,7 +229,8 @@ def select_then_tabulate(selection: Callable[[list[dict[str, Any]]], SweepSpec],
 
     glue_select = read_jsonl(glue_results / "glue_select.jsonl")
     glue_table = read_jsonl(glue_results / "glue_table.jsonl")
-    for _ in range(max_edge_rates + 1):
+    rounds = max_edge_rates + 1 + refine_rounds
+    for _ in range(rounds):
         spec = selection(read_jsonl(select_out))
         copy_rows(glue_select, spec, select_out, "glue_select.jsonl")
         if all(canonical_config(c) in finished_configs(read_jsonl(select_out)) for c in expand(spec)):
@@ -202,7 +239,7 @@ def select_then_tabulate(selection: Callable[[list[dict[str, Any]]], SweepSpec],
     rows = read_jsonl(select_out)
     left = [c for c in expand(selection(rows)) if canonical_config(c) not in finished_configs(rows)]
     if left:  # a failed cell, or edge rates beyond the rounds: a table now would tabulate a half-chosen rate
-        raise SystemExit(f"the selection has {len(left)} unfinished cell(s) after {max_edge_rates + 1} rounds "
+        raise SystemExit(f"the selection has {len(left)} unfinished cell(s) after {rounds} rounds "
                          f"(e.g. {left[0]['task']} {left[0]['method']} lr {left[0]['lr']}); run again to continue")
     spec = table(rows)
     copy_rows(rows + glue_table, spec, table_out, f"{select_out.name} / glue_table.jsonl")

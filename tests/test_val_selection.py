@@ -410,6 +410,74 @@ def test_select_then_tabulate_runs_the_edges_then_the_table_and_reuses_glue_rows
     assert [r.get("copied_from") for r in read_jsonl(tmp_path / "tab.jsonl")][0] == "sel.jsonl / glue_table.jsonl"
 
 
+def test_a_coarse_bracket_around_an_interior_best_rate_is_narrowed_on_both_sides():
+    """The design table's grids step by 4: a best rate between two tried ones is known to a factor of 4 until the
+    midpoints on both sides are tried; then to a factor of 2, and nothing more is asked."""
+    from experiments.rate_selection import refine_rates
+
+    def cand(lr, val, status="done"):
+        return {"lr": lr, "status": status, "val_score": val}
+
+    grid = [5e-4, 2e-3]
+    interior = [cand(5e-4, 0.19), cand(2e-3, 0.27), cand(8e-3, None, "diverged")]  # CoLA's LoRA: 8e-3 collapsed
+    assert refine_rates(interior, grid) == [1e-3, 4e-3]  # a diverged neighbour still bounds the bracket
+    assert refine_rates(interior[:2], grid) == []  # best at the edge: the edge step's job, not this one's
+    assert refine_rates(interior[1:], grid) == []  # the grid is not finished
+    narrowed = sorted([*interior, cand(1e-3, 0.24), cand(4e-3, 0.29)], key=lambda c: c["lr"])
+    assert refine_rates(narrowed, grid) == []  # 4e-3 best between 2e-3 and 8e-3: a factor of 2 each side
+    tenfold = [cand(3e-3, 0.5), cand(3e-2, 0.6), cand(3e-1, 0.55)]
+    assert refine_rates(tenfold, [3e-3, 3e-2, 3e-1]) == [9.49e-3, 9.49e-2]
+    assert refine_rates([cand(5e-4, None, "diverged"), cand(2e-3, None, "diverged"), cand(8e-3, None, "diverged")],
+                        grid) == []  # nothing scored: nothing to bracket
+
+
+def test_select_then_tabulate_narrows_the_bracket_when_the_study_asks(tmp_path, monkeypatch):
+    """With ``refine``, the midpoints around an interior best run as one more selection round and the table takes
+    the best of them; without it (every other study) the selection is what it was."""
+    import controltune.sweep as sweep_module
+    from controltune.results import append_jsonl
+    from experiments.rate_selection import choose_lrs, extended_spec, select_then_tabulate
+
+    ran = []
+    peak = 3e-3  # validation score falls with the distance from 3e-3 in log-rate: 4e-3 is nearer than 2e-3
+
+    def fake_sweep(spec, out, echo=None, **_):
+        import math
+
+        have = {canonical_config(r["config"]) for r in read_jsonl(out)}
+        for cell in expand(spec):
+            if canonical_config(cell) not in have:
+                ran.append((spec.name, cell["lr"], cell["seed"]))
+                append_jsonl(out, {"config": cell, "status": "done",
+                                   "val_score": -abs(math.log(cell["lr"] / peak))})
+
+    monkeypatch.setattr(sweep_module, "run_sweep", fake_sweep)
+    data = {"name": "sel", "out": "sel.jsonl", "grid": {"model": "minilm", "task": "rte", "method": "lora",
+                                                        "seed": 0}, "per_method": {"lora": {"lr": [5e-4, 2e-3]}}}
+    glue = tmp_path / "glue"
+    glue.mkdir()
+    (glue / "glue_table.jsonl").write_text("")
+    (glue / "glue_select.jsonl").write_text("")
+
+    def table(rows):
+        lr = choose_lrs(rows)[("rte", "lora")]["lr"]
+        return parse_spec({**data, "name": "tab", "out": "tab.jsonl", "grid": {**data["grid"], "seed": [0, 1, 2]},
+                           "per_method": {"lora": {"lr": [lr]}}}, "tab", tmp_path)
+
+    for refine, folder in ((False, tmp_path / "plain"), (lambda pair: pair[0] == "rte", tmp_path / "refined")):
+        folder.mkdir()
+        ran.clear()
+        select_then_tabulate(lambda rows, f=folder, r=refine: extended_spec(data, rows, folder=f, refine=r),
+                             folder / "sel.jsonl", table, folder / "tab.jsonl", glue, print, {},
+                             refine_rounds=2 if refine else 0)
+        selection = sorted(lr for name, lr, _ in ran if name == "sel")
+        tabulated = {lr for name, lr, _ in ran if name == "tab"}
+        if refine:  # the grid, its edge step 8e-3 (2e-3 was the top), then 1e-3 and 4e-3 around 2e-3
+            assert selection == [5e-4, 1e-3, 2e-3, 4e-3, 8e-3] and tabulated == {4e-3}
+        else:
+            assert selection == [5e-4, 2e-3, 8e-3] and tabulated == {2e-3}
+
+
 def test_design_rows_never_include_a_runs_validation_rows(tmp_path):
     """A controller designed while its run is built draws its design rows outside the rows the run is selected on."""
     from controltune.data import load_split
