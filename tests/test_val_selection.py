@@ -434,30 +434,25 @@ def test_a_coarse_bracket_around_an_interior_best_rate_is_narrowed_on_both_sides
 def test_select_then_tabulate_narrows_the_bracket_when_the_study_asks(tmp_path, monkeypatch):
     """With ``refine``, the midpoints around an interior best run as one more selection round and the table takes
     the best of them; without it (every other study) the selection is what it was."""
+    import math
+
     import controltune.sweep as sweep_module
     from controltune.results import append_jsonl
     from experiments.rate_selection import choose_lrs, extended_spec, select_then_tabulate
 
     ran = []
-    peak = 3e-3  # validation score falls with the distance from 3e-3 in log-rate: 4e-3 is nearer than 2e-3
 
-    def fake_sweep(spec, out, echo=None, **_):
-        import math
-
+    def fake_sweep(spec, out, echo=None, **_):  # validation falls with the log-distance from 3e-3
         have = {canonical_config(r["config"]) for r in read_jsonl(out)}
-        for cell in expand(spec):
-            if canonical_config(cell) not in have:
-                ran.append((spec.name, cell["lr"], cell["seed"]))
-                append_jsonl(out, {"config": cell, "status": "done",
-                                   "val_score": -abs(math.log(cell["lr"] / peak))})
+        ran.extend((spec.name, c["lr"]) for c in expand(spec) if canonical_config(c) not in have)
+        for cell in (c for c in expand(spec) if canonical_config(c) not in have):
+            append_jsonl(out, {"config": cell, "status": "done", "val_score": -abs(math.log(cell["lr"] / 3e-3))})
 
     monkeypatch.setattr(sweep_module, "run_sweep", fake_sweep)
-    data = {"name": "sel", "out": "sel.jsonl", "grid": {"model": "minilm", "task": "rte", "method": "lora",
-                                                        "seed": 0}, "per_method": {"lora": {"lr": [5e-4, 2e-3]}}}
-    glue = tmp_path / "glue"
-    glue.mkdir()
-    (glue / "glue_table.jsonl").write_text("")
-    (glue / "glue_select.jsonl").write_text("")
+    data = {"name": "sel", "out": "sel.jsonl", "grid": {"task": "rte", "method": "lora", "seed": 0},
+            "per_method": {"lora": {"lr": [5e-4, 2e-3]}}}
+    for name in ("glue_table.jsonl", "glue_select.jsonl"):
+        (tmp_path / name).write_text("")
 
     def table(rows):
         lr = choose_lrs(rows)[("rte", "lora")]["lr"]
@@ -468,10 +463,10 @@ def test_select_then_tabulate_narrows_the_bracket_when_the_study_asks(tmp_path, 
         folder.mkdir()
         ran.clear()
         select_then_tabulate(lambda rows, f=folder, r=refine: extended_spec(data, rows, folder=f, refine=r),
-                             folder / "sel.jsonl", table, folder / "tab.jsonl", glue, print, {},
+                             folder / "sel.jsonl", table, folder / "tab.jsonl", tmp_path, print, {},
                              refine_rounds=2 if refine else 0)
-        selection = sorted(lr for name, lr, _ in ran if name == "sel")
-        tabulated = {lr for name, lr, _ in ran if name == "tab"}
+        selection = sorted(lr for name, lr in ran if name == "sel")
+        tabulated = {lr for name, lr in ran if name == "tab"}
         if refine:  # the grid, its edge step 8e-3 (2e-3 was the top), then 1e-3 and 4e-3 around 2e-3
             assert selection == [5e-4, 1e-3, 2e-3, 4e-3, 8e-3] and tabulated == {4e-3}
         else:
