@@ -391,7 +391,8 @@ def caption_scale(results_dir: Path) -> str:
         + f" — {said('every_method_improves')}; prompt tuning improves most — per task, "
         "prompt's gain against each other method's (the difference of two gains against two standard errors): "
         + tally(payload.get("prompt_vs_others", []), "prompt larger", "tie", "other larger")
-        + f" ({most or 'no task tested'}) — {said('prompt_improves_most')}; selective-module "
+        + f" ({most or 'no task tested'}) — {said('prompt_improves_most')} (criterion: on every task prompt's gain "
+        "is an improvement and larger than every other method's); selective-module "
         "tuning beats last-layer tuning at the same budget — (model, task) pairs: "
         + tally(payload["selective_vs_last_layer"], "selective better", "tie", "last-layer better", "not a test",
                 "too few seeds")
