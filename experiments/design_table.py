@@ -58,6 +58,7 @@ from rate_selection import (  # noqa: E402
     extended_spec,
     progress_echo,
     rate_at_edge,
+    rate_bracket,
     select_then_tabulate,
     sweep_settings,
 )
@@ -225,7 +226,7 @@ def summary(tasks, budgets) -> dict[str, Any]:
                        "std": std, "n_seeds": len(done), "trainable": done[0]["n_trainable"] if done else None,
                        "one_class_seeds": one_class_seeds(done), "near_one_class_seeds": near_one_class_seeds(done),
                        "diverged_seeds": diverged.get(pair, []), "diverged_every_rate": pair in everywhere,
-                       "rate_at_edge": rate_at_edge(info),
+                       "rate_at_edge": rate_at_edge(info), "rate_bracket": rate_bracket(info),
                        "metric": done[0]["metric"] if done else None,
                        "designs": _designs(done, pair_where(pair)["method"])}
     levels = glue_majority(RESULTS)  # the GLUE harness's full dev sets

@@ -133,6 +133,18 @@ def refine_rates(candidates: list[dict[str, Any]], grid: list[float], min_ratio:
     return [float(f"{(best * r) ** 0.5:.3g}") for r in sides if max(best, r) / min(best, r) > min_ratio]
 
 
+def rate_bracket(info: dict[str, Any]) -> float | None:
+    """How well a pair's chosen rate is known: the larger ratio between it and its two tried neighbours,
+    ``max(r*/r_lo, r_hi/r*)`` (``info``: :func:`choose_lrs`'s); None when it is at the edge of the rates tried
+    (:func:`rate_at_edge`) or no rate scored."""
+    lrs = [c["lr"] for c in info["candidates"]]
+    best = info["lr"]
+    if best is None or best not in lrs or lrs.index(best) in (0, len(lrs) - 1):
+        return None
+    i = lrs.index(best)
+    return max(best / lrs[i - 1], lrs[i + 1] / best)
+
+
 def rate_at_edge(info: dict[str, Any]) -> bool:
     """Whether a pair's chosen rate (``info``: :func:`choose_lrs`'s) is the highest or the lowest of the rates it
     finished (two or more).  Once its selection is complete, with the grid continued ``MAX_EDGE_RATES`` steps past

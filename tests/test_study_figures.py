@@ -427,6 +427,10 @@ def test_design_table(tmp_path, monkeypatch):
                 if seed == 0:
                     append_jsonl(design_table.SELECT_OUT, row)
                 append_jsonl(design_table.TABLE_OUT, row)
+            if (task, label) == ("cola", "lora"):  # 1e-3 between two worse rates, a factor of 4 from the upper one
+                for lr in (5e-4, 4e-3):
+                    append_jsonl(design_table.SELECT_OUT, _row({"task": task, "method": method, "options": options,
+                                                                "lr": lr, "seed": 0}, 0.5))
     # RTE's level above every score: a tie there has both at chance
     monkeypatch.setattr(design_table, "glue_majority", lambda _: {"rte": 0.9, "cola": 0.0})
     out = design_table.summary(("rte", "cola"), ("b74k",))
@@ -438,6 +442,7 @@ def test_design_table(tmp_path, monkeypatch):
     assert "parallel_control: wins cola/b74k (+0.050), rte/b74k (+0.050)" in caption
     assert "costate_lora: wins none, ties 0, losses cola/b74k (-0.050), rte/b74k (-0.050)" in caption
     assert "4 wins, met" in caption
+    assert "the widest ratio between a chosen rate and a neighbouring rate tried: cola 4." in caption  # rte: none
     assert "gramian_lora: wins none, ties 2 (1 of them with both at the majority class), losses none" in caption
 
 

@@ -413,7 +413,7 @@ def test_select_then_tabulate_runs_the_edges_then_the_table_and_reuses_glue_rows
 def test_a_coarse_bracket_around_an_interior_best_rate_is_narrowed_on_both_sides():
     """The design table's grids step by 4: a best rate between two tried ones is known to a factor of 4 until the
     midpoints on both sides are tried; then to a factor of 2, and nothing more is asked."""
-    from experiments.rate_selection import refine_rates
+    from experiments.rate_selection import choose_lrs, rate_bracket, refine_rates
 
     def cand(lr, val, status="done"):
         return {"lr": lr, "status": status, "val_score": val}
@@ -425,6 +425,14 @@ def test_a_coarse_bracket_around_an_interior_best_rate_is_narrowed_on_both_sides
     assert refine_rates(interior[1:], grid) == []  # the grid is not finished
     narrowed = sorted([*interior, cand(1e-3, 0.24), cand(4e-3, 0.29)], key=lambda c: c["lr"])
     assert refine_rates(narrowed, grid) == []  # 4e-3 best between 2e-3 and 8e-3: a factor of 2 each side
+
+    def bracket(cands):  # through choose_lrs, as a summary computes it
+        rows = [{"config": {"task": "cola", "method": "lora", "lr": c["lr"]}, "status": c["status"],
+                 "val_score": c["val_score"]} for c in cands]
+        return rate_bracket(choose_lrs(rows)[("cola", "lora")])
+
+    assert bracket(interior) == pytest.approx(4.0) and bracket(narrowed) == pytest.approx(2.0)
+    assert bracket(interior[:2]) is None  # at the edge: no bracket at all
     tenfold = [cand(3e-3, 0.5), cand(3e-2, 0.6), cand(3e-1, 0.55)]
     assert refine_rates(tenfold, [3e-3, 3e-2, 3e-1]) == [9.49e-3, 9.49e-2]
     assert refine_rates([cand(5e-4, None, "diverged"), cand(2e-3, None, "diverged"), cand(8e-3, None, "diverged")],

@@ -88,10 +88,22 @@ def caption(results_dir: Path) -> str:
         f"the other baselines (adapter, prefix, PiSSA, OLoRA, LoRA-GA, EVA): {other_counts['win']} wins, "
         f"{other_counts['tie']} ties, {other_counts['loss']} losses. Goal (at least {GOAL_WINS} wins over LoRA at "
         f"equal parameters): {wins} wins, {goal}."
+        + _bracket_note(payload.get("cells", []))
         + flagged_runs_note(payload.get("cells", []), lambda c: f"{c['task']}/{c['budget']} {c['method']}")
         + " Command: `python experiments/design_table.py` "
         f"({versions_line(payload)})."
     )
+
+
+def _bracket_note(cells: list[dict[str, Any]]) -> str:
+    """Per task, how well the chosen rates are known: the widest ratio between a chosen rate and its nearest tried
+    rates (``rate_bracket``); a verdict between two methods can be the grid's when it is wide."""
+    widest = {}
+    for c in cells:
+        if c.get("rate_bracket") is not None:
+            widest[c["task"]] = max(widest.get(c["task"], 0.0), c["rate_bracket"])
+    return (" Rate resolution, the widest ratio between a chosen rate and a neighbouring rate tried: "
+            + ", ".join(f"{t} {r:.2g}" for t, r in sorted(widest.items())) + "." if widest else "")
 
 
 FIGURES = [
