@@ -126,23 +126,24 @@ def refine_rates(candidates: list[dict[str, Any]], grid: list[float], min_ratio:
     if len(lrs) < 3 or not set(grid) <= set(lrs) or not scored:
         return []
     best = max(scored, key=lambda c: c["val_score"])["lr"]
-    i = lrs.index(best)
-    if i in (0, len(lrs) - 1):
-        return []
-    sides = (lrs[i - 1], lrs[i + 1])
+    sides = _neighbours(lrs, best) or ()
     return [float(f"{(best * r) ** 0.5:.3g}") for r in sides if max(best, r) / min(best, r) > min_ratio]
+
+
+def _neighbours(lrs: list[float], best: float | None) -> tuple[float, float] | None:
+    """The rates tried just below and just above ``best`` (``lrs`` sorted); None when it is at their edge."""
+    if best is None or best not in lrs or lrs.index(best) in (0, len(lrs) - 1):
+        return None
+    i = lrs.index(best)
+    return lrs[i - 1], lrs[i + 1]
 
 
 def rate_bracket(info: dict[str, Any]) -> float | None:
     """How well a pair's chosen rate is known: the larger ratio between it and its two tried neighbours,
     ``max(r*/r_lo, r_hi/r*)`` (``info``: :func:`choose_lrs`'s); None when it is at the edge of the rates tried
     (:func:`rate_at_edge`) or no rate scored."""
-    lrs = [c["lr"] for c in info["candidates"]]
-    best = info["lr"]
-    if best is None or best not in lrs or lrs.index(best) in (0, len(lrs) - 1):
-        return None
-    i = lrs.index(best)
-    return max(best / lrs[i - 1], lrs[i + 1] / best)
+    sides = _neighbours([c["lr"] for c in info["candidates"]], info["lr"])
+    return None if sides is None else max(info["lr"] / sides[0], sides[1] / info["lr"])
 
 
 def rate_at_edge(info: dict[str, Any]) -> bool:
