@@ -212,6 +212,52 @@ def _designs(rows: list[dict[str, Any]], method: str) -> list[Any] | None:
     return reports if any(reports) else None
 
 
+def other_rates(rows: list[dict[str, Any]], lr: float) -> list[dict[str, Any]]:
+    """A pair's table cells at rates other than its chosen ``lr`` (``rows``: the pair's finished table rows):
+    ``[{lr, mean, std, n_seeds}]`` for each rate with two seeds or more, i.e. the cells of a rate the selection
+    chose before its midpoints moved it (kept, so the move's effect on dev is on record)."""
+    by_lr: dict[float, list[float]] = {}
+    for r in rows:
+        if float(r["config"]["lr"]) != lr:
+            by_lr.setdefault(float(r["config"]["lr"]), []).append(r["score_at_best_val"])
+    return [{"lr": x, "mean": mean_std(v)[0], "std": mean_std(v)[1], "n_seeds": len(v)}
+            for x, v in sorted(by_lr.items()) if len(v) >= MIN_SEEDS - 1]
+
+
+def refinement(cells: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per task, what moving a pair's rate did on dev: over the pairs with a complete cell at an earlier rate
+    (:func:`other_rates`, ≥ 3 seeds), ``change = mean(chosen) − mean(earlier)``; ``{pairs, lower, higher,
+    mean_change, changes: [{budget, method, earlier_lr, lr, change}]}`` (``lower``: change < 0, ``higher``: > 0)."""
+    out: dict[str, dict[str, Any]] = {}
+    for c in cells:
+        earlier = [o for o in c["other_rates"] if o["n_seeds"] >= MIN_SEEDS]
+        if c["mean"] is None or c["n_seeds"] < MIN_SEEDS or len(earlier) != 1:
+            continue
+        entry = out.setdefault(c["task"], {"pairs": 0, "lower": 0, "higher": 0, "mean_change": None, "changes": []})
+        change = c["mean"] - earlier[0]["mean"]
+        entry["pairs"] += 1
+        if change:
+            entry["lower" if change < 0 else "higher"] += 1
+        entry["changes"].append({"budget": c["budget"], "method": c["method"], "earlier_lr": earlier[0]["lr"],
+                                 "lr": c["lr"], "change": change})
+    for task, entry in out.items():
+        entry["mean_change"] = statistics.fmean(x["change"] for x in entry["changes"])
+        entry["wins_over_lora_at_earlier_rates"] = earlier_wins(cells, task)
+    return out
+
+
+def earlier_wins(cells: list[dict[str, Any]], task: str) -> list[str]:
+    """``budget:design`` of every design that would beat LoRA on ``task`` (:func:`verdict`) had each pair with a
+    complete cell at an earlier rate kept that rate: whether the verdicts hang on the midpoints."""
+    def at_earlier(c: dict[str, Any]) -> dict[str, Any]:
+        earlier = [o for o in c["other_rates"] if o["n_seeds"] >= MIN_SEEDS]
+        return {**c, **earlier[0]} if len(earlier) == 1 else c
+
+    mine = {(c["budget"], c["method"]): at_earlier(c) for c in cells if c["task"] == task and c["mean"] is not None}
+    return [f"{b}:{m}" for (b, m), c in sorted(mine.items()) if m in DESIGNS and (b, "lora") in mine
+            and verdict(c, mine[(b, "lora")])[0] == "win"]
+
+
 def summary(tasks, budgets) -> dict[str, Any]:
     select_rows, table_rows = completed_rows(SELECT_OUT), completed_rows(TABLE_OUT)  # old rows completed
     chosen = choose_lrs(select_rows, pair_key)
@@ -219,8 +265,8 @@ def summary(tasks, budgets) -> dict[str, Any]:
     everywhere = diverged_everywhere(chosen)
     cells: dict[tuple, dict[str, Any]] = {}
     for pair, info in chosen.items():
-        done = [r for r in table_rows if r.get("status") == "done" and pair_key(r) == pair
-                and float(r["config"]["lr"]) == info["lr"]]
+        mine = [r for r in table_rows if r.get("status") == "done" and pair_key(r) == pair]
+        done = [r for r in mine if float(r["config"]["lr"]) == info["lr"]]
         mean, std = mean_std([r["score_at_best_val"] for r in done])
         cells[pair] = {"task": pair[0], "budget": pair[1], "method": pair[2], "lr": info["lr"], "mean": mean,
                        "std": std, "n_seeds": len(done), "trainable": done[0]["n_trainable"] if done else None,
@@ -228,6 +274,7 @@ def summary(tasks, budgets) -> dict[str, Any]:
                        "diverged_seeds": diverged.get(pair, []), "diverged_every_rate": pair in everywhere,
                        "rate_at_edge": rate_at_edge(info), "rate_bracket": rate_bracket(info),
                        "metric": done[0]["metric"] if done else None,
+                       "other_rates": other_rates(mine, info["lr"]),
                        "designs": _designs(done, pair_where(pair)["method"])}
     levels = glue_majority(RESULTS)  # the GLUE harness's full dev sets
     rows = []
@@ -250,7 +297,7 @@ def summary(tasks, budgets) -> dict[str, Any]:
     payload = {**stamp({"tasks": list(tasks), "budgets": list(budgets), "budgets_options": BUDGETS,
                         "harness": "experiments/glue_select.yaml settings", "seeds": [0, 1, 2],
                         "command": "python experiments/design_table.py"}),
-               "cells": list(cells.values()), "rows": rows,
+               "cells": list(cells.values()), "rows": rows, "refinement": refinement(list(cells.values())),
                "wins": sum(r["verdict"] == "win" and r["baseline"] == "lora" for r in rows)}
     write_json_unless_same(SUMMARY, payload)
     return payload

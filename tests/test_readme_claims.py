@@ -195,6 +195,22 @@ def test_design_table_row_states_the_wins_over_lora_of_each_complete_task():
             assert all(w in row for w in wins), (name, wins)
 
 
+def test_design_table_row_states_what_moving_the_rates_did_on_dev():
+    payload = _load("design_table.json")
+    text = (ROOT / "README.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| the design table:"))
+    names = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "cola": "CoLA"}
+    for task, found in payload.get("refinement", {}).items():
+        part = row.split(f"On {names[task]} ", 1)[1]
+        assert part.startswith(f"{found['pairs']} of "), (task, part[:80])
+        assert f"lower on dev in {found['lower']} and higher in {found['higher']}" in part, task
+        metric = next(c["metric"] for c in payload["cells"] if c["task"] == task and c["metric"])
+        unit = {"mcc": "MCC", "accuracy": "accuracy", "f1": "F1"}.get(metric, metric)
+        assert f"by {found['mean_change']:.3f} {unit} on average".replace("-", "−") in part, task
+        if not found["wins_over_lora_at_earlier_rates"]:
+            assert "at the earlier rates no design wins against LoRA" in part, task
+
+
 def test_apet_row_states_the_positions_and_reach_verdicts():
     from paper_figs.figures.apet import _reach_verdict, spread_claim
 

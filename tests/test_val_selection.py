@@ -353,6 +353,33 @@ def test_the_design_table_shares_the_glue_harness_and_judges_by_two_standard_err
     assert verdict(cell(0.60, None, 1), cell(0.55, 0.01))[0] is None
 
 
+def test_the_design_table_keeps_the_cells_of_a_rate_the_midpoints_moved_and_what_the_move_did():
+    from experiments.design_table import other_rates, refinement
+
+    def row(lr, seed, score):
+        return {"config": {"lr": lr, "seed": seed}, "score_at_best_val": score}
+
+    rows = [row(2e-3, s, 0.25 + 0.01 * s) for s in range(3)] + [row(4e-3, s, 0.20 + 0.01 * s) for s in range(3)]
+    rows.append(row(1e-3, 0, 0.3))  # a selection cell only: one seed, not a cell of the table
+    earlier = other_rates(rows, 4e-3)
+    assert [(o["lr"], o["n_seeds"]) for o in earlier] == [(2e-3, 3)] and earlier[0]["mean"] == pytest.approx(0.26)
+
+    def cell(method, mean, std, other=()):
+        return {"task": "cola", "budget": "b18k", "method": method, "lr": 4e-3, "mean": mean, "std": std,
+                "n_seeds": 3, "other_rates": [{"lr": 2e-3, "mean": m, "std": s, "n_seeds": 3} for m, s in other]}
+
+    # LoRA's move cost it 0.1 on dev; the design's gained 0.05: at the earlier rates the design would lose, at the
+    # chosen ones it wins
+    cells = [cell("lora", 0.20, 0.01, [(0.30, 0.01)]), cell("riccati_feedback", 0.25, 0.01, [(0.20, 0.01)]),
+             cell("adapter", 0.22, 0.01)]
+    found = refinement(cells)["cola"]
+    assert (found["pairs"], found["lower"], found["higher"]) == (2, 1, 1)
+    assert found["mean_change"] == pytest.approx(-0.025)
+    assert found["wins_over_lora_at_earlier_rates"] == []
+    cells[0]["other_rates"][0]["mean"] = 0.10  # LoRA was worse before: the design wins at the earlier rates too
+    assert refinement(cells)["cola"]["wins_over_lora_at_earlier_rates"] == ["b18k:riccati_feedback"]
+
+
 def test_a_gap_to_full_fine_tuning_gets_its_measured_reasons(tmp_path):
     from experiments.glue_table import gap_reasons
 
