@@ -122,9 +122,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"todo": [r["cell"] for r in todo], "core_hours": hours}
     if todo:
         rebuild_cells(todo, OUT, sweep_settings(args), ROOT)
+    # still missing: no rebuilt row anywhere, not merely no deltas here (run folders stay on the machine that
+    # trained them, so the latter would make the committed summary depend on where it was last written)
     payload = {**stamp({"command": "python experiments/rebuild_runs.py " + " ".join(argv or sys.argv[1:]),
                         "tasks": tasks, "methods": methods, "seeds": args.seeds}),
-               **comparison(recorded), "still_missing": [r["cell"] for r in missing(recorded)]}
+               **comparison(recorded), "still_missing": [r["cell"] for r in not_rebuilt(recorded)]}
     if payload["cells"]:
         times = [c["wall_time_s"] for c in payload["cells"] if c["wall_time_s"]]
         payload["mean_wall_time_s"] = statistics.fmean(times) if times else None
