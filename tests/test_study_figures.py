@@ -428,6 +428,9 @@ def test_design_table(tmp_path, monkeypatch):
                     append_jsonl(design_table.SELECT_OUT, row)
                 append_jsonl(design_table.TABLE_OUT, row)
             if (task, label) == ("cola", "lora"):  # 1e-3 between two worse rates, a factor of 4 from the upper one
+                for seed in (0, 1, 2):  # the cell of a rate chosen before the midpoints moved it: kept, not shown
+                    append_jsonl(design_table.TABLE_OUT, _row({"task": task, "method": method, "options": options,
+                                                               "lr": 4e-3, "seed": seed}, 0.6))
                 for lr in (5e-4, 4e-3):
                     append_jsonl(design_table.SELECT_OUT, _row({"task": task, "method": method, "options": options,
                                                                 "lr": lr, "seed": 0}, 0.5))
@@ -444,6 +447,13 @@ def test_design_table(tmp_path, monkeypatch):
     assert "4 wins, met" in caption
     assert "the widest ratio between a chosen rate and a neighbouring rate tried: cola 4." in caption  # rte: none
     assert "gramian_lora: wins none, ties 2 (1 of them with both at the majority class), losses none" in caption
+    # at LoRA's earlier rate (0.6) every design beats it; at the chosen one (0.701) two do
+    earlier = ", ".join(f"b74k:{d}" for d in sorted(design_table.DESIGNS))
+    assert ("Rates moved after their seeds 1 and 2 had run (the earlier cells kept; chosen minus earlier mean): "
+            f"cola: 1 moved, 0 lower on dev, 1 higher, mean change +0.101, wins over LoRA at the earlier rates: "
+            f"{earlier}.") in caption
+    assert out["refinement"]["cola"]["changes"] == [{"budget": "b74k", "method": "lora", "earlier_lr": 4e-3,
+                                                     "lr": 1e-3, "change": pytest.approx(0.101)}]
 
 
 def test_glue_gaps_summary(tmp_path, monkeypatch):

@@ -89,6 +89,7 @@ def caption(results_dir: Path) -> str:
         f"{other_counts['tie']} ties, {other_counts['loss']} losses. Goal (at least {GOAL_WINS} wins over LoRA at "
         f"equal parameters): {wins} wins, {goal}."
         + _bracket_note(payload.get("cells", []))
+        + _refinement_note(payload.get("refinement", {}))
         + flagged_runs_note(payload.get("cells", []), lambda c: f"{c['task']}/{c['budget']} {c['method']}")
         + " Command: `python experiments/design_table.py` "
         f"({versions_line(payload)})."
@@ -104,6 +105,18 @@ def _bracket_note(cells: list[dict[str, Any]]) -> str:
             widest[c["task"]] = max(widest.get(c["task"], 0.0), c["rate_bracket"])
     return (" Rate resolution, the widest ratio between a chosen rate and a neighbouring rate tried: "
             + ", ".join(f"{t} {r:.2g}" for t, r in sorted(widest.items())) + "." if widest else "")
+
+
+def _refinement_note(found: dict[str, dict[str, Any]]) -> str:
+    """Per task, what moving a pair's rate to a midpoint did on dev (``refinement`` of the summary): a finer grid
+    is worth its cells only if the validation rows rank neighbouring rates better than their noise."""
+    if not found:
+        return ""
+    parts = [f"{t}: {e['pairs']} moved, {e['lower']} lower on dev, {e['higher']} higher, mean change "
+             f"{e['mean_change']:+.3f}, wins over LoRA at the earlier rates: "
+             f"{', '.join(e['wins_over_lora_at_earlier_rates']) or 'none'}" for t, e in sorted(found.items())]
+    return (" Rates moved after their seeds 1 and 2 had run (the earlier cells kept; chosen minus earlier mean): "
+            + "; ".join(parts) + ".")
 
 
 FIGURES = [
