@@ -212,6 +212,18 @@ def _designs(rows: list[dict[str, Any]], method: str) -> list[Any] | None:
     return reports if any(reports) else None
 
 
+def mean_curve(rows: list[dict[str, Any]], metric: str | None) -> list[dict[str, float]] | None:
+    """The seeds' mean validation curve ``[{step, mean, n}]``: ``metric`` at each evaluation step that every seed
+    of ``rows`` with a curve reached (a seed stopped early by divergence shortens it); None without curves."""
+    curves = [{p["step"]: p[metric] for p in (r.get("curves") or {}).get("val", []) if p.get(metric) is not None}
+              for r in rows] if metric else []
+    curves = [c for c in curves if c]
+    if not curves:
+        return None
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    return [{"step": s, "mean": statistics.fmean(c[s] for c in curves), "n": len(curves)} for s in steps]
+
+
 def other_rates(rows: list[dict[str, Any]], lr: float) -> list[dict[str, Any]]:
     """A pair's table cells at rates other than its chosen ``lr`` (``rows``: the pair's finished table rows):
     ``[{lr, mean, std, n_seeds}]`` for each rate with two seeds or more, i.e. the cells of a rate the selection
@@ -275,6 +287,7 @@ def summary(tasks, budgets) -> dict[str, Any]:
                        "rate_at_edge": rate_at_edge(info), "rate_bracket": rate_bracket(info),
                        "metric": done[0]["metric"] if done else None,
                        "other_rates": other_rates(mine, info["lr"]),
+                       "val_curve": mean_curve(done, done[0]["metric"] if done else None),
                        "designs": _designs(done, pair_where(pair)["method"])}
     levels = glue_majority(RESULTS)  # the GLUE harness's full dev sets
     rows = []

@@ -268,3 +268,17 @@ def test_sequential_row_states_its_counts():
     assert f"**held in {len(payload['improving_orders'])} of {len(payload['orders'])} orders**" in row
     assert (f"of the {len(steps)} (order, added stage) steps, {steps.count('helps')} helped" in row
             and f"{steps.count('hurts')} hurt" in row and f"{steps.count('no effect')} made no difference" in row)
+
+
+def test_readme_counts_the_design_table_cells_still_rising_as_the_curves_caption_does():
+    from paper_figs.figures.design_table import _peaks_last
+
+    payload = _load("design_table.json")
+    text = (ROOT / "README.md").read_text()
+    names = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "cola": "CoLA"}
+    said = re.search(r"still rising at their last evaluation: ([^)]*)\)", text)
+    assert said, "the README's figure list should count the design table's cells still rising"
+    for task, name in names.items():
+        mine = [c for c in payload["cells"] if c["task"] == task and c.get("val_curve")]
+        if mine and all(c["n_seeds"] >= 3 for c in payload["cells"] if c["task"] == task):
+            assert f"{sum(_peaks_last(c['val_curve']) for c in mine)} of {len(mine)} on {name}" in said.group(1), name

@@ -421,6 +421,9 @@ def test_design_table(tmp_path, monkeypatch):
             for seed in (0, 1, 2):
                 row = _row({"task": task, "method": method, "options": options, "lr": 1e-3, "seed": seed},
                            0.7 + better.get(label, 0.0) + 0.001 * seed)
+                last = 0.8 if label == "lora" else 0.6  # LoRA still rising at its last evaluation, the rest not
+                row["curves"] = {"val": [{"step": 10, "accuracy": 0.5}, {"step": 20, "accuracy": 0.7},
+                                         {"step": 30, "accuracy": last}][:3 if seed or task == "cola" else 2]}
                 if method == "recommended_lora":
                     row["designs"] = {method: {"used": 73000 + seed, "ranks": {"0_v": 2},
                                                "scores": {"0_v": 1.0}, "trust_region": {"eta": 0.5, "trials": [{}]}}}
@@ -452,6 +455,14 @@ def test_design_table(tmp_path, monkeypatch):
     assert ("Rates moved after their seeds 1 and 2 had run (the earlier cells kept; chosen minus earlier mean): "
             f"cola: 1 moved, 0 lower on dev, 1 higher, mean change +0.101, wins over LoRA at the earlier rates: "
             f"{earlier}.") in caption
+    lora = next(c for c in out["cells"] if (c["task"], c["method"]) == ("rte", "lora"))
+    assert lora["val_curve"] == [{"step": 10, "mean": pytest.approx(0.5), "n": 3},  # the steps every seed reached
+                                 {"step": 20, "mean": pytest.approx(0.7), "n": 3}]
+    curves = _caption("design_table_curves", tmp_path, tmp_path / "f")
+    # RTE: the seed-0 rows stop at step 20, so every mean curve ends rising there; CoLA: LoRA alone rises at the end
+    assert "not levelled off): rte 13 of 13, cola 1 of 13." in curves
+    assert "Tasks with 3 seeds in every cell: rte, cola." in curves
+    assert "Tasks with 3 seeds in every cell: rte, cola;" in _caption("design_table_pareto", tmp_path, tmp_path / "f")
     assert out["refinement"]["cola"]["changes"] == [{"budget": "b74k", "method": "lora", "earlier_lr": 4e-3,
                                                      "lr": 1e-3, "change": pytest.approx(0.101)}]
 

@@ -119,10 +119,136 @@ def _refinement_note(found: dict[str, dict[str, Any]]) -> str:
             + "; ".join(parts) + ".")
 
 
+def _style(method: str, designs: set[str]) -> dict[str, Any]:
+    """Designs in colour with markers, LoRA blue, the other baselines grey."""
+    if method == "lora":
+        return {"color": "tab:blue", "marker": "s", "linewidth": 1.6, "zorder": 3}
+    if method in designs:
+        i = sorted(designs).index(method)
+        return {"color": f"C{(i + 1) % 10}", "marker": "o^v<>D"[i % 6], "linewidth": 1.2, "zorder": 2}
+    return {"color": "0.6", "marker": ".", "linewidth": 0.8, "zorder": 1}
+
+
+def _designs(payload: dict[str, Any]) -> set[str]:
+    return {r["design"] for r in payload["rows"]} | set(payload["config"].get("designs", []))
+
+
+def _legend(fig, axes) -> None:
+    """One legend right of ``fig`` with every method any of ``axes`` plots, each once."""
+    handles, labels = [], []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="outside right", fontsize=6)
+
+
+def draw_pareto(results_dir: Path):
+    """Columns: tasks; per method its two budgets joined: dev score (mean ± std over seeds) against trainable
+    parameters (the head aside)."""
+    payload = load_json(results_dir, SOURCE)
+    designs = _designs(payload)
+    fig = new_figure(10.5, 3.0)
+    axes = fig.subplots(1, len(TASKS), squeeze=False)[0]
+    for ax, task in zip(axes, TASKS):
+        cells = [c for c in payload["cells"] if c["task"] == task and c["mean"] is not None and c["trainable"]]
+        if not cells:
+            ax.text(0.5, 0.5, "not run yet", ha="center", va="center", transform=ax.transAxes, color="0.4")
+            ax.set(title=task, xticks=[], yticks=[])
+            continue
+        for method in dict.fromkeys(c["method"] for c in cells):
+            mine = sorted((c for c in cells if c["method"] == method), key=lambda c: c["trainable"])
+            ax.errorbar([c["trainable"] for c in mine], [c["mean"] for c in mine],
+                        yerr=[c["std"] or 0.0 for c in mine], capsize=2, markersize=4,
+                        label=method, **_style(method, designs))
+        ax.set(xscale="log", title=task, xlabel="trainable parameters", ylabel=cells[0]["metric"])
+        ax.grid(True, alpha=0.3)
+    _legend(fig, axes)
+    return fig
+
+
+def draw_curves(results_dir: Path):
+    """Rows: budgets; columns: tasks; per method the validation score at each evaluation, mean over the seeds at
+    the chosen rate (``val_curve`` of each cell)."""
+    payload = load_json(results_dir, SOURCE)
+    designs = _designs(payload)
+    budgets = list(dict.fromkeys(c["budget"] for c in payload["cells"]))
+    fig = new_figure(10.5, 2.8 * max(len(budgets), 1))
+    axes = fig.subplots(max(len(budgets), 1), len(TASKS), squeeze=False)
+    for i, budget in enumerate(budgets):
+        for j, task in enumerate(TASKS):
+            ax = axes[i][j]
+            cells = [c for c in payload["cells"] if (c["task"], c["budget"]) == (task, budget) and c.get("val_curve")]
+            if not cells:
+                ax.text(0.5, 0.5, "not run yet", ha="center", va="center", transform=ax.transAxes, color="0.4")
+                ax.set(title=f"{task}, {budget}", xticks=[], yticks=[])
+                continue
+            for c in cells:
+                style = {**_style(c["method"], designs), "markersize": 3}
+                ax.plot([p["step"] for p in c["val_curve"]], [p["mean"] for p in c["val_curve"]], label=c["method"],
+                        **style)
+            ax.set(title=f"{task}, {budget}", xlabel="step", ylabel=f"validation {cells[0]['metric']}")
+            ax.grid(True, alpha=0.3)
+    _legend(fig, axes.flat)
+    return fig
+
+
+def _complete_tasks(payload: dict[str, Any]) -> list[str]:
+    """Tasks whose every cell has three seeds."""
+    return [t for t in TASKS if (mine := [c for c in payload["cells"] if c["task"] == t])
+            and all(c["n_seeds"] >= 3 for c in mine)]
+
+
+def _peaks_last(curve: list[dict[str, float]]) -> bool:
+    """Whether a mean validation curve reaches its maximum at its last evaluation."""
+    return len(curve) > 1 and curve[-1]["mean"] >= max(p["mean"] for p in curve)
+
+
+def caption_pareto(results_dir: Path) -> str:
+    payload = load_json(results_dir, SOURCE)
+    done = _complete_tasks(payload)
+    return (
+        "Dev score (mean ± standard deviation over seeds 0, 1, 2 at each pair's chosen rate) against trainable "
+        "parameters, the classification head aside, of every method at the design table's two budgets (b18k: LoRA "
+        "r=2 on q,v; b74k: r=8), each method's two budgets joined; designs in colour, LoRA blue, the other "
+        "baselines (adapter, prefix, PiSSA, OLoRA, LoRA-GA, EVA) grey. MiniLM on the GLUE table's harness. Tasks "
+        f"with 3 seeds in every cell: {', '.join(done) or 'none yet'}; a task still running shows the cells "
+        "finished so far. The verdicts (two standard errors) are in the `design_table` figure's caption. Command: "
+        f"`python experiments/design_table.py` ({versions_line(payload)})."
+    )
+
+
+def caption_curves(results_dir: Path) -> str:
+    payload = load_json(results_dir, SOURCE)
+    done = _complete_tasks(payload)
+    short = sorted({f"{c['task']}/{c['budget']} {c['method']}" for c in payload["cells"] if c.get("val_curve")
+                    and c["val_curve"][0]["n"] < c["n_seeds"]})
+    rising = {t: (sum(_peaks_last(c["val_curve"]) for c in mine), len(mine)) for t in TASKS
+              if (mine := [c for c in payload["cells"] if c["task"] == t and c.get("val_curve")])}
+    return (
+        "Validation score (the rows held out of train that choose the rates; dev is never plotted here) at each "
+        "evaluation step, mean over the seeds at each pair's chosen rate, at the design table's two budgets. "
+        "MiniLM on the GLUE table's harness (per-task epochs and evaluation cadence). Tasks with 3 seeds in every "
+        f"cell: {', '.join(done) or 'none yet'}. Cells whose mean curve is highest at its last evaluation (still "
+        "rising when the harness's epochs end: those runs had not levelled off): "
+        + (", ".join(f"{t} {k} of {n}" for t, (k, n) in rising.items()) or "none yet") + "."
+        + (f" Cells averaged over fewer seeds than they have (a seed's row without its curve): {'; '.join(short)}."
+           if short else "")
+        + f" Command: `python experiments/design_table.py` ({versions_line(payload)})."
+    )
+
+
 FIGURES = [
     FigureSpec(name="design_table", title="Control-designed deltas and the recommender against standard deltas at "
                                           "equal budgets (GLUE harness, 3 seeds)", sources=(SOURCE,), draw=draw,
                caption=caption, recompute=(("python", "experiments/design_table.py"),)),
+    FigureSpec(name="design_table_pareto", title="Designed and standard deltas at the design table's two budgets: "
+                                                 "dev score against trainable parameters", sources=(SOURCE,),
+               draw=draw_pareto, caption=caption_pareto, recompute=(("python", "experiments/design_table.py"),)),
+    FigureSpec(name="design_table_curves", title="Designed and standard deltas at the design table's two budgets: "
+                                                 "validation curves", sources=(SOURCE,),
+               draw=draw_curves, caption=caption_curves, recompute=(("python", "experiments/design_table.py"),)),
 ]
 
 __all__ = ["FIGURES", "verdicts"]
