@@ -239,7 +239,8 @@ def other_rates(rows: list[dict[str, Any]], lr: float) -> list[dict[str, Any]]:
 def refinement(cells: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per task, what moving a pair's rate did on dev: over the pairs with a complete cell at an earlier rate
     (:func:`other_rates`, ≥ 3 seeds), ``change = mean(chosen) − mean(earlier)``; ``{pairs, lower, higher,
-    mean_change, changes: [{budget, method, earlier_lr, lr, change}]}`` (``lower``: change < 0, ``higher``: > 0)."""
+    mean_change, changes: [{budget, method, earlier_lr, lr, change}], wins_over_lora_at_earlier_rates, verdicts,
+    verdicts_changed}`` (``lower``: change < 0, ``higher``: > 0; the verdicts: :func:`earlier_verdicts`)."""
     out: dict[str, dict[str, Any]] = {}
     for c in cells:
         earlier = [o for o in c["other_rates"] if o["n_seeds"] >= MIN_SEEDS]
@@ -254,20 +255,27 @@ def refinement(cells: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                                  "lr": c["lr"], "change": change})
     for task, entry in out.items():
         entry["mean_change"] = statistics.fmean(x["change"] for x in entry["changes"])
-        entry["wins_over_lora_at_earlier_rates"] = earlier_wins(cells, task)
+        verdicts = earlier_verdicts(cells, task)
+        entry["wins_over_lora_at_earlier_rates"] = [f"{v['budget']}:{v['design']}" for v in verdicts
+                                                    if v["baseline"] == "lora" and v["earlier"] == "win"]
+        entry["verdicts"] = len(verdicts)
+        entry["verdicts_changed"] = [v for v in verdicts if v["earlier"] != v["chosen"]]
     return out
 
 
-def earlier_wins(cells: list[dict[str, Any]], task: str) -> list[str]:
-    """``budget:design`` of every design that would beat LoRA on ``task`` (:func:`verdict`) had each pair with a
-    complete cell at an earlier rate kept that rate: whether the verdicts hang on the midpoints."""
+def earlier_verdicts(cells: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:
+    """Every (design, baseline) verdict on ``task`` (:func:`verdict`) had each pair with a complete cell at an
+    earlier rate kept that rate, beside the verdict at the chosen rates: ``[{budget, design, baseline, earlier,
+    chosen}]`` — how much the verdicts hang on the rates' last move."""
     def at_earlier(c: dict[str, Any]) -> dict[str, Any]:
         earlier = [o for o in c["other_rates"] if o["n_seeds"] >= MIN_SEEDS]
         return {**c, **earlier[0]} if len(earlier) == 1 else c
 
-    mine = {(c["budget"], c["method"]): at_earlier(c) for c in cells if c["task"] == task and c["mean"] is not None}
-    return [f"{b}:{m}" for (b, m), c in sorted(mine.items()) if m in DESIGNS and (b, "lora") in mine
-            and verdict(c, mine[(b, "lora")])[0] == "win"]
+    now = {(c["budget"], c["method"]): c for c in cells if c["task"] == task and c["mean"] is not None}
+    before = {k: at_earlier(c) for k, c in now.items()}
+    return [{"budget": b, "design": m, "baseline": base, "earlier": verdict(before[(b, m)], before[(b, base)])[0],
+             "chosen": verdict(c, now[(b, base)])[0]}
+            for (b, m), c in sorted(now.items()) if m in DESIGNS for base in BASELINES if (b, base) in now]
 
 
 def summary(tasks, budgets) -> dict[str, Any]:

@@ -207,6 +207,9 @@ def test_design_table_row_states_what_moving_the_rates_did_on_dev():
         metric = next(c["metric"] for c in payload["cells"] if c["task"] == task and c["metric"])
         unit = {"mcc": "MCC", "accuracy": "accuracy", "f1": "F1"}.get(metric, metric)
         assert f"by {found['mean_change']:.3f} {unit} on average".replace("-", "−") in part, task
+        lora = sum(v["baseline"] == "lora" for v in found["verdicts_changed"])
+        assert (f"{len(found['verdicts_changed'])} of the {found['verdicts']} verdicts differ between the two "
+                f"({lora} of the {len(found['verdicts_changed'])} against LoRA") in part, task
         if not found["wins_over_lora_at_earlier_rates"]:
             assert "at the earlier rates no design wins against LoRA" in part, task
 

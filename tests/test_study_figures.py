@@ -454,7 +454,7 @@ def test_design_table(tmp_path, monkeypatch):
     earlier = ", ".join(f"b74k:{d}" for d in sorted(design_table.DESIGNS))
     assert ("Rates moved after their seeds 1 and 2 had run (the earlier cells kept; chosen minus earlier mean): "
             f"cola: 1 moved, 0 lower on dev, 1 higher, mean change +0.101, wins over LoRA at the earlier rates: "
-            f"{earlier}.") in caption
+            f"{earlier}, verdicts that differ between the two: 4 of 42 (4 against LoRA).") in caption
     lora = next(c for c in out["cells"] if (c["task"], c["method"]) == ("rte", "lora"))
     assert lora["val_curve"] == [{"step": 10, "mean": pytest.approx(0.5), "n": 3},  # the steps every seed reached
                                  {"step": 20, "mean": pytest.approx(0.7), "n": 3}]

@@ -376,6 +376,11 @@ def test_the_design_table_keeps_the_cells_of_a_rate_the_midpoints_moved_and_what
     assert (found["pairs"], found["lower"], found["higher"]) == (2, 1, 1)
     assert found["mean_change"] == pytest.approx(-0.025)
     assert found["wins_over_lora_at_earlier_rates"] == []
+    assert found["verdicts"] == 2  # riccati_feedback against LoRA and the adapter
+    assert found["verdicts_changed"] == [{"budget": "b18k", "design": "riccati_feedback", "baseline": "lora",
+                                          "earlier": "loss", "chosen": "win"},
+                                         {"budget": "b18k", "design": "riccati_feedback", "baseline": "adapter",
+                                          "earlier": "loss", "chosen": "win"}]
     cells[0]["other_rates"][0]["mean"] = 0.10  # LoRA was worse before: the design wins at the earlier rates too
     assert refinement(cells)["cola"]["wins_over_lora_at_earlier_rates"] == ["b18k:riccati_feedback"]
 

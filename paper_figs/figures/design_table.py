@@ -114,7 +114,10 @@ def _refinement_note(found: dict[str, dict[str, Any]]) -> str:
         return ""
     parts = [f"{t}: {e['pairs']} moved, {e['lower']} lower on dev, {e['higher']} higher, mean change "
              f"{e['mean_change']:+.3f}, wins over LoRA at the earlier rates: "
-             f"{', '.join(e['wins_over_lora_at_earlier_rates']) or 'none'}" for t, e in sorted(found.items())]
+             f"{', '.join(e['wins_over_lora_at_earlier_rates']) or 'none'}, verdicts that differ between the two: "
+             f"{len(e['verdicts_changed'])} of {e['verdicts']} "
+             f"({sum(v['baseline'] == 'lora' for v in e['verdicts_changed'])} against LoRA)"
+             for t, e in sorted(found.items())]
     return (" Rates moved after their seeds 1 and 2 had run (the earlier cells kept; chosen minus earlier mean): "
             + "; ".join(parts) + ".")
 
