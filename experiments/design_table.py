@@ -236,6 +236,12 @@ def other_rates(rows: list[dict[str, Any]], lr: float) -> list[dict[str, Any]]:
             for x, v in sorted(by_lr.items()) if len(v) >= MIN_SEEDS - 1]
 
 
+def earlier_cell(cell: dict[str, Any]) -> dict[str, Any] | None:
+    """The complete cell (≥ 3 seeds) of ``cell``'s pair at the one rate chosen before its last move, if any."""
+    earlier = [o for o in cell["other_rates"] if o["n_seeds"] >= MIN_SEEDS]
+    return earlier[0] if len(earlier) == 1 else None
+
+
 def refinement(cells: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per task, what moving a pair's rate did on dev: over the pairs with a complete cell at an earlier rate
     (:func:`other_rates`, ≥ 3 seeds), ``change = mean(chosen) − mean(earlier)``; ``{pairs, lower, higher,
@@ -243,15 +249,15 @@ def refinement(cells: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     verdicts_changed}`` (``lower``: change < 0, ``higher``: > 0; the verdicts: :func:`earlier_verdicts`)."""
     out: dict[str, dict[str, Any]] = {}
     for c in cells:
-        earlier = [o for o in c["other_rates"] if o["n_seeds"] >= MIN_SEEDS]
-        if c["mean"] is None or c["n_seeds"] < MIN_SEEDS or len(earlier) != 1:
+        earlier = earlier_cell(c)
+        if c["mean"] is None or c["n_seeds"] < MIN_SEEDS or earlier is None:
             continue
         entry = out.setdefault(c["task"], {"pairs": 0, "lower": 0, "higher": 0, "mean_change": None, "changes": []})
-        change = c["mean"] - earlier[0]["mean"]
+        change = c["mean"] - earlier["mean"]
         entry["pairs"] += 1
         if change:
             entry["lower" if change < 0 else "higher"] += 1
-        entry["changes"].append({"budget": c["budget"], "method": c["method"], "earlier_lr": earlier[0]["lr"],
+        entry["changes"].append({"budget": c["budget"], "method": c["method"], "earlier_lr": earlier["lr"],
                                  "lr": c["lr"], "change": change})
     for task, entry in out.items():
         entry["mean_change"] = statistics.fmean(x["change"] for x in entry["changes"])
@@ -267,12 +273,8 @@ def earlier_verdicts(cells: list[dict[str, Any]], task: str) -> list[dict[str, A
     """Every (design, baseline) verdict on ``task`` (:func:`verdict`) had each pair with a complete cell at an
     earlier rate kept that rate, beside the verdict at the chosen rates: ``[{budget, design, baseline, earlier,
     chosen}]`` — how much the verdicts hang on the rates' last move."""
-    def at_earlier(c: dict[str, Any]) -> dict[str, Any]:
-        earlier = [o for o in c["other_rates"] if o["n_seeds"] >= MIN_SEEDS]
-        return {**c, **earlier[0]} if len(earlier) == 1 else c
-
     now = {(c["budget"], c["method"]): c for c in cells if c["task"] == task and c["mean"] is not None}
-    before = {k: at_earlier(c) for k, c in now.items()}
+    before = {k: {**c, **(earlier_cell(c) or {})} for k, c in now.items()}
     return [{"budget": b, "design": m, "baseline": base, "earlier": verdict(before[(b, m)], before[(b, base)])[0],
              "chosen": verdict(c, now[(b, base)])[0]}
             for (b, m), c in sorted(now.items()) if m in DESIGNS for base in BASELINES if (b, base) in now]

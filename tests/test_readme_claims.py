@@ -46,6 +46,9 @@ def _load(name: str) -> dict:
     return json.loads(path.read_text())
 
 
+TASK_NAMES = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "cola": "CoLA"}
+"""The GLUE tasks as the README names them."""
+
 WORDS = {True: "held", False: "did not hold", None: "inconclusive"}
 
 
@@ -112,8 +115,7 @@ def test_convergence_row_states_the_verdict_over_its_tasks():
 
 
 def _conv_tasks() -> list[tuple[str, str]]:
-    names = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "cola": "CoLA"}
-    return [(names[o["task"]], o["verdict"]) for o in _load("convergence.json")["orders"]]
+    return [(TASK_NAMES[o["task"]], o["verdict"]) for o in _load("convergence.json")["orders"]]
 
 
 def test_sequential_row_states_both_claims():
@@ -182,8 +184,7 @@ def test_design_table_row_states_the_wins_over_lora_of_each_complete_task():
     payload = _load("design_table.json")
     text = (ROOT / "README.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| the design table:"))
-    names = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "cola": "CoLA"}
-    for task, name in names.items():
+    for task, name in TASK_NAMES.items():
         mine = [r for r in payload["rows"] if r["task"] == task and r["baseline"] == "lora"]
         if not mine or any(r["n_seeds"] < 3 or r["baseline_n_seeds"] < 3 for r in mine):
             continue  # a task still running: no statement to check
@@ -199,9 +200,8 @@ def test_design_table_row_states_what_moving_the_rates_did_on_dev():
     payload = _load("design_table.json")
     text = (ROOT / "README.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| the design table:"))
-    names = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "cola": "CoLA"}
     for task, found in payload.get("refinement", {}).items():
-        part = row.split(f"On {names[task]} ", 1)[1]
+        part = row.split(f"On {TASK_NAMES[task]} ", 1)[1]
         assert part.startswith(f"{found['pairs']} of "), (task, part[:80])
         assert f"lower on dev in {found['lower']} and higher in {found['higher']}" in part, task
         metric = next(c["metric"] for c in payload["cells"] if c["task"] == task and c["metric"])
@@ -222,12 +222,12 @@ def test_apet_row_states_the_positions_and_reach_verdicts():
     spread = spread_claim(payload)
     positions = False if "does not hold here" in spread else True if "holds here" in spread else None
     assert _says(positions, row.split("Positions: ", 1)[1].split("**")[1])
-    names = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "cola": "CoLA"}
     for part in _reach_verdict(payload).split(": ", 1)[1].split("; "):
         task, verdict = part.split(": ", 1)
         said = "not a test" if verdict.startswith("not a test") else (
             "did not hold" if verdict.endswith("does not hold") else "held" if verdict.endswith("holds") else "open")
-        assert f"**{said} on {names[task]}**" in row or (said == "open" and f"open on {names[task]}" in row), part
+        name = TASK_NAMES[task]
+        assert f"**{said} on {name}**" in row or (said == "open" and f"open on {name}" in row), part
 
 
 def test_unified_subspace_row_states_the_recovered_share_per_dimension():
@@ -278,10 +278,9 @@ def test_readme_counts_the_design_table_cells_still_rising_as_the_curves_caption
 
     payload = _load("design_table.json")
     text = (ROOT / "README.md").read_text()
-    names = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "cola": "CoLA"}
     said = re.search(r"still rising at their last evaluation: ([^)]*)\)", text)
     assert said, "the README's figure list should count the design table's cells still rising"
-    for task, name in names.items():
+    for task, name in TASK_NAMES.items():
         mine = [c for c in payload["cells"] if c["task"] == task and c.get("val_curve")]
         if mine and all(c["n_seeds"] >= 3 for c in payload["cells"] if c["task"] == task):
             assert f"{sum(_peaks_last(c['val_curve']) for c in mine)} of {len(mine)} on {name}" in said.group(1), name

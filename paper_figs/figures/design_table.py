@@ -24,12 +24,22 @@ def _methods(payload: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(c["method"] for c in payload["cells"]))
 
 
+def _not_run(ax, title: str) -> None:
+    """An empty panel that says its cells have not run yet."""
+    ax.text(0.5, 0.5, "not run yet", ha="center", va="center", transform=ax.transAxes, color="0.4")
+    ax.set(title=title, xticks=[], yticks=[])
+
+
+def _designs(payload: dict[str, Any]) -> set[str]:
+    return {r["design"] for r in payload["rows"]} | set(payload["config"].get("designs", []))
+
+
 def draw(results_dir: Path):
     """Rows: budgets; columns: tasks; bars: every method's mean dev score ± std (designs hatched), LoRA dashed."""
     payload = load_json(results_dir, SOURCE)
     budgets = list(dict.fromkeys(c["budget"] for c in payload["cells"]))
     methods = _methods(payload)
-    designs = {r["design"] for r in payload["rows"]} | set(payload["config"].get("designs", []))
+    designs = _designs(payload)
     fig = new_figure(10.5, 2.6 * max(len(budgets), 1))
     axes = fig.subplots(max(len(budgets), 1), len(TASKS), squeeze=False)
     for i, budget in enumerate(budgets):
@@ -39,8 +49,7 @@ def draw(results_dir: Path):
                      and c["mean"] is not None}
             xs = [m for m in methods if m in cells]
             if not xs:
-                ax.text(0.5, 0.5, "not run yet", ha="center", va="center", transform=ax.transAxes, color="0.4")
-                ax.set(title=f"{task}, {budget}", xticks=[], yticks=[])
+                _not_run(ax, f"{task}, {budget}")
                 continue
             ax.bar(range(len(xs)), [cells[m]["mean"] for m in xs], yerr=[cells[m]["std"] or 0 for m in xs],
                    color=["tab:orange" if m in designs else "tab:gray" for m in xs])
@@ -132,10 +141,6 @@ def _style(method: str, designs: set[str]) -> dict[str, Any]:
     return {"color": "0.6", "marker": ".", "linewidth": 0.8, "zorder": 1}
 
 
-def _designs(payload: dict[str, Any]) -> set[str]:
-    return {r["design"] for r in payload["rows"]} | set(payload["config"].get("designs", []))
-
-
 def _legend(fig, axes) -> None:
     """One legend right of ``fig`` with every method any of ``axes`` plots, each once."""
     handles, labels = [], []
@@ -157,8 +162,7 @@ def draw_pareto(results_dir: Path):
     for ax, task in zip(axes, TASKS):
         cells = [c for c in payload["cells"] if c["task"] == task and c["mean"] is not None and c["trainable"]]
         if not cells:
-            ax.text(0.5, 0.5, "not run yet", ha="center", va="center", transform=ax.transAxes, color="0.4")
-            ax.set(title=task, xticks=[], yticks=[])
+            _not_run(ax, task)
             continue
         for method in dict.fromkeys(c["method"] for c in cells):
             mine = sorted((c for c in cells if c["method"] == method), key=lambda c: c["trainable"])
@@ -184,8 +188,7 @@ def draw_curves(results_dir: Path):
             ax = axes[i][j]
             cells = [c for c in payload["cells"] if (c["task"], c["budget"]) == (task, budget) and c.get("val_curve")]
             if not cells:
-                ax.text(0.5, 0.5, "not run yet", ha="center", va="center", transform=ax.transAxes, color="0.4")
-                ax.set(title=f"{task}, {budget}", xticks=[], yticks=[])
+                _not_run(ax, f"{task}, {budget}")
                 continue
             for c in cells:
                 style = {**_style(c["method"], designs), "markersize": 3}
