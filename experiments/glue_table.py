@@ -21,7 +21,10 @@ Two sweeps (:mod:`controltune.sweep`, on an embedded local Ray, one CPU and one 
    chosen (a diverged cell is never chosen; ties go to the smaller rate).
 2. ``glue_table.yaml`` -> ``results/glue_table.jsonl``: seeds 0, 1, 2 at the chosen rates.  Its
    settings equal the selection's, so the seed-0 cell *is* the selection cell at the chosen rate:
-   that row is copied (``copied_from``), not run again.
+   that row is copied (``copied_from``), not run again.  A pair that diverged at every rate tried is
+   left out of the table; the table waits until every selection cell has finished.
+
+Both run through :func:`rate_selection.select_then_tabulate`, the driver every table study shares.
 
 ``results/glue_table.json`` (rewritten after every finished cell, so a partial table is always
 there) has rows ``{task, method, metric, mean, std, n_seeds, trainable, lr}`` (plus the per-seed
@@ -55,7 +58,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -63,18 +65,19 @@ from typing import Any
 from controltune.data import load_split, resolve_task
 from controltune.metrics import AUXILIARY_KEYS, majority_baseline
 from controltune.results import read_jsonl, stamp, write_json_unless_same
-from controltune.sweep import FINISHED, finished_configs, run_sweep, train_loss_end
+from controltune.sweep import FINISHED, train_loss_end
 from controltune.sweep_spec import SweepSpec, canonical_config, expand, load_spec, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the experiments' shared modules, run or imported
 from generalization_gap import summary as gap_summary  # noqa: E402
 from rate_selection import (  # noqa: E402
-    MAX_EDGE_RATES,
     add_sweep_arguments,
+    at_chosen_rates,
     choose_lrs,
-    copy_rows,
     extended_spec,
+    progress_echo,
     rate_at_edge,
+    select_then_tabulate,
     sweep_settings,
     task_method,
     with_rebuilt,
@@ -120,28 +123,21 @@ def selection_spec(path: Path, select_rows: list[dict[str, Any]]) -> SweepSpec:
     return extended_spec(path, select_rows)
 
 
-def table_spec(path: Path, chosen: dict[tuple[str, str], dict[str, Any]],
-               pairs: list[tuple[str, str]] | None = None) -> SweepSpec:
-    """``glue_table.yaml`` with one override ``{where: {task, method}, set: {lr}}`` per chosen pair.
-
-    ``pairs`` (default: every pair of the grid) must all have a chosen rate.
+def table_spec(path: Path, chosen: dict[tuple[str, str], dict[str, Any]] | None = None) -> SweepSpec:
+    """``glue_table.yaml``; with ``chosen``, each (task, method) at its chosen rate
+    (:func:`rate_selection.at_chosen_rates`: one override ``{where: {task, method}, set: {lr}}`` per pair, a pair
+    that diverged at every rate tried excluded, a clear stop on a pair whose selection has not finished); without,
+    its settings at a placeholder rate (for planning and for the rows' file).
     """
     import yaml
 
     data = yaml.safe_load(path.read_text())
-    data["grid"].setdefault("lr", 0.0)  # a placeholder every chosen pair overrides (pairs without a rate never run)
-    if pairs is not None:
-        data["grid"]["task"] = sorted({t for t, _ in pairs}, key=TASKS.index)
-        data["grid"]["method"] = sorted({m for _, m in pairs}, key=METHODS.index)
-    extra = [{"where": {"task": t, "method": m}, "set": {"lr": info["lr"]}}
-             for (t, m), info in sorted(chosen.items()) if info["lr"] is not None]
-    data["overrides"] = list(data.get("overrides") or []) + extra
+    data["grid"].setdefault("lr", 0.0)
+    if chosen is not None:
+        tasks, methods = ([v] if isinstance(v, str) else v for v in (data["grid"]["task"], data["grid"]["method"]))
+        pairs = [(t, m) for t in tasks for m in methods]
+        data = at_chosen_rates(data, chosen, pairs)
     return parse_spec(data, str(path), path.parent)
-
-
-def copy_selected_rows(select_rows: list[dict[str, Any]], spec: SweepSpec, out: Path) -> int:
-    """Append to ``out`` the selection rows that are cells of ``spec`` (the seed-0 cells at the chosen rates)."""
-    return copy_rows(select_rows, spec, out, "glue_select.jsonl")
 
 
 # --- the table ---------------------------------------------------------------------------------
@@ -418,14 +414,6 @@ def write_summary(select: SweepSpec, table: SweepSpec, out: Path = SUMMARY) -> d
     return payload
 
 
-def _echo(select: SweepSpec, table: SweepSpec):
-    def say(line: str) -> None:
-        print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
-        if line.startswith("["):
-            write_summary(select, table)
-    return say
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--select", type=Path, default=SELECT_SPEC, help="the selection sweep spec")
@@ -437,31 +425,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    select = load_spec(args.select)
-    select = selection_spec(args.select, read_jsonl(select.out))  # with the edge rates the rows have led to
-    table = table_spec(args.table, {})  # the table's settings; rates come after the selection
+    out = Path(load_spec(args.select).out)
+    table = table_spec(args.table)  # the table's settings and file; rates come after the selection
+
+    def summary() -> dict[str, Any]:  # with the edge rates the rows have led to
+        return write_summary(selection_spec(args.select, read_jsonl(out)), table)
+
     if args.summary_only:
-        return write_summary(select, table)
-    sweep = sweep_settings(args)
-    write_summary(select, table)
-    for _ in range(MAX_EDGE_RATES + 1):  # the grid, then at most MAX_EDGE_RATES edge steps
-        select = selection_spec(args.select, read_jsonl(select.out))
-        finished = finished_configs(read_jsonl(select.out))
-        if all(canonical_config(c) in finished for c in expand(select)):
-            break
-        run_sweep(select, select.out, echo=_echo(select, table), **sweep)
-    chosen = choose_lrs(read_jsonl(select.out))
-    ready = [pair for pair, info in sorted(chosen.items()) if info["lr"] is not None]
-    missing = [f"{t}/{m}" for t in TASKS for m in METHODS if (t, m) not in ready]
-    if missing:
-        print(f"no rate chosen (selection unfinished, or every rate diverged) for: {', '.join(missing)}", flush=True)
-    groups = [ready] if not missing else [[p for p in ready if p[0] == task] for task in TASKS]
-    for pairs in (g for g in groups if g):
-        spec = table_spec(args.table, {p: chosen[p] for p in pairs}, pairs if missing else None)
-        copied = copy_selected_rows(read_jsonl(select.out), spec, table.out)
-        print(f"copied {copied} seed-0 selection rows into {table.out}", flush=True)
-        run_sweep(spec, table.out, echo=_echo(select, spec), **sweep)
-    return write_summary(select, table)
+        return summary()
+    summary()
+    select_then_tabulate(lambda rows: selection_spec(args.select, rows), out,
+                         lambda rows: table_spec(args.table, choose_lrs(rows)), Path(table.out), out.parent,
+                         progress_echo(summary), sweep_settings(args))
+    return summary()
 
 
 if __name__ == "__main__":

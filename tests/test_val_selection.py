@@ -442,6 +442,46 @@ def test_select_then_tabulate_runs_the_edges_then_the_table_and_reuses_glue_rows
     assert [r.get("copied_from") for r in read_jsonl(tmp_path / "tab.jsonl")][0] == "sel.jsonl / glue_table.jsonl"
 
 
+def test_the_glue_table_runs_through_the_shared_driver_and_leaves_out_a_pair_that_diverged_everywhere(
+        tmp_path, monkeypatch):
+    """``glue_table.py`` (no sweep loop of its own): its selection continues the grid's top edge, the table runs
+    seeds 1 and 2 at the chosen rate with seed 0 copied, and a pair whose every rate diverged is not tabulated."""
+    import yaml
+
+    import controltune.sweep as sweep_module
+    import experiments.glue_table as glue_table
+    from controltune.results import append_jsonl
+
+    ran = []
+
+    def fake_sweep(spec, out, echo=None, **_):
+        have = {canonical_config(r["config"]) for r in read_jsonl(out)}
+        for cell in expand(spec):
+            if canonical_config(cell) not in have:
+                ran.append((spec.name, cell["method"], cell["lr"], cell["seed"]))
+                diverged = cell["method"] == "bitfit"
+                append_jsonl(out, {"config": cell, "status": "diverged" if diverged else "done",
+                                   "val_score": None if diverged else cell["lr"]})
+                echo(f"[{len(ran)}] done")
+
+    summaries = []
+    monkeypatch.setattr(sweep_module, "run_sweep", fake_sweep)
+    monkeypatch.setattr(glue_table, "write_summary", lambda select, table: summaries.append(len(expand(select))))
+    grid = {"model": "minilm", "task": "rte", "method": ["lora", "bitfit"]}
+    (tmp_path / "sel.yaml").write_text(yaml.safe_dump({
+        "name": "sel", "out": "sel.jsonl", "grid": {**grid, "seed": 0},
+        "per_method": {"lora": {"lr": [1e-3, 2e-3]}, "bitfit": {"lr": [1e-3]}}}))
+    (tmp_path / "tab.yaml").write_text(yaml.safe_dump({"name": "tab", "out": "tab.jsonl",
+                                                       "grid": {**grid, "seed": [0, 1, 2]}}))
+    glue_table.main(["--select", str(tmp_path / "sel.yaml"), "--table", str(tmp_path / "tab.yaml"),
+                     "--runs", str(tmp_path / "runs")])
+    assert [(m, lr) for name, m, lr, _ in ran if name == "sel"] == [
+        ("lora", 1e-3), ("lora", 2e-3), ("bitfit", 1e-3), ("lora", 4e-3), ("lora", 8e-3)]
+    assert [(m, lr, seed) for name, m, lr, seed in ran if name == "tab"] == [("lora", 8e-3, 1), ("lora", 8e-3, 2)]
+    assert [r.get("copied_from") for r in read_jsonl(tmp_path / "tab.jsonl")][0] == "sel.jsonl / glue_table.jsonl"
+    assert summaries[0] == 3 and summaries[-1] == 5  # rewritten after each cell, with the edge rates the rows led to
+
+
 def test_a_coarse_bracket_around_an_interior_best_rate_is_narrowed_on_both_sides():
     """The design table's grids step by 4: a best rate between two tried ones is known to a factor of 4 until the
     midpoints on both sides are tried; then to a factor of 2, and nothing more is asked."""
