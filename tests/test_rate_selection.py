@@ -1,14 +1,16 @@
 """Choosing learning rates on validation rows for the study tables (``experiments/rate_selection.py``): the chosen
 rate, the edge rates that continue a grid, the midpoints that narrow a bracket, the shared select-then-tabulate
-driver (with a fake sweep), and the GLUE and design tables built on them."""
+driver (with a fake sweep), the GLUE and design tables built on them, and rows completed from rebuilt and rescored
+runs."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from controltune.results import read_jsonl
+from controltune.results import append_jsonl, read_jsonl
 from controltune.sweep_spec import canonical_config, expand, parse_spec
 
 
@@ -360,3 +362,44 @@ def test_select_then_tabulate_leaves_out_a_pair_that_diverged_at_every_rate_and_
         select_then_tabulate(lambda rows: extended_spec(data, rows, folder=tmp_path), tmp_path / "sel.jsonl", table,
                              tmp_path / "tab.jsonl", glue, print, {})
     assert not [r for r in ran if r[0] == "tab"]
+
+
+def test_a_row_takes_curves_only_from_a_rebuild_that_reproduced_it():
+    from experiments.rate_selection import with_rebuilt
+
+    dev = {"step": 5, "accuracy": 0.8}
+    rows = [{"cell": "a", "score_at_best_val": 0.8, "val_score": 0.9, "score": 0.8, "dev_at_best_val": dev},
+            {"cell": "b", "score_at_best_val": 0.7, "val_score": 0.9, "score": 0.7, "dev_at_best_val": dev}]
+    rebuilt = [{"cell": "a", "status": "done", "score_at_best_val": 0.8, "val_score": 0.9, "score": 0.8,
+                "curves": {"val": [1]}, "train_loss_end": 0.3, "train_scores": {"accuracy": 0.95},
+                "dev_at_best_val": {**dev, "top_class_share": 0.97}},
+               {"cell": "b", "status": "done", "score_at_best_val": 0.71, "val_score": 0.9, "score": 0.7,
+                "curves": {"val": [2]}, "train_loss_end": 0.4,  # not the same run: nothing of it is the row's
+                "dev_at_best_val": {**dev, "top_class_share": 0.97}}]
+    a, b = with_rebuilt(rows, rebuilt)
+    assert a["curves"] == {"val": [1]} and a["train_loss_end"] == 0.3 and a["train_scores"] == {"accuracy": 0.95}
+    assert a["dev_at_best_val"] == {**dev, "top_class_share": 0.97} and "top_class_share" not in dev
+    assert "curves" not in b and "train_loss_end" not in b and b["dev_at_best_val"] == dev
+
+
+
+def test_a_study_reads_its_rows_completed_from_exact_rebuilds_and_rescores(tmp_path):
+    from experiments.rate_selection import completed_rows
+
+    dev = {"step": 5, "mcc": 0.2}
+    old = {"status": "done", "score_at_best_val": 0.2, "val_score": 0.3, "score": 0.2, "dev_at_best_val": dev}
+    rows = [{**old, "cell": "glue"}, {**old, "cell": "own"}, {**old, "cell": "other"}]
+    def write_jsonl(path: Path, items: list[dict]) -> None:
+        for item in items:
+            append_jsonl(path, item)
+
+    write_jsonl(tmp_path / "study.jsonl", rows)
+    write_jsonl(tmp_path / "glue_rebuilt.jsonl", [{**old, "cell": "glue", "train_scores": {"mcc": 0.5},
+                                                    "dev_at_best_val": {**dev, "top_class_share": 1.0}}])
+    write_jsonl(tmp_path / "rescored.jsonl", [{"cell": "own", "reproduces": True, "scores": {"top_class_share": 0.9}},
+                                              {"cell": "other", "reproduces": False,
+                                               "scores": {"top_class_share": 0.99}}])
+    glue, own, other = completed_rows(tmp_path / "study.jsonl")
+    assert glue["train_scores"] == {"mcc": 0.5} and glue["dev_at_best_val"]["top_class_share"] == 1.0
+    assert own["dev_at_best_val"]["top_class_share"] == 0.9 and own["predicts_one_class"] is False
+    assert other == rows[2]  # its rescore did not reproduce the row: nothing taken from it
