@@ -321,6 +321,7 @@ def summary(tasks, budgets) -> dict[str, Any]:
                         "harness": "experiments/glue_select.yaml settings", "seeds": [0, 1, 2],
                         "command": "python experiments/design_table.py"}),
                "cells": list(cells.values()), "rows": rows, "refinement": refinement(list(cells.values())),
+               "majority": {t: levels[t] for t in tasks if t in levels},
                "wins": sum(r["verdict"] == "win" and r["baseline"] == "lora" for r in rows)}
     write_json_unless_same(SUMMARY, payload)
     return payload

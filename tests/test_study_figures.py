@@ -467,6 +467,14 @@ def test_design_table(tmp_path, monkeypatch):
                                                      "lr": 1e-3, "change": pytest.approx(0.101)}]
 
 
+def test_design_table_bars_start_at_the_majority_class_unless_a_bar_reaches_below_it():
+    from paper_figs.figures.design_table import _bottom
+
+    assert _bottom([0.85, 0.86], [0.01, 0.0], 0.51) == 0.51
+    assert _bottom([0.2, 0.1], [0.01, 0.15], 0.0) == pytest.approx(-0.05 - 0.05 * 0.25)  # MCC below 0: shown
+    assert _bottom([0.85], [0.01], None) == 0.0
+
+
 def test_glue_gaps_summary(tmp_path, monkeypatch):
     """The SST-2 budget curve and the RTE resolution from synthetic rows in the sweeps' formats."""
     from experiments import glue_gaps
