@@ -133,11 +133,11 @@ def table_spec(path: Path, chosen: dict[tuple[str, str], dict[str, Any]] | None 
 
     data = yaml.safe_load(path.read_text())
     data["grid"].setdefault("lr", 0.0)
-    if chosen is not None:
-        tasks, methods = ([v] if isinstance(v, str) else v for v in (data["grid"]["task"], data["grid"]["method"]))
-        pairs = [(t, m) for t in tasks for m in methods]
-        data = at_chosen_rates(data, chosen, pairs)
-    return parse_spec(data, str(path), path.parent)
+    spec = parse_spec(data, str(path), path.parent)
+    if chosen is None:
+        return spec
+    pairs = list(dict.fromkeys(task_method({"config": c}) for c in expand(spec)))  # the grid's pairs, as it reads
+    return parse_spec(at_chosen_rates(data, chosen, pairs), str(path), path.parent)
 
 
 # --- the table ---------------------------------------------------------------------------------
