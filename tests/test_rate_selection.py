@@ -111,6 +111,26 @@ def test_the_design_table_shares_the_glue_harness_and_judges_by_two_standard_err
     assert verdict(cell(0.60, None, 1), cell(0.55, 0.01))[0] is None
 
 
+
+def test_the_design_table_continues_a_grid_three_steps_past_its_edge():
+    from experiments.design_table import BUDGETS, EDGE_RATES, selection_spec
+
+    _, options, grid = BUDGETS["b74k"]["prefix"]
+
+    def row(lr, val):
+        return {"config": {"model": "minilm", "task": "sst2", "method": "prefix", "options": options, "lr": lr,
+                           "seed": 0}, "status": "done", "val_score": val}
+
+    def prefix_rates(rows):
+        return sorted(c["lr"] for c in expand(selection_spec(("sst2",), ("b74k",), rows))
+                      if c["method"] == "prefix")
+
+    rows = [row(lr, 0.80 + i / 100) for i, lr in enumerate(grid)]
+    for _ in range(EDGE_RATES):  # still rising at each step: one more, up to EDGE_RATES beyond the grid
+        rates = prefix_rates(rows)
+        rows.append(row(rates[-1], 0.80 + len(rows) / 100))
+    assert EDGE_RATES == 3 and len(prefix_rates(rows)) == len(grid) + 3 == len(rows)
+    assert prefix_rates(rows)[-1] == pytest.approx(grid[-1] * (grid[1] / grid[0]) ** 3, rel=0.01)
 def test_the_design_table_keeps_the_cells_of_a_rate_the_midpoints_moved_and_what_the_move_did():
     from experiments.design_table import other_rates, refinement
 
