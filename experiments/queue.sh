@@ -53,6 +53,7 @@ step scale
 step unipelt_low_resource
 step composability
 step design_table --tasks cola,sst2  # then SST-2 (RTE does not separate methods at MiniLM's scale)
+step design_table --tasks cola,sst2,mrpc  # MRPC's table cells before RTE's selection: a third complete task first
 step design_table
 .venv/bin/controltune figures >> experiments/results/queue.log 2>&1  # every figure whose results now exist
 echo "$(date '+%F %T') queue: done"

@@ -1,8 +1,9 @@
 """Every kind of cell the background studies will run, built and trained two steps on the real models.
 
-The studies' summaries are tested on synthetic rows (``test_study_figures.py``); this checks the other half
-before the queue spends hours on them: each distinct (model, method, options) of each study's plan builds on
-the real MiniLM (and SmolLM2 for the scale study), trains, and reports a finished row.  Tiny rows and two
+The studies' summaries are tested on synthetic rows (``test_study_figures.py``, ``test_transfer_study.py``,
+``test_design_table_summary.py``); this checks the other half before the queue spends hours on them: each
+distinct (model, method, options) of each study's plan builds on the real MiniLM (and SmolLM2 for the scale
+study), trains, and reports a finished row.  Tiny rows and two
 steps: minutes, not seconds (deselected by default; run with ``-m slow``).
 """
 

@@ -4,39 +4,18 @@ from __future__ import annotations
 
 import itertools
 import json
-from pathlib import Path
 
 import pytest
+from study_rows import rendered_caption, sweep_row
 
-from controltune.figures import registry, render
 from controltune.results import append_jsonl, write_json
 from experiments import (
     composability,
-    design_table,
     generalization_gap,
     scale,
     sequential,
-    transfer,
     unipelt_low_resource,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _spec(name: str):
-    return registry(ROOT / "paper_figs" / "figures")[name]
-
-
-def _row(config: dict, score: float, val: float | None = None, metric: str = "accuracy", **extra) -> dict:
-    cell = "c" + str(abs(hash(json.dumps(config, sort_keys=True))))
-    return {"config": config, "status": "done", "score_at_best_val": score, "val_score": score if val is None else val,
-            "metric": metric, "n_trainable": 10, "cell": cell, **extra}
-
-
-def _caption(name: str, results: Path, out: Path) -> str:
-    paths = render(_spec(name), results, out)
-    assert paths[1].read_bytes()[:4] == b"\x89PNG"
-    return paths[2].read_text()
 
 
 def test_sequential(tmp_path, monkeypatch):
@@ -47,14 +26,14 @@ def test_sequential(tmp_path, monkeypatch):
         for seed in sequential.SEEDS:
             stages = [{"stage": i, "method": p, "score_at_best_val": 0.7 + 0.05 * i + 0.001 * seed}
                       for i, p in enumerate(order.split("+"))]
-            append_jsonl(sequential.OUT, _row({"method": order, "seed": seed}, stages[-1]["score_at_best_val"],
-                                              stages=stages))
+            append_jsonl(sequential.OUT, sweep_row({"method": order, "seed": seed}, stages[-1]["score_at_best_val"],
+                                                   stages=stages))
     out = sequential.summary()
     assert len(out["orders"]) == 6 and all(o["n_seeds"] == 3 for o in out["orders"])
     assert len(out["steps"]) == 12 and all(s["verdict"] == "helps" for s in out["steps"])
     assert out["claims"] == {"keeps_improving": True, "no_best_order": True} and out["collapsed"] == []
     assert len(out["improving_orders"]) == 6 and out["best_vs_single"]["verdict"] == "above"
-    caption = _caption("sequential", tmp_path, tmp_path / "figs")
+    caption = rendered_caption("sequential", tmp_path, tmp_path / "figs")
     assert "helped in 12, hurt in 0" in caption and "6 of 6 orders keep improving" in caption
 
 
@@ -74,14 +53,14 @@ def test_sequential_flags_a_collapsed_stage_and_a_dominant_order(tmp_path, monke
             if order == sequential.ORDERS[1] and seed == 0:
                 scores[2] = 0.52  # within 2 binomial se (0.034) of 0.509
             stages = [{"stage": i, "method": p, "score_at_best_val": scores[i]} for i, p in enumerate(order.split("+"))]
-            append_jsonl(sequential.OUT, _row({"method": order, "seed": seed}, scores[2], stages=stages))
+            append_jsonl(sequential.OUT, sweep_row({"method": order, "seed": seed}, scores[2], stages=stages))
     out = sequential.summary()
     assert out["collapsed"] == [{"order": sequential.ORDERS[1], "seed": 0, "stage": 2,
                                  "part": sequential.ORDERS[1].split("+")[2], "score": 0.52}]
     assert out["best_order"] == sequential.ORDERS[0] and len(out["beaten_by_best"]) == 5
     assert out["claims"] == {"keeps_improving": False, "no_best_order": False}
     assert sequential.at_chance(0.542, 0.509, 872) and not sequential.at_chance(0.545, 0.509, 872)
-    caption = _caption("sequential", tmp_path, tmp_path / "figs")
+    caption = rendered_caption("sequential", tmp_path, tmp_path / "figs")
     assert "does not hold here" in caption and f"{sequential.ORDERS[1]} seed 0 after" in caption
 
 
@@ -94,8 +73,8 @@ def test_scale(tmp_path, monkeypatch):
         base = 0.8 + (0.02 if method == "selective" else 0.0)
         for seed in (0, 1, 2):
             append_jsonl(scale.SELECT_OUT if seed == 0 else scale.TABLE_OUT,
-                         _row({"model": model, "task": task, "method": method, "lr": 1e-3, "seed": seed},
-                              base + gain + 0.002 * seed))
+                         sweep_row({"model": model, "task": task, "method": method, "lr": 1e-3, "seed": seed},
+                                   base + gain + 0.002 * seed))
     levels = {"sst2": 0.5, "mrpc": 0.5}
     monkeypatch.setattr(scale, "majority_levels", lambda tasks: {t: levels[t] for t in tasks})
     out = scale.summary(tuple(scale.MODELS), scale.TASKS)
@@ -104,13 +83,13 @@ def test_scale(tmp_path, monkeypatch):
     assert out["claims"] == {"every_method_improves": True, "prompt_improves_most": True,
                              "prompt_most_per_task": {"mrpc": True, "sst2": True},
                              "selective_beats_last_layer": True, "they_do_well": True}
-    caption = _caption("scale", tmp_path, tmp_path / "figs")
+    caption = rendered_caption("scale", tmp_path, tmp_path / "figs")
     assert "(task, method) pairs: improves 14 — holds here" in caption and "prompt larger 12" in caption
     levels["mrpc"] = 0.95  # every MRPC cell at chance: no test of either claim there
     out = scale.summary(tuple(scale.MODELS), scale.TASKS)
     assert all(g["verdict"] == "not a test" for g in out["gains"] if g["task"] == "mrpc")
     assert out["claims"]["prompt_most_per_task"] == {"sst2": True} and out["claims"]["every_method_improves"]
-    caption = _caption("scale", tmp_path, tmp_path / "figs")
+    caption = rendered_caption("scale", tmp_path, tmp_path / "figs")
     assert "(task, method) pairs: improves 7, not a test 7 — holds here" in caption
     assert "(model, task) pairs: selective better 2, not a test 2 — holds here" in caption
     # before the grid is complete (SmolLM2's MRPC full FT lacks seed 2), a worsening between complete cells already
@@ -131,7 +110,7 @@ def test_scale(tmp_path, monkeypatch):
     assert out["claims"]["every_method_improves"] is False and out["decided_early"]["every_method_improves"]
     assert out["claims"]["selective_beats_last_layer"] is True  # 4 of 4 selective better, nothing left to run
     assert out["claims"]["prompt_improves_most"] is None and not out["decided_early"]["prompt_improves_most"]
-    caption = _caption("scale", tmp_path, tmp_path / "figs")
+    caption = rendered_caption("scale", tmp_path, tmp_path / "figs")
     assert "worsens 1" in caption and "does not hold here (decided before the grid is complete" in caption
 
 
@@ -155,8 +134,8 @@ def test_prompt_improves_most_is_judged_per_task_against_each_method(tmp_path, m
                 score = 0.8 + ((prompt_gain if method == "prompt" else 0.05) if big else 0.0)
             for seed in (0, 1, 2):
                 append_jsonl(scale.SELECT_OUT if seed == 0 else scale.TABLE_OUT,
-                             _row({"model": model, "task": task, "method": method, "lr": 1e-3, "seed": seed},
-                                  score + 0.002 * seed))
+                             sweep_row({"model": model, "task": task, "method": method, "lr": 1e-3, "seed": seed},
+                                       score + 0.002 * seed))
         return scale.summary(tuple(scale.MODELS), scale.TASKS)
 
     out = write(0.04)
@@ -193,14 +172,14 @@ def test_unipelt(tmp_path, monkeypatch):
         for seed in (0, 1, 2):
             score = (0.8 if method == "unipelt" else 0.7) + 0.002 * seed
             append_jsonl(unipelt_low_resource.SELECT_OUT if seed == 0 else unipelt_low_resource.TABLE_OUT,
-                         _row({"task": task, "train_size": k, "method": method, "lr": 1e-3, "seed": seed}, score))
+                         sweep_row({"task": task, "train_size": k, "method": method, "lr": 1e-3, "seed": seed}, score))
     # CoLA's level above every score: UniPELT and its parts all at chance there, no test of the claim
     levels = {"sst2": 0.5, "mrpc": 0.5, "rte": 0.5, "cola": 0.85}
     monkeypatch.setattr(unipelt_low_resource, "glue_majority", lambda _: levels)
     out = unipelt_low_resource.summary(unipelt_low_resource.TASKS)
     assert out["counts"] == {"win": 27, "tie": 0, "loss": 0, "not a test": 9, "too few seeds": 0}
     assert all(c["verdict"] == "not a test" for c in out["comparisons"] if c["task"] == "cola")
-    caption = _caption("unipelt_low_resource", tmp_path, tmp_path / "f")
+    caption = rendered_caption("unipelt_low_resource", tmp_path, tmp_path / "f")
     assert out["per_k"]["100"]["holds"] is True and out["per_k"]["100"]["not a test"] == 3
     assert "K = 100: wins 9, ties 0, losses 0, 3 not a test — holds here" in caption
     assert "Over all K: holds here (wins 27, ties 0, losses 0)" in caption
@@ -211,7 +190,7 @@ def test_unipelt(tmp_path, monkeypatch):
     unipelt_low_resource.TABLE_OUT.write_text("".join(json.dumps(r) + "\n" for r in kept))
     out = unipelt_low_resource.summary(unipelt_low_resource.TASKS)
     assert out["progress"] == {"planned": 48, "with_all_seeds": 36, "complete": False}
-    caption = _caption("unipelt_low_resource", tmp_path, tmp_path / "f")
+    caption = rendered_caption("unipelt_low_resource", tmp_path, tmp_path / "f")
     assert "no verdict yet (36 of 48 cells have all 3 seeds)" in caption and "holds here" not in caption
     # a loss between two cells with all their seeds decides its K (the claim needs every test won) before the rest
     for path in (unipelt_low_resource.SELECT_OUT, unipelt_low_resource.TABLE_OUT):
@@ -222,112 +201,10 @@ def test_unipelt(tmp_path, monkeypatch):
     out = unipelt_low_resource.summary(unipelt_low_resource.TASKS)
     assert out["per_k"]["1000"]["holds"] is False and out["per_k"]["1000"]["decided_early"] is True
     assert out["per_k"]["100"]["decided_early"] is False
-    caption = _caption("unipelt_low_resource", tmp_path, tmp_path / "f")
+    caption = rendered_caption("unipelt_low_resource", tmp_path, tmp_path / "f")
     assert "K = 1000: wins 6, ties 0, losses 3, 3 with too few seeds — does not hold here (decided" in caption
     assert "K = 100: wins 9, ties 0, losses 0, 3 with too few seeds — no verdict yet" in caption
     assert "Over all K: does not hold here (decided" in caption
-
-
-def test_transfer(tmp_path, monkeypatch):
-    monkeypatch.setattr(transfer, "OUT", tmp_path / "transfer.jsonl")
-    monkeypatch.setattr(transfer, "SUMMARY", tmp_path / "transfer.json")
-    monkeypatch.setattr(transfer, "majority_levels", lambda: dict.fromkeys(transfer.TASKS, 0.5))
-
-    def own(task, method, seed):  # prompt does not learn RTE: no test of transfer to it
-        return 0.5 + 0.01 * seed if (task, method) == ("rte", "prompt") else 0.8 + 0.01 * seed
-
-    sources = [_row({"task": t, "method": m, "seed": s, "lr": 1e-3}, own(t, m, s)) for t in transfer.TASKS
-               for m in ("lora", "prompt") for s in (0, 1, 2)]
-    monkeypatch.setattr(transfer, "source_rows", lambda: sources)
-    for row in sources:
-        for target in transfer.TASKS:
-            if target != row["config"]["task"]:
-                same = transfer.KIND[target] == transfer.KIND[row["config"]["task"]]
-                seed = row["config"]["seed"]
-                append_jsonl(transfer.OUT, {"cell": row["cell"], "method": row["config"]["method"],
-                                            "source": row["config"]["task"], "target": target, "seed": seed,
-                                            "score": (0.65 if same else 0.5) + 0.004 * seed * (-1) ** seed})
-    assert transfer.swapped("rte", "mrpc") and not transfer.swapped("sst2", "cola")
-    out = transfer.summary()
-    entry = next(m for m in out["matrix"] if (m["method"], m["source"], m["target"]) == ("lora", "sst2", "cola"))
-    assert entry["gain_share"] == pytest.approx((entry["mean"] - 0.5) / (0.81 - 0.5)) and entry["beats_majority"]
-    assert out["targets_not_learnt"] == [{"method": "prompt", "target": "rte"}]
-    assert out["kinds"]["same kind"]["mean"] > 0.4 and abs(out["kinds"]["cross kind"]["mean"]) < 0.05
-    assert out["complete"] and len(out["pairs"]) == 7  # 2 methods x 4 targets, prompt/rte not learnt
-    assert all(p["verdict"] == "same kind better" for p in out["pairs"])
-    assert out["claim_holds"] is True
-    caption = _caption("transfer", tmp_path, tmp_path / "f")
-    assert "holds here" in caption and "no test: prompt/rte" in caption and "in 7 of 7" in caption
-
-
-def _transfer_rows(tmp_path, monkeypatch, own, transferred):
-    """Synthetic transfer rows: sources (lora, prompt) x 4 tasks x 3 seeds at ``own(task, method, seed)``,
-    scored on each other task at ``transferred(method, source, target, seed)``."""
-    monkeypatch.setattr(transfer, "OUT", tmp_path / "transfer.jsonl")
-    monkeypatch.setattr(transfer, "SUMMARY", tmp_path / "transfer.json")
-    monkeypatch.setattr(transfer, "majority_levels", lambda: dict.fromkeys(transfer.TASKS, 0.5))
-    sources = [_row({"task": t, "method": m, "seed": s, "lr": 1e-3}, own(t, m, s)) for t in transfer.TASKS
-               for m in ("lora", "prompt") for s in (0, 1, 2)]
-    monkeypatch.setattr(transfer, "source_rows", lambda: sources)
-    for row in sources:
-        c = row["config"]
-        for target in transfer.TASKS:
-            if target != c["task"]:
-                append_jsonl(transfer.OUT, {"cell": row["cell"], "method": c["method"], "source": c["task"],
-                                            "target": target, "seed": c["seed"],
-                                            "score": transferred(c["method"], c["task"], target, c["seed"])})
-    return sources
-
-
-def test_transfer_is_judged_on_one_target_at_a_time(tmp_path, monkeypatch):
-    """A barely learnt target (in-task 0.505-0.515 against 0.5) whose same-kind transfer misses by 0.1 has a gain
-    share of about -10: it pulls the pooled same-kind mean below the cross-kind one, though the same-kind source
-    wins on every other target.  The paired rule counts it as one pair against (the same-kind source keeps no gain
-    over chance) among 8: the claim holds."""
-    def own(task, method, seed):
-        return 0.505 + 0.005 * seed if (task, method) == ("mrpc", "lora") else 0.8 + 0.01 * seed
-
-    def transferred(method, source, target, seed):
-        same = transfer.KIND[target] == transfer.KIND[source]
-        if (method, target) == ("lora", "mrpc"):
-            return (0.4 if same else 0.5) + 0.001 * seed
-        return (0.65 if same else 0.5) + 0.004 * seed * (-1) ** seed
-
-    _transfer_rows(tmp_path, monkeypatch, own, transferred)
-    out = transfer.summary()
-    assert out["kinds"]["same kind"]["mean"] < out["kinds"]["cross kind"]["mean"]  # the ratio's swing
-    verdicts = {(p["method"], p["target"]): p["verdict"] for p in out["pairs"]}
-    assert verdicts.pop(("lora", "mrpc")) == "no transfer within kind"  # below chance (0.4): no gain kept
-    assert set(verdicts.values()) == {"same kind better"} and len(verdicts) == 7
-    assert out["claim_holds"] is True
-
-
-def test_transfer_gives_no_verdict_before_every_source_is_scored(tmp_path, monkeypatch):
-    sources = _transfer_rows(tmp_path, monkeypatch, lambda t, m, s: 0.8 + 0.01 * s,
-                             lambda m, src, tgt, s: (0.65 if transfer.KIND[src] == transfer.KIND[tgt] else 0.5)
-                             + 0.004 * s * (-1) ** s)
-    rows = [r for r in transfer.read_jsonl(transfer.OUT) if r["cell"] != sources[0]["cell"]]
-    transfer.OUT.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = transfer.summary()
-    assert not out["complete"] and out["sources_scored"] == len(sources) - 1 and out["claim_holds"] is None
-    assert "Still running: 23 of 24 source runs scored" in _caption("transfer", tmp_path, tmp_path / "f")
-    # wins in more than half hold; a loss or no gain kept within the kind counts against, a tie is open
-    def verdict(*kinds):
-        return transfer.kinds_verdict([{"verdict": k} for k in kinds], complete=True)
-
-    assert verdict("same kind better", "cross kind better", "tie") is None
-    assert verdict("same kind better", "cross kind better", "no transfer within kind") is False
-    assert verdict("same kind better", "same kind better", "tie") is True
-    assert verdict("no transfer within kind", "no transfer within kind") is False  # nothing transfers anywhere
-    assert verdict("tie", "too few seeds") is None
-
-
-def test_a_transferred_score_counts_only_its_gain_over_chance():
-    # a constant "equivalent" prediction on MRPC scores F1 0.812, the majority level: it keeps none of the gain,
-    # though its raw ratio to an in-task 0.86 is 0.94
-    assert transfer.gain_share(0.812, {"mean": 0.86, "std": 0.01, "n_seeds": 3}, 0.812) == pytest.approx(0.0)
-    # an in-task score at chance (RTE 0.53 ± 0.02 against 0.527) is no test of transfer to it
-    assert transfer.gain_share(0.53, {"mean": 0.53, "std": 0.02, "n_seeds": 3}, 0.527) is None
 
 
 def test_a_share_claim_is_decided_early_only_when_no_untested_outcome_can_change_it():
@@ -350,12 +227,12 @@ def test_composability_and_generalization_gap(tmp_path, monkeypatch):
         score = 0.7 + (0.1 if "adapter" in parts else 0) - (0.05 if "prompt" in parts else 0)
         for seed in (0, 1, 2):
             append_jsonl(composability.SELECT_OUT if seed == 0 else composability.TABLE_OUT,
-                         _row({"task": task, "method": subset, "lr": 1e-3, "seed": seed}, score + 0.001 * seed,
-                              train_scores={"accuracy": score + 0.02 * len(parts)}))
+                         sweep_row({"task": task, "method": subset, "lr": 1e-3, "seed": seed}, score + 0.001 * seed,
+                                   train_scores={"accuracy": score + 0.02 * len(parts)}))
     # RTE's level above every score: adding a part there is no test
     monkeypatch.setattr(composability, "glue_majority", lambda _: {"sst2": 0.5, "mrpc": 0.5, "cola": 0.0, "rte": 0.9})
     composability.summary(composability.TASKS)
-    caption = _caption("composability", tmp_path, tmp_path / "f")
+    caption = rendered_caption("composability", tmp_path, tmp_path / "f")
     assert "adapter helps in 9 of 9" in caption and "prompt hurts in 9 of 9" in caption
     assert "3 more not a test, both at the majority class" in caption
     # before the grid is complete (CoLA's seed 2 missing): decided where the missing comparisons cannot change it
@@ -369,7 +246,7 @@ def test_composability_and_generalization_gap(tmp_path, monkeypatch):
     # adapter helps in 6, and the 3 could still bring it to 75 %; BitFit ties 6, and 3 helps would still not decide it
     assert out["claims"] == {"prompt": True, "bitfit": None, "adapter": None}
     assert out["decided_early"] == {"prompt": True, "bitfit": False, "adapter": False}
-    caption = _caption("composability", tmp_path, tmp_path / "f")
+    caption = rendered_caption("composability", tmp_path, tmp_path / "f")
     assert "prompt hurts in 6 of 9 (helps 0, no effect 0, hurts 6, too few seeds 3; 3 more not a test, both at the " \
            "majority class), holds here (decided before the grid is complete" in caption
     assert "adapter helps in 6 of 9 (helps 6, no effect 0, hurts 0, too few seeds 3; 3 more not a test, both at " \
@@ -381,14 +258,14 @@ def test_composability_and_generalization_gap(tmp_path, monkeypatch):
                      for m, g in (("full", 0.2), ("lora", 0.05), ("prompt", 0.01), ("adapter", 0.03))]}
     write_json(tmp_path / "glue_table.json", glue)
     generalization_gap.summary(tmp_path)  # what the GLUE table's summary calls
-    gap = _caption("generalization_gap", tmp_path, tmp_path / "f")
+    gap = rendered_caption("generalization_gap", tmp_path, tmp_path / "f")
     assert "smaller in 6 of 6 (task, method) pairs, holds here" in gap
     assert "two standard errors: sst2 holds here, rte holds here (holds here: held on every task" in gap
     assert "Gaps per task (each task's own metric): sst2: full 0.200, lora 0.050, adapter 0.030, prompt 0.010" in gap
     glue["rows"][1]["generalization_gap"] = 0.19  # sst2 LoRA within two standard errors of full FT: a tie
     write_json(tmp_path / "glue_table.json", glue)
     generalization_gap.summary(tmp_path)  # what the GLUE table's summary calls
-    gap = _caption("generalization_gap", tmp_path, tmp_path / "f")
+    gap = rendered_caption("generalization_gap", tmp_path, tmp_path / "f")
     assert "smaller in 5 of 6 (task, method) pairs (not smaller: sst2/lora tie), inconclusive" in gap
     # prompt+adapter's gap 0.039 ± 0.001 against the adapter's 0.03 alone (BitFit has no GLUE row here): within two
     # standard errors while the adapter's spread is 0.01, wider once it is 0.001
@@ -397,7 +274,7 @@ def test_composability_and_generalization_gap(tmp_path, monkeypatch):
         row["generalization_gap_std"] = 0.001
     write_json(tmp_path / "glue_table.json", glue)
     generalization_gap.summary(tmp_path)  # what the GLUE table's summary calls
-    gap = _caption("generalization_gap", tmp_path, tmp_path / "f")
+    gap = rendered_caption("generalization_gap", tmp_path, tmp_path / "f")
     assert "wider in 2 of 2 (task, combination) pairs, tie 0, narrower 0, too few seeds 0: holds here" in gap
     # the same two pairs before the grid is complete: decided only when the pairs still to run cannot change it
     combo = json.loads((tmp_path / "composability.json").read_text())
@@ -407,72 +284,8 @@ def test_composability_and_generalization_gap(tmp_path, monkeypatch):
         out = generalization_gap.summary(tmp_path)
         assert out["claims"]["combinations_widen"] is held
         assert out["decided_early"] == {"combinations_widen": held is not None}
-    gap = _caption("generalization_gap", tmp_path, tmp_path / "f")
+    gap = rendered_caption("generalization_gap", tmp_path, tmp_path / "f")
     assert "too few seeds 0: no verdict yet" in gap
-
-
-def test_design_table(tmp_path, monkeypatch):
-    monkeypatch.setattr(design_table, "SELECT_OUT", tmp_path / "s.jsonl")
-    monkeypatch.setattr(design_table, "TABLE_OUT", tmp_path / "t.jsonl")
-    monkeypatch.setattr(design_table, "SUMMARY", tmp_path / "design_table.json")
-    better = {"parallel_control": 0.05, "recommended_lora": 0.05, "costate_lora": -0.05}
-    for task in ("rte", "cola"):
-        for label, (method, options, _) in design_table.BUDGETS["b74k"].items():
-            for seed in (0, 1, 2):
-                row = _row({"task": task, "method": method, "options": options, "lr": 1e-3, "seed": seed},
-                           0.7 + better.get(label, 0.0) + 0.001 * seed)
-                last = 0.8 if label == "lora" else 0.6  # LoRA still rising at its last evaluation, the rest not
-                row["curves"] = {"val": [{"step": 10, "accuracy": 0.5}, {"step": 20, "accuracy": 0.7},
-                                         {"step": 30, "accuracy": last}][:3 if seed or task == "cola" else 2]}
-                if method == "recommended_lora":
-                    row["designs"] = {method: {"used": 73000 + seed, "ranks": {"0_v": 2},
-                                               "scores": {"0_v": 1.0}, "trust_region": {"eta": 0.5, "trials": [{}]}}}
-                if seed == 0:
-                    append_jsonl(design_table.SELECT_OUT, row)
-                append_jsonl(design_table.TABLE_OUT, row)
-            if (task, label) == ("cola", "lora"):  # 1e-3 between two worse rates, a factor of 4 from the upper one
-                for seed in (0, 1, 2):  # the cell of a rate chosen before the midpoints moved it: kept, not shown
-                    append_jsonl(design_table.TABLE_OUT, _row({"task": task, "method": method, "options": options,
-                                                               "lr": 4e-3, "seed": seed}, 0.6))
-                for lr in (5e-4, 4e-3):
-                    append_jsonl(design_table.SELECT_OUT, _row({"task": task, "method": method, "options": options,
-                                                                "lr": lr, "seed": 0}, 0.5))
-    # RTE's level above every score: a tie there has both at chance
-    monkeypatch.setattr(design_table, "glue_majority", lambda _: {"rte": 0.9, "cola": 0.0})
-    out = design_table.summary(("rte", "cola"), ("b74k",))
-    assert out["wins"] == 4  # two designs x two tasks beat LoRA
-    assert all(r["at_chance"] == (r["task"] == "rte") for r in out["rows"])
-    rec = next(c for c in out["cells"] if c["method"] == "recommended_lora" and c["task"] == "cola")
-    assert rec["designs"] == [{"used": 73000 + s, "ranks": {"0_v": 2}, "trust_region": {"eta": 0.5}} for s in (0, 1, 2)]
-    caption = _caption("design_table", tmp_path, tmp_path / "f")
-    assert "parallel_control: wins cola/b74k (+0.050), rte/b74k (+0.050)" in caption
-    assert "costate_lora: wins none, ties 0, losses cola/b74k (-0.050), rte/b74k (-0.050)" in caption
-    assert "4 wins, met" in caption
-    assert "the widest ratio between a chosen rate and a neighbouring rate tried: cola 4." in caption  # rte: none
-    assert "gramian_lora: wins none, ties 2 (1 of them with both at the majority class), losses none" in caption
-    # at LoRA's earlier rate (0.6) every design beats it; at the chosen one (0.701) two do
-    earlier = ", ".join(f"b74k:{d}" for d in sorted(design_table.DESIGNS))
-    assert ("Rates moved after their seeds 1 and 2 had run (the earlier cells kept; chosen minus earlier mean): "
-            f"cola: 1 moved, 0 lower on dev, 1 higher, mean change +0.101, wins over LoRA at the earlier rates: "
-            f"{earlier}, verdicts that differ between the two: 4 of 42 (4 against LoRA).") in caption
-    lora = next(c for c in out["cells"] if (c["task"], c["method"]) == ("rte", "lora"))
-    assert lora["val_curve"] == [{"step": 10, "mean": pytest.approx(0.5), "n": 3},  # the steps every seed reached
-                                 {"step": 20, "mean": pytest.approx(0.7), "n": 3}]
-    curves = _caption("design_table_curves", tmp_path, tmp_path / "f")
-    # RTE: the seed-0 rows stop at step 20, so every mean curve ends rising there; CoLA: LoRA alone rises at the end
-    assert "not levelled off): rte 13 of 13, cola 1 of 13." in curves
-    assert "Tasks with 3 seeds in every cell: rte, cola." in curves
-    assert "Tasks with 3 seeds in every cell: rte, cola;" in _caption("design_table_pareto", tmp_path, tmp_path / "f")
-    assert out["refinement"]["cola"]["changes"] == [{"budget": "b74k", "method": "lora", "earlier_lr": 4e-3,
-                                                     "lr": 1e-3, "change": pytest.approx(0.101)}]
-
-
-def test_design_table_bars_start_at_the_majority_class_unless_a_bar_reaches_below_it():
-    from paper_figs.figures.design_table import _bottom
-
-    assert _bottom([0.85, 0.86], [0.01, 0.0], 0.51) == 0.51
-    assert _bottom([0.2, 0.1], [0.01, 0.15], 0.0) == pytest.approx(-0.05 - 0.05 * 0.25)  # MCC below 0: shown
-    assert _bottom([0.85], [0.01], None) == 0.0
 
 
 def test_glue_gaps_summary(tmp_path, monkeypatch):
@@ -487,7 +300,7 @@ def test_glue_gaps_summary(tmp_path, monkeypatch):
         return {"task": task, "method": "full", "lr": lr, "seed": seed, "train_size": None, "epochs": 5, **more}
 
     def row(config, selected, val=None, last=None, **extra):  # last: the dev score after the last step
-        return {**_row(config, selected, val, **extra), "score": selected if last is None else last}
+        return {**sweep_row(config, selected, val, **extra), "score": selected if last is None else last}
 
     for task, lr, val, fit in (("sst2", 1e-4, 0.93, 0.99), ("sst2", 2e-5, 0.90, 0.95), ("rte", 8e-6, 0.64, 0.65),
                                ("rte", 2e-5, 0.60, 0.95)):
@@ -573,7 +386,7 @@ def test_convergence_reads_curves_from_rows_and_keeps_its_summary_when_curves_ar
     curve = {"val": [{"step": 10, "accuracy": 0.7}, {"step": 20, "accuracy": 0.9}]}
     for method, seed in itertools.product(("full", "lora"), (0, 1)):
         append_jsonl(tmp_path / "glue_select.jsonl" if seed == 0 else tmp_path / "glue_table.jsonl",
-                     _row(cfg(method, seed), 0.9, curves=curve, total_steps=20, train_time_s=10.0))
+                     sweep_row(cfg(method, seed), 0.9, curves=curve, total_steps=20, train_time_s=10.0))
     payload = convergence.main([])
     rows = {r["method"]: r for r in payload["rows"]}
     assert rows["lora"]["n_seeds"] == 2 and rows["lora"]["mean_val"] == [0.7, 0.9]
@@ -581,11 +394,12 @@ def test_convergence_reads_curves_from_rows_and_keeps_its_summary_when_curves_ar
     # two seeds of full FT at 0.9 (no spread) over a level of 0.5: a test of the order
     assert rows["full"]["beats_majority"] is True and payload["orders"][0]["test"] is True
     before = (tmp_path / "convergence.json").read_text()
-    append_jsonl(tmp_path / "glue_table.jsonl", _row(cfg("lora", 2), 0.9, run_dir="runs/gone"))  # no curve, no folder
+    gone = sweep_row(cfg("lora", 2), 0.9, run_dir="runs/gone")  # no curve, no folder
+    append_jsonl(tmp_path / "glue_table.jsonl", gone)
     with pytest.raises(SystemExit, match="1 finished GLUE cells have no validation curve"):
         convergence.main([])
     assert (tmp_path / "convergence.json").read_text() == before
-    assert convergence.main(["--allow-missing"])["cells_without_curves"] == [_row(cfg("lora", 2), 0.9)["cell"]]
+    assert convergence.main(["--allow-missing"])["cells_without_curves"] == [sweep_row(cfg("lora", 2), 0.9)["cell"]]
     # a machine that reads fewer curves than the summary holds leaves it as it was, even with --allow-missing
     before = (tmp_path / "convergence.json").read_text()
     lines = (tmp_path / "glue_table.jsonl").read_text().splitlines()
@@ -672,9 +486,9 @@ def test_a_cell_with_seeds_that_predict_one_class_is_named_in_its_caption(tmp_pa
         share = 1.0 if collapsed else {("mrpc", 500, "prefix", 1): 0.97, ("mrpc", 500, "prefix", 2): 0.949}.get(
             (task, k, method, seed), 0.6)
         append_jsonl(unipelt_low_resource.SELECT_OUT if seed == 0 else unipelt_low_resource.TABLE_OUT,
-                     _row({"task": task, "train_size": k, "method": method, "lr": 1e-3, "seed": seed},
-                          0.7 + 0.002 * seed, predicts_one_class=collapsed,
-                          dev_at_best_val={"step": 10, "accuracy": 0.7, "top_class_share": share}))
+                     sweep_row({"task": task, "train_size": k, "method": method, "lr": 1e-3, "seed": seed},
+                               0.7 + 0.002 * seed, predicts_one_class=collapsed,
+                               dev_at_best_val={"step": 10, "accuracy": 0.7, "top_class_share": share}))
     out = unipelt_low_resource.summary(unipelt_low_resource.TASKS)
     cell = next(c for c in out["cells"] if (c["task"], c["k"], c["method"]) == ("rte", 100, "lora"))
     assert cell["one_class_seeds"] == [0, 2] and cell["near_one_class_seeds"] == []
@@ -682,7 +496,7 @@ def test_a_cell_with_seeds_that_predict_one_class_is_named_in_its_caption(tmp_pa
     near = [(c["task"], c["k"], c["method"], c["near_one_class_seeds"]) for c in out["cells"]
             if c["near_one_class_seeds"]]
     assert near == [("mrpc", 500, "prefix", [1])]
-    caption = _caption("unipelt_low_resource", tmp_path, tmp_path / "f")
+    caption = rendered_caption("unipelt_low_resource", tmp_path, tmp_path / "f")
     assert "predict one class for every dev row (a constant prediction's score, counted in the means shown): " \
            "rte K=100 lora seeds 0, 2." in caption
     assert "give one class to at least 95 % of dev rows (nearly a constant prediction, counted in the means " \
@@ -693,8 +507,8 @@ def test_a_diverged_seed_completes_its_cell_and_is_named(tmp_path, monkeypatch):
     """A seed that diverged at the chosen rate is finished (never run again): the grid is complete with it, the
     verdicts are given on the other seeds, and the caption names it."""
     for task, k, method, seed in _unipelt_grid(tmp_path, monkeypatch):
-        row = _row({"task": task, "train_size": k, "method": method, "lr": 1e-3, "seed": seed},
-                   (0.8 if method == "unipelt" else 0.7) + 0.002 * seed)
+        row = sweep_row({"task": task, "train_size": k, "method": method, "lr": 1e-3, "seed": seed},
+                        (0.8 if method == "unipelt" else 0.7) + 0.002 * seed)
         if (task, k, method, seed) == ("mrpc", 500, "unipelt", 2):
             row.update(status="diverged", score_at_best_val=None, val_score=None)
         append_jsonl(unipelt_low_resource.SELECT_OUT if seed == 0 else unipelt_low_resource.TABLE_OUT, row)
@@ -705,7 +519,7 @@ def test_a_diverged_seed_completes_its_cell_and_is_named(tmp_path, monkeypatch):
     # judged on 3 scored seeds only: its 3 comparisons are "too few seeds", which leaves K = 500 open
     assert out["per_k"]["500"]["too few seeds"] == 3 and out["per_k"]["500"]["holds"] is None
     assert out["per_k"]["100"]["holds"] is True
-    caption = _caption("unipelt_low_resource", tmp_path, tmp_path / "f")
+    caption = rendered_caption("unipelt_low_resource", tmp_path, tmp_path / "f")
     assert "K = 500: wins 9, ties 0, losses 0, 3 with too few seeds — inconclusive" in caption
     assert "Over all K: inconclusive" in caption
     assert "Runs that diverged (no score; the means are over the other seeds): mrpc K=500 unipelt seed 2." in caption
@@ -718,19 +532,20 @@ def test_a_cell_that_diverged_at_every_rate_completes_the_grid_and_is_named(tmp_
         if (task, k, method) == ("mrpc", 500, "unipelt"):
             if seed == 0:
                 for lr in (2.5e-4, 5e-4, 1e-3):
+                    config = {"task": task, "train_size": k, "method": method, "lr": lr, "seed": 0}
                     append_jsonl(unipelt_low_resource.SELECT_OUT,
-                                 {**_row({"task": task, "train_size": k, "method": method, "lr": lr, "seed": 0}, 0.0),
-                                  "status": "diverged", "score_at_best_val": None, "val_score": None})
+                                 {**sweep_row(config, 0.0), "status": "diverged", "score_at_best_val": None,
+                                  "val_score": None})
             continue
-        row = _row({"task": task, "train_size": k, "method": method, "lr": 1e-3, "seed": seed},
-                   (0.8 if method == "unipelt" else 0.7) + 0.002 * seed)
+        row = sweep_row({"task": task, "train_size": k, "method": method, "lr": 1e-3, "seed": seed},
+                        (0.8 if method == "unipelt" else 0.7) + 0.002 * seed)
         append_jsonl(unipelt_low_resource.SELECT_OUT if seed == 0 else unipelt_low_resource.TABLE_OUT, row)
     out = unipelt_low_resource.summary(unipelt_low_resource.TASKS)
     cell = next(c for c in out["cells"] if (c["task"], c["k"], c["method"]) == ("mrpc", 500, "unipelt"))
     assert cell["diverged_every_rate"] and cell["n_seeds"] == 0 and cell["lr"] is None
     assert out["progress"]["complete"]
     assert not [c for c in out["comparisons"] if (c["task"], c["k"]) == ("mrpc", 500)]
-    caption = _caption("unipelt_low_resource", tmp_path, tmp_path / "f")
+    caption = rendered_caption("unipelt_low_resource", tmp_path, tmp_path / "f")
     assert "Diverged at every rate tried (no seed run at a chosen rate, left out of every comparison): " \
            "mrpc K=500 unipelt." in caption
     # the table leaves the pair out and runs every other pair's seeds
@@ -748,26 +563,19 @@ def test_a_cell_whose_chosen_rate_is_the_edge_of_the_rates_tried_is_named(tmp_pa
     """A chosen rate that is the highest (or lowest) rate tried does not bracket the pair's optimum: the summary
     flags the cell and the caption names it with its rate; a rate between two worse ones is not named."""
     for task, k, method, seed in _unipelt_grid(tmp_path, monkeypatch):
-        row = _row({"task": task, "train_size": k, "method": method, "lr": 1e-3, "seed": seed}, 0.7 + 0.002 * seed)
+        row = sweep_row({"task": task, "train_size": k, "method": method, "lr": 1e-3, "seed": seed}, 0.7 + 0.002 * seed)
         append_jsonl(unipelt_low_resource.SELECT_OUT if seed == 0 else unipelt_low_resource.TABLE_OUT, row)
         if seed == 0 and (task, k, method) == ("sst2", 100, "lora"):  # 1e-3 beats the lower rate: the top edge
             append_jsonl(unipelt_low_resource.SELECT_OUT,
-                         _row({"task": task, "train_size": k, "method": method, "lr": 5e-4, "seed": 0}, 0.6))
+                         sweep_row({"task": task, "train_size": k, "method": method, "lr": 5e-4, "seed": 0}, 0.6))
         if seed == 0 and (task, k, method) == ("cola", 100, "lora"):  # 1e-3 between two worse rates: bracketed
             for lr in (5e-4, 2e-3):
                 append_jsonl(unipelt_low_resource.SELECT_OUT,
-                             _row({"task": task, "train_size": k, "method": method, "lr": lr, "seed": 0}, 0.6))
+                             sweep_row({"task": task, "train_size": k, "method": method, "lr": lr, "seed": 0}, 0.6))
     out = unipelt_low_resource.summary(unipelt_low_resource.TASKS)
     flagged = {(c["task"], c["k"], c["method"]) for c in out["cells"] if c["rate_at_edge"]}
     assert flagged == {("sst2", 100, "lora")}
-    caption = _caption("unipelt_low_resource", tmp_path, tmp_path / "f")
+    caption = rendered_caption("unipelt_low_resource", tmp_path, tmp_path / "f")
     assert "(the optimum is not bracketed; the score may be the grid's, not the method's): sst2 K=100 lora " \
            "(rate 0.001)." in caption
     assert "cola K=100 lora (rate" not in caption
-
-
-def test_a_design_cell_short_of_three_scored_seeds_is_not_judged():
-    lora = {"mean": 0.28, "std": 0.01, "n_seeds": 3}
-    assert design_table.verdict({"mean": 0.40, "std": 0.01, "n_seeds": 3}, lora)[0] == "win"
-    assert design_table.verdict({"mean": 0.40, "std": 0.01, "n_seeds": 2}, lora)[0] == "too few seeds"
-    assert design_table.verdict({"mean": 0.40, "std": None, "n_seeds": 1}, lora)[0] is None

@@ -1,0 +1,27 @@
+"""Shared helpers of the study-summary tests: a figure's registry entry, a finished sweep row in the sweeps'
+format, and a rendered figure's caption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from controltune.figures import registry, render
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def figure_spec(name: str):
+    return registry(ROOT / "paper_figs" / "figures")[name]
+
+
+def sweep_row(config: dict, score: float, val: float | None = None, metric: str = "accuracy", **extra) -> dict:
+    cell = "c" + str(abs(hash(json.dumps(config, sort_keys=True))))
+    return {"config": config, "status": "done", "score_at_best_val": score, "val_score": score if val is None else val,
+            "metric": metric, "n_trainable": 10, "cell": cell, **extra}
+
+
+def rendered_caption(name: str, results: Path, out: Path) -> str:
+    paths = render(figure_spec(name), results, out)
+    assert paths[1].read_bytes()[:4] == b"\x89PNG"
+    return paths[2].read_text()

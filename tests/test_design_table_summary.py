@@ -1,0 +1,81 @@
+"""The design table's summary, verdicts and figures (issue 18), from synthetic rows in the sweeps' format."""
+
+from __future__ import annotations
+
+import pytest
+from study_rows import rendered_caption, sweep_row
+
+from controltune.results import append_jsonl
+from experiments import design_table
+
+
+def test_design_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(design_table, "SELECT_OUT", tmp_path / "s.jsonl")
+    monkeypatch.setattr(design_table, "TABLE_OUT", tmp_path / "t.jsonl")
+    monkeypatch.setattr(design_table, "SUMMARY", tmp_path / "design_table.json")
+    better = {"parallel_control": 0.05, "recommended_lora": 0.05, "costate_lora": -0.05}
+    for task in ("rte", "cola"):
+        for label, (method, options, _) in design_table.BUDGETS["b74k"].items():
+            for seed in (0, 1, 2):
+                row = sweep_row({"task": task, "method": method, "options": options, "lr": 1e-3, "seed": seed},
+                                0.7 + better.get(label, 0.0) + 0.001 * seed)
+                last = 0.8 if label == "lora" else 0.6  # LoRA still rising at its last evaluation, the rest not
+                row["curves"] = {"val": [{"step": 10, "accuracy": 0.5}, {"step": 20, "accuracy": 0.7},
+                                         {"step": 30, "accuracy": last}][:3 if seed or task == "cola" else 2]}
+                if method == "recommended_lora":
+                    row["designs"] = {method: {"used": 73000 + seed, "ranks": {"0_v": 2},
+                                               "scores": {"0_v": 1.0}, "trust_region": {"eta": 0.5, "trials": [{}]}}}
+                if seed == 0:
+                    append_jsonl(design_table.SELECT_OUT, row)
+                append_jsonl(design_table.TABLE_OUT, row)
+            if (task, label) == ("cola", "lora"):  # 1e-3 between two worse rates, a factor of 4 from the upper one
+                for seed in (0, 1, 2):  # the cell of a rate chosen before the midpoints moved it: kept, not shown
+                    append_jsonl(design_table.TABLE_OUT, sweep_row({"task": task, "method": method, "options": options,
+                                                                    "lr": 4e-3, "seed": seed}, 0.6))
+                for lr in (5e-4, 4e-3):
+                    append_jsonl(design_table.SELECT_OUT, sweep_row({"task": task, "method": method, "options": options,
+                                                                     "lr": lr, "seed": 0}, 0.5))
+    # RTE's level above every score: a tie there has both at chance
+    monkeypatch.setattr(design_table, "glue_majority", lambda _: {"rte": 0.9, "cola": 0.0})
+    out = design_table.summary(("rte", "cola"), ("b74k",))
+    assert out["wins"] == 4  # two designs x two tasks beat LoRA
+    assert all(r["at_chance"] == (r["task"] == "rte") for r in out["rows"])
+    rec = next(c for c in out["cells"] if c["method"] == "recommended_lora" and c["task"] == "cola")
+    assert rec["designs"] == [{"used": 73000 + s, "ranks": {"0_v": 2}, "trust_region": {"eta": 0.5}} for s in (0, 1, 2)]
+    caption = rendered_caption("design_table", tmp_path, tmp_path / "f")
+    assert "parallel_control: wins cola/b74k (+0.050), rte/b74k (+0.050)" in caption
+    assert "costate_lora: wins none, ties 0, losses cola/b74k (-0.050), rte/b74k (-0.050)" in caption
+    assert "4 wins, met" in caption
+    assert "the widest ratio between a chosen rate and a neighbouring rate tried: cola 4." in caption  # rte: none
+    assert "gramian_lora: wins none, ties 2 (1 of them with both at the majority class), losses none" in caption
+    # at LoRA's earlier rate (0.6) every design beats it; at the chosen one (0.701) two do
+    earlier = ", ".join(f"b74k:{d}" for d in sorted(design_table.DESIGNS))
+    assert ("Rates moved after their seeds 1 and 2 had run (the earlier cells kept; chosen minus earlier mean): "
+            f"cola: 1 moved, 0 lower on dev, 1 higher, mean change +0.101, wins over LoRA at the earlier rates: "
+            f"{earlier}, verdicts that differ between the two: 4 of 42 (4 against LoRA).") in caption
+    lora = next(c for c in out["cells"] if (c["task"], c["method"]) == ("rte", "lora"))
+    assert lora["val_curve"] == [{"step": 10, "mean": pytest.approx(0.5), "n": 3},  # the steps every seed reached
+                                 {"step": 20, "mean": pytest.approx(0.7), "n": 3}]
+    curves = rendered_caption("design_table_curves", tmp_path, tmp_path / "f")
+    # RTE: the seed-0 rows stop at step 20, so every mean curve ends rising there; CoLA: LoRA alone rises at the end
+    assert "not levelled off): rte 13 of 13, cola 1 of 13." in curves
+    assert "Tasks with 3 seeds in every cell: rte, cola." in curves
+    pareto = rendered_caption("design_table_pareto", tmp_path, tmp_path / "f")
+    assert "Tasks with 3 seeds in every cell: rte, cola;" in pareto
+    assert out["refinement"]["cola"]["changes"] == [{"budget": "b74k", "method": "lora", "earlier_lr": 4e-3,
+                                                     "lr": 1e-3, "change": pytest.approx(0.101)}]
+
+
+def test_design_table_bars_start_at_the_majority_class_unless_a_bar_reaches_below_it():
+    from paper_figs.figures.design_table import _bottom
+
+    assert _bottom([0.85, 0.86], [0.01, 0.0], 0.51) == 0.51
+    assert _bottom([0.2, 0.1], [0.01, 0.15], 0.0) == pytest.approx(-0.05 - 0.05 * 0.25)  # MCC below 0: shown
+    assert _bottom([0.85], [0.01], None) == 0.0
+
+
+def test_a_design_cell_short_of_three_scored_seeds_is_not_judged():
+    lora = {"mean": 0.28, "std": 0.01, "n_seeds": 3}
+    assert design_table.verdict({"mean": 0.40, "std": 0.01, "n_seeds": 3}, lora)[0] == "win"
+    assert design_table.verdict({"mean": 0.40, "std": 0.01, "n_seeds": 2}, lora)[0] == "too few seeds"
+    assert design_table.verdict({"mean": 0.40, "std": None, "n_seeds": 1}, lora)[0] is None
