@@ -26,12 +26,14 @@ below ``−2·se``, tie otherwise, ``se = (s_d²/n_d + s_b²/n_b)^{1/2}``; none 
     nohup .venv/bin/python experiments/design_table.py --tasks rte,mrpc > experiments/results/design_table.log 2>&1 &
     .venv/bin/python experiments/design_table.py --plan          # cells, budgets and trainable counts; runs nothing
     .venv/bin/python experiments/design_table.py --summary-only  # rewrite design_table.json from the rows
+    .venv/bin/python experiments/design_table.py --markdown      # the README's table, from design_table.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -332,6 +334,49 @@ def summary(tasks, budgets) -> dict[str, Any]:
     return payload
 
 
+def cell_complete(cell: dict[str, Any]) -> bool:
+    """Whether a cell is final: 3 scored seeds at its chosen rate, or every seed left diverged (named in the
+    summary), or no rate that did not diverge."""
+    return cell["n_seeds"] + len(cell["diverged_seeds"]) >= MIN_SEEDS or cell["diverged_every_rate"]
+
+
+def task_complete(payload: dict[str, Any], task: str) -> bool:
+    """Whether every (budget, method) pair of ``task`` has its final cell (:func:`cell_complete`)."""
+    mine = [c for c in payload["cells"] if c["task"] == task]
+    pairs = sum(len(BUDGETS[b]) for b in payload["config"]["budgets"])
+    return len(mine) == pairs and all(cell_complete(c) for c in mine)
+
+
+def markdown_table(payload: dict[str, Any]) -> str:
+    """The README's design table from a summary: per budget, LoRA, the designs (with their verdict against LoRA at
+    that budget) and the other baselines; per task, ``mean ± std`` over the seeds of each final cell
+    (:func:`cell_complete`; the others are left blank), ``†`` where the chosen rate is the edge of the rates tried.
+    A task with a cell not final yet is marked running."""
+    from controltune.data import BUILTIN_TASKS
+
+    tasks = payload["config"]["tasks"]
+    cells = {(c["task"], c["budget"], c["method"]): c for c in payload["cells"]}
+    verdicts = {(r["task"], r["budget"], r["design"]): r["verdict"] for r in payload["rows"] if r["baseline"] == "lora"}
+    unit = {"f1": "F1", "mcc": "MCC"}
+    head = [f"{BUILTIN_TASKS[t].folder} ({unit.get(m, m)}{'' if task_complete(payload, t) else '; running'})"
+            for t in tasks for m in [BUILTIN_TASKS[t].metric]]
+    lines = ["| budget | method | " + " | ".join(head) + " |", "|" + " --- |" * (2 + len(tasks))]
+    for budget in payload["config"]["budgets"]:
+        for label in ("lora", *DESIGNS, *(b for b in BASELINES if b != "lora")):
+            entries = []
+            for t in tasks:
+                c = cells.get((t, budget, label))
+                lora = cells.get((t, budget, "lora"))
+                if c is None or not cell_complete(c) or c["mean"] is None:
+                    entries.append("")
+                    continue
+                text = f"{c['mean']:.3f} ± {c['std']:.3f}" + ("†" if c["rate_at_edge"] else "")
+                v = verdicts.get((t, budget, label)) if lora is not None and cell_complete(lora) else None
+                entries.append(text + ("" if v is None else f", **{v}**" if v == "win" else f", {v}"))
+            lines.append(f"| {budget} | `{label}` | " + " | ".join(entries) + " |")
+    return "\n".join(lines)
+
+
 def plan(tasks, budgets) -> list[dict[str, Any]]:
     """Trainable parameters of every (budget, label) on MiniLM (designed ones on 8 SST-2 rows), and the cell count."""
     from controltune import ResidualSystem, load_model
@@ -373,6 +418,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_sweep_arguments(p, "runs/design_table")
     p.add_argument("--plan", action="store_true", help="print the cells and trainable counts; run nothing")
     p.add_argument("--summary-only", action="store_true")
+    p.add_argument("--markdown", action="store_true", help="print the README's table from design_table.json")
     args = p.parse_args(argv)
     tasks = tuple(t for t in args.tasks.split(",") if t)
     budgets = tuple(b for b in args.budgets.split(",") if b)
@@ -383,6 +429,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"plan": plan(tasks, budgets)}
     if args.summary_only:
         return summary(TASKS, tuple(BUDGETS))
+    if args.markdown:
+        print(markdown_table(json.loads(SUMMARY.read_text())))
+        return {}
     def chosen(rows: list[dict[str, Any]]) -> dict:
         return {pair: info for pair, info in choose_lrs(rows, pair_key).items()
                 if pair[0] in tasks and pair[1] in budgets}
