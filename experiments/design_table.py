@@ -367,10 +367,15 @@ def markdown_table(payload: dict[str, Any]) -> str:
             for t in tasks:
                 c = cells.get((t, budget, label))
                 lora = cells.get((t, budget, "lora"))
-                if c is None or not cell_complete(c) or c["mean"] is None:
+                if c is None or not cell_complete(c):
                     entries.append("")
                     continue
-                text = f"{c['mean']:.3f} ± {c['std']:.3f}" + ("†" if c["rate_at_edge"] else "")
+                if c["mean"] is None:
+                    entries.append("diverged at every rate" if c["diverged_every_rate"] else "every seed diverged")
+                    continue
+                text = f"{c['mean']:.3f} ± {c['std'] or 0.0:.3f}" + ("†" if c["rate_at_edge"] else "")
+                if c["n_seeds"] < MIN_SEEDS:  # the others diverged (named in the summary)
+                    text += f" ({c['n_seeds']} of {MIN_SEEDS} seeds)"
                 v = verdicts.get((t, budget, label)) if lora is not None and cell_complete(lora) else None
                 entries.append(text + ("" if v is None else f", **{v}**" if v == "win" else f", {v}"))
             lines.append(f"| {budget} | `{label}` | " + " | ".join(entries) + " |")

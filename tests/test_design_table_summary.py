@@ -79,3 +79,29 @@ def test_a_design_cell_short_of_three_scored_seeds_is_not_judged():
     assert design_table.verdict({"mean": 0.40, "std": 0.01, "n_seeds": 3}, lora)[0] == "win"
     assert design_table.verdict({"mean": 0.40, "std": 0.01, "n_seeds": 2}, lora)[0] == "too few seeds"
     assert design_table.verdict({"mean": 0.40, "std": None, "n_seeds": 1}, lora)[0] is None
+
+
+def test_the_readme_table_shows_final_cells_and_their_verdicts_against_lora_only():
+    def cell(task, budget, method, mean, n=3, **extra):
+        return {"task": task, "budget": budget, "method": method, "mean": mean, "std": 0.01 if mean else None,
+                "n_seeds": n, "diverged_seeds": [], "diverged_every_rate": False, "rate_at_edge": False, **extra}
+
+    labels = [label for b in ("b74k", "b18k") for label in design_table.BUDGETS[b]]
+    assert len(labels) == 26
+    cells = [cell("cola", b, label, 0.25) for b in ("b74k", "b18k") for label in design_table.BUDGETS[b]]
+    mine = {(c["budget"], c["method"]): c for c in cells}
+    mine["b74k", "parallel_control"].update(mean=0.30)
+    mine["b74k", "prefix"].update(rate_at_edge=True)
+    mine["b74k", "eva"].update(n_seeds=2, diverged_seeds=[1])
+    mine["b18k", "riccati_feedback"].update(mean=None, n_seeds=0, diverged_every_rate=True)
+    cells.append(cell("sst2", "b74k", "lora", 0.86, n=1))  # SST-2: a seed so far, nothing else
+    rows = [{"task": "cola", "budget": "b74k", "design": "parallel_control", "baseline": b, "verdict": v}
+            for b, v in (("lora", "win"), ("adapter", "tie"))]
+    payload = {"config": {"tasks": ["sst2", "cola"], "budgets": ["b74k", "b18k"]}, "cells": cells, "rows": rows}
+    lines = design_table.markdown_table(payload).splitlines()
+    assert lines[0] == "| budget | method | SST-2 (accuracy; running) | CoLA (MCC) |" and len(lines) == 2 + 26
+    assert "| b74k | `lora` |  | 0.250 ± 0.010 |" in lines  # SST-2's one seed is not a cell yet
+    assert "| b74k | `parallel_control` |  | 0.300 ± 0.010, **win** |" in lines  # against LoRA, not the adapter
+    assert "| b74k | `prefix` |  | 0.250 ± 0.010† |" in lines
+    assert "| b74k | `eva` |  | 0.250 ± 0.010 (2 of 3 seeds) |" in lines
+    assert "| b18k | `riccati_feedback` |  | diverged at every rate |" in lines
