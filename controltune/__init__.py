@@ -22,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from ._version import __version__  # noqa: E402
 from .batching import labelled_batch  # noqa: E402
 from .controllers import build  # noqa: E402
 from .pmp import solve_costate  # noqa: E402
@@ -29,6 +30,5 @@ from .system import ResidualSystem, Trajectory  # noqa: E402
 from .verification import verify  # noqa: E402
 from .zoo import load_model  # noqa: E402
 
-__version__ = "0.1.0"
 __all__ = ["ResidualSystem", "Trajectory", "build", "labelled_batch", "load_model", "solve_costate", "verify",
            "__version__"]

@@ -70,8 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import controltune  # noqa: F401  (sets the offline switches first)
-
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "device", None) is not None:

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ._version import __version__
+
 try:
     import fcntl
 except ImportError:  # Windows: appends are not locked
@@ -38,8 +40,6 @@ def versions() -> dict[str, str]:
     import numpy
     import torch
     import transformers
-
-    from . import __version__
 
     return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
             "numpy": numpy.__version__, "controltune": __version__, "platform": platform.platform()}

@@ -64,8 +64,8 @@ def _layers(layers: list[int]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import load_model
     from ..results import stamp, write_json
+    from ..zoo import load_model
 
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
     rows = describe_all(loaded, args.method, args.seed)

@@ -179,7 +179,6 @@ def _one_class_warning(result: dict) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import load_model
     from ..controllers import build
     from ..design.linearize import withheld_from_design
     from ..divergence import TrainingDiverged
@@ -187,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
     from ..system import ResidualSystem
     from ..train import check_output_folder, train, train_stages
     from ..train_config import TrainConfig
+    from ..zoo import load_model
 
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out, the folder holding the run's checkpoint")

@@ -1,0 +1,110 @@
+"""ARCHITECTURE.md's rooms hold: every import of the library, late ones included, points down its table of layers.
+
+The table is read from ARCHITECTURE.md itself, so the document and the code cannot drift apart: a module the
+table does not list, an import of a higher layer, an import of the package root from inside the library, a
+controller outside ``designed/`` (and ``peft_lora``) importing ``design/``, or the library naming the study
+(``experiments``, ``paper_figs``) fails here.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _layers() -> dict[str, int]:
+    """Top-level room name (``system``, ``families``, ...) -> its layer's index in ARCHITECTURE.md's table."""
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    table = text.split("| layer | modules | what lives there |", 1)[1].split("\n\n", 1)[0]
+    rows = [line for line in table.splitlines()[2:] if line.startswith("|")]
+    out: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        modules = row.split("|")[2]
+        for name in re.findall(r"`([A-Za-z_0-9]+)(?:\.py|/)`", modules):
+            assert name not in out, f"ARCHITECTURE.md lists {name} twice"
+            out[name] = i
+    return out
+
+
+def _module(path: Path, root: Path = ROOT) -> tuple[str, ...]:
+    parts = path.relative_to(root).with_suffix("").parts
+    return parts[:-1] if parts[-1] == "__init__" else parts
+
+
+def _imports(path: Path, root: Path = ROOT) -> list[tuple[tuple[str, ...], int]]:
+    """Every import in ``path`` (module level and inside functions) as ``(dotted target, line)``; relative
+    imports resolved, ``from X import a`` giving ``X.a`` (a submodule or a name of X)."""
+    module = _module(path, root)
+    package = module if path.name == "__init__.py" else module[:-1]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(tuple(a.name.split(".")), node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else ()
+            target = base + (tuple(node.module.split(".")) if node.module else ())
+            found += [(target + (a.name,), node.lineno) for a in node.names]
+    return found
+
+
+def _library_files(root: Path = ROOT) -> list[Path]:
+    return sorted(p for p in (root / "controltune").rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _violations(root: Path = ROOT) -> list[str]:
+    """Every import of the library under ``root`` that breaks ARCHITECTURE.md's table, one line each."""
+    layers = _layers()
+    wrong = []
+    for path in _library_files(root):
+        module = _module(path, root)
+        if len(module) == 1:  # the package root: the public API, above every room
+            continue
+        mine = layers[module[1]]
+        for target, line in _imports(path, root):
+            where = f"{path.relative_to(root)}:{line} imports {'.'.join(target)}"
+            if target[0] in ("experiments", "paper_figs"):
+                wrong.append(f"{where} (the library never names the study)")
+            if target[0] != "controltune":
+                continue
+            if len(target) == 1 or target[1] not in layers:  # controltune itself, or a name of the root
+                wrong.append(f"{where} (the package root)")
+            elif layers[target[1]] > mine:
+                wrong.append(f"{where} (a higher layer)")
+            elif module[1] == "controllers" and target[1] == "design" and module[2] not in ("designed",
+                                                                                              "peft_lora"):
+                wrong.append(f"{where} (only controllers/designed/ and peft_lora import design/)")
+    return wrong
+
+
+def test_every_library_module_is_in_a_room():
+    layers = _layers()
+    rooms = {_module(p)[1] for p in _library_files() if len(_module(p)) > 1}
+    assert rooms - set(layers) == set(), "modules ARCHITECTURE.md's table does not list"
+    assert set(layers) - rooms == set(), "rooms in ARCHITECTURE.md's table with no module"
+
+
+def test_imports_point_down_the_layers():
+    assert _violations() == []
+
+
+def test_a_wrong_import_is_caught(tmp_path):
+    """The check above can fail: late imports of a higher layer, of the package root and of the study, and a
+    plain controller importing design/, each in a copy of the tree's shape."""
+    package = tmp_path / "controltune"
+    (package / "controllers").mkdir(parents=True)
+    (package / "control.py").write_text("def f():\n    from .train import train\n    from . import build\n")
+    (package / "controllers" / "lora.py").write_text("from ..design import gramian\nimport experiments\n")
+    (package / "controllers" / "peft_lora.py").write_text("from ..design import design_batch\n")
+    wrong = _violations(tmp_path)
+    assert [w.split(" (")[1] for w in wrong] == ["a higher layer)", "the package root)", "only controllers/designed/ "
+                                               "and peft_lora import design/)", "the library never names the study)"]
+
+
+def test_the_package_version_is_pyprojects():
+    from controltune._version import __version__
+
+    declared = re.search(r'^version = "([^"]+)"$', (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
+    assert declared and __version__ == declared.group(1)
