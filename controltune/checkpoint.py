@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load as load_tensors
@@ -30,6 +30,9 @@ from safetensors.torch import save as save_bytes
 from .control import Control
 from .fingerprint import fingerprint
 from .results import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from .system import ResidualSystem
 
 FORMAT = "controltune-delta/1"
 
@@ -43,7 +46,7 @@ class CorruptCheckpointError(CheckpointMismatchError):
 
 
 # --- what is saved -------------------------------------------------------------------
-def saved_controls(system) -> list[Control]:
+def saved_controls(system: ResidualSystem) -> list[Control]:
     """Every delta tensor of ``system``: its controls plus frozen stages' controls."""
     out = list(system.controls())
     for c in system.controllers:
@@ -101,7 +104,7 @@ def _checked_header(blob: bytes, source: str, verify: bool = True) -> dict[str, 
     return header
 
 
-def to_bytes(system, spec: dict[str, Any] | None = None) -> bytes:
+def to_bytes(system: ResidualSystem, spec: dict[str, Any] | None = None) -> bytes:
     """The deltas of ``system`` as the bytes of a ``.safetensors`` delta file (see :func:`save`)."""
     controls = saved_controls(system)
     tensors = {c.name: c.param.detach().to("cpu").contiguous() for c in controls}
@@ -124,7 +127,7 @@ def to_bytes(system, spec: dict[str, Any] | None = None) -> bytes:
 
 
 # --- save / load ---------------------------------------------------------------------
-def save(system, path: str | Path, spec: dict[str, Any] | None = None) -> Path:
+def save(system: ResidualSystem, path: str | Path, spec: dict[str, Any] | None = None) -> Path:
     """Write the deltas of ``system`` to ``path`` (a ``.safetensors`` file), atomically.
 
     The header carries a sha256 of the tensor payload, so a damaged or truncated
@@ -155,7 +158,7 @@ def read_header(path: str | Path, verify: bool = True) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def load(system, path: str | Path, check_base: bool = True) -> dict[str, Any]:
+def load(system: ResidualSystem, path: str | Path, check_base: bool = True) -> dict[str, Any]:
     """Copy the deltas saved at ``path`` into ``system`` (same methods, same shapes); returns the header.
 
     Raises:
@@ -168,7 +171,7 @@ def load(system, path: str | Path, check_base: bool = True) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def load_bytes(system, blob: bytes, source: str, check_base: bool = True) -> dict[str, Any]:
+def load_bytes(system: ResidualSystem, blob: bytes, source: str, check_base: bool = True) -> dict[str, Any]:
     """:func:`load` for a delta file held in memory (``source`` names it in errors)."""
     header = _checked_header(blob, source)
     if check_base:

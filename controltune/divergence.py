@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .system import ResidualSystem
 
 
 class TrainingDiverged(FloatingPointError):
@@ -21,7 +24,7 @@ class TrainingDiverged(FloatingPointError):
         self.result = result
 
 
-def control_names(system) -> dict[int, str]:
+def control_names(system: ResidualSystem) -> dict[int, str]:
     """id(parameter) -> the name of the (first) control holding it, to name a non-finite gradient."""
     names: dict[int, str] = {}
     for c in system.controls():

@@ -8,8 +8,12 @@ needed (no file format), so controllers can check it too.
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .system import ResidualSystem
 
 _SAMPLES_PER_TENSOR = 64
 
@@ -21,7 +25,7 @@ def _is_delta_path(path: str) -> bool:
     return "delta" in parts or any(p.startswith("ct_") for p in parts)
 
 
-def base_parameters(system) -> list[tuple[str, torch.Tensor]]:
+def base_parameters(system: ResidualSystem) -> list[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` of the base model's own parameters, in a wrapping-independent naming.
 
     Parameters of deltas and of controllers are excluded; the ``.base_layer`` that
@@ -37,13 +41,13 @@ def base_parameters(system) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def n_base_parameters(system) -> int:
+def n_base_parameters(system: ResidualSystem) -> int:
     """Number of scalars of the pretrained model (the denominator of trainable fractions)."""
     return sum(p.numel() for _, p in base_parameters(system))
 
 
 @torch.no_grad()
-def fingerprint(system) -> str:
+def fingerprint(system: ResidualSystem) -> str:
     """sha256 over names, shapes and a strided sample of the frozen base parameters.
 
     Values are hashed in float32 so a model loaded in float32 or float64 has one

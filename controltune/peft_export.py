@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,10 +31,13 @@ from .controllers.lora import LoRADelta
 from .families.base import stores_transposed
 from .readout import CausalLMReadout, SequenceClassifierReadout
 
+if TYPE_CHECKING:
+    from .system import ResidualSystem
+
 __all__ = ["lora_sites", "to_peft"]
 
 
-def lora_sites(system) -> list[tuple[Any, LoRADelta]]:
+def lora_sites(system: ResidualSystem) -> list[tuple[Any, LoRADelta]]:
     """``[(site, delta)]`` of every LoRA delta of the attached controllers; refuses any other controller."""
     out = []
     for ctrl in system.controllers:
@@ -61,7 +64,7 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return clone
 
 
-def _task_type(system) -> str:
+def _task_type(system: ResidualSystem) -> str:
     if isinstance(system.readout, SequenceClassifierReadout):
         return "SEQ_CLS"
     if isinstance(system.readout, CausalLMReadout):
@@ -73,7 +76,7 @@ def _task_type(system) -> str:
 
 
 @torch.no_grad()
-def to_peft(system, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
+def to_peft(system: ResidualSystem, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
     """Save the system's LoRA deltas (and sequence head) as a peft LoRA adapter folder; returns it.
 
     ``base_model_name_or_path`` (default: the model's ``config._name_or_path``) is written to

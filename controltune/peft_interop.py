@@ -61,7 +61,7 @@ class PositionShift(Controller):
         super().__init__(0.0)
         self.offset = int(offset)
 
-    def attach(self, system) -> None:
+    def attach(self, system: ResidualSystem) -> None:
         path = system.family.shiftable_embedding
         if system.family.causal or path is None:
             raise UnsupportedMethodError(f"position_shift: only for encoders with absolute positions, not "

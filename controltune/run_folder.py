@@ -29,6 +29,7 @@ from .data import Example
 from .results import atomic_file, to_strict_json
 
 if TYPE_CHECKING:
+    from .system import ResidualSystem
     from .train_config import TrainConfig
 
 try:
@@ -142,7 +143,7 @@ def _data_digest(examples: Sequence[Example]) -> str:
     return h.hexdigest()[:16]
 
 
-def run_config(config: TrainConfig, system, task_spec, train_examples: Sequence[Example],
+def run_config(config: TrainConfig, system: ResidualSystem, task_spec, train_examples: Sequence[Example],
                val_examples: Sequence[Example] | None = None) -> dict[str, Any]:
     """What a run computes: the configuration (``extra`` merged in) and the task, model and data it ran on.
 
@@ -192,7 +193,7 @@ def _is_allowed(key: str, allowed: Sequence[str]) -> bool:
 
 
 # --- resume state ------------------------------------------------------------------------
-def save_state(path: Path, system, optimizer, scheduler, step: int, log: dict[str, Any], spec: dict,
+def save_state(path: Path, system: ResidualSystem, optimizer, scheduler, step: int, log: dict[str, Any], spec: dict,
                config: dict[str, Any], best_deltas: bytes | None = None) -> None:
     """Write the whole resume state as one file, atomically (temporary name, fsync, rename).
 
@@ -255,7 +256,7 @@ def _config_changes(path: Path, saved: dict[str, Any], current: dict[str, Any], 
     return [{"step": step, "key": k, "old": o, "new": n} for k, o, n in diffs]
 
 
-def load_state(path: Path, system, optimizer, scheduler, config: TrainConfig, current: dict[str, Any],
+def load_state(path: Path, system: ResidualSystem, optimizer, scheduler, config: TrainConfig, current: dict[str, Any],
                 schedule) -> tuple[int, dict[str, Any], bytes | None]:
     """Restore deltas, optimiser, scheduler and RNG from ``path``; returns ``(step, log, best deltas or None)``.
 

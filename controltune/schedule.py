@@ -15,6 +15,7 @@ import torch
 from .batching import length_grouped_batches, shuffled_batches
 
 if TYPE_CHECKING:
+    from .system import ResidualSystem
     from .train_config import TrainConfig
 
 
@@ -62,7 +63,7 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     return shuffled_batches(len(lengths), batch_size, generator)
 
 
-def parameter_groups(system, config: TrainConfig) -> list[dict[str, Any]]:
+def parameter_groups(system: ResidualSystem, config: TrainConfig) -> list[dict[str, Any]]:
     """AdamW's parameter groups, each ``{"params", "lr", "lr_scale"}`` with ``lr = config.lr × lr_scale``.
 
     One group at scale 1 unless ``config.part_lr_scales`` is set; then the system's one simultaneous
@@ -93,7 +94,7 @@ def parameter_groups(system, config: TrainConfig) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def trainable_parameters(system) -> list[torch.nn.Parameter]:
+def trainable_parameters(system: ResidualSystem) -> list[torch.nn.Parameter]:
     """The distinct parameters of ``system.controls()`` (what the optimiser updates)."""
     seen: dict[int, torch.nn.Parameter] = {}
     for c in system.controls():

@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .divergence import TrainingDiverged
 from .resources import peak_memory_mb, peak_rss_mb, reset_peak_rss, using_threads
@@ -46,6 +46,9 @@ from .sweep_spec import (
 from .train import train
 from .train_config import TrainConfig
 
+if TYPE_CHECKING:
+    from .system import ResidualSystem
+
 __all__ = ["FINISHED", "CellSetup", "build_cell", "finished_configs", "run_cell", "run_cells", "run_sweep",
            "train_loss_end"]
 
@@ -55,7 +58,7 @@ EXECUTORS = ("auto", "ray", "local")
 
 
 # --- one cell (runs in a worker) ----------------------------------------------------------------
-def build_method(system, method: str, options: dict[str, Any], seed: int, task: str | None = None,
+def build_method(system: ResidualSystem, method: str, options: dict[str, Any], seed: int, task: str | None = None,
                  sequential: bool = False):
     """Attach ``method`` (a registered controller or ``a+b``, options of part ``a`` as ``a.key``) to ``system``
     (:func:`controltune.controllers.spec.build_spec`; a control-designed controller designs on ``task``);

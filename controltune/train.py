@@ -61,7 +61,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -91,9 +91,12 @@ from .run_folder import (
 from .schedule import epoch_batches, linear_schedule, parameter_groups, total_steps, trainable_parameters, warmup_steps
 from .train_config import TrainConfig
 
+if TYPE_CHECKING:
+    from .system import ResidualSystem
+
 
 # --- pieces ----------------------------------------------------------------------------
-def training_mode(system, dropout: bool) -> None:
+def training_mode(system: ResidualSystem, dropout: bool) -> None:
     """The system's mode for training steps: the controllers' deltas in training mode (diff pruning samples its
     hard-concrete gates), the base model and the readout in training mode (dropout on) only with ``dropout``.
 
@@ -104,7 +107,7 @@ def training_mode(system, dropout: bool) -> None:
     system.controllers.train(True)
 
 
-def finalize(system, budget: float | None = None) -> list[str]:
+def finalize(system: ResidualSystem, budget: float | None = None) -> list[str]:
     """:meth:`Controller.finalize` of each controller (e.g. diff pruning's projection onto
     ``budget`` entries, a fraction if < 1); returns the methods that changed their deltas."""
     if budget is not None and budget >= 1:
@@ -112,7 +115,7 @@ def finalize(system, budget: float | None = None) -> list[str]:
     return [c.method for c in system.controllers if c.finalize(budget)]
 
 
-def design_reports(system) -> dict[str, Any] | None:
+def design_reports(system: ResidualSystem) -> dict[str, Any] | None:
     """What each designed controller recorded of its design (chosen sites and ranks, the start's step and its
     trust-region trials, the fitted feedback), by method; None when no controller designed anything."""
     reports = {c.method: c.report for c in system.controllers if getattr(c, "report", None)}
@@ -120,7 +123,7 @@ def design_reports(system) -> dict[str, Any] | None:
 
 
 # --- the loop --------------------------------------------------------------------------------
-def train(system, train_examples: Sequence[Example], dev_examples: Sequence[Example] | None, task_spec,
+def train(system: ResidualSystem, train_examples: Sequence[Example], dev_examples: Sequence[Example] | None, task_spec,
           config: TrainConfig, tokenizer=None, val_examples: Sequence[Example] | None = None) -> dict[str, Any]:
     """Train the controls of ``system`` on ``train_examples``; returns the metrics dict.
 
@@ -180,7 +183,7 @@ def _selection(task_spec, config: TrainConfig, val_examples: Sequence[Example] |
                      "final": "dev scores of the deltas after the last step"}}
 
 
-def _train(system, train_examples: Sequence[Example], dev_examples: Sequence[Example] | None, task_spec,
+def _train(system: ResidualSystem, train_examples: Sequence[Example], dev_examples: Sequence[Example] | None, task_spec,
            config: TrainConfig, tokenizer, out: Path | None,
            val_examples: Sequence[Example] | None = None) -> dict[str, Any]:
     """The loop of :func:`train`, with ``out`` checked and locked by the caller."""
@@ -351,7 +354,8 @@ def _train(system, train_examples: Sequence[Example], dev_examples: Sequence[Exa
     return result
 
 
-def _restore_best(system, best_step: int, best_deltas: bytes | None, total: int, final: dict[str, float] | None,
+def _restore_best(system: ResidualSystem, best_step: int, best_deltas: bytes | None, total: int, final: dict[str,
+                  float] | None,
                   budget: float | None, score_dev: Callable[[], dict[str, float] | None]) -> dict[str, float] | None:
     """Leave ``system`` holding the best-on-validation deltas of ``best_step`` (finalised as the last ones
     were) and return their dev scores (None without dev rows).
@@ -369,7 +373,8 @@ def _restore_best(system, best_step: int, best_deltas: bytes | None, total: int,
     return None if scores is None else {**scores, "step": best_step}
 
 
-def train_stages(system, sequential, train_examples: Sequence[Example], dev_examples: Sequence[Example] | None,
+def train_stages(system: ResidualSystem, sequential, train_examples: Sequence[Example],
+                 dev_examples: Sequence[Example] | None,
                  task_spec, configs: Sequence[TrainConfig], tokenizer=None, reuse_finished: bool = False
                  ) -> list[dict[str, Any]]:
     """Stage-wise training of a :class:`~controltune.controllers.composition.Sequential` controller.

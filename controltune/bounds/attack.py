@@ -17,11 +17,14 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .weight_deltas import delta_controller
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 Delta = dict[str, torch.Tensor]
 
@@ -34,7 +37,8 @@ def _scaled(d: Mapping[str, torch.Tensor], k: float) -> Delta:
     return {n: v * k for n, v in d.items()}
 
 
-def value_and_grad(system, batch: dict, reference: Mapping[str, torch.Tensor], d: Mapping[str, torch.Tensor],
+def value_and_grad(system: ResidualSystem, batch: dict, reference: Mapping[str, torch.Tensor], d: Mapping[str,
+                   torch.Tensor],
                    grad: bool = True) -> tuple[float, Delta | None]:
     """``J(u* + d)`` and (optionally) ``∂J/∂u`` there as dense ``{"<layer>.<role>": tensor}``."""
     dw = delta_controller(system)
@@ -66,7 +70,7 @@ class AttackResult:
                 "evaluations": self.evaluations, "seconds": self.seconds, "starts": self.starts}
 
 
-def attack(system, batch: dict, epsilon: float, gradient: Mapping[str, torch.Tensor] | None = None,
+def attack(system: ResidualSystem, batch: dict, epsilon: float, gradient: Mapping[str, torch.Tensor] | None = None,
            directions: Sequence[tuple[str, Mapping[str, torch.Tensor]]] = (), restarts: int = 2,
            steps: int = 10, seed: int = 0, warm: Sequence[tuple[str, Mapping[str, torch.Tensor]]] = ()
            ) -> AttackResult:

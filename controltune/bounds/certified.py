@@ -30,7 +30,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -38,6 +38,9 @@ from torch import nn
 from ..controllers.base import UnsupportedMethodError
 from . import enclosure as enc
 from .weight_deltas import delta_controller
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 ROUTES = ("taylor", "enclosure", "range")
 SAFETY = 1e-9
@@ -76,7 +79,7 @@ def _pool_weights(how: str, mask: torch.Tensor, n_prompt: int) -> torch.Tensor:
     return w
 
 
-def readout_trace(system, tr: enc.Trace, batch: dict) -> Readout:
+def readout_trace(system: ResidualSystem, tr: enc.Trace, batch: dict) -> Readout:
     """Margins of the classification head at u* and the readout range."""
     ro = system.readout
     if getattr(ro, "kind", None) != "classification":
@@ -151,7 +154,7 @@ class Anchor:
     gradient: dict[str, torch.Tensor]
 
 
-def anchor(system, batch: dict) -> Anchor:
+def anchor(system: ResidualSystem, batch: dict) -> Anchor:
     """Trace the rollout at the current deltas u* and take ``‖∇_u J‖`` from the co-states."""
     from ..pmp import solve_costate
 

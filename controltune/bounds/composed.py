@@ -26,6 +26,7 @@ import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,6 +34,9 @@ from ..controllers.base import UnsupportedMethodError
 from .domain import LayerDomain
 from .norms import spectral_norm
 from .weights import BlockWeights, block_weights
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 _ACT_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -142,7 +146,7 @@ def _attention_bound(wu: BlockWeights, wv: BlockWeights, dom: LayerDomain) -> tu
     return math.sqrt(l_sq), controls, {"attn_max_qk_norm": max(hu["qk"])}
 
 
-def composed_block_bound(system, layer: int, domain: LayerDomain, weights: BlockWeights | None = None,
+def composed_block_bound(system: ResidualSystem, layer: int, domain: LayerDomain, weights: BlockWeights | None = None,
                          other: BlockWeights | None = None) -> ComposedBound:
     """Compose per-operation bounds through block ``layer`` on ``domain``.
 

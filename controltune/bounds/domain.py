@@ -23,6 +23,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,6 +31,9 @@ from ..controllers.base import UnsupportedMethodError
 from ..families.base import Context
 from .norms import least_norm_scale, real_rows, spectral_norm
 from .weights import BlockWeights, block_weights
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 
 @dataclass
@@ -81,7 +85,8 @@ class LayerDomain:
 
 
 @contextmanager
-def _recording(system, layer: int, mask: torch.Tensor, roles: tuple[str, ...]) -> Iterator[dict[str, torch.Tensor]]:
+def _recording(system: ResidualSystem, layer: int, mask: torch.Tensor, roles: tuple[str, ...]) -> Iterator[dict[str,
+               torch.Tensor]]:
     """Record the real-token rows of the first input of each role's module while the body runs block ``layer``."""
     block = system.blocks[layer]
     paths = system.family.roles
@@ -103,7 +108,7 @@ def _recording(system, layer: int, mask: torch.Tensor, roles: tuple[str, ...]) -
             h.remove()
 
 
-def probe_block(system, layer: int, x: torch.Tensor, ctx: Context) -> LayerDomain:
+def probe_block(system: ResidualSystem, layer: int, x: torch.Tensor, ctx: Context) -> LayerDomain:
     """Measure the domain of block ``layer`` evaluated at ``x`` (S×T×d) with the current controls."""
     mask = ctx.attention_mask
     w = block_weights(system, layer)
@@ -127,7 +132,7 @@ def _ln_output_radius(weight: torch.Tensor, bias: torch.Tensor) -> float:
     return float(weight.abs().max()) * math.sqrt(weight.numel()) + float(bias.norm())
 
 
-def _attention_input_norm(system, layer: int, w: BlockWeights) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_input_norm(system: ResidualSystem, layer: int, w: BlockWeights) -> tuple[torch.Tensor, torch.Tensor]:
     """``(γ, β)`` of the LayerNorm whose output block ``layer``'s attention reads."""
     anatomy = w.anatomy
     if anatomy.attn_norm is not None:
@@ -144,7 +149,7 @@ def _attention_input_norm(system, layer: int, w: BlockWeights) -> tuple[torch.Te
     return norm.weight.detach(), norm.bias.detach()
 
 
-def global_domain(system, layer: int, ctx: Context, weights: BlockWeights | None = None,
+def global_domain(system: ResidualSystem, layer: int, ctx: Context, weights: BlockWeights | None = None,
                   other: BlockWeights | None = None) -> LayerDomain:
     """A domain containing *every* input of block ``layer`` (for this batch's token counts).
 

@@ -36,6 +36,7 @@ import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,9 @@ from ..controllers.base import UnsupportedMethodError
 from . import attention_enclosure as att
 from .weight_deltas import delta_controller, key_layer, key_role
 from .weights import block_weights
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 
 @dataclass
@@ -181,13 +185,13 @@ class BlockTrace:
     extra: dict = field(default_factory=dict)
 
 
-def _sites(system, layer: int) -> dict[str, bool]:
+def _sites(system: ResidualSystem, layer: int) -> dict[str, bool]:
     """Roles of block ``layer`` that carry a delta of the system's :class:`DeltaWeights`."""
     dw = delta_controller(system)
     return {key_role(k): True for k in dw.values() if key_layer(k) == layer}
 
 
-def trace_block(system, layer: int, x: torch.Tensor, key_mask: torch.Tensor,
+def trace_block(system: ResidualSystem, layer: int, x: torch.Tensor, key_mask: torch.Tensor,
                 in_gamma: torch.Tensor | None) -> BlockTrace:
     """Re-evaluate block ``layer`` at its input ``x`` (S×T×d) from its effective weights at u*,
     keeping every quantity the radii rules need.  ``in_gamma``: γ of the LayerNorm whose output
@@ -232,7 +236,7 @@ def trace_block(system, layer: int, x: torch.Tensor, key_mask: torch.Tensor,
         extra={"activation": activation_constants(an.activation)})
 
 
-def key_mask_of(system, ctx) -> torch.Tensor:
+def key_mask_of(system: ResidualSystem, ctx) -> torch.Tensor:
     """``S×1×T×T`` boolean: query i may attend key j (real key; and j ≤ i for causal families)."""
     am = ctx.attention_mask.bool()
     t = am.shape[1]
@@ -253,7 +257,7 @@ class Trace:
 
 
 @torch.no_grad()
-def trace(system, batch: dict) -> Trace:
+def trace(system: ResidualSystem, batch: dict) -> Trace:
     """:class:`Trace` of ``batch`` at the system's current controls (the centre u* of the ball)."""
     if system.family.anatomy is None:
         raise UnsupportedMethodError(

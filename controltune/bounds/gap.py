@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,6 +36,9 @@ from .reference import Reference
 from .terminal import final_norm_sigma, local_terminal_lipschitz, terminal_lipschitz
 from .weight_deltas import delta_controller, key_layer, key_role, per_layer_distance
 from .weights import BlockWeights, block_weights
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 
 @dataclass
@@ -69,7 +72,7 @@ class ReferenceConstants:
         return per_layer_distance(self.grads, {k: torch.zeros_like(v) for k, v in self.grads.items()}, n)
 
 
-def reference_constants(system, batch: dict, iters: int = 20, tol: float = 1e-4, sampled_steps: int = 3,
+def reference_constants(system: ResidualSystem, batch: dict, iters: int = 20, tol: float = 1e-4, sampled_steps: int = 3,
                         sampled_radius: float = 1e-2, use_pmp: bool = True, progress: bool = False
                         ) -> ReferenceConstants:
     """Trajectory-local and sampled per-layer constants and ``∇_u H`` at the current deltas u*."""
@@ -114,12 +117,12 @@ class _Endpoint:
     final_sigma: float | None
 
 
-def _probe_all(system, states: Sequence[torch.Tensor], ctx) -> list[LayerDomain]:
+def _probe_all(system: ResidualSystem, states: Sequence[torch.Tensor], ctx) -> list[LayerDomain]:
     return [probe_block(system, layer, states[layer], ctx) for layer in range(system.n_layers)]
 
 
 @torch.no_grad()
-def _evaluate(system, batch: dict) -> _Endpoint:
+def _evaluate(system: ResidualSystem, batch: dict) -> _Endpoint:
     """``J = Φ̄ + Σ_l R_l``, the probed domains and effective weights of every block at the current controls."""
     traj = system.rollout(batch)
     j = system.terminal_cost(traj.final, traj.ctx, batch)
@@ -129,7 +132,7 @@ def _evaluate(system, batch: dict) -> _Endpoint:
                      final_norm_sigma(system, traj.final, traj.ctx))
 
 
-def _composed_bounds(system, ref: _Endpoint, proj: _Endpoint, mixed: list[LayerDomain],
+def _composed_bounds(system: ResidualSystem, ref: _Endpoint, proj: _Endpoint, mixed: list[LayerDomain],
                      site_dist: Mapping[str, float], running: float) -> dict[str, dict[str, Any]]:
     """Grönwall with composed per-block constants: ``certified`` on the probed domains (u*, Πu* and the
     mixed point merged), ``global`` on domains valid for every input."""
@@ -157,7 +160,8 @@ def _composed_bounds(system, ref: _Endpoint, proj: _Endpoint, mixed: list[LayerD
     return bounds
 
 
-def _first_order_bounds(system, batch: dict, constants: ReferenceConstants, direction: dict[str, torch.Tensor],
+def _first_order_bounds(system: ResidualSystem, batch: dict, constants: ReferenceConstants, direction: dict[str,
+                        torch.Tensor],
                         dist: list[float], running: float) -> dict[str, dict[str, Any]]:
     """Grönwall with the trajectory-local and sampled constants, and bounds through the adjoint:
     ``|δJ| ≈ |Σ_l ⟨p_{l+1}, ∂f_l/∂u Δu_l⟩| ≤ Σ_l ‖p_{l+1}‖ b_l ‖Δu_l‖`` (``adjoint``),
@@ -180,7 +184,8 @@ def _first_order_bounds(system, batch: dict, constants: ReferenceConstants, dire
     return bounds
 
 
-def compare(system, batch: dict, reference: Mapping[str, torch.Tensor], projected: Mapping[str, torch.Tensor],
+def compare(system: ResidualSystem, batch: dict, reference: Mapping[str, torch.Tensor], projected: Mapping[str,
+            torch.Tensor],
             constants: ReferenceConstants, dev: Callable[[], dict[str, float]] | None = None) -> dict[str, Any]:
     """Every bound, the co-state estimate and the measured gap ``|J(u*) − J(Πu*)|`` for one projection.
 

@@ -23,8 +23,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 
 def state_gains(a: Sequence[float], post_ln: bool) -> list[float]:
@@ -87,7 +91,7 @@ def control_distance(u: Mapping[str, torch.Tensor], v: Mapping[str, torch.Tensor
     return math.sqrt(sum(float((u[k] - v[k]).pow(2).sum()) for k in u))
 
 
-def hamiltonian_gradients(system, batch: dict, use_pmp: bool = True
+def hamiltonian_gradients(system: ResidualSystem, batch: dict, use_pmp: bool = True
                           ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """``∇_u H = −∂J/∂u`` for every control (name -> tensor) and the co-state norms ``‖p_l‖``, l = 0..L.
 
@@ -127,7 +131,7 @@ class _Rollout(torch.nn.Module):
     does not restore a parameter reachable by two paths correctly.
     """
 
-    def __init__(self, system, batch: dict) -> None:
+    def __init__(self, system: ResidualSystem, batch: dict) -> None:
         super().__init__()
         self.model = system.model
         object.__setattr__(self, "_system", system)
@@ -137,7 +141,7 @@ class _Rollout(torch.nn.Module):
         return self._system.rollout(self.batch).final
 
 
-def linearized_state_change(system, batch: dict, directions: Mapping[str, torch.Tensor]) -> float:
+def linearized_state_change(system: ResidualSystem, batch: dict, directions: Mapping[str, torch.Tensor]) -> float:
     """``‖δx_L‖`` with ``δx_L = (∂x_L/∂u)·δu`` (one forward-mode JVP through every block), real positions.
 
     ``directions`` maps control names to ``δu`` (the control's shape); other controls

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -32,6 +33,9 @@ from torch import nn
 from ..controllers.base import Control, UnsupportedMethodError
 from ..families.base import Context
 from .norms import real_mask
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 # --- power iteration -------------------------------------------------------------------------
 
@@ -104,7 +108,7 @@ class _Stepper(nn.Module):
         return self._system.step(self.layer, x, self.ctx)
 
 
-def layer_controls(system, layer: int) -> list[Control]:
+def layer_controls(system: ResidualSystem, layer: int) -> list[Control]:
     """The layer controls ``u_l`` of block ``layer`` (shared controls are rejected)."""
     out = []
     for c in system.controls():
@@ -126,7 +130,7 @@ def _param_names(module: nn.Module, params: Sequence[torch.Tensor]) -> list[str]
     return [ids[id(p)] for p in params]
 
 
-def _control_map(system, layer: int, x: torch.Tensor, ctx: Context):
+def _control_map(system: ResidualSystem, layer: int, x: torch.Tensor, ctx: Context):
     """``(u_l, u ↦ m ⊙ f_l(x, u))``: block ``layer``'s layer controls (detached copies)
     and the block as a function of them at the fixed state ``x`` (padding masked)."""
     controls = layer_controls(system, layer)
@@ -144,14 +148,14 @@ def _control_map(system, layer: int, x: torch.Tensor, ctx: Context):
     return u, f
 
 
-def _need_eager(system) -> None:
+def _need_eager(system: ResidualSystem) -> None:
     if system.kernel != "eager":
         raise RuntimeError("forward-mode JVPs need the eager attention kernel: run inside "
                            "`with system.using_kernel('eager'):` (the system uses "
                            f"{system.kernel!r}; sdpa on CPU is first-order reverse only)")
 
 
-def _residual(system) -> bool:
+def _residual(system: ResidualSystem) -> bool:
     """True for pre-LN families, where the state constant is that of G = f − x."""
     return not system.family.post_ln
 
@@ -159,7 +163,8 @@ def _residual(system) -> bool:
 # --- trajectory-local: Jacobian spectral norms --------------------------------------------
 
 
-def local_state_lipschitz(system, layer: int, x: torch.Tensor, ctx: Context, iters: int = 30, tol: float = 1e-6,
+def local_state_lipschitz(system: ResidualSystem, layer: int, x: torch.Tensor, ctx: Context, iters: int = 30,
+                          tol: float = 1e-6,
                           seed: int = 0) -> PowerResult:
     """``‖∂f_l/∂x‖₂`` (post-LN) or ``‖∂G_l/∂x‖₂`` (pre-LN) at ``x`` (S×T×d), over real positions."""
     _need_eager(system)
@@ -184,7 +189,8 @@ def local_state_lipschitz(system, layer: int, x: torch.Tensor, ctx: Context, ite
     return power_iteration(apply, apply_t, start, iters, tol)
 
 
-def local_control_lipschitz(system, layer: int, x: torch.Tensor, ctx: Context, iters: int = 30, tol: float = 1e-6,
+def local_control_lipschitz(system: ResidualSystem, layer: int, x: torch.Tensor, ctx: Context, iters: int = 30,
+                            tol: float = 1e-6,
                             seed: int = 0) -> PowerResult:
     """``‖∂f_l/∂u_l‖₂`` at ``(x, u_l)``: u_l all layer controls of block l; the vector is a tuple of tensors."""
     _need_eager(system)
@@ -229,7 +235,7 @@ class _Flat:
 # --- sampled lower bounds -----------------------------------------------------------------
 
 
-def sampled_state_lipschitz(system, layer: int, x: torch.Tensor, ctx: Context, radius: float = 1e-2,
+def sampled_state_lipschitz(system: ResidualSystem, layer: int, x: torch.Tensor, ctx: Context, radius: float = 1e-2,
                             samples: int = 2, steps: int = 5, others: Sequence[torch.Tensor] = (),
                             seed: int = 0) -> float:
     """A lower bound on the Lipschitz constant of f_l (pre-LN: of G_l) in x near ``x``.
@@ -267,7 +273,7 @@ def sampled_state_lipschitz(system, layer: int, x: torch.Tensor, ctx: Context, r
     return best
 
 
-def sampled_control_lipschitz(system, layer: int, x: torch.Tensor, ctx: Context, radius: float = 1e-2,
+def sampled_control_lipschitz(system: ResidualSystem, layer: int, x: torch.Tensor, ctx: Context, radius: float = 1e-2,
                               samples: int = 2, steps: int = 5, others: Sequence[Sequence[torch.Tensor]] = (),
                               seed: int = 0) -> float:
     """A lower bound on the Lipschitz constant of f_l in u_l near the current controls.

@@ -14,11 +14,14 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .weight_deltas import DeltaWeights, full_to_deltas, key_layer, key_role, lora_to_deltas
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 RUN_FILES = ("metrics.json", "deltas.safetensors")
 """What an output folder of ``controltune train`` holds once the run is done."""
@@ -49,7 +52,7 @@ class Reference:
     info: dict[str, Any]
 
 
-def as_reference(system, roles: Sequence[str], values: dict[str, torch.Tensor], spec, tokenizer,
+def as_reference(system: ResidualSystem, roles: Sequence[str], values: dict[str, torch.Tensor], spec, tokenizer,
                  info: dict[str, Any], dtype: str = "float64") -> Reference:
     """Attach ``DeltaWeights(roles)`` at ``values`` to ``system`` (its trained controllers already removed,
     e.g. by :func:`lora_to_deltas`), cast it to ``dtype`` and freeze everything but the deltas."""
@@ -68,7 +71,8 @@ def as_reference(system, roles: Sequence[str], values: dict[str, torch.Tensor], 
     return Reference(system, values, spec, tokenizer, info)
 
 
-def trained_deltas(system, targets: Sequence[str] | None = None) -> tuple[list[str], dict[str, torch.Tensor]]:
+def trained_deltas(system: ResidualSystem, targets: Sequence[str] | None = None) -> tuple[list[str], dict[str,
+                   torch.Tensor]]:
     """``(roles, {"<layer>.<role>": ΔW})`` of the trained LoRA or full controller of ``system`` (removed from it).
 
     ``targets`` name the linear maps whose ``θ − θ₀`` is the control of a full

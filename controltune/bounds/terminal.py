@@ -10,6 +10,7 @@ The trajectory-local one is ``‖∂Φ̄/∂x_L‖`` at the data.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,8 +19,11 @@ from ..controllers.base import UnsupportedMethodError
 from ..families.base import Context
 from .norms import least_norm_scale, real_mask, real_rows, spectral_norm
 
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
-def _pool_weights(system, ctx: Context) -> torch.Tensor:
+
+def _pool_weights(system: ResidualSystem, ctx: Context) -> torch.Tensor:
     pooling = getattr(system.readout, "pooling", None)
     if pooling is None:
         raise UnsupportedMethodError("Lipschitz constants of Φ are derived for the classification readout only")
@@ -27,7 +31,7 @@ def _pool_weights(system, ctx: Context) -> torch.Tensor:
     return n.rsqrt() if pooling == "mean" else torch.ones_like(n)
 
 
-def final_norm_sigma(system, x_last: torch.Tensor, ctx: Context) -> float | None:
+def final_norm_sigma(system: ResidualSystem, x_last: torch.Tensor, ctx: Context) -> float | None:
     """Least per-token σ of the final norm's input (pre-LN decoders), None without a final norm."""
     norm = system.readout.norm
     if isinstance(norm, nn.Identity):
@@ -35,7 +39,7 @@ def final_norm_sigma(system, x_last: torch.Tensor, ctx: Context) -> float | None
     return least_norm_scale(real_rows(x_last.detach(), ctx.attention_mask), float(norm.eps))
 
 
-def terminal_lipschitz(system, ctx: Context, sigma_min: float | None = None) -> float:
+def terminal_lipschitz(system: ResidualSystem, ctx: Context, sigma_min: float | None = None) -> float:
     """Certified Lipschitz constant of ``Φ̄ = (1/S) Σ_s CE(W pool(norm(x_{s,L})) + b, y_s)`` in x_L.
 
     ``‖∇_z CE‖₂ = ‖softmax(z) − e_y‖₂ ≤ sqrt(2)``; mean pooling over n_s tokens has
@@ -53,7 +57,7 @@ def terminal_lipschitz(system, ctx: Context, sigma_min: float | None = None) -> 
     return math.sqrt(2.0) * spectral_norm(head) * l_norm * float(w.pow(2).sum().sqrt()) / w.numel()
 
 
-def local_terminal_lipschitz(system, x_last: torch.Tensor, ctx: Context, batch: dict) -> float:
+def local_terminal_lipschitz(system: ResidualSystem, x_last: torch.Tensor, ctx: Context, batch: dict) -> float:
     """``‖∂Φ̄/∂x_L‖`` at ``x_L`` (the trajectory-local constant of the scalar terminal cost)."""
     x = x_last.detach().requires_grad_(True)
     with torch.enable_grad():

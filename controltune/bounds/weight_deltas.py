@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..controllers.base import Control, Controller, ParamDelta, module_key, resolve_targets, unwrap, wrap
 from ..families.base import linear_io, stores_transposed, to_dense
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 
 class WeightDelta(ParamDelta):
@@ -63,7 +67,7 @@ class DeltaWeights(Controller):
         self.layers = layers
         self.deltas = nn.ModuleDict()
 
-    def attach(self, system) -> None:
+    def attach(self, system: ResidualSystem) -> None:
         self.sites = resolve_targets(system, self.targets, self.layers)
         for site in self.sites:
             linear_io(site.module)  # rejects a non-linear target with a clear error
@@ -118,7 +122,7 @@ def per_layer_distance(u: Mapping[str, torch.Tensor], v: Mapping[str, torch.Tens
     return [math.sqrt(x) for x in out]
 
 
-def delta_controller(system) -> DeltaWeights:
+def delta_controller(system: ResidualSystem) -> DeltaWeights:
     """The one :class:`DeltaWeights` attached to ``system``."""
     found = [c for c in system.controllers if isinstance(c, DeltaWeights)]
     if len(found) != 1:
@@ -129,7 +133,7 @@ def delta_controller(system) -> DeltaWeights:
 # --- turning a trained controller into weight deltas -------------------------------------------
 
 
-def lora_to_deltas(system) -> tuple[list[str], dict[str, torch.Tensor]]:
+def lora_to_deltas(system: ResidualSystem) -> tuple[list[str], dict[str, torch.Tensor]]:
     """Remove every LoRA controller from ``system``; return its targets and ``{"<layer>.<role>": s·BA}``."""
     from ..controllers.lora import LoRA
 
@@ -148,7 +152,7 @@ def lora_to_deltas(system) -> tuple[list[str], dict[str, torch.Tensor]]:
     return list(dict.fromkeys(roles)), values
 
 
-def full_to_deltas(system, targets: Sequence[str]) -> dict[str, torch.Tensor]:
+def full_to_deltas(system: ResidualSystem, targets: Sequence[str]) -> dict[str, torch.Tensor]:
     """Turn a trained ``full`` controller into weight deltas on the ``targets`` linear maps.
 
     Those maps' weights go back to θ₀ and their ``θ − θ₀`` is returned; every other

@@ -12,6 +12,7 @@ is its family's :class:`~controltune.families.base.BlockAnatomy`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,6 +20,9 @@ from torch import nn
 from ..controllers.base import UnsupportedMethodError, Wrapped
 from ..families.base import BlockAnatomy, dense_weight
 from .norms import spectral_norm, spectral_norm_of_product
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 Linear = tuple[torch.Tensor, "torch.Tensor | None"]
 
@@ -74,7 +78,7 @@ def _per_head(w: torch.Tensor, b: torch.Tensor | None, heads: int) -> list[torch
     return list(aug.chunk(heads, dim=0))
 
 
-def block_anatomy(system, layer: int) -> BlockAnatomy:
+def block_anatomy(system: ResidualSystem, layer: int) -> BlockAnatomy:
     """The family's :class:`BlockAnatomy` of block ``layer``; a clear error when the composed bound is not
     derived for the family."""
     family = system.family
@@ -103,7 +107,7 @@ def effective_linear(module: nn.Module) -> Linear:
     return dense_weight(module), getattr(module, "bias", None)
 
 
-def block_weights(system, layer: int) -> BlockWeights:
+def block_weights(system: ResidualSystem, layer: int) -> BlockWeights:
     """The effective weights of block ``layer`` (current values of its weight deltas)."""
     anatomy = block_anatomy(system, layer)
     block = system.blocks[layer]

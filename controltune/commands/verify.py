@@ -34,11 +34,14 @@ import copy
 import inspect
 import time
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..results import stamp, write_json
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 FALLBACK_SENTENCES = ["a gripping , funny and moving film .", "dull and lifeless .",
                       "the plot is thin but the acting is superb .", "not worth the ticket ."]
@@ -226,7 +229,7 @@ def _worker_row(method: str, batch: dict) -> dict[str, Any]:
     return verify_method(_WORKER["loaded"], method, batch, _WORKER["args"])
 
 
-def _verify(system, batch: dict, args: argparse.Namespace):
+def _verify(system: ResidualSystem, batch: dict, args: argparse.Namespace):
     from ..verification import FD_STEP, verify
 
     return verify(system, batch, mode=args.mode, fd=not args.no_fd, forward=not args.no_forward,
@@ -235,7 +238,7 @@ def _verify(system, batch: dict, args: argparse.Namespace):
                   fd_steps=tuple(args.fd_steps), seed=args.seed)
 
 
-def report_row(report, system) -> dict[str, Any]:
+def report_row(report, system: ResidualSystem) -> dict[str, Any]:
     """The JSON row of a :class:`~controltune.verification.Verification` (legs, tolerances, every error)."""
     info = report.to_dict()
     ran = info["legs"]

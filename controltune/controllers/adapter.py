@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,9 @@ from .base import (
     target_names,
     wrap,
 )
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 NONLINEARITIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
@@ -202,7 +206,7 @@ class Adapter(Controller):
         self.seed = int(seed)
         self.deltas = nn.ModuleDict()
 
-    def attach(self, system) -> None:
+    def attach(self, system: ResidualSystem) -> None:
         self.sites = resolve_targets(system, self.targets, self.layers)
         gen = seeded_generator(self.seed)
         like = next(system.model.parameters())
@@ -261,7 +265,7 @@ class ParallelAdapter(Controller):
         self.seed = int(seed)
         self.deltas = nn.ModuleDict()
 
-    def attach(self, system) -> None:
+    def attach(self, system: ResidualSystem) -> None:
         missing = [r for r in ("ffn_in", "ffn_out") if r not in system.family.roles]
         if missing:
             raise UnsupportedMethodError(f"{self.method}: family {system.family.name!r} has no role(s) {missing}; "

@@ -26,13 +26,16 @@ import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from ..control import Control, cost_share
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 GROUPS = ("addition", "specification", "reparameterisation", "combination", "reference")
 
@@ -108,7 +111,7 @@ class ParamDelta(nn.Module):
         return functional_call(base, self.effective(base), args, kwargs, strict=False)
 
 
-def resolve_targets(system, targets: Sequence[str], layers: Sequence[int] | None = None) -> list[Site]:
+def resolve_targets(system: ResidualSystem, targets: Sequence[str], layers: Sequence[int] | None = None) -> list[Site]:
     """Sites for ``targets`` in ``layers`` (all blocks by default).
 
     A target is a role of the family vocabulary (``q``, ``v``, ``ffn_out``, ...),
@@ -163,7 +166,7 @@ def block_list(layers: Sequence[int] | int) -> list[int]:
     return out
 
 
-def block_of(system, path: str) -> int | None:
+def block_of(system: ResidualSystem, path: str) -> int | None:
     """Block index of a parameter/module path relative to the base model, or None."""
     prefix = system.family.blocks + "."
     if not path.startswith(prefix):
@@ -193,7 +196,7 @@ class Controller(nn.Module):
         self.sites: list[Site] = []
 
     # to implement ------------------------------------------------------------------
-    def attach(self, system) -> None:
+    def attach(self, system: ResidualSystem) -> None:
         """Insert the deltas into ``system`` (raise UnsupportedMethodError if it cannot)."""
         raise NotImplementedError
 
@@ -326,7 +329,7 @@ def construct(method: str, options: dict | None = None) -> Controller:
         raise ValueError(f"{method}: bad options {options}: {err}") from err
 
 
-def build(method: str, system, **options) -> Controller:
+def build(method: str, system: ResidualSystem, **options) -> Controller:
     """Create the controller ``method`` with ``options`` and attach it to ``system``."""
     return system.add(construct(method, options))
 

@@ -16,12 +16,15 @@ previous stages left.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .base import REGISTRY, Control, Controller, UnsupportedMethodError, canonical, construct, register
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 PartSpec = Controller | str | Sequence[Any] | dict[str, Any]
 
@@ -79,7 +82,7 @@ class Simultaneous(Controller):
         self.parts = nn.ModuleList(make_controller(p) for p in parts)
         self.form = " ; ".join(f"[{p.method}] {p.form}" for p in self.parts)
 
-    def attach(self, system) -> None:
+    def attach(self, system: ResidualSystem) -> None:
         for i, part in enumerate(self.parts):
             try:
                 part.attach(system)
@@ -157,7 +160,7 @@ class Sequential(Controller):
         self.stage = i
         self.sites = [s for st in self.stages[:i + 1] for s in st.sites]
 
-    def attach(self, system) -> None:
+    def attach(self, system: ResidualSystem) -> None:
         # A plain attribute, not a submodule: the system owns this controller.
         self.__dict__["_system"] = system
         self._attach_stage(0)

@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .base import Control, Controller, register
 from .param_delta import ParamSite, SiteDelta, block_parameters, block_sites, budget_count, control_of, wrap_owners
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
 
@@ -116,7 +120,7 @@ class DiffPruning(Controller):
         self._sites: list[ParamSite] = []
         self.projected = False
 
-    def attach(self, system) -> None:
+    def attach(self, system: ResidualSystem) -> None:
         if self._sites:
             raise RuntimeError("this diff_pruning controller is already attached; create a new one")
         self._sites = block_parameters(system, self.layers)

@@ -13,14 +13,19 @@ Parameters the rollout never touches (BERT's pooler) are left frozen.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from .base import Control, Controller, block_of, register
 from .param_delta import block_parameters, block_sites
 
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
-def _embedding_parameters(system, candidates: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+
+def _embedding_parameters(system: ResidualSystem, candidates: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
     """The ``candidates`` that x_0 depends on, found by differentiating the embedding of a 2-token probe.
 
     Which parameters a family's embedding uses is its own business (word,
@@ -59,7 +64,7 @@ class FullFineTuning(Controller):
         self._controls: list[Control] = []
         self._initial: dict[str, str] = {}  # control name -> buffer name holding θ₀
 
-    def attach(self, system) -> None:
+    def attach(self, system: ResidualSystem) -> None:
         if self._controls:
             raise RuntimeError("this full controller is already attached; create a new one")
         blocks = block_parameters(system)

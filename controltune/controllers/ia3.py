@@ -14,6 +14,7 @@ scalars with the default targets (``d_k = d_v = H_kv·D_head``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,6 +22,9 @@ from torch import nn
 from ..families.base import QKV
 from .adapter import linear_dims
 from .base import Control, Controller, Site, UnsupportedMethodError, register, resolve_targets, target_names, wrap
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 
 def ones_param(width: int, like: torch.Tensor) -> nn.Parameter:
@@ -85,7 +89,7 @@ class IA3(Controller):
         self.deltas = nn.ModuleDict()
         self._vectors: list[tuple[Site, str, nn.Parameter]] = []
 
-    def attach(self, system) -> None:
+    def attach(self, system: ResidualSystem) -> None:
         plain, fused = system.family.split_fused(self.targets)
         like = next(system.model.parameters())
         sites = resolve_targets(system, plain, self.layers) if plain else []
@@ -108,7 +112,8 @@ class IA3(Controller):
                 delta = ScaleOutput(segments, like)
                 self._add(system, site, delta, [(r, delta.scales[r]) for r in QKV if r in fused])
 
-    def _add(self, system, site: Site, delta: nn.Module, vectors: list[tuple[str, nn.Parameter]]) -> None:
+    def _add(self, system: ResidualSystem, site: Site, delta: nn.Module, vectors: list[tuple[str,
+             nn.Parameter]]) -> None:
         self.deltas[site.key] = delta
         wrap(system.base, site.path, delta)
         self.sites.append(site)

@@ -9,7 +9,12 @@ There are no co-states to check: ``controltune verify`` skips it, naming why.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .base import Control, Controller, register
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 
 @register
@@ -23,7 +28,7 @@ class LinearProbe(Controller):
     def __init__(self) -> None:
         super().__init__(weight_decay=0.0)
 
-    def attach(self, system) -> None:
+    def attach(self, system: ResidualSystem) -> None:
         self.sites = []
 
     def controls(self) -> list[Control]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -25,6 +26,9 @@ from .base import (
     target_names,
     wrap,
 )
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 
 class LoRADelta(nn.Module):
@@ -66,7 +70,7 @@ class LoRA(Controller):
         self.layers = layers
         self.deltas = nn.ModuleDict()
 
-    def attach(self, system) -> None:
+    def attach(self, system: ResidualSystem) -> None:
         # A fused q/k/v map (GPT-2) carries LoRA for any of q, k, v: the standard choice.
         self.sites = resolve_targets(system, system.family.expand_targets(self.targets), self.layers)
         gen = seeded_generator(self.seed)

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .base import Control, Controller, register, target_names
 from .param_delta import ParamSite, SiteDelta, block_sites, control_of, target_parameters, wrap_owners
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 
 def straight_through_mask(scores: torch.Tensor, threshold: float, anchor: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,7 +86,7 @@ class Masking(Controller):
         self.deltas = nn.ModuleDict()
         self._sites: list[ParamSite] = []
 
-    def attach(self, system) -> None:
+    def attach(self, system: ResidualSystem) -> None:
         if self._sites:
             raise RuntimeError("this masking controller is already attached; create a new one")
         targets = self.targets if self.targets is not None else system.family.linear_roles

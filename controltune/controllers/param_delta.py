@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -25,6 +26,9 @@ from .base import (
     resolve_targets,
     wrap,
 )
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 # --- enumerating parameters -------------------------------------------------------------
 
@@ -70,7 +74,7 @@ class ParamSite:
         return self.param.numel()
 
 
-def layer_indices(system, layers: Sequence[int] | None) -> list[int]:
+def layer_indices(system: ResidualSystem, layers: Sequence[int] | None) -> list[int]:
     """Block indices of ``layers`` (negative ones count from the end; ``None`` = every block)."""
     n = system.n_layers
     if layers is None:
@@ -114,12 +118,12 @@ def owned_parameters(module: nn.Module) -> list[tuple[str, str, nn.Parameter]]:
     return out
 
 
-def _role_names(system) -> dict[str, str]:
+def _role_names(system: ResidualSystem) -> dict[str, str]:
     """Path inside a block -> family role (so controls read ``3.q.bias``, not a module path)."""
     return {path: role for role, path in system.family.roles.items()}
 
 
-def block_parameters(system, layers: Sequence[int] | None = None) -> list[ParamSite]:
+def block_parameters(system: ResidualSystem, layers: Sequence[int] | None = None) -> list[ParamSite]:
     """Every frozen parameter of the blocks ``layers`` (all by default), in model order."""
     roles = _role_names(system)
     out = []
@@ -132,7 +136,7 @@ def block_parameters(system, layers: Sequence[int] | None = None) -> list[ParamS
     return out
 
 
-def target_parameters(system, targets: Sequence[str], layers: Sequence[int] | None = None,
+def target_parameters(system: ResidualSystem, targets: Sequence[str], layers: Sequence[int] | None = None,
                       names: Sequence[str] = ("weight", "bias")) -> list[ParamSite]:
     """The parameters ``names`` of the modules ``targets`` (roles, ``re:`` or suffixes) in ``layers``.
 
@@ -148,7 +152,7 @@ def target_parameters(system, targets: Sequence[str], layers: Sequence[int] | No
     return out
 
 
-def final_norm_parameters(system) -> list[ParamSite]:
+def final_norm_parameters(system: ResidualSystem) -> list[ParamSite]:
     """The readout's norm (pre-LN decoders' final norm) as terminal parameters; ``[]`` if there is none."""
     if not system.family.final_norm:
         return []
@@ -274,10 +278,10 @@ class AdditiveController(Controller):
         self.deltas = nn.ModuleDict()
         self._controls: list[Control] = []
 
-    def select(self, system) -> tuple[list[ParamSite], dict[int, torch.Tensor]]:
+    def select(self, system: ResidualSystem) -> tuple[list[ParamSite], dict[int, torch.Tensor]]:
         raise NotImplementedError
 
-    def attach(self, system) -> None:
+    def attach(self, system: ResidualSystem) -> None:
         if self._controls:
             raise RuntimeError(f"this {self.method} controller is already attached; create a new one")
         sites, positions = self.select(system)

@@ -33,6 +33,7 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -50,6 +51,9 @@ from .base import (
     resolve_targets,
     target_names,
 )
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 INITS = ("default", "gaussian", "pissa", "olora", "lora_ga", "eva", "adapter")
 
@@ -93,7 +97,7 @@ class PeftLoRA(Controller):
         self.layers_found: dict[str, tuple[Site, torch.nn.Module]] = {}
 
     # --- attach --------------------------------------------------------------------------
-    def attach(self, system) -> None:
+    def attach(self, system: ResidualSystem) -> None:
         peft = _peft()
         model = system.model
         prefix = base_prefix(model)
@@ -134,7 +138,7 @@ class PeftLoRA(Controller):
             self.layers_found[site.key] = (site, layer)
 
     @staticmethod
-    def _eva_state(peft, system, config, batch: dict) -> dict:
+    def _eva_state(peft, system: ResidualSystem, config, batch: dict) -> dict:
         """EVA's per-map SVD components of the maps' inputs on ``batch`` (minibatches of 16 rows, no padding)."""
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
         n = inputs["input_ids"].shape[0]
@@ -166,7 +170,7 @@ class PeftLoRA(Controller):
         return names
 
     @staticmethod
-    def _sites_of(system, prefix: str, names: list[str]) -> list[Site]:
+    def _sites_of(system: ResidualSystem, prefix: str, names: list[str]) -> list[Site]:
         """The sites of full module names (``<prefix>.<blocks>.<l>.<path in block>``), role from the family."""
         by_path = {path: role for role, path in system.family.roles.items()}
         blocks = ".".join(p for p in (prefix, system.family.blocks) if p) + "."
@@ -182,7 +186,7 @@ class PeftLoRA(Controller):
         return sites
 
     @torch.no_grad()
-    def _load_adapter(self, system, model) -> None:
+    def _load_adapter(self, system: ResidualSystem, model) -> None:
         from safetensors.torch import load_file
 
         state = load_file(str(Path(self.adapter) / "adapter_model.safetensors"))

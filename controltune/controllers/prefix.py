@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -40,16 +41,19 @@ from .base import (
     seeded_generator,
 )
 
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
+
 ATTENTION_ROLE = "attn"
 
 
-def kv_geometry(system) -> tuple[int, int]:
+def kv_geometry(system: ResidualSystem) -> tuple[int, int]:
     """``(H_kv, D_head)``: key/value heads and head width of the system's attention."""
     geometry = system.family.head_geometry(system.model.config)
     return geometry.n_kv_heads, geometry.d_head
 
 
-def attention_modules(system, layers: Sequence[int] | None, who: str) -> list[tuple[Site, nn.Module]]:
+def attention_modules(system: ResidualSystem, layers: Sequence[int] | None, who: str) -> list[tuple[Site, nn.Module]]:
     """``(site, attention module)`` pairs: the HF modules the kernel receives as ``module``.
 
     A wrapped attention module (another controller's delta) is looked through to its base layer,
@@ -160,7 +164,7 @@ class Prefix(Controller):
         self.mlp: PrefixMLP | None = None
         self.prefixed_layers: tuple[int, ...] = ()
 
-    def attach(self, system) -> None:
+    def attach(self, system: ResidualSystem) -> None:
         modules = attention_modules(system, self.layers, self.method)
         kv_heads, head_dim = kv_geometry(system)
         gen = seeded_generator(self.seed)

@@ -12,10 +12,15 @@ starts on the scale of real initial states.  Control: ``P``, kind ``init``; ``nÂ
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from .base import Control, Controller, positive_int, register, seeded_generator
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 
 @register
@@ -39,7 +44,7 @@ class PromptTuning(Controller):
         self.prompt: nn.Parameter | None = None
         self.init_token_ids: torch.Tensor | None = None
 
-    def attach(self, system) -> None:
+    def attach(self, system: ResidualSystem) -> None:
         vocab = system.model.get_input_embeddings().weight.shape[0]
         ids = torch.randint(0, vocab - 1, (self.n_tokens,), generator=seeded_generator(self.seed))
         pad = getattr(system.model.config, "pad_token_id", None)

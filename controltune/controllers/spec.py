@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import inspect
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import REGISTRY, canonical, check_options
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 
 def parse_value(text: str) -> Any:
@@ -91,7 +94,7 @@ def controller_spec(method: str, options: dict[str, Any], seed: int,
     return "combination", {"parts": [[n, seeded(n, o)] for n, o in parts.items()]}
 
 
-def build_spec(system, method: str, options: dict[str, Any], seed: int, task: str | None = None):
+def build_spec(system: ResidualSystem, method: str, options: dict[str, Any], seed: int, task: str | None = None):
     """Attach ``method`` (a name or ``a+b``) with ``options`` to ``system``; returns the controller."""
     from .base import build
 

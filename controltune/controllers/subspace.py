@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,6 +25,9 @@ from torch import nn
 from ..fastfood import DenseProjection, FastfoodProjection
 from .base import Control, Controller, positive_int, register, seeded_generator
 from .param_delta import ParamSite, SiteDelta, block_parameters, block_sites, wrap_owners
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 PROJECTIONS = ("auto", "dense", "fastfood")
 
@@ -72,7 +76,7 @@ class Subspace(Controller):
         self._sites: list[ParamSite] = []
         self.projection_kind = ""
 
-    def attach(self, system) -> None:
+    def attach(self, system: ResidualSystem) -> None:
         if self.z is not None:
             raise RuntimeError("this subspace controller is already attached; create a new one")
         self._sites = block_parameters(system, self.layers)

@@ -17,6 +17,7 @@ ordinary *shared* control and ``controltune verify`` checks it like any other.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -25,6 +26,9 @@ from torch.nn.utils import parametrize
 from ..fingerprint import fingerprint
 from ..subspace_projections import Layout, MethodProjection, ProjectionFileError, UnifiedProjections
 from .base import Control, Controller, UnsupportedMethodError, construct, register
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 Z_INITS = ("zero", "mean")
 
@@ -105,7 +109,7 @@ class UnifiedSubspace(Controller):
             return self.source
         return UnifiedProjections.load(self.source, dtype=like.dtype)
 
-    def attach(self, system) -> None:
+    def attach(self, system: ResidualSystem) -> None:
         if self.z is not None:
             raise RuntimeError("this unified_subspace controller is already attached; create a new one")
         like = next(system.model.parameters())

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -56,6 +57,9 @@ from .base import (
 )
 from .lora import LoRADelta
 from .prefix import PrefixKV, PrefixMLP, attention_modules, install_prefix, kv_geometry
+
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
 
 PARTS = ("lora", "prefix", "adapter")
 
@@ -162,7 +166,7 @@ class UniPELT(Controller):
         self._mask: torch.Tensor | None = None
 
     # --- attaching -----------------------------------------------------------------
-    def attach(self, system) -> None:
+    def attach(self, system: ResidualSystem) -> None:
         gen = seeded_generator(self.seed)
         like = next(system.model.parameters())
         self._causal = system.family.causal
@@ -175,7 +179,7 @@ class UniPELT(Controller):
             self._attach_adapter(system, gen, like)
         self.sites = [s for p in PARTS for s in self._sites[p]]
 
-    def _attach_lora(self, system, gen: torch.Generator, like: torch.Tensor) -> None:
+    def _attach_lora(self, system: ResidualSystem, gen: torch.Generator, like: torch.Tensor) -> None:
         # A fused q/k/v map (GPT-2): LoRA acts on it, as the LoRA controller does.
         for site in resolve_targets(system, system.family.expand_targets(self.lora_targets), self.layers):
             d_in, d_out = linear_dims(site.module, self.method, site.role)
@@ -185,7 +189,7 @@ class UniPELT(Controller):
             wrap(system.base, site.path, delta)
             self._sites["lora"].append(site)
 
-    def _attach_prefix(self, system, gen: torch.Generator, like: torch.Tensor) -> None:
+    def _attach_prefix(self, system: ResidualSystem, gen: torch.Generator, like: torch.Tensor) -> None:
         roles = system.family.roles
         input_role = "q" if "q" in roles else "qkv"
         if input_role not in roles:
@@ -209,7 +213,7 @@ class UniPELT(Controller):
             install_prefix(module, gated.kv, self.method, site.layer)
             self._sites["prefix"].append(site)
 
-    def _attach_adapter(self, system, gen: torch.Generator, like: torch.Tensor) -> None:
+    def _attach_adapter(self, system: ResidualSystem, gen: torch.Generator, like: torch.Tensor) -> None:
         for site in resolve_targets(system, self.adapter_targets, self.layers):
             d = output_dim(site, self.method)
             delta = SequentialAdapterDelta(

@@ -24,18 +24,22 @@ first-order decrease of J available to it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch.func import functional_call
 
 from .linearize import eager_kernel
 
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
+
 __all__ = ["control_set_scores", "costate_energy", "gn_sqrt", "weight_costate_products", "layer_costate_energy",
            "module_gramian_scores",
            "parameter_names"]
 
 
-def parameter_names(system, weights: Sequence[torch.Tensor]) -> list[str]:
+def parameter_names(system: ResidualSystem, weights: Sequence[torch.Tensor]) -> list[str]:
     """Names of ``weights`` (frozen base tensors) inside ``system`` (for ``functional_call``)."""
     by_id = {id(p): name for name, p in system.named_parameters()}
     missing = [i for i, w in enumerate(weights) if id(w) not in by_id]
@@ -52,7 +56,7 @@ def gn_sqrt(logits: torch.Tensor) -> torch.Tensor:
     return evecs @ torch.diag_embed(evals.clamp_min(0).sqrt()) @ evecs.transpose(1, 2)
 
 
-def module_gramian_scores(system, batch: dict, weights: Mapping[str, torch.Tensor], n_probes: int = 8,
+def module_gramian_scores(system: ResidualSystem, batch: dict, weights: Mapping[str, torch.Tensor], n_probes: int = 8,
                           method: str = "vjp", seed: int = 0, weight: str = "gn") -> dict[str, float]:
     """Hutchinson estimate of ``tr(CᵀHC)/S`` for a full-rank ``ΔW`` control on each weight.
 
@@ -102,7 +106,8 @@ def module_gramian_scores(system, batch: dict, weights: Mapping[str, torch.Tenso
     return {k: totals[k] / (int(n_probes) * s) for k in keys}
 
 
-def weight_costate_products(system, batch: dict, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def weight_costate_products(system: ResidualSystem, batch: dict, weights: Mapping[str, torch.Tensor]) -> dict[str,
+                            torch.Tensor]:
     """``∇_W H = −∂J/∂W`` for base weights ``W`` taken as (full-rank) controls, by reverse-mode autograd.
 
     By the PMP identity (DESIGN.md §1) this is the map-level co-state product
@@ -122,12 +127,12 @@ def weight_costate_products(system, batch: dict, weights: Mapping[str, torch.Ten
     return {k: (torch.zeros_like(weights[k]) if g is None else -g) for k, g in zip(keys, grads)}
 
 
-def costate_energy(system, batch: dict, weights: Mapping[str, torch.Tensor]) -> dict[str, float]:
+def costate_energy(system: ResidualSystem, batch: dict, weights: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """``‖∇_W H‖_F² = ‖∂J/∂W‖_F²`` per weight (the first-order gain of a unit-norm step)."""
     return {k: float(g.pow(2).sum()) for k, g in weight_costate_products(system, batch, weights).items()}
 
 
-def layer_costate_energy(system, batch: dict) -> list[float]:
+def layer_costate_energy(system: ResidualSystem, batch: dict) -> list[float]:
     """``‖p_{l+1}‖²`` for l = 0..L-1: the co-state energy ``‖∇_u H_l‖²`` of a per-token additive
     control on block l's output (uses :func:`controltune.pmp.solve_costate`)."""
     from ..pmp import solve_costate
@@ -136,7 +141,7 @@ def layer_costate_energy(system, batch: dict) -> list[float]:
     return [float(p.pow(2).sum()) for p in sol.costates[1:]]
 
 
-def control_set_scores(system, batch: dict, n_probes: int = 8, seed: int = 0) -> dict[str, float]:
+def control_set_scores(system: ResidualSystem, batch: dict, n_probes: int = 8, seed: int = 0) -> dict[str, float]:
     """Scores of the set of controls a controller placed (every non-terminal control of ``system``), at their
     current value, on ``batch``:
 

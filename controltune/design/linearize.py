@@ -35,17 +35,21 @@ import random
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..families import Context
 from ..vectorize import batched
 
+if TYPE_CHECKING:
+    from ..system import ResidualSystem
+
 __all__ = ["ReducedModel", "block_jvp", "block_jvps", "block_vjp", "design_batch", "eager_kernel", "orthonormal_basis",
            "pooled_costates", "pooled_states", "reduce", "seq_mean", "withheld_from_design"]
 
 
-def eager_kernel(system) -> contextlib.AbstractContextManager:
+def eager_kernel(system: ResidualSystem) -> contextlib.AbstractContextManager:
     """Run the body with the eager attention kernel (JVPs), restoring the previous kernel:
     ``system.using_kernel("eager")`` (:meth:`controltune.system.ResidualSystem.using_kernel`)."""
     return system.using_kernel("eager")
@@ -69,7 +73,7 @@ def withheld_from_design(examples: Sequence) -> Iterator[None]:
         _NOT_FOR_DESIGN.reset(token)
 
 
-def design_batch(system, task: str = "sst2", n: int = 32, seed: int = 0, max_length: int = 64) -> dict:
+def design_batch(system: ResidualSystem, task: str = "sst2", n: int = 32, seed: int = 0, max_length: int = 64) -> dict:
     """A seeded batch of ``n`` *training* examples of ``task`` (the data of a design step).
 
     Controllers designed from data call this in ``attach`` when no explicit batch was
@@ -102,18 +106,19 @@ def design_batch(system, task: str = "sst2", n: int = 32, seed: int = 0, max_len
 
 
 # --- matrix-free products -------------------------------------------------------------------------
-def block_jvp(system, layer: int, x: torch.Tensor, ctx: Context, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def block_jvp(system: ResidualSystem, layer: int, x: torch.Tensor, ctx: Context,
+              v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(f_l(x), A_l v)`` with ``A_l = ∂f_l/∂x`` at ``x`` (x, v: S×T×d); needs the eager kernel."""
     return torch.func.jvp(lambda z: system.step(layer, z, ctx), (x,), (v,))
 
 
-def block_jvps(system, layer: int, x: torch.Tensor, ctx: Context, vs: torch.Tensor) -> torch.Tensor:
+def block_jvps(system: ResidualSystem, layer: int, x: torch.Tensor, ctx: Context, vs: torch.Tensor) -> torch.Tensor:
     """``A_l v`` for each stacked ``v`` (vs: K×S×T×d -> K×S×T×d), batched by ``vmap``: the primal
     block and the controllers' effective weights are computed once, not once per direction."""
     return batched(lambda v: block_jvp(system, layer, x, ctx, v)[1], vs, JVP_CHUNK)
 
 
-def block_vjp(system, layer: int, x: torch.Tensor, ctx: Context, w: torch.Tensor) -> torch.Tensor:
+def block_vjp(system: ResidualSystem, layer: int, x: torch.Tensor, ctx: Context, w: torch.Tensor) -> torch.Tensor:
     """``A_lᵀ w`` with ``A_l = ∂f_l/∂x`` at ``x`` (x, w: S×T×d); first-order reverse mode, any kernel."""
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
@@ -135,14 +140,14 @@ def _shift(v: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pooled_states(system, batch: dict) -> tuple[list[torch.Tensor], list[torch.Tensor], Context]:
+def pooled_states(system: ResidualSystem, batch: dict) -> tuple[list[torch.Tensor], list[torch.Tensor], Context]:
     """Nominal states ``x_0..x_L`` (S×T×d each), their token means (S×d each) and the context."""
     traj = system.rollout(batch)
     am = traj.ctx.attention_mask
     return traj.states, [seq_mean(x, am) for x in traj.states], traj.ctx
 
 
-def pooled_costates(system, batch: dict) -> list[torch.Tensor]:
+def pooled_costates(system: ResidualSystem, batch: dict) -> list[torch.Tensor]:
     """``Σ_t p_{l,s,t}`` for l = 0..L (S×d each): ``−∂J/∂(shift of every token of sequence s at x_l)``.
 
     Uses :func:`controltune.pmp.solve_costate` (``p_l = −∂J/∂x_l``).
@@ -194,7 +199,8 @@ class ReducedModel:
         return len(self.A)
 
 
-def reduce(system, batch: dict, bases: list[torch.Tensor], controls: list[torch.Tensor]) -> ReducedModel:
+def reduce(system: ResidualSystem, batch: dict, bases: list[torch.Tensor],
+           controls: list[torch.Tensor]) -> ReducedModel:
     """Build the :class:`ReducedModel` for given state bases ``V_0..V_L`` and control bases ``U_0..U_{L-1}``.
 
     Cost: ``Σ_l k_l`` block JVPs plus ``k_L`` readout JVPs on the batch, all with the eager kernel;
@@ -226,7 +232,7 @@ def reduce(system, batch: dict, bases: list[torch.Tensor], controls: list[torch.
                         controls=[U.double() for U in controls], features=feats, means=means)
 
 
-def _readout_jacobian(system, x_last: torch.Tensor, ctx: Context,
+def _readout_jacobian(system: ResidualSystem, x_last: torch.Tensor, ctx: Context,
                       basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``G_s = ∂logits_s/∂z_{L,s}`` (S×C×k_L) for shifts ``V_L z`` of every token, and π_s (S×C)."""
     if getattr(system.readout, "kind", "") != "classification":

@@ -22,11 +22,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..base import Control, Controller, Site, UnsupportedMethodError, positive_int, register, seeded_generator
+
+if TYPE_CHECKING:
+    from ...system import ResidualSystem
 
 
 class FeedbackPrefix(nn.Module):
@@ -77,7 +81,7 @@ class ClosedLoopPrefix(Controller):
         self._states: dict[int, torch.Tensor] = {}
         self._hooks: list = []
 
-    def attach(self, system) -> None:
+    def attach(self, system: ResidualSystem) -> None:
         cfg = system.model.config
         role = system.family.roles.get("attn")
         if role is None:

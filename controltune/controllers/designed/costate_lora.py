@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +32,9 @@ from ...design.gramian import weight_costate_products
 from ...families.base import dense_weight, to_dense
 from ..base import register, resolve_targets, target_names
 from .designed_lora import _bypassed, _design_batch, _DesignedLoRA, _half, truncated_svd
+
+if TYPE_CHECKING:
+    from ...system import ResidualSystem
 
 
 @register
@@ -51,13 +55,14 @@ class CostateLoRA(_DesignedLoRA):
             raise ValueError(f"costate_lora: step must be 'auto' or a positive number, got {step!r}")
         self.step = step
 
-    def attach(self, system) -> None:
+    def attach(self, system: ResidualSystem) -> None:
         sites = resolve_targets(system, system.family.expand_targets(self.targets), self.layers)
         batch = _design_batch(self, system)
         self._attach_lora(system, sites, {s.key: self.rank for s in sites})
         self.calibrate(system, batch)
 
-    def directions(self, system, batch: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def directions(self, system: ResidualSystem, batch: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor,
+                   torch.Tensor]]:
         """Per site key, the top-r SVD of the map-level co-state ``G_W = −∂J/∂W`` (dense d_out×d_in)."""
         weights = {s.key: s.module.weight for s in self.sites}
         with _bypassed(self):
@@ -78,7 +83,7 @@ class CostateLoRA(_DesignedLoRA):
             d.B.copy_((U * root).to(d.B))
             d.A.copy_((root[:, None] * Vh).to(d.A))
 
-    def calibrate(self, system, batch: dict) -> None:
+    def calibrate(self, system: ResidualSystem, batch: dict) -> None:
         """Set the factors from ``batch`` (module docstring); records the line search in ``report``."""
         s = batch["input_ids"].shape[0]
         auto = self.step == "auto"

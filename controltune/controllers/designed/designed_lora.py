@@ -7,6 +7,8 @@ chosen sites and draw their design batch the same way.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -23,8 +25,11 @@ from ..base import (
 )
 from ..lora import LoRADelta, lora_controls
 
+if TYPE_CHECKING:
+    from ...system import ResidualSystem
 
-def _design_batch(ctrl, system) -> dict:
+
+def _design_batch(ctrl, system: ResidualSystem) -> dict:
     if ctrl.design_batch is not None:
         return ctrl.design_batch
     return load_design_batch(system, ctrl.task, ctrl.n_design, ctrl.design_seed, ctrl.max_length)
@@ -61,7 +66,7 @@ class _DesignedLoRA(Controller):
         self.ranks: dict[str, int] = {}
         self.report: dict = {}
 
-    def _attach_lora(self, system, sites: list[Site], ranks: dict[str, int]) -> None:
+    def _attach_lora(self, system: ResidualSystem, sites: list[Site], ranks: dict[str, int]) -> None:
         gen = seeded_generator(self.seed)
         like = next(system.model.parameters())
         for site in sites:

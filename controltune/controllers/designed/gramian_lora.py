@@ -12,12 +12,16 @@ seeded *training* examples of ``task``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ...design.gramian import costate_energy, module_gramian_scores
 from ...design.placement import allocation_cost, greedy_allocate
 from ...families.base import linear_io
 from ..base import Site, UnsupportedMethodError, register, resolve_targets, target_names
 from .designed_lora import _design_batch, _DesignedLoRA
+
+if TYPE_CHECKING:
+    from ...system import ResidualSystem
 
 SCORES = ("gramian", "costate")
 
@@ -41,12 +45,12 @@ class GramianLoRA(_DesignedLoRA):
         self.targets = None if targets is None else target_names(targets, self.method)
         self.budget, self.score, self.n_probes, self.probe = budget, score, int(n_probes), probe
 
-    def default_budget(self, system) -> int:
+    def default_budget(self, system: ResidualSystem) -> int:
         """Trainable parameters of LoRA with this rank on q and v of every layer."""
         sites = resolve_targets(system, system.family.expand_targets(("q", "v")), None)
         return sum(self.rank * sum(linear_io(s.module)) for s in sites)
 
-    def attach(self, system) -> None:
+    def attach(self, system: ResidualSystem) -> None:
         targets = self.targets or system.family.linear_roles
         if not targets:
             raise UnsupportedMethodError(f"gramian_lora: family {system.family.name!r} lists no linear roles; "
@@ -61,7 +65,7 @@ class GramianLoRA(_DesignedLoRA):
         self.report = {"budget": budget, "used": allocation_cost(units, costs), "scores": scores,
                        "chosen": sorted(k for k, u in units.items() if u)}
 
-    def scores(self, system, batch: dict, sites: list[Site]) -> dict[str, float]:
+    def scores(self, system: ResidualSystem, batch: dict, sites: list[Site]) -> dict[str, float]:
         """Score of a full-rank ``ΔW`` control on each site (``score`` option)."""
         weights = {s.key: s.module.weight for s in sites}
         if self.score == "costate":

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -62,6 +63,9 @@ from ..base import (
     seeded_generator,
     wrap,
 )
+
+if TYPE_CHECKING:
+    from ...system import ResidualSystem
 
 SUBLAYERS = ("attn", "ffn")
 """The sub-blocks a parallel controller can sit beside (in the order they run)."""
@@ -149,7 +153,7 @@ class ParallelControl(Controller):
         self.deltas = nn.ModuleDict()
         self.placed: list[tuple[str, Site]] = []
 
-    def attach(self, system) -> None:
+    def attach(self, system: ResidualSystem) -> None:
         fam = system.family
         places = {sub: PLACES[sub][bool(fam.post_ln)] for sub in self.sublayers}
         missing = sorted({r for pair in places.values() for r in pair if r not in fam.roles})

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -39,6 +40,9 @@ from ...design.trust_region import trust_region_radius
 from ...families.base import dense_weight, linear_io, to_dense
 from ..base import UnsupportedMethodError, positive_float, positive_int, register, resolve_targets, target_names
 from .designed_lora import _design_batch, _DesignedLoRA, _half, truncated_svd
+
+if TYPE_CHECKING:
+    from ...system import ResidualSystem
 
 INITS = ("costate", "standard")
 TRUST_STEPS = 16
@@ -71,12 +75,12 @@ class RecommendedLoRA(_DesignedLoRA):
         self.init = init
         self.radius = positive_float(radius, "radius", self.method)
 
-    def default_budget(self, system) -> int:
+    def default_budget(self, system: ResidualSystem) -> int:
         """Trainable parameters of LoRA rank 8 on q and v of every layer."""
         sites = resolve_targets(system, system.family.expand_targets(("q", "v")), None)
         return sum(8 * sum(linear_io(s.module)) for s in sites)
 
-    def attach(self, system) -> None:
+    def attach(self, system: ResidualSystem) -> None:
         targets = self.targets or system.family.linear_roles
         if not targets:
             raise UnsupportedMethodError(f"recommended_lora: family {system.family.name!r} lists no linear roles; "
@@ -103,7 +107,7 @@ class RecommendedLoRA(_DesignedLoRA):
             self.start(system, {k: (U[:, :r], S[:r], Vh[:r]) for k, (U, S, Vh) in svds.items()
                                 if (r := self.ranks.get(k, 0))}, _half(batch, False))
 
-    def singular_triplets(self, system, batch: dict, sites) -> dict[str, tuple[torch.Tensor, ...]]:
+    def singular_triplets(self, system: ResidualSystem, batch: dict, sites) -> dict[str, tuple[torch.Tensor, ...]]:
         """Per site key, the top-``max_rank`` SVD of ``G_W = −∂J/∂W`` (dense d_out×d_in)."""
         grads = weight_costate_products(system, batch, {s.key: s.module.weight for s in sites})
         return {s.key: truncated_svd(to_dense(s.module, grads[s.key]), self.max_rank) for s in sites}
@@ -118,7 +122,7 @@ class RecommendedLoRA(_DesignedLoRA):
             d.A.copy_((root[:, None] * Vh).to(d.A))
 
     @torch.no_grad()
-    def start(self, system, svds: dict, search: dict) -> None:
+    def start(self, system: ResidualSystem, svds: dict, search: dict) -> None:
         """The trust-region start (module docstring, step 3); LoRA's own start when no radius is accepted."""
         standard = {k: (d.A.detach().clone(), d.B.detach().clone()) for k, d in self.deltas.items()}
         norm_d = math.sqrt(sum(float((S ** 2).sum()) for _, S, _ in svds.values()))

@@ -32,6 +32,7 @@ collated batch dict) or let ``attach`` draw ``n_design`` seeded examples of the 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -40,6 +41,9 @@ from ...design.linearize import design_batch as load_design_batch
 from ...design.linearize import orthonormal_basis, pooled_costates, pooled_states, reduce
 from ...design.riccati import dlqr, lqr_rollout
 from ..base import Control, Controller, Site, UnsupportedMethodError, positive_int, register, wrap
+
+if TYPE_CHECKING:
+    from ...system import ResidualSystem
 
 
 class ResidualFeedback(nn.Module):
@@ -110,7 +114,7 @@ class RiccatiFeedback(Controller):
         self.deltas = nn.ModuleDict()
         self.report: dict = {}
 
-    def attach(self, system) -> None:
+    def attach(self, system: ResidualSystem) -> None:
         if getattr(system.readout, "kind", "") != "classification":
             raise UnsupportedMethodError("riccati_feedback designs against a classification readout (Gauss–Newton of "
                                          "the CE on pooled logits); this system's readout is "
@@ -135,7 +139,7 @@ class RiccatiFeedback(Controller):
             wrap(system.base, path, delta)
 
     @torch.no_grad()
-    def calibrate(self, system, batch: dict) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def calibrate(self, system: ResidualSystem, batch: dict) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Design ``(U_l, F_l, c_l)`` for every layer from ``batch`` (module docstring, steps 1–5)."""
         n, m, k = system.n_layers, self.rank, self.state_dim
         _, pooled, _ = pooled_states(system, batch)
