@@ -10,12 +10,18 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .batching import encode, length_order
 from .data import Example
 from .metrics import compute_metrics, top_class_share
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from .data import TaskSpec
 
 
 def validation_split(examples: Sequence[Example], size: float, seed: int = 0) -> tuple[list[Example],
@@ -49,7 +55,8 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 @torch.no_grad()
-def evaluate(system, examples: Sequence[Example], task_spec, tokenizer, batch_size: int = 128,
+def evaluate(system, examples: Sequence[Example], task_spec: TaskSpec, tokenizer: PreTrainedTokenizerBase,
+             batch_size: int = 128,
              max_length: int = 128, cache_dir: str | Path | None = None) -> dict[str, float]:
     """Dev metrics of the task (``compute_metrics``), the mean terminal cost ``loss`` and the share of rows given
     the most predicted class ``top_class_share`` (1.0: one class for every row).

@@ -42,12 +42,16 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .control import Control
 from .pmp import ControlSystem, controls_by_layer, solve_costate
+
+if TYPE_CHECKING:
+    from .families.base import Context
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -148,7 +152,7 @@ class MSA:
         return total
 
     def augmented_hamiltonian(self, layer: int, x: torch.Tensor, x_next: torch.Tensor, p: torch.Tensor,
-                              p_next: torch.Tensor, ctx, n_seq: int, double: bool) -> torch.Tensor:
+                              p_next: torch.Tensor, ctx: Context, n_seq: int, double: bool) -> torch.Tensor:
         """``H̃_l(u)`` at the current controls (scalar; differentiable in u)."""
         rho = self.config.rho
         x_in = x.detach().requires_grad_(double)

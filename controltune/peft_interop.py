@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -43,6 +43,10 @@ from .controllers.base import Controller, wrap
 from .hf_compat import embedding_offset_keyword
 from .system import ResidualSystem
 from .zoo import load_model
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
 
 
 class PositionShift(Controller):
@@ -82,11 +86,11 @@ class _ShiftedEmbedding(nn.Module):
 
 
 # --- helpers ---------------------------------------------------------------------------
-def _peft_config(peft_model) -> Any:
+def _peft_config(peft_model: PeftModel) -> Any:
     return peft_model.peft_config[peft_model.active_adapter]
 
 
-def _hf_model(peft_model) -> nn.Module:
+def _hf_model(peft_model: PeftModel) -> nn.Module:
     """The transformers model inside a PeftModel (with peft's layers injected, for LoRA/IA³)."""
     from peft.tuners.tuners_utils import BaseTuner
 
@@ -94,7 +98,7 @@ def _hf_model(peft_model) -> nn.Module:
     return inner.model if isinstance(inner, BaseTuner) else inner
 
 
-def _system(hf_model: nn.Module, tokenizer, readout: str | None, **kw) -> ResidualSystem:
+def _system(hf_model: nn.Module, tokenizer: PreTrainedTokenizerBase, readout: str | None, **kw) -> ResidualSystem:
     dtype = next(hf_model.parameters()).dtype
     loaded = load_model(hf_model, dtype=dtype, tokenizer=tokenizer, device=next(hf_model.parameters()).device)
     if readout is None:
@@ -102,7 +106,8 @@ def _system(hf_model: nn.Module, tokenizer, readout: str | None, **kw) -> Residu
     return ResidualSystem(loaded, readout=readout, **kw)
 
 
-def _tuner_sites(peft_model, system: ResidualSystem, layer_type: type) -> list[tuple[int, str, str, nn.Module]]:
+def _tuner_sites(peft_model: PeftModel, system: ResidualSystem,
+                 layer_type: type) -> list[tuple[int, str, str, nn.Module]]:
     """``(layer, role, path, peft module)`` of every peft tuner layer, paths relative to ``system.base``."""
     fam = system.family
     inverse = {path: role for role, path in fam.roles.items()}
@@ -141,7 +146,8 @@ def _delta_at(system: ResidualSystem, path: str, kind: type) -> nn.Module:
 
 # --- converters --------------------------------------------------------------------------
 @torch.no_grad()
-def _lora(peft_model, tokenizer, readout, **kw) -> tuple[ResidualSystem, list[Controller]]:
+def _lora(peft_model: PeftModel, tokenizer: PreTrainedTokenizerBase, readout: str | None,
+          **kw) -> tuple[ResidualSystem, list[Controller]]:
     from peft.tuners.lora import LoraLayer
 
     from .controllers.lora import LoRADelta
@@ -176,7 +182,8 @@ def _lora(peft_model, tokenizer, readout, **kw) -> tuple[ResidualSystem, list[Co
 
 
 @torch.no_grad()
-def _ia3(peft_model, tokenizer, readout, **kw) -> tuple[ResidualSystem, list[Controller]]:
+def _ia3(peft_model: PeftModel, tokenizer: PreTrainedTokenizerBase, readout: str | None,
+         **kw) -> tuple[ResidualSystem, list[Controller]]:
     from peft.tuners.ia3 import IA3Layer
 
     from .controllers.ia3 import ScaleInput, ScaleOutput
@@ -200,7 +207,8 @@ def _ia3(peft_model, tokenizer, readout, **kw) -> tuple[ResidualSystem, list[Con
     return system, controllers
 
 
-def _prompt_learning_system(peft_model, tokenizer, readout, kind: str, **kw) -> ResidualSystem:
+def _prompt_learning_system(peft_model: PeftModel, tokenizer: PreTrainedTokenizerBase, readout: str | None,
+                            kind: str, **kw) -> ResidualSystem:
     system = _system(copy.deepcopy(_hf_model(peft_model)), tokenizer, readout, **kw)
     fam = system.family
     if fam.causal and not fam.needs_rotary:
@@ -211,7 +219,8 @@ def _prompt_learning_system(peft_model, tokenizer, readout, kind: str, **kw) -> 
 
 
 @torch.no_grad()
-def _prefix(peft_model, tokenizer, readout, **kw) -> tuple[ResidualSystem, list[Controller]]:
+def _prefix(peft_model: PeftModel, tokenizer: PreTrainedTokenizerBase, readout: str | None,
+            **kw) -> tuple[ResidualSystem, list[Controller]]:
     cfg = _peft_config(peft_model)
     system = _prompt_learning_system(peft_model, tokenizer, readout, "prefix tuning", **kw)
     if system.family.needs_rotary:
@@ -247,7 +256,8 @@ def _prefix(peft_model, tokenizer, readout, **kw) -> tuple[ResidualSystem, list[
 
 
 @torch.no_grad()
-def _prompt(peft_model, tokenizer, readout, **kw) -> tuple[ResidualSystem, list[Controller]]:
+def _prompt(peft_model: PeftModel, tokenizer: PreTrainedTokenizerBase, readout: str | None,
+            **kw) -> tuple[ResidualSystem, list[Controller]]:
     cfg = _peft_config(peft_model)
     system = _prompt_learning_system(peft_model, tokenizer, readout, "prompt tuning", **kw)
     n = int(cfg.num_virtual_tokens)
@@ -270,8 +280,8 @@ def _prompt(peft_model, tokenizer, readout, **kw) -> tuple[ResidualSystem, list[
 CONVERTERS = {"LORA": _lora, "IA3": _ia3, "PREFIX_TUNING": _prefix, "PROMPT_TUNING": _prompt}
 
 
-def from_peft(peft_model, tokenizer=None, readout: str | None = None, **system_options) -> tuple[
-        ResidualSystem, list[Controller]]:
+def from_peft(peft_model: PeftModel, tokenizer: PreTrainedTokenizerBase | None = None, readout: str | None = None,
+              **system_options) -> tuple[ResidualSystem, list[Controller]]:
     """A ResidualSystem and the controllers equivalent to a ``peft.PeftModel``.
 
     Args:

@@ -29,6 +29,7 @@ from .data import Example
 from .results import atomic_file, to_strict_json
 
 if TYPE_CHECKING:
+    from .data import TaskSpec
     from .system import ResidualSystem
     from .train_config import TrainConfig
 
@@ -143,7 +144,7 @@ def _data_digest(examples: Sequence[Example]) -> str:
     return h.hexdigest()[:16]
 
 
-def run_config(config: TrainConfig, system: ResidualSystem, task_spec, train_examples: Sequence[Example],
+def run_config(config: TrainConfig, system: ResidualSystem, task_spec: TaskSpec, train_examples: Sequence[Example],
                val_examples: Sequence[Example] | None = None) -> dict[str, Any]:
     """What a run computes: the configuration (``extra`` merged in) and the task, model and data it ran on.
 

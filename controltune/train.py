@@ -92,6 +92,9 @@ from .schedule import epoch_batches, linear_schedule, parameter_groups, total_st
 from .train_config import TrainConfig
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from .data import TaskSpec
     from .system import ResidualSystem
 
 
@@ -123,8 +126,9 @@ def design_reports(system: ResidualSystem) -> dict[str, Any] | None:
 
 
 # --- the loop --------------------------------------------------------------------------------
-def train(system: ResidualSystem, train_examples: Sequence[Example], dev_examples: Sequence[Example] | None, task_spec,
-          config: TrainConfig, tokenizer=None, val_examples: Sequence[Example] | None = None) -> dict[str, Any]:
+def train(system: ResidualSystem, train_examples: Sequence[Example], dev_examples: Sequence[Example] | None,
+          task_spec: TaskSpec, config: TrainConfig, tokenizer: PreTrainedTokenizerBase | None = None,
+          val_examples: Sequence[Example] | None = None) -> dict[str, Any]:
     """Train the controls of ``system`` on ``train_examples``; returns the metrics dict.
 
     Args:
@@ -167,7 +171,7 @@ def train(system: ResidualSystem, train_examples: Sequence[Example], dev_example
         return _train(system, train_examples, dev_examples, task_spec, config, tokenizer, out, val_examples)
 
 
-def _selection(task_spec, config: TrainConfig, val_examples: Sequence[Example] | None) -> dict[str, Any]:
+def _selection(task_spec: TaskSpec, config: TrainConfig, val_examples: Sequence[Example] | None) -> dict[str, Any]:
     """What ``metrics.json``'s score keys mean, and how the reported checkpoint was chosen."""
     if val_examples is None:
         return {"split": None, "keys": {
@@ -183,8 +187,8 @@ def _selection(task_spec, config: TrainConfig, val_examples: Sequence[Example] |
                      "final": "dev scores of the deltas after the last step"}}
 
 
-def _train(system: ResidualSystem, train_examples: Sequence[Example], dev_examples: Sequence[Example] | None, task_spec,
-           config: TrainConfig, tokenizer, out: Path | None,
+def _train(system: ResidualSystem, train_examples: Sequence[Example], dev_examples: Sequence[Example] | None,
+           task_spec: TaskSpec, config: TrainConfig, tokenizer: PreTrainedTokenizerBase, out: Path | None,
            val_examples: Sequence[Example] | None = None) -> dict[str, Any]:
     """The loop of :func:`train`, with ``out`` checked and locked by the caller."""
     if tokenizer is None:
@@ -374,8 +378,8 @@ def _restore_best(system: ResidualSystem, best_step: int, best_deltas: bytes | N
 
 
 def train_stages(system: ResidualSystem, sequential, train_examples: Sequence[Example],
-                 dev_examples: Sequence[Example] | None,
-                 task_spec, configs: Sequence[TrainConfig], tokenizer=None, reuse_finished: bool = False
+                 dev_examples: Sequence[Example] | None, task_spec: TaskSpec, configs: Sequence[TrainConfig],
+                 tokenizer: PreTrainedTokenizerBase | None = None, reuse_finished: bool = False
                  ) -> list[dict[str, Any]]:
     """Stage-wise training of a :class:`~controltune.controllers.composition.Sequential` controller.
 

@@ -38,7 +38,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -54,6 +54,9 @@ from .resources import using_threads
 from .run_folder import reported_deltas
 from .subspace_projections import Layout, ProjectionFileError, UnifiedProjections
 from .system import ResidualSystem
+
+if TYPE_CHECKING:
+    from .zoo import LoadedModel
 
 RECON_WEIGHT = 1.0
 """Default λ_rec (the paper's single-task script used 0.1 with an unsquared distance)."""
@@ -104,7 +107,7 @@ class Solution:
     head: dict[str, torch.Tensor]
 
 
-def reference_system(loaded, method: str, options: dict[str, Any], num_labels: int, pooling: str
+def reference_system(loaded: LoadedModel, method: str, options: dict[str, Any], num_labels: int, pooling: str
                      ) -> tuple[ResidualSystem, Any]:
     """A fresh system (seed 0) with ``method`` attached: its controls are the reference point θ⁰."""
     name, opts = controller_spec(method, dict(options), 0)
@@ -120,7 +123,7 @@ def _key(options: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in options.items() if k != "seed"}, sort_keys=True)
 
 
-def load_solutions(loaded, runs: Sequence[SourceRun], num_labels: int
+def load_solutions(loaded: LoadedModel, runs: Sequence[SourceRun], num_labels: int
                    ) -> tuple[dict[str, Layout], dict[str, torch.Tensor], dict[str, dict], list[Solution]]:
     """Layouts, reference points θ⁰ and build specs per method, and every run as a :class:`Solution`.
 
@@ -198,7 +201,7 @@ def task_targets(tasks: Sequence[str], dim: int, generator: torch.Generator) -> 
     return {t: v / v.norm() for t, v in zip(tasks, draws)}
 
 
-def driven_systems(loaded, projections: UnifiedProjections, num_labels: int, pooling: str
+def driven_systems(loaded: LoadedModel, projections: UnifiedProjections, num_labels: int, pooling: str
                    ) -> dict[str, tuple[ResidualSystem, UnifiedSubspace]]:
     """Per method a system whose controls are decoded from a driven point (the projections are shared)."""
     out = {}
@@ -224,7 +227,7 @@ def _task_rows(task: str, n: int | None, seed: int) -> tuple[Any, list[Example],
     return spec, load_split(spec, "train", n=n, seed=seed), load_split(spec, "dev")
 
 
-def approximate(loaded, runs: Sequence[SourceRun], config: ApproximationConfig,
+def approximate(loaded: LoadedModel, runs: Sequence[SourceRun], config: ApproximationConfig,
                 model_name: str | None = None) -> UnifiedProjections:
     """Stage 1: train the projections of every method in ``runs`` on their source tasks (see the module doc).
 
@@ -340,7 +343,7 @@ def span_coordinates(w: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor
     return z.to(w.dtype), float(sv[0] / sv[-1]) if float(sv[-1]) > 0 else float("inf")
 
 
-def reconstruction_scores(loaded, projections: UnifiedProjections, solutions: Sequence[Solution],
+def reconstruction_scores(loaded: LoadedModel, projections: UnifiedProjections, solutions: Sequence[Solution],
                           data: dict[str, tuple], config: ApproximationConfig,
                           systems: dict[str, tuple[ResidualSystem, UnifiedSubspace]] | None = None
                           ) -> list[dict[str, Any]]:
@@ -374,7 +377,8 @@ def reconstruction_scores(loaded, projections: UnifiedProjections, solutions: Se
     return out
 
 
-def original_score(loaded, solution: Solution, spec, dev: Sequence[Example], max_length: int) -> dict[str, float]:
+def original_score(loaded: LoadedModel, solution: Solution, spec, dev: Sequence[Example],
+                   max_length: int) -> dict[str, float]:
     """Dev scores of a source solution as trained (its own run's deltas)."""
     run = solution.run
     system, _ = reference_system(loaded, run.method, run.options, spec.num_labels, run.pooling)
@@ -383,7 +387,7 @@ def original_score(loaded, solution: Solution, spec, dev: Sequence[Example], max
 
 
 # --- stage 3 and the landscape --------------------------------------------------------------------
-def transfer_scores(loaded, projections: str | Path, run_dir: str | Path, task: str,
+def transfer_scores(loaded: LoadedModel, projections: str | Path, run_dir: str | Path, task: str,
                     methods: Sequence[str] | None = None, dev_size: int | None = None, max_length: int = 128,
                     seed: int = 0) -> list[dict[str, Any]]:
     """Stage 3: the z (and head) of a trained ``unified_subspace`` run decoded by each method; dev scores.
@@ -434,8 +438,9 @@ def _plane(proj: UnifiedProjections, by_method: dict[str, list[dict]], task: str
                             for m, rows in by_method.items()]).mean(0) for t in tasks[:3]}
 
 
-def landscape(loaded, projections: str | Path, task: str, grid: Sequence[float], dev_size: int | None = 256,
-              max_length: int = 128, seed: int = 0, plane: str = "methods") -> dict[str, Any]:
+def landscape(loaded: LoadedModel, projections: str | Path, task: str, grid: Sequence[float],
+              dev_size: int | None = 256, max_length: int = 128, seed: int = 0,
+              plane: str = "methods") -> dict[str, Any]:
     """Every method's dev score on ``task`` over an interpolation plane of intrinsic vectors (:data:`PLANES`).
 
     Each method is scored with the head of its own source solution on ``task`` (a source task of the

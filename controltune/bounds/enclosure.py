@@ -47,6 +47,7 @@ from .weight_deltas import delta_controller, key_layer, key_role
 from .weights import block_weights
 
 if TYPE_CHECKING:
+    from ..families.base import Context
     from ..system import ResidualSystem
 
 
@@ -236,7 +237,7 @@ def trace_block(system: ResidualSystem, layer: int, x: torch.Tensor, key_mask: t
         extra={"activation": activation_constants(an.activation)})
 
 
-def key_mask_of(system: ResidualSystem, ctx) -> torch.Tensor:
+def key_mask_of(system: ResidualSystem, ctx: Context) -> torch.Tensor:
     """``S×1×T×T`` boolean: query i may attend key j (real key; and j ≤ i for causal families)."""
     am = ctx.attention_mask.bool()
     t = am.shape[1]

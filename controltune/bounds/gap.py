@@ -38,6 +38,7 @@ from .weight_deltas import delta_controller, key_layer, key_role, per_layer_dist
 from .weights import BlockWeights, block_weights
 
 if TYPE_CHECKING:
+    from ..families.base import Context
     from ..system import ResidualSystem
 
 
@@ -117,7 +118,7 @@ class _Endpoint:
     final_sigma: float | None
 
 
-def _probe_all(system: ResidualSystem, states: Sequence[torch.Tensor], ctx) -> list[LayerDomain]:
+def _probe_all(system: ResidualSystem, states: Sequence[torch.Tensor], ctx: Context) -> list[LayerDomain]:
     return [probe_block(system, layer, states[layer], ctx) for layer in range(system.n_layers)]
 
 

@@ -21,6 +21,8 @@ import torch
 from .weight_deltas import DeltaWeights, full_to_deltas, key_layer, key_role, lora_to_deltas
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from ..system import ResidualSystem
 
 RUN_FILES = ("metrics.json", "deltas.safetensors")
@@ -52,7 +54,8 @@ class Reference:
     info: dict[str, Any]
 
 
-def as_reference(system: ResidualSystem, roles: Sequence[str], values: dict[str, torch.Tensor], spec, tokenizer,
+def as_reference(system: ResidualSystem, roles: Sequence[str], values: dict[str, torch.Tensor], spec,
+                 tokenizer: PreTrainedTokenizerBase,
                  info: dict[str, Any], dtype: str = "float64") -> Reference:
     """Attach ``DeltaWeights(roles)`` at ``values`` to ``system`` (its trained controllers already removed,
     e.g. by :func:`lora_to_deltas`), cast it to ``dtype`` and freeze everything but the deltas."""

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..zoo import LoadedModel
 
 EXAMPLE_OPTIONS: dict[str, dict[str, Any]] = {
     "combination": {"parts": [["lora", {}], ["bitfit", {}]]},
@@ -25,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", action="append", default=None, help="only these methods (repeatable)")
 
 
-def describe_all(loaded, methods: list[str] | None = None, seed: int = 0) -> list[dict[str, Any]]:
+def describe_all(loaded: LoadedModel, methods: list[str] | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """One row per method: ``describe()`` of the controller on a fresh system, or the refusal reason."""
     from ..controllers import REGISTRY, UnsupportedMethodError
     from ..fingerprint import n_base_parameters

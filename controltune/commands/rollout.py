@@ -5,6 +5,7 @@ state norms, and the agreement of every state with HF's own ``output_hidden_stat
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +13,9 @@ from ..results import stamp, write_json
 from ..system import ResidualSystem
 from ..zoo import check_length, load_model
 from .models import vars_of
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 SENTENCES = [
     "the film is a charming and often affecting journey .",
@@ -29,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel", default="sdpa", choices=["sdpa", "eager"])
 
 
-def _batch(args: argparse.Namespace, tokenizer) -> dict:
+def _batch(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> dict:
     if args.task:
         from ..batching import Collator
         from ..data import load_split

@@ -23,10 +23,14 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..controllers.spec import controller_spec, parse_options
 from ..data import load_split, resolve_task
 from ..metrics import AUXILIARY_KEYS
+
+if TYPE_CHECKING:
+    from ..zoo import LoadedModel
 
 
 def _part_scales(text: str | None) -> list[float] | None:
@@ -147,7 +151,7 @@ def check_json_path(json_path: str, spec, model: str, out: str | None) -> None:
                              "choose another path")
 
 
-def check_max_length(loaded, max_length: int) -> None:
+def check_max_length(loaded: LoadedModel, max_length: int) -> None:
     """Refuse ``--max-length`` beyond the model's position table (before any training step)."""
     from ..zoo import check_length
 

@@ -41,7 +41,10 @@ import torch
 from ..results import stamp, write_json
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from ..system import ResidualSystem
+    from ..zoo import LoadedModel
 
 FALLBACK_SENTENCES = ["a gripping , funny and moving film .", "dull and lifeless .",
                       "the plot is thin but the acting is superb .", "not worth the ticket ."]
@@ -77,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(rows are printed in method order)")
 
 
-def check_batch(tokenizer, batch_size: int, seq_len: int, seed: int) -> tuple[dict, str]:
+def check_batch(tokenizer: PreTrainedTokenizerBase, batch_size: int, seq_len: int, seed: int) -> tuple[dict, str]:
     """A batch of real sentences and where they came from."""
     from ..batching import Collator
     from ..data import DataError, Example, load_split
@@ -122,7 +125,7 @@ def method_options(cls, weight_decay: float, design_examples: int | None = None,
     return options
 
 
-def verify_method(loaded, method: str, batch: dict, args: argparse.Namespace) -> dict[str, Any]:
+def verify_method(loaded: LoadedModel, method: str, batch: dict, args: argparse.Namespace) -> dict[str, Any]:
     """One result row (see the module docstring) for ``method``."""
     from ..controllers import REGISTRY, UnsupportedMethodError
     from ..controllers.spec import parse_options
@@ -155,7 +158,7 @@ def verify_method(loaded, method: str, batch: dict, args: argparse.Namespace) ->
             "seconds": {"build": built - start, **report.seconds, "total": time.perf_counter() - start}}
 
 
-def _rows(loaded, methods: list[str], batch: dict, args: argparse.Namespace):
+def _rows(loaded: LoadedModel, methods: list[str], batch: dict, args: argparse.Namespace):
     """The rows of ``methods`` in order: here one by one, or from ``--jobs`` worker processes."""
     jobs = int(getattr(args, "jobs", 1) or 1)
     if jobs == 1 or len(methods) < 2:
