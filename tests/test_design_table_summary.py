@@ -105,3 +105,21 @@ def test_the_readme_table_shows_final_cells_and_their_verdicts_against_lora_only
     assert "| b74k | `prefix` |  | 0.250 ± 0.010† |" in lines
     assert "| b74k | `eva` |  | 0.250 ± 0.010 (2 of 3 seeds) |" in lines
     assert "| b18k | `riccati_feedback` |  | diverged at every rate |" in lines
+
+
+def test_the_curves_caption_counts_the_designs_above_lora_at_the_first_and_last_evaluation():
+    from paper_figs.figures.design_table import head_start
+
+    def cell(method, means, budget="b74k", steps=(10, 20, 30)):
+        return {"task": "cola", "budget": budget, "method": method, "n_seeds": 3,
+                "val_curve": [{"step": s, "mean": m, "n": 3} for s, m in zip(steps, means)]}
+
+    payload = {"cells": [cell("lora", [0.1, 0.2, 0.3]),
+                         cell("costate_lora", [0.2, 0.25, 0.29]),  # a head start, lost by the end
+                         cell("riccati_feedback", [0.1, 0.2, 0.4], steps=(10, 20, 40)),  # last common step 20: tie
+                         cell("gramian_lora", [0.0, 0.1, 0.5]),
+                         cell("adapter", [0.9, 0.9, 0.9]),  # a baseline: not counted
+                         cell("parallel_control", [0.9, 0.9, 0.9], budget="b18k")],  # no LoRA at b18k
+               "rows": [{"design": d} for d in ("costate_lora", "riccati_feedback", "gramian_lora",
+                                                "parallel_control")], "config": {}}
+    assert head_start(payload) == {"cola": {"first_above": 1, "last_above": 1, "n": 3}}

@@ -208,6 +208,18 @@ def test_design_table_section_states_the_wins_over_lora_of_each_complete_task():
             assert all(w in row for w in wins), (name, wins)
 
 
+def test_design_table_section_counts_the_designs_above_lora_at_the_first_and_last_evaluation():
+    from paper_figs.figures.design_table import head_start
+
+    found = head_start(_load("design_table.json"))
+    section = " ".join(_design_section().split())
+    said = section.split("**No head start.**", 1)[1].split("- **", 1)[0]
+    tasks = [t for t in TASK_NAMES if t in found]
+    firsts = " and ".join(f"{found[t]['first_above']} of {found[t]['n']} {TASK_NAMES[t]} cells" for t in tasks)
+    lasts = " and ".join(f"{found[t]['last_above']} of {found[t]['n']}" for t in tasks)
+    assert f"in {firsts}, and at the last in {lasts}" in said
+
+
 def test_design_table_section_states_what_moving_the_rates_did_on_dev():
     payload = _load("design_table.json")
     row = " ".join(_design_section().split())

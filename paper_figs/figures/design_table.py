@@ -227,6 +227,28 @@ def _peaks_last(curve: list[dict[str, float]]) -> bool:
     return len(curve) > 1 and curve[-1]["mean"] >= max(p["mean"] for p in curve)
 
 
+def head_start(payload: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per task, how many designs' mean validation curves sit above LoRA's at the same budget at the first and at
+    the last evaluation step both reached: ``{task: {first_above, last_above, n}}`` over the cells with curves (a
+    designed start's head start, if it has one, shows at the first; the rates are each cell's own)."""
+    cells = {(c["task"], c["budget"], c["method"]): c for c in payload["cells"] if c.get("val_curve")}
+    designs = _designs(payload)
+    out: dict[str, dict[str, int]] = {}
+    for (task, budget, method), c in sorted(cells.items()):
+        lora = cells.get((task, budget, "lora"))
+        if method not in designs or lora is None:
+            continue
+        mine, base = ({p["step"]: p["mean"] for p in x["val_curve"]} for x in (c, lora))
+        steps = sorted(set(mine) & set(base))
+        if not steps:
+            continue
+        entry = out.setdefault(task, {"first_above": 0, "last_above": 0, "n": 0})
+        entry["first_above"] += mine[steps[0]] > base[steps[0]]
+        entry["last_above"] += mine[steps[-1]] > base[steps[-1]]
+        entry["n"] += 1
+    return out
+
+
 def caption_pareto(results_dir: Path) -> str:
     payload = load_json(results_dir, SOURCE)
     done = _complete_tasks(payload)
@@ -248,6 +270,7 @@ def caption_curves(results_dir: Path) -> str:
                     and c["val_curve"][0]["n"] < c["n_seeds"]})
     rising = {t: (sum(_peaks_last(c["val_curve"]) for c in mine), len(mine)) for t in TASKS
               if (mine := [c for c in payload["cells"] if c["task"] == t and c.get("val_curve")])}
+    starts = head_start(payload)
     return (
         "Validation score (the rows held out of train that choose the rates; dev is never plotted here) at each "
         "evaluation step, mean over the seeds at each pair's chosen rate, at the design table's two budgets. "
@@ -255,6 +278,10 @@ def caption_curves(results_dir: Path) -> str:
         f"cell: {', '.join(done) or 'none yet'}. Cells whose mean curve is highest at its last evaluation (still "
         "rising when the harness's epochs end: those runs had not levelled off): "
         + (", ".join(f"{t} {k} of {n}" for t, (k, n) in rising.items()) or "none yet") + "."
+        + " Designs whose mean validation score is above LoRA's at the same budget at the first evaluation (a "
+        "designed start's head start, if it has one, shows there) and at the last: "
+        + ("; ".join(f"{t} {h['first_above']} and {h['last_above']} of {h['n']}" for t, h in starts.items())
+           or "none yet") + "."
         + (f" Cells averaged over fewer seeds than they have (a seed's row without its curve): {'; '.join(short)}."
            if short else "")
         + f" Command: `python experiments/design_table.py` ({versions_line(payload)})."
