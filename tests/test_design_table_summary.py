@@ -59,9 +59,9 @@ def test_design_table(tmp_path, monkeypatch):
     curves = rendered_caption("design_table_curves", tmp_path, tmp_path / "f")
     # RTE: the seed-0 rows stop at step 20, so every mean curve ends rising there; CoLA: LoRA alone rises at the end
     assert "not levelled off): rte 13 of 13, cola 1 of 13." in curves
-    assert "Tasks with 3 seeds in every cell: rte, cola." in curves
+    assert "Tasks complete (3 seeds in every cell, a diverged seed counted): rte, cola." in curves
     pareto = rendered_caption("design_table_pareto", tmp_path, tmp_path / "f")
-    assert "Tasks with 3 seeds in every cell: rte, cola;" in pareto
+    assert "Tasks complete (3 seeds in every cell, a diverged seed counted): rte, cola;" in pareto
     assert out["refinement"]["cola"]["changes"] == [{"budget": "b74k", "method": "lora", "earlier_lr": 4e-3,
                                                      "lr": 1e-3, "change": pytest.approx(0.101)}]
 
