@@ -3,7 +3,8 @@
 The table is read from ARCHITECTURE.md itself, so the document and the code cannot drift apart: a module the
 table does not list, an import of a higher layer, an import of the package root from inside the library, a
 controller outside ``designed/`` (and ``peft_lora``) importing ``design/``, or the library naming the study
-(``experiments``, ``paper_figs``) fails here.
+(``experiments``, ``paper_figs``) fails here; so does code outside ``families/`` that branches on an
+architecture's name or class (the table's "nothing outside ``families/`` tests a family or class name").
 """
 
 from __future__ import annotations
@@ -108,3 +109,50 @@ def test_the_package_version_is_pyprojects():
 
     declared = re.search(r'^version = "([^"]+)"$', (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
     assert declared and __version__ == declared.group(1)
+
+
+def _names_a_family(node: ast.AST) -> bool:
+    """``<...>family.name`` or ``type(x).__name__`` / ``x.__class__.__name__``: an architecture named in code."""
+    if not isinstance(node, ast.Attribute):
+        return False
+    if node.attr == "name":
+        owner = node.value
+        return (isinstance(owner, ast.Name) and owner.id == "family") or (
+            isinstance(owner, ast.Attribute) and owner.attr == "family")
+    return node.attr == "__name__"
+
+
+def _family_tests(root: Path = ROOT) -> list[str]:
+    """Comparisons and isinstance checks outside ``families/`` that branch on an architecture's name or class."""
+    found = []
+    for path in _library_files(root):
+        if _module(path, root)[1:2] == ("families",):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            operands = []
+            if isinstance(node, ast.Compare):
+                operands = [node.left, *node.comparators]
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance":
+                cls = node.args[1] if len(node.args) > 1 else None
+                names = [e for e in (cls.elts if isinstance(cls, ast.Tuple) else [cls]) if e is not None]
+                if any(isinstance(n, (ast.Name, ast.Attribute)) and re.search(
+                        r"(Bert|Roberta|GPT2|Llama|Gemma|Qwen|Mistral)\w*(Model|Layer|Attention|ForSequence)",
+                        ast.unparse(n)) for n in names):
+                    found.append(f"{path.relative_to(root)}:{node.lineno} {ast.unparse(node)}")
+            if any(_names_a_family(o) for o in operands):
+                found.append(f"{path.relative_to(root)}:{node.lineno} {ast.unparse(node)}")
+    return found
+
+
+def test_nothing_outside_families_branches_on_an_architecture():
+    assert _family_tests() == []
+
+
+def test_a_branch_on_an_architecture_is_caught(tmp_path):
+    package = tmp_path / "controltune"
+    (package / "families").mkdir(parents=True)
+    (package / "families" / "encoder.py").write_text("ok = family.name == 'bert'\n")  # its own room: allowed
+    (package / "train.py").write_text("a = system.family.name == 'llama'\nb = type(m).__name__ in ('X',)\n"
+                                      "c = isinstance(m, BertModel)\nd = f'{system.family.name}'\n")
+    assert [line.split(" ", 1)[0] for line in _family_tests(tmp_path)] == [
+        "controltune/train.py:1", "controltune/train.py:2", "controltune/train.py:3"]
