@@ -348,10 +348,10 @@ def task_complete(payload: dict[str, Any], task: str) -> bool:
 
 
 def markdown_table(payload: dict[str, Any]) -> str:
-    """The README's design table from a summary: per budget, LoRA, the designs (with their verdict against LoRA at
-    that budget) and the other baselines; per task, ``mean ± std`` over the seeds of each final cell
-    (:func:`cell_complete`; the others are left blank), ``†`` where the chosen rate is the edge of the rates tried.
-    A task with a cell not final yet is marked running."""
+    """The README's design table from a summary: the majority class's score (a constant prediction's), then per
+    budget LoRA, the designs (with their verdict against LoRA at that budget) and the other baselines; per task,
+    ``mean ± std`` over the seeds of each final cell (:func:`cell_complete`; the others are left blank), ``†``
+    where the chosen rate is the edge of the rates tried.  A task with a cell not final yet is marked running."""
     from controltune.data import BUILTIN_TASKS
 
     tasks = payload["config"]["tasks"]
@@ -361,6 +361,8 @@ def markdown_table(payload: dict[str, Any]) -> str:
     head = [f"{BUILTIN_TASKS[t].folder} ({unit.get(m, m)}{'' if task_complete(payload, t) else '; running'})"
             for t in tasks for m in [BUILTIN_TASKS[t].metric]]
     lines = ["| budget | method | " + " | ".join(head) + " |", "|" + " --- |" * (2 + len(tasks))]
+    levels = payload.get("majority") or {}
+    lines.append("| | majority class | " + " | ".join(f"{levels[t]:.3f}" if t in levels else "" for t in tasks) + " |")
     for budget in payload["config"]["budgets"]:
         for label in ("lora", *DESIGNS, *(b for b in BASELINES if b != "lora")):
             entries = []

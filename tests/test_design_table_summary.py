@@ -97,9 +97,11 @@ def test_the_readme_table_shows_final_cells_and_their_verdicts_against_lora_only
     cells.append(cell("sst2", "b74k", "lora", 0.86, n=1))  # SST-2: a seed so far, nothing else
     rows = [{"task": "cola", "budget": "b74k", "design": "parallel_control", "baseline": b, "verdict": v}
             for b, v in (("lora", "win"), ("adapter", "tie"))]
-    payload = {"config": {"tasks": ["sst2", "cola"], "budgets": ["b74k", "b18k"]}, "cells": cells, "rows": rows}
+    payload = {"config": {"tasks": ["sst2", "cola"], "budgets": ["b74k", "b18k"]}, "cells": cells, "rows": rows,
+               "majority": {"sst2": 0.509, "cola": 0.0}}
     lines = design_table.markdown_table(payload).splitlines()
-    assert lines[0] == "| budget | method | SST-2 (accuracy; running) | CoLA (MCC) |" and len(lines) == 2 + 26
+    assert lines[0] == "| budget | method | SST-2 (accuracy; running) | CoLA (MCC) |" and len(lines) == 3 + 26
+    assert lines[2] == "| | majority class | 0.509 | 0.000 |"
     assert "| b74k | `lora` |  | 0.250 ± 0.010 |" in lines  # SST-2's one seed is not a cell yet
     assert "| b74k | `parallel_control` |  | 0.300 ± 0.010, **win** |" in lines  # against LoRA, not the adapter
     assert "| b74k | `prefix` |  | 0.250 ± 0.010† |" in lines
