@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .control import Control
 from .pmp import ControlSystem, CoStateSolution, controls_by_layer, displaced, hamiltonian, solve_costate
 
 
@@ -97,7 +98,7 @@ def maximum_condition_probe(system: ControlSystem, batch: dict, solution: CoStat
             "n_directions": n_directions, "radii": [float(r) for r in radii], "relative": relative}
 
 
-def _delta_h(system: ControlSystem, layer: int, ctrl, x: torch.Tensor, p_next: torch.Tensor, ctx: Any,
+def _delta_h(system: ControlSystem, layer: int, ctrl: Control, x: torch.Tensor, p_next: torch.Tensor, ctx: Any,
              reference: torch.Tensor, r_star: float, direction: list[torch.Tensor], t: float) -> float:
     """``H_l(u* + t v) − H_l(u*)`` with x*, p* fixed."""
     # Σ p·(f(u*+tv) − f(u*)) − (R(u*+tv) − R(u*)): differencing f avoids the cancellation of two large Σ p·f.
@@ -105,7 +106,7 @@ def _delta_h(system: ControlSystem, layer: int, ctrl, x: torch.Tensor, p_next: t
         return float(hamiltonian(system, layer, x, p_next, ctx, reference=reference)) + r_star
 
 
-def _unit_direction(controls, gen: torch.Generator) -> list[torch.Tensor]:
+def _unit_direction(controls: Sequence[Control], gen: torch.Generator) -> list[torch.Tensor]:
     """A random direction over several controls with joint unit norm."""
     parts = [torch.randn(c.param.shape, generator=gen, dtype=torch.float64) for c in controls]
     norm = _norm(parts)

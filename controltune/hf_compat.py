@@ -9,13 +9,18 @@ instead of naming either spelling.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from functools import cache
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
-def _accepts(fn, name: str) -> bool:
+
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
     return name in inspect.signature(fn).parameters
 
 
@@ -26,7 +31,8 @@ def _mask_cache_keyword() -> str:
     return "cache" if _accepts(create_causal_mask, "cache") else "past_key_values"
 
 
-def causal_mask(config, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):
+def causal_mask(config: PretrainedConfig, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor):
     """transformers' causal + padding mask for a state ``inputs_embeds`` (S×T×d), without a KV cache."""
     from transformers.masking_utils import create_causal_mask
 

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from .control import Control
-from .pmp import ControlSystem, controls_by_layer, solve_costate
+from .pmp import ControlSystem, CoStateSolution, controls_by_layer, solve_costate
 
 if TYPE_CHECKING:
     from .families.base import Context
@@ -130,7 +130,8 @@ class MSA:
         return {"cost": sol.cost, "terminal_cost": sol.terminal_cost, "objective_first": first,
                 "objective_last": last}
 
-    def _objective(self, batch: dict, sol, per_layer: list[list[Control]], double: bool) -> torch.Tensor:
+    def _objective(self, batch: dict, sol: CoStateSolution, per_layer: list[list[Control]],
+                   double: bool) -> torch.Tensor:
         """``Σ_l H̃_l + H̃_init − (Φ̄ + R_term)`` at the current controls, x and p fixed from ``sol``."""
         system, rho = self.system, self.config.rho
         x, p, ctx = sol.states, sol.costates, sol.ctx

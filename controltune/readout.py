@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .control import Control
-from .families import Context
+from .families import Context, Family
 
 POOLINGS = ("mean", "cls", "last")
 
@@ -89,7 +89,7 @@ class SequenceClassifierReadout(nn.Module):
 
     kind = "classification"
 
-    def __init__(self, model: nn.Module, family, norm: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module, family: Family, norm: nn.Module | None = None) -> None:
         super().__init__()
         missing = [n for n in family.sequence_head if not isinstance(getattr(model, n, None), nn.Module)]
         if family.sequence_logits is None or not family.sequence_head or missing:

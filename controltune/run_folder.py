@@ -194,7 +194,8 @@ def _is_allowed(key: str, allowed: Sequence[str]) -> bool:
 
 
 # --- resume state ------------------------------------------------------------------------
-def save_state(path: Path, system: ResidualSystem, optimizer, scheduler, step: int, log: dict[str, Any], spec: dict,
+def save_state(path: Path, system: ResidualSystem, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler, step: int, log: dict[str, Any], spec: dict,
                config: dict[str, Any], best_deltas: bytes | None = None) -> None:
     """Write the whole resume state as one file, atomically (temporary name, fsync, rename).
 
@@ -257,7 +258,8 @@ def _config_changes(path: Path, saved: dict[str, Any], current: dict[str, Any], 
     return [{"step": step, "key": k, "old": o, "new": n} for k, o, n in diffs]
 
 
-def load_state(path: Path, system: ResidualSystem, optimizer, scheduler, config: TrainConfig, current: dict[str, Any],
+def load_state(path: Path, system: ResidualSystem, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler, config: TrainConfig, current: dict[str, Any],
                 schedule) -> tuple[int, dict[str, Any], bytes | None]:
     """Restore deltas, optimiser, scheduler and RNG from ``path``; returns ``(step, log, best deltas or None)``.
 

@@ -94,6 +94,7 @@ from .train_config import TrainConfig
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from .controllers.composition import Sequential
     from .data import TaskSpec
     from .system import ResidualSystem
 
@@ -377,7 +378,7 @@ def _restore_best(system: ResidualSystem, best_step: int, best_deltas: bytes | N
     return None if scores is None else {**scores, "step": best_step}
 
 
-def train_stages(system: ResidualSystem, sequential, train_examples: Sequence[Example],
+def train_stages(system: ResidualSystem, sequential: Sequential, train_examples: Sequence[Example],
                  dev_examples: Sequence[Example] | None, task_spec: TaskSpec, configs: Sequence[TrainConfig],
                  tokenizer: PreTrainedTokenizerBase | None = None, reuse_finished: bool = False
                  ) -> list[dict[str, Any]]:

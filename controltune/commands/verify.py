@@ -43,6 +43,7 @@ from ..results import stamp, write_json
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from ..control import Control
     from ..system import ResidualSystem
     from ..zoo import LoadedModel
 
@@ -95,7 +96,7 @@ def check_batch(tokenizer: PreTrainedTokenizerBase, batch_size: int, seq_len: in
     return Collator(tokenizer, max_length=seq_len)(examples), source
 
 
-def perturb(controls, scale: float, seed: int) -> None:
+def perturb(controls: list[Control], scale: float, seed: int) -> None:
     """``u ← u + scale·ξ``, ξ standard normal (seeded, drawn on CPU in float64)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

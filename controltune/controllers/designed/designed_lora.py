@@ -7,6 +7,7 @@ chosen sites and draw their design batch the same way.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from ...system import ResidualSystem
 
 
-def _design_batch(ctrl, system: ResidualSystem) -> dict:
+def _design_batch(ctrl: _DesignedLoRA, system: ResidualSystem) -> dict:
     if ctrl.design_batch is not None:
         return ctrl.design_batch
     return load_design_batch(system, ctrl.task, ctrl.n_design, ctrl.design_seed, ctrl.max_length)
@@ -53,8 +54,8 @@ class _DesignedLoRA(Controller):
 
     group = "reparameterisation"
 
-    def _init_common(self, rank: int, alpha: float, layers, task: str, n_design: int, design_seed: int,
-                     max_length: int, design_batch: dict | None, seed: int) -> None:
+    def _init_common(self, rank: int, alpha: float, layers: Sequence[int] | None, task: str, n_design: int,
+                     design_seed: int, max_length: int, design_batch: dict | None, seed: int) -> None:
         self.rank = positive_int(rank, "rank", self.method)
         self.alpha = positive_float(alpha, "alpha", self.method)
         self.layers, self.seed = layers, int(seed)
