@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from study_rows import rendered_caption, sweep_row
 
@@ -125,3 +127,15 @@ def test_the_curves_caption_counts_the_designs_above_lora_at_the_first_and_last_
                "rows": [{"design": d} for d in ("costate_lora", "riccati_feedback", "gramian_lora",
                                                 "parallel_control")], "config": {}}
     assert head_start(payload) == {"cola": {"first_above": 1, "last_above": 1, "n": 3}}
+
+
+def test_markdown_flag_prints_the_table_of_the_summary_file(tmp_path, monkeypatch, capsys):
+    payload = {"config": {"tasks": ["cola"], "budgets": ["b74k"]}, "rows": [], "majority": {"cola": 0.0},
+               "cells": [{"task": "cola", "budget": "b74k", "method": "lora", "mean": 0.3, "std": 0.01, "n_seeds": 3,
+                          "diverged_seeds": [], "diverged_every_rate": False, "rate_at_edge": False}]}
+    (tmp_path / "design_table.json").write_text(json.dumps(payload))
+    monkeypatch.setattr(design_table, "SUMMARY", tmp_path / "design_table.json")
+    assert design_table.main(["--markdown"]) == {}
+    printed = capsys.readouterr().out
+    assert printed.strip() == design_table.markdown_table(payload)
+    assert "| b74k | `lora` | 0.300 ± 0.010 |" in printed and "CoLA (MCC; running)" in printed  # 12 cells missing
