@@ -156,3 +156,72 @@ def test_a_branch_on_an_architecture_is_caught(tmp_path):
                                       "c = isinstance(m, BertModel)\nd = f'{system.family.name}'\n")
     assert [line.split(" ", 1)[0] for line in _family_tests(tmp_path)] == [
         "controltune/train.py:1", "controltune/train.py:2", "controltune/train.py:3"]
+
+
+def _runtime_graph(root: Path = ROOT) -> dict[tuple[str, ...], set[tuple[str, ...]]]:
+    """Module -> the library modules it imports when it runs (late imports included; imports under
+    ``if TYPE_CHECKING:`` left out, since annotations may point anywhere without running)."""
+    files = {_module(p, root): p for p in _library_files(root)}
+    graph = {}
+    for module, path in files.items():
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                       and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
+        package = module if path.name == "__init__.py" else module[:-1]
+        targets = set()
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.ImportFrom):
+                base = package[:len(package) - node.level + 1] if node.level else ()
+                target = base + (tuple(node.module.split(".")) if node.module else ())
+                targets |= {target + (a.name,) if target + (a.name,) in files else target for a in node.names}
+            elif isinstance(node, ast.Import):
+                targets |= {tuple(a.name.split(".")) for a in node.names}
+        graph[module] = {t for t in targets if t in files and t != module}
+    return graph
+
+
+def _cycles(graph: dict[tuple[str, ...], set[tuple[str, ...]]]) -> list[list[str]]:
+    """The import cycles: strongly connected components of more than one module (Tarjan)."""
+    index: dict = {}
+    low: dict = {}
+    stack: list = []
+    found = []
+
+    def visit(v: tuple[str, ...]) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while (w := stack.pop()) != v:
+                component.append(".".join(w))
+            if component:
+                found.append(sorted([*component, ".".join(v)]))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle_hides_in_a_late_import():
+    assert _cycles(_runtime_graph()) == []
+
+
+def test_a_late_import_cycle_is_caught(tmp_path):
+    package = tmp_path / "controltune" / "bounds"
+    package.mkdir(parents=True)
+    (package / "enclosure.py").write_text("from . import attention_enclosure as att\n")
+    (package / "attention_enclosure.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                                    "    from .enclosure import Radii\n")
+    assert _cycles(_runtime_graph(tmp_path)) == []  # annotations only: no cycle at run time
+    (package / "attention_enclosure.py").write_text("def f():\n    from .enclosure import spectral\n")
+    assert _cycles(_runtime_graph(tmp_path)) == [["controltune.bounds.attention_enclosure",
+                                                  "controltune.bounds.enclosure"]]

@@ -16,7 +16,8 @@ One module per piece of the mathematics:
 * :mod:`~controltune.bounds.reference` — the trained reference u* (a ``controltune train`` run);
 * :mod:`~controltune.bounds.gap` — the measured gap ``|J(u*) − J(Πu*)|`` against every bound;
 * :mod:`~controltune.bounds.enclosure`, :mod:`~controltune.bounds.attention_enclosure` — certified
-  per-token enclosures of the rollout (and of its first two derivatives) over a ball of weight deltas;
+  per-token enclosures of the rollout (and of its first two derivatives) over a ball of weight deltas,
+  passing the radii of :mod:`~controltune.bounds.radii`;
 * :mod:`~controltune.bounds.certified` — the certified bound ``B(ε) ≥ sup_{‖d‖≤ε} |J(u*+d) − J(u*)|``
   (Taylor, enclosure and readout-range routes), and :mod:`~controltune.bounds.attack` its attack lower bound.
 

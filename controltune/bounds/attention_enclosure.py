@@ -25,12 +25,11 @@ derivative radii ``A^x, B^x`` (:mod:`controltune.bounds.enclosure`).  With
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # the radii types live in enclosure, which imports this module
-    from .enclosure import Radii, State
+from .norms import spectral
+from .radii import Radii, State
 
 
 @dataclass
@@ -69,7 +68,6 @@ def _heads(t: torch.Tensor, h: int) -> torch.Tensor:
 def trace_attention(x: torch.Tensor, qkv, n_heads: int, scale: float, mask: torch.Tensor,
                     gamma: torch.Tensor | None, fused: bool = False) -> AttentionTrace:
     """Attention of input ``x`` (S×T×d) with effective ``((W_q, b_q), (W_k, b_k), (W_v, b_v))`` at u*."""
-    from .enclosure import spectral
 
     g = gamma if gamma is not None else torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
     (wq, bq), (wk, bk), (wv, bv) = qkv
@@ -140,7 +138,6 @@ def _avg(x: torch.Tensor, hi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def attention_radii(tr: AttentionTrace, inp: State, e: dict[str, float]) -> Radii:
     """Radii of the heads-concatenated attention output (before the output map) per token."""
-    from .enclosure import Radii
 
     r = inp.z if inp.z is not None else inp.x
     x = inp.x

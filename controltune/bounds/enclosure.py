@@ -43,45 +43,14 @@ import torch.nn.functional as F
 
 from ..controllers.base import UnsupportedMethodError
 from . import attention_enclosure as att
+from .norms import spectral
+from .radii import Radii, State
 from .weight_deltas import delta_controller, key_layer, key_role
 from .weights import block_weights
 
 if TYPE_CHECKING:
     from ..families.base import Context
     from ..system import ResidualSystem
-
-
-@dataclass
-class Radii:
-    """``(rho, a, b)``: enclosure, first- and second-derivative radii per token (each ``S×T``)."""
-
-    rho: torch.Tensor
-    a: torch.Tensor
-    b: torch.Tensor
-
-    @staticmethod
-    def zeros(like: torch.Tensor) -> Radii:
-        z = torch.zeros_like(like)
-        return Radii(z, z.clone(), z.clone())
-
-    def __add__(self, other: Radii) -> Radii:
-        return Radii(self.rho + other.rho, self.a + other.a, self.b + other.b)
-
-    def scale(self, k: float | torch.Tensor) -> Radii:
-        return Radii(self.rho * k, self.a * k, self.b * k)
-
-    def masked(self, mask: torch.Tensor) -> Radii:
-        return Radii(self.rho * mask, self.a * mask, self.b * mask)
-
-
-@dataclass
-class State:
-    """An enclosed activation: radii in its own space (``x``) and, for a LayerNorm output
-    ``γ ⊙ n + β``, the radii of the normalised vector n (``z``) with ``gamma`` (γ)."""
-
-    x: Radii
-    z: Radii | None = None
-    gamma: torch.Tensor | None = None
 
 
 def linear_radii(inp: State, w_norm: float, e: float, r_in: torch.Tensor) -> Radii:
@@ -137,11 +106,6 @@ def activation_constants(act: Callable[[torch.Tensor], torch.Tensor], lo: float 
     l2 = float(g2.abs().max() + step * g3) + 1e-6
     cached[key] = (l1, l2)
     return l1, l2
-
-
-def spectral(m: torch.Tensor) -> torch.Tensor:
-    """Exact spectral norm(s) of a matrix or a batch of matrices (largest singular value, float64)."""
-    return torch.linalg.matrix_norm(m.to(torch.float64), ord=2)
 
 
 # --- the trace at u*: every value the radii rules need, computed once ---------------------------

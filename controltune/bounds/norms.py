@@ -14,6 +14,11 @@ import torch
 from ..families.base import Context
 
 
+def spectral(m: torch.Tensor) -> torch.Tensor:
+    """Exact spectral norm(s) of a matrix or a batch of matrices (largest singular value, float64)."""
+    return torch.linalg.matrix_norm(m.to(torch.float64), ord=2)
+
+
 def spectral_norm(m: torch.Tensor) -> float:
     """``‖m‖₂`` from the largest eigenvalue of the Gram matrix of its smaller side (cheap for thin matrices)."""
     m = m.to(torch.float64)
