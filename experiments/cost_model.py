@@ -206,8 +206,10 @@ def describe_hours(name: str, est: dict[str, Any]) -> str:
     if not est["unknown"]:
         tail = ""
     elif est.get("estimated") is not None:
+        scaled = ", ".join(f"{t} ×{f:.2f}" for t, f in (est.get("scale") or {}).items())
         tail = (f" (+ ~{est['estimated']:.1f} core-h for {est['unknown']} cells of kinds not timed yet, "
-                "estimated from the GLUE table's step times)")
+                "estimated from the GLUE table's step times"
+                + (f", scaled as this sweep's timed cells ran on the same task: {scaled}" if scaled else "") + ")")
     else:
         tail = f" ({est['unknown']} cells of kinds not timed yet)"
     return f"{name}: {est['spent']:.1f} core-h spent, ~{est['remaining']:.1f} core-h to run{tail}"
@@ -222,7 +224,9 @@ def with_estimate(est: dict[str, Any], planned: dict[Any, int], cells: list[dict
                   key: Callable[[dict[str, Any]], Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     """``est`` (:func:`observed_core_hours` of ``planned``) with ``estimated``: the core-hours of the planned cells
     of kinds that have no finished row, each kind at the mean :func:`cost_model.estimated_seconds` of its
-    ``cells`` (configs; ``key(config)`` is the kind); None, with ``estimate_error``, if the cost model cannot time
+    ``cells`` (configs; ``key(config)`` is the kind) times ``scale[task]``, how this sweep's own finished rows on
+    the kind's task ran against the same estimate (:func:`calibration`'s median, with at least
+    :data:`MIN_CALIBRATION_ROWS` rows; 1 without); None, with ``estimate_error``, if the cost model cannot time
     one of them (a model, task or method it has no step times for)."""
     finished = {key(r["config"]) for r in rows
                 if "config" in r and r.get("status", "done") in FINISHED and cell_seconds(r)}
@@ -230,11 +234,34 @@ def with_estimate(est: dict[str, Any], planned: dict[Any, int], cells: list[dict
     for cell in cells:
         per_kind[key(cell)].append(cell)
     try:
-        seconds = sum(n * sum(map(estimated_seconds, per_kind[k])) / len(per_kind[k])
-                      for k, n in planned.items() if k not in finished)
+        scale = sweep_scale(rows)
+        seconds = sum(n * sum(estimated_seconds(c) * scale.get(c.get("task"), 1.0) for c in per_kind[k])
+                      / len(per_kind[k]) for k, n in planned.items() if k not in finished)
     except (ValueError, KeyError, OSError, ZeroDivisionError) as err:
         return {**est, "estimated": None, "estimate_error": str(err)}
-    return {**est, "estimated": seconds / 3600}
+    used = {c.get("task") for k, n in planned.items() if k not in finished for c in per_kind[k]}
+    return {**est, "estimated": seconds / 3600, "scale": {t: scale[t] for t in sorted(used & set(scale))}}
+
+
+MIN_CALIBRATION_ROWS = 3
+"""Finished rows of a task a sweep needs before its own timing rescales the estimate on that task."""
+
+
+def sweep_scale(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per task, the median measured-over-estimated wall time of a sweep's finished one-thread rows
+    (:func:`calibration`), for tasks with at least :data:`MIN_CALIBRATION_ROWS` of them: the cost model's
+    step times come from the GLUE table's cells, and a sweep's other kinds run faster or slower on the same
+    machine (the design table's MRPC cells took ~0.6× the estimate)."""
+    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if "config" in r and r["config"].get("task") is not None:
+            by_task[r["config"]["task"]].append(r)
+    out = {}
+    for task, mine in by_task.items():
+        found = calibration(mine)
+        if found["n"] >= MIN_CALIBRATION_ROWS:
+            out[task] = found["median"]
+    return out
 
 
 def sweep_hours(cells: list[dict[str, Any]], rows: list[dict[str, Any]], seeds_after: int = 0) -> dict[str, Any]:

@@ -57,3 +57,24 @@ def test_the_cost_model_counts_steps_and_scored_rows_and_scales_the_reference_st
     assert cm.step_seconds({**cfg, "model": "smollm2", "method": "gramian_lora"}) == 0.2 * 0.5 * 8.0
     with pytest.raises(ValueError, match="no GLUE rows"):
         cm.step_seconds({**cfg, "method": "nonesuch"})
+
+
+def test_kinds_not_timed_yet_are_estimated_as_the_sweeps_timed_cells_ran_on_their_task(monkeypatch):
+    from experiments import cost_model as cm
+
+    monkeypatch.setattr(cm, "estimated_seconds", lambda config: 1000.0)  # the GLUE table's step times say 1000 s
+
+    def row(task, method, seconds):
+        return {"config": {"task": task, "method": method, "lr": 1e-3, "seed": 0}, "status": "done",
+                "wall_time_s": seconds}
+
+    rows = [row("mrpc", "lora", s) for s in (600.0, 650.0, 700.0)] + [row("cola", "lora", 1000.0)]
+    assert cm.sweep_scale(rows) == {"mrpc": pytest.approx(0.65)}  # CoLA: one row is too few to rescale
+    cells = [{"task": t, "method": "pissa", "lr": 1e-3, "seed": 0} for t in ("mrpc", "cola")]
+    kind = cm.cell_kind
+    planned = {kind(c): 2 for c in cells} | {kind(row("mrpc", "lora", 0)["config"]): 3}
+    est = cm.observed_core_hours(planned, rows, lambda r: kind(r["config"]))
+    est = cm.with_estimate(est, planned, cells, kind, rows)
+    assert est["estimated"] == pytest.approx((2 * 650.0 + 2 * 1000.0) / 3600)  # MRPC scaled, CoLA as estimated
+    assert est["scale"] == {"mrpc": pytest.approx(0.65)}
+    assert "scaled as this sweep's timed cells ran on the same task: mrpc ×0.65)" in cm.describe_hours("cells", est)
