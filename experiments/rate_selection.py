@@ -69,6 +69,30 @@ def choose_lrs(select_rows: list[dict[str, Any]], key: KeyFn = task_method) -> d
     return chosen
 
 
+def selection_regret(select_rows: list[dict[str, Any]], key: KeyFn = task_method) -> dict[Pair, dict[str, Any]]:
+    """What choosing on validation rows cost on dev, pair by pair, on the selection's own seed-0 runs.
+
+    For each pair with two or more scored rates: the chosen rate (:func:`choose_lrs`) and the rate whose run
+    scored best on dev, and ``regret = dev(best on dev) − dev(chosen) ≥ 0`` (``score_at_best_val`` of each
+    rate's run).  The dev maximum is itself one noisy draw per rate, so the regret overstates what a perfect
+    choice would gain; it measures how far validation and dev disagree on the rates tried.
+    ``{pair: {lr, best_dev_lr, regret, n_rates}}``."""
+    chosen = choose_lrs(select_rows, key)
+    dev: dict[Pair, dict[float, float]] = defaultdict(dict)
+    for row in select_rows:
+        if row.get("status") == "done" and row.get("val_score") is not None \
+                and row.get("score_at_best_val") is not None:
+            dev[key(row)][float(row["config"]["lr"])] = float(row["score_at_best_val"])
+    out = {}
+    for pair, scores in dev.items():
+        lr = chosen[pair]["lr"]
+        if len(scores) < 2 or lr not in scores:
+            continue
+        best = max(sorted(scores), key=lambda r: scores[r])
+        out[pair] = {"lr": lr, "best_dev_lr": best, "regret": scores[best] - scores[lr], "n_rates": len(scores)}
+    return out
+
+
 def pair_rates(rows: list[dict[str, Any]], key: KeyFn = task_method) -> dict[Pair, list[float]]:
     """``pair -> sorted rates`` of the rows."""
     rates: dict[Pair, set[float]] = defaultdict(set)

@@ -423,3 +423,20 @@ def test_a_study_reads_its_rows_completed_from_exact_rebuilds_and_rescores(tmp_p
     assert glue["train_scores"] == {"mcc": 0.5} and glue["dev_at_best_val"]["top_class_share"] == 1.0
     assert own["dev_at_best_val"]["top_class_share"] == 0.9 and own["predicts_one_class"] is False
     assert other == rows[2]  # its rescore did not reproduce the row: nothing taken from it
+
+
+def test_selection_regret_is_what_the_validation_choice_cost_on_dev():
+    from experiments.rate_selection import selection_regret
+
+    def row(task, lr, val, dev, status="done"):
+        return {"config": {"task": task, "method": "lora", "lr": lr, "seed": 0}, "status": status,
+                "val_score": val, "score_at_best_val": dev}
+
+    rows = [row("cola", 1e-3, 0.30, 0.20), row("cola", 4e-3, 0.35, 0.15), row("cola", 2e-3, 0.20, 0.25),
+            row("cola", 8e-3, None, None, "diverged"),
+            row("sst2", 1e-3, 0.90, 0.88), row("sst2", 4e-3, 0.80, 0.85),  # validation and dev agree
+            row("rte", 1e-3, 0.60, 0.55)]  # one rate: nothing to choose between
+    found = selection_regret(rows)
+    assert found[("cola", "lora")] == {"lr": 4e-3, "best_dev_lr": 2e-3, "regret": pytest.approx(0.10), "n_rates": 3}
+    assert found[("sst2", "lora")]["regret"] == 0.0 and found[("sst2", "lora")]["best_dev_lr"] == 1e-3
+    assert ("rte", "lora") not in found

@@ -220,6 +220,21 @@ def test_design_table_section_counts_the_designs_above_lora_at_the_first_and_las
     assert f"in {firsts}, and at the last in {lasts}" in said
 
 
+def test_design_table_section_states_what_choosing_on_validation_rows_cost_each_complete_task():
+    from experiments.design_table import task_complete
+
+    payload = _load("design_table.json")
+    section = " ".join(_design_section().split())
+    for task, found in payload.get("selection_regret", {}).items():
+        if not task_complete(payload, task):
+            continue
+        unit = {"mcc": "MCC", "accuracy": "accuracy", "f1": "F1"}[
+            next(c["metric"] for c in payload["cells"] if c["task"] == task and c["metric"])]
+        said = (f"{TASK_NAMES[task]}: the validation rows chose the rate best on dev in {found['same_rate']} of "
+                f"{found['pairs']} pairs, at a mean cost of {found['mean_regret']:.3f} {unit}")
+        assert said in section, said
+
+
 def test_design_table_section_states_what_moving_the_rates_did_on_dev():
     payload = _load("design_table.json")
     row = " ".join(_design_section().split())
