@@ -61,8 +61,8 @@ from rate_selection import (  # noqa: E402
     progress_echo,
     rate_at_edge,
     rate_bracket,
+    regret_by_task,
     select_then_tabulate,
-    selection_regret,
     sweep_settings,
 )
 from verdicts import (  # noqa: E402
@@ -288,23 +288,6 @@ def earlier_verdicts(cells: list[dict[str, Any]], task: str) -> list[dict[str, A
             for (b, m), c in sorted(now.items()) if m in DESIGNS for base in BASELINES if (b, base) in now]
 
 
-def regret_by_task(select_rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per task, how validation-chosen rates fared on dev against the rate best on dev, over the pairs'
-    seed-0 selection runs (:func:`rate_selection.selection_regret`): ``{pairs, same_rate, mean_regret,
-    largest: {budget, method, lr, best_dev_lr, regret}}``."""
-    found = selection_regret(select_rows, pair_key)
-    out: dict[str, dict[str, Any]] = {}
-    for (task, budget, method), r in sorted(found.items()):
-        entry = out.setdefault(task, {"pairs": 0, "same_rate": 0, "regrets": [], "largest": None})
-        entry["pairs"] += 1
-        entry["same_rate"] += r["lr"] == r["best_dev_lr"]
-        entry["regrets"].append(r["regret"])
-        if entry["largest"] is None or r["regret"] > entry["largest"]["regret"]:
-            entry["largest"] = {"budget": budget, "method": method, **r}
-    return {t: {"pairs": e["pairs"], "same_rate": e["same_rate"], "mean_regret": statistics.fmean(e["regrets"]),
-                "largest": e["largest"]} for t, e in out.items()}
-
-
 def summary(tasks, budgets) -> dict[str, Any]:
     select_rows, table_rows = completed_rows(SELECT_OUT), completed_rows(TABLE_OUT)  # old rows completed
     chosen = choose_lrs(select_rows, pair_key)
@@ -347,7 +330,7 @@ def summary(tasks, budgets) -> dict[str, Any]:
                         "command": "python experiments/design_table.py"}),
                "cells": list(cells.values()), "rows": rows, "refinement": refinement(list(cells.values())),
                "majority": {t: levels[t] for t in tasks if t in levels},
-               "selection_regret": regret_by_task(select_rows),
+               "selection_regret": regret_by_task(select_rows, pair_key),
                "wins": sum(r["verdict"] == "win" and r["baseline"] == "lora" for r in rows)}
     write_json_unless_same(SUMMARY, payload)
     return payload

@@ -77,6 +77,7 @@ from rate_selection import (  # noqa: E402
     extended_spec,
     progress_echo,
     rate_at_edge,
+    regret_by_task,
     select_then_tabulate,
     sweep_settings,
     task_method,
@@ -404,7 +405,7 @@ def write_summary(select: SweepSpec, table: SweepSpec, out: Path = SUMMARY) -> d
                                      "deltas of each seed (mean, sample std over seeds)",
                         "command": "python experiments/glue_table.py --cpus-per-cell 1"}),
                "rows": rows, "majority": majority_rows(), "goals": goals(rows),
-               "chosen_lr": chosen,
+               "chosen_lr": chosen, "selection_regret": regret_by_task(select_rows),
                "estimate": {"planned": planned_estimate(select, table),
                             "observed": observed_estimate(select, table, select_rows, table_rows_in)},
                "complete": bool(rows) and len(rows) == len(TASKS) * len(METHODS)

@@ -93,6 +93,23 @@ def selection_regret(select_rows: list[dict[str, Any]], key: KeyFn = task_method
     return out
 
 
+def regret_by_task(select_rows: list[dict[str, Any]], key: KeyFn = task_method) -> dict[str, dict[str, Any]]:
+    """:func:`selection_regret` per task (a pair's first entry): ``{pairs, same_rate, mean_regret, largest: {pair,
+    lr, best_dev_lr, regret, n_rates}}``, ``same_rate`` counting the pairs whose chosen rate was also best on dev."""
+    import statistics
+
+    out: dict[str, dict[str, Any]] = {}
+    for pair, r in sorted(selection_regret(select_rows, key).items()):
+        entry = out.setdefault(str(pair[0]), {"pairs": 0, "same_rate": 0, "regrets": [], "largest": None})
+        entry["pairs"] += 1
+        entry["same_rate"] += r["lr"] == r["best_dev_lr"]
+        entry["regrets"].append(r["regret"])
+        if entry["largest"] is None or r["regret"] > entry["largest"]["regret"]:
+            entry["largest"] = {"pair": list(pair), **r}
+    return {t: {"pairs": e["pairs"], "same_rate": e["same_rate"], "mean_regret": statistics.fmean(e["regrets"]),
+                "largest": e["largest"]} for t, e in out.items()}
+
+
 def pair_rates(rows: list[dict[str, Any]], key: KeyFn = task_method) -> dict[Pair, list[float]]:
     """``pair -> sorted rates`` of the rows."""
     rates: dict[Pair, set[float]] = defaultdict(set)

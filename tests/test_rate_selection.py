@@ -440,3 +440,10 @@ def test_selection_regret_is_what_the_validation_choice_cost_on_dev():
     assert found[("cola", "lora")] == {"lr": 4e-3, "best_dev_lr": 2e-3, "regret": pytest.approx(0.10), "n_rates": 3}
     assert found[("sst2", "lora")]["regret"] == 0.0 and found[("sst2", "lora")]["best_dev_lr"] == 1e-3
     assert ("rte", "lora") not in found
+    from experiments.rate_selection import regret_by_task
+
+    summary = regret_by_task(rows)
+    assert summary["cola"] == {"pairs": 1, "same_rate": 0, "mean_regret": pytest.approx(0.10),
+                               "largest": {"pair": ["cola", "lora"], "lr": 4e-3, "best_dev_lr": 2e-3,
+                                           "regret": pytest.approx(0.10), "n_rates": 3}}
+    assert summary["sst2"]["same_rate"] == 1 and "rte" not in summary

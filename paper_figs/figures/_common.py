@@ -106,3 +106,17 @@ def edge_rate_note(cells: Iterable[Mapping[str, Any]], label: Callable[[Mapping[
     edge = [f"{label(c)} (rate {c['lr']:.3g})" for c in cells if c.get("rate_at_edge")]
     return (" Rate chosen at the highest or lowest rate tried, the grid's edge rates included (the optimum is not "
             "bracketed; the score may be the grid's, not the method's): " + "; ".join(edge) + "." if edge else "")
+
+
+def regret_note(found: dict[str, dict[str, Any]]) -> str:
+    """Per task, how often the validation rows chose the rate that scored best on dev among the rates tried
+    (seed 0), and what the choice cost on dev (``selection_regret`` of the summary)."""
+    if not found:
+        return ""
+    parts = [f"{t}: {e['pairs']} pairs, {e['same_rate']} chose it, mean cost {e['mean_regret']:.3f}, largest "
+             f"{' '.join(map(str, e['largest']['pair'][1:]))} ({e['largest']['regret']:.3f}: rate "
+             f"{e['largest']['lr']:g} chosen, {e['largest']['best_dev_lr']:g} best on dev)"
+             for t, e in sorted(found.items())]
+    return (" Rates chosen on validation rows against the rate best on dev among those tried (seed-0 runs; a dev "
+            "maximum is one noisy draw per rate, so the cost overstates what a perfect choice would gain on "
+            "average): " + "; ".join(parts) + ".")

@@ -12,7 +12,7 @@ from typing import Any
 
 from controltune.figures import FigureSpec, new_figure
 
-from ._common import flagged_runs_note, load_json, versions_line
+from ._common import flagged_runs_note, load_json, regret_note, versions_line
 
 SOURCE = "design_table.json"
 TASKS = ("sst2", "mrpc", "rte", "cola")
@@ -115,7 +115,7 @@ def caption(results_dir: Path) -> str:
         f"equal parameters): {wins} wins, {goal}."
         + _bracket_note(payload.get("cells", []))
         + _refinement_note(payload.get("refinement", {}))
-        + _regret_note(payload.get("selection_regret", {}))
+        + regret_note(payload.get("selection_regret", {}))
         + flagged_runs_note(payload.get("cells", []), lambda c: f"{c['task']}/{c['budget']} {c['method']}")
         + " Command: `python experiments/design_table.py` "
         f"({versions_line(payload)})."
@@ -146,20 +146,6 @@ def _refinement_note(found: dict[str, dict[str, Any]]) -> str:
              for t, e in sorted(found.items())]
     return (" Rates moved after their seeds 1 and 2 had run (the earlier cells kept; chosen minus earlier mean): "
             + "; ".join(parts) + ".")
-
-
-def _regret_note(found: dict[str, dict[str, Any]]) -> str:
-    """Per task, how often the validation rows chose the rate that scored best on dev among the rates tried
-    (seed 0), and what the choice cost on dev (``selection_regret`` of the summary)."""
-    if not found:
-        return ""
-    parts = [f"{t}: {e['pairs']} pairs, {e['same_rate']} chose it, mean cost {e['mean_regret']:.3f}, largest "
-             f"{e['largest']['budget']} {e['largest']['method']} ({e['largest']['regret']:.3f}: rate "
-             f"{e['largest']['lr']:g} chosen, {e['largest']['best_dev_lr']:g} best on dev)"
-             for t, e in sorted(found.items())]
-    return (" Rates chosen on validation rows against the rate best on dev among those tried (seed-0 runs; a dev "
-            "maximum is one noisy draw per rate, so the cost overstates what a perfect choice would gain on "
-            "average): " + "; ".join(parts) + ".")
 
 
 def _style(method: str, designs: set[str]) -> dict[str, Any]:

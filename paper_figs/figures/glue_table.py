@@ -15,7 +15,7 @@ from typing import Any
 
 from controltune.figures import FigureSpec, new_figure
 
-from ._common import edge_rate_note, load_json, seed_listing, two_se_sign, versions_line
+from ._common import edge_rate_note, load_json, regret_note, seed_listing, two_se_sign, versions_line
 
 SOURCE = "glue_table.json"
 TASKS = (("sst2", "SST-2"), ("mrpc", "MRPC"), ("rte", "RTE"), ("cola", "CoLA"))
@@ -248,6 +248,7 @@ def caption(results_dir: Path) -> str:
         + _parameters_sentence(payload)
         + _one_class_sentence(payload)
         + edge_rate_note(payload.get("rows", []), lambda r: f"{r['task']} {r['method']}")
+        + regret_note(payload.get("selection_regret", {}))
         + f" Full fine-tuning goals: {goals}.{_gaps(results_dir)} Time: planned {planned:.1f} h on 2 cores for "
         f"{planned_cells} cells (from measured epoch times); "
         "re-estimated from the "
