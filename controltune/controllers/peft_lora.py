@@ -33,6 +33,7 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
@@ -53,6 +54,8 @@ from .base import (
 )
 
 if TYPE_CHECKING:
+    from peft import LoraConfig
+
     from ..system import ResidualSystem
 
 INITS = ("default", "gaussian", "pissa", "olora", "lora_ga", "eva", "adapter")
@@ -138,7 +141,7 @@ class PeftLoRA(Controller):
             self.layers_found[site.key] = (site, layer)
 
     @staticmethod
-    def _eva_state(peft, system: ResidualSystem, config, batch: dict) -> dict:
+    def _eva_state(peft: ModuleType, system: ResidualSystem, config: LoraConfig, batch: dict) -> dict:
         """EVA's per-map SVD components of the maps' inputs on ``batch`` (minibatches of 16 rows, no padding)."""
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
         n = inputs["input_ids"].shape[0]
@@ -147,7 +150,7 @@ class PeftLoRA(Controller):
             system.model, loader, peft_config=config, forward_fn=lambda model, x: system(x),
             prepare_model_inputs_fn=lambda x, cfg: x["attention_mask"].bool().nonzero(), show_progress_bar=False)
 
-    def _config(self, peft, names: list[str], transposed: set[bool]):
+    def _config(self, peft: ModuleType, names: list[str], transposed: set[bool]) -> LoraConfig:
         if len(transposed) > 1:
             raise UnsupportedMethodError("peft_lora: the targets mix Linear and Conv1D maps; peft takes one "
                                          "fan_in_fan_out per adapter")
@@ -160,7 +163,7 @@ class PeftLoRA(Controller):
                                **extra)
 
     @staticmethod
-    def _adapter_targets(model, config) -> list[str]:
+    def _adapter_targets(model: torch.nn.Module, config: LoraConfig) -> list[str]:
         targets = config.target_modules
         names = [n for n, _ in model.named_modules()
                  if (isinstance(targets, str) and re.fullmatch(targets, n))
@@ -186,7 +189,7 @@ class PeftLoRA(Controller):
         return sites
 
     @torch.no_grad()
-    def _load_adapter(self, system: ResidualSystem, model) -> None:
+    def _load_adapter(self, system: ResidualSystem, model: torch.nn.Module) -> None:
         from safetensors.torch import load_file
 
         state = load_file(str(Path(self.adapter) / "adapter_model.safetensors"))
