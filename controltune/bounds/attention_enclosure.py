@@ -25,11 +25,15 @@ derivative radii ``A^x, B^x`` (:mod:`controltune.bounds.enclosure`).  With
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .norms import spectral
 from .radii import Radii, State
+
+if TYPE_CHECKING:
+    from .weights import Linear
 
 
 @dataclass
@@ -65,14 +69,14 @@ def _heads(t: torch.Tensor, h: int) -> torch.Tensor:
     return t.view(s, n, h, -1).transpose(1, 2)
 
 
-def trace_attention(x: torch.Tensor, qkv, n_heads: int, scale: float, mask: torch.Tensor,
+def trace_attention(x: torch.Tensor, qkv: tuple[Linear, Linear, Linear], n_heads: int, scale: float, mask: torch.Tensor,
                     gamma: torch.Tensor | None, fused: bool = False) -> AttentionTrace:
     """Attention of input ``x`` (S×T×d) with effective ``((W_q, b_q), (W_k, b_k), (W_v, b_v))`` at u*."""
 
     g = gamma if gamma is not None else torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
     (wq, bq), (wk, bk), (wv, bv) = qkv
 
-    def proj(w, b):
+    def proj(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return _heads(x @ w.T + (b if b is not None else 0), n_heads)
 
     q, k, v = proj(wq, bq), proj(wk, bk), proj(wv, bv)
@@ -149,10 +153,10 @@ def attention_radii(tr: AttentionTrace, inp: State, e: dict[str, float]) -> Radi
     xa, xb = x.a[:, None], x.b[:, None]
     rq, rk, rv = wq * rr + eq * big_r, wk * rr + ek * big_r, wv * rr + ev * big_r  # S×H×T
 
-    def qi(t):  # query-indexed -> S×H×T×1
+    def qi(t: torch.Tensor) -> torch.Tensor:  # query-indexed -> S×H×T×1
         return t[..., :, None]
 
-    def kj(t):  # key-indexed -> S×H×1×T
+    def kj(t: torch.Tensor) -> torch.Tensor:  # key-indexed -> S×H×1×T
         return t[..., None, :]
 
     m = tr.scale * (qi(rr) * kj(tr.kappa) + eq * qi(big_r) * kj(tr.kn) + kj(rr) * qi(tr.lam)

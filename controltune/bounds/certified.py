@@ -41,6 +41,8 @@ from .weight_deltas import delta_controller
 
 if TYPE_CHECKING:
     from ..system import ResidualSystem
+    from .attack import AttackResult
+    from .reference import Reference
 
 ROUTES = ("taylor", "enclosure", "range")
 SAFETY = 1e-9
@@ -200,7 +202,7 @@ def certify(anc: Anchor, epsilon: float) -> Certificate:
     return Certificate(epsilon, routes[route], route, routes, first, curvature, time.time() - t0, gains)
 
 
-def _row(cert: Certificate, att, gap: float | None, seconds: float) -> dict[str, Any]:
+def _row(cert: Certificate, att: AttackResult, gap: float | None, seconds: float) -> dict[str, Any]:
     a = att.value
     return {"epsilon": cert.epsilon, "gap": gap, "attack": a, "certified": cert.certified, "route": cert.route,
             "seconds": seconds, "routes": cert.routes, "first_order": cert.first_order,
@@ -209,7 +211,7 @@ def _row(cert: Certificate, att, gap: float | None, seconds: float) -> dict[str,
             "gains": cert.gains}
 
 
-def certified_sweep(ref, batch: dict, structure: str, sizes: Sequence[int], epsilons: Sequence[float] = (),
+def certified_sweep(ref: Reference, batch: dict, structure: str, sizes: Sequence[int], epsilons: Sequence[float] = (),
                     attack_steps: int = 10, attack_restarts: int = 2, seed: int = 0, grid: Sequence[float] = (),
                     progress: bool = False) -> dict[str, list[dict[str, Any]]]:
     """Certificate, attack and measured gap for each projection of u* onto ``structure`` of the given sizes

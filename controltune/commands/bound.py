@@ -30,10 +30,14 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..bounds import STRUCTURES, dev_scorer, evaluation_batch, load_reference, reference_constants, sweep
 from ..bounds.reference import RUN_FILES
 from ..results import stamp, write_json
+
+if TYPE_CHECKING:
+    from ..bounds.reference import Reference
 
 BOUNDS = ("certified", "global", "local", "sampled", "adjoint", "tangent", "costate_cs")
 
@@ -137,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_certified(args: argparse.Namespace, ref, batch: dict) -> int:
+def _run_certified(args: argparse.Namespace, ref: Reference, batch: dict) -> int:
     """``--certified``: certificate, attack and gap per size (and per radius of ``--epsilons``)."""
     from ..bounds.certified import certified_sweep
 

@@ -337,7 +337,7 @@ def build(method: str, system: ResidualSystem, **options) -> Controller:
 # --- validation of constructor options (one message style for every controller) ---------
 
 
-def positive_int(value, name: str, who: str, minimum: int = 1) -> int:
+def positive_int(value: object, name: str, who: str, minimum: int = 1) -> int:
     """``value`` as an int ``>= minimum``, else a ValueError naming ``who`` and ``name``.
 
     Accepts ints, integral floats (``4.0``) and digit strings; refuses ``2.5``, ``True``,
@@ -353,7 +353,7 @@ def positive_int(value, name: str, who: str, minimum: int = 1) -> int:
     return int(number)
 
 
-def positive_float(value, name: str, who: str) -> float:
+def positive_float(value: object, name: str, who: str) -> float:
     """``value`` as a finite float ``> 0``, else a ValueError naming ``who`` and ``name``."""
     try:
         number = float(value)
