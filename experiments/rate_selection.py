@@ -14,6 +14,7 @@ design table's baseline cell *is* the GLUE table's cell when the settings are eq
 
 from __future__ import annotations
 
+import statistics
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -96,8 +97,6 @@ def selection_regret(select_rows: list[dict[str, Any]], key: KeyFn = task_method
 def regret_by_task(select_rows: list[dict[str, Any]], key: KeyFn = task_method) -> dict[str, dict[str, Any]]:
     """:func:`selection_regret` per task (a pair's first entry): ``{pairs, same_rate, mean_regret, largest: {pair,
     lr, best_dev_lr, regret, n_rates}}``, ``same_rate`` counting the pairs whose chosen rate was also best on dev."""
-    import statistics
-
     out: dict[str, dict[str, Any]] = {}
     for pair, r in sorted(selection_regret(select_rows, key).items()):
         entry = out.setdefault(str(pair[0]), {"pairs": 0, "same_rate": 0, "regrets": [], "largest": None})

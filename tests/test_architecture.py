@@ -74,8 +74,8 @@ def _violations(root: Path = ROOT) -> list[str]:
                 wrong.append(f"{where} (the package root)")
             elif layers[target[1]] > mine:
                 wrong.append(f"{where} (a higher layer)")
-            elif module[1] == "controllers" and target[1] == "design" and module[2] not in ("designed",
-                                                                                              "peft_lora"):
+            elif module[1] == "controllers" and target[1] == "design" and module[2:3] not in (("designed",),
+                                                                                                  ("peft_lora",)):
                 wrong.append(f"{where} (only controllers/designed/ and peft_lora import design/)")
     return wrong
 
