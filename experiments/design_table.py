@@ -325,6 +325,8 @@ def summary(tasks, budgets) -> dict[str, Any]:
                          "verdict": v, "trainable": d["trainable"], "baseline_trainable": b["trainable"],
                          # a tie where neither beats the majority class says nothing of the design
                          "at_chance": both_at_chance(d, b, levels.get(task))})
+    for c in cells.values():
+        c["final"] = cell_complete(c)
     payload = {**stamp({"tasks": list(tasks), "budgets": list(budgets), "budgets_options": BUDGETS,
                         "harness": "experiments/glue_select.yaml settings", "seeds": [0, 1, 2],
                         "command": "python experiments/design_table.py"}),
@@ -332,6 +334,8 @@ def summary(tasks, budgets) -> dict[str, Any]:
                "majority": {t: levels[t] for t in tasks if t in levels},
                "selection_regret": regret_by_task(select_rows, pair_key),
                "wins": sum(r["verdict"] == "win" and r["baseline"] == "lora" for r in rows)}
+    # stated in the summary so that the figures' captions read the rule rather than restate it
+    payload["complete_tasks"] = [t for t in tasks if task_complete(payload, t)]
     write_json_unless_same(SUMMARY, payload)
     return payload
 

@@ -64,6 +64,10 @@ def test_design_table(tmp_path, monkeypatch):
     assert "Tasks complete (3 seeds in every cell, a diverged seed counted): rte, cola." in curves
     pareto = rendered_caption("design_table_pareto", tmp_path, tmp_path / "f")
     assert "Tasks complete (3 seeds in every cell, a diverged seed counted): rte, cola;" in pareto
+    assert out["complete_tasks"] == ["rte", "cola"] and all(c["final"] for c in out["cells"])
+    # a pair with no cell yet leaves its task running, in the captions as in the README's table
+    short = {**out, "cells": [c for c in out["cells"] if (c["task"], c["method"]) != ("rte", "eva")]}
+    assert not design_table.task_complete(short, "rte") and design_table.task_complete(short, "cola")
     assert out["refinement"]["cola"]["changes"] == [{"budget": "b74k", "method": "lora", "earlier_lr": 4e-3,
                                                      "lr": 1e-3, "change": pytest.approx(0.101)}]
 

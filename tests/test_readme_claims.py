@@ -221,12 +221,10 @@ def test_design_table_section_counts_the_designs_above_lora_at_the_first_and_las
 
 
 def test_design_table_section_states_what_choosing_on_validation_rows_cost_each_complete_task():
-    from experiments.design_table import task_complete
-
     payload = _load("design_table.json")
     section = " ".join(_design_section().split())
     for task, found in payload.get("selection_regret", {}).items():
-        if not task_complete(payload, task):
+        if task not in payload["complete_tasks"]:
             continue
         unit = {"mcc": "MCC", "accuracy": "accuracy", "f1": "F1"}[
             next(c["metric"] for c in payload["cells"] if c["task"] == task and c["metric"])]

@@ -217,16 +217,6 @@ def draw_curves(results_dir: Path):
     return fig
 
 
-def _complete_tasks(payload: dict[str, Any]) -> list[str]:
-    """Tasks whose every cell is final: three seeds, a seed that diverged counted (it is named in the
-    `design_table` caption), or no rate that did not diverge (as the README's table reads them)."""
-    def final(c: dict[str, Any]) -> bool:
-        return c["n_seeds"] + len(c.get("diverged_seeds") or []) >= 3 or bool(c.get("diverged_every_rate"))
-
-    return [t for t in TASKS if (mine := [c for c in payload["cells"] if c["task"] == t])
-            and all(final(c) for c in mine)]
-
-
 def _peaks_last(curve: list[dict[str, float]]) -> bool:
     """Whether a mean validation curve reaches its maximum at its last evaluation."""
     return len(curve) > 1 and curve[-1]["mean"] >= max(p["mean"] for p in curve)
@@ -256,7 +246,7 @@ def head_start(payload: dict[str, Any]) -> dict[str, dict[str, int]]:
 
 def caption_pareto(results_dir: Path) -> str:
     payload = load_json(results_dir, SOURCE)
-    done = _complete_tasks(payload)
+    done = payload["complete_tasks"]
     return (
         "Dev score (mean ± standard deviation over seeds 0, 1, 2 at each pair's chosen rate) against trainable "
         "parameters, the classification head aside, of every method at the design table's two budgets (b18k: LoRA "
@@ -271,7 +261,7 @@ def caption_pareto(results_dir: Path) -> str:
 
 def caption_curves(results_dir: Path) -> str:
     payload = load_json(results_dir, SOURCE)
-    done = _complete_tasks(payload)
+    done = payload["complete_tasks"]
     short = sorted({f"{c['task']}/{c['budget']} {c['method']}" for c in payload["cells"] if c.get("val_curve")
                     and c["val_curve"][0]["n"] < c["n_seeds"]})
     rising = {t: (sum(_peaks_last(c["val_curve"]) for c in mine), len(mine)) for t in TASKS
