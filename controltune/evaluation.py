@@ -19,6 +19,7 @@ from .data import Example
 from .metrics import compute_metrics, top_class_share
 
 if TYPE_CHECKING:
+    from torch import nn
     from transformers import PreTrainedTokenizerBase
 
     from .data import TaskSpec
@@ -55,8 +56,8 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 @torch.no_grad()
-def evaluate(system, examples: Sequence[Example], task_spec: TaskSpec, tokenizer: PreTrainedTokenizerBase,
-             batch_size: int = 128,
+def evaluate(system: nn.Module, examples: Sequence[Example], task_spec: TaskSpec,
+             tokenizer: PreTrainedTokenizerBase, batch_size: int = 128,
              max_length: int = 128, cache_dir: str | Path | None = None) -> dict[str, float]:
     """Dev metrics of the task (``compute_metrics``), the mean terminal cost ``loss`` and the share of rows given
     the most predicted class ``top_class_share`` (1.0: one class for every row).

@@ -15,9 +15,13 @@ stores ``O(n)`` numbers instead of ``n·D``.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.autograd.function import FunctionCtx
 
 MAX_RADIX = 128  # dense H_r blocks up to this size: one BLAS GEMM beats log2(r) memory-bound butterflies
 
@@ -74,15 +78,15 @@ class _WalshHadamard(torch.autograd.Function):
         return _fwht(x, max_radix)
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
+    def setup_context(ctx: FunctionCtx, inputs: tuple[torch.Tensor, int], output: torch.Tensor) -> None:
         ctx.max_radix = inputs[1]
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return _WalshHadamard.apply(grad, ctx.max_radix), None
 
     @staticmethod
-    def jvp(ctx, tangent: torch.Tensor, _: None) -> torch.Tensor:
+    def jvp(ctx: FunctionCtx, tangent: torch.Tensor, _: None) -> torch.Tensor:
         return _WalshHadamard.apply(tangent, ctx.max_radix)
 
 

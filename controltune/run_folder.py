@@ -29,6 +29,8 @@ from .data import Example
 from .results import atomic_file, to_strict_json
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .data import TaskSpec
     from .system import ResidualSystem
     from .train_config import TrainConfig
@@ -260,7 +262,7 @@ def _config_changes(path: Path, saved: dict[str, Any], current: dict[str, Any], 
 
 def load_state(path: Path, system: ResidualSystem, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, config: TrainConfig, current: dict[str, Any],
-                schedule) -> tuple[int, dict[str, Any], bytes | None]:
+                schedule: Callable[[int], float]) -> tuple[int, dict[str, Any], bytes | None]:
     """Restore deltas, optimiser, scheduler and RNG from ``path``; returns ``(step, log, best deltas or None)``.
 
     Learning rate and weight decay are set from ``config`` afterwards (the optimiser's

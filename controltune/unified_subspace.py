@@ -56,6 +56,7 @@ from .subspace_projections import Layout, ProjectionFileError, UnifiedProjection
 from .system import ResidualSystem
 
 if TYPE_CHECKING:
+    from .data import TaskSpec
     from .zoo import LoadedModel
 
 RECON_WEIGHT = 1.0
@@ -377,7 +378,7 @@ def reconstruction_scores(loaded: LoadedModel, projections: UnifiedProjections, 
     return out
 
 
-def original_score(loaded: LoadedModel, solution: Solution, spec, dev: Sequence[Example],
+def original_score(loaded: LoadedModel, solution: Solution, spec: TaskSpec, dev: Sequence[Example],
                    max_length: int) -> dict[str, float]:
     """Dev scores of a source solution as trained (its own run's deltas)."""
     run = solution.run

@@ -33,6 +33,10 @@ from .norms import least_norm_scale, real_rows, spectral_norm
 from .weights import BlockWeights, block_weights
 
 if TYPE_CHECKING:
+    from typing import Any
+
+    from torch import nn
+
     from ..system import ResidualSystem
 
 
@@ -94,7 +98,7 @@ def _recording(system: ResidualSystem, layer: int, mask: torch.Tensor, roles: tu
     handles = []
 
     def saver(name: str):
-        def hook(module, args, kwargs):
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = args[0] if args else next(iter(kwargs.values()))
             rec[name] = real_rows(x.detach(), mask)
         return hook

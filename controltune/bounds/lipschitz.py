@@ -294,7 +294,8 @@ def sampled_control_lipschitz(system: ResidualSystem, layer: int, x: torch.Tenso
     return _ascend_control(f, fu, u, r, starts, steps)
 
 
-def _ascend_control(f, fu: torch.Tensor, u: tuple[torch.Tensor, ...], r: float, starts: list, steps: int) -> float:
+def _ascend_control(f: Callable[[tuple[torch.Tensor, ...]], torch.Tensor], fu: torch.Tensor,
+                    u: tuple[torch.Tensor, ...], r: float, starts: list, steps: int) -> float:
     best = 0.0
     for d in starts:
         for _ in range(steps + 1):

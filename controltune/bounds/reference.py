@@ -23,6 +23,7 @@ from .weight_deltas import DeltaWeights, full_to_deltas, key_layer, key_role, lo
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from ..data import TaskSpec
     from ..system import ResidualSystem
 
 RUN_FILES = ("metrics.json", "deltas.safetensors")
@@ -54,7 +55,7 @@ class Reference:
     info: dict[str, Any]
 
 
-def as_reference(system: ResidualSystem, roles: Sequence[str], values: dict[str, torch.Tensor], spec,
+def as_reference(system: ResidualSystem, roles: Sequence[str], values: dict[str, torch.Tensor], spec: TaskSpec,
                  tokenizer: PreTrainedTokenizerBase,
                  info: dict[str, Any], dtype: str = "float64") -> Reference:
     """Attach ``DeltaWeights(roles)`` at ``values`` to ``system`` (its trained controllers already removed,

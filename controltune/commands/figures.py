@@ -31,8 +31,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..results import stamp, write_json
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 SCRIPTS = Path("paper_figs") / "figures"
 """Where a project keeps its figure scripts, relative to its root."""
@@ -96,7 +100,7 @@ def resolve_command(argv: tuple[str, ...]) -> list[str]:
     return list(argv)
 
 
-def recompute(specs: list, runner=subprocess.run) -> int:
+def recompute(specs: list, runner: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> int:
     """Run every (distinct) recompute command of ``specs`` in order; the exit status of the first failure, else 0.
 
     The commands are those the figure scripts register (``FigureSpec.recompute``); they run

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..results import stamp, write_json
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 class _OnDevice:
     """Re-iterable view of a loader that moves each batch to ``device``."""
 
-    def __init__(self, loader, device: torch.device) -> None:
+    def __init__(self, loader: Iterable[dict[str, torch.Tensor]], device: torch.device) -> None:
         self.loader, self.device = loader, device
 
     def __iter__(self):

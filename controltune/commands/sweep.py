@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..sweep_spec import SweepSpec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +53,7 @@ def default_out(spec_path: str, spec_out: Path | None) -> Path:
     return path.with_suffix(".jsonl")
 
 
-def dry_run(spec, out: Path, defaults: dict) -> int:
+def dry_run(spec: SweepSpec, out: Path, defaults: dict) -> int:
     from ..results import read_jsonl
     from ..sweep import finished_configs
     from ..sweep_spec import canonical_config, describe, expand, varying_keys

@@ -30,6 +30,7 @@ from ..data import load_split, resolve_task
 from ..metrics import AUXILIARY_KEYS
 
 if TYPE_CHECKING:
+    from ..data import TaskSpec
     from ..zoo import LoadedModel
 
 
@@ -121,7 +122,7 @@ DEFAULT_LR = {"full": 5e-5, "prefix": 5e-3, "prompt": 5e-3}
 """Peak learning rates by method when ``--lr`` is not given (others: 5e-4)."""
 
 
-def input_files(spec, model: str) -> list[Path]:
+def input_files(spec: TaskSpec, model: str) -> list[Path]:
     """Files the run reads: the task's data files and, when ``model`` is a path, the model's files."""
     files = [spec.file] if spec.file is not None else [f for f in spec.folder.iterdir() if f.is_file()]
     model_path = Path(model)
@@ -132,7 +133,7 @@ def input_files(spec, model: str) -> list[Path]:
     return files
 
 
-def check_json_path(json_path: str, spec, model: str, out: str | None) -> None:
+def check_json_path(json_path: str, spec: TaskSpec, model: str, out: str | None) -> None:
     """Refuse a ``--json`` path that would replace one of the run's inputs or its resume state, before training.
 
     The ``metrics.json`` of ``--out`` is allowed (it is rewritten with the same result anyway).

@@ -41,10 +41,14 @@ import torch
 from ..results import stamp, write_json
 
 if TYPE_CHECKING:
+    from concurrent.futures import Executor
+
     from transformers import PreTrainedTokenizerBase
 
     from ..control import Control
+    from ..controllers.base import Controller
     from ..system import ResidualSystem
+    from ..verification.report import Verification
     from ..zoo import LoadedModel
 
 FALLBACK_SENTENCES = ["a gripping , funny and moving film .", "dull and lifeless .",
@@ -104,7 +108,7 @@ def perturb(controls: list[Control], scale: float, seed: int) -> None:
             c.param.add_(scale * torch.randn(c.param.shape, generator=gen, dtype=torch.float64).to(c.param))
 
 
-def method_options(cls, weight_decay: float, design_examples: int | None = None,
+def method_options(cls: type[Controller], weight_decay: float, design_examples: int | None = None,
                    max_length: int | None = None, given: dict[str, Any] | None = None) -> dict[str, Any]:
     """Example options of ``cls`` plus ``weight_decay`` when its constructor takes it.
 
@@ -191,7 +195,7 @@ def _rows(loaded: LoadedModel, methods: list[str], batch: dict, args: argparse.N
             yield rows.pop(i) if i in rows else verify_method(loaded, methods[i], batch, args)
 
 
-def _scheduled(pool, jobs: int, methods: list[str], batch: dict):
+def _scheduled(pool: Executor, jobs: int, methods: list[str], batch: dict):
     """``(index, row)`` as methods finish in ``pool``: the dense ones (:attr:`Controller.dense`, several times the
     model's memory each) first and never two at a time, the others filling the remaining workers."""
     from concurrent.futures import FIRST_COMPLETED, wait
@@ -242,7 +246,7 @@ def _verify(system: ResidualSystem, batch: dict, args: argparse.Namespace):
                   fd_steps=tuple(args.fd_steps), seed=args.seed)
 
 
-def report_row(report, system: ResidualSystem) -> dict[str, Any]:
+def report_row(report: Verification, system: ResidualSystem) -> dict[str, Any]:
     """The JSON row of a :class:`~controltune.verification.Verification` (legs, tolerances, every error)."""
     info = report.to_dict()
     ran = info["legs"]

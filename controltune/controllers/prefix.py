@@ -42,6 +42,8 @@ from .base import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..system import ResidualSystem
 
 ATTENTION_ROLE = "attn"
@@ -71,7 +73,7 @@ def attention_modules(system: ResidualSystem, layers: Sequence[int] | None, who:
     return out
 
 
-def install_prefix(module: nn.Module, fn, who: str, layer: int) -> None:
+def install_prefix(module: nn.Module, fn: Callable[..., object], who: str, layer: int) -> None:
     """Set ``module.ct_prefix = fn``, refusing to silently replace another controller's prefix."""
     if getattr(module, "ct_prefix", None) is not None:
         raise UnsupportedMethodError(f"{who}: the attention module of block {layer} already carries a prefix "

@@ -59,6 +59,8 @@ from .lora import LoRADelta
 from .prefix import PrefixKV, PrefixMLP, attention_modules, install_prefix, kv_geometry
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..system import ResidualSystem
 
 PARTS = ("lora", "prefix", "adapter")
@@ -100,7 +102,8 @@ class GatedPrefix(nn.Module):
     padding-aware pooling.
     """
 
-    def __init__(self, source, gate: Gate, tap: InputTap, pool) -> None:
+    def __init__(self, source: Callable[..., object], gate: Gate, tap: InputTap,
+                 pool: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
         self.source = source  # PrefixKV (registered) or a PrefixMLP layer function (owned elsewhere)
         self.gate = gate

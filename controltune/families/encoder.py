@@ -8,10 +8,17 @@ types are added once, in the embedding, and so are part of x_0).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from .base import QKV, BlockAnatomy, Context, Family, config_head_geometry, first_row
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .base import SequenceLogitsFn
 
 _ROLES = {
     "q": "attention.self.query",
@@ -81,8 +88,9 @@ def _roberta_config(vocab_size: int) -> object:
                          intermediate_size=128, max_position_embeddings=514, pad_token_id=0, type_vocab_size=1)
 
 
-def _encoder(name: str, model_types: tuple[str, ...], random_config, first_position=first_row,
-             sequence_logits=_bert_sequence_logits) -> Family:
+def _encoder(name: str, model_types: tuple[str, ...], random_config: Callable[[int], object],
+             first_position: Callable[[object], int] = first_row,
+             sequence_logits: SequenceLogitsFn = _bert_sequence_logits) -> Family:
     return Family(
         name=name, model_types=model_types, post_ln=True, causal=False, blocks="encoder.layer",
         final_norm=None, roles=dict(_ROLES), ffn_input="output", embed=_embed, call_block=_call_block,

@@ -43,6 +43,7 @@ from .designed_lora import _design_batch, _DesignedLoRA, _half, truncated_svd
 
 if TYPE_CHECKING:
     from ...system import ResidualSystem
+    from ..base import Site
 
 INITS = ("costate", "standard")
 TRUST_STEPS = 16
@@ -107,7 +108,8 @@ class RecommendedLoRA(_DesignedLoRA):
             self.start(system, {k: (U[:, :r], S[:r], Vh[:r]) for k, (U, S, Vh) in svds.items()
                                 if (r := self.ranks.get(k, 0))}, _half(batch, False))
 
-    def singular_triplets(self, system: ResidualSystem, batch: dict, sites) -> dict[str, tuple[torch.Tensor, ...]]:
+    def singular_triplets(self, system: ResidualSystem, batch: dict,
+                          sites: Sequence[Site]) -> dict[str, tuple[torch.Tensor, ...]]:
         """Per site key, the top-``max_rank`` SVD of ``G_W = −∂J/∂W`` (dense d_out×d_in)."""
         grads = weight_costate_products(system, batch, {s.key: s.module.weight for s in sites})
         return {s.key: truncated_svd(to_dense(s.module, grads[s.key]), self.max_rank) for s in sites}
