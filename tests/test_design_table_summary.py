@@ -41,6 +41,12 @@ def test_design_table(tmp_path, monkeypatch):
     monkeypatch.setattr(design_table, "glue_majority", lambda _: {"rte": 0.9, "cola": 0.0})
     out = design_table.summary(("rte", "cola"), ("b74k",))
     assert out["wins"] == 4  # two designs x two tasks beat LoRA
+    # every cell's seeds at 0.000, 0.001, 0.002 above its level: std 0.001, a win needs 2·(2·0.001²/3)^½
+    margin = 2 * (2 * 0.001 ** 2 / 3) ** 0.5
+    res = out["resolution"]["cola"]
+    assert res["n"] == 6 and res["margin_median"] == pytest.approx(margin)
+    assert res["margin_max"] == pytest.approx(margin)
+    assert res["closest"]["difference"] == pytest.approx(0.05) and res["closest"]["verdict"] == "win"
     assert all(r["at_chance"] == (r["task"] == "rte") for r in out["rows"])
     rec = next(c for c in out["cells"] if c["method"] == "recommended_lora" and c["task"] == "cola")
     assert rec["designs"] == [{"used": 73000 + s, "ranks": {"0_v": 2}, "trust_region": {"eta": 0.5}} for s in (0, 1, 2)]
@@ -48,6 +54,8 @@ def test_design_table(tmp_path, monkeypatch):
     assert "parallel_control: wins cola/b74k (+0.050), rte/b74k (+0.050)" in caption
     assert "costate_lora: wins none, ties 0, losses cola/b74k (-0.050), rte/b74k (-0.050)" in caption
     assert "4 wins, met" in caption
+    assert (f"cola median {margin:.3f} ({margin:.3f}–{margin:.3f} over 6 comparisons), closest b74k "
+            "parallel_control +0.050 against 0.002 (win)") in caption
     assert "the widest ratio between a chosen rate and a neighbouring rate tried: cola 4." in caption  # rte: none
     assert "gramian_lora: wins none, ties 2 (1 of them with both at the majority class), losses none" in caption
     # at LoRA's earlier rate (0.6) every design beats it; at the chosen one (0.701) two do

@@ -320,3 +320,19 @@ def test_readme_counts_the_design_table_cells_still_rising_as_the_curves_caption
         mine = [c for c in payload["cells"] if c["task"] == task and c.get("val_curve")]
         if mine and all(c["n_seeds"] >= 3 for c in payload["cells"] if c["task"] == task):
             assert f"{sum(_peaks_last(c['val_curve']) for c in mine)} of {len(mine)} on {name}" in said.group(1), name
+
+
+def test_design_table_section_states_the_margin_a_win_needed_on_each_complete_task():
+    payload = _load("design_table.json")
+    section = " ".join(_design_section().split())
+    said = section.split("**What a tie means.**", 1)[1].split("- **", 1)[0]
+    for task in payload["complete_tasks"]:
+        r = payload["resolution"][task]
+        c = r["closest"]
+        assert (f"on {TASK_NAMES[task]}: a median of {r['margin_median']:.3f} ({r['margin_min']:.3f}–"
+                f"{r['margin_max']:.3f} over {r['n']} comparisons)") in said, task
+        assert f"at {c['budget']}, {c['difference']:+.3f} against a margin of {c['margin']:.3f}" in said, task
+    sst2 = payload["resolution"].get("sst2")
+    if "sst2" in payload["complete_tasks"]:
+        assert f"On SST-2 no design's mean is more than {sst2['closest']['difference']:.3f} above LoRA's" in said
+

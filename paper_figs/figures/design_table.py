@@ -114,12 +114,25 @@ def caption(results_dir: Path) -> str:
         f"{other_counts['tie']} ties, {other_counts['loss']} losses. Goal (at least {GOAL_WINS} wins over LoRA at "
         f"equal parameters): {wins} wins, {goal}."
         + _bracket_note(payload.get("cells", []))
+        + _resolution_note(payload.get("resolution", {}))
         + _refinement_note(payload.get("refinement", {}))
         + regret_note(payload.get("selection_regret", {}))
         + flagged_runs_note(payload.get("cells", []), lambda c: f"{c['task']}/{c['budget']} {c['method']}")
         + " Command: `python experiments/design_table.py` "
         f"({versions_line(payload)})."
     )
+
+
+def _resolution_note(found: dict[str, dict[str, Any]]) -> str:
+    """What a tie against LoRA means per task: the margin a win needed (two standard errors of the difference)
+    and the design closest to a win (the largest difference in its favour)."""
+    def one(task: str, r: dict[str, Any]) -> str:
+        c = r["closest"]
+        return (f"{task} median {r['margin_median']:.3f} ({r['margin_min']:.3f}–{r['margin_max']:.3f} over "
+                f"{r['n']} comparisons), closest {c['budget']} {c['design']} {c['difference']:+.3f} against "
+                f"{c['margin']:.3f} ({c['verdict']})")
+    return (" The margin a win over LoRA needed (two standard errors of the difference) and the largest difference "
+            "in a design's favour: " + "; ".join(one(t, r) for t, r in found.items()) + "." if found else "")
 
 
 def _bracket_note(cells: list[dict[str, Any]]) -> str:
