@@ -42,7 +42,7 @@ import statistics
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controltune.results import append_jsonl, read_jsonl, stamp, write_json_unless_same
 from controltune.sweep import FINISHED
@@ -71,6 +71,9 @@ from verdicts import (  # noqa: E402
     mean_std,
     two_se,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -106,7 +109,7 @@ def pair_key(row: dict[str, Any]) -> Pair:
     return str(c["model"]), str(c["task"]), int((c.get("options") or {}).get("budget", PROBE))
 
 
-def pooling_overrides(models) -> list[dict[str, Any]]:
+def pooling_overrides(models: Sequence[str]) -> list[dict[str, Any]]:
     """Each model's readout (``rate_selection.POOLING``); the mean is every cell's default."""
     return [{"where": {"model": m}, "set": {"pooling": POOLING[m]}} for m in models if POOLING[m] != "mean"]
 
@@ -119,7 +122,7 @@ def pair_where(pair: Pair, draw: int = 0) -> dict[str, Any]:
     return {"model": pair[0], "task": pair[1], "method": "arbitrary", "options": {"budget": pair[2], "seed": draw}}
 
 
-def selection_spec(models, tasks, rows) -> SweepSpec:
+def selection_spec(models: Sequence[str], tasks: Sequence[str], rows: list[dict[str, Any]] | None) -> SweepSpec:
     data = {"name": "apet_select", "out": SELECT_OUT.name,
             "grid": {"model": list(models), "task": list(tasks), "method": ["arbitrary", "linear_probe", "full"],
                      "seed": [0], "lr": RATES},
@@ -129,7 +132,7 @@ def selection_spec(models, tasks, rows) -> SweepSpec:
     return extended_spec(data, rows or [], key=pair_key, where=pair_where, folder=RESULTS)
 
 
-def table_spec(models, tasks, chosen: dict) -> SweepSpec:
+def table_spec(models: Sequence[str], tasks: Sequence[str], chosen: dict) -> SweepSpec:
     pairs = [(m, t, b) for m in models for t in tasks for b in (PROBE, FULL, *BUDGETS)]
     require_rates(chosen, pairs)
     overrides = [{"where": pair_where(p, d), "set": {"lr": chosen[p]["lr"]}} for p in pairs
@@ -149,7 +152,7 @@ def _current(row: dict[str, Any]) -> bool:
     return row.get("pooling", "mean") == POOLING.get(row["model"], "mean")
 
 
-def run_scores(models, tasks, echo) -> None:
+def run_scores(models: Sequence[str], tasks: Sequence[str], echo: Callable[[str], None]) -> None:
     """``control_set_scores`` of every draw not scored yet (in this process, one thread: a sweep may share the
     machine)."""
     import torch
@@ -227,7 +230,7 @@ def _centred_ranks(v: list[float]) -> list[float]:
     return [x - mean for x in r]
 
 
-def majority_levels(tasks) -> dict[str, dict[str, Any]]:
+def majority_levels(tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Per task ``{metric, level}``: the majority class on the study's dev rows."""
     out = {}
     for task in tasks:
@@ -278,7 +281,7 @@ def _predictor(cells: list[dict[str, Any]], scores: list[dict[str, Any]], key: s
     return within_group_correlation(groups) if groups else None
 
 
-def summary(models, tasks) -> dict[str, Any]:
+def summary(models: Sequence[str], tasks: Sequence[str]) -> dict[str, Any]:
     select, table = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
     chosen = choose_lrs(select, key=pair_key)
     majority = majority_levels(tasks)
@@ -368,7 +371,7 @@ def summary(models, tasks) -> dict[str, Any]:
     return payload
 
 
-def plan_cells(models, tasks, select: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def plan_cells(models: Sequence[str], tasks: Sequence[str], select: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The cells of the plan as it stands, given the ``select`` rows: the selection cells with the edge rates they
     led to, and the table cells (a pair whose rate is not chosen yet at a placeholder rate: it will run, once)."""
     chosen = choose_lrs(select, key=pair_key)
@@ -379,7 +382,8 @@ def plan_cells(models, tasks, select: list[dict[str, Any]]) -> list[dict[str, An
     return list(unique.values())
 
 
-def cells_done(models, tasks, select: list[dict[str, Any]], rows: list[dict[str, Any]], kind) -> dict[Any, int]:
+def cells_done(models: Sequence[str], tasks: Sequence[str], select: list[dict[str, Any]], rows: list[dict[str, Any]],
+               kind: Callable[[dict[str, Any]], Any]) -> dict[Any, int]:
     """Per kind, the finished ``rows`` that are cells of the plan as it stands, given the ``select`` rows: rows at a
     rate no longer chosen, or of a pair whose rate is not chosen yet, will not be read and do not count."""
     wanted = {canonical_config(c) for c in plan_cells(models, tasks, select)}

@@ -37,7 +37,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OUT = RESULTS / "bench_checkpoint_memory.json"
@@ -73,7 +76,7 @@ def measure(model: str, method: str, options: dict[str, Any]) -> dict[str, Any]:
     if not reset_peak_rss():
         raise RuntimeError("this measurement needs Linux's /proc/self/clear_refs")
 
-    def phase(fn) -> tuple[Any, float, float]:
+    def phase(fn: Callable[[], Any]) -> tuple[Any, float, float]:
         """(fn's value, peak above the resident memory before it in MB, seconds)."""
         before = rss_mb()
         reset_peak_rss()

@@ -32,8 +32,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from controltune.system import ResidualSystem
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = ("backward", "graph", "graph_no_p0", "recompute")
@@ -58,7 +62,7 @@ def build(batch_size: int, seq_len: int, seed: int):
     return system, batch
 
 
-def operation(name: str, system, batch) -> None:
+def operation(name: str, system: ResidualSystem, batch: dict[str, torch.Tensor]) -> None:
     from controltune.pmp import solve_costate
 
     if name == "backward":
@@ -89,7 +93,7 @@ def child(name: str, batch_size: int, seq_len: int, seed: int) -> None:
                       "valid": after_max > before_max}))
 
 
-def saved_bytes(name: str, system, batch) -> int:
+def saved_bytes(name: str, system: ResidualSystem, batch: dict[str, torch.Tensor]) -> int:
     """Bytes of distinct storages saved for backward during the forward of ``name`` (graph kept)."""
     from controltune.pmp import solve_costate
 

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,9 @@ from controltune import ResidualSystem, load_model
 from controltune.controllers import build
 from controltune.data import load_split, resolve_task
 from controltune.results import stamp, write_json
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 OUT = Path(__file__).parent / "results" / "bench_peft.json"
 METHODS = {
@@ -104,7 +108,8 @@ def peft_step(method: str):
     return step, sum(p.numel() for p in params) - sum(p.numel() for p in head.parameters()), model
 
 
-def saved_activation_mb(step, batch, module: torch.nn.Module) -> float:
+def saved_activation_mb(step: Callable[[dict[str, torch.Tensor]], float], batch: dict[str, torch.Tensor],
+                        module: torch.nn.Module) -> float:
     """MB of distinct tensor storages autograd saves for backward in one step (parameters excluded)."""
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
     seen: dict[int, int] = {}

@@ -29,7 +29,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -42,6 +42,11 @@ from controltune.results import stamp, write_json
 from controltune.schedule import epoch_batches
 from controltune.train import TrainConfig, train
 from controltune.zoo import minilm_path
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from controltune.data import Example
 
 OUT = Path(__file__).resolve().parent / "results" / "bench_train.json"
 VARIANTS = ("old", "new", "hf_peft")
@@ -60,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --- controltune ----------------------------------------------------------------------------
-def run_controltune(rows, tokenizer, args: argparse.Namespace, grouped: bool) -> dict[str, float]:
+def run_controltune(rows: list[Example], tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace,
+                    grouped: bool) -> dict[str, float]:
     """Time tokenising the split (cold) and ``args.steps`` steps of :func:`controltune.train.train`."""
     system = ResidualSystem(load_model("minilm"), num_labels=2, seed=0)
     build("lora", system, rank=8, alpha=16.0, targets=["q", "v"])
@@ -90,12 +96,12 @@ class _Rows(torch.utils.data.Dataset):
         return self.features[i]
 
 
-def hf_features(rows, tokenizer, max_length: int) -> list[dict[str, Any]]:
+def hf_features(rows: list[Example], tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[dict[str, Any]]:
     enc = tokenizer([r.text_a for r in rows], truncation=True, max_length=max_length)
     return [{**{k: enc[k][i] for k in enc}, "labels": r.label} for i, r in enumerate(rows)]
 
 
-def run_hf_peft(rows, tokenizer, args: argparse.Namespace) -> dict[str, float]:
+def run_hf_peft(rows: list[Example], tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace) -> dict[str, float]:
     """Time tokenising (cold) and ``args.steps`` steps of a plain HF Trainer with a peft LoRA."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
@@ -142,7 +148,8 @@ def padding_report(lengths: list[int], batch_size: int, max_length: int) -> dict
 
 
 # --- the run ---------------------------------------------------------------------------------------
-def measure(variant: str, rows, tokenizer, args) -> dict[str, float]:
+def measure(variant: str, rows: list[Example], tokenizer: PreTrainedTokenizerBase,
+            args: argparse.Namespace) -> dict[str, float]:
     if variant == "hf_peft":
         return run_hf_peft(rows, tokenizer, args)
     return run_controltune(rows, tokenizer, args, grouped=variant == "new")

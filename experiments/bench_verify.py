@@ -29,9 +29,13 @@ import copy
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from controltune.verification.report import Verification
+    from controltune.zoo import LoadedModel
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -69,12 +73,13 @@ def method_list(spec: str, registry: dict) -> list[str]:
     return names
 
 
-def leg_errors(report) -> dict[str, Any]:
+def leg_errors(report: Verification) -> dict[str, Any]:
     """Largest error and tolerance of each leg that ran, and the verdict."""
     return {"legs": report.legs, "passed": report.passed, "failures": report.failures()[:5]}
 
 
-def bench_method(loaded, method: str, batch: dict, args: argparse.Namespace, legacy: bool) -> dict[str, Any]:
+def bench_method(loaded: LoadedModel, method: str, batch: dict, args: argparse.Namespace,
+                 legacy: bool) -> dict[str, Any]:
     """One row: build time, the new legs' times and errors, and (when ``legacy``) the old FD ladder's."""
     from controltune.commands.verify import method_options, perturb
     from controltune.controllers import REGISTRY, UnsupportedMethodError

@@ -125,12 +125,12 @@ def spec_data(tasks: tuple[str, ...], seeds: list[int], name: str, out: str) -> 
             "per_method": per_method, "train": glue["train"], "overrides": list(glue["overrides"]) + combos}
 
 
-def selection_spec(tasks, rows: list[dict[str, Any]] | None = None) -> SweepSpec:
+def selection_spec(tasks: tuple[str, ...], rows: list[dict[str, Any]] | None = None) -> SweepSpec:
     return extended_spec(spec_data(tasks, [0], "composability_select", SELECT_OUT.name), rows or [],
                          folder=RESULTS)
 
 
-def table_spec(tasks, chosen: dict) -> SweepSpec:
+def table_spec(tasks: tuple[str, ...], chosen: dict) -> SweepSpec:
     data = spec_data(tasks, [0, 1, 2], "composability_table", TABLE_OUT.name)
     return parse_spec(at_chosen_rates(data, chosen, [(t, s) for t in tasks for s in SUBSETS]), "composability_table",
                       RESULTS)
@@ -170,7 +170,7 @@ def part_claims_early(effects: list[dict[str, Any]]) -> dict[str, bool | None]:
     return out
 
 
-def summary(tasks) -> dict[str, Any]:
+def summary(tasks: tuple[str, ...]) -> dict[str, Any]:
     cells = {}
     select_rows, table_rows = completed_rows(SELECT_OUT), completed_rows(TABLE_OUT)  # old rows completed
     diverged = diverged_at_chosen(select_rows, table_rows)

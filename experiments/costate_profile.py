@@ -34,7 +34,7 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -45,6 +45,12 @@ from controltune.controllers import build
 from controltune.data import Example, load_split, resolve_task
 from controltune.pmp import CoStateSolution, solve_costate
 from controltune.results import append_jsonl, read_jsonl, stamp, write_json
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from controltune.system import ResidualSystem
+    from controltune.zoo import LoadedModel
 
 RESULTS = Path(__file__).parent / "results"
 METHODS: dict[str, dict[str, Any]] = {
@@ -91,7 +97,7 @@ def costate_norms(solution: CoStateSolution, attention_mask: torch.Tensor) -> di
     return out
 
 
-def measure(system, batch: dict) -> dict[str, Any]:
+def measure(system: ResidualSystem, batch: dict) -> dict[str, Any]:
     """Co-state norms and the batch's loss and accuracy at the current controls."""
     was_training = system.training
     system.eval()
@@ -103,8 +109,8 @@ def measure(system, batch: dict) -> dict[str, Any]:
             "hamiltonian": sol.hamiltonian.tolist()}
 
 
-def train_steps(system, examples: list[Example], tokenizer, steps: int, lr: float, batch_size: int,
-                max_length: int, seed: int, progress: bool = True) -> list[float]:
+def train_steps(system: ResidualSystem, examples: list[Example], tokenizer: PreTrainedTokenizerBase, steps: int,
+                lr: float, batch_size: int, max_length: int, seed: int, progress: bool = True) -> list[float]:
     """``steps`` AdamW steps (constant ``lr``, no weight decay, dropout off) on ``J``; returns the losses."""
     params = list({id(c.param): c.param for c in system.controls()}.values())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -126,7 +132,7 @@ def train_steps(system, examples: list[Example], tokenizer, steps: int, lr: floa
     return losses
 
 
-def make_system(loaded, method: str, seed: int, options: dict[str, Any] | None = None):
+def make_system(loaded: LoadedModel, method: str, seed: int, options: dict[str, Any] | None = None):
     """A fresh system (deep copy of ``loaded``) with ``method`` attached."""
     torch.manual_seed(seed)
     system = ct.ResidualSystem(copy.deepcopy(loaded), seed=seed)
@@ -135,7 +141,7 @@ def make_system(loaded, method: str, seed: int, options: dict[str, Any] | None =
     return system
 
 
-def profile_method(loaded, method: str, train: list[Example], batch: dict, cfg: dict[str, Any],
+def profile_method(loaded: LoadedModel, method: str, train: list[Example], batch: dict, cfg: dict[str, Any],
                    options: dict[str, Any] | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """The ``before`` and ``after`` rows of one method (see module docstring)."""
     system = make_system(loaded, method, cfg["seed"], options)

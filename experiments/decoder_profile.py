@@ -39,7 +39,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from costate_profile import costate_norms, split_train, train_steps
@@ -51,6 +51,9 @@ from controltune.controllers import build
 from controltune.diagnostics import maximum_condition_probe, stationarity
 from controltune.pmp import CoStateSolution, solve_costate
 from controltune.results import append_jsonl, read_jsonl, stamp, write_json
+
+if TYPE_CHECKING:
+    from controltune.system import ResidualSystem
 
 RESULTS = Path(__file__).parent / "results"
 LORA = {"rank": 8, "alpha": 16, "targets": ("q", "v")}
@@ -101,7 +104,8 @@ def token_profile(solution: CoStateSolution, attention_mask: torch.Tensor) -> di
     }
 
 
-def lipschitz_profile(system, solution: CoStateSolution, iters: int, tol: float, seed: int) -> dict[str, Any]:
+def lipschitz_profile(system: ResidualSystem, solution: CoStateSolution, iters: int, tol: float,
+                      seed: int) -> dict[str, Any]:
     """Per block ``a_l`` and ``b_l`` (trajectory-local Jacobian norms, power iteration) and convergence."""
     out: dict[str, list] = {"local_a": [], "local_b": [], "converged_a": [], "converged_b": [],
                             "iterations_a": [], "iterations_b": []}
@@ -121,7 +125,7 @@ def lipschitz_profile(system, solution: CoStateSolution, iters: int, tol: float,
     return out
 
 
-def measure(system, batch: dict, cfg: dict[str, Any]) -> dict[str, Any]:
+def measure(system: ResidualSystem, batch: dict, cfg: dict[str, Any]) -> dict[str, Any]:
     """Every quantity of one phase (module docstring), with the seconds each took."""
     system.eval()
     seconds: dict[str, float] = {}

@@ -49,6 +49,7 @@ import inspect
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -61,6 +62,11 @@ from controltune.evaluation import evaluate
 from controltune.results import append_jsonl, read_jsonl, row_done, stamp
 from controltune.train import TrainConfig, train
 from controltune.zoo import offline_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from controltune.data import Example, TaskSpec
 
 OUT = Path(__file__).parent / "results" / "design_eval.jsonl"
 
@@ -101,7 +107,8 @@ def split_train(task: str, n_train: int, n_val: int, seed: int):
     return rows[:-n_val], rows[-n_val:]
 
 
-def build_system(budget: str, method: str, task_spec, seed: int, train_rows, tokenizer, max_length: int):
+def build_system(budget: str, method: str, task_spec: TaskSpec, seed: int, train_rows: list[Example],
+                 tokenizer: PreTrainedTokenizerBase, max_length: int):
     """MiniLM with the method attached -> (system, options, design seconds, design report)."""
     loaded = load_model("minilm", seed=seed)
     system = ResidualSystem(loaded, num_labels=task_spec.num_labels, seed=seed)
@@ -119,7 +126,7 @@ def build_system(budget: str, method: str, task_spec, seed: int, train_rows, tok
     return system, opts, design_s, report
 
 
-def run_one(job: tuple, args) -> dict:
+def run_one(job: tuple, args: argparse.Namespace) -> dict:
     """Train one (budget, task, method, seed, lr) job; the row holds validation curve and dev score."""
     budget, task, method, seed, lr = job
     spec = resolve_task(task)
@@ -168,13 +175,13 @@ def choose_lr(rows: list[dict], budget: str, task: str, method: str) -> float | 
     return max(scored, key=lambda r: (r["val"]["accuracy"], -r["val"]["loss"]))["lr"]
 
 
-def selection_jobs(args) -> list[tuple]:
+def selection_jobs(args: argparse.Namespace) -> list[tuple]:
     budget, task = args.budgets[0], resolve_task(args.tasks[0]).name
     return [(budget, task, m, 0, lr) for m in args.methods if m in BUDGETS[budget]
             for lr in LR_GRID.get(m, DEFAULT_GRID)]
 
 
-def main_jobs(args, chosen: dict[str, float]) -> list[tuple]:
+def main_jobs(args: argparse.Namespace, chosen: dict[str, float]) -> list[tuple]:
     """Seed-major list of the jobs after selection (the selection task's seed 0 is already done)."""
     sel_budget, sel_task = args.budgets[0], resolve_task(args.tasks[0]).name
     jobs = []
@@ -192,7 +199,7 @@ def main_jobs(args, chosen: dict[str, float]) -> list[tuple]:
     return sorted(jobs, key=lambda job: rank.get((job[0], job[1], job[3]), len(rank)))  # stable: seed-major
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=list(BUDGETS["b74k"]), choices=list(BUDGETS["b74k"]))
     ap.add_argument("--tasks", nargs="+", default=["sst2", "rte", "mrpc", "cola"],
@@ -226,7 +233,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)

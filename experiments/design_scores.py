@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,6 +36,9 @@ from controltune.design.placement import allocation_cost, greedy_allocate
 from controltune.families.base import linear_io
 from controltune.results import stamp, write_json
 
+if TYPE_CHECKING:
+    from controltune.system import ResidualSystem
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -43,7 +46,7 @@ def site_key(layer: int, role: str) -> str:
     return f"{layer}.{role}"
 
 
-def gramian_with_error(system, batch: dict, weights: dict[str, torch.Tensor], n_probes: int,
+def gramian_with_error(system: ResidualSystem, batch: dict, weights: dict[str, torch.Tensor], n_probes: int,
                        seed: int) -> tuple[dict[str, float], dict[str, float]]:
     """Mean and standard error over ``n_probes`` one-probe Hutchinson estimates (seeds ``seed..seed+n-1``)."""
     if n_probes < 2:
@@ -63,7 +66,8 @@ def allocate(scores: dict[str, float], costs: dict[str, int], rank: int, budget:
     return {k: rank * u for k, u in units.items()}
 
 
-def design_scores(system, batch: dict, rank: int = 8, n_probes: int = 16, seed: int = 0) -> dict[str, Any]:
+def design_scores(system: ResidualSystem, batch: dict, rank: int = 8, n_probes: int = 16,
+                  seed: int = 0) -> dict[str, Any]:
     """Scores of every linear role of every block and both allocations (module docstring).
 
     Returns ``{"roles", "n_layers", "sites": [{layer, role, d_in, d_out, cost, gramian, gramian_se,

@@ -37,7 +37,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -75,6 +75,9 @@ from verdicts import (  # noqa: E402
     one_class_seeds,
     two_se,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -174,7 +177,7 @@ def spec_data(tasks: tuple[str, ...], budgets: tuple[str, ...], seeds: list[int]
             "per_method": per_method, "train": glue["train"], "overrides": glue["overrides"]}
 
 
-def selection_spec(tasks, budgets, rows: list[dict[str, Any]] | None = None) -> SweepSpec:
+def selection_spec(tasks: Sequence[str], budgets: Sequence[str], rows: list[dict[str, Any]] | None = None) -> SweepSpec:
     """Seed 0 on every pair's grid, plus the edge rates the rows call for and, once a pair's best rate is interior,
     the midpoints that narrow its bracket to a factor of 2 (:func:`rate_selection.refine_rates`; tasks of
     :data:`REFINE_TASKS`)."""
@@ -183,7 +186,7 @@ def selection_spec(tasks, budgets, rows: list[dict[str, Any]] | None = None) -> 
                          refine=lambda pair: pair[0] in REFINE_TASKS)
 
 
-def table_spec(tasks, budgets, chosen: dict) -> SweepSpec:
+def table_spec(tasks: Sequence[str], budgets: Sequence[str], chosen: dict) -> SweepSpec:
     """Seeds 0, 1, 2 at each pair's chosen rate (a pair that diverged at every rate is left out)."""
     pairs = [(t, b, label) for t in tasks for b in budgets for label in BUDGETS[b]]
     data = spec_data(tasks, budgets, [0, 1, 2], "design_table", TABLE_OUT.name)
@@ -309,7 +312,7 @@ def earlier_verdicts(cells: list[dict[str, Any]], task: str) -> list[dict[str, A
             for (b, m), c in sorted(now.items()) if m in DESIGNS for base in BASELINES if (b, base) in now]
 
 
-def summary(tasks, budgets) -> dict[str, Any]:
+def summary(tasks: Sequence[str], budgets: Sequence[str]) -> dict[str, Any]:
     select_rows, table_rows = completed_rows(SELECT_OUT), completed_rows(TABLE_OUT)  # old rows completed
     chosen = choose_lrs(select_rows, pair_key)
     diverged = diverged_at_chosen(select_rows, table_rows, pair_key)
@@ -412,7 +415,7 @@ def markdown_table(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plan(tasks, budgets) -> list[dict[str, Any]]:
+def plan(tasks: Sequence[str], budgets: Sequence[str]) -> list[dict[str, Any]]:
     """Trainable parameters of every (budget, label) on MiniLM (designed ones on 8 SST-2 rows), and the cell count."""
     from controltune import ResidualSystem, load_model
     from controltune.controllers.spec import build_spec

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -36,6 +37,9 @@ from controltune.data import load_split, resolve_task
 from controltune.evaluation import evaluate
 from controltune.msa import MSA, MSAConfig
 from controltune.results import append_jsonl, read_jsonl, stamp, write_json
+
+if TYPE_CHECKING:
+    from controltune.data import Example, TaskSpec
 
 RESULTS = Path(__file__).parent / "results"
 RUNS = {
@@ -65,7 +69,7 @@ def make_system(cfg: dict):
     return loaded, system
 
 
-def run(method: str, cfg: dict, spec, train, dev, jsonl: Path) -> None:
+def run(method: str, cfg: dict, spec: TaskSpec, train: list[Example], dev: list[Example], jsonl: Path) -> None:
     torch.manual_seed(cfg["seed"])
     loaded, system = make_system(cfg)
     loader = make_loader(train, loaded.tokenizer, cfg["batch_size"], shuffle=True, seed=cfg["seed"],

@@ -18,11 +18,14 @@ import statistics
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controltune.results import append_jsonl, read_jsonl
 from controltune.sweep import FINISHED
 from controltune.sweep_spec import SweepSpec, canonical_config, expand, parse_spec
+
+if TYPE_CHECKING:
+    import argparse
 
 Pair = tuple
 KeyFn = Callable[[dict[str, Any]], Pair]
@@ -248,7 +251,7 @@ def copy_rows(rows: list[dict[str, Any]], spec: SweepSpec, out: Path, source: st
 
 
 # --- the driver the table experiments share ------------------------------------------------------
-def add_sweep_arguments(parser, runs: str) -> None:
+def add_sweep_arguments(parser: argparse.ArgumentParser, runs: str) -> None:
     """The sweep's own options (``controltune sweep``'s) on an experiment driver; ``runs``: default run folders."""
     from pathlib import Path as _Path
 
@@ -261,7 +264,7 @@ def add_sweep_arguments(parser, runs: str) -> None:
                         help="keep finished cells' resume states (checkpoint.pt; deleted by default)")
 
 
-def sweep_settings(args) -> dict[str, Any]:
+def sweep_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"cpus_per_cell": args.cpus_per_cell, "cpus": args.cpus, "executor": args.executor,
             "address": args.address, "runs_dir": args.runs, "keep_checkpoints": args.keep_checkpoints}
 

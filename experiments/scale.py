@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controltune.results import read_jsonl, stamp, write_json_unless_same
 from controltune.sweep_spec import SweepSpec, expand, parse_spec
@@ -61,6 +61,9 @@ from verdicts import (  # noqa: E402
     two_se,
 )
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SELECT_OUT, TABLE_OUT, SUMMARY = RESULTS / "scale_select.jsonl", RESULTS / "scale_table.jsonl", RESULTS / "scale.json"
@@ -91,7 +94,7 @@ def pair_where(pair: tuple[str, str, str]) -> dict[str, Any]:
     return {"model": pair[0], "task": pair[1], "method": pair[2]}
 
 
-def spec_data(models, tasks, seeds: list[int], name: str, out: str) -> dict[str, Any]:
+def spec_data(models: Sequence[str], tasks: Sequence[str], seeds: list[int], name: str, out: str) -> dict[str, Any]:
     per_method = {m: {"lr": GRID[m], **({"options": [o]} if o else {})} for m, o in METHODS.items()}
     overrides = [{"where": {"task": t}, "set": {"dev_size": DEV_SIZE[t]}} for t in tasks]
     overrides += [{"where": {"model": m}, "set": {"pooling": POOLING[m]}} for m in models if POOLING[m] != "mean"]
@@ -102,18 +105,18 @@ def spec_data(models, tasks, seeds: list[int], name: str, out: str) -> dict[str,
             "per_method": per_method, "train": HARNESS, "overrides": overrides}
 
 
-def selection_spec(models, tasks, rows) -> SweepSpec:
+def selection_spec(models: Sequence[str], tasks: Sequence[str], rows: list[dict[str, Any]] | None) -> SweepSpec:
     return extended_spec(spec_data(models, tasks, [0], "scale_select", SELECT_OUT.name), rows or [], key=pair_key,
                          where=pair_where, folder=RESULTS, max_edge_rates=EDGE_RATES)
 
 
-def table_spec(models, tasks, chosen: dict) -> SweepSpec:
+def table_spec(models: Sequence[str], tasks: Sequence[str], chosen: dict) -> SweepSpec:
     pairs = [(m, t, k) for m in models for t in tasks for k in METHODS]
     data = spec_data(models, tasks, [0, 1, 2], "scale_table", TABLE_OUT.name)
     return parse_spec(at_chosen_rates(data, chosen, pairs, pair_where), "scale_table", RESULTS)
 
 
-def majority_levels(tasks) -> dict[str, float]:
+def majority_levels(tasks: Sequence[str]) -> dict[str, float]:
     """Each task's majority-class score on the dev rows the cells score (SST-2: their seeded 500)."""
     return {t: majority_level(t, DEV_SIZE[t], HARNESS["data_seed"])[1] for t in tasks}
 
@@ -134,7 +137,8 @@ def prompt_against_others(gains: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def scale_claims(gains, prompt_vs, selective, do_well) -> dict[str, bool | None]:
+def scale_claims(gains: list[dict[str, Any]], prompt_vs: list[dict[str, Any]], selective: list[dict[str, Any]],
+                 do_well: list[dict[str, Any]]) -> dict[str, bool | None]:
     """The claims' verdicts (:func:`verdicts.share_verdict`: ties and cells with too few seeds are absence
     of evidence, never a verdict's):
 
@@ -144,7 +148,7 @@ def scale_claims(gains, prompt_vs, selective, do_well) -> dict[str, bool | None]
       (a tie with any method leaves "most" unshown, however many others prompt's gain exceeds);
     * selective-module tuning beats last-layer tuning in more than half of the (model, task) pairs;
     * last-layer and selective tuning do well: neither falls below full fine-tuning by 2 se anywhere."""
-    def count(items, yes, no):
+    def count(items: list[dict[str, Any]], yes: str, no: str):
         v = [i["verdict"] for i in items if i["verdict"] != "not a test"]
         return v.count(yes), v.count(no), len(v) - v.count(yes) - v.count(no)
 
@@ -165,11 +169,13 @@ def scale_claims(gains, prompt_vs, selective, do_well) -> dict[str, bool | None]
             "they_do_well": share_verdict(above + ties, below, unsure - ties, 1.0)}
 
 
-def scale_claims_early(gains, selective, do_well, models, tasks) -> dict[str, bool | None]:
+def scale_claims_early(gains: list[dict[str, Any]], selective: list[dict[str, Any]], do_well: list[dict[str, Any]],
+                       models: Sequence[str], tasks: Sequence[str]) -> dict[str, bool | None]:
     """The share claims of :func:`scale_claims` before the grid is complete (:func:`verdicts.early_verdict`):
     decided only where no comparison still to run (a cell short of its seeds, or not run) can change them; "prompt
     tuning improves most" waits for the whole grid (it compares gains that need four cells each)."""
-    def early(items, yes, no, planned, share, more_than=False):
+    def early(items: list[dict[str, Any]], yes: str, no: str, planned: int, share: float,
+              more_than: bool = False):
         return early_verdict([i["verdict"] for i in items], yes, no, "tie", planned, share, more_than)
 
     above = [{**i, "verdict": "ok"} if i["verdict"] in ("above full FT", "tie with full FT") else i for i in do_well]
@@ -180,7 +186,7 @@ def scale_claims_early(gains, selective, do_well, models, tasks) -> dict[str, bo
             "they_do_well": early(above, "ok", "below full FT", 2 * len(models) * len(tasks), 1.0)}
 
 
-def summary(models, tasks) -> dict[str, Any]:
+def summary(models: Sequence[str], tasks: Sequence[str]) -> dict[str, Any]:
     cells = {}
     select_rows, table_rows = completed_rows(SELECT_OUT), completed_rows(TABLE_OUT)  # old rows completed
     diverged = diverged_at_chosen(select_rows, table_rows, pair_key)

@@ -27,7 +27,7 @@ import argparse
 import copy
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -42,6 +42,13 @@ from controltune.pmp import solve_costate
 from controltune.results import append_jsonl, read_jsonl, stamp, write_json
 from controltune.schedule import linear_schedule
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from controltune.data import TaskSpec
+    from controltune.system import ResidualSystem
+    from controltune.zoo import LoadedModel
+
 RESULTS = Path(__file__).parent / "results"
 METHODS: dict[str, dict[str, Any]] = {"lora": {"rank": 8, "alpha": 16, "targets": ("q", "v")},
                                       "adapter": {"bottleneck": 64}}
@@ -52,8 +59,8 @@ N_LINES, LINE_POINTS = 2, 11
 """Directions per block along which ``H_l(u* + t v) − H_l(u*)`` is recorded for t ∈ [−max ε, max ε]·‖u*_l‖."""
 
 
-def point(system, batch: dict, step: int, dev: list[Example] | None, spec, tokenizer,
-          max_length: int) -> dict[str, Any]:
+def point(system: ResidualSystem, batch: dict, step: int, dev: list[Example] | None, spec: TaskSpec,
+          tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict[str, Any]:
     """One curve row: per-layer stationarity on ``batch`` and the dev scores (when ``dev``)."""
     sol = solve_costate(system, batch, initial_costate=False)
     st = stationarity(sol)
@@ -65,7 +72,7 @@ def point(system, batch: dict, step: int, dev: list[Example] | None, spec, token
     return row
 
 
-def probe(system, batch: dict, phase: str, n_directions: int, seed: int,
+def probe(system: ResidualSystem, batch: dict, phase: str, n_directions: int, seed: int,
           radii: tuple[float, ...] = RADII) -> dict[str, Any]:
     """The maximum-condition probe row: per layer the fractions, ``max_increase`` and ``N_LINES`` lines
     ``{"t", "dH"}`` of ``H_l(u* + t‖u*_l‖v) − H_l(u*)``."""
@@ -75,8 +82,8 @@ def probe(system, batch: dict, phase: str, n_directions: int, seed: int,
             "n_directions": res["n_directions"], "radii": res["radii"], "relative": res["relative"]}
 
 
-def run_method(loaded, method: str, options: dict[str, Any], train: list[Example], fixed: dict,
-               dev: list[Example] | None, spec, cfg: dict[str, Any], progress: bool = True):
+def run_method(loaded: LoadedModel, method: str, options: dict[str, Any], train: list[Example], fixed: dict,
+               dev: list[Example] | None, spec: TaskSpec, cfg: dict[str, Any], progress: bool = True):
     """Yield the rows of one method: probe before, curve points every ``cfg['every']`` steps, probe after."""
     torch.manual_seed(cfg["seed"])
     system = ct.ResidualSystem(copy.deepcopy(loaded), num_labels=spec.num_labels, seed=cfg["seed"])

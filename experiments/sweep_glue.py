@@ -30,6 +30,7 @@ import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -41,6 +42,9 @@ from controltune.divergence import TrainingDiverged
 from controltune.metrics import AUXILIARY_KEYS
 from controltune.results import append_jsonl, read_jsonl, row_done, stamp, write_json
 from controltune.train import TrainConfig, train
+
+if TYPE_CHECKING:
+    from controltune.zoo import LoadedModel
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = {
@@ -71,7 +75,7 @@ def run_key(row: dict) -> tuple:
     return row["method"], row["task"], row["seed"], row["budget"]
 
 
-def run_one(loaded, method: str, task: str, seed: int, budget: float, progress: bool) -> dict:
+def run_one(loaded: LoadedModel, method: str, task: str, seed: int, budget: float, progress: bool) -> dict:
     """Train one (method, task, seed) and return its JSONL row."""
     spec = resolve_task(task)
     settings = TASKS[task]

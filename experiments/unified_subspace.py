@@ -44,7 +44,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -74,6 +74,9 @@ from verdicts import (  # noqa: E402
     glue_majority,
     mean_std,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -166,7 +169,7 @@ def _approximate(target: str, dim: int, runs: list[str]) -> dict[str, Any]:
             "info": projections.info}
 
 
-def run_approximations(targets, jobs: int, echo) -> list[tuple[str, int]]:
+def run_approximations(targets: tuple[str, ...], jobs: int, echo: Callable[[str], None]) -> list[tuple[str, int]]:
     """Approximations not done yet (resumable: a row in ``unified_approx.jsonl`` and its file); returns the
     (target, dim) that are ready."""
     done = {(r["target"], r["dim"]) for r in read_jsonl(APPROX_OUT) if (ROOT / r["path"]).is_file()}
@@ -228,12 +231,12 @@ def _strip_epochs(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def selection_spec(ready, rows) -> SweepSpec:
+def selection_spec(ready: list[tuple[str, int]], rows: list[dict[str, Any]] | None) -> SweepSpec:
     data = _strip_epochs(spec_data(ready, [0], "unified_select", SELECT_OUT.name))
     return extended_spec(data, rows or [], key=pair_key, where=pair_where, folder=RESULTS)
 
 
-def table_spec(ready, chosen: dict) -> SweepSpec:
+def table_spec(ready: list[tuple[str, int]], chosen: dict) -> SweepSpec:
     missing = [pair for pair, info in chosen.items() if info["lr"] is None]
     if missing:
         raise SystemExit(f"no rate chosen for {missing} (every rate diverged)")
@@ -244,7 +247,7 @@ def table_spec(ready, chosen: dict) -> SweepSpec:
     return parse_spec(data, "unified_table", RESULTS)
 
 
-def nothing_to_run(targets) -> bool:
+def nothing_to_run(targets: tuple[str, ...]) -> bool:
     """Whether every row the study needs for ``targets`` is recorded: both approximations of each target, the
     selection cells with every edge rate they call for, the table cells at the chosen rates, a transfer of each
     table run, and the landscape.  Then nothing is remade: the projections and source runs stay on the machine
@@ -281,7 +284,7 @@ def _transfer(row: dict[str, Any]) -> list[dict[str, Any]]:
                            row["config"]["task"], others)
 
 
-def run_transfers(jobs: int, echo, sweep: dict[str, Any] | None = None) -> None:
+def run_transfers(jobs: int, echo: Callable[[str], None], sweep: dict[str, Any] | None = None) -> None:
     """Decode every table run's z by the two other methods; a run whose folder is gone (trained on another
     machine) is trained again from its row first (``results/unified_rebuilt.jsonl``, compared with its row)."""
     rows = [r for r in read_jsonl(TABLE_OUT) if r.get("status") == "done" and r.get("run_dir")
@@ -310,7 +313,7 @@ def run_transfers(jobs: int, echo, sweep: dict[str, Any] | None = None) -> None:
                  f"{row['score_at_best_val']:.3f} -> " + ", ".join(f"{k} {v:.3f}" for k, v in out["to"].items()))
 
 
-def run_landscape(echo) -> None:
+def run_landscape(echo: Callable[[str], None]) -> None:
     import torch
 
     from controltune.unified_subspace import landscape

@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controltune.results import read_jsonl, stamp, write_json_unless_same
 from controltune.sweep_spec import SweepSpec, expand, parse_spec
@@ -61,6 +61,9 @@ from verdicts import (  # noqa: E402
     share_verdict,
 )
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SELECT_OUT, TABLE_OUT = RESULTS / "unipelt_select.jsonl", RESULTS / "unipelt_table.jsonl"
@@ -88,7 +91,7 @@ def pair_where(pair: tuple[str, int, str]) -> dict[str, Any]:
     return {"task": pair[0], "train_size": pair[1], "method": pair[2]}
 
 
-def spec_data(tasks, seeds: list[int], name: str, out: str) -> dict[str, Any]:
+def spec_data(tasks: Sequence[str], seeds: list[int], name: str, out: str) -> dict[str, Any]:
     per_method = {m: {"lr": GRID[m], **({"options": [o]} if o else {})} for m, o in METHODS.items()}
     overrides = [{"where": {"train_size": k}, "set": {"epochs": EPOCHS[k], "eval_every": EVAL_EVERY[k]}} for k in KS]
     return {"name": name, "out": out,
@@ -97,18 +100,18 @@ def spec_data(tasks, seeds: list[int], name: str, out: str) -> dict[str, Any]:
             "per_method": per_method, "train": HARNESS, "overrides": overrides}
 
 
-def selection_spec(tasks, rows) -> SweepSpec:
+def selection_spec(tasks: Sequence[str], rows: list[dict[str, Any]] | None) -> SweepSpec:
     return extended_spec(spec_data(tasks, [0], "unipelt_select", SELECT_OUT.name), rows or [], key=pair_key,
                          where=pair_where, folder=RESULTS)
 
 
-def table_spec(tasks, chosen: dict) -> SweepSpec:
+def table_spec(tasks: Sequence[str], chosen: dict) -> SweepSpec:
     pairs = [(t, k, m) for t in tasks for k in KS for m in METHODS]
     data = spec_data(tasks, [0, 1, 2], "unipelt_table", TABLE_OUT.name)
     return parse_spec(at_chosen_rates(data, chosen, pairs, pair_where), "unipelt_table", RESULTS)
 
 
-def summary(tasks) -> dict[str, Any]:
+def summary(tasks: Sequence[str]) -> dict[str, Any]:
     cells = {}
     select_rows, table_rows = read_jsonl(SELECT_OUT), read_jsonl(TABLE_OUT)
     diverged = diverged_at_chosen(select_rows, table_rows, pair_key)

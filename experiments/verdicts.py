@@ -166,7 +166,7 @@ def early_verdict(verdicts: list[str], yes: str, no: str, tie: str, planned: int
                                share, more_than)
 
 
-def required_levels(levels: dict[str, float], tasks) -> dict[str, float]:
+def required_levels(levels: dict[str, float], tasks: Iterable[str]) -> dict[str, float]:
     """``levels`` for every task in ``tasks``, or a clear stop: without a task's majority level every comparison
     at chance would pass for a test."""
     missing = [t for t in tasks if levels.get(t) is None]

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controltune.figures import FigureSpec, new_figure
 
 from ._common import argv_from_config, load_json, versions_line
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 SOURCE = "costate_profile.json"
 COLOURS = {"lora": "tab:blue", "adapter": "tab:orange", "prefix": "tab:green", "prompt": "tab:red",
@@ -104,7 +107,7 @@ def draw(results_dir: Path):
     return fig
 
 
-def _plain_log_ticks(ax, low: float, high: float) -> None:
+def _plain_log_ticks(ax: Axes, low: float, high: float) -> None:
     """Label a log axis at 1-2-5 steps in plain numbers (a short log axis would show only one power of 10)."""
     from matplotlib.ticker import FormatStrFormatter, NullFormatter
 

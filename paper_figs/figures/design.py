@@ -17,12 +17,16 @@ import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
 from controltune.figures import FigureSpec, new_figure
 from controltune.results import read_jsonl, row_done
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 SOURCE = "design_eval.jsonl"
 DESIGNED = ("costate_lora", "gramian_lora", "riccati_lora", "closed_loop_prefix")
@@ -97,7 +101,7 @@ def verdict(design: list[float], baseline: list[float]) -> str:
     return "tie" if abs(diff) <= 2 * se else ("win" if diff > 0 else "loss")
 
 
-def _sorted_keys(groups) -> tuple[list[str], list[str]]:
+def _sorted_keys(groups: dict[tuple[str, str, str], list[dict]]) -> tuple[list[str], list[str]]:
     budgets = sorted({b for b, _, _ in groups}, key=lambda b: -int("".join(c for c in b if c.isdigit()) or 0))
     tasks = sorted({t for _, t, _ in groups}, key=lambda t: TASK_ORDER.index(t) if t in TASK_ORDER else 99)
     return budgets, tasks
@@ -141,7 +145,7 @@ def table_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _colours(methods) -> dict[str, tuple]:
+def _colours(methods: Sequence[str]) -> dict[str, tuple]:
     from matplotlib import colormaps
 
     cmap = colormaps["tab10"]
@@ -152,7 +156,7 @@ TICKS = tuple(m * 10.0**e for e in range(2, 9) for m in (1, 2, 5))
 """Labelled parameter counts on the log axis: 1-2-5 per decade."""
 
 
-def _count(x: float, _pos=None) -> str:
+def _count(x: float, _pos: int | None = None) -> str:
     """Tick label of a parameter count: 10k, 100k, 1M, ..."""
     for unit, scale in (("M", 1e6), ("k", 1e3)):
         if x >= scale:

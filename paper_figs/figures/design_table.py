@@ -8,11 +8,17 @@ and per (design, baseline, task, budget) the two-standard-error verdict.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controltune.figures import FigureSpec, new_figure
 
 from ._common import flagged_runs_note, load_json, regret_note, versions_line
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 SOURCE = "design_table.json"
 TASKS = ("sst2", "mrpc", "rte", "cola")
@@ -24,7 +30,7 @@ def _methods(payload: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(c["method"] for c in payload["cells"]))
 
 
-def _not_run(ax, title: str) -> None:
+def _not_run(ax: Axes, title: str) -> None:
     """An empty panel that says its cells have not run yet."""
     ax.text(0.5, 0.5, "not run yet", ha="center", va="center", transform=ax.transAxes, color="0.4")
     ax.set(title=title, xticks=[], yticks=[])
@@ -171,7 +177,7 @@ def _style(method: str, designs: set[str]) -> dict[str, Any]:
     return {"color": "0.6", "marker": ".", "linewidth": 0.8, "zorder": 1}
 
 
-def _legend(fig, axes) -> None:
+def _legend(fig: Figure, axes: Iterable[Axes]) -> None:
     """One legend right of ``fig`` with every method any of ``axes`` plots, each once."""
     handles, labels = [], []
     for ax in axes:

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from matplotlib.lines import Line2D
 
 from controltune.figures import FigureSpec, new_figure
 
 from ._common import argv_from_config, load_json, sci, versions_line
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 TASKS = ("sst2", "rte")
 SOURCES = tuple(f"bound_study_{t}.json" for t in TASKS)
@@ -188,7 +191,7 @@ def _certified_points(data: dict[str, Any], grid: bool = False) -> list[dict[str
     return sorted([*data["rows"], *data.get("curve", []), *extra], key=lambda r: r["epsilon"])
 
 
-def draw_certified(ax, ax_tight, data: dict[str, Any]) -> None:
+def draw_certified(ax: Axes, ax_tight: Axes, data: dict[str, Any]) -> None:
     """Left: certified ``B(ε)``, the attack (lower bound of the same supremum), ‖∇J‖ε and the gaps of the
     rank projections against ε (log-log). Right: tightness certified/attack and certified/gap."""
     every = [p for p in _certified_points(data, grid=True) if p["epsilon"] > 0]

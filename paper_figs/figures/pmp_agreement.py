@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.colors import LogNorm
@@ -32,6 +32,9 @@ from matplotlib.colors import LogNorm
 from controltune.figures import FigureSpec, new_figure
 
 from ._common import argv_from_config, load_json, sci, versions_line
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 DTYPES = ("float64", "float32")
 SOURCES = tuple(f"verify_minilm_{d}.json" for d in DTYPES)
@@ -223,7 +226,7 @@ def _cmap():
     return colormaps["magma_r"].with_extremes(bad=NO_CONTROL_COLOUR)
 
 
-def _annotate(ax, matrix: np.ndarray, norm: LogNorm) -> None:
+def _annotate(ax: Axes, matrix: np.ndarray, norm: LogNorm) -> None:
     """Print the non-zero errors in their cells (the zeros are the floor colour)."""
     for (i, j), v in np.ndenumerate(matrix):
         if np.isfinite(v) and v > 0:
@@ -231,7 +234,7 @@ def _annotate(ax, matrix: np.ndarray, norm: LogNorm) -> None:
             ax.text(j, i, sci(v, 0), ha="center", va="center", fontsize=5, color="white" if dark else "black")
 
 
-def _all_zero_note(ax, matrix: np.ndarray) -> None:
+def _all_zero_note(ax: Axes, matrix: np.ndarray) -> None:
     """Say so on a panel whose every check is an exact 0 (a uniform floor colour reads as missing data)."""
     finite = matrix[np.isfinite(matrix)]
     if finite.size and not finite.any():
@@ -240,14 +243,14 @@ def _all_zero_note(ax, matrix: np.ndarray) -> None:
                 color="#404040", zorder=4, bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85})
 
 
-def _not_checked(ax, column: int, n_rows: int) -> None:
+def _not_checked(ax: Axes, column: int, n_rows: int) -> None:
     """Blank a column the leg has no check for (autograd has no joint direction)."""
     ax.axvspan(column - 0.5, column + 0.5, color="white", zorder=2)
     ax.text(column, (n_rows - 1) / 2, "no joint check", rotation=90, ha="center", va="center", fontsize=6.5,
             color="#707070", zorder=3)
 
 
-def _failed_rows(ax, rows: list[dict], first: bool) -> None:
+def _failed_rows(ax: Axes, rows: list[dict], first: bool) -> None:
     """Mark methods that were skipped or failed to run (no errors to show)."""
     for i, row in enumerate(rows):
         if row.get("status") in ("skipped", "failed") and not row.get("costate_autograd") and first:

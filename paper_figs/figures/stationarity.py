@@ -10,13 +10,16 @@ the fraction of random probes ``u*_l ± ε‖u*_l‖ v`` at which ``H_l`` did no
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from matplotlib import colormaps
 
 from controltune.figures import FigureSpec, new_figure
 
 from ._common import argv_from_config, load_json, sci, versions_line
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 SOURCE = "stationarity.json"
 LABELS = {"lora": "LoRA", "adapter": "adapter"}
@@ -106,7 +109,7 @@ def draw_max_condition(results_dir: Path):
     return fig
 
 
-def _fraction_bars(ax, entry: dict[str, Any]) -> None:
+def _fraction_bars(ax: Axes, entry: dict[str, Any]) -> None:
     radii = entry["probe"]["after"]["radii"]
     n_bars = 2 * len(radii)
     width = 0.8 / n_bars
@@ -128,7 +131,7 @@ def _fraction_bars(ax, entry: dict[str, Any]) -> None:
     ax.grid(True, axis="y", alpha=0.3)
 
 
-def _line_profiles(ax, entry: dict[str, Any]) -> None:
+def _line_profiles(ax: Axes, entry: dict[str, Any]) -> None:
     """Each line divided by its own largest |ΔH|: blocks differ by decades, the shape is what matters
     (a straight line through 0 = first-order term dominates; ∩ = local maximum along v)."""
     n_layers = len(entry["probe"]["after"]["layers"])
