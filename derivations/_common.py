@@ -104,7 +104,7 @@ class TexFragment:
 
 def eq(lhs: str | sp.Basic, rhs: str | sp.Basic) -> str:
     """``lhs = rhs`` in LaTeX (sympy objects are converted with ``sp.latex``)."""
-    def tex(x):
+    def tex(x: str | sp.Basic) -> str:
         return x if isinstance(x, str) else sp.latex(x)
     return f"{tex(lhs)} = {tex(rhs)}"
 

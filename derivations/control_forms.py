@@ -47,11 +47,17 @@ from __future__ import annotations
 import random
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sympy as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OUT_DIR, TexFragment, eq, mat, nonzero_witness, report, require, vanishes  # noqa: E402
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import torch
 
 NAME = "control_forms"
 D, T, D_FF, RANK, N_PREFIX = 2, 2, 3, 2, 2
@@ -76,7 +82,8 @@ def attention(q: sp.Matrix, K: sp.Matrix, V: sp.Matrix) -> sp.Matrix:
     return softmax(c * q * K.T) * V
 
 
-def ffn(X: sp.Matrix, W1, b1, W2, b2, a1: sp.Matrix | None = None) -> sp.Matrix:
+def ffn(X: sp.Matrix, W1: sp.Matrix, b1: sp.Matrix, W2: sp.Matrix, b2: sp.Matrix,
+        a1: sp.Matrix | None = None) -> sp.Matrix:
     """``σ(X W_1ᵀ + b_1) W_2ᵀ + b_2``; ``a1`` optionally replaces the activation σ(·) (a hook)."""
     a = linear(X, W1, b1).applyfunc(sigma) if a1 is None else a1
     return linear(a, W2, b2)
@@ -99,7 +106,7 @@ class Block:
         self.W1, self.b1 = mat("W^1", D_FF, D), mat("b^1", 1, D_FF)
         self.W2, self.b2 = mat("W^2", D, D_FF), mat("b^2", 1, D)
 
-    def head(self, t: int, Wq=None, Wv=None) -> sp.Matrix:
+    def head(self, t: int, Wq: sp.Matrix | None = None, Wv: sp.Matrix | None = None) -> sp.Matrix:
         """Head output at position t of X (weights overridable for the method under study)."""
         Wq = self.Wq if Wq is None else Wq
         Wv = self.Wv if Wv is None else Wv
@@ -388,7 +395,8 @@ def numeric_crosscheck() -> dict[str, bool]:
     return checks
 
 
-def _prefix_kernel_check(randn, kernel) -> dict[str, bool]:
+def _prefix_kernel_check(randn: Callable[..., torch.Tensor], kernel: Callable[..., tuple[torch.Tensor, object]]) \
+        -> dict[str, bool]:
     """controltune's prefix attention kernel (both kernels) = the gated-adapter formula."""
     import torch
     from torch import nn
@@ -414,7 +422,7 @@ def _prefix_kernel_check(randn, kernel) -> dict[str, bool]:
     return out
 
 
-def _close(a, b, tol: float = 1e-12) -> bool:
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-12) -> bool:
     return bool((a - b).abs().max() <= tol * max(1.0, float(b.abs().max())))
 
 

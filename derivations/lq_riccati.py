@@ -91,10 +91,10 @@ def rational_problem(n: int, m: int, horizon: int, seed: int = 3):
 
     rng = random.Random(seed)
 
-    def rmat(rows, cols):
+    def rmat(rows: int, cols: int) -> sp.Matrix:
         return sp.Matrix(rows, cols, lambda *_: sp.Rational(rng.randint(-9, 9), 10))
 
-    def psd(k, shift):
+    def psd(k: int, shift: sp.Expr | int) -> sp.Matrix:
         G = rmat(k, k)
         return G.T * G + shift * sp.eye(k)
 
@@ -105,7 +105,8 @@ def rational_problem(n: int, m: int, horizon: int, seed: int = 3):
     return A, B, Q, R, psd(n, 0)
 
 
-def riccati_sympy(A, B, Q, R, Qf):
+def riccati_sympy(A: list[sp.Matrix], B: list[sp.Matrix], Q: list[sp.Matrix], R: list[sp.Matrix],
+                  Qf: sp.Matrix):
     """``P_L = Q_f``, ``K_l``, ``P_l`` of the module docstring (exact)."""
     horizon = len(A)
     P, K = [None] * (horizon + 1), [None] * horizon
