@@ -1,7 +1,7 @@
 #!/bin/sh
 # The background queue of the experiments that take hours: the GLUE table and its gap measurements
 # (issue 14) and APET (16; complete, as is the unified subspace, which needs no step), then the other
-# studies cheapest first (15), the design table (18) last.  Every step is resumable
+# studies cheapest first (15), the design table (18) last, then its schedule check.  Every step is resumable
 # (finished cells are skipped, a stopped cell resumes from its checkpoint), so after any stop
 # the same command continues where the queue stopped.  One step at a time: each sweep already
 # uses every core (one torch thread per cell), and two sweeps side by side would oversubscribe them.
@@ -55,5 +55,6 @@ step composability
 step design_table --tasks cola,sst2  # then SST-2 (RTE does not separate methods at MiniLM's scale)
 step design_table --tasks cola,sst2,mrpc  # MRPC's table cells before RTE's selection: a third complete task first
 step design_table
+step design_schedule  # do the verdicts survive twice the epochs? (SST-2 and CoLA, ~8.7 core-h estimated)
 .venv/bin/controltune figures >> experiments/results/queue.log 2>&1  # every figure whose results now exist
 echo "$(date '+%F %T') queue: done"
