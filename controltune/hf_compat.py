@@ -32,7 +32,7 @@ def _mask_cache_keyword() -> str:
 
 
 def causal_mask(config: PretrainedConfig, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor):
+                position_ids: torch.Tensor) -> torch.Tensor | None:
     """transformers' causal + padding mask for a state ``inputs_embeds`` (S×T×d), without a KV cache."""
     from transformers.masking_utils import create_causal_mask
 

@@ -15,6 +15,8 @@ import torch
 from .batching import length_grouped_batches, shuffled_batches
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .system import ResidualSystem
     from .train_config import TrainConfig
 
@@ -31,7 +33,7 @@ def warmup_steps(config: TrainConfig, total: int) -> int:
     return int(round(config.warmup * total)) if config.warmup < 1 else int(config.warmup)
 
 
-def linear_schedule(warmup: int, total: int, decay: bool = True):
+def linear_schedule(warmup: int, total: int, decay: bool = True) -> Callable[[int], float]:
     """Multiplier of the peak rate at step t: ``(t+1)/warmup`` rising, then ``(total−t)/(total−warmup)``
     (``decay``) or 1."""
     def factor(step: int) -> float:

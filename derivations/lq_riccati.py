@@ -85,7 +85,8 @@ def base_case(n: int) -> dict[str, bool]:
     return {f"[n={n}] p_L = -Q_f x_L": vanishes(p_L + Qf * x)}
 
 
-def rational_problem(n: int, m: int, horizon: int, seed: int = 3):
+def rational_problem(n: int, m: int, horizon: int, seed: int = 3
+                     ) -> tuple[list[sp.Matrix], list[sp.Matrix], list[sp.Matrix], list[sp.Matrix], sp.Matrix]:
     """Exact rational ``A_l, B_l, Q_l (PSD), R_l (PD), Q_f`` drawn from a seeded generator."""
     import random
 
@@ -106,7 +107,7 @@ def rational_problem(n: int, m: int, horizon: int, seed: int = 3):
 
 
 def riccati_sympy(A: list[sp.Matrix], B: list[sp.Matrix], Q: list[sp.Matrix], R: list[sp.Matrix],
-                  Qf: sp.Matrix):
+                  Qf: sp.Matrix) -> tuple[list[sp.Matrix], list[sp.Matrix]]:
     """``P_L = Q_f``, ``K_l``, ``P_l`` of the module docstring (exact)."""
     horizon = len(A)
     P, K = [None] * (horizon + 1), [None] * horizon

@@ -43,7 +43,7 @@ RESULTS = Path(__file__).parent / "results"
 CONFIGS = ("backward", "graph", "graph_no_p0", "recompute")
 
 
-def build(batch_size: int, seq_len: int, seed: int):
+def build(batch_size: int, seq_len: int, seed: int) -> tuple[ResidualSystem, dict[str, torch.Tensor]]:
     """MiniLM float32 with LoRA (rank 8 on q, v) and a batch of real SST-2 text filling ``seq_len`` tokens."""
     import controltune as ct
     from controltune.controllers import build as build_controller
@@ -99,7 +99,7 @@ def saved_bytes(name: str, system: ResidualSystem, batch: dict[str, torch.Tensor
 
     seen: dict[int, int] = {}
 
-    def pack(t: torch.Tensor):
+    def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         seen[storage.data_ptr()] = storage.nbytes()
         return t

@@ -39,6 +39,8 @@ from controltune.results import stamp, write_json
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from peft import PeftModel
+
 OUT = Path(__file__).parent / "results" / "bench_peft.json"
 METHODS = {
     "lora": ({"rank": 8, "alpha": 16, "targets": ["q", "v"]},
@@ -62,7 +64,7 @@ def make_batch(seq_len: int) -> dict[str, torch.Tensor]:
     return {**dict(enc), "labels": torch.tensor([e.label for e in examples])}
 
 
-def controltune_step(method: str):
+def controltune_step(method: str) -> tuple[Callable[[dict[str, torch.Tensor]], float], int, ResidualSystem]:
     """A closure running one training step of the controltune controller; and its trainable count."""
     system = ResidualSystem(load_model("minilm"), seed=0)
     build(method, system, **METHODS[method][0])
@@ -79,7 +81,7 @@ def controltune_step(method: str):
     return step, sum(p.numel() for p in params), system
 
 
-def peft_step(method: str):
+def peft_step(method: str) -> tuple[Callable[[dict[str, torch.Tensor]], float], int, PeftModel]:
     """The same step with peft (the head and pooling written the same way)."""
     from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model  # noqa: F401
 

@@ -132,7 +132,7 @@ def train_steps(system: ResidualSystem, examples: list[Example], tokenizer: PreT
     return losses
 
 
-def make_system(loaded: LoadedModel, method: str, seed: int, options: dict[str, Any] | None = None):
+def make_system(loaded: LoadedModel, method: str, seed: int, options: dict[str, Any] | None = None) -> ResidualSystem:
     """A fresh system (deep copy of ``loaded``) with ``method`` attached."""
     torch.manual_seed(seed)
     system = ct.ResidualSystem(copy.deepcopy(loaded), seed=seed)

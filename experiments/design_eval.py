@@ -99,7 +99,7 @@ DEFAULT_GRID = (1e-3, 3e-3)
 N_TRAIN = {"sst2": 5000, "cola": 2000, "mrpc": 1000, "rte": 1000}  # sized for a shared 2-core CPU
 
 
-def split_train(task: str, n_train: int, n_val: int, seed: int):
+def split_train(task: str, n_train: int, n_val: int, seed: int) -> tuple[list[Example], list[Example]]:
     """Seeded train subsample -> (train rows, held-out validation rows)."""
     rows = load_split(task, "train", n=n_train + n_val, seed=seed)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -108,7 +108,7 @@ def split_train(task: str, n_train: int, n_val: int, seed: int):
 
 
 def build_system(budget: str, method: str, task_spec: TaskSpec, seed: int, train_rows: list[Example],
-                 tokenizer: PreTrainedTokenizerBase, max_length: int):
+                 tokenizer: PreTrainedTokenizerBase, max_length: int) -> tuple[ResidualSystem, dict, float, dict]:
     """MiniLM with the method attached -> (system, options, design seconds, design report)."""
     loaded = load_model("minilm", seed=seed)
     system = ResidualSystem(loaded, num_labels=task_spec.num_labels, seed=seed)

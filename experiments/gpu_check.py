@@ -32,9 +32,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from controltune.system import ResidualSystem
 
 RESULTS = Path(__file__).parent / "results"
 DTYPES = ("float32", "float64")
@@ -97,7 +100,8 @@ def run_verify(args: argparse.Namespace, dtype: str) -> dict[str, Any]:
             "batch_source": payload.get("batch_source"), "results": rows}
 
 
-def bench_system(model: str, device: torch.device, batch_size: int, seq_len: int, seed: int):
+def bench_system(model: str, device: torch.device, batch_size: int, seq_len: int, seed: int
+                 ) -> tuple[ResidualSystem, dict[str, torch.Tensor]]:
     """``model`` in float32 on ``device`` with LoRA (rank 8 on q, v) and a batch of joined SST-2 text
     filling ``seq_len`` tokens per row (no padding), as ``bench_costate.build`` does for MiniLM."""
     import controltune as ct

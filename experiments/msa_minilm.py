@@ -40,6 +40,8 @@ from controltune.results import append_jsonl, read_jsonl, stamp, write_json
 
 if TYPE_CHECKING:
     from controltune.data import Example, TaskSpec
+    from controltune.system import ResidualSystem
+    from controltune.zoo import LoadedModel
 
 RESULTS = Path(__file__).parent / "results"
 RUNS = {
@@ -61,7 +63,7 @@ def same_run(row: dict, cfg: dict, method: str) -> bool:
             and method in RUNS and (old.get("runs") or {}).get(method) == RUNS[method])
 
 
-def make_system(cfg: dict):
+def make_system(cfg: dict) -> tuple[LoadedModel, ResidualSystem]:
     loaded = ct.load_model("minilm", seed=cfg["seed"])
     system = ct.ResidualSystem(loaded, seed=cfg["seed"])
     build("lora", system, rank=cfg["rank"], targets=("q", "v"), seed=cfg["seed"])

@@ -148,7 +148,7 @@ def scale_claims(gains: list[dict[str, Any]], prompt_vs: list[dict[str, Any]], s
       (a tie with any method leaves "most" unshown, however many others prompt's gain exceeds);
     * selective-module tuning beats last-layer tuning in more than half of the (model, task) pairs;
     * last-layer and selective tuning do well: neither falls below full fine-tuning by 2 se anywhere."""
-    def count(items: list[dict[str, Any]], yes: str, no: str):
+    def count(items: list[dict[str, Any]], yes: str, no: str) -> tuple[int, int, int]:
         v = [i["verdict"] for i in items if i["verdict"] != "not a test"]
         return v.count(yes), v.count(no), len(v) - v.count(yes) - v.count(no)
 
@@ -175,7 +175,7 @@ def scale_claims_early(gains: list[dict[str, Any]], selective: list[dict[str, An
     decided only where no comparison still to run (a cell short of its seeds, or not run) can change them; "prompt
     tuning improves most" waits for the whole grid (it compares gains that need four cells each)."""
     def early(items: list[dict[str, Any]], yes: str, no: str, planned: int, share: float,
-              more_than: bool = False):
+              more_than: bool = False) -> bool | None:
         return early_verdict([i["verdict"] for i in items], yes, no, "tie", planned, share, more_than)
 
     above = [{**i, "verdict": "ok"} if i["verdict"] in ("above full FT", "tie with full FT") else i for i in do_well]

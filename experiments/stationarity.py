@@ -43,6 +43,8 @@ from controltune.results import append_jsonl, read_jsonl, stamp, write_json
 from controltune.schedule import linear_schedule
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from transformers import PreTrainedTokenizerBase
 
     from controltune.data import TaskSpec
@@ -83,7 +85,8 @@ def probe(system: ResidualSystem, batch: dict, phase: str, n_directions: int, se
 
 
 def run_method(loaded: LoadedModel, method: str, options: dict[str, Any], train: list[Example], fixed: dict,
-               dev: list[Example] | None, spec: TaskSpec, cfg: dict[str, Any], progress: bool = True):
+               dev: list[Example] | None, spec: TaskSpec, cfg: dict[str, Any], progress: bool = True
+               ) -> Iterator[dict[str, Any]]:
     """Yield the rows of one method: probe before, curve points every ``cfg['every']`` steps, probe after."""
     torch.manual_seed(cfg["seed"])
     system = ct.ResidualSystem(copy.deepcopy(loaded), num_labels=spec.num_labels, seed=cfg["seed"])

@@ -33,6 +33,7 @@ from .norms import least_norm_scale, real_rows, spectral_norm
 from .weights import BlockWeights, block_weights
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     from torch import nn
@@ -97,7 +98,7 @@ def _recording(system: ResidualSystem, layer: int, mask: torch.Tensor, roles: tu
     rec: dict[str, torch.Tensor] = {}
     handles = []
 
-    def saver(name: str):
+    def saver(name: str) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = args[0] if args else next(iter(kwargs.values()))
             rec[name] = real_rows(x.detach(), mask)

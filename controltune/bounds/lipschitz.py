@@ -130,7 +130,8 @@ def _param_names(module: nn.Module, params: Sequence[torch.Tensor]) -> list[str]
     return [ids[id(p)] for p in params]
 
 
-def _control_map(system: ResidualSystem, layer: int, x: torch.Tensor, ctx: Context):
+def _control_map(system: ResidualSystem, layer: int, x: torch.Tensor, ctx: Context
+                 ) -> tuple[tuple[torch.Tensor, ...], Callable[[Sequence[torch.Tensor]], torch.Tensor]]:
     """``(u_l, u ↦ m ⊙ f_l(x, u))``: block ``layer``'s layer controls (detached copies)
     and the block as a function of them at the fixed state ``x`` (padding masked)."""
     controls = layer_controls(system, layer)

@@ -16,10 +16,14 @@ among unions of k blocks; ``subspace``: of the given subspace), so
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
 from .weight_deltas import key_layer
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 STRUCTURES = ("rank", "subspace", "sparse", "layers")
 
@@ -95,7 +99,7 @@ def project_subspace(values: Mapping[str, torch.Tensor], dim: int, seed: int = 0
     return out
 
 
-def _gaussian_chunks(n_rows: int, dim: int, seed: int, chunk: int):
+def _gaussian_chunks(n_rows: int, dim: int, seed: int, chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
     gen = torch.Generator().manual_seed(int(seed))
     for i in range(0, n_rows, chunk):
         yield i, torch.randn(min(chunk, n_rows - i), dim, generator=gen, dtype=torch.float64)

@@ -18,7 +18,7 @@ import torch
 from ..results import stamp, write_json
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Iterator
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,6 +90,6 @@ class _OnDevice:
     def __init__(self, loader: Iterable[dict[str, torch.Tensor]], device: torch.device) -> None:
         self.loader, self.device = loader, device
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for batch in self.loader:
             yield {k: v.to(self.device) for k, v in batch.items()}

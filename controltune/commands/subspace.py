@@ -25,9 +25,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..results import stamp, write_json
 from .models import vars_of
+
+if TYPE_CHECKING:
+    from ..zoo import LoadedModel
 
 STAGES = ("approximate", "optimize", "transfer", "landscape")
 
@@ -100,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
             "landscape": _landscape}[args.stage](args)
 
 
-def _loaded(args: argparse.Namespace):
+def _loaded(args: argparse.Namespace) -> LoadedModel:
     from ..zoo import load_model
 
     return load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed)

@@ -41,6 +41,7 @@ import torch
 from ..results import stamp, write_json
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from concurrent.futures import Executor
 
     from transformers import PreTrainedTokenizerBase
@@ -163,7 +164,7 @@ def verify_method(loaded: LoadedModel, method: str, batch: dict, args: argparse.
             "seconds": {"build": built - start, **report.seconds, "total": time.perf_counter() - start}}
 
 
-def _rows(loaded: LoadedModel, methods: list[str], batch: dict, args: argparse.Namespace):
+def _rows(loaded: LoadedModel, methods: list[str], batch: dict, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     """The rows of ``methods`` in order: here one by one, or from ``--jobs`` worker processes."""
     jobs = int(getattr(args, "jobs", 1) or 1)
     if jobs == 1 or len(methods) < 2:
@@ -195,7 +196,7 @@ def _rows(loaded: LoadedModel, methods: list[str], batch: dict, args: argparse.N
             yield rows.pop(i) if i in rows else verify_method(loaded, methods[i], batch, args)
 
 
-def _scheduled(pool: Executor, jobs: int, methods: list[str], batch: dict):
+def _scheduled(pool: Executor, jobs: int, methods: list[str], batch: dict) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(index, row)`` as methods finish in ``pool``: the dense ones (:attr:`Controller.dense`, several times the
     model's memory each) first and never two at a time, the others filling the remaining workers."""
     from concurrent.futures import FIRST_COMPLETED, wait
@@ -237,7 +238,7 @@ def _worker_row(method: str, batch: dict) -> dict[str, Any]:
     return verify_method(_WORKER["loaded"], method, batch, _WORKER["args"])
 
 
-def _verify(system: ResidualSystem, batch: dict, args: argparse.Namespace):
+def _verify(system: ResidualSystem, batch: dict, args: argparse.Namespace) -> Verification:
     from ..verification import FD_STEP, verify
 
     return verify(system, batch, mode=args.mode, fd=not args.no_fd, forward=not args.no_forward,

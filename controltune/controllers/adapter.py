@@ -41,6 +41,8 @@ from .base import (
 )
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from ..system import ResidualSystem
 
 NONLINEARITIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -134,7 +136,7 @@ class InputTap(nn.Module):
         super().__init__()
         self.value: torch.Tensor | None = None
 
-    def forward(self, base: nn.Module, x: torch.Tensor, *args, **kwargs):
+    def forward(self, base: nn.Module, x: torch.Tensor, *args, **kwargs) -> Any:
         self.value = x
         return base(x, *args, **kwargs)
 

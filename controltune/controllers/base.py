@@ -35,6 +35,8 @@ from torch.func import functional_call
 from ..control import Control, cost_share
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from ..system import ResidualSystem
 
 GROUPS = ("addition", "specification", "reparameterisation", "combination", "reference")
@@ -72,7 +74,7 @@ class Wrapped(nn.Module):
         self.base_layer = base_layer
         self.delta = delta
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, **kwargs) -> Any:
         return self.delta(self.base_layer, *args, **kwargs)
 
 
@@ -107,7 +109,7 @@ class ParamDelta(nn.Module):
     def effective(self, base: nn.Module) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def forward(self, base: nn.Module, *args, **kwargs):
+    def forward(self, base: nn.Module, *args, **kwargs) -> Any:
         return functional_call(base, self.effective(base), args, kwargs, strict=False)
 
 

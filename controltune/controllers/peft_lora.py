@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 INITS = ("default", "gaussian", "pissa", "olora", "lora_ga", "eva", "adapter")
 
 
-def _peft():
+def _peft() -> ModuleType:
     try:
         import peft
     except ImportError as err:  # pragma: no cover - the extra is part of the test install

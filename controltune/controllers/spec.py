@@ -16,6 +16,7 @@ from .base import REGISTRY, canonical, check_options
 
 if TYPE_CHECKING:
     from ..system import ResidualSystem
+    from .base import Controller
 
 
 def parse_value(text: str) -> Any:
@@ -94,7 +95,8 @@ def controller_spec(method: str, options: dict[str, Any], seed: int,
     return "combination", {"parts": [[n, seeded(n, o)] for n, o in parts.items()]}
 
 
-def build_spec(system: ResidualSystem, method: str, options: dict[str, Any], seed: int, task: str | None = None):
+def build_spec(system: ResidualSystem, method: str, options: dict[str, Any], seed: int, task: str | None = None
+               ) -> Controller:
     """Attach ``method`` (a name or ``a+b``) with ``options`` to ``system``; returns the controller."""
     from .base import build
 

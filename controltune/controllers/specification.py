@@ -51,7 +51,7 @@ class BitFit(AdditiveController):
         super().__init__(weight_decay)
         self.layers = layers
 
-    def select(self, system: ResidualSystem):
+    def select(self, system: ResidualSystem) -> tuple[list[ParamSite], dict[int, torch.Tensor]]:
         fam = system.family
         roles = [r for r in (*fam.linear_roles, "ln_attn", "ln_ffn") if r in fam.roles]
         sites = target_parameters(system, roles, self.layers, names=("bias",))
@@ -79,7 +79,7 @@ class LayerNormTuning(AdditiveController):
         super().__init__(weight_decay)
         self.layers, self.final_norm = layers, bool(final_norm)
 
-    def select(self, system: ResidualSystem):
+    def select(self, system: ResidualSystem) -> tuple[list[ParamSite], dict[int, torch.Tensor]]:
         sites = target_parameters(system, ("ln_attn", "ln_ffn"), self.layers)
         if self.final_norm:
             sites += final_norm_parameters(system)
@@ -97,7 +97,7 @@ class LastLayerTuning(AdditiveController):
         super().__init__(weight_decay)
         self.n_layers = positive_int(n_layers, "n_layers", self.method)
 
-    def select(self, system: ResidualSystem):
+    def select(self, system: ResidualSystem) -> tuple[list[ParamSite], dict[int, torch.Tensor]]:
         n = system.n_layers
         if not 1 <= self.n_layers <= n:
             raise UnsupportedMethodError(f"last_layer n_layers={self.n_layers} must be between 1 and {n} "
@@ -124,7 +124,7 @@ class SelectiveTuning(AdditiveController):
         super().__init__(weight_decay)
         self.budget, self.layers, self.seed = budget, layers, int(seed)
 
-    def select(self, system: ResidualSystem):
+    def select(self, system: ResidualSystem) -> tuple[list[ParamSite], dict[int, torch.Tensor]]:
         modules: dict[str, list[ParamSite]] = {}
         for s in block_parameters(system, self.layers):
             modules.setdefault(s.owner_key, []).append(s)
@@ -163,7 +163,7 @@ class ArbitraryTuning(AdditiveController):
         group_size = positive_int(group_size, "group_size", self.method)
         self.budget, self.group_size, self.layers, self.seed = budget, group_size, layers, int(seed)
 
-    def select(self, system: ResidualSystem):
+    def select(self, system: ResidualSystem) -> tuple[list[ParamSite], dict[int, torch.Tensor]]:
         sites = block_parameters(system, self.layers)
         numel = torch.tensor([s.numel() for s in sites])
         count = budget_count(self.budget, int(numel.sum()))

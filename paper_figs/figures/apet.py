@@ -8,11 +8,14 @@ rank correlation of the draws' control-theoretic scores with their dev scores.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controltune.figures import FigureSpec, new_figure
 
 from ._common import edge_rate_note, load_json, sci, versions_line
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SOURCE = "apet.json"
 COLOURS = {"minilm": "tab:blue", "smollm2": "tab:red"}
@@ -23,7 +26,7 @@ def _tasks(payload: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(c["task"] for c in payload["cells"]))
 
 
-def draw_positions(results_dir: Path):
+def draw_positions(results_dir: Path) -> Figure:
     """Per task: every draw's seed-mean dev score against the budget, per model (the spread is the position
     effect)."""
     payload = load_json(results_dir, SOURCE)
@@ -48,7 +51,7 @@ def draw_positions(results_dir: Path):
     return fig
 
 
-def draw_scale(results_dir: Path):
+def draw_scale(results_dir: Path) -> Figure:
     """Per task: mean dev score against the budget per model, with full fine-tuning and majority lines."""
     payload = load_json(results_dir, SOURCE)
     tasks = _tasks(payload)

@@ -8,11 +8,14 @@ of full fine-tuning's gain over it; the orders claimed by the Delta Tuning paper
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controltune.figures import FigureSpec, new_figure
 
 from ._common import load_json, versions_line
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SOURCE = "convergence.json"
 TASKS = (("sst2", "SST-2"), ("mrpc", "MRPC"), ("rte", "RTE"), ("cola", "CoLA"))
@@ -24,7 +27,7 @@ def _rows(payload: dict[str, Any], task: str) -> list[dict[str, Any]]:
     return [r for r in payload["rows"] if r["task"] == task]
 
 
-def draw(results_dir: Path):
+def draw(results_dir: Path) -> Figure:
     """Two rows of panels, one column per task with curves: validation score against training step (top) and
     against wall time (bottom: each evaluation's step times the method's mean seconds per step over its seeds),
     the majority and common levels as horizontal lines."""

@@ -18,6 +18,7 @@ from ._common import argv_from_config, load_json, versions_line
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 SOURCE = "costate_profile.json"
 COLOURS = {"lora": "tab:blue", "adapter": "tab:orange", "prefix": "tab:green", "prompt": "tab:red",
@@ -51,7 +52,7 @@ def init_groups(payload: dict[str, Any]) -> list[list[str]]:
     return groups
 
 
-def draw(results_dir: Path):
+def draw(results_dir: Path) -> Figure:
     """Left: ‖p_l‖ vs l, after training (solid) and at init (dashed); right: after/before ratio per layer."""
     payload = load_json(results_dir, SOURCE)
     rows = _rows(payload)

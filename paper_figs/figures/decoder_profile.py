@@ -12,11 +12,14 @@ Depth is drawn as l / L so that 6 and 30 blocks share an axis.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controltune.figures import FigureSpec, new_figure
 
 from ._common import argv_from_config, load_json, sci, versions_line
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 MODELS = ("minilm", "smollm2")
 SOURCES = tuple(f"decoder_profile_{m}.json" for m in MODELS)
@@ -47,7 +50,7 @@ def _blocks_depth(n_blocks: int) -> list[float]:
     return [i / n_blocks for i in range(n_blocks)]
 
 
-def draw_costates(results_dir: Path):
+def draw_costates(results_dir: Path) -> Figure:
     """Left: ‖p_l‖ against depth, both models; middle and right: per-token ‖x_l‖ and ‖p_l‖, massive vs other."""
     data = _load(results_dir)
     fig = new_figure(11.0, 3.8)
@@ -90,7 +93,7 @@ def draw_costates(results_dir: Path):
     return fig
 
 
-def draw_lipschitz(results_dir: Path):
+def draw_lipschitz(results_dir: Path) -> Figure:
     """Per block: local a_l, local b_l, ‖∇_{u_l} H_l‖ and the fraction of max-condition probes passing."""
     data = _load(results_dir)
     fig = new_figure(12.0, 3.5)

@@ -9,13 +9,17 @@ gives it under each score, and per block ``‖p_{l+1}‖²`` (an additive contro
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from matplotlib.colors import LogNorm
 
 from controltune.figures import FigureSpec, new_figure
 
 from ._common import argv_from_config, load_json, sci, versions_line
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
 
 SOURCE = "design_scores.json"
 SCORES = (("gramian", r"controllability-Gramian trace $\mathrm{tr}(C^\top H C)/S$"),
@@ -38,7 +42,7 @@ def _ranks(payload: dict[str, Any], score: str) -> dict[tuple[int, str], int]:
     return {(r["layer"], r["role"]): r[f"rank_{score}"] for r in payload["sites"]}
 
 
-def draw(results_dir: Path):
+def draw(results_dir: Path) -> Figure:
     """Two heat maps (blocks × roles, normalised, log colour) with the allocated LoRA ranks, and the
     per-block co-state energy of an additive control on the block output."""
     payload = load_json(results_dir, SOURCE)
@@ -78,7 +82,7 @@ def draw(results_dir: Path):
     return fig
 
 
-def _cell_frame(col: int, row: int):
+def _cell_frame(col: int, row: int) -> Rectangle:
     from matplotlib.patches import Rectangle
 
     return Rectangle((col - 0.5, row - 0.5), 1.0, 1.0, fill=False, edgecolor="tab:cyan", linewidth=1.6)

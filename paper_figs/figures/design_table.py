@@ -40,7 +40,7 @@ def _designs(payload: dict[str, Any]) -> set[str]:
     return {r["design"] for r in payload["rows"]} | set(payload["config"].get("designs", []))
 
 
-def draw(results_dir: Path):
+def draw(results_dir: Path) -> Figure:
     """Rows: budgets; columns: tasks; bars: every method's mean dev score ± std (designs hatched), LoRA dashed."""
     payload = load_json(results_dir, SOURCE)
     budgets = list(dict.fromkeys(c["budget"] for c in payload["cells"]))
@@ -188,7 +188,7 @@ def _legend(fig: Figure, axes: Iterable[Axes]) -> None:
     fig.legend(handles, labels, loc="outside right", fontsize=6)
 
 
-def draw_pareto(results_dir: Path):
+def draw_pareto(results_dir: Path) -> Figure:
     """Columns: tasks; per method its two budgets joined: dev score (mean ± std over seeds) against trainable
     parameters (the head aside)."""
     payload = load_json(results_dir, SOURCE)
@@ -211,7 +211,7 @@ def draw_pareto(results_dir: Path):
     return fig
 
 
-def draw_curves(results_dir: Path):
+def draw_curves(results_dir: Path) -> Figure:
     """Rows: budgets; columns: tasks; per method the validation score at each evaluation, mean over the seeds at
     the chosen rate (``val_curve`` of each cell)."""
     payload = load_json(results_dir, SOURCE)

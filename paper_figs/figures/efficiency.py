@@ -10,11 +10,14 @@ compares the savings with the Delta Tuning paper's (up to 3/4 of peak memory at 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controltune.figures import FigureSpec, new_figure
 
 from ._common import load_json, versions_line
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SOURCE = "efficiency.json"
 MODELS = (("minilm", "MiniLM (22.7M)"), ("smollm2", "SmolLM2 (134.5M)"))
@@ -26,7 +29,7 @@ def _rows(payload: dict[str, Any], model: str) -> list[dict[str, Any]]:
     return [r for r in payload["rows"] if r["model"] == model and r["peak_mb"] is not None]
 
 
-def draw(results_dir: Path):
+def draw(results_dir: Path) -> Figure:
     """Per model: peak memory (MB) against batch size per method (top), and step time (bottom); log axes."""
     payload = load_json(results_dir, SOURCE)
     models = [(m, t) for m, t in MODELS if _rows(payload, m)]

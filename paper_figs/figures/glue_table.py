@@ -11,11 +11,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controltune.figures import FigureSpec, new_figure
 
 from ._common import edge_rate_note, load_json, regret_note, seed_listing, two_se_sign, versions_line
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SOURCE = "glue_table.json"
 TASKS = (("sst2", "SST-2"), ("mrpc", "MRPC"), ("rte", "RTE"), ("cola", "CoLA"))
@@ -34,7 +37,7 @@ def _majority(payload: dict[str, Any], task: str) -> dict[str, Any] | None:
     return next((r for r in payload.get("majority", []) if r["task"] == task), None)
 
 
-def draw(results_dir: Path):
+def draw(results_dir: Path) -> Figure:
     """One panel per task: a bar per method (mean ± std over seeds, n = seeds), the majority-class level dashed."""
     payload = load_json(results_dir, SOURCE)
     fig = new_figure(11.0, 3.3)

@@ -24,6 +24,7 @@ from ._common import argv_from_config, load_json, sci, versions_line
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 TASKS = ("sst2", "rte")
 SOURCES = tuple(f"bound_study_{t}.json" for t in TASKS)
@@ -84,7 +85,7 @@ def per_layer_constants(study: dict[str, Any]) -> dict[str, tuple[list[float], l
     return out
 
 
-def draw_constants(results_dir: Path):
+def draw_constants(results_dir: Path) -> Figure:
     """State and control Lipschitz constants per layer, every estimator, both tasks (log y)."""
     studies = _studies(results_dir)
     fig = new_figure(10.0, 4.0)
@@ -131,7 +132,7 @@ def _value(row: dict[str, Any], key: str) -> float:
     return row["bounds"][key]["cost"]
 
 
-def draw_gap(results_dir: Path):
+def draw_gap(results_dir: Path) -> Figure:
     """Measured gap, co-state estimate and finite bounds against the size of each structure (log-log); below,
     the certified bound of the supremum over the ball against the attack and the gap (:func:`draw_certified`)."""
     studies = _studies(results_dir)

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controltune.figures import FigureSpec, new_figure
 
 from ._common import argv_from_config, load_json, sci, versions_line
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TOY_SOURCE = "msa_toy.json"
 MINILM_SOURCE = "msa_minilm.json"
@@ -52,7 +55,7 @@ def _toy_label(method: str, best: dict[str, Any]) -> str:
     return f"{label} (lr {best['lr']}{rho})"
 
 
-def draw_toy(results_dir: Path):
+def draw_toy(results_dir: Path) -> Figure:
     """Train and test loss per iteration, each method at its best rate (log y)."""
     payload = load_json(results_dir, TOY_SOURCE)
     fig = new_figure(9.0, 3.6)
@@ -102,7 +105,7 @@ def caption_toy(results_dir: Path) -> str:
         f"{rows}. Command: `{' '.join(command)}` ({versions_line(payload)}).")
 
 
-def draw_minilm(results_dir: Path):
+def draw_minilm(results_dir: Path) -> Figure:
     """Mini-batch training cost and dev accuracy against iteration, and dev accuracy against training time."""
     payload = load_json(results_dir, MINILM_SOURCE)
     curves = payload["curves"]

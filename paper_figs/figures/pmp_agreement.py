@@ -35,6 +35,8 @@ from ._common import argv_from_config, load_json, sci, versions_line
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.colors import Colormap
+    from matplotlib.figure import Figure
 
 DTYPES = ("float64", "float32")
 SOURCES = tuple(f"verify_minilm_{d}.json" for d in DTYPES)
@@ -160,7 +162,7 @@ def _label_column(c: int | str) -> str:
     return f"$u_{{{c}}}$" if isinstance(c, int) else c
 
 
-def draw(results_dir: Path):
+def draw(results_dir: Path) -> Figure:
     """Methods × layers heat maps: rows = legs (autograd, forward mode, FD, FD raw), columns = dtype × (p_l, ∇_u H)."""
     payloads = {d: load_json(results_dir, s) for d, s in zip(DTYPES, SOURCES)}
     panels = {(d, leg): error_matrices(payloads[d], leg) for d in DTYPES for leg, _ in LEGS}
@@ -219,7 +221,7 @@ def draw(results_dir: Path):
     return fig
 
 
-def _cmap():
+def _cmap() -> Colormap:
     from matplotlib import colormaps
 
     # light = small: the (many) exact zeros recede, the errors stand out

@@ -20,6 +20,7 @@ from ._common import argv_from_config, load_json, sci, versions_line
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 SOURCE = "stationarity.json"
 LABELS = {"lora": "LoRA", "adapter": "adapter"}
@@ -32,7 +33,7 @@ def _label(method: str, cfg: dict[str, Any]) -> str:
     return f"{LABELS.get(method, method)} ({detail})" if detail else LABELS.get(method, method)
 
 
-def draw_stationarity(results_dir: Path):
+def draw_stationarity(results_dir: Path) -> Figure:
     """One panel per method: ‖∇_{u_l} H_l‖ against step, one line per layer (log y); last panel: losses."""
     payload = load_json(results_dir, SOURCE)
     cfg, methods = payload["config"], payload["methods"]
@@ -73,7 +74,7 @@ def draw_stationarity(results_dir: Path):
     return fig
 
 
-def draw_max_condition(results_dir: Path):
+def draw_max_condition(results_dir: Path) -> Figure:
     """Per method (columns): top, per block and radius, the fraction of probes that are local maxima of H_l
     at init (hatched) and after training (filled); bottom (when recorded), ``H_l(u* + t‖u*_l‖v) − H_l(u*)``
     along one random direction per block, at init (dashed) and trained (solid)."""

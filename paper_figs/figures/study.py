@@ -9,11 +9,14 @@ claim and whether it holds here, with the numbers.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controltune.figures import FigureSpec, new_figure
 
 from ._common import flagged_runs_note, load_json, versions_line
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TASKS = ("sst2", "mrpc", "rte", "cola")
 SINGLE = ("lora", "adapter", "prefix", "prompt", "bitfit")
@@ -46,7 +49,7 @@ SHORT = {"prompt": "P", "bitfit": "B", "adapter": "A"}
 """Tick labels of the subsets: P prompt, B BitFit, A adapter."""
 
 
-def draw_composability(results_dir: Path):
+def draw_composability(results_dir: Path) -> Figure:
     """Per task with cells: dev score of each subset of {prompt, BitFit, adapter} (mean ± std over seeds, the
     number of seeds above each point), the majority class dotted."""
     payload = load_json(results_dir, "composability.json")
@@ -127,7 +130,7 @@ def caption_composability(results_dir: Path) -> str:
 
 
 # --- generalisation gap ----------------------------------------------------------------------------
-def draw_gap(results_dir: Path):
+def draw_gap(results_dir: Path) -> Figure:
     """Per task: the train − dev gap of full fine-tuning, each single method (± std over seeds) and, once the
     composability study has run, each combination (the metrics differ across tasks, so no mean over them)."""
     payload = load_json(results_dir, "generalization_gap.json")
@@ -192,7 +195,7 @@ def caption_gap(results_dir: Path) -> str:
 
 
 # --- sequential ---------------------------------------------------------------------------------------
-def draw_sequential(results_dir: Path):
+def draw_sequential(results_dir: Path) -> Figure:
     """Dev score after each stage (mean ± std over seeds), one line per order; the majority class dashed."""
     payload = load_json(results_dir, "sequential.json")
     fig = new_figure(5.5, 3.0)
@@ -253,7 +256,7 @@ def caption_sequential(results_dir: Path) -> str:
 
 
 # --- transfer -----------------------------------------------------------------------------------------
-def draw_transfer(results_dir: Path):
+def draw_transfer(results_dir: Path) -> Figure:
     """Per method: the source × target matrix of gain shares over the majority class (blank: target not learnt)."""
     payload = load_json(results_dir, "transfer.json")
     methods = list(dict.fromkeys(m["method"] for m in payload["matrix"]))
@@ -326,7 +329,7 @@ def caption_transfer(results_dir: Path) -> str:
 
 
 # --- scale ----------------------------------------------------------------------------------------------
-def draw_scale(results_dir: Path):
+def draw_scale(results_dir: Path) -> Figure:
     """Per task: each method's dev score on both models (mean ± std over seeds, the number of seeds beside each
     point), the majority class dotted."""
     payload = load_json(results_dir, "scale.json")
@@ -411,7 +414,7 @@ def caption_scale(results_dir: Path) -> str:
 
 
 # --- UniPELT -----------------------------------------------------------------------------------------
-def draw_unipelt(results_dir: Path):
+def draw_unipelt(results_dir: Path) -> Figure:
     """Per task with cells: dev score against K for UniPELT and its parts, the majority class dotted."""
     payload = load_json(results_dir, "unipelt_low_resource.json")
     levels = {c["task"]: c["majority"] for c in payload.get("comparisons", [])}

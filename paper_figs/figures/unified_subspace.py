@@ -9,11 +9,14 @@ dev score on the plane of a source task's intrinsic vectors.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controltune.figures import FigureSpec, new_figure
 
 from ._common import edge_rate_note, load_json, versions_line
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SOURCE, LANDSCAPE = "unified_subspace.json", "unified_landscape.json"
 METHODS = ("lora", "adapter", "prefix")
@@ -57,7 +60,7 @@ def recovered(payload: dict[str, Any]) -> tuple[dict[int, list[float]], list[str
     return out, left_out
 
 
-def draw_unified(results_dir: Path):
+def draw_unified(results_dir: Path) -> Figure:
     """Per target task: original-space and subspace (each dimension) dev score per method, with std over seeds."""
     payload = load_json(results_dir, SOURCE)
     cells = _cells(payload)
@@ -100,7 +103,7 @@ def _landscape(results_dir: Path) -> dict[str, Any] | None:
     return load_json(results_dir, LANDSCAPE) if path.is_file() else None
 
 
-def draw_transfer(results_dir: Path):
+def draw_transfer(results_dir: Path) -> Figure:
     """Transfer matrices (relative to the target method's original score, mean over targets) per dimension, and
     the landscape of every method on a source task's interpolation plane."""
     payload = load_json(results_dir, SOURCE)

@@ -65,6 +65,8 @@ from ..base import (
 )
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from ...system import ResidualSystem
 
 SUBLAYERS = ("attn", "ffn")
@@ -113,7 +115,7 @@ class ParallelControlDelta(nn.Module):
         self.control = control
         self.tap = tap
 
-    def forward(self, base: nn.Module, *args, **kwargs):
+    def forward(self, base: nn.Module, *args, **kwargs) -> torch.Tensor | tuple[Any, ...]:
         out = base(*args, **kwargs)
         delta = self.control(self.tap.read("parallel_control"))
         if isinstance(out, tuple):  # attention modules return (output, weights)

@@ -43,6 +43,8 @@ from ...design.riccati import dlqr, lqr_rollout
 from ..base import Control, Controller, Site, UnsupportedMethodError, positive_int, register, wrap
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from ...system import ResidualSystem
 
 
@@ -55,7 +57,7 @@ class ResidualFeedback(nn.Module):
         self.F = nn.Parameter(torch.zeros(m, d, dtype=like.dtype, device=like.device))
         self.c = nn.Parameter(torch.zeros(m, dtype=like.dtype, device=like.device))
 
-    def forward(self, block: nn.Module, *args, **kwargs):
+    def forward(self, block: nn.Module, *args, **kwargs) -> torch.Tensor | tuple[Any, ...]:
         x = args[0] if args else kwargs["hidden_states"]
         out = block(*args, **kwargs)
         delta = (x @ self.F.T + self.c) @ self.U.T
