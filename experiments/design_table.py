@@ -223,6 +223,28 @@ def _designs(rows: list[dict[str, Any]], method: str) -> list[Any] | None:
     return reports if any(reports) else None
 
 
+def costate_search(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Where the co-state initialisation's line searches stopped, per ``"task/budget"``, over the distinct searches
+    of its rows (the design batch is seeded by ``design_seed``, but the co-state runs through the run's own
+    random head, so each seed searches anew): each step ``η`` against the grid searched (``η_0·2^{-j}``, j = 0..8,
+    :class:`~controltune.controllers.designed.costate_lora.CostateLoRA`), the held-out J at the pretrained start
+    (``J0_search``) and at the step (``J_search``): ``{searches, at_smallest, lowered, mean_change}`` — how many
+    stopped at the grid's smallest step, how many lowered the held-out J, and the mean of ``J_search − J0_search``."""
+    found: dict[str, set[tuple[float, float, float, float]]] = {}
+    for r in rows:
+        report = (r.get("designs") or {}).get("costate_lora")
+        if r.get("status") != "done" or not report or "grid" not in report:
+            continue
+        task, budget, _ = pair_key(r)
+        smallest = min(eta for _, eta in report["grid"])
+        found.setdefault(f"{task}/{budget}", set()).add(
+            (report["step"], smallest, report["J0_search"], report["J_search"]))
+    return {key: {"searches": len(mine), "at_smallest": sum(step == low for step, low, _, _ in mine),
+                  "lowered": sum(j < j0 for _, _, j0, j in mine),
+                  "mean_change": statistics.fmean(j - j0 for _, _, j0, j in mine)}
+            for key, mine in sorted(found.items())}
+
+
 def mean_curve(rows: list[dict[str, Any]], metric: str | None) -> list[dict[str, float]] | None:
     """The seeds' mean validation curve ``[{step, mean, n}]``: ``metric`` at each evaluation step that every seed
     of ``rows`` with a curve reached (a seed stopped early by divergence shortens it); None without curves."""
@@ -358,6 +380,7 @@ def summary(tasks: Sequence[str], budgets: Sequence[str]) -> dict[str, Any]:
                "majority": {t: levels[t] for t in tasks if t in levels},
                "selection_regret": regret_by_task(select_rows, pair_key),
                "resolution": resolution(rows, list(tasks)),
+               "costate_search": costate_search(select_rows + table_rows),
                "wins": sum(r["verdict"] == "win" and r["baseline"] == "lora" for r in rows)}
     # stated in the summary so that the figures' captions read the rule rather than restate it
     payload["complete_tasks"] = [t for t in tasks if task_complete(payload, t)]

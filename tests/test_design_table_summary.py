@@ -151,3 +151,20 @@ def test_markdown_flag_prints_the_table_of_the_summary_file(tmp_path, monkeypatc
     printed = capsys.readouterr().out
     assert printed.strip() == design_table.markdown_table(payload)
     assert "| b74k | `lora` | 0.300 ± 0.010 |" in printed and "CoLA (MCC; running)" in printed  # 12 cells missing
+
+
+def test_the_costate_line_searches_are_counted_once_each_per_task_and_budget():
+    def row(seed, step, j0, j, lr=1e-3):
+        _, options, _ = design_table.BUDGETS["b18k"]["costate_lora"]
+        grid = [[j + 0.1 * k, step * 2.0 ** k] for k in range(3)][::-1]  # the smallest step last, as searched
+        return sweep_row({"task": "cola", "method": "costate_lora", "options": options, "lr": lr, "seed": seed},
+                         0.2, designs={"costate_lora": {"step": step, "J0_search": j0, "J_search": j, "grid": grid}})
+
+    smallest = row(0, 0.1, 0.65, 0.66)  # the grid's smallest step, above the pretrained start's J
+    rows = [smallest, {**smallest, "config": {**smallest["config"], "lr": 4e-3}},  # same search at another rate
+            row(1, 0.2, 0.67, 0.66), row(2, 6.0, 0.70, 0.65)]
+    rows[2]["designs"]["costate_lora"]["grid"].append([0.7, 0.05])  # seed 1 searched below its step
+    rows[3]["designs"]["costate_lora"]["grid"].append([0.7, 0.5])
+    assert design_table.costate_search(rows) == {"cola/b18k": {"searches": 3, "at_smallest": 1, "lowered": 2,
+                                                               "mean_change": pytest.approx((0.01 - 0.01 - 0.05) / 3)}}
+

@@ -336,3 +336,19 @@ def test_design_table_section_states_the_margin_a_win_needed_on_each_complete_ta
     if "sst2" in payload["complete_tasks"]:
         assert f"On SST-2 no design's mean is more than {sst2['closest']['difference']:.3f} above LoRA's" in said
 
+
+def test_design_table_section_states_where_the_costate_line_searches_stopped():
+    payload = _load("design_table.json")
+    said = " ".join(_design_section().split()).split("**The co-state initialisation designs through a random head.**",
+                                                     1)[1].split("- **", 1)[0]
+    found = payload["costate_search"]
+    tasks = [t for t in TASK_NAMES if t in payload["complete_tasks"]]
+    for t in tasks:  # the sentence states one count per task for both budgets
+        assert found[f"{t}/b74k"] == {**found[f"{t}/b18k"], "mean_change": found[f"{t}/b74k"]["mean_change"]}, t
+    smallest = " and ".join(f"{found[t + '/b74k']['at_smallest']} of {found[t + '/b74k']['searches']}"
+                            + ("" if i else " searches") + f" on {TASK_NAMES[t]}" for i, t in enumerate(tasks))
+    lowered = " and ".join(f"{found[t + '/b74k']['lowered']} of {found[t + '/b74k']['searches']} on {TASK_NAMES[t]}"
+                           for t in tasks)
+    assert f"grid's smallest step in {smallest} at each budget" in said
+    assert f"lowered the held-out J in {lowered}" in said
+

@@ -121,12 +121,23 @@ def caption(results_dir: Path) -> str:
         f"equal parameters): {wins} wins, {goal}."
         + _bracket_note(payload.get("cells", []))
         + _resolution_note(payload.get("resolution", {}))
+        + _costate_search_note(payload.get("costate_search", {}))
         + _refinement_note(payload.get("refinement", {}))
         + regret_note(payload.get("selection_regret", {}))
         + flagged_runs_note(payload.get("cells", []), lambda c: f"{c['task']}/{c['budget']} {c['method']}")
         + " Command: `python experiments/design_table.py` "
         f"({versions_line(payload)})."
     )
+
+
+def _costate_search_note(found: dict[str, dict[str, Any]]) -> str:
+    """Where the co-state initialisation's line searches stopped (its co-state runs through each seed's random
+    head, so each seed searches anew): at the grid's smallest step, and whether the held-out J fell."""
+    return (" The co-state initialisation's line searches (one per seed: its co-state runs through the seed's "
+            "randomly initialised head), per task/budget: stopped at the grid's smallest step in, lowered the "
+            "held-out J in, of the searches: "
+            + "; ".join(f"{k} {v['at_smallest']}, {v['lowered']} of {v['searches']} (mean change "
+                        f"{v['mean_change']:+.3f})" for k, v in found.items()) + "." if found else "")
 
 
 def _resolution_note(found: dict[str, dict[str, Any]]) -> str:
