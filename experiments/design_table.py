@@ -73,6 +73,7 @@ from verdicts import (  # noqa: E402
     mean_std,
     near_one_class_seeds,
     one_class_seeds,
+    resolution,
     two_se,
 )
 
@@ -302,27 +303,6 @@ def refinement(cells: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def resolution(rows: list[dict[str, Any]], tasks: list[str]) -> dict[str, dict[str, Any]]:
-    """Per task, what its verdicts against LoRA can resolve: over the design-against-LoRA rows with 3 scored seeds
-    on both sides, the margin a win needed, ``2·se`` (:func:`verdicts.two_se`; smallest, median, largest), and the
-    row with the largest difference in a design's favour: ``{task: {n, margin_min, margin_median, margin_max,
-    closest: {design, budget, difference, margin, verdict}}}``.  A tie says "closer than the margin", no more."""
-    out: dict[str, dict[str, Any]] = {}
-    for task in tasks:
-        mine = [r for r in rows if r["task"] == task and r["baseline"] == "lora" and r["se"] is not None
-                and min(r["n_seeds"], r["baseline_n_seeds"]) >= MIN_SEEDS]
-        if not mine:
-            continue
-        margins = [2 * r["se"] for r in mine]
-        best = max(mine, key=lambda r: r["difference"])
-        out[task] = {"n": len(mine), "margin_min": min(margins), "margin_median": statistics.median(margins),
-                     "margin_max": max(margins),
-                     "closest": {"design": best["design"], "budget": best["budget"],
-                                 "difference": best["difference"], "margin": 2 * best["se"],
-                                 "verdict": best["verdict"]}}
-    return out
-
-
 def earlier_verdicts(cells: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:
     """Every (design, baseline) verdict on ``task`` (:func:`verdict`) had each pair with a complete cell at an
     earlier rate kept that rate, beside the verdict at the chosen rates: ``[{budget, design, baseline, earlier,
@@ -379,7 +359,7 @@ def summary(tasks: Sequence[str], budgets: Sequence[str]) -> dict[str, Any]:
                "cells": list(cells.values()), "rows": rows, "refinement": refinement(list(cells.values())),
                "majority": {t: levels[t] for t in tasks if t in levels},
                "selection_regret": regret_by_task(select_rows, pair_key),
-               "resolution": resolution(rows, list(tasks)),
+               "resolution": resolution(rows, list(tasks), "lora"),
                "costate_search": costate_search(select_rows + table_rows),
                "wins": sum(r["verdict"] == "win" and r["baseline"] == "lora" for r in rows)}
     # stated in the summary so that the figures' captions read the rule rather than restate it

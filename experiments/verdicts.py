@@ -10,6 +10,7 @@ something happens in a share of the tests counts ties and too-few-seeds comparis
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -187,3 +188,25 @@ def two_se(a: dict[str, Any], b: dict[str, Any]) -> tuple[int | None, float | No
     diff = b["mean"] - a["mean"]
     se = math.sqrt(a["std"] ** 2 / a["n_seeds"] + b["std"] ** 2 / b["n_seeds"])
     return (1 if diff > 2 * se else -1 if diff < -2 * se else 0), diff, se
+
+
+def resolution(rows: list[dict[str, Any]], tasks: list[str], baseline: str) -> dict[str, dict[str, Any]]:
+    """Per task, what its verdicts against ``baseline`` can resolve: over the rows ``{task, design, baseline,
+    budget, difference, se, verdict, n_seeds, baseline_n_seeds}`` against it with :data:`MIN_SEEDS` scored seeds
+    on both sides, the margin a win needed, ``2·se`` (:func:`two_se`; smallest, median, largest), and the row with
+    the largest difference in the design's favour: ``{task: {n, margin_min, margin_median, margin_max, closest:
+    {design, budget, difference, margin, verdict}}}``.  A tie says "closer than the margin", no more."""
+    out: dict[str, dict[str, Any]] = {}
+    for task in tasks:
+        mine = [r for r in rows if r["task"] == task and r["baseline"] == baseline and r["se"] is not None
+                and min(r["n_seeds"], r["baseline_n_seeds"]) >= MIN_SEEDS]
+        if not mine:
+            continue
+        margins = [2 * r["se"] for r in mine]
+        best = max(mine, key=lambda r: r["difference"])
+        out[task] = {"n": len(mine), "margin_min": min(margins), "margin_median": statistics.median(margins),
+                     "margin_max": max(margins),
+                     "closest": {"design": best["design"], "budget": best["budget"],
+                                 "difference": best["difference"], "margin": 2 * best["se"],
+                                 "verdict": best["verdict"]}}
+    return out
