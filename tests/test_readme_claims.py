@@ -351,4 +351,10 @@ def test_design_table_section_states_where_the_costate_line_searches_stopped():
                            for t in tasks)
     assert f"grid's smallest step in {smallest} at each budget" in said
     assert f"lowered the held-out J in {lowered}" in said
+    if "cola" in payload["complete_tasks"]:
+        spread = {b: max((c for c in payload["cells"] if c["task"] == "cola" and c["budget"] == b),
+                         key=lambda c: c["std"] or 0.0) for b in ("b74k", "b18k")}
+        assert all(c["method"] == "costate_lora" for c in spread.values())
+        assert (f"spread the most of any cell at both budgets (std {spread['b74k']['std']:.3f} at b74k, "
+                f"{spread['b18k']['std']:.3f} at b18k)") in said
 
