@@ -31,8 +31,9 @@ def _methods(payload: dict[str, Any]) -> list[str]:
 
 
 def _not_run(ax: Axes, title: str) -> None:
-    """An empty panel that says its cells have not run yet."""
-    ax.text(0.5, 0.5, "not run yet", ha="center", va="center", transform=ax.transAxes, color="0.4")
+    """An empty panel whose table cells (seeds 0, 1, 2 at the chosen rates) have not run yet; its rate selection may
+    have (seed 0 on the grid, not shown: those scores choose the rates)."""
+    ax.text(0.5, 0.5, "no table cell yet", ha="center", va="center", transform=ax.transAxes, color="0.4")
     ax.set(title=title, xticks=[], yticks=[])
 
 
