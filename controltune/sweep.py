@@ -32,6 +32,7 @@ from .resources import peak_memory_mb, peak_rss_mb, reset_peak_rss, using_thread
 from .results import append_jsonl, read_jsonl, stamp
 from .run_folder import drop_resume_state
 from .sweep_spec import (
+    HEAD_SETTINGS,
     OPTIONAL_SETTINGS,
     RUN_SETTINGS,
     STAGE_SETTINGS,
@@ -97,14 +98,18 @@ class CellSetup:
     loaded: Any
     system: Any
     controller: Any
+    head_fit: dict[str, Any] | None = None
+    """The linear probe's report when the cell's ``head_init`` is ``probe`` (:func:`controltune.probe.init_head`)."""
 
 
 def build_cell(config: dict[str, Any]) -> CellSetup:
-    """Load a cell's data and model and attach its method, exactly as its training does (a control-designed
-    method designs on the cell's training rows with its validation rows withheld); nothing is trained."""
+    """Load a cell's data and model, start its head (``head_init``) and attach its method, exactly as its training
+    does (a control-designed method designs on the cell's training rows with its validation rows withheld);
+    nothing is trained."""
     from .data import load_split, resolve_task
     from .design.linearize import withheld_from_design
     from .evaluation import validation_rows
+    from .probe import init_head
     from .system import ResidualSystem
     from .zoo import check_length, load_model
 
@@ -114,10 +119,13 @@ def build_cell(config: dict[str, Any]) -> CellSetup:
     loaded = load_model(config["model"], dtype=config["dtype"], device=config["device"], seed=config["seed"])
     check_length(loaded, config["max_length"], "max_length")
     system = ResidualSystem(loaded, num_labels=spec.num_labels, pooling=config["pooling"], seed=config["seed"])
+    head_fit = init_head(system, config.get("head_init", "random"), train_ex, loaded.tokenizer,
+                         val_size=config.get("val_size"), val_seed=config.get("val_seed", 0),
+                         max_length=config["max_length"], batch_size=config.get("eval_batch_size") or 128)
     with withheld_from_design(validation_rows(train_ex, config.get("val_size"), config.get("val_seed", 0))):
         controller = build_method(system, config["method"], config["options"], config["seed"], config["task"],
                                   bool(config.get("sequential")))
-    return CellSetup(spec, train_ex, dev_ex, loaded, system, controller)
+    return CellSetup(spec, train_ex, dev_ex, loaded, system, controller, head_fit)
 
 
 def _train_cell(config: dict[str, Any], threads: int, out: Path | None) -> dict[str, Any]:
@@ -129,7 +137,8 @@ def _train_cell(config: dict[str, Any], threads: int, out: Path | None) -> dict[
     spec, system = cell.spec, cell.system
     sequential = bool(config.get("sequential"))
     settings = {k: config[k] for k in TRAIN_SETTINGS + OPTIONAL_SETTINGS if k in config}
-    extra = {k: config[k] for k in ("model", "method", "options", "task", *RUN_SETTINGS, *STAGE_SETTINGS)
+    extra = {k: config[k] for k in ("model", "method", "options", "task", *RUN_SETTINGS, *STAGE_SETTINGS,
+                                                *HEAD_SETTINGS)
              if k in config}
 
     def train_config(lr: float, where: Path | None, **more: Any) -> TrainConfig:
@@ -141,13 +150,13 @@ def _train_cell(config: dict[str, Any], threads: int, out: Path | None) -> dict[
     if not sequential:
         result = train(system, cell.train_examples, cell.dev_examples, spec,
                        train_config(float(config["lr"]), out), tokenizer=cell.loaded.tokenizer)
-        return {**result, "metric": spec.metric}
+        return {**result, "metric": spec.metric, "head_fit": cell.head_fit}
     parts = [s.method for s in cell.controller.stages]
     configs = [train_config(lr, None if out is None else out / f"stage{i}-{part}", stage=i, stage_method=part)
                for i, (part, lr) in enumerate(zip(parts, _stage_lrs(config, len(parts))))]
     results = train_stages(system, cell.controller, cell.train_examples, cell.dev_examples, spec, configs,
                            tokenizer=cell.loaded.tokenizer, reuse_finished=True)
-    return {**results[-1], "metric": spec.metric, "stages": results}
+    return {**results[-1], "metric": spec.metric, "stages": results, "head_fit": cell.head_fit}
 
 
 def train_loss_end(losses: list[float], share: float = 0.1) -> float | None:
@@ -211,6 +220,8 @@ def run_cell(config: dict[str, Any], threads: int = 1, runs_dir: str | None = No
     row["curves"] = {k: curves[k] for k in ("val", "dev") if curves.get(k)} or None
     row["train_loss_end"] = train_loss_end(curves.get("train_loss") or [])
     row["designs"] = (result or {}).get("designs")  # a designed controller's sites, ranks and start, per cell
+    if config.get("head_init") is not None:
+        row["head_fit"] = (result or {}).get("head_fit")
     if row["status"] == "done" and (result or {}).get("stages"):
         row["stages"] = [{"stage": i, "method": r.get("config", {}).get("extra", {}).get("stage_method"),
                           "val_score": (r.get("best_val") or {}).get(metric),

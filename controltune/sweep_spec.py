@@ -66,6 +66,10 @@ STAGE_SETTINGS = ("sequential", "stage_lrs")
 ``sequential: true`` trains the parts of ``method`` (``a+b+c``) one after another, each for the cell's
 ``epochs``/``steps``, frozen before the next is added, each in ``<run>/stage<i>-<part>``; ``stage_lrs`` gives
 each stage its own peak rate (default: the cell's ``lr`` for every stage)."""
+HEAD_SETTINGS = ("head_init",)
+"""How a cell's classification head starts, in its configuration only when set: ``head_init: probe`` fits it as a
+linear probe on the cell's training rows before the method attaches (:func:`controltune.probe.init_head`; a
+control-designed method then designs through the fitted head), ``random`` (the default) keeps the seeded head."""
 SPEC_KEYS = ("grid", "per_method", "overrides", "exclude", "train", "out", "name")
 
 
@@ -86,7 +90,7 @@ class SweepSpec:
 
 # --- the spec -------------------------------------------------------------------------------
 def _axes() -> tuple[str, ...]:
-    return CELL_AXES + TRAIN_SETTINGS + OPTIONAL_SETTINGS + STAGE_SETTINGS + tuple(RUN_SETTINGS)
+    return CELL_AXES + TRAIN_SETTINGS + OPTIONAL_SETTINGS + STAGE_SETTINGS + HEAD_SETTINGS + tuple(RUN_SETTINGS)
 
 
 def _values(axis: str, value: Any, where: str) -> list[Any]:
@@ -128,7 +132,7 @@ def parse_spec(data: Any, source: str = "spec", folder: Path | None = None) -> S
     train_in = data.get("train") or {}
     if not isinstance(train_in, dict):
         raise ValueError(f"{source}: train must map settings to values")
-    settings = TRAIN_SETTINGS + OPTIONAL_SETTINGS + STAGE_SETTINGS + tuple(RUN_SETTINGS)
+    settings = TRAIN_SETTINGS + OPTIONAL_SETTINGS + STAGE_SETTINGS + HEAD_SETTINGS + tuple(RUN_SETTINGS)
     for key in train_in:
         if key not in settings:
             raise ValueError(f"{source}: unknown train setting {key!r}; accepted: {', '.join(settings)}")

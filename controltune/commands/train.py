@@ -87,6 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay")
     parser.add_argument("--grad-clip", type=float, default=None)
     parser.add_argument("--pooling", default="mean", choices=["mean", "cls", "last"])
+    parser.add_argument("--head-init", default="random", choices=["random", "probe"],
+                        help="how the classification head starts: random (seeded), or probe: fitted as a linear "
+                             "probe on the training rows before the method attaches (LP-FT; a control-designed "
+                             "method then designs through it; with --val-size those rows choose its L2 penalty)")
     parser.add_argument("--dropout", action="store_true", help="train with the model's dropout on")
     parser.add_argument("--out", default=None, metavar="DIR", help="write metrics.json, deltas and checkpoints here")
     parser.add_argument("--resume", action="store_true",
@@ -188,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
     from ..design.linearize import withheld_from_design
     from ..divergence import TrainingDiverged
     from ..evaluation import validation_rows
+    from ..probe import init_head
     from ..system import ResidualSystem
     from ..train import check_output_folder, train, train_stages
     from ..train_config import TrainConfig
@@ -214,6 +219,12 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
     check_max_length(loaded, args.max_length)
     system = ResidualSystem(loaded, num_labels=spec.num_labels, pooling=args.pooling, seed=args.seed)
+    head_fit = init_head(system, args.head_init, train_ex, loaded.tokenizer, val_size=args.val_size,
+                         val_seed=args.val_seed, max_length=args.max_length, batch_size=args.eval_batch_size)
+    if head_fit is not None:
+        print(f"head: linear probe on {head_fit['rows']} training rows, L2 {head_fit['l2']:g}, training accuracy "
+              f"{head_fit['train_accuracy']:.4f}" + (f", held-out accuracy {head_fit['held_out_accuracy']:.4f}"
+                                                      if head_fit["held_out"] else ""))
     name, options = controller_spec(args.method, parse_options(args.opt), args.seed, args.task)
     if args.sequential:
         name, options = "sequential", {"stages": options["parts"]}
@@ -221,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
         controller = build(name, system, **options)
     extra = {"model": args.model, "method": name, "options": options, "task": args.task, "pooling": args.pooling,
              "train_size": args.train_size, "data_seed": args.data_seed, "dev_size": args.dev_size,
-             "dtype": args.dtype, "device": args.device}
+             "dtype": args.dtype, "device": args.device, **({"head_init": "probe"} if head_fit is not None else {})}
     stages = [part for part, _ in options["stages"]] if args.sequential else [args.method]
     configs = [TrainConfig(
         lr=args.lr if args.lr is not None else DEFAULT_LR.get(stage, 5e-4), epochs=args.epochs, steps=args.steps,
@@ -258,6 +269,8 @@ def run(args: argparse.Namespace) -> int:
         if warning := _one_class_warning(result):
             print(f"{label}: {warning}", file=sys.stderr)
     result = results[-1] if not args.sequential else {**results[-1], "stages": results}
+    if head_fit is not None:
+        result = {**result, "head_fit": head_fit}
     if args.json:
         write_json(args.json, result)
     return 0

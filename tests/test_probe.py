@@ -1,0 +1,149 @@
+"""The linear probe (LP of LP-FT): a convex fit of the classification head before the layer controls move."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import toy_task
+
+from controltune.probe import L2_GRID, fit_head, fit_linear_probe, pooled_states
+from controltune.system import ResidualSystem
+from controltune.zoo import load_model
+
+
+def _blobs(n: int = 200, d: int = 6, c: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overlapping Gaussian classes on badly scaled coordinates (a residual stream's outlier dimensions)."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % c
+    centres = torch.randn(c, d, generator=gen)
+    scale = torch.logspace(-2, 2, d, dtype=torch.float64)
+    z = (centres[y] + 1.5 * torch.randn(n, d, generator=gen)).double() * scale + 50.0
+    return z, y
+
+
+def test_the_probe_is_stationary_for_the_stated_objective():
+    z, y = _blobs()
+    lam = 1e-2
+    fit = fit_linear_probe(z, y, 3, l2=lam)
+    assert fit.converged and fit.iterations > 0
+    # the objective in the coordinates of z: W_s = W D (D = diag σ), so the penalty is (λ/2)‖W D‖²
+    sigma = z.std(0, unbiased=False)
+    w = fit.weight.clone().requires_grad_(True)
+    b = fit.bias.clone().requires_grad_(True)
+    objective = F.cross_entropy(z @ w.T + b, y) + 0.5 * lam * ((w * sigma) ** 2).sum()
+    objective.backward()
+    assert objective.item() == pytest.approx(fit.objective, rel=1e-12)
+    # stationary in the standardised coordinates the solver works in: W = W_s D^{-1}, b = b_s − W μ, so
+    # ∂/∂W_s = (∂/∂W − (∂/∂b) μᵀ) D^{-1} and ∂/∂b_s = ∂/∂b
+    mu = z.mean(0)
+    grad_ws = (w.grad - torch.outer(b.grad, mu)) / sigma
+    assert max(grad_ws.abs().max(), b.grad.abs().max()) <= 1e-6
+    # and a minimum: any small step raises the objective (convex, so this holds everywhere)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        dw = 1e-3 * torch.randn(w.shape, generator=gen, dtype=torch.float64) / sigma
+        moved_w = fit.weight + dw
+        moved = F.cross_entropy(z @ moved_w.T + fit.bias, y) + 0.5 * lam * ((moved_w * sigma) ** 2).sum()
+        assert moved.item() > fit.objective
+    assert fit.train_accuracy > 0.5
+
+
+def test_a_larger_penalty_shrinks_the_head_and_bad_input_is_refused():
+    z, y = _blobs()
+    small, large = fit_linear_probe(z, y, 3, l2=1e-4), fit_linear_probe(z, y, 3, l2=1.0)
+    sigma = z.std(0, unbiased=False)
+    assert (large.weight * sigma).norm() < (small.weight * sigma).norm()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        fit_linear_probe(torch.full((4, 2), float("nan")), torch.zeros(4, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match=r"labels outside 0\.\.1"):
+        fit_linear_probe(z, y, 2)
+    with pytest.raises(ValueError, match=">= 0"):
+        fit_linear_probe(z, y, 3, l2=-1.0)
+    with pytest.raises(ValueError, match="S×d"):
+        fit_linear_probe(z[0], y, 3)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory, one_thread):
+    spec, train_ex, dev_ex = toy_task(tmp_path_factory.mktemp("toy"), n_train=64, n_dev=24)
+    return spec, train_ex, dev_ex, load_model("random:bert", seed=0)
+
+
+def test_fit_head_sets_the_readouts_head_to_the_probe_of_the_pooled_states(toy):
+    spec, train_ex, dev_ex, loaded = toy
+    system = ResidualSystem(loaded, num_labels=spec.num_labels, pooling="mean", seed=3)
+    z, y = pooled_states(system, train_ex, loaded.tokenizer, max_length=32)
+    assert z.shape == (len(train_ex), system.d_model) and z.dtype == torch.float64
+    # the states are those the system's own forward pools: the head's logits agree with system(batch)
+    report = fit_head(system, train_ex, loaded.tokenizer, held_out=dev_ex, max_length=32)
+    assert report["l2"] in L2_GRID and len(report["l2_scores"]) == len(L2_GRID) and report["converged"]
+    assert report["held_out_loss"] == min(s["held_out_loss"] for s in report["l2_scores"])
+    expected = fit_linear_probe(z, y, spec.num_labels, report["l2"])
+    assert torch.allclose(system.readout.head.weight.double(), expected.weight, atol=1e-5)
+    from controltune.batching import encode
+
+    batch = encode(train_ex[:8], loaded.tokenizer, 32).batch(list(range(8)))
+    with torch.no_grad():
+        logits = system.eval()(batch).double()
+    assert torch.allclose(logits, z[:8] @ system.readout.head.weight.double().T + system.readout.head.bias.double(),
+                          atol=1e-4)
+    # the fit depends on the rows, not on the seed of the random head it replaces
+    other = ResidualSystem(loaded, num_labels=spec.num_labels, pooling="mean", seed=7)
+    fit_head(other, train_ex, loaded.tokenizer, held_out=dev_ex, max_length=32)
+    assert torch.allclose(other.readout.head.weight, system.readout.head.weight)
+
+
+def test_fit_head_refuses_what_it_cannot_fit(toy):
+    spec, train_ex, _, loaded = toy
+    system = ResidualSystem(loaded, num_labels=spec.num_labels, seed=0)
+    with pytest.raises(ValueError, match="needs held-out rows"):
+        fit_head(system, train_ex, loaded.tokenizer, l2=[1e-3, 1e-2])
+    with pytest.raises(ValueError, match="at least one training row"):
+        fit_head(system, [], loaded.tokenizer)
+    lm = ResidualSystem(load_model("random:gpt2", seed=0), readout="causal_lm")
+    with pytest.raises(ValueError, match="readout is CausalLMReadout"):
+        fit_head(lm, train_ex, loaded.tokenizer)
+    report = fit_head(system, train_ex, loaded.tokenizer, max_length=32)  # no held-out rows: the default λ
+    assert report["l2"] == 1e-3 and report["held_out"] == 0 and report["held_out_loss"] is None
+
+
+def test_a_sweep_cell_with_head_init_probe_designs_through_the_fitted_head(toy, tmp_path):
+    from controltune import sweep, sweep_spec
+    from controltune.evaluation import validation_split
+    from controltune.results import read_jsonl
+
+    spec, train_ex, _, loaded = toy
+    grid = {"model": "random:bert", "method": "costate_lora", "task": str(spec.folder), "lr": 1e-2,
+            "options": {"rank": 2, "n_design": 8}}
+    train = {"steps": 2, "batch_size": 8, "max_length": 32, "val_size": 16, "eval_every": 1}
+    plain = sweep_spec.expand(sweep_spec.parse_spec({"grid": grid, "train": train}))[0]
+    assert "head_init" not in plain  # cells that do not set it keep their configuration and identity
+    config = sweep_spec.expand(sweep_spec.parse_spec({"grid": grid, "train": {**train, "head_init": "probe"}}))[0]
+    assert config["head_init"] == "probe" and sweep_spec.cell_id(config) != sweep_spec.cell_id(plain)
+    cell = sweep.build_cell(config)
+    fit_rows, held = validation_split(train_ex, 16, 0)
+    assert cell.head_fit["rows"] == len(fit_rows) == 48 and cell.head_fit["held_out"] == 16
+    # the head the design ran through is the probe of the run's training rows, whatever the seed's random head
+    reference = ResidualSystem(loaded, num_labels=spec.num_labels, seed=11)
+    fit_head(reference, fit_rows, loaded.tokenizer, held_out=held, max_length=32)
+    assert torch.allclose(cell.system.readout.head.weight, reference.readout.head.weight, atol=1e-6)
+    out = tmp_path / "rows.jsonl"
+    sweep.run_cells([config, {**config, "head_init": "linear"}], out, name="probe", executor="local",
+                    echo=lambda _: None)
+    rows = {r["config"]["head_init"]: r for r in read_jsonl(out)}
+    assert rows["probe"]["status"] == "done", rows["probe"].get("reason")
+    assert rows["probe"]["head_fit"]["l2"] == cell.head_fit["l2"] and rows["probe"]["head_fit"]["converged"]
+    assert rows["linear"]["status"] == "failed"
+    assert "head initialisation 'linear' is not one of random, probe" in rows["linear"]["reason"]
+
+
+def test_controltune_train_head_init_probe(toy, capsys):
+    from controltune.cli import main
+
+    spec, *_ = toy
+    assert main(["train", "--model", "random:bert", "--method", "lora", "--task", str(spec.folder), "--steps", "2",
+                 "--batch-size", "8", "--max-length", "32", "--val-size", "16", "--head-init", "probe",
+                 "--no-progress", "--train-score-size", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "head: linear probe on 48 training rows, L2 " in out and "held-out accuracy" in out
