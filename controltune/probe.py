@@ -40,8 +40,8 @@ __all__ = ["DEFAULT_L2", "HEAD_INITS", "L2_GRID", "ProbeFit", "fit_head", "fit_l
 HEAD_INITS = ("random", "probe")
 """How a classification head starts: ``random`` (the readout's seeded N(0, 0.02²) weights, zero bias) or
 ``probe`` (:func:`fit_head`)."""
-L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
-"""The penalties λ tried when held-out rows choose one."""
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+"""The penalties λ tried when held-out rows choose one (a report says when the choice is at an end of the grid)."""
 DEFAULT_L2 = 1e-3
 """λ without held-out rows."""
 GRAD_TOL = 1e-6
@@ -161,9 +161,9 @@ def fit_head(system: ResidualSystem, examples: Sequence[Example], tokenizer: Any
     ``l2``: one λ, or several to choose among by the cross-entropy of ``held_out`` (default: :data:`L2_GRID` with
     held-out rows, :data:`DEFAULT_L2` without).  Fit it before the controllers attach (they then design and
     train from the fitted head); attached controllers are not moved, and the probe is that of their current
-    controls.  Returns ``{l2, l2_scores, rows, held_out, objective, grad_norm, converged, iterations,
+    controls.  Returns ``{l2, l2_at_edge, l2_scores, rows, held_out, objective, grad_norm, converged, iterations,
     train_accuracy, held_out_loss, held_out_accuracy}`` (``l2_scores``: per λ tried, the held-out loss and
-    accuracy).
+    accuracy; ``l2_at_edge``: the chosen λ is the smallest or largest tried).
 
     Raises:
         ValueError: the system's readout is not a classification head this fits (``readout="classification"``),
@@ -191,8 +191,8 @@ def fit_head(system: ResidualSystem, examples: Sequence[Example], tokenizer: Any
     with torch.no_grad():
         head.weight.copy_(fit.weight.to(head.weight))
         head.bias.copy_(fit.bias.to(head.bias))
-    return {"l2": fit.l2, "l2_scores": [{"l2": f.l2, "held_out_loss": s[0], "held_out_accuracy": s[1]}
-                                        for f, s in zip(fits, scores)],
+    return {"l2": fit.l2, "l2_at_edge": len(fits) > 1 and best in (0, len(fits) - 1),
+            "l2_scores": [{"l2": f.l2, "held_out_loss": s[0], "held_out_accuracy": s[1]} for f, s in zip(fits, scores)],
             "rows": len(examples), "held_out": len(held_out), "objective": fit.objective,
             "grad_norm": fit.grad_norm, "converged": fit.converged, "iterations": fit.iterations,
             "train_accuracy": fit.train_accuracy, "held_out_loss": scores[best][0],

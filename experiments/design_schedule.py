@@ -22,37 +22,19 @@ with the most rising curves; ~8 core-hours by ``--plan`` (84 cells).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from controltune.results import read_jsonl, stamp, write_json_unless_same
-from controltune.sweep_spec import SweepSpec, expand, parse_spec
+from controltune.sweep_spec import SweepSpec, expand
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cost_model import describe_hours, sweep_hours  # noqa: E402
-from design_table import (  # noqa: E402
-    BUDGETS,
-    DESIGNS,
-    MIN_SEEDS,
-    mean_curve,
-    pair_key,
-    pair_where,
-    spec_data,
-    verdict,
-)
-from design_table import SELECT_OUT as TABLE_SELECT  # noqa: E402
+from design_table import BUDGETS, DESIGNS, pair_key  # noqa: E402
 from design_table import SUMMARY as TABLE_SUMMARY  # noqa: E402
-from rate_selection import (  # noqa: E402
-    add_sweep_arguments,
-    at_chosen_rates,
-    choose_lrs,
-    completed_rows,
-    progress_echo,
-    sweep_settings,
-)
-from verdicts import TOO_FEW_SEEDS, mean_std  # noqa: E402
+from design_variant import LABELS, SEEDS, judge, table_rates, variant_cells, variant_spec  # noqa: E402
+from rate_selection import add_sweep_arguments, choose_lrs, progress_echo, sweep_settings  # noqa: E402
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -61,15 +43,9 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 OUT, SUMMARY = RESULTS / "design_schedule.jsonl", RESULTS / "design_schedule.json"
 TASKS = ("sst2", "cola")
-LABELS = ("lora", *DESIGNS)
 FACTOR = 2
 """The longer schedule's epochs over the design table's (SST-2: 4 instead of 2, CoLA: 6 instead of 3)."""
-SEEDS = [0, 1, 2]
-
-
-def pairs(tasks: Sequence[str], budgets: Sequence[str]) -> list[tuple[str, str, str]]:
-    """Every (task, budget, label) the study trains: LoRA and the designs."""
-    return [(t, b, label) for t in tasks for b in budgets for label in LABELS]
+__all__ = ["BUDGETS", "DESIGNS", "FACTOR", "LABELS", "SEEDS", "choose_lrs", "pair_key", "spec", "summary"]
 
 
 def table_epochs(data: dict[str, Any], tasks: Sequence[str]) -> dict[str, int]:
@@ -84,80 +60,23 @@ def table_epochs(data: dict[str, Any], tasks: Sequence[str]) -> dict[str, int]:
 
 def spec(tasks: Sequence[str], budgets: Sequence[str], chosen: dict) -> SweepSpec:
     """Seeds 0, 1, 2 of LoRA and the designs at the table's chosen rates, with :data:`FACTOR` × its epochs."""
-    data = spec_data(tuple(tasks), tuple(budgets), SEEDS, "design_schedule", OUT.name)
-    methods = {BUDGETS[b][label][0] for b in budgets for label in LABELS}
-    data["grid"]["method"] = sorted(methods)
-    data["per_method"] = {m: v for m, v in data["per_method"].items() if m in methods}
-    epochs = table_epochs(data, tasks)
-    data["overrides"] = data["overrides"] + [{"where": {"task": t}, "set": {"epochs": FACTOR * epochs[t]}}
-                                             for t in tasks]
-    return parse_spec(at_chosen_rates(data, chosen, pairs(tasks, budgets), pair_where), "design_schedule", RESULTS)
+    def longer(data: dict[str, Any]) -> dict[str, Any]:
+        epochs = table_epochs(data, tasks)
+        data["overrides"] = data["overrides"] + [{"where": {"task": t}, "set": {"epochs": FACTOR * epochs[t]}}
+                                                 for t in tasks]
+        return data
 
-
-def table_rates() -> dict:
-    """The design table's chosen rate per pair (its selection rows)."""
-    return choose_lrs(completed_rows(TABLE_SELECT), pair_key)
-
-
-def _rises_at_end(curve: list[dict[str, float]] | None) -> bool | None:
-    """Whether a mean validation curve is at its maximum at its last evaluation (None: no curve)."""
-    if not curve or len(curve) < 2:
-        return None
-    return curve[-1]["mean"] >= max(p["mean"] for p in curve)
-
-
-def cell(rows: list[dict[str, Any]], pair: tuple[str, str, str], standard: dict[str, Any] | None
-         ) -> dict[str, Any]:
-    """One (task, budget, label) at the long schedule, beside the design table's cell (``standard``)."""
-    mine = [r for r in rows if pair_key(r) == pair]
-    done = [r for r in mine if r.get("status") == "done"]
-    mean, std = mean_std([r["score_at_best_val"] for r in done])
-    metric = done[0]["metric"] if done else None
-    curve = mean_curve(done, metric)
-    out = {"task": pair[0], "budget": pair[1], "method": pair[2], "lr": done[0]["config"]["lr"] if done else None,
-           "epochs": done[0]["config"]["epochs"] if done else None, "metric": metric, "mean": mean, "std": std,
-           "n_seeds": len(done), "diverged_seeds": sorted(r["config"]["seed"] for r in mine
-                                                          if r.get("status") == "diverged"),
-           "rises_at_end": _rises_at_end(curve), "val_curve": curve}
-    if standard is not None:
-        out.update(standard_lr=standard["lr"], standard_mean=standard["mean"], standard_std=standard["std"],
-                   standard_n_seeds=standard["n_seeds"])
-        v, diff, _ = verdict({"mean": mean, "std": std, "n_seeds": len(done)}, standard)
-        out["gain"] = diff
-        out["gain_verdict"] = {"win": "better", "loss": "worse", "tie": "no change"}.get(v, v)
-    return out
+    return variant_spec(tasks, budgets, chosen, "design_schedule", OUT, longer)
 
 
 def summary(tasks: Sequence[str] = TASKS, budgets: Sequence[str] = tuple(BUDGETS)) -> dict[str, Any]:
     """``design_schedule.json``: the cells, each design's verdict against LoRA at both schedules, and counts."""
     rows = read_jsonl(OUT) if OUT.is_file() else []
-    table = json.loads(TABLE_SUMMARY.read_text())
-    standard = {(c["task"], c["budget"], c["method"]): c for c in table["cells"]}
-    before = {(r["task"], r["budget"], r["design"]): r for r in table["rows"] if r["baseline"] == "lora"}
-    cells = {p: cell(rows, p, standard.get(p)) for p in pairs(tasks, budgets)}
-    out_rows = []
-    for (task, budget, label), d in cells.items():
-        if label == "lora":
-            continue
-        v, diff, se = verdict(d, cells[(task, budget, "lora")])
-        t = before.get((task, budget, label)) or {}
-        was = t.get("verdict")
-        out_rows.append({"task": task, "budget": budget, "design": label, "baseline": "lora", "mean": d["mean"],
-                         "std": d["std"], "n_seeds": d["n_seeds"], "difference": diff, "se": se, "verdict": v,
-                         "table_difference": t.get("difference"), "table_se": t.get("se"), "table_verdict": was,
-                         "changed": None if v is None or was is None else v != was})
-    complete = all(c["n_seeds"] + len(c["diverged_seeds"]) >= MIN_SEEDS for c in cells.values())
-    judged = [r for r in out_rows if r["changed"] is not None]
+    cells, table = variant_cells(rows, TABLE_SUMMARY, tasks, budgets)
     payload = {**stamp({"tasks": list(tasks), "budgets": list(budgets), "labels": list(LABELS), "factor": FACTOR,
                         "seeds": SEEDS, "harness": "the design table's (experiments/glue_select.yaml settings)",
                         "command": "python experiments/design_schedule.py"}),
-               "cells": list(cells.values()), "rows": out_rows, "complete": complete,
-               "wins": sum(r["verdict"] == "win" for r in out_rows),
-               "changed": [f"{r['task']}/{r['budget']} {r['design']}: {r['table_verdict']} -> {r['verdict']}"
-                           for r in judged if r["changed"]],
-               "judged": len(judged),
-               "gains": {k: sum(c.get("gain_verdict") == k for c in cells.values())
-                         for k in ("better", "no change", "worse", TOO_FEW_SEEDS)}}
+               "cells": list(cells.values()), **judge(cells, table)}
     write_json_unless_same(SUMMARY, payload)
     return payload
 

@@ -78,6 +78,7 @@ def test_fit_head_sets_the_readouts_head_to_the_probe_of_the_pooled_states(toy):
     # the states are those the system's own forward pools: the head's logits agree with system(batch)
     report = fit_head(system, train_ex, loaded.tokenizer, held_out=dev_ex, max_length=32)
     assert report["l2"] in L2_GRID and len(report["l2_scores"]) == len(L2_GRID) and report["converged"]
+    assert report["l2_at_edge"] == (report["l2"] in (L2_GRID[0], L2_GRID[-1]))
     assert report["held_out_loss"] == min(s["held_out_loss"] for s in report["l2_scores"])
     expected = fit_linear_probe(z, y, spec.num_labels, report["l2"])
     assert torch.allclose(system.readout.head.weight.double(), expected.weight, atol=1e-5)
