@@ -370,8 +370,8 @@ def summary(tasks: Sequence[str], budgets: Sequence[str]) -> dict[str, Any]:
 
 def cell_complete(cell: dict[str, Any]) -> bool:
     """Whether a cell is final: 3 scored seeds at its chosen rate, or every seed left diverged (named in the
-    summary), or no rate that did not diverge."""
-    return cell["n_seeds"] + len(cell["diverged_seeds"]) >= MIN_SEEDS or cell["diverged_every_rate"]
+    summary), or no rate that did not diverge (a variant's cells, at the table's rates, have no such flag)."""
+    return cell["n_seeds"] + len(cell["diverged_seeds"]) >= MIN_SEEDS or bool(cell.get("diverged_every_rate"))
 
 
 def task_complete(payload: dict[str, Any], task: str) -> bool:

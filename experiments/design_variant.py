@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the experiments' sha
 from design_table import (  # noqa: E402
     BUDGETS,
     DESIGNS,
-    MIN_SEEDS,
+    cell_complete,
     mean_curve,
     pair_key,
     pair_where,
@@ -111,7 +111,7 @@ def judge(cells: dict[Pair, dict[str, Any]], table: dict[str, Any]) -> dict[str,
                      "changed": None if v is None or was is None else v != was})
     judged = [r for r in rows if r["changed"] is not None]
     return {"rows": rows,
-            "complete": all(c["n_seeds"] + len(c["diverged_seeds"]) >= MIN_SEEDS for c in cells.values()),
+            "complete": all(cell_complete(c) for c in cells.values()),
             "wins": sum(r["verdict"] == "win" for r in rows),
             "changed": [f"{r['task']}/{r['budget']} {r['design']}: {r['table_verdict']} -> {r['verdict']}"
                         for r in judged if r["changed"]],
