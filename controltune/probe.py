@@ -173,8 +173,10 @@ def fit_head(system: ResidualSystem, examples: Sequence[Example], tokenizer: Any
     if not isinstance(readout, ClassificationReadout):
         raise ValueError(f"a linear probe fits the head of the classification readout (ResidualSystem(..., "
                          f"readout='classification')); this system's readout is {type(readout).__name__}")
-    grid = (DEFAULT_L2,) if l2 is None and not held_out else L2_GRID if l2 is None else \
-        (float(l2),) if isinstance(l2, (int, float)) else tuple(float(v) for v in l2)
+    if l2 is None:
+        grid = L2_GRID if held_out else (DEFAULT_L2,)
+    else:
+        grid = (float(l2),) if isinstance(l2, (int, float)) else tuple(float(v) for v in l2)
     if not grid:
         raise ValueError("give at least one probe penalty λ")
     if len(grid) > 1 and not held_out:
