@@ -8,7 +8,8 @@ batched in order of token length.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,20 @@ def validation_rows(examples: Sequence[Example], size: float | None, seed: int =
     return [] if size is None else validation_split(examples, size, seed)[1]
 
 
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` and every submodule in eval mode (no dropout) within the block, each put back in *its own* mode
+    after it: ``module.train(was_training)`` would set every submodule alike, and turn on the dropout of a model
+    that was in eval mode inside a module that was not (an HF model inside a freshly built system)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -68,20 +83,18 @@ def evaluate(system: nn.Module, examples: Sequence[Example], task_spec: TaskSpec
     """
     if not examples:
         raise ValueError("cannot evaluate on an empty example list")
-    was_training = system.training
-    system.eval()
     encoded = encode(examples, tokenizer, max_length, cache_dir)
     device = next(system.model.parameters()).device
     order = length_order(encoded.lengths)
     preds = torch.empty(len(examples), dtype=torch.long)
     loss_sum = 0.0
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = to_device(encoded.batch(idx), device)
-        logits = system(batch)
-        loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
-        preds[idx] = logits.argmax(-1).cpu()
-    system.train(was_training)
+    with eval_mode(system):
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = to_device(encoded.batch(idx), device)
+            logits = system(batch)
+            loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
+            preds[idx] = logits.argmax(-1).cpu()
     labels = torch.tensor([ex.label for ex in examples])
     scores = compute_metrics(task_spec, preds, labels)
     scores["loss"] = loss_sum / len(examples)

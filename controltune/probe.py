@@ -1,19 +1,22 @@
-"""The linear probe: the terminal control ``u_term = (W, b)`` fitted before any layer control moves.
+"""The linear probe: the terminal control ``u_term`` fitted before any layer control moves.
 
-A classification readout's head starts random (:class:`~controltune.readout.ClassificationReadout`), so the
-co-state ``p_L = −∂Φ/∂x_L`` of the pretrained system, which every control design starts from, runs through a head
-that knows nothing of the task and differs by seed.  Fitting the head first, with every layer control at zero,
-is the *linear probe* of LP-FT (Kumar et al., ICLR 2022): with ``z_s = pool(norm(x_{s,L}))`` the pooled terminal
-states of the pretrained system, a convex problem
+A classification head starts random (:class:`~controltune.readout.ClassificationReadout`'s seeded head, or the
+freshly initialised classifier of an HF ``*ForSequenceClassification``), so the co-state ``p_L = −∂Φ/∂x_L`` of the
+pretrained system, which every control design starts from, runs through a head that knows nothing of the task
+and differs by seed.  Fitting the head's last linear map ``(W, b)`` first, with every layer control at zero, is the
+*linear probe* of LP-FT (Kumar et al., ICLR 2022): with ``z_s`` the input of that map for row s in the pretrained
+system (:func:`head_inputs`: ``pool(norm(x_{s,L}))`` for the classification readout, the pooler's output for BERT's
+HF head, the last real token's normalised state for a decoder's ``score``), a convex problem
 
     min_{W, b}  (1/S) Σ_s CE(W z_s + b, y_s) + (λ/2) ‖W D‖_F²,      D = diag(σ),
 
 where σ are the per-coordinate standard deviations of the z_s (the penalty is that of logistic regression on
-standardised features, so it does not depend on the scale of the residual stream), solved to stationarity by
-L-BFGS in float64.  With held-out rows, λ is chosen among :data:`L2_GRID` by their cross-entropy.
+standardised features, so it does not depend on the scale of the residual stream; a map without bias, like a
+decoder's ``score``, is fitted with ``b = 0``), solved to stationarity by L-BFGS in float64.  With held-out rows,
+λ is chosen among :data:`L2_GRID` by their cross-entropy.
 
 :func:`fit_head` does it for a :class:`~controltune.system.ResidualSystem`; :func:`fit_linear_probe` is the convex
-fit on given features and :func:`pooled_states` the features.
+fit on given features and :func:`head_inputs` the features.
 """
 
 from __future__ import annotations
@@ -25,20 +28,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .batching import encode, length_order
-from .evaluation import validation_split
-from .readout import ClassificationReadout, pool
+from .evaluation import eval_mode, validation_split
+from .readout import ClassificationReadout, SequenceClassifierReadout
 
 if TYPE_CHECKING:
     from .data import Example
     from .system import ResidualSystem
 
-__all__ = ["DEFAULT_L2", "HEAD_INITS", "L2_GRID", "ProbeFit", "fit_head", "fit_linear_probe", "init_head",
-           "pooled_states"]
+__all__ = ["DEFAULT_L2", "HEAD_INITS", "L2_GRID", "ProbeFit", "fit_head", "fit_linear_probe", "head_inputs",
+           "head_layer", "init_head"]
 
 HEAD_INITS = ("random", "probe")
-"""How a classification head starts: ``random`` (the readout's seeded N(0, 0.02²) weights, zero bias) or
+"""How a classification head starts: ``random`` (as the readout initialises it: seeded N(0, 0.02²) weights) or
 ``probe`` (:func:`fit_head`)."""
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 """The penalties λ tried when held-out rows choose one (a report says when the choice is at an end of the grid)."""
@@ -50,11 +54,12 @@ GRAD_TOL = 1e-6
 
 @dataclass
 class ProbeFit:
-    """A fitted probe: ``weight`` (C×d) and ``bias`` (C) in the coordinates of z, the objective at the fit (its
-    penalty included), the gradient's max-norm there, the L-BFGS iterations and the training rows' accuracy."""
+    """A fitted probe: ``weight`` (C×d) and ``bias`` (C, None for a map without bias) in the coordinates of z, the
+    objective at the fit (its penalty included), the gradient's max-norm there, the L-BFGS iterations and the
+    training rows' accuracy."""
 
     weight: torch.Tensor
-    bias: torch.Tensor
+    bias: torch.Tensor | None
     l2: float
     objective: float
     grad_norm: float
@@ -65,29 +70,61 @@ class ProbeFit:
     def converged(self) -> bool:
         return self.grad_norm <= GRAD_TOL
 
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """``W z + b`` (S×C) for features z (S×d)."""
+        out = z.double() @ self.weight.T
+        return out if self.bias is None else out + self.bias
+
+
+def head_layer(readout: nn.Module) -> nn.Linear:
+    """The head's last linear map, the one the probe fits: the classification readout's ``head``; of an HF
+    sequence head (``sequence_classifier`` readout) its one ``nn.Linear`` with C outputs (BERT's ``classifier``,
+    RoBERTa's ``classifier.out_proj``, a decoder's ``score``).
+
+    Raises:
+        ValueError: a readout without a classification head (a causal-LM readout), or an HF head whose last
+            linear map cannot be told (none or several with C outputs).
+    """
+    if isinstance(readout, ClassificationReadout):
+        return readout.head
+    if isinstance(readout, SequenceClassifierReadout):
+        c = readout.num_labels
+        found = [m for m in readout.heads.modules() if isinstance(m, nn.Linear) and m.out_features == c]
+        if len(found) != 1:
+            raise ValueError(f"a linear probe fits the last linear map of the sequence head; this head has "
+                             f"{len(found)} nn.Linear with {readout.num_labels} outputs, not one")
+        return found[0]
+    raise ValueError(f"a linear probe fits a classification head (ResidualSystem(..., readout='classification' or "
+                     f"'sequence_classifier')); this system's readout is {type(readout).__name__}")
+
 
 @torch.no_grad()
-def pooled_states(system: ResidualSystem, examples: Sequence[Example], tokenizer: Any, max_length: int = 128,
-                  batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """``z`` (S×d, float64, on the CPU): ``z_s = pool(norm(x_{s,L}))`` at the system's current controls, in eval
-    mode (no dropout), and the labels ``y`` (S, long)."""
+def head_inputs(system: ResidualSystem, examples: Sequence[Example], tokenizer: Any, max_length: int = 128,
+                batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """``z`` (S×d_in, float64, on the CPU): for each row the input of the head's last linear map (:func:`head_layer`)
+    at the system's current controls, in eval mode (no dropout), and the labels ``y`` (S, long).  For the
+    classification readout ``z_s = pool(norm(x_{s,L}))``."""
     if not examples:
         raise ValueError("a linear probe needs at least one training row")
     readout = system.readout
-    was_training = system.training
-    system.eval()
+    layer = head_layer(readout)
+    seen: list[torch.Tensor] = []
+    hook = layer.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
     encoded = encode(examples, tokenizer, max_length)
     device = next(system.model.parameters()).device
-    z = torch.empty(len(examples), system.d_model, dtype=torch.float64)
+    z = torch.empty(len(examples), layer.in_features, dtype=torch.float64)
     order = length_order(encoded.lengths)
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            batch = {k: v.to(device) for k, v in encoded.batch(idx).items()}
-            traj = system.rollout(batch)
-            z[idx] = pool(readout.normalized(traj.final), traj.ctx, readout.pooling).double().cpu()
+        with eval_mode(system):
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                batch = {k: v.to(device) for k, v in encoded.batch(idx).items()}
+                traj = system.rollout(batch)
+                seen.clear()
+                readout.logits(traj.final, traj.ctx)
+                z[idx] = seen[-1].double().cpu()
     finally:
-        system.train(was_training)
+        hook.remove()
     return z, torch.tensor([ex.label for ex in examples], dtype=torch.long)
 
 
@@ -98,8 +135,9 @@ def _check_labels(y: torch.Tensor, num_labels: int, what: str) -> None:
 
 
 def fit_linear_probe(z: torch.Tensor, y: torch.Tensor, num_labels: int, l2: float = DEFAULT_L2,
-                     max_iter: int = 500) -> ProbeFit:
-    """``argmin_{W,b} (1/S) Σ_s CE(W z_s + b, y_s) + (λ/2)‖W D‖_F²`` (module docstring) by L-BFGS from zero.
+                     bias: bool = True, max_iter: int = 500) -> ProbeFit:
+    """``argmin_{W,b} (1/S) Σ_s CE(W z_s + b, y_s) + (λ/2)‖W D‖_F²`` (module docstring) by L-BFGS from zero
+    (with ``bias=False``, ``b = 0``).
 
     Args:
         z: S×d features (any float dtype; fitted in float64).
@@ -118,12 +156,15 @@ def fit_linear_probe(z: torch.Tensor, y: torch.Tensor, num_labels: int, l2: floa
         raise ValueError(f"the probe's penalty λ must be finite and >= 0, got {l2}")
     _check_labels(y, num_labels, "the probe's rows")
     z = z.double()
-    mu, sigma = z.mean(0), z.std(0, unbiased=False).clamp_min(1e-12)
-    zs = (z - mu) / sigma  # the fit runs on standardised features: L-BFGS is then well conditioned
+    # the fit runs on standardised features (L-BFGS is then well conditioned); without a bias, centring would
+    # add one, so the features are only scaled
+    mu = z.mean(0) if bias else torch.zeros(z.shape[1], dtype=torch.float64)
+    sigma = z.std(0, unbiased=False).clamp_min(1e-12) if bias else z.pow(2).mean(0).sqrt().clamp_min(1e-12)
+    zs = (z - mu) / sigma
     w = torch.zeros(num_labels, z.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(num_labels, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=GRAD_TOL * 1e-2,
-                            tolerance_change=1e-15, line_search_fn="strong_wolfe")
+    b = torch.zeros(num_labels, dtype=torch.float64, requires_grad=bias)
+    opt = torch.optim.LBFGS([w, b] if bias else [w], lr=1.0, max_iter=max_iter, history_size=20,
+                            tolerance_grad=GRAD_TOL * 1e-2, tolerance_change=1e-15, line_search_fn="strong_wolfe")
 
     def objective() -> torch.Tensor:
         return F.cross_entropy(zs @ w.T + b, y) + 0.5 * l2 * (w * w).sum()
@@ -138,18 +179,19 @@ def fit_linear_probe(z: torch.Tensor, y: torch.Tensor, num_labels: int, l2: floa
     value = closure().detach()
     if not torch.isfinite(value):
         raise ValueError(f"the linear probe's objective is not finite ({value.item()}) at λ = {l2}")
-    grad = max(float(w.grad.abs().max()), float(b.grad.abs().max()))
+    grad = max(float(w.grad.abs().max()), float(b.grad.abs().max()) if bias else 0.0)
     iterations = int(opt.state[w].get("n_iter", 0))
     with torch.no_grad():
         weight = w / sigma  # back to the coordinates of z: W z + b' = W_s (z − μ)/σ + b
-        bias = b - weight @ mu
-        accuracy = float(((z @ weight.T + bias).argmax(-1) == y).double().mean())
-    return ProbeFit(weight.detach(), bias.detach(), float(l2), float(value), grad, iterations, accuracy)
+        fit = ProbeFit(weight.detach(), (b - weight @ mu).detach() if bias else None, float(l2), float(value), grad,
+                       iterations, 0.0)
+        fit.train_accuracy = float((fit.logits(z).argmax(-1) == y).double().mean())
+    return fit
 
 
 def _cross_entropy(fit: ProbeFit, z: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of a fitted probe on rows ``(z, y)``."""
-    logits = z.double() @ fit.weight.T + fit.bias
+    logits = fit.logits(z)
     return float(F.cross_entropy(logits, y)), float((logits.argmax(-1) == y).double().mean())
 
 
@@ -166,13 +208,11 @@ def fit_head(system: ResidualSystem, examples: Sequence[Example], tokenizer: Any
     accuracy; ``l2_at_edge``: the chosen λ is the smallest or largest tried).
 
     Raises:
-        ValueError: the system's readout is not a classification head this fits (``readout="classification"``),
-            several λ without held-out rows, or a failed fit (non-finite states or objective).
+        ValueError: the system's readout has no classification head this fits (:func:`head_layer`), several λ
+            without held-out rows, or a failed fit (non-finite states or objective).
     """
     readout = system.readout
-    if not isinstance(readout, ClassificationReadout):
-        raise ValueError(f"a linear probe fits the head of the classification readout (ResidualSystem(..., "
-                         f"readout='classification')); this system's readout is {type(readout).__name__}")
+    layer = head_layer(readout)
     if l2 is None:
         grid = L2_GRID if held_out else (DEFAULT_L2,)
     else:
@@ -181,18 +221,18 @@ def fit_head(system: ResidualSystem, examples: Sequence[Example], tokenizer: Any
         raise ValueError("give at least one probe penalty λ")
     if len(grid) > 1 and not held_out:
         raise ValueError(f"choosing the probe's λ among {list(grid)} needs held-out rows (held_out=...)")
-    z, y = pooled_states(system, examples, tokenizer, max_length, batch_size)
-    zv, yv = pooled_states(system, held_out, tokenizer, max_length, batch_size) if held_out else (None, None)
+    z, y = head_inputs(system, examples, tokenizer, max_length, batch_size)
+    zv, yv = head_inputs(system, held_out, tokenizer, max_length, batch_size) if held_out else (None, None)
     if yv is not None:
         _check_labels(yv, readout.num_labels, "the held-out rows")
-    fits = [fit_linear_probe(z, y, readout.num_labels, lam) for lam in grid]
+    fits = [fit_linear_probe(z, y, readout.num_labels, lam, bias=layer.bias is not None) for lam in grid]
     scores = [_cross_entropy(f, zv, yv) if zv is not None else (None, None) for f in fits]
     best = min(range(len(fits)), key=lambda i: (scores[i][0] if scores[i][0] is not None else 0.0, i))
     fit = fits[best]
-    head = readout.head
     with torch.no_grad():
-        head.weight.copy_(fit.weight.to(head.weight))
-        head.bias.copy_(fit.bias.to(head.bias))
+        layer.weight.copy_(fit.weight.to(layer.weight))
+        if layer.bias is not None:
+            layer.bias.copy_(fit.bias.to(layer.bias))
     return {"l2": fit.l2, "l2_at_edge": len(fits) > 1 and best in (0, len(fits) - 1),
             "l2_scores": [{"l2": f.l2, "held_out_loss": s[0], "held_out_accuracy": s[1]} for f, s in zip(fits, scores)],
             "rows": len(examples), "held_out": len(held_out), "objective": fit.objective,

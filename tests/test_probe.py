@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import toy_task
 
-from controltune.probe import L2_GRID, fit_head, fit_linear_probe, pooled_states
+from controltune.probe import L2_GRID, fit_head, fit_linear_probe, head_inputs
 from controltune.system import ResidualSystem
 from controltune.zoo import load_model
 
@@ -70,10 +70,14 @@ def toy(tmp_path_factory, one_thread):
     return spec, train_ex, dev_ex, load_model("random:bert", seed=0)
 
 
-def test_fit_head_sets_the_readouts_head_to_the_probe_of_the_pooled_states(toy):
+def test_fit_head_sets_the_readouts_head_to_the_probe_of_the_head_inputs(toy):
     spec, train_ex, dev_ex, loaded = toy
     system = ResidualSystem(loaded, num_labels=spec.num_labels, pooling="mean", seed=3)
-    z, y = pooled_states(system, train_ex, loaded.tokenizer, max_length=32)
+    modes = {name: m.training for name, m in system.named_modules()}
+    assert modes[""] and not modes["model"]  # a fresh system holds an HF model in eval mode (no dropout)
+    z, y = head_inputs(system, train_ex, loaded.tokenizer, max_length=32)
+    # every module keeps its own mode: the design that follows must not run with the model's dropout on
+    assert {name: m.training for name, m in system.named_modules()} == modes
     assert z.shape == (len(train_ex), system.d_model) and z.dtype == torch.float64
     # the states are those the system's own forward pools: the head's logits agree with system(batch)
     report = fit_head(system, train_ex, loaded.tokenizer, held_out=dev_ex, max_length=32)
@@ -103,7 +107,7 @@ def test_fit_head_refuses_what_it_cannot_fit(toy):
     with pytest.raises(ValueError, match="at least one training row"):
         fit_head(system, [], loaded.tokenizer)
     lm = ResidualSystem(load_model("random:gpt2", seed=0), readout="causal_lm")
-    with pytest.raises(ValueError, match="readout is CausalLMReadout"):
+    with pytest.raises(ValueError, match="this system's readout is CausalLMReadout"):
         fit_head(lm, train_ex, loaded.tokenizer)
     report = fit_head(system, train_ex, loaded.tokenizer, max_length=32)  # no held-out rows: the default λ
     assert report["l2"] == 1e-3 and report["held_out"] == 0 and report["held_out_loss"] is None
@@ -148,3 +152,74 @@ def test_controltune_train_head_init_probe(toy, capsys):
                  "--no-progress", "--train-score-size", "0"]) == 0
     out = capsys.readouterr().out
     assert "head: linear probe on 48 training rows, L2 " in out and "held-out accuracy" in out
+
+
+@pytest.mark.parametrize(("family", "layer"), [("bert", "classifier"), ("roberta", "classifier.out_proj"),
+                                               ("llama", "score")])
+def test_the_probe_fits_the_last_linear_map_of_an_hf_sequence_head(toy, family, layer):
+    from controltune.probe import head_layer
+
+    spec, train_ex, dev_ex, _ = toy
+    loaded = load_model(f"random:{family}", dtype="float64", head="sequence_classification", num_labels=2)
+    system = ResidualSystem(loaded, readout="sequence_classifier", num_labels=2)
+    fitted = head_layer(system.readout)
+    assert fitted is loaded.model.get_submodule(layer)
+    report = fit_head(system, train_ex, loaded.tokenizer, held_out=dev_ex, max_length=32)
+    assert report["converged"]
+    # the features are the map's inputs in the HF head's own forward: its logits are W z + b on them
+    z, y = head_inputs(system, train_ex[:6], loaded.tokenizer, max_length=32)
+    from controltune.batching import encode
+
+    batch = encode(train_ex[:6], loaded.tokenizer, 32).batch(list(range(6)))
+    with torch.no_grad():
+        logits = system.eval()(batch)
+    expected = z @ fitted.weight.T + (fitted.bias if fitted.bias is not None else 0.0)
+    assert torch.allclose(logits, expected, atol=1e-10)
+    assert (fitted.bias is None) == (family == "llama")  # a decoder's score has no bias: fitted with b = 0
+
+
+def test_a_probe_without_bias_is_stationary_in_w():
+    z, y = _blobs()
+    fit = fit_linear_probe(z, y, 3, l2=1e-2, bias=False)
+    assert fit.bias is None and fit.converged
+    rms = z.pow(2).mean(0).sqrt()
+    w = fit.weight.clone().requires_grad_(True)
+    objective = F.cross_entropy(z @ w.T, y) + 0.5 * 1e-2 * ((w * rms) ** 2).sum()
+    objective.backward()
+    assert objective.item() == pytest.approx(fit.objective, rel=1e-12)
+    assert (w.grad / rms).abs().max() <= 1e-6  # ∂/∂W_s = ∂/∂W · D^{-1}, D = diag(rms): scaled, not centred
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_recommend_head_init_probe_exports_the_fitted_classifier(toy, tmp_path, capsys):
+    import json
+
+    pytest.importorskip("peft")
+    from peft import PeftModel
+
+    from controltune.cli import main
+    from controltune.data import load_split
+    from controltune.probe import init_head
+
+    spec, *_ = toy
+    out = tmp_path / "rec"
+    assert main(["recommend", "--model", "random:bert", "--task", str(spec.folder), "--budget", "2500",
+                 "--max-rank", "2", "--n-design", "16", "--head-init", "probe", "--probe-rows", "40",
+                 "--out", str(out)]) == 0
+    assert "classifier: linear probe on 36 training rows" in capsys.readouterr().out
+    rec = json.loads((out / "recommendation.json").read_text())
+    assert rec["head_fit"]["converged"] and rec["head_fit"]["held_out"] == 4
+    # the folder carries the probe: the classifier peft loads is the one fitted on the same rows
+    loaded = load_model("random:bert", head="sequence_classification", num_labels=2)
+    system = ResidualSystem(loaded, readout="sequence_classifier", num_labels=2)
+    init_head(system, "probe", load_split(spec, "train", n=40, seed=0), loaded.tokenizer, val_size=0.1, val_seed=0,
+              max_length=64)
+    model = PeftModel.from_pretrained(load_model("random:bert", head="sequence_classification").model, str(out))
+    saved = dict(model.named_parameters())
+    key = next(k for k in saved if k.endswith("classifier.modules_to_save.default.weight"))
+    assert torch.allclose(saved[key], loaded.model.classifier.weight, atol=1e-6)
+    assert not torch.allclose(saved[key], load_model("random:bert", head="sequence_classification").model
+                              .classifier.weight)
+    assert main(["recommend", "--model", "random:bert", "--task", str(spec.folder), "--head-init", "probe",
+                 "--probe-rows", "3", "--out", str(tmp_path / "bad")]) == 2
+    assert "--probe-rows must be at least 10" in capsys.readouterr().err
