@@ -21,20 +21,18 @@ with the most rising curves; ~8 core-hours by ``--plan`` (84 cells).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from controltune.results import read_jsonl, stamp, write_json_unless_same
-from controltune.sweep_spec import SweepSpec, expand
+from controltune.sweep_spec import SweepSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cost_model import describe_hours, sweep_hours  # noqa: E402
 from design_table import BUDGETS, DESIGNS, pair_key  # noqa: E402
 from design_table import SUMMARY as TABLE_SUMMARY  # noqa: E402
-from design_variant import LABELS, SEEDS, judge, table_rates, variant_cells, variant_spec  # noqa: E402
-from rate_selection import add_sweep_arguments, choose_lrs, progress_echo, sweep_settings  # noqa: E402
+from design_variant import LABELS, SEEDS, judge, study_main, table_rates, variant_cells, variant_spec  # noqa: E402
+from rate_selection import choose_lrs  # noqa: E402
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -82,24 +80,10 @@ def summary(tasks: Sequence[str] = TASKS, budgets: Sequence[str] = tuple(BUDGETS
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_sweep_arguments(p, "runs/design_schedule")
-    p.add_argument("--plan", action="store_true", help="print the cells and their estimated time; run nothing")
-    p.add_argument("--summary-only", action="store_true")
-    args = p.parse_args(argv)
-    if args.summary_only:
-        return summary()
-    sweep = spec(TASKS, tuple(BUDGETS), table_rates())
-    if args.plan:
-        cells = expand(sweep)
-        print(f"{len(cells)} cells: {len(LABELS)} methods (LoRA and the designs) x {len(BUDGETS)} budgets x "
-              f"{len(TASKS)} tasks x {len(SEEDS)} seeds, {FACTOR} x the design table's epochs")
-        print(describe_hours("cells", sweep_hours(cells, read_jsonl(OUT) if OUT.is_file() else [])))
-        return {"cells": len(cells)}
-    from controltune.sweep import run_sweep
-
-    run_sweep(sweep, OUT, echo=progress_echo(summary), **sweep_settings(args))
-    return summary()
+    what = (f"{len(LABELS)} methods (LoRA and the designs) x {len(BUDGETS)} budgets x {len(TASKS)} tasks x "
+                f"{len(SEEDS)} seeds, {FACTOR} x the design table's epochs")
+    return study_main(argv, doc=__doc__ or "", runs="runs/design_schedule", out=OUT, summary=summary, what=what,
+                      sweep=lambda: spec(TASKS, tuple(BUDGETS), table_rates()))
 
 
 if __name__ == "__main__":

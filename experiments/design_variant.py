@@ -9,15 +9,18 @@ verdict in the table, and every method against its own table cell (``gain``: doe
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from controltune.sweep_spec import SweepSpec, parse_spec
+from controltune.results import read_jsonl
+from controltune.sweep_spec import SweepSpec, expand, parse_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the experiments' shared modules, run or imported
+from cost_model import describe_hours, sweep_hours  # noqa: E402
 from design_table import (  # noqa: E402
     BUDGETS,
     DESIGNS,
@@ -29,7 +32,14 @@ from design_table import (  # noqa: E402
     verdict,
 )
 from design_table import SELECT_OUT as TABLE_SELECT  # noqa: E402
-from rate_selection import at_chosen_rates, choose_lrs, completed_rows  # noqa: E402
+from rate_selection import (  # noqa: E402
+    add_sweep_arguments,
+    at_chosen_rates,
+    choose_lrs,
+    completed_rows,
+    progress_echo,
+    sweep_settings,
+)
 from verdicts import TOO_FEW_SEEDS, mean_std  # noqa: E402
 
 if TYPE_CHECKING:
@@ -127,3 +137,27 @@ def variant_cells(rows: list[dict[str, Any]], table_summary: Path, tasks: Sequen
     table = json.loads(table_summary.read_text())
     standard = {(c["task"], c["budget"], c["method"]): c for c in table["cells"]}
     return {p: variant_cell(rows, p, standard.get(p)) for p in pairs(tasks, budgets)}, table
+
+
+def study_main(argv: list[str] | None, *, doc: str, runs: str, out: Path, sweep: Callable[[], SweepSpec],
+               summary: Callable[[], dict[str, Any]], what: str) -> dict[str, Any]:
+    """The command line the design-table studies share: ``--plan`` (the cells of ``sweep()`` and their estimated
+    time, ``what`` describing them), ``--summary-only`` (``summary()`` from the rows), or the resumable sweep into
+    ``out`` (the summary rewritten after every finished cell)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    add_sweep_arguments(p, runs)
+    p.add_argument("--plan", action="store_true", help="print the cells and their estimated time; run nothing")
+    p.add_argument("--summary-only", action="store_true")
+    args = p.parse_args(argv)
+    if args.summary_only:
+        return summary()
+    spec = sweep()
+    if args.plan:
+        cells = expand(spec)
+        print(f"{len(cells)} cells: {what}")
+        print(describe_hours("cells", sweep_hours(cells, read_jsonl(out) if out.is_file() else [])))
+        return {"cells": len(cells)}
+    from controltune.sweep import run_sweep
+
+    run_sweep(spec, out, echo=progress_echo(summary), **sweep_settings(args))
+    return summary()
