@@ -25,7 +25,8 @@ A *spec* (YAML or JSON) names the grid::
 
 Axes are ``model``, ``method`` (a registered controller, or several joined by ``+``),
 ``options`` (a dict of controller options, or a list of them), ``task``, ``seed``, ``lr``
-and any training setting of :data:`TRAIN_SETTINGS` or :data:`OPTIONAL_SETTINGS`; ``train`` holds
+and any setting of :data:`TRAIN_SETTINGS`, :data:`OPTIONAL_SETTINGS`, :data:`STAGE_SETTINGS` or
+:data:`HEAD_SETTINGS` (``head_init: probe``: the head fitted first); ``train`` holds
 settings shared by every cell; ``overrides`` (applied in order, each to the cells whose values
 match its ``where``) give settings per task, or per task and method; ``exclude`` drops the cells
 (after the overrides) whose values equal every entry of one of its mappings, e.g. a pair a study
