@@ -12,8 +12,9 @@ HF head, the last real token's normalised state for a decoder's ``score``), a co
 
 where σ are the per-coordinate standard deviations of the z_s (the penalty is that of logistic regression on
 standardised features, so it does not depend on the scale of the residual stream; a map without bias, like a
-decoder's ``score``, is fitted with ``b = 0``), solved to stationarity by L-BFGS in float64.  With held-out rows,
-λ is chosen among :data:`L2_GRID` by their cross-entropy.
+decoder's ``score``, is fitted with ``b = 0`` and σ the root mean squares, its features scaled but not centred),
+solved by L-BFGS in float64 to a gradient max-norm of :data:`GRAD_TOL` in the standardised coordinates.  With
+held-out rows, λ is chosen among :data:`L2_GRID` by their cross-entropy.
 
 :func:`fit_head` does it for a :class:`~controltune.system.ResidualSystem`; :func:`fit_linear_probe` is the convex
 fit on given features and :func:`head_inputs` the features.
@@ -49,7 +50,7 @@ L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 DEFAULT_L2 = 1e-3
 """λ without held-out rows."""
 GRAD_TOL = 1e-6
-"""The fit is stationary when the objective's gradient has at most this max-norm."""
+"""The fit is stationary when the objective's gradient in the standardised coordinates has at most this max-norm."""
 
 
 @dataclass
