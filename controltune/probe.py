@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batching import encode, length_order
-from .evaluation import eval_mode, validation_split
+from .evaluation import eval_mode, to_device, validation_split
 from .readout import ClassificationReadout, SequenceClassifierReadout
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ def head_inputs(system: ResidualSystem, examples: Sequence[Example], tokenizer: 
         with eval_mode(system):
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
-                batch = {k: v.to(device) for k, v in encoded.batch(idx).items()}
+                batch = to_device(encoded.batch(idx), device)
                 traj = system.rollout(batch)
                 seen.clear()
                 readout.logits(traj.final, traj.ctx)
