@@ -210,3 +210,25 @@ def resolution(rows: list[dict[str, Any]], tasks: list[str], baseline: str) -> d
                                  "difference": best["difference"], "margin": 2 * best["se"],
                                  "verdict": best["verdict"]}}
     return out
+
+
+def null_win_rate(n_a: int, n_b: int) -> float:
+    """The chance that :func:`two_se` calls a win between two equal methods: ``P(T_ν > 2)``, ``ν = n_a + n_b − 2``.
+
+    With normal seed scores of one spread on both sides and ``n_a = n_b = n``, ``se² = (s_a² + s_b²)/n`` is the
+    pooled estimate of the difference's variance, so ``(b − a)/se`` is Student's t with ``2n − 2`` degrees of
+    freedom and the rule's ``> 2`` is that t beyond 2 (0.058 at 3 seeds a side, against 0.023 for a known
+    spread).  With unequal seed counts it is the pooled test's rate, an approximation of the rule's."""
+    from scipy.stats import t
+
+    return float(t.sf(2.0, n_a + n_b - 2))
+
+
+def chance_wins(rows: list[dict[str, Any]], baseline: str) -> dict[str, Any]:
+    """How many wins against ``baseline`` chance alone would give: over the rows ``{baseline, verdict, n_seeds,
+    baseline_n_seeds}`` against it judged win, tie or loss, ``{comparisons, wins, expected_wins}`` with
+    ``expected_wins = Σ`` :func:`null_win_rate` (were every design equal to the baseline; the comparisons share
+    the baseline's seeds, so the wins are not independent, but their expected count is this sum)."""
+    tested = [r for r in rows if r["baseline"] == baseline and r["verdict"] in ("win", "tie", "loss")]
+    return {"comparisons": len(tested), "wins": sum(r["verdict"] == "win" for r in tested),
+            "expected_wins": sum(null_win_rate(r["n_seeds"], r["baseline_n_seeds"]) for r in tested)}

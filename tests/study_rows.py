@@ -25,3 +25,16 @@ def rendered_caption(name: str, results: Path, out: Path) -> str:
     paths = render(figure_spec(name), results, out)
     assert paths[1].read_bytes()[:4] == b"\x89PNG"
     return paths[2].read_text()
+
+
+def variant_selection(study, task: str, budget: str, skip: str | None = None) -> list[dict]:
+    """Seed-0 selection rows of a design-variant ``study``'s labels (LoRA and the designs) on ``task`` at
+    ``budget``: 2e-3 best for every pair (5e-4 scores lower); ``skip`` leaves one label without rows."""
+    rows = []
+    for label in study.LABELS:
+        if label == skip:
+            continue
+        method, options, _ = study.BUDGETS[budget][label]
+        for lr, val in ((5e-4, 0.2), (2e-3, 0.3)):
+            rows.append(sweep_row({"task": task, "method": method, "options": options, "lr": lr, "seed": 0}, val))
+    return rows

@@ -6,25 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from study_rows import rendered_caption, sweep_row
+from study_rows import rendered_caption, sweep_row, variant_selection
 
 from controltune.results import append_jsonl
 from controltune.sweep_spec import expand
 from experiments import design_probe
 
 
-def _selection(task: str, budget: str) -> list[dict]:
-    """Seed-0 selection rows of LoRA and the designs: 2e-3 best for every pair (5e-4 scores lower)."""
-    rows = []
-    for label in design_probe.LABELS:
-        method, options, _ = design_probe.BUDGETS[budget][label]
-        for lr, val in ((5e-4, 0.2), (2e-3, 0.3)):
-            rows.append(sweep_row({"task": task, "method": method, "options": options, "lr": lr, "seed": 0}, val))
-    return rows
-
-
 def test_every_cell_fits_its_head_first_at_the_tables_rate_and_epochs():
-    chosen = design_probe.choose_lrs(_selection("cola", "b18k"), design_probe.pair_key)
+    chosen = design_probe.choose_lrs(variant_selection(design_probe, "cola", "b18k"), design_probe.pair_key)
     cells = expand(design_probe.spec(("cola",), ("b18k",), chosen))
     assert len(cells) == len(design_probe.LABELS) * 3 == 21
     assert {c["head_init"] for c in cells} == {"probe"} and {c["lr"] for c in cells} == {2e-3}

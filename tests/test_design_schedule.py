@@ -5,27 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from study_rows import rendered_caption, sweep_row
+from study_rows import rendered_caption, sweep_row, variant_selection
 
 from controltune.results import append_jsonl
 from controltune.sweep_spec import expand
 from experiments import design_schedule
 
 
-def _selection(task: str, budget: str, skip: str | None = None) -> list[dict]:
-    """Seed-0 selection rows of LoRA and the designs: 2e-3 best for every pair (5e-4 scores lower)."""
-    rows = []
-    for label in design_schedule.LABELS:
-        if label == skip:
-            continue
-        method, options, _ = design_schedule.BUDGETS[budget][label]
-        for lr, val in ((5e-4, 0.2), (2e-3, 0.3)):
-            rows.append(sweep_row({"task": task, "method": method, "options": options, "lr": lr, "seed": 0}, val))
-    return rows
-
-
 def test_the_cells_are_the_tables_pairs_at_their_chosen_rates_with_twice_the_epochs():
-    chosen = design_schedule.choose_lrs(_selection("cola", "b18k"), design_schedule.pair_key)
+    chosen = design_schedule.choose_lrs(variant_selection(design_schedule, "cola", "b18k"), design_schedule.pair_key)
     cells = expand(design_schedule.spec(("cola",), ("b18k",), chosen))
     assert len(cells) == len(design_schedule.LABELS) * 3 == 21
     assert {c["epochs"] for c in cells} == {2 * 3}  # glue_select.yaml: CoLA trains 3 epochs
@@ -33,7 +21,8 @@ def test_the_cells_are_the_tables_pairs_at_their_chosen_rates_with_twice_the_epo
     assert {c["lr"] for c in cells} == {2e-3}
     assert {design_schedule.pair_key({"config": c})[2] for c in cells} == set(design_schedule.LABELS)
     # a pair the table has not chosen a rate for stops the study instead of leaving a gap
-    partial = design_schedule.choose_lrs(_selection("cola", "b18k", skip="gramian_lora"), design_schedule.pair_key)
+    rows = variant_selection(design_schedule, "cola", "b18k", skip="gramian_lora")
+    partial = design_schedule.choose_lrs(rows, design_schedule.pair_key)
     with pytest.raises(SystemExit, match="gramian_lora"):
         design_schedule.spec(("cola",), ("b18k",), partial)
 

@@ -41,6 +41,7 @@ def test_design_table(tmp_path, monkeypatch):
     monkeypatch.setattr(design_table, "glue_majority", lambda _: {"rte": 0.9, "cola": 0.0})
     out = design_table.summary(("rte", "cola"), ("b74k",))
     assert out["wins"] == 4  # two designs x two tasks beat LoRA
+    assert out["chance"]["comparisons"] == 6 and out["chance"]["wins"] == 2  # RTE's, both at chance, are no test
     # every cell's seeds at 0.000, 0.001, 0.002 above its level: std 0.001, a win needs 2·(2·0.001²/3)^½
     margin = 2 * (2 * 0.001 ** 2 / 3) ** 0.5
     res = out["resolution"]["cola"]
@@ -54,6 +55,7 @@ def test_design_table(tmp_path, monkeypatch):
     assert "parallel_control: wins cola/b74k (+0.050), rte/b74k (+0.050)" in caption
     assert "costate_lora: wins none, ties 0, losses cola/b74k (-0.050), rte/b74k (-0.050)" in caption
     assert "4 wins, met" in caption
+    assert "would call 0.3 wins in these 6 comparisons by chance" in caption and "2 were called" in caption
     assert (f"cola median {margin:.3f} ({margin:.3f}–{margin:.3f} over 6 comparisons), closest b74k "
             "parallel_control +0.050 against 0.002 (win)") in caption
     assert "the widest ratio between a chosen rate and a neighbouring rate tried: cola 4." in caption  # rte: none
@@ -168,3 +170,29 @@ def test_the_costate_line_searches_are_counted_once_each_per_task_and_budget():
     assert design_table.costate_search(rows) == {"cola/b18k": {"searches": 3, "at_smallest": 1, "lowered": 2,
                                                                "mean_change": pytest.approx((0.01 - 0.01 - 0.05) / 3)}}
 
+
+
+def test_null_win_rate_is_the_two_se_rules_rate_between_equal_methods():
+    """Seeds of two equal methods drawn many times: the share the rule calls a win matches P(T_4 > 2)."""
+    import numpy as np
+
+    from experiments.verdicts import null_win_rate, two_se
+
+    rng = np.random.default_rng(0)
+    draws = 40_000
+    a, b = rng.normal(0.8, 0.01, (draws, 3)), rng.normal(0.8, 0.01, (draws, 3))
+    cell = lambda x: {"mean": float(x.mean()), "std": float(x.std(ddof=1)), "n_seeds": 3}  # noqa: E731
+    wins = sum(two_se(cell(x), cell(y))[0] == 1 for x, y in zip(a, b))
+    rate = null_win_rate(3, 3)
+    assert rate == pytest.approx(0.0581, abs=1e-4)
+    assert abs(wins / draws - rate) < 4 * (rate * (1 - rate) / draws) ** 0.5  # within 4 binomial s.e.
+
+
+def test_chance_wins_sums_the_rate_over_the_tested_comparisons():
+    from experiments.verdicts import chance_wins, null_win_rate
+
+    rows = [{"baseline": "lora", "verdict": v, "n_seeds": 3, "baseline_n_seeds": 3}
+            for v in ("win", "tie", "loss", "too few seeds", None)]
+    rows.append({"baseline": "adapter", "verdict": "win", "n_seeds": 3, "baseline_n_seeds": 3})
+    out = chance_wins(rows, "lora")
+    assert out == {"comparisons": 3, "wins": 1, "expected_wins": pytest.approx(3 * null_win_rate(3, 3))}
