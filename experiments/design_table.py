@@ -315,6 +315,30 @@ def earlier_verdicts(cells: list[dict[str, Any]], task: str) -> list[dict[str, A
             for (b, m), c in sorted(now.items()) if m in DESIGNS for base in BASELINES if (b, base) in now]
 
 
+def _at_end(cell: dict[str, Any]) -> dict[str, Any]:
+    """``cell`` scored by each seed's dev score at its last step instead of at its best validation score."""
+    return {"mean": cell["end_mean"], "std": cell["end_std"], "n_seeds": cell["end_n_seeds"]}
+
+
+def checkpoint_rule(rows: list[dict[str, Any]], baseline: str) -> dict[str, dict[str, Any]]:
+    """Per task, whether the verdicts against ``baseline`` hang on which deltas a run reports: each seed's
+    dev score at its best validation score (the table's) against at its last step.  Over the rows judged win,
+    tie or loss: ``{task: {comparisons, changed: [{budget, design, verdict, verdict_at_end, difference_at_end,
+    margin_at_end}]}}``, ``margin_at_end = 2·se`` of the last steps' difference."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["baseline"] != baseline or r["verdict"] not in ("win", "tie", "loss"):
+            continue
+        entry = out.setdefault(r["task"], {"comparisons": 0, "changed": []})
+        entry["comparisons"] += 1
+        if r["verdict_at_end"] != r["verdict"]:
+            entry["changed"].append({"budget": r["budget"], "design": r["design"], "verdict": r["verdict"],
+                                     "verdict_at_end": r["verdict_at_end"],
+                                     "difference_at_end": r["difference_at_end"],
+                                     "margin_at_end": None if r["se_at_end"] is None else 2 * r["se_at_end"]})
+    return out
+
+
 def summary(tasks: Sequence[str], budgets: Sequence[str]) -> dict[str, Any]:
     select_rows, table_rows = completed_rows(SELECT_OUT), completed_rows(TABLE_OUT)  # old rows completed
     chosen = choose_lrs(select_rows, pair_key)
@@ -325,8 +349,11 @@ def summary(tasks: Sequence[str], budgets: Sequence[str]) -> dict[str, Any]:
         mine = [r for r in table_rows if r.get("status") == "done" and pair_key(r) == pair]
         done = [r for r in mine if float(r["config"]["lr"]) == info["lr"]]
         mean, std = mean_std([r["score_at_best_val"] for r in done])
+        ends = [r["score"] for r in done if r.get("score") is not None]  # each seed's dev score at its last step
+        end_mean, end_std = mean_std(ends)
         cells[pair] = {"task": pair[0], "budget": pair[1], "method": pair[2], "lr": info["lr"], "mean": mean,
-                       "std": std, "n_seeds": len(done), "trainable": done[0]["n_trainable"] if done else None,
+                       "std": std, "end_mean": end_mean, "end_std": end_std, "end_n_seeds": len(ends),
+                       "n_seeds": len(done), "trainable": done[0]["n_trainable"] if done else None,
                        "one_class_seeds": one_class_seeds(done), "near_one_class_seeds": near_one_class_seeds(done),
                        "diverged_seeds": diverged.get(pair, []), "diverged_every_rate": pair in everywhere,
                        "rate_at_edge": rate_at_edge(info), "rate_bracket": rate_bracket(info),
@@ -344,6 +371,7 @@ def summary(tasks: Sequence[str], budgets: Sequence[str]) -> dict[str, Any]:
             if b is None:
                 continue
             v, diff, se = verdict(d, b)
+            v_end, diff_end, se_end = verdict(_at_end(d), _at_end(b))
             if d["diverged_every_rate"] or b["diverged_every_rate"]:  # no score to compare: named, never a tie
                 v = f"{'design' if d['diverged_every_rate'] else 'baseline'} diverged at every rate"
             rows.append({"design": label, "baseline": base, "task": task, "budget": budget, "metric": d["metric"],
@@ -351,7 +379,8 @@ def summary(tasks: Sequence[str], budgets: Sequence[str]) -> dict[str, Any]:
                          "baseline_std": b["std"], "baseline_n_seeds": b["n_seeds"], "difference": diff, "se": se,
                          "verdict": v, "trainable": d["trainable"], "baseline_trainable": b["trainable"],
                          # a tie where neither beats the majority class says nothing of the design
-                         "at_chance": both_at_chance(d, b, levels.get(task))})
+                         "at_chance": both_at_chance(d, b, levels.get(task)),
+                         "verdict_at_end": v_end, "difference_at_end": diff_end, "se_at_end": se_end})
     for c in cells.values():
         c["final"] = cell_complete(c)
     payload = {**stamp({"tasks": list(tasks), "budgets": list(budgets), "budgets_options": BUDGETS,
@@ -362,6 +391,7 @@ def summary(tasks: Sequence[str], budgets: Sequence[str]) -> dict[str, Any]:
                "selection_regret": regret_by_task(select_rows, pair_key),
                "resolution": resolution(rows, list(tasks), "lora"),
                # the wins against LoRA the rule would call were every design equal to LoRA
+               "checkpoint_rule": checkpoint_rule(rows, "lora"),
                "chance": chance_wins([r for r in rows if not r["at_chance"]], "lora"),
                "costate_search": costate_search(select_rows + table_rows),
                "wins": sum(r["verdict"] == "win" and r["baseline"] == "lora" for r in rows)}

@@ -17,7 +17,8 @@ def figure_spec(name: str):
 
 def sweep_row(config: dict, score: float, val: float | None = None, metric: str = "accuracy", **extra) -> dict:
     cell = "c" + str(abs(hash(json.dumps(config, sort_keys=True))))
-    return {"config": config, "status": "done", "score_at_best_val": score, "val_score": score if val is None else val,
+    return {"config": config, "status": "done", "score_at_best_val": score, "score": score,
+            "val_score": score if val is None else val,
             "metric": metric, "n_trainable": 10, "cell": cell, **extra}
 
 

@@ -42,6 +42,7 @@ def test_design_table(tmp_path, monkeypatch):
     out = design_table.summary(("rte", "cola"), ("b74k",))
     assert out["wins"] == 4  # two designs x two tasks beat LoRA
     assert out["chance"]["comparisons"] == 6 and out["chance"]["wins"] == 2  # RTE's, both at chance, are no test
+    assert out["checkpoint_rule"]["cola"] == {"comparisons": 6, "changed": []}  # last step = best here
     # every cell's seeds at 0.000, 0.001, 0.002 above its level: std 0.001, a win needs 2·(2·0.001²/3)^½
     margin = 2 * (2 * 0.001 ** 2 / 3) ** 0.5
     res = out["resolution"]["cola"]
@@ -196,3 +197,18 @@ def test_chance_wins_sums_the_rate_over_the_tested_comparisons():
     rows.append({"baseline": "adapter", "verdict": "win", "n_seeds": 3, "baseline_n_seeds": 3})
     out = chance_wins(rows, "lora")
     assert out == {"comparisons": 3, "wins": 1, "expected_wins": pytest.approx(3 * null_win_rate(3, 3))}
+
+
+def test_checkpoint_rule_names_the_verdicts_that_change_at_the_last_step():
+    from experiments.design_table import checkpoint_rule
+
+    def row(design: str, verdict: str, at_end: str | None, baseline: str = "lora") -> dict:
+        return {"task": "mrpc", "budget": "b18k", "design": design, "baseline": baseline, "verdict": verdict,
+                "verdict_at_end": at_end, "difference_at_end": 0.006, "se_at_end": 0.0035}
+
+    rows = [row("recommended_lora", "win", "tie"), row("costate_lora", "tie", "tie"),
+            row("gramian_lora", "too few seeds", None), row("recommended_lora", "win", "tie", baseline="eva")]
+    out = checkpoint_rule(rows, "lora")
+    assert out == {"mrpc": {"comparisons": 2, "changed": [
+        {"budget": "b18k", "design": "recommended_lora", "verdict": "win", "verdict_at_end": "tie",
+         "difference_at_end": 0.006, "margin_at_end": 0.007}]}}
