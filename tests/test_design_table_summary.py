@@ -42,7 +42,9 @@ def test_design_table(tmp_path, monkeypatch):
     out = design_table.summary(("rte", "cola"), ("b74k",))
     assert out["wins"] == 4  # two designs x two tasks beat LoRA
     assert out["chance"]["comparisons"] == 6 and out["chance"]["wins"] == 2  # RTE's, both at chance, are no test
-    assert out["checkpoint_rule"]["cola"] == {"comparisons": 6, "changed": []}  # last step = best here
+    assert out["checkpoint_rule"] == {"cola": {"comparisons": 6, "changed": []}}  # last step = best; RTE no test
+    assert "Scored at each seed's last step instead of its best validation score, 0 of these 6 verdicts change." in (
+        rendered_caption("design_table", tmp_path, tmp_path / "g"))
     # every cell's seeds at 0.000, 0.001, 0.002 above its level: std 0.001, a win needs 2·(2·0.001²/3)^½
     margin = 2 * (2 * 0.001 ** 2 / 3) ** 0.5
     res = out["resolution"]["cola"]

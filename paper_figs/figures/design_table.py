@@ -119,8 +119,9 @@ def caption(results_dir: Path) -> str:
         f"two-standard-error rule against LoRA at the same budget — {lines or 'no cell has two seeds yet'}. Against "
         f"the other baselines (adapter, prefix, PiSSA, OLoRA, LoRA-GA, EVA): {other_counts['win']} wins, "
         f"{other_counts['tie']} ties, {other_counts['loss']} losses. Goal (at least {GOAL_WINS} wins over LoRA at "
-        f"equal parameters): {wins} wins, {goal}."
+        f"equal parameters): {wins} win{'' if wins == 1 else 's'}, {goal}."
         + _chance_note(payload.get("chance"))
+        + _checkpoint_note(payload.get("checkpoint_rule", {}))
         + _bracket_note(payload.get("cells", []))
         + _resolution_note(payload.get("resolution", {}))
         + _costate_search_note(payload.get("costate_search", {}))
@@ -148,7 +149,20 @@ def _chance_note(chance: dict[str, Any] | None) -> str:
         return ""
     return (f" Were every design equal to LoRA, the rule would call {chance['expected_wins']:.1f} wins in these "
             f"{chance['comparisons']} comparisons by chance (P(t > 2) with 4 degrees of freedom, 0.058, at 3 seeds "
-            f"a side); {chance['wins']} were called.")
+            f"a side); {chance['wins']} {'was' if chance['wins'] == 1 else 'were'} called.")
+
+
+def _checkpoint_note(found: dict[str, dict[str, Any]]) -> str:
+    """The verdicts against LoRA that change when each seed reports its last step instead of its best
+    validation score."""
+    if not found:
+        return ""
+    n = sum(e["comparisons"] for e in found.values())
+    changed = [f"{t}/{c['budget']} {c['design']} {c['verdict']} → {c['verdict_at_end']} "
+               f"({c['difference_at_end']:+.3f} against {c['margin_at_end']:.3f})"
+               for t, e in sorted(found.items()) for c in e["changed"]]
+    return (f" Scored at each seed's last step instead of its best validation score, {len(changed)} of these {n} "
+            f"verdicts change{': ' + '; '.join(changed) if changed else ''}.")
 
 
 def _resolution_note(found: dict[str, dict[str, Any]]) -> str:
