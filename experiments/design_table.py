@@ -70,6 +70,7 @@ from verdicts import (  # noqa: E402
     TOO_FEW_SEEDS,
     both_at_chance,
     chance_wins,
+    checkpoint_rule,
     glue_majority,
     mean_std,
     near_one_class_seeds,
@@ -318,25 +319,6 @@ def earlier_verdicts(cells: list[dict[str, Any]], task: str) -> list[dict[str, A
 def _at_end(cell: dict[str, Any]) -> dict[str, Any]:
     """``cell`` scored by each seed's dev score at its last step instead of at its best validation score."""
     return {"mean": cell["end_mean"], "std": cell["end_std"], "n_seeds": cell["end_n_seeds"]}
-
-
-def checkpoint_rule(rows: list[dict[str, Any]], baseline: str) -> dict[str, dict[str, Any]]:
-    """Per task, whether the verdicts against ``baseline`` hang on which deltas a run reports: each seed's
-    dev score at its best validation score (the table's) against at its last step.  Over the rows judged win,
-    tie or loss: ``{task: {comparisons, changed: [{budget, design, verdict, verdict_at_end, difference_at_end,
-    margin_at_end}]}}``, ``margin_at_end = 2·se`` of the last steps' difference."""
-    out: dict[str, dict[str, Any]] = {}
-    for r in rows:
-        if r["baseline"] != baseline or r["verdict"] not in ("win", "tie", "loss"):
-            continue
-        entry = out.setdefault(r["task"], {"comparisons": 0, "changed": []})
-        entry["comparisons"] += 1
-        if r["verdict_at_end"] != r["verdict"]:
-            entry["changed"].append({"budget": r["budget"], "design": r["design"], "verdict": r["verdict"],
-                                     "verdict_at_end": r["verdict_at_end"],
-                                     "difference_at_end": r["difference_at_end"],
-                                     "margin_at_end": None if r["se_at_end"] is None else 2 * r["se_at_end"]})
-    return out
 
 
 def summary(tasks: Sequence[str], budgets: Sequence[str]) -> dict[str, Any]:

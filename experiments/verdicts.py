@@ -232,3 +232,22 @@ def chance_wins(rows: list[dict[str, Any]], baseline: str) -> dict[str, Any]:
     tested = [r for r in rows if r["baseline"] == baseline and r["verdict"] in ("win", "tie", "loss")]
     return {"comparisons": len(tested), "wins": sum(r["verdict"] == "win" for r in tested),
             "expected_wins": sum(null_win_rate(r["n_seeds"], r["baseline_n_seeds"]) for r in tested)}
+
+
+def checkpoint_rule(rows: list[dict[str, Any]], baseline: str) -> dict[str, dict[str, Any]]:
+    """Per task, whether the verdicts against ``baseline`` hang on which deltas a run reports: each seed's
+    dev score at its best validation score (the table's) against at its last step.  Over the rows judged win,
+    tie or loss: ``{task: {comparisons, changed: [{budget, design, verdict, verdict_at_end, difference_at_end,
+    margin_at_end}]}}``, ``margin_at_end = 2·se`` of the last steps' difference."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["baseline"] != baseline or r["verdict"] not in ("win", "tie", "loss"):
+            continue
+        entry = out.setdefault(r["task"], {"comparisons": 0, "changed": []})
+        entry["comparisons"] += 1
+        if r["verdict_at_end"] != r["verdict"]:
+            entry["changed"].append({"budget": r["budget"], "design": r["design"], "verdict": r["verdict"],
+                                     "verdict_at_end": r["verdict_at_end"],
+                                     "difference_at_end": r["difference_at_end"],
+                                     "margin_at_end": None if r["se_at_end"] is None else 2 * r["se_at_end"]})
+    return out

@@ -202,7 +202,7 @@ def test_chance_wins_sums_the_rate_over_the_tested_comparisons():
 
 
 def test_checkpoint_rule_names_the_verdicts_that_change_at_the_last_step():
-    from experiments.design_table import checkpoint_rule
+    from experiments.verdicts import checkpoint_rule
 
     def row(design: str, verdict: str, at_end: str | None, baseline: str = "lora") -> dict:
         return {"task": "mrpc", "budget": "b18k", "design": design, "baseline": baseline, "verdict": verdict,
