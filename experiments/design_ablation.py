@@ -30,7 +30,7 @@ from design_table import BUDGETS, cell_complete, mean_curve, spec_data, verdict 
 from design_table import SUMMARY as TABLE_SUMMARY  # noqa: E402
 from design_variant import SEEDS, study_main, table_rates  # noqa: E402
 from rate_selection import at_chosen_rates  # noqa: E402
-from verdicts import mean_std  # noqa: E402
+from verdicts import chance_wins, mean_std  # noqa: E402
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -98,8 +98,8 @@ def judged(c: dict[str, Any], table: dict[str, dict[str, Any]], against: str, me
                 "difference": None, "se": None}
     v, diff, se = verdict(c, other)
     return {"task": c["task"], "budget": c["budget"], "baseline": against, "meaning": meaning, "verdict": v,
-            "difference": diff, "se": se, "baseline_mean": other["mean"], "baseline_std": other["std"],
-            "baseline_n_seeds": other["n_seeds"]}
+            "difference": diff, "se": se, "n_seeds": c["n_seeds"], "baseline_mean": other["mean"],
+            "baseline_std": other["std"], "baseline_n_seeds": other["n_seeds"]}
 
 
 def summary(tasks: Sequence[str] = TASKS, budgets: Sequence[str] = tuple(BUDGETS)) -> dict[str, Any]:
@@ -119,7 +119,9 @@ def summary(tasks: Sequence[str] = TASKS, budgets: Sequence[str] = tuple(BUDGETS
                         "command": "python experiments/design_ablation.py"}),
                "cells": cells, "rows": verdicts, "complete": all(cell_complete(c) for c in cells),
                "counts": {meaning: {v: sum(r["verdict"] == v for r in verdicts if r["meaning"] == meaning)
-                                    for v in ("win", "tie", "loss")} for meaning in ("placement", "start")}}
+                                    for v in ("win", "tie", "loss")} for meaning in ("placement", "start")},
+               # the wins over LoRA the rule would give a placement no better than LoRA's q and v
+               "chance": chance_wins([r for r in verdicts if r["meaning"] == "placement"], "lora")}
     write_json_unless_same(SUMMARY, payload)
     return payload
 

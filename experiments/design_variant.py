@@ -40,7 +40,7 @@ from rate_selection import (  # noqa: E402
     progress_echo,
     sweep_settings,
 )
-from verdicts import TOO_FEW_SEEDS, mean_std  # noqa: E402
+from verdicts import TOO_FEW_SEEDS, chance_wins, mean_std  # noqa: E402
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -105,7 +105,7 @@ def variant_cell(rows: list[dict[str, Any]], pair: Pair, standard: dict[str, Any
 
 def judge(cells: dict[Pair, dict[str, Any]], table: dict[str, Any]) -> dict[str, Any]:
     """Each design against LoRA in the variant (``rows``), beside its verdict in the table, and the counts:
-    ``{rows, complete, wins, changed, judged, gains}`` (``complete``: 3 seeds in every cell, a diverged seed
+    ``{rows, complete, wins, chance, changed, judged, gains}`` (``complete``: 3 seeds in every cell, a diverged seed
     counted; ``changed``: the verdicts that differ from the table's; ``gains``: the cells' gain verdicts)."""
     before = {(r["task"], r["budget"], r["design"]): r for r in table["rows"] if r["baseline"] == "lora"}
     rows = []
@@ -116,13 +116,16 @@ def judge(cells: dict[Pair, dict[str, Any]], table: dict[str, Any]) -> dict[str,
         t = before.get((task, budget, label)) or {}
         was = t.get("verdict")
         rows.append({"task": task, "budget": budget, "design": label, "baseline": "lora", "mean": d["mean"],
-                     "std": d["std"], "n_seeds": d["n_seeds"], "difference": diff, "se": se, "verdict": v,
+                     "std": d["std"], "n_seeds": d["n_seeds"],
+                     "baseline_n_seeds": cells[(task, budget, "lora")]["n_seeds"], "difference": diff, "se": se,
+                     "verdict": v,
                      "table_difference": t.get("difference"), "table_se": t.get("se"), "table_verdict": was,
                      "changed": None if v is None or was is None else v != was})
     judged = [r for r in rows if r["changed"] is not None]
     return {"rows": rows,
             "complete": all(cell_complete(c) for c in cells.values()),
             "wins": sum(r["verdict"] == "win" for r in rows),
+            "chance": chance_wins(rows, "lora"),  # the wins equal methods would get from the rule
             "changed": [f"{r['task']}/{r['budget']} {r['design']}: {r['table_verdict']} -> {r['verdict']}"
                         for r in judged if r["changed"]],
             "judged": len(judged),

@@ -49,6 +49,7 @@ def test_the_summary_separates_the_placements_share_from_the_starts(tmp_path, mo
     verdicts = {r["meaning"]: (r["verdict"], r["baseline"]) for r in out["rows"]}
     assert verdicts == {"placement": ("win", "lora"), "start": ("tie", "recommended_lora")}
     assert out["counts"] == {"placement": {"win": 1, "tie": 0, "loss": 0}, "start": {"win": 0, "tie": 1, "loss": 0}}
+    assert out["chance"]["comparisons"] == 1 and out["chance"]["wins"] == 1
     start = next(r for r in out["rows"] if r["meaning"] == "start")
     assert start["difference"] == pytest.approx(0.0, abs=1e-9) and start["baseline_mean"] == 0.875
     # a task the table has no cell for yet is judged by nobody

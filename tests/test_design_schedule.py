@@ -53,6 +53,7 @@ def test_the_summary_judges_each_design_against_lora_at_both_schedules(tmp_path,
     assert verdicts["parallel_control"] == "win" and verdicts["costate_lora"] == "loss"
     assert verdicts["gramian_lora"] == "too few seeds" and verdicts["riccati_feedback"] == "tie"
     assert out["wins"] == 1 and out["judged"] == 6
+    assert out["chance"]["comparisons"] == 5 and out["chance"]["wins"] == 1  # too few seeds: no test
     assert out["changed"] == ["cola/b18k costate_lora: tie -> loss", "cola/b18k gramian_lora: tie -> too few seeds",
                               "cola/b18k parallel_control: tie -> win"]
     lora = next(c for c in out["cells"] if c["method"] == "lora")
