@@ -400,14 +400,14 @@ def markdown_table(payload: dict[str, Any]) -> str:
     """The README's design table from a summary: the majority class's score (a constant prediction's), then per
     budget LoRA, the designs (with their verdict against LoRA at that budget) and the other baselines; per task,
     ``mean ± std`` over the seeds of each final cell (:func:`cell_complete`; the others are left blank), ``†``
-    where the chosen rate is the edge of the rates tried.  A task with a cell not final yet is marked running."""
+    where the chosen rate is the edge of the rates tried.  A task with a cell not final yet is marked incomplete."""
     from controltune.data import BUILTIN_TASKS
 
     tasks = payload["config"]["tasks"]
     cells = {(c["task"], c["budget"], c["method"]): c for c in payload["cells"]}
     verdicts = {(r["task"], r["budget"], r["design"]): r["verdict"] for r in payload["rows"] if r["baseline"] == "lora"}
     unit = {"f1": "F1", "mcc": "MCC"}
-    head = [f"{BUILTIN_TASKS[t].folder} ({unit.get(m, m)}{'' if task_complete(payload, t) else '; running'})"
+    head = [f"{BUILTIN_TASKS[t].folder} ({unit.get(m, m)}{'' if task_complete(payload, t) else '; incomplete'})"
             for t in tasks for m in [BUILTIN_TASKS[t].metric]]
     lines = ["| budget | method | " + " | ".join(head) + " |", "|" + " --- |" * (2 + len(tasks))]
     levels = payload.get("majority") or {}

@@ -119,7 +119,7 @@ def test_the_readme_table_shows_final_cells_and_their_verdicts_against_lora_only
     payload = {"config": {"tasks": ["sst2", "cola"], "budgets": ["b74k", "b18k"]}, "cells": cells, "rows": rows,
                "majority": {"sst2": 0.509, "cola": 0.0}}
     lines = design_table.markdown_table(payload).splitlines()
-    assert lines[0] == "| budget | method | SST-2 (accuracy; running) | CoLA (MCC) |" and len(lines) == 3 + 26
+    assert lines[0] == "| budget | method | SST-2 (accuracy; incomplete) | CoLA (MCC) |" and len(lines) == 3 + 26
     assert lines[2] == "| | majority class | 0.509 | 0.000 |"
     assert "| b74k | `lora` |  | 0.250 ± 0.010 |" in lines  # SST-2's one seed is not a cell yet
     assert "| b74k | `parallel_control` |  | 0.300 ± 0.010, **win** |" in lines  # against LoRA, not the adapter
@@ -155,7 +155,7 @@ def test_markdown_flag_prints_the_table_of_the_summary_file(tmp_path, monkeypatc
     assert design_table.main(["--markdown"]) == {}
     printed = capsys.readouterr().out
     assert printed.strip() == design_table.markdown_table(payload)
-    assert "| b74k | `lora` | 0.300 ± 0.010 |" in printed and "CoLA (MCC; running)" in printed  # 12 cells missing
+    assert "| b74k | `lora` | 0.300 ± 0.010 |" in printed and "CoLA (MCC; incomplete)" in printed  # 12 cells missing
 
 
 def test_the_costate_line_searches_are_counted_once_each_per_task_and_budget():
