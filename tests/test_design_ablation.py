@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from study_rows import sweep_row
+from study_rows import rendered_caption, sweep_row
 
 from controltune.results import append_jsonl
 from controltune.sweep_spec import expand
@@ -52,6 +52,19 @@ def test_the_summary_separates_the_placements_share_from_the_starts(tmp_path, mo
     assert out["chance"]["comparisons"] == 1 and out["chance"]["wins"] == 1
     start = next(r for r in out["rows"] if r["meaning"] == "start")
     assert start["difference"] == pytest.approx(0.0, abs=1e-9) and start["baseline_mean"] == 0.875
+    caption = rendered_caption("design_ablation", tmp_path, tmp_path / "figs")
+    assert "State: complete (3 seeds in every cell)" in caption
+    assert "The placement against LoRA (a win is the placement's): MRPC/b74k win (+0.025 against 0.003)" in caption
+    assert "the rule would call 0.1 wins in these 1 comparison by chance; 1 was called" in caption
     # a task the table has no cell for yet is judged by nobody
     empty = design_ablation.summary(("sst2",), ("b74k",))
     assert not empty["complete"] and all(r["verdict"] is None for r in empty["rows"])
+
+
+def test_role_shares_average_each_seeds_share_of_rank_units_per_role():
+    from paper_figs.figures.design_ablation import role_shares
+
+    shares = role_shares([{"0_v": 2, "1_ffn_in": 2}, {"0_q": 1, "3_v": 3}, None])
+    assert shares["v"] == pytest.approx((0.5 + 0.75) / 2) and shares["ffn_in"] == pytest.approx(0.25)
+    assert shares["q"] == pytest.approx(0.125) and shares["k"] == 0.0
+    assert sum(shares.values()) == pytest.approx(1.0)

@@ -1,0 +1,138 @@
+"""Figure ``design_ablation``: the recommender taken apart, its placement with LoRA's own start between LoRA on q and
+v and the whole recommender, and where the placement puts its ranks.
+
+Source: ``design_ablation.json`` (``experiments/design_ablation.py``): ``recommended_lora`` with ``init: standard``
+(the co-state's maps and ranks, ``B = 0`` at the start) at the recommender's chosen rates, judged against the design
+table's LoRA (the placement's share) and against the recommender (the start's share; issue 18).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from controltune.figures import FigureSpec, new_figure
+
+from ._common import load_json, versions_line
+from ._variant import TASK_NAMES
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+SOURCE = "design_ablation.json"
+ROLES = ("q", "k", "v", "o", "ffn_in", "ffn_out")
+BARS = (("lora", "LoRA on q, v", "tab:blue"), ("placement", "placement, LoRA's start", "tab:orange"),
+        ("recommended_lora", "placement + co-state start", "tab:green"))
+
+
+def bars(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per (task, budget) with a scored placement cell: ``{task, budget, lora, placement, recommended_lora}``, each
+    ``(mean, std, n_seeds)`` (LoRA's and the recommender's from the rows' baseline cells)."""
+    out = []
+    for c in payload["cells"]:
+        if not c["n_seeds"]:
+            continue
+        entry: dict[str, Any] = {"task": c["task"], "budget": c["budget"],
+                                 "placement": (c["mean"], c["std"], c["n_seeds"])}
+        for r in payload["rows"]:
+            if (r["task"], r["budget"]) == (c["task"], c["budget"]) and "baseline_mean" in r:
+                entry[r["baseline"]] = (r["baseline_mean"], r["baseline_std"], r["baseline_n_seeds"])
+        out.append(entry)
+    return out
+
+
+def role_shares(ranks: list[dict[str, int] | None]) -> dict[str, float]:
+    """The share of the rank units each role (``q`` … ``ffn_out``, summed over layers) gets, averaged over seeds;
+    ``ranks`` maps ``"<layer>_<role>"`` to a rank, one dict per seed."""
+    seeds = [r for r in ranks if r]
+    shares = {role: 0.0 for role in ROLES}
+    for r in seeds:
+        total = sum(r.values())
+        for site, rank in r.items():
+            role = site.split("_", 1)[1]
+            shares[role] = shares.get(role, 0.0) + rank / total / len(seeds)
+    return shares
+
+
+def draw(results_dir: Path) -> Figure:
+    """Left: dev score (mean ± std over seeds) of LoRA, the placement alone and the recommender per (task, budget).
+    Right: the placement's rank units per role."""
+    payload = load_json(results_dir, SOURCE)
+    shown = bars(payload)
+    fig = new_figure(10.0, 3.6)
+    left, right = fig.subplots(1, 2, width_ratios=(3, 2))
+    width = 0.27
+    for k, (key, name, colour) in enumerate(BARS):
+        xs, ys, errs = [], [], []
+        for i, e in enumerate(shown):
+            if e.get(key) and e[key][0] is not None:
+                xs.append(i + (k - 1) * width)
+                ys.append(e[key][0])
+                errs.append(e[key][1] or 0.0)
+        left.bar(xs, ys, width, yerr=errs, color=colour, label=name, capsize=2)
+    left.set_xticks(range(len(shown)), [f"{TASK_NAMES.get(e['task'], e['task'])}\n{e['budget']}" for e in shown],
+                    fontsize=7)
+    left.set(ylabel="dev score (task metric)", title="recommender taken apart")
+    if shown:
+        low = min(e[key][0] - (e[key][1] or 0.0) for e in shown for key, _, _ in BARS if e.get(key))
+        left.set_ylim(bottom=max(0.0, low - 0.05))
+    left.legend(fontsize=6, frameon=False)
+    left.grid(True, axis="y", alpha=0.3)
+    cells = [c for c in payload["cells"] if any(c.get("ranks") or [])]
+    for i, c in enumerate(cells):
+        bottom = 0.0
+        for j, (role, share) in enumerate(role_shares(c["ranks"]).items()):
+            right.bar(i, share, 0.7, bottom=bottom, color=f"C{j}", label=role if i == 0 else None)
+            bottom += share
+    right.set_xticks(range(len(cells)), [f"{TASK_NAMES.get(c['task'], c['task'])}\n{c['budget']}" for c in cells],
+                     fontsize=7)
+    right.set(ylabel="share of rank units", title="where the placement puts its ranks", ylim=(0, 1))
+    if cells:
+        right.legend(fontsize=6, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
+def _verdicts(rows: list[dict[str, Any]], meaning: str) -> str:
+    """``SST-2/b74k tie (+0.004 against 0.011)`` for each judged row of ``meaning``."""
+    parts = [f"{TASK_NAMES.get(r['task'], r['task'])}/{r['budget']} {r['verdict']} ({r['difference']:+.3f} against "
+             f"{2 * r['se']:.3f})" for r in rows if r["meaning"] == meaning and r["verdict"] in ("win", "tie", "loss")]
+    return "; ".join(parts) or "none judged yet"
+
+
+def caption(results_dir: Path) -> str:
+    payload = load_json(results_dir, SOURCE)
+    runs = sum(c["n_seeds"] for c in payload["cells"])
+    state = ("complete (3 seeds in every cell)" if payload["complete"] else
+             f"running: {runs} of {3 * len(payload['cells'])} runs finished, so every verdict is provisional")
+    chance = payload.get("chance") or {}
+    chance_note = (f" Were the placement no better than LoRA's q and v, the rule would call "
+                   f"{chance['expected_wins']:.1f} wins in these {chance['comparisons']} "
+                   f"comparison{'' if chance['comparisons'] == 1 else 's'} by chance; "
+                   f"{chance['wins']} {'was' if chance['wins'] == 1 else 'were'} called." if chance.get("comparisons")
+                   else "")
+    return (
+        "The recommender (`recommended_lora`) is a placement (the maps and ranks its co-state scores allocate under "
+        "the budget, any linear map) and a start (a trust-region step along the co-state). Its placement alone, with "
+        "LoRA's own start (B = 0), trained at the recommender's chosen rate on the design table's harness (seeds 0, "
+        "1, 2), beside the table's LoRA on q and v and the table's recommender (left: dev score, mean ± std over "
+        "seeds; right: the placement's rank units per role, summed over layers, mean over seeds). Verdicts by the "
+        f"two-standard-error rule (difference against the margin 2·se). State: {state}. The placement against LoRA "
+        f"(a win is the placement's): {_verdicts(payload['rows'], 'placement')}. The placement against the "
+        f"recommender (a loss is the co-state start's gain): {_verdicts(payload['rows'], 'start')}."
+        + chance_note
+        + f" Command: `python experiments/design_ablation.py` ({versions_line(payload)})."
+    )
+
+
+FIGURES = [
+    FigureSpec(
+        name="design_ablation",
+        title="The recommender's placement with LoRA's own start",
+        sources=(SOURCE,),
+        draw=draw,
+        caption=caption,
+        recompute=(("python", "experiments/design_ablation.py"),),
+    ),
+]
+
+__all__ = ["FIGURES", "bars", "caption", "draw", "role_shares"]
