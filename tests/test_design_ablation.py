@@ -55,7 +55,8 @@ def test_the_summary_separates_the_placements_share_from_the_starts(tmp_path, mo
     caption = rendered_caption("design_ablation", tmp_path, tmp_path / "figs")
     assert "State: complete (3 seeds in every cell)" in caption
     assert "The placement against LoRA (a win is the placement's): MRPC/b74k win (+0.025 against 0.003)" in caption
-    assert "the rule would call 0.1 wins in these 1 comparison by chance; 1 was called" in caption
+    assert "the rule would call 0.1 wins in these 1 comparison by chance (P(t > 2)" in caption
+    assert "1 was called" in caption
     # a task the table has no cell for yet is judged by nobody
     empty = design_ablation.summary(("sst2",), ("b74k",))
     assert not empty["complete"] and all(r["verdict"] is None for r in empty["rows"])

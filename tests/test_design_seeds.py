@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from study_rows import sweep_row
+from study_rows import rendered_caption, sweep_row
 
 from controltune.results import append_jsonl
 from controltune.sweep_spec import expand
@@ -79,3 +79,8 @@ def test_the_answer_is_the_new_seeds_verdict_and_the_pooled_one_is_reported(tmp_
     assert row["pooled"]["lora"]["mean"] == pytest.approx((0.856 + 0.861 + 0.848 + 0.855 + 0.860 + 0.858 + 0.857
                                                            + 0.861) / 8)
     assert out["chance"] == {"comparisons": 1, "wins": 0, "expected_wins": pytest.approx(0.0428, abs=1e-4)}  # t_7
+    caption = rendered_caption("design_seeds", tmp_path, tmp_path / "figs")
+    assert "State: running" in caption and "Wins confirmed on the new seeds: none." in caption
+    assert ("MRPC/b18k recommended_lora: table win (+0.009 against 0.009), new seeds tie (-0.000 against "
+            in caption) and "4 and 5 seeds), pooled tie" in caption
+    assert "would call 0.0 wins in these 1 comparison by chance" in caption and "0 were called" in caption

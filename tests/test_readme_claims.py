@@ -358,3 +358,16 @@ def test_design_table_section_states_where_the_costate_line_searches_stopped():
         assert (f"spread the most of any cell at both budgets (std {spread['b74k']['std']:.3f} at b74k, "
                 f"{spread['b18k']['std']:.3f} at b18k)") in said
 
+
+
+def test_design_section_states_the_close_calls_answer_on_new_seeds_once_complete():
+    payload = _load("design_seeds.json")
+    said = " ".join(_design_section().split()).split("**New seeds for the close calls.**", 1)[1].split("- **", 1)[0]
+    if not payload["complete"]:
+        assert "no rows yet" in said or "provisional" in said
+        return
+    wins = payload["confirmed_wins"]
+    assert f"on the new seeds {len(wins)} of the {len(payload['rows'])} close calls win" in said
+    for row in payload["rows"]:
+        new = row["new"]
+        assert f"{new['difference']:+.3f} against a margin of {2 * new['se']:.3f}" in said, row["design"]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from controltune.figures import FigureSpec, new_figure
 
-from ._common import load_json, versions_line
+from ._common import chance_text, load_json, versions_line
 from ._variant import TASK_NAMES
 
 if TYPE_CHECKING:
@@ -104,12 +104,6 @@ def caption(results_dir: Path) -> str:
     runs = sum(c["n_seeds"] for c in payload["cells"])
     state = ("complete (3 seeds in every cell)" if payload["complete"] else
              f"running: {runs} of {3 * len(payload['cells'])} runs finished, so every verdict is provisional")
-    chance = payload.get("chance") or {}
-    chance_note = (f" Were the placement no better than LoRA's q and v, the rule would call "
-                   f"{chance['expected_wins']:.1f} wins in these {chance['comparisons']} "
-                   f"comparison{'' if chance['comparisons'] == 1 else 's'} by chance; "
-                   f"{chance['wins']} {'was' if chance['wins'] == 1 else 'were'} called." if chance.get("comparisons")
-                   else "")
     return (
         "The recommender (`recommended_lora`) is a placement (the maps and ranks its co-state scores allocate under "
         "the budget, any linear map) and a start (a trust-region step along the co-state). Its placement alone, with "
@@ -119,7 +113,7 @@ def caption(results_dir: Path) -> str:
         f"two-standard-error rule (difference against the margin 2·se). State: {state}. The placement against LoRA "
         f"(a win is the placement's): {_verdicts(payload['rows'], 'placement')}. The placement against the "
         f"recommender (a loss is the co-state start's gain): {_verdicts(payload['rows'], 'start')}."
-        + chance_note
+        + chance_text(payload.get("chance"), "the placement no better than LoRA's q and v")
         + f" Command: `python experiments/design_ablation.py` ({versions_line(payload)})."
     )
 

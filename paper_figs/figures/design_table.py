@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from controltune.figures import FigureSpec, new_figure
 
-from ._common import flagged_runs_note, load_json, regret_note, versions_line
+from ._common import chance_text, flagged_runs_note, load_json, regret_note, versions_line
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -120,7 +120,7 @@ def caption(results_dir: Path) -> str:
         f"the other baselines (adapter, prefix, PiSSA, OLoRA, LoRA-GA, EVA): {other_counts['win']} wins, "
         f"{other_counts['tie']} ties, {other_counts['loss']} losses. Goal (at least {GOAL_WINS} wins over LoRA at "
         f"equal parameters): {wins} win{'' if wins == 1 else 's'}, {goal}."
-        + _chance_note(payload.get("chance"))
+        + chance_text(payload.get("chance"))
         + _checkpoint_note(payload.get("checkpoint_rule", {}))
         + _bracket_note(payload.get("cells", []))
         + _resolution_note(payload.get("resolution", {}))
@@ -141,15 +141,6 @@ def _costate_search_note(found: dict[str, dict[str, Any]]) -> str:
             "held-out J in, of the searches: "
             + "; ".join(f"{k} {v['at_smallest']}, {v['lowered']} of {v['searches']} (mean change "
                         f"{v['mean_change']:+.3f})" for k, v in found.items()) + "." if found else "")
-
-
-def _chance_note(chance: dict[str, Any] | None) -> str:
-    """What chance alone gives: the wins the rule would call were every design equal to LoRA."""
-    if not chance or not chance["comparisons"]:
-        return ""
-    return (f" Were every design equal to LoRA, the rule would call {chance['expected_wins']:.1f} wins in these "
-            f"{chance['comparisons']} comparisons by chance (P(t > 2) with 4 degrees of freedom, 0.058, at 3 seeds "
-            f"a side); {chance['wins']} {'was' if chance['wins'] == 1 else 'were'} called.")
 
 
 def _checkpoint_note(found: dict[str, dict[str, Any]]) -> str:
