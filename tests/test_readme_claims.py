@@ -371,3 +371,17 @@ def test_design_section_states_the_close_calls_answer_on_new_seeds_once_complete
     for row in payload["rows"]:
         new = row["new"]
         assert f"{new['difference']:+.3f} against a margin of {2 * new['se']:.3f}" in said, row["design"]
+
+
+def test_design_section_states_the_placement_ablations_counts_and_its_one_loss():
+    payload = _load("design_ablation.json")
+    if not payload["complete"]:
+        pytest.skip("the placement study is still running")
+    said = " ".join(_design_section().split()).split("**Placement or start?**", 1)[1].split("- **", 1)[0]
+    placement, start = payload["counts"]["placement"], payload["counts"]["start"]
+    n = sum(placement.values())
+    assert (f"ties in all {n}" if placement["tie"] == n else f"ties in {placement['tie']}") in said
+    assert f"ties in {start['tie']} and loses in {start['loss']}" in said
+    for r in payload["rows"]:
+        if r["verdict"] in ("win", "loss"):
+            assert f"{r['difference']:+.3f} against a margin of {2 * r['se']:.3f}".replace("-", "−") in said, r

@@ -8,6 +8,7 @@ table's LoRA (the placement's share) and against the recommender (the start's sh
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,28 +55,27 @@ def role_shares(ranks: list[dict[str, int] | None]) -> dict[str, float]:
     return shares
 
 
+def difference(a: tuple[float, float | None, int], b: tuple[float, float | None, int]) -> tuple[float, float]:
+    """``(mean_a − mean_b, se)`` of two ``(mean, std, n_seeds)`` cells, ``se = (s_a²/n_a + s_b²/n_b)^{1/2}``."""
+    return a[0] - b[0], math.sqrt((a[1] or 0.0) ** 2 / a[2] + (b[1] or 0.0) ** 2 / b[2])
+
+
 def draw(results_dir: Path) -> Figure:
-    """Left: dev score (mean ± std over seeds) of LoRA, the placement alone and the recommender per (task, budget).
-    Right: the placement's rank units per role."""
+    """Left: the placement alone and the whole recommender minus LoRA on q and v per (task, budget), ± two standard
+    errors of the difference (the rule's margin).  Right: the placement's rank units per role."""
     payload = load_json(results_dir, SOURCE)
-    shown = bars(payload)
+    shown = [e for e in bars(payload) if e.get("lora")]
     fig = new_figure(10.0, 3.6)
     left, right = fig.subplots(1, 2, width_ratios=(3, 2))
-    width = 0.27
-    for k, (key, name, colour) in enumerate(BARS):
-        xs, ys, errs = [], [], []
-        for i, e in enumerate(shown):
-            if e.get(key) and e[key][0] is not None:
-                xs.append(i + (k - 1) * width)
-                ys.append(e[key][0])
-                errs.append(e[key][1] or 0.0)
-        left.bar(xs, ys, width, yerr=errs, color=colour, label=name, capsize=2)
+    for k, (key, name, colour) in enumerate(BARS[1:]):
+        found = [(i, difference(e[key], e["lora"])) for i, e in enumerate(shown) if e.get(key) and e[key][2] >= 2]
+        left.errorbar([i + 0.15 * (2 * k - 1) for i, _ in found], [d for _, (d, _) in found],
+                      yerr=[2 * se for _, (_, se) in found], fmt="o", markersize=4, capsize=2, color=colour,
+                      label=name)
+    left.axhline(0.0, color=BARS[0][2], linewidth=0.8, label=BARS[0][1])
     left.set_xticks(range(len(shown)), [f"{TASK_NAMES.get(e['task'], e['task'])}\n{e['budget']}" for e in shown],
                     fontsize=7)
-    left.set(ylabel="dev score (task metric)", title="recommender taken apart")
-    if shown:
-        low = min(e[key][0] - (e[key][1] or 0.0) for e in shown for key, _, _ in BARS if e.get(key))
-        left.set_ylim(bottom=max(0.0, low - 0.05))
+    left.set(ylabel="dev score − LoRA's (task metric)", title="recommender taken apart")
     left.legend(fontsize=6, frameon=False)
     left.grid(True, axis="y", alpha=0.3)
     cells = [c for c in payload["cells"] if any(c.get("ranks") or [])]
@@ -108,8 +108,9 @@ def caption(results_dir: Path) -> str:
         "The recommender (`recommended_lora`) is a placement (the maps and ranks its co-state scores allocate under "
         "the budget, any linear map) and a start (a trust-region step along the co-state). Its placement alone, with "
         "LoRA's own start (B = 0), trained at the recommender's chosen rate on the design table's harness (seeds 0, "
-        "1, 2), beside the table's LoRA on q and v and the table's recommender (left: dev score, mean ± std over "
-        "seeds; right: the placement's rank units per role, summed over layers, mean over seeds). Verdicts by the "
+        "1, 2), beside the table's LoRA on q and v and the table's recommender (left: each minus LoRA, ± two "
+        "standard errors of the difference; right: the placement's rank units per role, summed over layers, mean "
+        "over seeds). Verdicts by the "
         f"two-standard-error rule (difference against the margin 2·se). State: {state}. The placement against LoRA "
         f"(a win is the placement's): {_verdicts(payload['rows'], 'placement')}. The placement against the "
         f"recommender (a loss is the co-state start's gain): {_verdicts(payload['rows'], 'start')}."
@@ -129,4 +130,4 @@ FIGURES = [
     ),
 ]
 
-__all__ = ["FIGURES", "bars", "caption", "draw", "role_shares"]
+__all__ = ["FIGURES", "bars", "caption", "difference", "draw", "role_shares"]
