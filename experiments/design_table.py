@@ -372,8 +372,9 @@ def summary(tasks: Sequence[str], budgets: Sequence[str]) -> dict[str, Any]:
                "majority": {t: levels[t] for t in tasks if t in levels},
                "selection_regret": regret_by_task(select_rows, pair_key),
                "resolution": resolution(rows, list(tasks), "lora"),
-               # the wins against LoRA the rule would call were every design equal to LoRA
+               # the verdicts against LoRA that change when each seed reports its last step
                "checkpoint_rule": checkpoint_rule([r for r in rows if not r["at_chance"]], "lora"),
+               # the wins against LoRA the rule would call were every design equal to LoRA
                "chance": chance_wins([r for r in rows if not r["at_chance"]], "lora"),
                "costate_search": costate_search(select_rows + table_rows),
                "wins": sum(r["verdict"] == "win" and r["baseline"] == "lora" for r in rows)}

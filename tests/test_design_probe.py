@@ -59,7 +59,8 @@ def test_the_summary_judges_each_design_against_lp_ft_lora_and_the_tables_lora(t
     assert out["probe"] == {"cola": {"cells": 21, "converged": 21, "l2": [0.1], "held_out_accuracy": [0.69, 0.69],
                                      "train_accuracy": [0.72, 0.72]}}
     caption = rendered_caption("design_probe", tmp_path, tmp_path / "f")
-    assert "State: complete" in caption and "Wins over LP-FT LoRA: 1;" in caption
+    assert "State: complete" in caption
+    assert "Wins over LP-FT LoRA: 1. Were every design equal to LP-FT LoRA, the rule would call 0.3 wins" in caption
     assert "Wins over the table's LoRA (random head): 6 (cola/b18k costate_lora;" in caption
     assert "CoLA: λ 0.1, validation-row accuracy 0.690 (21 of 21 fits stationary)" in caption
 

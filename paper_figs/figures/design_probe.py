@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from controltune.figures import FigureSpec
 
-from ._common import load_json, versions_line
+from ._common import chance_text, load_json, versions_line
 from ._variant import TASK_NAMES, draw_differences, gains_note, state_note
 
 if TYPE_CHECKING:
@@ -48,8 +48,10 @@ def caption(results_dir: Path) -> str:
         "design table) and with the head fitted first as a linear probe on the run's training rows, its L2 penalty "
         "chosen on the validation rows (colour: against LoRA started from the same fitted head, LP-FT). Every design "
         "then designs through a head that separates the task, the same for every seed. The rates are the table's, "
-        f"not chosen again. State: {state_note(payload)}. Wins over LP-FT LoRA: {payload['wins']}; verdicts that "
-        f"differ from the table's: {len(payload['changed'])} of {payload['judged']} judged ({changed}). Wins over "
+        f"not chosen again. State: {state_note(payload)}. Wins over LP-FT LoRA: {payload['wins']}."
+        + chance_text(payload.get("chance"), "every design equal to LP-FT LoRA")
+        + f" Verdicts that differ from the table's: {len(payload['changed'])} of {payload['judged']} judged "
+        f"({changed}). Wins over "
         f"the table's LoRA (random head): {payload['wins_over_table_lora']}"
         + (f" ({'; '.join(versus)})" if versus else "")
         + f". The fitted head against each method's own table cell (same rule): {gains_note(payload['gains'])}. "

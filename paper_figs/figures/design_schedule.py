@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from controltune.figures import FigureSpec
 
-from ._common import load_json, versions_line
+from ._common import chance_text, load_json, versions_line
 from ._variant import draw_differences, gains_note, state_note
 
 if TYPE_CHECKING:
@@ -40,9 +40,10 @@ def caption(results_dir: Path) -> str:
         f"errors of the difference, the margin of the two-standard-error rule) at the design table's schedule (grey) "
         f"and with {factor}× its epochs (colour; same rows, rates, seeds and evaluation cadence, warm-up and linear "
         "decay stretched), on the tasks where the table's curves rose to their end most. The rates are the table's, "
-        f"not chosen again. State: {state}. Wins over LoRA at the longer schedule: {payload['wins']}; verdicts "
-        f"against LoRA that differ from the table's: {len(payload['changed'])} of {payload['judged']} judged "
-        f"({changed}). Training longer against the table's own cell, per method and budget (same rule): "
+        f"not chosen again. State: {state}. Wins over LoRA at the longer schedule: {payload['wins']}."
+        + chance_text(payload.get("chance"))
+        + f" Verdicts against LoRA that differ from the table's: {len(payload['changed'])} of {payload['judged']} "
+        f"judged ({changed}). Training longer against the table's own cell, per method and budget (same rule): "
         f"{gains_note(payload['gains'])}. Cells whose mean "
         "validation curve is still at its maximum at the last evaluation: "
         + (", ".join(f"{t} {n} of {m}" for t, (n, m) in rising.items()) or "none yet")
