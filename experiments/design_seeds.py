@@ -120,7 +120,9 @@ def summary(pairs: Sequence[Pair] | None = None) -> dict[str, Any]:
     new = {p: seed_scores(rows, p, chosen.get(p)) for p in mine}
     old = {p: seed_scores(table_rows, p, chosen.get(p)) for p in mine}
     verdicts = [judged(c, new, old) for c in calls]
-    complete = all(len(new[p]) >= len(SEEDS) for p in mine)
+    finished = {p: {int(r["config"]["seed"]) for r in rows if r.get("status") in ("done", "diverged")
+                    and pair_key(r) == p and float(r["config"]["lr"]) == chosen.get(p)} for p in mine}
+    complete = all(finished[p] >= set(SEEDS) for p in mine)  # a diverged seed is finished, not scored
     answer = [{**{k: v[k] for k in ("task", "budget", "design")}, "baseline": "lora", "verdict": v["new"]["verdict"],
                "n_seeds": v["new"]["design"]["n_seeds"], "baseline_n_seeds": v["new"]["lora"]["n_seeds"]}
               for v in verdicts]

@@ -84,3 +84,22 @@ def test_the_answer_is_the_new_seeds_verdict_and_the_pooled_one_is_reported(tmp_
     assert ("MRPC/b18k recommended_lora: table win (+0.009 against 0.009), new seeds tie (-0.000 against "
             in caption) and "4 and 5 seeds), pooled tie" in caption
     assert "would call 0.0 wins in these 1 comparison by chance" in caption and "0 were called" in caption
+
+
+def test_a_diverged_new_seed_is_finished_but_not_scored(tmp_path, monkeypatch):
+    monkeypatch.setattr(design_seeds, "OUT", tmp_path / "design_seeds.jsonl")
+    monkeypatch.setattr(design_seeds, "SUMMARY", tmp_path / "design_seeds.json")
+    monkeypatch.setattr(design_seeds, "TABLE_SUMMARY", tmp_path / "design_table.json")
+    monkeypatch.setattr(design_seeds, "TABLE_ROWS", tmp_path / "design_table.jsonl")
+    (tmp_path / "design_table.json").write_text(json.dumps(TABLE))
+    (tmp_path / "design_table.jsonl").write_text("")
+    for label in ("lora", "recommended_lora"):
+        method, options, _ = BUDGETS["b18k"][label]
+        for seed in design_seeds.SEEDS:
+            row = sweep_row({"task": "mrpc", "method": method, "options": options, "lr": 4e-3, "seed": seed},
+                            0.85 + 0.001 * seed, metric="f1")
+            if (label, seed) == ("recommended_lora", 5):
+                row.update(status="diverged", score_at_best_val=None)
+            append_jsonl(design_seeds.OUT, row)
+    out = design_seeds.summary()
+    assert out["complete"] and out["rows"][0]["new"]["design"]["seeds"] == [3, 4, 6, 7]
