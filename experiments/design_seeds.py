@@ -84,10 +84,13 @@ def spec(pairs: Sequence[Pair], chosen: dict) -> SweepSpec:
     return parse_spec(data, "design_seeds", RESULTS)
 
 
-def seed_scores(rows: list[dict[str, Any]], pair: Pair, lr: float | None) -> dict[int, float]:
-    """``{seed: dev score at the best validation score}`` of the finished rows of ``pair`` at rate ``lr``."""
-    return {int(r["config"]["seed"]): r["score_at_best_val"] for r in rows
-            if r.get("status") == "done" and pair_key(r) == pair and float(r["config"]["lr"]) == lr}
+def seed_scores(rows: list[dict[str, Any]], pair: Pair, lr: float | None, key: str = "score_at_best_val"
+                ) -> dict[int, float]:
+    """``{seed: dev score}`` of the finished rows of ``pair`` at rate ``lr``: at the best validation score
+    (``score_at_best_val``, the table's report) or at the last step (``score``)."""
+    return {int(r["config"]["seed"]): r[key] for r in rows
+            if r.get("status") == "done" and pair_key(r) == pair and float(r["config"]["lr"]) == lr
+            and r.get(key) is not None}
 
 
 def cell(scores: dict[int, float]) -> dict[str, Any]:
@@ -96,13 +99,17 @@ def cell(scores: dict[int, float]) -> dict[str, Any]:
     return {"mean": mean, "std": std, "n_seeds": len(scores), "seeds": sorted(scores)}
 
 
-def judged(call: dict[str, Any], new: dict[Pair, dict[int, float]], old: dict[Pair, dict[int, float]]
-           ) -> dict[str, Any]:
-    """One close call on the new seeds (the answer) and on all seeds pooled, beside the table's verdict."""
+def judged(call: dict[str, Any], new: dict[Pair, dict[int, float]], old: dict[Pair, dict[int, float]],
+           new_at_end: dict[Pair, dict[int, float]] | None = None) -> dict[str, Any]:
+    """One close call on the new seeds (the answer), on all seeds pooled and, with ``new_at_end``, on the new
+    seeds scored at their last step, beside the table's verdict."""
     d, lora = (call["task"], call["budget"], call["design"]), (call["task"], call["budget"], "lora")
     out = {**{k: call[k] for k in ("task", "budget", "design")}, "baseline": "lora",
            "table_difference": call["difference"], "table_se": call["se"], "table_verdict": call["verdict"]}
-    for name, scores in (("new", new), ("pooled", {p: {**old.get(p, {}), **new.get(p, {})} for p in (d, lora)})):
+    series = [("new", new), ("pooled", {p: {**old.get(p, {}), **new.get(p, {})} for p in (d, lora)})]
+    if new_at_end is not None:
+        series.append(("new_at_end", new_at_end))
+    for name, scores in series:
         a, b = cell(scores.get(d, {})), cell(scores.get(lora, {}))
         v, diff, se = verdict(a, b) if min(a["n_seeds"], b["n_seeds"]) >= 2 else (None, None, None)
         out[name] = {"design": a, "lora": b, "difference": diff, "se": se, "verdict": v}
@@ -119,7 +126,8 @@ def summary(pairs: Sequence[Pair] | None = None) -> dict[str, Any]:
     mine = pairs_of(calls) if pairs is None else list(pairs)
     new = {p: seed_scores(rows, p, chosen.get(p)) for p in mine}
     old = {p: seed_scores(table_rows, p, chosen.get(p)) for p in mine}
-    verdicts = [judged(c, new, old) for c in calls]
+    at_end = {p: seed_scores(rows, p, chosen.get(p), "score") for p in mine}
+    verdicts = [judged(c, new, old, at_end) for c in calls]
     finished = {p: {int(r["config"]["seed"]) for r in rows if r.get("status") in ("done", "diverged")
                     and pair_key(r) == p and float(r["config"]["lr"]) == chosen.get(p)} for p in mine}
     complete = all(finished[p] >= set(SEEDS) for p in mine)  # a diverged seed is finished, not scored

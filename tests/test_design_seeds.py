@@ -76,6 +76,7 @@ def test_the_answer_is_the_new_seeds_verdict_and_the_pooled_one_is_reported(tmp_
     assert row["table_verdict"] == "win" and row["new"]["verdict"] == "tie"
     assert row["new"]["design"]["seeds"] == [3, 4, 5, 6] and row["new"]["lora"]["n_seeds"] == 5
     assert row["pooled"]["design"]["n_seeds"] == 7 and row["pooled"]["lora"]["n_seeds"] == 8
+    assert row["new_at_end"]["verdict"] == "tie"  # the synthetic rows' last step scores as their best
     assert row["pooled"]["lora"]["mean"] == pytest.approx((0.856 + 0.861 + 0.848 + 0.855 + 0.860 + 0.858 + 0.857
                                                            + 0.861) / 8)
     assert out["chance"] == {"comparisons": 1, "wins": 0, "expected_wins": pytest.approx(0.0428, abs=1e-4)}  # t_7

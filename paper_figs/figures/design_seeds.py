@@ -66,7 +66,8 @@ def _call(row: dict[str, Any]) -> str:
         return f"{verdict} ({p[0]:+.3f} against {2 * p[1]:.3f}{seeds})"
 
     return (f"{TASK_NAMES.get(row['task'], row['task'])}/{row['budget']} {row['design']}: table {said('table')}, "
-            f"new seeds {said('new')}, pooled {said('pooled')}")
+            f"new seeds {said('new')}, pooled {said('pooled')}"
+            + (f", new seeds at their last step {said('new_at_end')}" if "new_at_end" in row else ""))
 
 
 def caption(results_dir: Path) -> str:
@@ -80,7 +81,8 @@ def caption(results_dir: Path) -> str:
         "LoRA, on seeds 3 to 7 at the table's rates on the table's harness. Points: design − LoRA (dev score at each "
         "seed's best validation score), bars ± two standard errors (the rule's margin). Decided before any row ran: "
         "the answer is the verdict on the new seeds alone (the table's seeds chose these comparisons); the pooled "
-        f"verdict is reported beside it. State: {state}. "
+        "verdict, and the new seeds scored at their last step instead of their best validation score, are reported "
+        f"beside it. State: {state}. "
         + "; ".join(_call(r) for r in payload["rows"])
         + f". Wins confirmed on the new seeds: {confirmed}."
         + chance_text(payload.get("chance"))
