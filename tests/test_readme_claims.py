@@ -213,7 +213,7 @@ def test_design_table_section_counts_the_designs_above_lora_at_the_first_and_las
 
     found = head_start(_load("design_table.json"))
     section = " ".join(_design_section().split())
-    said = section.split("**No head start.**", 1)[1].split("- **", 1)[0]
+    said = section.split("**A head start, and where it goes.**", 1)[1].split("- **", 1)[0]
     tasks = [t for t in TASK_NAMES if t in found]
     firsts = " and ".join(f"{found[t]['first_above']} of {found[t]['n']} {TASK_NAMES[t]} cells" for t in tasks)
     lasts = " and ".join(f"{found[t]['last_above']} of {found[t]['n']}" for t in tasks)
