@@ -49,12 +49,20 @@ def test_the_cells_are_the_close_pairs_on_new_seeds_at_the_tables_rates():
     assert {c["epochs"] for c in cells} == {4}  # the table's MRPC epochs
 
 
-def test_the_answer_is_the_new_seeds_verdict_and_the_pooled_one_is_reported(tmp_path, monkeypatch):
+@pytest.fixture
+def study(tmp_path, monkeypatch):
+    """The study's files in ``tmp_path``, beside a design table summary of :data:`TABLE` and no table rows."""
     monkeypatch.setattr(design_seeds, "OUT", tmp_path / "design_seeds.jsonl")
     monkeypatch.setattr(design_seeds, "SUMMARY", tmp_path / "design_seeds.json")
     monkeypatch.setattr(design_seeds, "TABLE_SUMMARY", tmp_path / "design_table.json")
     monkeypatch.setattr(design_seeds, "TABLE_ROWS", tmp_path / "design_table.jsonl")
     (tmp_path / "design_table.json").write_text(json.dumps(TABLE))
+    (tmp_path / "design_table.jsonl").write_text("")
+    return tmp_path
+
+
+def test_the_answer_is_the_new_seeds_verdict_and_the_pooled_one_is_reported(study):
+    tmp_path = study
 
     def add(path, label: str, lr: float, seed: int, score: float) -> None:
         method, options, _ = BUDGETS["b18k"][label]
@@ -87,13 +95,7 @@ def test_the_answer_is_the_new_seeds_verdict_and_the_pooled_one_is_reported(tmp_
     assert "would call 0.0 wins in these 1 comparison by chance" in caption and "0 were called" in caption
 
 
-def test_a_diverged_new_seed_is_finished_but_not_scored(tmp_path, monkeypatch):
-    monkeypatch.setattr(design_seeds, "OUT", tmp_path / "design_seeds.jsonl")
-    monkeypatch.setattr(design_seeds, "SUMMARY", tmp_path / "design_seeds.json")
-    monkeypatch.setattr(design_seeds, "TABLE_SUMMARY", tmp_path / "design_table.json")
-    monkeypatch.setattr(design_seeds, "TABLE_ROWS", tmp_path / "design_table.jsonl")
-    (tmp_path / "design_table.json").write_text(json.dumps(TABLE))
-    (tmp_path / "design_table.jsonl").write_text("")
+def test_a_diverged_new_seed_is_finished_but_not_scored(study):
     for label in ("lora", "recommended_lora"):
         method, options, _ = BUDGETS["b18k"][label]
         for seed in design_seeds.SEEDS:
