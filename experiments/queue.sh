@@ -56,8 +56,8 @@ step design_table --tasks cola,sst2  # then SST-2 (RTE does not separate methods
 step design_table --tasks cola,sst2,mrpc  # MRPC's table cells before RTE's selection: a third complete task first
 step design_ablation  # first, for MRPC's one win over LoRA (the recommender at b18k): the recommender's placement with LoRA's own start (SST-2, MRPC, CoLA, ~1.4 core-h estimated)
 step design_seeds  # the table's close calls against LoRA on seeds 3-7, its one win among them (~3.5 core-h by the table's own times)
+step design_table  # RTE, the fourth task issue 18's table needs (~20 core-h estimated)
 step design_probe  # the designs through a head fitted first, against LP-FT LoRA (SST-2 and CoLA, ~4.4 core-h estimated)
-step design_table
 step design_schedule  # do the verdicts survive twice the epochs? (SST-2 and CoLA, ~8.7 core-h estimated)
 .venv/bin/controltune figures >> experiments/results/queue.log 2>&1  # every figure whose results now exist
 echo "$(date '+%F %T') queue: done"

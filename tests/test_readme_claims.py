@@ -370,7 +370,8 @@ def test_design_section_states_the_close_calls_answer_on_new_seeds_once_complete
     assert f"on the new seeds {len(wins)} of the {len(payload['rows'])} close calls win" in said
     for row in payload["rows"]:
         new = row["new"]
-        assert f"{new['difference']:+.3f} against a margin of {2 * new['se']:.3f}" in said, row["design"]
+        stated = f"{new['difference']:+.3f} against a margin of {2 * new['se']:.3f}".replace("-", "−")
+        assert stated in said, row["design"]
 
 
 def test_design_section_states_the_placement_ablations_counts_and_its_one_loss():
