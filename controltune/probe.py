@@ -17,30 +17,37 @@ solved by L-BFGS in float64 to a gradient max-norm of :data:`GRAD_TOL` in the st
 held-out rows, λ is chosen among :data:`L2_GRID` by their cross-entropy.
 
 :func:`fit_head` does it for a :class:`~controltune.system.ResidualSystem`; :func:`fit_linear_probe` is the convex
-fit on given features and :func:`head_inputs` the features.
+fit on given features and :func:`head_inputs` the features.  With a ``cache_dir`` (:func:`probe_cache_dir`) the
+features are stored on disk under a digest of everything that decides them (:func:`features_key`), so the cells of a
+sweep that differ only in seed, method or rate compute them once: on SST-2's 19,000 fitting rows they took 48 s of
+a 57 s probe at one thread.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batching import encode, length_order
+from .batching import encode, examples_digest, length_order, tokenizer_fingerprint
 from .evaluation import eval_mode, to_device, validation_split
 from .readout import ClassificationReadout, SequenceClassifierReadout
+from .results import atomic_file
+from .smollm2 import cache_root
 
 if TYPE_CHECKING:
     from .data import Example
     from .system import ResidualSystem
 
-__all__ = ["DEFAULT_L2", "HEAD_INITS", "L2_GRID", "ProbeFit", "fit_head", "fit_linear_probe", "head_inputs",
-           "head_layer", "init_head"]
+__all__ = ["DEFAULT_L2", "HEAD_INITS", "L2_GRID", "ProbeFit", "features_key", "fit_head", "fit_linear_probe",
+           "head_inputs", "head_layer", "init_head", "probe_cache_dir"]
 
 HEAD_INITS = ("random", "probe")
 """How a classification head starts: ``random`` (as the readout initialises it: seeded N(0, 0.02²) weights) or
@@ -51,6 +58,8 @@ DEFAULT_L2 = 1e-3
 """λ without held-out rows."""
 GRAD_TOL = 1e-6
 """The fit is stationary when the objective's gradient in the standardised coordinates has at most this max-norm."""
+FEATURES_FORMAT = 1
+"""The layout of a stored ``{format, z, y}`` file of :func:`head_inputs`; a file of another format is computed again."""
 
 
 @dataclass
@@ -99,14 +108,78 @@ def head_layer(readout: nn.Module) -> nn.Linear:
                      f"'sequence_classifier')); this system's readout is {type(readout).__name__}")
 
 
+def probe_cache_dir() -> Path:
+    """Where :func:`head_inputs` stores features on disk: ``<controltune cache>/probe``."""
+    return cache_root() / "probe"
+
+
+def features_key(system: ResidualSystem, examples: Sequence[Example], tokenizer: Any, max_length: int,
+                 batch_size: int) -> str:
+    """A sha256 of everything that decides :func:`head_inputs`' ``z``: every tensor of the system's state (names,
+    dtypes, shapes, values; the pretrained weights, the readout's norm and pooler, attached controls) except the
+    head map's own ``(W, b)``, which z does not pass through, so that heads of other seeds share it; the system's
+    structure and pooling; the tokenizer, the rows (texts and labels, in order), ``max_length``, ``batch_size``
+    (the batches' padding) and the device type."""
+    layer = head_layer(system.readout)
+    own = {t.data_ptr() for t in layer.parameters()}
+    h = hashlib.sha256()
+    h.update(f"probe-features {FEATURES_FORMAT}\x1e{system!r}\x1e{getattr(system.readout, 'pooling', None)}".encode())
+    for name, tensor in system.state_dict(keep_vars=False).items():
+        if tensor.data_ptr() in own and tensor.numel():
+            continue
+        t = tensor.detach().contiguous().cpu()
+        h.update(f"\x1e{name}\x1f{t.dtype}\x1f{tuple(t.shape)}\x1f".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    device = next(system.model.parameters()).device.type
+    h.update(f"\x1e{tokenizer_fingerprint(tokenizer)}\x1f{examples_digest(examples)}\x1f{max_length}\x1f"
+             f"{batch_size}\x1f{device}".encode())
+    return h.hexdigest()[:24]
+
+
+def _read_features(path: Path, rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ``(z, y)`` stored at ``path``; None if absent, unreadable or not of ``rows`` rows (then computed again)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception:  # a damaged or foreign file is not an error: compute the features again
+        return None
+    if not isinstance(state, dict) or state.get("format") != FEATURES_FORMAT:
+        return None
+    z, y = state.get("z"), state.get("y")
+    if not (isinstance(z, torch.Tensor) and isinstance(y, torch.Tensor) and z.ndim == 2 and z.shape[0] == rows
+            and y.shape == (rows,) and z.dtype == torch.float64):
+        return None
+    return z, y
+
+
 @torch.no_grad()
 def head_inputs(system: ResidualSystem, examples: Sequence[Example], tokenizer: Any, max_length: int = 128,
-                batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+                batch_size: int = 128, cache_dir: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``z`` (S×d_in, float64, on the CPU): for each row the input of the head's last linear map (:func:`head_layer`)
     at the system's current controls, in eval mode (no dropout), and the labels ``y`` (S, long).  For the
-    classification readout ``z_s = pool(norm(x_{s,L}))``."""
+    classification readout ``z_s = pool(norm(x_{s,L}))``.
+
+    With ``cache_dir`` (e.g. :func:`probe_cache_dir`) they are read from ``<features_key>.pt`` there when present
+    and stored there when computed; the key (:func:`features_key`) digests the state they depend on, so a stored
+    file is only ever that of the same forward."""
     if not examples:
         raise ValueError("a linear probe needs at least one training row")
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"{features_key(system, examples, tokenizer, max_length, batch_size)}.pt"
+        if (stored := _read_features(path, len(examples))) is not None:
+            return stored
+    z, y = _forward_features(system, examples, tokenizer, max_length, batch_size)
+    if path is not None:
+        with atomic_file(path) as fh:
+            torch.save({"format": FEATURES_FORMAT, "z": z, "y": y}, fh)
+    return z, y
+
+
+def _forward_features(system: ResidualSystem, examples: Sequence[Example], tokenizer: Any, max_length: int,
+                      batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`head_inputs` computed: one eval-mode rollout per batch, the head map's input caught by a hook."""
     readout = system.readout
     layer = head_layer(readout)
     seen: list[torch.Tensor] = []
@@ -198,7 +271,7 @@ def _cross_entropy(fit: ProbeFit, z: torch.Tensor, y: torch.Tensor) -> tuple[flo
 
 def fit_head(system: ResidualSystem, examples: Sequence[Example], tokenizer: Any, *,
              held_out: Sequence[Example] = (), l2: float | Sequence[float] | None = None, max_length: int = 128,
-             batch_size: int = 128) -> dict[str, Any]:
+             batch_size: int = 128, cache_dir: str | Path | None = None) -> dict[str, Any]:
     """Set the system's classification head to the linear probe on ``examples`` (module docstring); its report.
 
     ``l2``: one λ, or several to choose among by the cross-entropy of ``held_out`` (default: :data:`L2_GRID` with
@@ -206,7 +279,8 @@ def fit_head(system: ResidualSystem, examples: Sequence[Example], tokenizer: Any
     train from the fitted head); attached controllers are not moved, and the probe is that of their current
     controls.  Returns ``{l2, l2_at_edge, l2_scores, rows, held_out, objective, grad_norm, converged, iterations,
     train_accuracy, held_out_loss, held_out_accuracy}`` (``l2_scores``: per λ tried, the held-out loss and
-    accuracy; ``l2_at_edge``: the chosen λ is the smallest or largest tried).
+    accuracy; ``l2_at_edge``: the chosen λ is the smallest or largest tried).  ``cache_dir``: where
+    :func:`head_inputs` keeps the features on disk (None: computed every time).
 
     Raises:
         ValueError: the system's readout has no classification head this fits (:func:`head_layer`), several λ
@@ -222,8 +296,8 @@ def fit_head(system: ResidualSystem, examples: Sequence[Example], tokenizer: Any
         raise ValueError("give at least one probe penalty λ")
     if len(grid) > 1 and not held_out:
         raise ValueError(f"choosing the probe's λ among {list(grid)} needs held-out rows (held_out=...)")
-    z, y = head_inputs(system, examples, tokenizer, max_length, batch_size)
-    zv, yv = head_inputs(system, held_out, tokenizer, max_length, batch_size) if held_out else (None, None)
+    z, y = head_inputs(system, examples, tokenizer, max_length, batch_size, cache_dir)
+    zv, yv = head_inputs(system, held_out, tokenizer, max_length, batch_size, cache_dir) if held_out else (None, None)
     if yv is not None:
         _check_labels(yv, readout.num_labels, "the held-out rows")
     fits = [fit_linear_probe(z, y, readout.num_labels, lam, bias=layer.bias is not None) for lam in grid]
@@ -244,10 +318,11 @@ def fit_head(system: ResidualSystem, examples: Sequence[Example], tokenizer: Any
 
 def init_head(system: ResidualSystem, how: str, train_rows: Sequence[Example], tokenizer: Any, *,
               val_size: float | None = None, val_seed: int = 0, max_length: int = 128,
-              batch_size: int = 128) -> dict[str, Any] | None:
+              batch_size: int = 128, cache_dir: str | Path | None = None) -> dict[str, Any] | None:
     """Start a run's head as ``how`` says (:data:`HEAD_INITS`): ``random`` leaves the readout's seeded head (None);
     ``probe`` fits it (:func:`fit_head`) on the rows the run trains on, its ``val_size`` validation rows (the
-    same hold-out :func:`~controltune.train.train` makes) choosing λ, and returns the fit's report.
+    same hold-out :func:`~controltune.train.train` makes) choosing λ, and returns the fit's report (``cache_dir``:
+    :func:`head_inputs`').
 
     Call it before the controllers attach, so that a designed controller designs from the fitted head.
 
@@ -259,4 +334,5 @@ def init_head(system: ResidualSystem, how: str, train_rows: Sequence[Example], t
     if how == "random":
         return None
     fit_rows, held = validation_split(train_rows, val_size, val_seed) if val_size is not None else (train_rows, [])
-    return fit_head(system, fit_rows, tokenizer, held_out=held, max_length=max_length, batch_size=batch_size)
+    return fit_head(system, fit_rows, tokenizer, held_out=held, max_length=max_length, batch_size=batch_size,
+                    cache_dir=cache_dir)

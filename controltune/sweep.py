@@ -105,11 +105,12 @@ class CellSetup:
 def build_cell(config: dict[str, Any]) -> CellSetup:
     """Load a cell's data and model, start its head (``head_init``) and attach its method, exactly as its training
     does (a control-designed method designs on the cell's training rows with its validation rows withheld);
-    nothing is trained."""
+    nothing is trained.  A probed head's features are kept in :func:`~controltune.probe.probe_cache_dir`, so the
+    cells of a task that differ in seed, method or rate compute them once."""
     from .data import load_split, resolve_task
     from .design.linearize import withheld_from_design
     from .evaluation import validation_rows
-    from .probe import init_head
+    from .probe import init_head, probe_cache_dir
     from .system import ResidualSystem
     from .zoo import check_length, load_model
 
@@ -121,7 +122,8 @@ def build_cell(config: dict[str, Any]) -> CellSetup:
     system = ResidualSystem(loaded, num_labels=spec.num_labels, pooling=config["pooling"], seed=config["seed"])
     head_fit = init_head(system, config.get("head_init", "random"), train_ex, loaded.tokenizer,
                          val_size=config.get("val_size"), val_seed=config.get("val_seed", 0),
-                         max_length=config["max_length"], batch_size=config.get("eval_batch_size") or 128)
+                         max_length=config["max_length"], batch_size=config.get("eval_batch_size") or 128,
+                         cache_dir=probe_cache_dir())
     with withheld_from_design(validation_rows(train_ex, config.get("val_size"), config.get("val_seed", 0))):
         controller = build_method(system, config["method"], config["options"], config["seed"], config["task"],
                                   bool(config.get("sequential")))

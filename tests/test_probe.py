@@ -99,6 +99,45 @@ def test_fit_head_sets_the_readouts_head_to_the_probe_of_the_head_inputs(toy):
     assert torch.allclose(other.readout.head.weight, system.readout.head.weight)
 
 
+def test_stored_features_are_those_of_the_same_forward_only(toy, tmp_path, monkeypatch):
+    from controltune import probe
+
+    spec, train_ex, _, loaded = toy
+    system = ResidualSystem(loaded, num_labels=spec.num_labels, pooling="mean", seed=0)
+    z, y = head_inputs(system, train_ex, loaded.tokenizer, max_length=32, cache_dir=tmp_path)
+    (stored,) = tmp_path.glob("*.pt")
+    key = probe.features_key(system, train_ex, loaded.tokenizer, 32, 128)
+    assert stored.name == f"{key}.pt"
+
+    def no_forward(*_args, **_kwargs):
+        raise AssertionError("computed the features again")
+
+    with monkeypatch.context() as m:
+        m.setattr(probe, "_forward_features", no_forward)
+        # another seed's random head: z does not pass through the head, so the stored file serves it bit for bit
+        other = ResidualSystem(loaded, num_labels=spec.num_labels, pooling="mean", seed=9)
+        assert probe.features_key(other, train_ex, loaded.tokenizer, 32, 128) == key
+        z2, y2 = head_inputs(other, train_ex, loaded.tokenizer, max_length=32, cache_dir=tmp_path)
+    assert torch.equal(z2, z) and torch.equal(y2, y)
+    assert torch.equal(head_inputs(system, train_ex, loaded.tokenizer, max_length=32)[0], z)
+    # anything the features depend on gives another key
+    keys = {key, probe.features_key(system, train_ex[:-1], loaded.tokenizer, 32, 128),
+            probe.features_key(system, train_ex, loaded.tokenizer, 16, 128),
+            probe.features_key(system, train_ex, loaded.tokenizer, 32, 8),
+            probe.features_key(ResidualSystem(loaded, num_labels=spec.num_labels, pooling="cls", seed=0), train_ex,
+                               loaded.tokenizer, 32, 128)}
+    weight = next(p for n, p in system.model.named_parameters() if n.endswith("LayerNorm.weight"))
+    with torch.no_grad():
+        weight.add_(1e-3)
+        keys.add(probe.features_key(system, train_ex, loaded.tokenizer, 32, 128))
+        weight.sub_(1e-3)
+    assert len(keys) == 6 and probe.features_key(system, train_ex, loaded.tokenizer, 32, 128) == key
+    # a damaged file is computed again and replaced
+    stored.write_bytes(b"not a tensor file")
+    z3, _ = head_inputs(system, train_ex, loaded.tokenizer, max_length=32, cache_dir=tmp_path)
+    assert torch.equal(z3, z) and torch.equal(torch.load(stored, weights_only=True)["z"], z)
+
+
 def test_fit_head_refuses_what_it_cannot_fit(toy):
     spec, train_ex, _, loaded = toy
     system = ResidualSystem(loaded, num_labels=spec.num_labels, seed=0)
@@ -113,11 +152,12 @@ def test_fit_head_refuses_what_it_cannot_fit(toy):
     assert report["l2"] == 1e-3 and report["held_out"] == 0 and report["held_out_loss"] is None
 
 
-def test_a_sweep_cell_with_head_init_probe_designs_through_the_fitted_head(toy, tmp_path):
+def test_a_sweep_cell_with_head_init_probe_designs_through_the_fitted_head(toy, tmp_path, monkeypatch):
     from controltune import sweep, sweep_spec
     from controltune.evaluation import validation_split
     from controltune.results import read_jsonl
 
+    monkeypatch.setenv("CONTROLTUNE_CACHE", str(tmp_path / "cache"))
     spec, train_ex, _, loaded = toy
     grid = {"model": "random:bert", "method": "costate_lora", "task": str(spec.folder), "lr": 1e-2,
             "options": {"rank": 2, "n_design": 8}}
@@ -133,6 +173,12 @@ def test_a_sweep_cell_with_head_init_probe_designs_through_the_fitted_head(toy, 
     reference = ResidualSystem(loaded, num_labels=spec.num_labels, seed=11)
     fit_head(reference, fit_rows, loaded.tokenizer, held_out=held, max_length=32)
     assert torch.allclose(cell.system.readout.head.weight, reference.readout.head.weight, atol=1e-6)
+    # the cell kept its features (fitting rows and validation rows) for the task's other cells, which read them
+    # (a random model is seeded by the cell's seed, so here only the same seed shares them)
+    assert len(list((tmp_path / "cache" / "probe").glob("*.pt"))) == 2
+    again = sweep.build_cell({**config, "lr": 2e-2, "options": {"rank": 1, "n_design": 8}})
+    assert torch.equal(again.system.readout.head.weight, cell.system.readout.head.weight)
+    assert len(list((tmp_path / "cache" / "probe").glob("*.pt"))) == 2
     out = tmp_path / "rows.jsonl"
     sweep.run_cells([config, {**config, "head_init": "linear"}], out, name="probe", executor="local",
                     echo=lambda _: None)
