@@ -397,43 +397,6 @@ def task_complete(payload: dict[str, Any], task: str) -> bool:
     return len(mine) == pairs and all(cell_complete(c) for c in mine)
 
 
-def markdown_table(payload: dict[str, Any]) -> str:
-    """The README's design table from a summary: the majority class's score (a constant prediction's), then per
-    budget LoRA, the designs (with their verdict against LoRA at that budget) and the other baselines; per task,
-    ``mean ± std`` over the seeds of each final cell (:func:`cell_complete`; the others are left blank), ``†``
-    where the chosen rate is the edge of the rates tried.  A task with a cell not final yet is marked incomplete."""
-    from controltune.data import BUILTIN_TASKS
-
-    tasks = payload["config"]["tasks"]
-    cells = {(c["task"], c["budget"], c["method"]): c for c in payload["cells"]}
-    verdicts = {(r["task"], r["budget"], r["design"]): r["verdict"] for r in payload["rows"] if r["baseline"] == "lora"}
-    unit = {"f1": "F1", "mcc": "MCC"}
-    head = [f"{BUILTIN_TASKS[t].folder} ({unit.get(m, m)}{'' if task_complete(payload, t) else '; incomplete'})"
-            for t in tasks for m in [BUILTIN_TASKS[t].metric]]
-    lines = ["| budget | method | " + " | ".join(head) + " |", "|" + " --- |" * (2 + len(tasks))]
-    levels = payload.get("majority") or {}
-    lines.append("| | majority class | " + " | ".join(f"{levels[t]:.3f}" if t in levels else "" for t in tasks) + " |")
-    for budget in payload["config"]["budgets"]:
-        for label in ("lora", *DESIGNS, *(b for b in BASELINES if b != "lora")):
-            entries = []
-            for t in tasks:
-                c = cells.get((t, budget, label))
-                lora = cells.get((t, budget, "lora"))
-                if c is None or not cell_complete(c):
-                    entries.append("")
-                    continue
-                if c["mean"] is None:
-                    entries.append("diverged at every rate" if c["diverged_every_rate"] else "every seed diverged")
-                    continue
-                text = f"{c['mean']:.3f} ± {c['std'] or 0.0:.3f}" + ("†" if c["rate_at_edge"] else "")
-                if c["n_seeds"] < MIN_SEEDS:  # the others diverged (named in the summary)
-                    text += f" ({c['n_seeds']} of {MIN_SEEDS} seeds)"
-                v = verdicts.get((t, budget, label)) if lora is not None and cell_complete(lora) else None
-                entries.append(text + ("" if v is None else f", **{v}**" if v == "win" else f", {v}"))
-            lines.append(f"| {budget} | `{label}` | " + " | ".join(entries) + " |")
-    return "\n".join(lines)
-
-
 def plan(tasks: Sequence[str], budgets: Sequence[str]) -> list[dict[str, Any]]:
     """Trainable parameters of every (budget, label) on MiniLM (designed ones on 8 SST-2 rows), and the cell count."""
     from controltune import ResidualSystem, load_model
@@ -476,6 +439,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--plan", action="store_true", help="print the cells and trainable counts; run nothing")
     p.add_argument("--summary-only", action="store_true")
     p.add_argument("--markdown", action="store_true", help="print the README's table from design_table.json")
+    p.add_argument("--verdicts", action="store_true",
+                   help="print the README's list of where each design wins, ties and loses against LoRA")
     args = p.parse_args(argv)
     tasks = tuple(t for t in args.tasks.split(",") if t)
     budgets = tuple(b for b in args.budgets.split(",") if b)
@@ -486,8 +451,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"plan": plan(tasks, budgets)}
     if args.summary_only:
         return summary(TASKS, tuple(BUDGETS))
-    if args.markdown:
-        print(markdown_table(json.loads(SUMMARY.read_text())))
+    if args.markdown or args.verdicts:
+        from design_report import markdown_table, verdict_lines
+
+        payload = json.loads(SUMMARY.read_text())
+        print(markdown_table(payload) if args.markdown else "\n".join(verdict_lines(payload)))
         return {}
     def chosen(rows: list[dict[str, Any]]) -> dict:
         return {pair: info for pair, info in choose_lrs(rows, pair_key).items()

@@ -8,7 +8,7 @@ import pytest
 from study_rows import rendered_caption, sweep_row
 
 from controltune.results import append_jsonl
-from experiments import design_table
+from experiments import design_report, design_table
 
 
 def test_design_table(tmp_path, monkeypatch):
@@ -118,7 +118,7 @@ def test_the_readme_table_shows_final_cells_and_their_verdicts_against_lora_only
             for b, v in (("lora", "win"), ("adapter", "tie"))]
     payload = {"config": {"tasks": ["sst2", "cola"], "budgets": ["b74k", "b18k"]}, "cells": cells, "rows": rows,
                "majority": {"sst2": 0.509, "cola": 0.0}}
-    lines = design_table.markdown_table(payload).splitlines()
+    lines = design_report.markdown_table(payload).splitlines()
     assert lines[0] == "| budget | method | SST-2 (accuracy; incomplete) | CoLA (MCC) |" and len(lines) == 3 + 26
     assert lines[2] == "| | majority class | 0.509 | 0.000 |"
     assert "| b74k | `lora` |  | 0.250 ± 0.010 |" in lines  # SST-2's one seed is not a cell yet
@@ -126,6 +126,37 @@ def test_the_readme_table_shows_final_cells_and_their_verdicts_against_lora_only
     assert "| b74k | `prefix` |  | 0.250 ± 0.010† |" in lines
     assert "| b74k | `eva` |  | 0.250 ± 0.010 (2 of 3 seeds) |" in lines
     assert "| b18k | `riccati_feedback` |  | diverged at every rate |" in lines
+
+
+def test_each_designs_line_says_where_it_wins_ties_and_loses_against_lora_on_complete_tasks_only():
+    def cell(task, budget, method, n=3):
+        return {"task": task, "budget": budget, "method": method, "mean": 0.3, "std": 0.01, "n_seeds": n,
+                "diverged_seeds": [], "diverged_every_rate": False, "rate_at_edge": False}
+
+    cells = [cell(t, b, label) for t in ("cola", "mrpc") for b in ("b74k", "b18k") for label in design_table.BUDGETS[b]]
+    cells.append(cell("sst2", "b74k", "lora", n=1))  # SST-2 is not complete: its verdicts are not listed
+
+    def row(task, budget, design, verdict, at_chance=False, baseline="lora"):
+        return {"task": task, "budget": budget, "design": design, "baseline": baseline, "verdict": verdict,
+                "at_chance": at_chance}
+
+    rows = [row(t, b, d, "tie") for t in ("cola", "mrpc") for b in ("b74k", "b18k") for d in design_table.DESIGNS]
+    rows[0] = row("cola", "b74k", "costate_lora", "win")
+    rows[1] = row("cola", "b74k", "gramian_lora", "loss")
+    rows[6] = row("cola", "b18k", "costate_lora", "tie", at_chance=True)
+    rows[7] = row("cola", "b18k", "gramian_lora", "design diverged at every rate")
+    rows += [row("sst2", "b74k", "costate_lora", "win"), row("cola", "b74k", "gramian_lora", "win", baseline="eva")]
+    payload = {"config": {"tasks": ["sst2", "mrpc", "cola"], "budgets": ["b74k", "b18k"]}, "cells": cells,
+               "rows": rows}
+    lines = design_report.verdict_lines(payload)
+    assert lines[0] == "Against LoRA at the same budget, on the complete tasks (MRPC, CoLA):"
+    assert len(lines) == 1 + len(design_table.DESIGNS)
+    assert lines[1] == ("- `costate_lora`: wins on CoLA b74k; ties on MRPC b74k, MRPC b18k; loses nowhere; "
+                        "is no test (both at the majority class) on CoLA b18k")
+    assert lines[2] == ("- `gramian_lora`: wins nowhere; ties on MRPC b74k, MRPC b18k; loses on CoLA b74k; "
+                        "design diverged at every rate on CoLA b18k")
+    assert lines[3] == ("- `recommended_lora`: wins nowhere; ties on MRPC b74k, MRPC b18k, CoLA b74k, CoLA b18k; "
+                        "loses nowhere")
 
 
 def test_the_curves_caption_counts_the_designs_above_lora_at_the_first_and_last_evaluation():
@@ -154,7 +185,7 @@ def test_markdown_flag_prints_the_table_of_the_summary_file(tmp_path, monkeypatc
     monkeypatch.setattr(design_table, "SUMMARY", tmp_path / "design_table.json")
     assert design_table.main(["--markdown"]) == {}
     printed = capsys.readouterr().out
-    assert printed.strip() == design_table.markdown_table(payload)
+    assert printed.strip() == design_report.markdown_table(payload)
     assert "| b74k | `lora` | 0.300 ± 0.010 |" in printed and "CoLA (MCC; incomplete)" in printed  # 12 cells missing
 
 

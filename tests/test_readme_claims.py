@@ -187,10 +187,16 @@ def _design_section() -> str:
 
 
 def test_readme_design_table_is_the_one_the_summary_prints():
-    from experiments.design_table import markdown_table
+    from experiments.design_report import markdown_table
 
     payload = _load("design_table.json")
     assert markdown_table(payload) in _design_section()
+
+
+def test_readme_lists_where_each_design_wins_ties_and_loses_as_the_summary_prints():
+    from experiments.design_report import verdict_lines
+
+    assert "\n".join(verdict_lines(_load("design_table.json"))) in _design_section()
 
 
 def test_design_table_section_states_the_wins_over_lora_of_each_complete_task():
