@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,7 +101,11 @@ def to_peft(system: ResidualSystem, out_dir: str | Path, base_model_name_or_path
                         target_modules=sorted(ranks), rank_pattern=ranks, alpha_pattern=alphas,
                         fan_in_fan_out=transposed.pop(), task_type=task_type,
                         modules_to_save=list(system.family.sequence_head) if task_type == "SEQ_CLS" else None)
-    peft_model = get_peft_model(_unwrapped(model), config)
+    with warnings.catch_warnings():
+        # peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` alias: a FutureWarning on every
+        # export that the user can do nothing about
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(_unwrapped(model), config)
     for site, delta in sites:
         layer = peft_model.base_model.model.get_submodule(names[site.key])
         scaling = float(layer.scaling["default"])

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -117,7 +118,12 @@ class PeftLoRA(Controller):
             batch = self.design_batch or load_design_batch(system, self.task, self.n_design, self.design_seed,
                                                            self.max_length)
         if self.init == "lora_ga":
-            peft.tuners.lora.loraga.preprocess_loraga(model, config, lambda: system.cost(batch).backward())
+            with warnings.catch_warnings():
+                # peft counts the backward passes with full backward hooks on the target maps, whose inputs need
+                # no gradient (only their weights do); torch's warning about that is harmless: the estimate is
+                # the weights' .grad
+                warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+                peft.tuners.lora.loraga.preprocess_loraga(model, config, lambda: system.cost(batch).backward())
         eva_state = self._eva_state(peft, system, config, batch) if self.init == "eva" else None
         torch.manual_seed(self.seed)
         try:
