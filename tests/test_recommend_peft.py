@@ -1,0 +1,57 @@
+"""experiments/recommend_peft.py: the plain peft loop and the study's verdicts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import toy_task
+
+from experiments import recommend_peft as rp
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_plain_loop_trains_the_adapter_and_reports_dev_at_its_best_validation_state(tmp_path):
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    from controltune.zoo import load_model
+
+    spec, train_ex, dev_ex = toy_task(tmp_path, n_train=40, n_dev=16)
+    loaded = load_model("random:bert", seed=0, head="sequence_classification", num_labels=2)
+    model = get_peft_model(loaded.model, LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"],
+                                                    task_type="SEQ_CLS"))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    settings = {**rp.HARNESS, "batch_size": 8, "max_length": 16}
+    out = rp.train_plain(model, loaded.tokenizer, train_ex[:32], train_ex[32:], dev_ex, spec, "accuracy", 1e-2,
+                         epochs=2, eval_every=3, seed=0, settings=settings)
+    assert out["steps"] == out["total_steps"] == 2 * math.ceil(32 / 8) and out["diverged"] is None
+    assert [c["step"] for c in out["val_curve"]] == [3, 6, 8]  # every 3 steps and the last
+    best = out["best_val"]
+    assert best["scores"]["accuracy"] == max(c["accuracy"] for c in out["val_curve"])
+    # the model is left at its best validation state: scoring it again gives the reported numbers
+    items = rp._encode(loaded.tokenizer, train_ex[32:], 16)
+    assert rp.scores(model, loaded.tokenizer, items, spec, 128) == best["scores"]
+    dev_items = rp._encode(loaded.tokenizer, dev_ex, 16)
+    assert rp.scores(model, loaded.tokenizer, dev_items, spec, 128) == out["dev_at_best_val"]
+    assert model.training  # scoring restores the training mode
+    # only the adapter and the head moved
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_the_study_judges_the_recommender_against_lora_under_both_reports():
+    def row(arm, seed, best, end, status="done"):
+        return {"config": {"arm": arm, "task": "mrpc", "budget": "b18k", "seed": seed}, "status": status,
+                "score": best, "score_end": end}
+
+    rows = [row("recommended", s, 0.88 + 0.002 * s, 0.86 + 0.01 * s) for s in range(3)]
+    rows += [row("lora", s, 0.85 + 0.002 * s, 0.86 + 0.01 * s) for s in range(2)]
+    part = rp.summarize(rows, "mrpc", "b18k", [0, 1, 2])
+    assert not part["complete"] and part["cells"]["lora"]["best"]["n_seeds"] == 2
+    rows.append(row("lora", 2, None, None, status="diverged"))
+    rows.append(row("lora", 0, 0.1, 0.1) | {"config": {"arm": "lora", "task": "sst2", "budget": "b18k", "seed": 0}})
+    out = rp.summarize(rows, "mrpc", "b18k", [0, 1, 2])
+    assert out["complete"] and out["cells"]["lora"]["diverged_seeds"] == [2]
+    assert out["verdict"]["best"]["verdict"] == "win" and out["verdict"]["best"]["difference"] == pytest.approx(0.031)
+    assert out["verdict"]["end"]["verdict"] == "tie"
