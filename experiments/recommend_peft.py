@@ -16,7 +16,8 @@ same loop from the same seeded head.  Verdict by the two-standard-error rule, on
     .venv/bin/python experiments/recommend_peft.py [--task mrpc] [--budget b18k] [--seeds 0,1,2]
 
 Appends one row per (arm, seed) to ``results/recommend_peft.jsonl`` as it finishes (a stopped run starts its
-(arm, seed) again) and writes ``results/recommend_peft.json``.
+(arm, seed) again) and writes ``results/recommend_peft.json``: per (task, budget) run, the two arms' cells and the
+verdicts (``pairs``).
 """
 
 from __future__ import annotations
@@ -276,9 +277,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{arm} seed {seed}: dev {row['metric']} {row['score']} at the best validation step, "
                   f"{row['score_end']} at the end ({row['seconds']:.0f} s)", flush=True)
     rows = read_jsonl(ROWS) if ROWS.exists() else []
-    payload = {**stamp({"task": args.task, "budget": args.budget, "seeds": seeds,
-                        "command": "python experiments/recommend_peft.py"}),
-               **summarize(rows, args.task, args.budget, seeds)}
+    pairs = sorted({(r["config"]["task"], r["config"]["budget"]) for r in rows} | {(args.task, args.budget)})
+    payload = {**stamp({"seeds": seeds, "command": "python experiments/recommend_peft.py"}),
+               "pairs": [{"task": t, "budget": b, **summarize(rows, t, b, seeds)} for t, b in pairs]}
     write_json(SUMMARY, payload)
     return payload
 

@@ -55,3 +55,16 @@ def test_the_study_judges_the_recommender_against_lora_under_both_reports():
     assert out["complete"] and out["cells"]["lora"]["diverged_seeds"] == [2]
     assert out["verdict"]["best"]["verdict"] == "win" and out["verdict"]["best"]["difference"] == pytest.approx(0.031)
     assert out["verdict"]["end"]["verdict"] == "tie"
+
+
+def test_the_summary_has_one_entry_per_task_and_budget_run(tmp_path, monkeypatch):
+    from controltune.results import append_jsonl
+
+    monkeypatch.setattr(rp, "ROWS", tmp_path / "rows.jsonl")
+    monkeypatch.setattr(rp, "SUMMARY", tmp_path / "summary.json")
+    for budget in ("b18k", "b74k"):
+        append_jsonl(rp.ROWS, {"config": {"arm": "lora", "task": "mrpc", "budget": budget, "seed": 0},
+                               "status": "done", "score": 0.8, "score_end": 0.8})
+    out = rp.main(["--summary-only", "--task", "rte"])
+    assert [(p["task"], p["budget"]) for p in out["pairs"]] == [("mrpc", "b18k"), ("mrpc", "b74k"), ("rte", "b18k")]
+    assert not any(p["complete"] for p in out["pairs"]) and (tmp_path / "summary.json").is_file()
