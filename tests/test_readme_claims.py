@@ -392,3 +392,20 @@ def test_design_section_states_the_placement_ablations_counts_and_its_one_loss()
     for r in payload["rows"]:
         if r["verdict"] in ("win", "loss"):
             assert f"{r['difference']:+.3f} against a margin of {2 * r['se']:.3f}".replace("-", "−") in said, r
+
+
+def test_readme_states_the_recommender_trained_in_plain_peft_as_its_summary_has_it():
+    payload = _load("recommend_peft.json")
+    text = " ".join((ROOT / "README.md").read_text().split())
+    said = text.split("**Trained in plain peft on a real task.**", 1)[1].split("###", 1)[0]
+    for pair in payload["pairs"]:
+        if not pair["complete"]:
+            continue
+        rec, lora = pair["cells"]["recommended"], pair["cells"]["lora"]
+        for key in ("best", "end"):
+            v = pair["verdict"][key]
+            assert (f"{rec[key]['mean']:.3f} ± {rec[key]['std']:.3f} against" in said
+                    and f"{lora[key]['mean']:.3f} ± {lora[key]['std']:.3f}" in said), (pair["budget"], key)
+            margin = f"{2 * v['se']:.3f}"
+            assert (f"{v['verdict']} ({v['difference']:+.3f} against a margin of {margin})" in said
+                    or f"{v['verdict']} ({v['difference']:+.3f} against {margin})" in said), (pair["budget"], key)
