@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -68,3 +69,25 @@ def test_the_summary_has_one_entry_per_task_and_budget_run(tmp_path, monkeypatch
     out = rp.main(["--summary-only", "--task", "rte"])
     assert [(p["task"], p["budget"]) for p in out["pairs"]] == [("mrpc", "b18k"), ("mrpc", "b74k"), ("rte", "b18k")]
     assert not any(p["complete"] for p in out["pairs"]) and (tmp_path / "summary.json").is_file()
+
+
+def test_the_figure_draws_each_run_and_its_caption_states_both_verdicts(tmp_path):
+    from controltune.results import append_jsonl
+    from paper_figs.figures import recommend_peft as fig
+
+    rows = [{"config": {"arm": arm, "task": "mrpc", "budget": budget, "seed": s}, "status": "done",
+             "score": 0.86 + 0.01 * s + (0.03 if arm == "recommended" else 0.0), "score_end": 0.85 + 0.01 * s}
+            for budget in ("b18k", "b74k") for arm in ("recommended", "lora")
+            for s in range(3 if budget == "b18k" else 1)]
+    for r in rows:
+        append_jsonl(tmp_path / fig.ROWS, r)
+    pairs = [{"task": "mrpc", "budget": b, **rp.summarize(rows, "mrpc", b, [0, 1, 2])} for b in ("b18k", "b74k")]
+    (tmp_path / fig.SOURCE).write_text(json.dumps({"config": {}, "versions": {}, "pairs": pairs}))
+    assert fig.seed_scores(rows, pairs[0], "lora", "score_end") == pytest.approx([0.85, 0.86, 0.87])
+    drawn = fig.draw(tmp_path)
+    assert len(drawn.axes) == 2 and "(incomplete)" in drawn.axes[1].get_title()
+    text = fig.caption(tmp_path)
+    assert "MRPC b18k: at the best validation step 0.900 ± 0.010 against 0.870 ± 0.010, win (+0.030 against 0.016)" \
+        in text
+    assert "at the last step 0.860 ± 0.010 against 0.860 ± 0.010, tie (+0.000 against 0.016)" in text
+    assert "MRPC b74k (incomplete): at the best validation step not judged yet" in text
