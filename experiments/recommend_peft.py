@@ -42,14 +42,20 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = RESULTS / "recommend_peft.jsonl"
 SUMMARY = RESULTS / "recommend_peft.json"
 
-HARNESS = {"batch_size": 32, "eval_batch_size": 128, "max_length": 128, "warmup": 0.06, "weight_decay": 0.0,
-           "grad_clip": 1.0, "val_seed": 0}
-"""experiments/glue_select.yaml's train settings (the GLUE table's and the design table's harness)."""
-PER_TASK = {"sst2": {"train_size": 20000, "val_size": 1000, "epochs": 2, "eval_every": 300},
-            "mrpc": {"val_size": 0.1, "epochs": 4, "eval_every": 52},
-            "rte": {"val_size": 0.1, "epochs": 5, "eval_every": 35},
-            "cola": {"val_size": 0.1, "epochs": 3, "eval_every": 120}}
-"""glue_select.yaml's per-task overrides."""
+def _harness() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The train settings and per-task overrides of ``glue_select.yaml`` (the GLUE table's and the design table's
+    harness), read from the file rather than restated."""
+    import yaml
+
+    spec = yaml.safe_load((Path(__file__).resolve().parent / "glue_select.yaml").read_text())
+    keys = ("batch_size", "eval_batch_size", "max_length", "warmup", "weight_decay", "grad_clip", "val_seed")
+    per_task = {o["where"]["task"]: dict(o["set"]) for o in spec["overrides"]}
+    return {k: spec["train"][k] for k in keys}, per_task
+
+
+HARNESS, PER_TASK = _harness()
+"""glue_select.yaml's train settings this loop uses, and its per-task overrides (rows, validation rows, epochs,
+evaluation cadence)."""
 LORA = {"b74k": {"r": 8, "lora_alpha": 16, "budget": 73728}, "b18k": {"r": 2, "lora_alpha": 4, "budget": 18432}}
 """The design table's LoRA at each budget (on q and v of every layer) and its trainable count, the recommender's
 budget."""
