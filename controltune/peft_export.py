@@ -116,9 +116,13 @@ def to_peft(system: ResidualSystem, out_dir: str | Path, base_model_name_or_path
         layer.lora_B["default"].weight.copy_(delta.B)
     out = Path(out_dir)
     peft_model.save_pretrained(str(out))
+    path = out / "adapter_config.json"
+    data = json.loads(path.read_text())
+    if data.get("modules_to_save"):
+        # peft's sequence-classification model appends its own head names ("classifier", "score") to the list it
+        # is given, so the saved list repeats the head; each name once is what peft would read back
+        data["modules_to_save"] = list(dict.fromkeys(data["modules_to_save"]))
     if base_model_name_or_path is not None or getattr(model.config, "_name_or_path", ""):
-        path = out / "adapter_config.json"
-        data = json.loads(path.read_text())
         data["base_model_name_or_path"] = base_model_name_or_path or model.config._name_or_path
-        path.write_text(json.dumps(data, indent=2) + "\n")
+    path.write_text(json.dumps(data, indent=2) + "\n")
     return out

@@ -125,6 +125,8 @@ def test_the_peft_folder_loads_gives_the_same_logits_and_trains(task, family, tm
     out = to_peft(system, tmp_path / "adapter")
     config = json.loads((out / "adapter_config.json").read_text())
     assert set(config["rank_pattern"].values()) <= {1, 2, 3, 4} and config["modules_to_save"]
+    assert len(set(config["modules_to_save"])) == len(config["modules_to_save"]), config["modules_to_save"]
+    assert set(loaded.family.sequence_head) <= set(config["modules_to_save"])
     base = load_model(f"random:{family}", dtype="float64", head="sequence_classification").model
     if loaded.family.prepare is not None:
         loaded.family.prepare(base)  # the system's float64-exact norms (identical in float32)
