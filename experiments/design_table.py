@@ -229,22 +229,23 @@ def _designs(rows: list[dict[str, Any]], method: str) -> list[Any] | None:
 def costate_search(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Where the co-state initialisation's line searches stopped, per ``"task/budget"``, over the distinct searches
     of its rows (the design batch is seeded by ``design_seed``, but the co-state runs through the run's own
-    random head, so each seed searches anew): each step ``η`` against the grid searched (``η_0·2^{-j}``, j = 0..8,
+    random head, so each seed searches anew, and its rows at other rates repeat that search up to float noise in the
+    step: one search per seed): each step ``η`` against the grid searched (``η_0·2^{-j}``, j = 0..8,
     :class:`~controltune.controllers.designed.costate_lora.CostateLoRA`), the held-out J at the pretrained start
     (``J0_search``) and at the step (``J_search``): ``{searches, at_smallest, lowered, mean_change}`` — how many
     stopped at the grid's smallest step, how many lowered the held-out J, and the mean of ``J_search − J0_search``."""
-    found: dict[str, set[tuple[float, float, float, float]]] = {}
+    found: dict[str, dict[int, tuple[float, float, float, float]]] = {}
     for r in rows:
         report = (r.get("designs") or {}).get("costate_lora")
         if r.get("status") != "done" or not report or "grid" not in report:
             continue
         task, budget, _ = pair_key(r)
         smallest = min(eta for _, eta in report["grid"])
-        found.setdefault(f"{task}/{budget}", set()).add(
-            (report["step"], smallest, report["J0_search"], report["J_search"]))
-    return {key: {"searches": len(mine), "at_smallest": sum(step == low for step, low, _, _ in mine),
-                  "lowered": sum(j < j0 for _, _, j0, j in mine),
-                  "mean_change": statistics.fmean(j - j0 for _, _, j0, j in mine)}
+        found.setdefault(f"{task}/{budget}", {}).setdefault(
+            int(r["config"]["seed"]), (report["step"], smallest, report["J0_search"], report["J_search"]))
+    return {key: {"searches": len(mine), "at_smallest": sum(step == low for step, low, _, _ in mine.values()),
+                  "lowered": sum(j < j0 for _, _, j0, j in mine.values()),
+                  "mean_change": statistics.fmean(j - j0 for _, _, j0, j in mine.values())}
             for key, mine in sorted(found.items())}
 
 

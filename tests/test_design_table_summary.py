@@ -197,10 +197,11 @@ def test_the_costate_line_searches_are_counted_once_each_per_task_and_budget():
                          0.2, designs={"costate_lora": {"step": step, "J0_search": j0, "J_search": j, "grid": grid}})
 
     smallest = row(0, 0.1, 0.65, 0.66)  # the grid's smallest step, above the pretrained start's J
+    again = row(0, 0.1 + 1e-9, 0.65, 0.66, lr=1.25e-4)  # seed 0's search at another rate, its step a float apart
     rows = [smallest, {**smallest, "config": {**smallest["config"], "lr": 4e-3}},  # same search at another rate
-            row(1, 0.2, 0.67, 0.66), row(2, 6.0, 0.70, 0.65)]
-    rows[2]["designs"]["costate_lora"]["grid"].append([0.7, 0.05])  # seed 1 searched below its step
-    rows[3]["designs"]["costate_lora"]["grid"].append([0.7, 0.5])
+            again, row(1, 0.2, 0.67, 0.66), row(2, 6.0, 0.70, 0.65)]
+    rows[3]["designs"]["costate_lora"]["grid"].append([0.7, 0.05])  # seed 1 searched below its step
+    rows[4]["designs"]["costate_lora"]["grid"].append([0.7, 0.5])
     assert design_table.costate_search(rows) == {"cola/b18k": {"searches": 3, "at_smallest": 1, "lowered": 2,
                                                                "mean_change": pytest.approx((0.01 - 0.01 - 0.05) / 3)}}
 
